@@ -1,0 +1,31 @@
+# Both targets work from a fresh clone: they create .venv, install cglab, and run.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/cglab demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) .cglab build *.egg-info

@@ -1,0 +1,47 @@
+"""`cglab` console script. Each area registers its own subcommands; imports stay lazy so `--help` is fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# area module -> it defines register(subparsers). Order is the order in --help.
+AREAS = [
+    "cglab.data.cli",
+    "cglab.train.cli",
+    "cglab.tune.cli",
+    "cglab.track.cli",
+    "cglab.eval.cli",
+    "cglab.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cglab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in AREAS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # area not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cglab.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except ConfigError as err:
+        print(f"cglab: {err}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The one source of truth for a run: pydantic models, YAML on disk, dotted overrides on the command line.
+
+`load_config(path, ["train.lr=3e-4", ...])` returns a validated `CGLabConfig` or raises `ConfigError` whose
+message names every offending field (`parallel.tensor_model_parallel_size: ...`). All cross-field checks run
+here, before any process, GPU or dataset is touched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names each bad field by its dotted path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+# Released CodeGen2 shapes, read off the HF configs (n_embd, n_layer, n_head, rotary_dim, vocab, n_ctx).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, rotary_dim=8, vocab_size=1024,
+                 max_position_embeddings=256),
+    "small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, rotary_dim=16, vocab_size=4096,
+                  max_position_embeddings=512),
+    "codegen2-1B": dict(num_layers=16, hidden_size=2048, num_attention_heads=16, rotary_dim=64,
+                        vocab_size=51200, max_position_embeddings=2048),
+    "codegen2-3.7B": dict(num_layers=16, hidden_size=4096, num_attention_heads=16, rotary_dim=64,
+                          vocab_size=51200, max_position_embeddings=2048),
+    "codegen2-7B": dict(num_layers=32, hidden_size=4096, num_attention_heads=16, rotary_dim=64,
+                        vocab_size=51200, max_position_embeddings=2048),
+    "codegen2-16B": dict(num_layers=34, hidden_size=6144, num_attention_heads=24, rotary_dim=64,
+                         vocab_size=51200, max_position_embeddings=2048),
+}
+
+
+class ModelConfig(_Section):
+    """GPT-J-style CodeGen: parallel residual, partial rotary, gelu(tanh), untied LM head with bias."""
+
+    preset: str | None = None
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    num_attention_heads: int = Field(4, ge=1)
+    rotary_dim: int = Field(8, ge=0)
+    vocab_size: int = Field(1024, ge=8)
+    max_position_embeddings: int = Field(256, ge=8)
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # causal: plain decoder; prefix_lm: bidirectional over each sample's prefix (lesson 1).
+    architecture: Literal["causal", "prefix_lm"] = "causal"
+    # Attention never crosses a document boundary inside a packed sequence.
+    document_masking: bool = True
+    # auto: Transformer Engine if installed, else SDPA on GPU, else Megatron's local attention on CPU.
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            data = {**PRESETS[name], **data}
+        return data
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+class ParallelConfig(_Section):
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    world_size: int | None = None  # if given, must equal TP x PP x DP
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    distributed_optimizer: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- data
+class SourceConfig(_Section):
+    name: str
+    kind: Literal["pile", "stack"]
+    paths: list[str] = Field(min_length=1)  # local paths, globs or object-store URLs
+    weight: float = Field(1.0, ge=0.0)
+    # pile: pile_set_name values to keep; stack: lang values to keep. None keeps all.
+    subsets: list[str] | None = None
+
+
+class TokenizerConfig(_Section):
+    path: str | None = None  # a HF tokenizer directory (tokenizer.json); None trains a byte-level BPE
+    vocab_size: int = Field(1024, ge=300)
+    train_docs: int = Field(2000, ge=10)
+    max_whitespace_run: int = Field(32, ge=2)  # extra tokens for runs of 2..N spaces and tabs
+
+
+class FilterConfig(_Section):
+    max_avg_line_length: float = 100.0
+    max_line_length: int = 1000
+    max_digit_fraction: float = 0.9
+    min_chars: int = 1
+    max_chars: int = 1_000_000
+    dedup: bool = True
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    seq_length: int = Field(256, ge=8)
+    num_sentinels: int = Field(16, ge=1)
+    seed: int = 1234
+    # Mixture by examples; lesson 4 sets weights to {pl_only, nl_only, 50/50}.
+    mixture: Literal["weights", "pl_only", "nl_only", "mix"] = "weights"
+
+
+class ObjectiveConfig(_Section):
+    kind: Literal["clm", "span_corruption", "codegen2", "infill", "ul2"] = "codegen2"
+    causal_prob: float = Field(0.5, ge=0.0, le=1.0)  # codegen2 mix: P(plain causal LM) per sequence
+    corruption: Literal["file_level", "sequence_level"] = "file_level"
+    mask_ratio_min: float = Field(0.05, gt=0.0, lt=1.0)
+    mask_ratio_max: float = Field(0.35, gt=0.0, lt=1.0)
+    span_len_min: int = Field(1, ge=1)
+    span_len_max: int = Field(16, ge=1)
+    max_spans: int = Field(8, ge=1)
+    infill_rate: float = Field(0.5, ge=0.0, le=1.0)  # lesson 2: fraction of sequences turned into infill
+    spm_prob: float = Field(0.5, ge=0.0, le=1.0)  # among infill: SPM vs PSM
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ObjectiveConfig":
+        if self.mask_ratio_min > self.mask_ratio_max:
+            raise ValueError("mask_ratio_min must be <= mask_ratio_max")
+        if self.span_len_min > self.span_len_max:
+            raise ValueError("span_len_min must be <= span_len_max")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    seed: int = 1234
+    micro_batch_size: int = Field(2, ge=1)
+    global_batch_size: int = Field(4, ge=1)
+    train_steps: int = Field(10, ge=1)
+    epochs: int = Field(1, ge=1)  # lesson 5: passes over the same unique tokens
+    lr: float = Field(3e-4, gt=0.0)
+    min_lr: float = Field(3e-5, ge=0.0)
+    warmup_steps: int = Field(2, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=0)
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = None  # http://127.0.0.1:5000; None: no MLflow
+    experiment: str = "codegen2/scratch"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    system_metrics: bool = True
+
+
+class EvalConfig(_Section):
+    suites: list[Literal["humaneval", "infill", "nl"]] = Field(default_factory=lambda: ["nl"])
+    n_samples: int = Field(1, ge=1)
+    temperature: float = Field(0.2, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1)
+    timeout_s: float = Field(3.0, gt=0.0)
+    limit: int | None = None  # evaluate only the first N tasks (laptop presets)
+
+
+class CGLabConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    track: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "CGLabConfig":
+        errors = cross_field_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.data_parallel_size
+
+
+def cross_field_errors(c: CGLabConfig) -> list[str]:
+    """Every constraint that spans sections, as 'dotted.field: why' strings."""
+    m, p, d, o, t = c.model, c.parallel, c.data, c.objective, c.train
+    tp, pp, dp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size
+    e = []
+    if m.hidden_size % m.num_attention_heads:
+        e.append(f"model.hidden_size: {m.hidden_size} is not divisible by "
+                 f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % tp:
+        e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide "
+                 f"model.num_attention_heads={m.num_attention_heads}")
+    if m.ffn_size % tp:
+        e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide the MLP width {m.ffn_size}")
+    if m.vocab_size % tp:
+        e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide model.vocab_size={m.vocab_size}")
+    if m.num_layers % pp:
+        e.append(f"parallel.pipeline_model_parallel_size: {pp} does not divide "
+                 f"model.num_layers={m.num_layers}")
+    if p.world_size is not None and p.world_size != tp * pp * dp:
+        e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
+    if d.seq_length > m.max_position_embeddings:
+        e.append(f"data.seq_length: {d.seq_length} exceeds model.max_position_embeddings="
+                 f"{m.max_position_embeddings}")
+    if m.hidden_size % m.num_attention_heads == 0:
+        if m.rotary_dim > m.head_dim:
+            e.append(f"model.rotary_dim: {m.rotary_dim} exceeds the head dimension {m.head_dim}")
+        if m.rotary_dim % 2:
+            e.append(f"model.rotary_dim: {m.rotary_dim} must be even")
+    if d.num_sentinels < o.max_spans:
+        e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label objective.max_spans="
+                 f"{o.max_spans} spans")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        e.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                 f"train.micro_batch_size x parallel.data_parallel_size = {t.micro_batch_size}x{dp}")
+    if t.min_lr > t.lr:
+        e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
+    if t.precision == "bf16" and not p.use_gpu:
+        e.append("train.precision: bf16 needs parallel.use_gpu=true (CPU runs are fp32)")
+    if t.warmup_steps >= t.train_steps and t.train_steps > 1:
+        e.append(f"train.warmup_steps: {t.warmup_steps} must be below train.train_steps={t.train_steps}")
+    return e
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4). Values are YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise ConfigError(f"override {item!r}: empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}  # deep copy of plain data
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for k in parts[:-1]:
+            if isinstance(node, list) and k.isdigit():
+                node = node[int(k)]
+                continue
+            node = node.setdefault(k, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def from_dict(data: dict, overrides: list[str] | None = None) -> CGLabConfig:
+    data = apply_overrides(data or {}, overrides or [])
+    try:
+        return CGLabConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CGLabConfig:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate everything."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return from_dict(data, overrides)
+
+
+def dump_config(cfg: CGLabConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: CGLabConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> scalar, for MLflow params."""
+    d = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out

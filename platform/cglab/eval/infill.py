@@ -1,0 +1,106 @@
+"""HumanEval-Infill (Bavarian et al. 2022; used by InCoder, SantaCoder, CodeGen2), derived from HumanEval.
+
+Derivation from each problem's canonical solution, split into lines (newlines kept):
+- single-line: each non-blank line in turn is the middle; prefix = prompt + the lines before it, suffix = the
+  lines after it. 164 problems give 1033 tasks, exactly the published count.
+- multi-line: each contiguous block of lines from non-blank line i through non-blank line j (i <= j, blank
+  lines in between included) is the middle. This gives 5815 tasks, exactly the published count (the
+  published set therefore includes the one-line blocks).
+
+Prompt (the CodeGen2 released format): `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>`; the model writes
+the middle and ends it with `<eom>` (no line heuristics). A task passes when prefix + middle + suffix, with
+HumanEval's tests, runs clean in the sandbox.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from cglab.eval.humaneval import load_problems, pass_at_k
+from cglab.eval.sandbox import Limits, run_programs
+
+MASK, SEP, EOM, EOS = "<mask_1>", "<sep>", "<eom>", "<|endoftext|>"
+PUBLISHED_COUNTS = {"single": 1033, "multi": 5815}
+
+
+@dataclasses.dataclass(frozen=True)
+class InfillTask:
+    task_id: str  # "HumanEval/0/single/3" or "HumanEval/0/multi/3-5" (line numbers in the solution)
+    problem_id: str
+    prefix: str
+    middle: str  # the canonical middle
+    suffix: str
+
+
+def derive_tasks(problems: Mapping[str, Mapping], mode: str) -> list[InfillTask]:
+    """All infill tasks of `mode` ("single" or "multi") from the problems' canonical solutions."""
+    if mode not in PUBLISHED_COUNTS:
+        raise ValueError(f"infill mode must be 'single' or 'multi', got {mode!r}")
+    tasks = []
+    for pid, p in problems.items():
+        lines = p["canonical_solution"].splitlines(keepends=True)
+        nonblank = [i for i, line in enumerate(lines) if line.strip()]
+        spans = ([(i, i) for i in nonblank] if mode == "single"
+                 else [(i, j) for a, i in enumerate(nonblank) for j in nonblank[a:]])
+        for i, j in spans:
+            tasks.append(InfillTask(
+                task_id=f"{pid}/{mode}/{i}" if mode == "single" else f"{pid}/{mode}/{i}-{j}",
+                problem_id=pid,
+                prefix=p["prompt"] + "".join(lines[:i]),
+                middle="".join(lines[i:j + 1]),
+                suffix="".join(lines[j + 1:]),
+            ))
+    return tasks
+
+
+def infill_prompt(task: InfillTask) -> str:
+    return task.prefix + MASK + task.suffix + EOS + SEP + MASK
+
+
+def extract_middle(generated: str) -> str:
+    """The middle is everything the model wrote before `<eom>` (or EOS, or the end of the budget)."""
+    for end in (EOM, EOS):
+        generated = generated.split(end, 1)[0]
+    return generated
+
+
+def program(task: InfillTask, middle: str, problem: Mapping) -> str:
+    return (task.prefix + middle + task.suffix + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def score_middles(tasks: Sequence[InfillTask], middles: Sequence[Sequence[str]],
+                  problems: Mapping[str, Mapping] | None = None, *, limits: Limits | None = None,
+                  workers: int | None = None) -> dict:
+    """Run every (task, middle) in the sandbox; middles[i] are the samples for tasks[i]."""
+    problems = problems if problems is not None else load_problems()
+    flat = [(t, m) for t, ms in zip(tasks, middles) for m in ms]
+    results = run_programs([program(t, m, problems[t.problem_id]) for t, m in flat],
+                           limits or Limits(timeout_s=10.0), workers=workers)
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for (t, _), r in zip(flat, results):
+        per_task[t.task_id].append(r.passed)
+    n_min = min((len(v) for v in per_task.values()), default=0)
+    out = {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+           for k in (1, 10, 100) if 0 < k <= n_min}
+    out.update(n_tasks=len(per_task), n_samples=len(flat),
+               isolation=results[0].isolation if results else None,
+               tasks={t: {"n": len(v), "passed": sum(v)} for t, v in per_task.items()})
+    return out
+
+
+def evaluate(generator, mode: str = "single", *, limit: int | None = None, n: int = 1,
+             temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 128,
+             limits: Limits | None = None, workers: int | None = None) -> dict:
+    """Generate middles for HumanEval-Infill `mode` (first `limit` tasks) and score them."""
+    problems = load_problems()
+    tasks = derive_tasks(problems, mode)[:limit]
+    outs = generator.generate([infill_prompt(t) for t in tasks], n=n, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, stop=(EOM, EOS))
+    result = score_middles(tasks, [[extract_middle(o) for o in os_] for os_ in outs], problems,
+                           limits=limits, workers=workers)
+    result["mode"] = mode
+    return result

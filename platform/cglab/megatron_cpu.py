@@ -1,0 +1,96 @@
+"""Make Megatron-Core run without CUDA (development machines and CI).
+
+Megatron-Core assumes CUDA in a handful of places: the current device, the CUDA RNG state used by its RNG tracker,
+and tensors created with device="cuda" in the pipeline schedules and p2p code. `apply()` redirects exactly those to
+the CPU. It is idempotent and does nothing when CUDA is available, so a GPU process is never touched.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+_APPLIED = False
+
+# Modules that build small bookkeeping tensors with device="cuda" (pipeline schedules, p2p, optimizer scalars).
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+
+
+def _cpu_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(state)
+
+
+def _noop(*_args, **_kwargs) -> None:
+    return None
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as seen from one Megatron module: identical, except device="cuda" factories land on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _fix(kwargs):
+        dev = kwargs.get("device")
+        if dev == "cuda" or (isinstance(dev, torch.device) and dev.type == "cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def zeros(self, *a, **k):
+        return torch.zeros(*a, **self._fix(k))
+
+    def ones(self, *a, **k):
+        return torch.ones(*a, **self._fix(k))
+
+    def empty(self, *a, **k):
+        return torch.empty(*a, **self._fix(k))
+
+    def tensor(self, *a, **k):
+        return torch.tensor(*a, **self._fix(k))
+
+
+def apply() -> bool:
+    """Patch Megatron-Core for CPU if (and only if) CUDA is absent. Returns True when patches are active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.get_rng_state = _cpu_rng_state
+    torch.cuda.set_rng_state = _set_cpu_rng_state
+    torch.cuda.random.get_rng_state = _cpu_rng_state
+    torch.cuda.random.set_rng_state = _set_cpu_rng_state
+    torch.cuda.manual_seed = _noop  # the CPU seed is set by torch.manual_seed
+    torch.cuda.manual_seed_all = _noop
+    torch.cuda.synchronize = _noop
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+
+    import importlib
+
+    cpu_torch = _CpuTorch()
+    for name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+    _APPLIED = True
+    return True

@@ -1,0 +1,88 @@
+"""The CodeGen2 model on Megatron-Core: config translation, construction and the masked loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from cglab.config import ModelConfig, ParallelConfig
+from cglab.model.masks import attention_mask
+from cglab.model.spec import codegen_layer_spec, resolve_backend
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """CodeGen's "gelu_new"."""
+    return F.gelu(x, approximate="tanh")
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) -> TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim, layernorm_epsilon=m.layernorm_epsilon,
+        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False, activation_func=gelu_tanh,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        rotary_interleaved=False,
+    )
+
+
+class CodeGenModel(GPTModel):
+    """GPTModel with CodeGen's untied LM head *with bias* (GPTModel's head has none)."""
+
+    def __init__(self, config: TransformerConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.vocab_size, config=config, init_method=config.init_method, bias=True,
+                skip_bias_add=False, gather_output=not self.parallel_output, tp_group=self.pg_collection.tp)
+
+
+def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_process: bool | None = None,
+                post_process: bool | None = None) -> CodeGenModel:
+    """One pipeline stage of the model for this rank (parallel_state must be initialised)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    cfg = transformer_config(m, p, bf16=bf16)
+    model = CodeGenModel(
+        cfg, transformer_layer_spec=codegen_layer_spec(m.attention_backend), vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+        parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def batch_mask(m: ModelConfig, batch: dict, device=None) -> torch.Tensor | None:
+    """The attention mask the config asks for, or None for plain causal on a backend that does it natively."""
+    tokens = batch["tokens"]
+    b, s = tokens.shape
+    seg = batch.get("segment_ids") if m.document_masking else None
+    pre = batch.get("prefix_len") if m.architecture == "prefix_lm" else None
+    if seg is None and pre is None and resolve_backend(m.attention_backend) in ("sdpa", "te"):
+        return None
+    return attention_mask(seg, pre, seq_len=s, batch=b, device=device)
+
+
+def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None, prefix_len=None) -> torch.Tensor:
+    """Logits [b, s, vocab/TP] of one (single-stage) model."""
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "prefix_len": prefix_len}
+    pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, pos, batch_mask(m, batch, tokens.device))
+
+
+def masked_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of masked per-token losses, number of counted tokens). Per-token losses come from GPTModel(labels=...)."""
+    loss_mask = loss_mask.to(per_token.dtype)
+    return (per_token.float() * loss_mask).sum(), loss_mask.sum()

@@ -1,0 +1,57 @@
+"""Layer specs for the CodeGen block, one per attention backend. Extending the model means editing a spec, not Megatron."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from cglab.model.layer import NoBiasSelfAttention, ParallelResidualLayer
+
+
+def have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """auto -> te (GPU with Transformer Engine) | sdpa (otherwise)."""
+    if backend != "auto":
+        return backend
+    if torch.cuda.is_available() and have_te():
+        return "te"
+    return "sdpa"
+
+
+def codegen_layer_spec(backend: str = "auto") -> ModuleSpec:
+    backend = resolve_backend(backend)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
+        norm, col, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
+        if backend == "sdpa":
+            from cglab.model.attention import SDPAttention as core
+        else:
+            from megatron.core.transformer.dot_product_attention import DotProductAttention as core
+    return ModuleSpec(
+        module=ParallelResidualLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=NoBiasSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(linear_qkv=col, core_attention=core, linear_proj=row,
+                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            pre_mlp_layernorm=IdentityOp,  # the single input_layernorm feeds the MLP too
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
+        ),
+    )

@@ -1,0 +1,159 @@
+"""One training step on Megatron-Core: model + DDP + optimizer + LR schedule, forward/backward through Megatron's
+pipeline schedules, token-weighted loss across micro-batches and data-parallel ranks.
+
+Losses are summed per token (`calculate_per_token_loss`) and Megatron's `finalize_model_grads` divides the
+gradients by the number of loss tokens of the whole global batch, so TP, PP, DP and gradient accumulation all give
+the loss of the same token-weighted mean.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from cglab.config import CGLabConfig, ModelConfig
+from cglab.model.codegen import batch_mask, build_model
+
+OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
+
+
+@dataclass
+class TrainState:
+    model: list[torch.nn.Module]  # one chunk per rank (no virtual pipeline)
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> TrainState:
+    bf16 = cfg.train.precision == "bf16"
+    model = build_model(cfg.model, cfg.parallel, bf16=bf16)
+    tc = model.config
+    tc.calculate_per_token_loss = True
+    tc.finalize_model_grads_func = finalize_model_grads
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tc, model)
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    model = DistributedDataParallel(tc, ddp_cfg, model)
+    t = cfg.train
+    opt_cfg = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, clip_grad=t.grad_clip, bf16=bf16, params_dtype=tc.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_cfg, [model])
+    decay = lr_decay_steps or t.train_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+    return TrainState([model], optimizer, scheduler)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_stage_batch(batch: dict, m: ModelConfig) -> dict:
+    """Move what this pipeline stage needs to the device: tokens only on the first stage, labels and loss mask
+    only on the last; every stage needs the attention mask inputs."""
+    dev = _device()
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    out = {}
+    for k in ("segment_ids", "prefix_len"):
+        if k in batch:
+            out[k] = torch.as_tensor(batch[k]).to(dev, non_blocking=True).long()
+    s = torch.as_tensor(batch["tokens"]).shape
+    out["shape"] = s
+    if first:
+        out["tokens"] = torch.as_tensor(batch["tokens"]).to(dev).long()
+    if last:
+        out["labels"] = torch.as_tensor(batch["labels"]).to(dev).long()
+        out["loss_mask"] = torch.as_tensor(batch["loss_mask"]).to(dev).float()
+        if "objective" in batch:
+            out["objective"] = torch.as_tensor(batch["objective"]).to(dev).long()
+    return out
+
+
+def _loss_func(loss_mask: torch.Tensor, objective: torch.Tensor | None, per_token: torch.Tensor):
+    per_token = per_token.float()
+    masked = per_token * loss_mask
+    total = masked.sum()
+    n = loss_mask.sum()
+    stats = [total.detach(), n.detach()]
+    if objective is not None:  # per-objective (sum, count) for the split loss metric
+        per_sample, count = masked.sum(1).detach(), loss_mask.sum(1).detach()
+        for code in range(len(OBJECTIVES)):
+            sel = (objective == code).float()
+            stats += [(per_sample * sel).sum(), (count * sel).sum()]
+    return total, n.int(), {"loss_stats": torch.stack(stats)}
+
+
+def _forward_step(m: ModelConfig, data_iterator, model):
+    b = next(data_iterator)
+    bsz, s = b["shape"]
+    dev = _device()
+    mask_in = {"tokens": torch.empty(bsz, s), "segment_ids": b.get("segment_ids"), "prefix_len": b.get("prefix_len")}
+    mask = batch_mask(m, mask_in, dev)
+    tokens = b.get("tokens")
+    pos = torch.arange(s, device=dev).unsqueeze(0).expand(bsz, s)
+    out = model(tokens, pos, mask, labels=b.get("labels"))
+    return out, partial(_loss_func, b.get("loss_mask"), b.get("objective"))
+
+
+def forward_backward(state: TrainState, cfg: CGLabConfig, micro_batches: list[dict], forward_only: bool = False):
+    """Run all micro-batches of one global step through the pipeline; returns Megatron's per-micro-batch stats
+    (non-empty on the last stage only)."""
+    m = cfg.model
+    stage = [to_stage_batch(b, m) for b in micro_batches]
+    bsz, s = stage[0]["shape"]
+    fb = get_forward_backward_func()
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    return fb(forward_step_func=partial(_forward_step, m), data_iterator=iter(stage), model=state.model,
+              num_microbatches=len(stage), seq_length=s, micro_batch_size=bsz, decoder_seq_length=s,
+              forward_only=forward_only)
+
+
+def reduce_stats(stats: list[dict]) -> dict[str, float]:
+    """Token-weighted loss (and loss per objective) over this step, agreed on by every rank."""
+    import torch.distributed as dist
+
+    width = 2 + 2 * len(OBJECTIVES)
+    total = torch.zeros(width, dtype=torch.float64, device=_device())
+    for st in stats:
+        v = st["loss_stats"].double()
+        total[: v.numel()] += v
+    if parallel_state.is_pipeline_last_stage():
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # the last stage holds the numbers; share them with the whole pipeline
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    out = {"loss": (total[0] / total[1].clamp(min=1)).item(), "loss_tokens": total[1].item()}
+    for i, name in enumerate(OBJECTIVES):
+        s, n = total[2 + 2 * i], total[3 + 2 * i]
+        if n > 0:
+            out[f"loss/{name}"] = (s / n).item()
+    return out
+
+
+def train_step(state: TrainState, cfg: CGLabConfig, micro_batches: list[dict]) -> dict[str, float]:
+    stats = forward_backward(state, cfg, micro_batches)
+    ok, grad_norm, _ = state.optimizer.step()
+    state.scheduler.step(increment=1)
+    out = reduce_stats(stats)
+    out["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
+    out["lr"] = state.optimizer.param_groups[0]["lr"]
+    out["update_ok"] = float(bool(ok))
+    return out

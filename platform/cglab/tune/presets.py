@@ -1,0 +1,111 @@
+"""Scales at which a lesson runs: laptop (minutes on 2 CPU cores), 1gpu (hours on one H100), cluster
+(codegen2-1B, TP=2 x DP=4 = 8 GPUs per trial). A preset is config overrides plus what each trial's Tune
+driver function asks for; the Train workers' resources follow from the config's parallel section."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cglab.config import PRESETS as MODEL_SHAPES
+from cglab.config import CGLabConfig, ConfigError, apply_overrides, from_dict
+
+
+def _shape(name: str) -> tuple[str, ...]:
+    # Explicit fields, not `model.preset=`: a preset name loses to explicit fields already in a config.
+    return tuple(f"model.{k}={v}" for k, v in MODEL_SHAPES[name].items())
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+    driver_cpus: float = 1.0  # the Tune trial function only launches and watches the Train job
+    seeds: tuple[int, ...] = (1234,)
+    trial_max_failures: int = 0  # Tune-level retries of a whole trial (Train resumes from its checkpoint)
+
+
+PRESETS: dict[str, Preset] = {
+    "laptop": Preset(
+        "laptop", "tiny model, 1 CPU worker per trial, one lesson in minutes on 2 cores",
+        _shape("tiny") + (
+            "data.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.train_steps=40", "train.warmup_steps=4", "train.lr=1e-3", "train.min_lr=1e-4",
+            "train.log_every=1", "train.precision=fp32",
+            "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=1", "parallel.use_gpu=false", "parallel.cpus_per_worker=1",
+            "eval.suites=[nl]", "eval.limit=8", "eval.max_new_tokens=32",
+            "track.system_metrics=true"),
+        driver_cpus=0.5),
+    "1gpu": Preset(
+        "1gpu", "CodeGen 350M shape (d1024 L20), seq 2048, bf16, one GPU per trial, ~130M tokens",
+        ("model.num_layers=20", "model.hidden_size=1024", "model.num_attention_heads=16",
+         "model.rotary_dim=32", "model.vocab_size=51200", "model.max_position_embeddings=2048",
+         "data.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=32",
+         "train.train_steps=2000", "train.warmup_steps=100", "train.lr=3e-4", "train.min_lr=3e-5",
+         "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
+         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+         "parallel.data_parallel_size=1", "parallel.use_gpu=true", "parallel.cpus_per_worker=4",
+         "eval.suites=[nl,humaneval,infill]", "eval.limit=164"),
+        trial_max_failures=2),
+    "cluster": Preset(
+        "cluster", "codegen2-1B, TP=2 x DP=4 over 8 GPUs per trial, seq 2048, bf16, ~2.6B tokens",
+        _shape("codegen2-1B") + (
+            "data.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=256",
+            "train.train_steps=5000", "train.warmup_steps=200", "train.lr=3e-4", "train.min_lr=3e-5",
+            "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
+            "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=4", "parallel.use_gpu=true", "parallel.cpus_per_worker=8",
+            "parallel.distributed_optimizer=true", "eval.suites=[nl,humaneval,infill]"),
+        trial_max_failures=3),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def base_config(preset: str | Preset, config_path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> CGLabConfig:
+    """User YAML (data sources etc.), then the preset, then the user's overrides; validated."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    data: dict = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, list(p.overrides))
+    try:
+        return from_dict(data, list(overrides))
+    except ConfigError as err:
+        raise ConfigError(f"preset {p.name}: {err}") from None
+
+
+def trial_resources(cfg: CGLabConfig, driver_cpus: float) -> dict[str, float]:
+    """Logical resources one trial holds while it trains: its Train workers plus its driver function."""
+    n = cfg.world_size
+    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus}
+    if cfg.parallel.use_gpu:
+        res["GPU"] = float(n)
+    return res
+
+
+def max_concurrent(per_trial: dict[str, float], cluster: dict[str, float], n_trials: int) -> int:
+    """How many trials fit side by side; more would only start Train runs that wait for resources."""
+    fits = []
+    for k, need in per_trial.items():
+        if need <= 0:
+            continue
+        have = cluster.get(k, 0.0)
+        if have + 1e-9 < need:
+            raise ConfigError(f"one trial needs {need:g} {k} (parallel.* x workers + driver) but the Ray "
+                              f"cluster has {have:g}; use a smaller preset or a bigger cluster")
+        fits.append(int((have + 1e-9) // need))
+    return max(1, min([n_trials, *fits]))

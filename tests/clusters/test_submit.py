@@ -1,0 +1,165 @@
+"""`ray job submit --working-dir .` from a checkout that holds a corpus, a venv, checkpoints and MLflow stores
+uploads only the code — against a real local Ray head (token auth on, everything on 127.0.0.1)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cglab.track import submit as S
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+MIB = 1024 * 1024
+# Incompressible junk where a checkout keeps its heavy state; any one of these leaking breaks the size bound.
+DUMMIES = [".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", ".cglab/corpus/pile/00.jsonl.zst",
+           ".cglab/corpus/stack/00.parquet", "checkpoints/step_10/__0_0.distcp", "mlruns/1/abc/artifacts/model.pt",
+           "mlflow.db", ".git/objects/pack/pack-1.pack"]
+DUMMY_BYTES = 5 * MIB
+MAX_PACKAGE_MIB = 4.0
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _checkout_copy(dst: Path) -> Path:
+    """The files a fresh clone plus the working tree would have (tracked and untracked-but-not-ignored)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    for rel in DUMMIES:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes(os.urandom(DUMMY_BYTES))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private Ray head: every port free and on 127.0.0.1, token auth, the driver resource the recipes define."""
+    tmp = Path(tempfile.mkdtemp(prefix="cgs", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
+    gcs, dash, metrics, agent_http, agent_grpc, rt_agent, client, om, nm = _free_ports(9)
+    env = {**os.environ, "HOME": str(tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
+           "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--runtime-env-agent-port", str(rt_agent), "--ray-client-server-port", str(client),
+           "--object-manager-port", str(om), "--node-manager-port", str(nm),
+           "--num-cpus", "1", "--num-gpus", "0", "--resources", json.dumps({S.DRIVER_RESOURCE: 4}),
+           "--temp-dir", str(tmp / "ray"), "--disable-usage-stats"]
+    log = open(tmp / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(address + "/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (401 under token auth) is up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ray head did not start:\n" + (tmp / "head.log").read_text()[-3000:])
+                time.sleep(1)
+        yield {"address": address, "env": env, "tmp": tmp}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group we started: the head and its Ray processes
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _package_mib(output: str) -> float:
+    m = re.search(r"Pushing file package '[^']+' \(([\d.]+)MiB\)", output)
+    assert m, f"no package size in ray's output:\n{output[-3000:]}"
+    return float(m.group(1))
+
+
+@pytest.mark.slow
+def test_plain_ray_job_submit_uploads_only_code(ray_head, tmp_path):
+    """Ray's own CLI, no cglab helper: the default excludes, .gitignore and .rayignore must do it."""
+    repo = _checkout_copy(tmp_path / "repo")
+    heavy = sum((repo / d).stat().st_size for d in DUMMIES) / MIB
+    probe = ("import os; print('LISTING', json.dumps(sorted(os.listdir('.'))))").replace("json", "__import__('json')")
+    r = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(repo),
+         "--entrypoint-resources", json.dumps(S.entrypoint_resources()), "--", "python", "-c", probe],
+        env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    size = _package_mib(out)
+    assert size < MAX_PACKAGE_MIB, f"uploaded {size} MiB (checkout holds {heavy:.0f} MiB of data)"
+    listing = json.loads(re.search(r"LISTING (\[.*\])", out).group(1))
+    assert "platform" in listing and "Makefile" in listing
+    leaked = {".git", ".venv", ".cglab", "checkpoints", "mlruns", "mlflow.db"} & set(listing)
+    assert not leaked, f"uploaded to the cluster: {sorted(leaked)}"
+
+
+@pytest.mark.slow
+def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_path, monkeypatch):
+    """cglab.track.submit: explicit excludes (works even if Ray ignored .gitignore), cglab from the checkout."""
+    repo = _checkout_copy(tmp_path / "repo")
+    (repo / ".rayignore").unlink()  # the helper must not depend on the ignore file
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "HOME"):
+        monkeypatch.setenv(k, ray_head["env"][k])
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
+    code = ("import cglab, os, ray; ray.init(); "
+            "print('CGLAB', cglab.__file__); print('DRIVER', ray.get_runtime_context().get_assigned_resources()); "
+            "print('LISTING', sorted(os.listdir('.')))")
+    r = subprocess.run([sys.executable, "-m", "cglab.track.submit", "--address", ray_head["address"],
+                        "--working-dir", str(repo), "--", "python", "-c", code],
+                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    cglab_file = re.search(r"CGLAB (\S+)", out).group(1)
+    assert not cglab_file.startswith(str(REPO)), f"job imported the installed cglab, not the upload: {cglab_file}"
+    listing = re.search(r"LISTING (\[.*\])", out).group(1)
+    for name in (".cglab", "checkpoints", "mlruns", "mlflow.db", ".venv", ".git"):
+        assert f"'{name}'" not in listing, f"{name} uploaded: {listing}"
+
+
+def test_runtime_env_rejects_a_directory_that_is_not_a_checkout(tmp_path):
+    with pytest.raises(ValueError, match="not a cglab checkout"):
+        S.runtime_env(tmp_path)
+
+
+def test_rayignore_and_helper_excludes_agree():
+    lines = [ln.strip() for ln in (REPO / ".rayignore").read_text().splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert sorted(patterns) == sorted(S.EXCLUDES)
+
+
+def test_cli_command_is_a_valid_ray_job_submit():
+    argv = S.cli_command(["python", "jobs/ablate.py", "--lesson", "3"])
+    assert argv[:3] == ["ray", "job", "submit"] and argv[-4:] == ["python", "jobs/ablate.py", "--lesson", "3"]
+    env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert ".cglab" in env["excludes"] and env["py_modules"] == ["platform/cglab"]

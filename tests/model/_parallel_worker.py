@@ -1,0 +1,30 @@
+"""Runs in spawned processes: one forward/backward of the tiny model at a given TP x PP, results to a file."""
+import torch
+import torch.distributed as dist
+
+
+def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
+    from megatron.core import parallel_state as ps
+
+    from cglab.config import from_dict
+    from cglab.distributed import init_parallel
+    from cglab.model.hf_convert import load_into, model_state, shard, unshard
+    from cglab.train.step import build_train_state, forward_backward, reduce_stats
+
+    cfg = from_dict({}, ["model.preset=tiny", f"parallel.tensor_model_parallel_size={tp}",
+                         f"parallel.pipeline_model_parallel_size={pp}", "train.micro_batch_size=2",
+                         "train.global_batch_size=4", *overrides])
+    init_parallel(tp, pp)
+    state = build_train_state(cfg)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    inner = state.model[0].module
+    load_into(inner, shard(torch.load(full_path), cfg.model, tp_rank, tp, pp_rank, pp))
+    stats = forward_backward(state, cfg, torch.load(batches_path))
+    loss = reduce_stats(stats)
+    grads = {n: p.main_grad.detach().float().clone() for n, p in inner.named_parameters()}
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, ((tp_rank, pp_rank), grads, model_state(inner)))
+    if rank == 0:
+        g = unshard({k: v for k, v, _ in everything}, cfg.model)
+        w = unshard({k: v for k, _, v in everything}, cfg.model)
+        torch.save({"loss": loss, "grads": g, "weights": w}, out_path)
