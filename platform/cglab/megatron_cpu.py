@@ -21,6 +21,7 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 
 
@@ -65,6 +66,15 @@ class _CpuTorch(types.ModuleType):
         return torch.tensor(*a, **self._fix(k))
 
 
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 minus its assertion that grads live on CUDA."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if grads and clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def apply() -> bool:
     """Patch Megatron-Core for CPU if (and only if) CUDA is absent. Returns True when patches are active."""
     global _APPLIED
@@ -92,5 +102,9 @@ def apply() -> bool:
     cpu_torch = _CpuTorch()
     for name in _CUDA_FACTORY_MODULES:
         importlib.import_module(name).torch = cpu_torch
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     _APPLIED = True
     return True

@@ -30,7 +30,7 @@ def duplicate_mask(shas, keys, survivors: dict[str, int]) -> np.ndarray:
 
 
 def find_survivors(ds) -> dict[str, int]:
-    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`)."""
+    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`; sha "" = not a kept document)."""
     from ray.data.aggregate import Count, Min
 
     groups = ds.select_columns(["sha", "key"]).groupby("sha").aggregate(Count(), Min("key"))
@@ -38,4 +38,5 @@ def find_survivors(ds) -> dict[str, int]:
     for batch in groups.iter_batches(batch_size=65536, batch_format="numpy"):
         many = batch["count()"] > 1
         out.update(zip(batch["sha"][many].tolist(), batch["min(key)"][many].astype(np.int64).tolist()))
+    out.pop("", None)  # skipped documents carry no hash
     return out

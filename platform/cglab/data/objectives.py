@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from cglab.data.packing import Reserve
-from cglab.data.specials import EOM, MASK0, PAD, SEP, Specials
+from cglab.data.specials import EOM, MASK0, SEP, Specials
 
 CLM, SPAN, INFILL, UL2, UL2_S = 0, 1, 2, 3, 4
 KINDS = ("clm", "span_corruption", "codegen2", "infill", "ul2")
@@ -190,14 +190,15 @@ def span_corruption(tokens: np.ndarray, segments: np.ndarray, specials: Specials
     end = start + length
     prev_end = np.concatenate([np.zeros((U, 1), np.int64), end[:, :-1]], 1)
     active = length > 0
-    off = tokens.size + MASK0 + np.arange(K)  # where <mask_j> sits in the source array
+    sp0 = _specials_at(tokens, seq_len)
+    off = sp0 + MASK0 + np.arange(K)  # where <mask_j> sits in the source array
     src[:, 0:2 * K:2], ln[:, 0:2 * K:2] = base[:, None] + prev_end, start - prev_end
     src[:, 1:2 * K:2], ln[:, 1:2 * K:2] = off, active
     src[:, 2 * K], ln[:, 2 * K] = base + end[:, -1], n_total - end[:, -1]
-    src[:, 2 * K + 1], ln[:, 2 * K + 1] = tokens.size + SEP, 1
+    src[:, 2 * K + 1], ln[:, 2 * K + 1] = sp0 + SEP, 1
     src[:, 2 * K + 2::3], ln[:, 2 * K + 2::3] = off, active
     src[:, 2 * K + 3::3], ln[:, 2 * K + 3::3] = base[:, None] + start, length
-    src[:, 2 * K + 4::3], ln[:, 2 * K + 4::3] = tokens.size + EOM, active
+    src[:, 2 * K + 4::3], ln[:, 2 * K + 4::3] = sp0 + EOM, active
     flag = np.zeros(cols, bool)
     flag[2 * K + 2:] = True
     out_len = n_total + 1 + 3 * k
@@ -216,7 +217,8 @@ def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, s
     cut = np.minimum((d[:, 1:] * (n + 1)[:, None]).astype(np.int64), n[:, None])
     a, b = cut.min(1), cut.max(1)  # middle = [a, b), may be empty
     U = len(base)
-    mask1, sep, eom = tokens.size + MASK0, tokens.size + SEP, tokens.size + EOM
+    sp0 = _specials_at(tokens, seq_len)
+    mask1, sep, eom = sp0 + MASK0, sp0 + SEP, sp0 + EOM
     # [prefix if PSM][<mask_1>][suffix+eot][<sep>][prefix if SPM][<mask_1>][middle][<eom>]
     src = np.stack([base, np.full(U, mask1), base + b, np.full(U, sep), base, np.full(U, mask1), base + a,
                     np.full(U, eom)], 1)
@@ -284,7 +286,7 @@ def _first_per_window(win: np.ndarray, value: np.ndarray, W: int) -> np.ndarray:
 def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, prefix_len, objective) -> dict:
     """Pieces [U, C] (source offset, length, loss flag) of units in order -> padded [W, S] sample batch.
 
-    The source is [window tokens | specials table]; one pad piece closes each window.
+    The source is [window tokens | S-1 pads | specials table]; one pad piece (S pads at most) closes each window.
     """
     W = tokens.shape[0]
     S = seq_len
@@ -295,7 +297,7 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, pre
                          f"the objective's reserve (use objectives.packing_reserve(cfg) for the Packer)")
     U, C = ln.shape
     at = np.cumsum(np.bincount(win, minlength=W)) * C  # insert each window's pad piece after its last unit
-    src = np.insert(src.ravel(), at, tokens.size + PAD)
+    src = np.insert(src.ravel(), at, tokens.size)
     ln = np.insert(ln.ravel(), at, S - out_len)
     seg = np.insert(np.repeat(useg, C), at, -1)
     flag = np.insert(np.ascontiguousarray(flag).ravel(), at, False)
@@ -306,11 +308,17 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, pre
     step = np.ones(W * S, np.int64)
     step[pos[1:]] = src[1:] - (src[:-1] + ln[:-1] - 1)
     step[0] = src[0]
-    source = np.concatenate([tokens.ravel().astype(np.int32, copy=False), specials.table()])
+    source = np.concatenate([tokens.ravel().astype(np.int32, copy=False),
+                             np.full(S - 1, specials.pad, np.int32), specials.table()])
     tok = source[np.cumsum(step)].reshape(W, S)
     seg_t = np.repeat(seg.astype(np.int32), ln).reshape(W, S)
     flag_t = np.repeat(flag, ln).reshape(W, S)
     return _finish(tok, seg_t, flag_t, prefix_len.astype(np.int32), objective, specials)
+
+
+def _specials_at(tokens: np.ndarray, seq_len: int) -> int:
+    """Source offset of Specials.table() in _assemble's source array."""
+    return tokens.size + seq_len - 1
 
 
 def _fit(tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int):
@@ -383,7 +391,6 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
     if seps.size == 0:
         return unit.copy()
     inp, tgt = unit[:seps[0]], unit[seps[0] + 1:]
-    is_mask = np.isin(tgt, sp.masks)
     lead, fills = [], {}
     for chunk in np.split(tgt, np.flatnonzero(tgt == sp.eom) + 1):
         if chunk.size == 0:
@@ -393,7 +400,6 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
         q = int(np.flatnonzero(np.isin(chunk, sp.masks))[0])
         lead.append(chunk[:q])  # SPM puts the prefix before its <mask_1>
         fills[int(chunk[q])] = chunk[q + 1:-1]
-    del is_mask
     parts = list(lead)
     holes = np.flatnonzero(np.isin(inp, sp.masks))
     prev = 0

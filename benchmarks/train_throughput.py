@@ -1,0 +1,111 @@
+"""Training throughput of cglab (Megatron-Core CodeGen, our train step) beside HF CodeGen eager and torch.compile,
+measured in one run on one GPU. Prints one JSON line per case and a table at the end.
+
+    PYTHONPATH=platform python benchmarks/train_throughput.py [--preset codegen2-1B] [--steps 20] [--cases ...]
+
+Model FLOPs per token = 6·(12·L·d² + V·d) + 12·L·d·S (design.md §3); MFU against the bf16 matmul peak measured here.
+Tokens are synthetic (uniform random ids): this measures the model step, not the data pipeline (benchmarks/data_pipeline.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_codegen_baseline as hfb  # noqa: E402
+
+
+def cglab_case(preset: str, mb: int, seq: int, doc_mask: bool, compile_layers: bool, n_micro: int):
+    from cglab.config import from_dict
+    from cglab.distributed import init_parallel
+    from cglab.train.step import build_train_state, train_step
+
+    cfg = from_dict({}, [f"model.preset={preset}", "parallel.use_gpu=true", "train.precision=bf16",
+                         f"data.seq_length={seq}", f"train.micro_batch_size={mb}",
+                         f"train.global_batch_size={mb * n_micro}", "train.train_steps=1000",
+                         f"model.document_masking={str(doc_mask).lower()}", "train.warmup_steps=10"])
+    init_parallel(1, 1)
+    state = build_train_state(cfg)
+    if compile_layers:
+        for layer in state.model[0].module.module.decoder.layers:
+            layer.compile()
+    V = cfg.model.vocab_size
+    batches = []
+    for _ in range(n_micro):
+        tok = torch.randint(0, V, (mb, seq))
+        seg = torch.zeros(mb, seq, dtype=torch.long)
+        if doc_mask:  # four documents per row
+            seg = torch.arange(seq).div(seq // 4, rounding_mode="floor").expand(mb, seq).contiguous()
+        batches.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(mb, seq),
+                        "segment_ids": seg, "objective": torch.zeros(mb, dtype=torch.long)})
+    timing = {"fwd_bwd": 0.0, "opt": 0.0}
+
+    from cglab.train import step as st
+
+    def one():
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        stats = st.forward_backward(state, cfg, batches)
+        torch.cuda.synchronize(); t1 = time.perf_counter()
+        state.optimizer.step(); state.scheduler.step(increment=1)
+        torch.cuda.synchronize(); t2 = time.perf_counter()
+        timing["fwd_bwd"] += t1 - t0; timing["opt"] += t2 - t1
+        return stats
+
+    return one, mb * seq * n_micro, timing, cfg
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="codegen2-1B")
+    ap.add_argument("--mb", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
+    ap.add_argument("--cases", default="cglab,cglab-docmask,cglab-compile,hf,hfc")
+    args = ap.parse_args()
+    print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    hfb.PEAK = hfb.measure_peak()
+    print(json.dumps({"peak_bf16_tflops": round(hfb.PEAK, 1)}), flush=True)
+    from cglab.config import PRESETS
+
+    p = PRESETS[args.preset]
+    d, L, H, V, rot = p["hidden_size"], p["num_layers"], p["num_attention_heads"], p["vocab_size"], p["rotary_dim"]
+    S = args.seq
+    fpt = hfb.flops_per_token(d, L, S, V)
+    rows = []
+    for case in args.cases.split(","):
+        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        try:
+            if case.startswith("cglab"):
+                step, tokens, timing, _ = cglab_case(args.preset, args.mb, S, doc_mask="docmask" in case,
+                                                     compile_layers="compile" in case, n_micro=args.micro)
+                r = hfb.bench(step, tokens, fpt, f"{case}-{args.preset}-mb{args.mb}", n=args.steps)
+                n = args.steps + 3
+                r["fwd_bwd_ms"] = round(1000 * timing["fwd_bwd"] / n, 1)
+                r["optimizer_ms"] = round(1000 * timing["opt"] / n, 1)
+                print(json.dumps(r), flush=True)
+            else:
+                step = hfb.hf_codegen(d, L, H, S, V, args.mb, rot, compile_=(case == "hfc"))
+                r = hfb.bench(step, args.mb * S, fpt, f"{case}-{args.preset}-mb{args.mb}", n=args.steps)
+            rows.append(r)
+        except Exception:
+            traceback.print_exc()
+            rows.append({"case": case, "error": True})
+        step = None
+        import gc; gc.collect()
+    print(f"\n{'case':40s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s} {'fwd+bwd ms':>10s} {'opt ms':>7s}")
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['case']:40s} ERROR"); continue
+        print(f"{r['case']:40s} {r['tokens_per_s']:>10,d} {r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['mem_gb']:>7.1f} "
+              f"{r.get('fwd_bwd_ms', ''):>10} {r.get('optimizer_ms', ''):>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The training data stream: read → filter → dedup → mix → tokenize → pack → corrupt, as one Ray Data pipeline.
+
+    plan = prepare_data(cfg, run_dir)            # driver, once: paths checked, tokenizer trained/saved, dedup table
+    ds = build_dataset(cfg, epoch, plan)         # ray.data.Dataset of contract samples, in a fixed order
+    for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, start_index, batch_size, plan): ...
+
+How the stages map onto Ray Data:
+- read+filter+dedup+mix is one custom `Datasource` (`MixDatasource`). Each read task owns a contiguous slice of every
+  source's files, applies the filters and the dedup table, and interleaves the surviving documents by the mixture
+  weights with a seeded generator. Doing the mixing inside the read keeps it exact (ratios count documents that are
+  actually trained on) and streaming (no barrier, no shuffle).
+- tokenize, pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window
+  boundaries depend only on the block, which the read task cuts deterministically. Ray fuses them with the read.
+- `DataContext.execution_options.preserve_order = True`: the stream order is the order of the read tasks and of the
+  blocks inside them, whatever finishes first. So (seed, epoch) fixes the whole sequence of samples.
+
+Randomness: a window's corruption draws from `default_rng([seed, epoch, first_key, w])`, where `first_key` is the
+record key of the first document of its block and `w` its window number in the block: a stable identity of the
+sample, so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5).
+The mixture order uses the seed only, so every epoch covers the same documents.
+
+Ray Train: every worker calls `iter_train_batches` itself and keeps global sample i iff i % dp_size == dp_rank.
+Not `streaming_split`: it hands blocks to whichever worker asks first, so the split changes run to run and
+tensor-parallel peers (same DP rank, must see identical batches) would get different data. Here the shard is a pure
+function of (plan, epoch, dp_rank, dp_size), and resuming needs only the data position (epoch, next global sample
+index, seed). The price: each worker runs the (cheap, CPU) pipeline for the whole stream and keeps 1/dp of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from cglab.data import readers
+from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
+from cglab.data.filters import filter_reasons
+
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_len", "objective")
+_MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
+_BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
+
+
+@dataclass
+class DataPlan:
+    """Everything a worker needs to rebuild the stream; small and picklable (goes into train_loop_config)."""
+
+    sources: tuple[readers.SourceFiles, ...]
+    weights: tuple[float, ...]
+    tokenizer_json: str
+    num_sentinels: int
+    max_whitespace_run: int
+    survivors: dict[str, int] = field(default_factory=dict)  # sha -> key of the copy that survives
+
+    def tokenizer(self):
+        return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+_TOK_CACHE: dict[str, object] = {}
+
+
+def _tokenizer(tok_json: str, num_sentinels: int, max_ws: int):
+    """One CGTokenizer per process per tokenizer (Ray tasks reuse their worker process)."""
+    from cglab.data.tokenizer import CGTokenizer
+
+    h = hashlib.sha256(tok_json.encode()).hexdigest()
+    if h not in _TOK_CACHE:
+        _TOK_CACHE.clear()
+        _TOK_CACHE[h] = CGTokenizer.from_str(tok_json, num_sentinels, max_ws)
+    return _TOK_CACHE[h]
+
+
+def _chunks(it, n):
+    it = iter(it)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes) -> Iterator[tuple[int, str]]:
+    """(key, text) of the documents of `files` that pass reading, filters and dedup, in record order."""
+    for f in files:
+        for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
+            ok = [r for r in chunk if not r.reason]
+            if not ok:
+                continue
+            texts = [r.text for r in ok]
+            keep = filter_reasons(texts, fcfg) == ""
+            if survivors:
+                keys = [r.key for r in ok]
+                keep &= ~duplicate_mask(content_hashes(texts), keys, survivors)
+            for r, k in zip(ok, keep):
+                if k:
+                    yield r.key, r.text
+
+
+def sample_texts(dcfg, n: int) -> list[str]:
+    """Up to n filtered documents, spread evenly over the sources (tokenizer training; no Ray needed)."""
+    srcs = readers.resolve_files(dcfg.sources)
+    per = max(1, n // max(1, len(srcs)))
+    max_bytes = readers.max_record_bytes(dcfg.filters.max_chars)
+    out: list[str] = []
+    for src in srcs:
+        # Round robin over files so a source's sample is not one file's.
+        streams = [_kept_documents(src, [f], dcfg.filters, {}, max_bytes) for f in range(len(src.files))]
+        taken = 0
+        for doc in itertools.chain.from_iterable(itertools.zip_longest(*streams)):
+            if doc is None:
+                continue
+            out.append(doc[1])
+            taken += 1
+            if taken >= per:
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- datasources
+def _ray_data():
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    return Datasource, ReadTask, BlockMetadata
+
+
+def _size(path: str) -> int | None:
+    try:
+        fs, p = readers._filesystem(path)
+        return fs.get_file_info(p).size
+    except Exception:  # size is only a scheduling hint
+        return None
+
+
+def _make_read_tasks(specs, fn):
+    _, ReadTask, BlockMetadata = _ray_data()
+    tasks = []
+    for spec in specs:
+        paths = [src.files[f] for src, files in spec for f in files]
+        size = sum(s or 0 for s in map(_size, paths)) or None
+        meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=paths)
+        tasks.append(ReadTask(lambda t=len(tasks), spec=spec: fn(t, spec), meta))
+    return tasks
+
+
+def scan_dataset(sources, fcfg):
+    """Every record of every file (one read task per file) with `reason` from readers and filters, and `sha`.
+
+    Columns: source int32, key int64, subset, reason ("" = kept), sha ("" unless kept), chars int64.
+    The text itself is dropped after hashing: counting and dedup need only this projection.
+    """
+    import pyarrow as pa
+    import ray
+
+    Datasource, _, _ = _ray_data()
+    max_bytes = readers.max_record_bytes(fcfg.max_chars)
+
+    def read(task, spec):
+        (src, files), = spec
+        for chunk in _chunks(readers.read_file(src, files[0], max_bytes), 4096):
+            reasons = np.array([r.reason for r in chunk], dtype=object)
+            ok = np.flatnonzero(reasons == "")
+            texts = [chunk[i].text for i in ok]
+            reasons[ok] = filter_reasons(texts, fcfg)
+            kept = ok[reasons[ok] == ""]
+            sha = np.full(len(chunk), "", dtype=object)
+            sha[kept] = content_hashes([chunk[i].text for i in kept])
+            yield pa.table({
+                "source": pa.array(np.full(len(chunk), src.index, np.int32)),
+                "key": pa.array(np.fromiter((r.key for r in chunk), np.int64, len(chunk))),
+                "subset": pa.array([r.subset for r in chunk], pa.string()),
+                "reason": pa.array(reasons.tolist(), pa.string()),
+                "sha": pa.array(sha.tolist(), pa.string()),
+                "chars": pa.array(np.fromiter((len(r.text) for r in chunk), np.int64, len(chunk))),
+            })
+
+    specs = [[(src, [f])] for src in sources for f in range(len(src.files))]
+
+    class ScanDatasource(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return _make_read_tasks(specs, read)
+
+    return ray.data.read_datasource(ScanDatasource())
+
+
+def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int]]]]:
+    """Read-task layout: task t gets the t-th contiguous slice of every active source's files."""
+    active = [s for s in sources if weights[s.index] > 0]
+    m = min(len(s.files) for s in active)
+    return [[(s, [int(i) for i in np.array_split(np.arange(len(s.files)), m)[t]]) for s in active]
+            for t in range(m)]
+
+
+def mix_dataset(plan: DataPlan, fcfg, seed: int):
+    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text)."""
+    import pyarrow as pa
+    import ray
+
+    from cglab.data.mixture import interleave
+
+    Datasource, _, _ = _ray_data()
+    max_bytes = readers.max_record_bytes(fcfg.max_chars)
+    specs = mix_specs(plan.sources, plan.weights)
+    survivors = plan.survivors
+
+    def table(rows):
+        return pa.table({
+            "key": pa.array([r[1][0] for r in rows], pa.int64()),
+            "source": pa.array([r[0] for r in rows], pa.int32()),
+            "text": pa.array([r[1][1] for r in rows], pa.large_string()),
+        })
+
+    def read(task, spec):
+        streams = [_kept_documents(src, files, fcfg, survivors, max_bytes) for src, files in spec]
+        w = np.array([plan.weights[src.index] for src, _ in spec])
+        rng = np.random.default_rng([seed, task, _MIX_TAG])
+        rows, chars = [], 0
+        for s, doc in interleave(streams, w, rng):
+            rows.append((spec[s][0].index, doc))
+            chars += len(doc[1])
+            if len(rows) >= _BLOCK_DOCS or chars >= _BLOCK_CHARS:
+                yield table(rows)
+                rows, chars = [], 0
+        if rows:
+            yield table(rows)
+
+    class MixDatasource(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return _make_read_tasks(specs, read)
+
+    return ray.data.read_datasource(MixDatasource())
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def tokenize_block(block, plan: DataPlan):
+    """text -> ids (each document followed by <|endoftext|>), as an Arrow list column."""
+    import pyarrow as pa
+
+    tok = plan.tokenizer()
+    flat, offsets = tok.encode_batch(block.column("text").to_pylist())
+    ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32()))
+    return pa.table({"key": block.column("key"), "source": block.column("source"), "ids": ids})
+
+
+def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
+    """All documents of the block into windows (the last one padded); window identity for the seeds."""
+    from cglab.data.packing import pack_documents
+
+    sp = plan.tokenizer().specials
+    ids = block.column("ids").combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    flat = ids.values.to_numpy()
+    docs = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    tokens, segs = pack_documents(docs, seq_len, sp, reserve)
+    first = block.column("key")[0].as_py() if block.num_rows else 0
+    return {"tokens": tokens, "segment_ids": segs,
+            "block_key": np.full(len(tokens), first, np.int64), "window": np.arange(len(tokens), dtype=np.int64)}
+
+
+def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int,
+                  seq_len: int) -> dict[str, np.ndarray]:
+    """Apply the objective to each window with its own (seed, epoch, identity) generator."""
+    from cglab.data import objectives
+
+    sp = plan.tokenizer().specials
+    n = len(batch["tokens"])
+    rngs = [np.random.default_rng([seed, epoch, int(k), int(w)])
+            for k, w in zip(batch["block_key"], batch["window"])]
+    batched = getattr(objectives, "apply_objective_batch", None)
+    if batched is not None:
+        out = batched(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
+    else:
+        rows = [objectives.apply_objective(batch["tokens"][i], batch["segment_ids"][i], ocfg, sp, rngs[i], seq_len)
+                for i in range(n)]
+        out = {k: np.stack([np.asarray(r[k]) for r in rows]) if rows else np.zeros((0,), np.int32)
+               for k in SAMPLE_KEYS}
+    out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
+    out["block_key"], out["window"] = batch["block_key"], batch["window"]
+    return out
+
+
+def _reserve(cfg):
+    from cglab.data import objectives
+    from cglab.data.packing import Reserve
+
+    fn = getattr(objectives, "packing_reserve", None)
+    return fn(cfg.objective) if fn is not None else Reserve()
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: bool | None = None) -> DataPlan:
+    """Check every path, settle the tokenizer (load, or train and save under run_dir/tokenizer), build the dedup table.
+
+    Raises ConfigError naming the config field before any Ray work when a path or the tokenizer is wrong.
+    """
+    from cglab.config import ConfigError
+    from cglab.data.mixture import source_weights
+    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+
+    d = cfg.data
+    if not d.sources:
+        raise ConfigError("data.sources: no sources configured (see `cglab corpus build`)")
+    sources = readers.resolve_files(d.sources)
+    weights = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
+    tc = d.tokenizer
+    if tokenizer is None:
+        if tc.path:
+            try:
+                tokenizer = CGTokenizer.load(tc.path, d.num_sentinels, tc.max_whitespace_run)
+            except (FileNotFoundError, OSError, ValueError) as err:
+                raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
+        else:
+            tokenizer = train_tokenizer(sample_texts(d, tc.train_docs), tc.vocab_size, d.num_sentinels,
+                                        tc.max_whitespace_run)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    if len(tokenizer.specials.masks) < d.num_sentinels:
+        raise ConfigError(f"data.num_sentinels: tokenizer has only {len(tokenizer.specials.masks)} <mask_k> tokens")
+    if run_dir is not None:
+        tokenizer.save(Path(run_dir) / "tokenizer")
+    plan = DataPlan(tuple(sources), tuple(float(w) for w in weights), tokenizer.to_str(), d.num_sentinels,
+                    tokenizer.max_whitespace_run)
+    if d.filters.dedup if dedup is None else dedup:
+        from cglab.data.dedup import find_survivors
+
+        active = [s for s in sources if weights[s.index] > 0]
+        plan.survivors = find_survivors(scan_dataset(active, d.filters))
+    return plan
+
+
+def _ordered():
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    return ctx
+
+
+def build_dataset(cfg, epoch: int, plan: DataPlan | None = None):
+    """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window)."""
+    plan = plan or prepare_data(cfg)
+    _ordered()
+    d, S = cfg.data, cfg.data.seq_length
+    reserve = _reserve(cfg)
+    ds = mix_dataset(plan, d.filters, d.seed)
+    ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))
+    ds = ds.map_batches(pack_block, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve))
+    ds = ds.map_batches(corrupt_block, batch_size=None, batch_format="numpy",
+                        fn_kwargs=dict(plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S))
+    return ds
+
+
+def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start_index: int, batch_size: int,
+                       plan: DataPlan | None = None, drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of DP rank `dp_rank`'s samples (global index i with i % dp_size == dp_rank, i >= start_index).
+
+    Each batch also carries `sample_index` (int64 global indices): the data position to checkpoint is the last
+    one + 1.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    ds = build_dataset(cfg, epoch, plan)
+    keys = SAMPLE_KEYS
+    buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + ("sample_index",)}
+    have, base = 0, 0
+    for batch in ds.iter_batches(batch_size=max(batch_size * dp_size, 64), batch_format="numpy",
+                                 prefetch_batches=2):
+        n = len(batch["tokens"])
+        g = np.arange(base, base + n, dtype=np.int64)
+        base += n
+        sel = (g % dp_size == dp_rank) & (g >= start_index)
+        if not sel.any():
+            continue
+        for k in keys:
+            buf[k].append(batch[k][sel])
+        buf["sample_index"].append(g[sel])
+        have += int(sel.sum())
+        while have >= batch_size:
+            cat = {k: np.concatenate(v) for k, v in buf.items()}
+            yield {k: v[:batch_size] for k, v in cat.items()}
+            buf = {k: [v[batch_size:]] for k, v in cat.items()}
+            have -= batch_size
+    if have and not drop_last:
+        yield {k: np.concatenate(v) for k, v in buf.items()}

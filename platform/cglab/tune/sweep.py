@@ -1,0 +1,187 @@
+"""Run a lesson's variants (x seeds) as a Ray Tune grid; every trial is one Ray Train job.
+
+Ray Train V2 inside Tune (the Ray 2.43+ pattern): the Tune trial is a plain function that builds the config,
+opens its MLflow child run and calls `train_fn(cfg, storage_path=..., name=..., mlflow=...)`, which runs a
+TorchTrainer and returns final metrics. The trial function holds only `driver_cpus`; the Train workers are
+scheduled by Train itself, so `max_concurrent_trials` is derived from what one trial's workers need, which
+keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
+returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
+
+Resume: the Tune experiment lives at `storage_path/name`. Calling `run_lesson` again with the same name
+restores it (`Tuner.restore`): finished trials are kept, errored and unfinished ones run again. A re-run trial
+keeps its Tune trial id, hence its Train run name (Train resumes from the trial's last checkpoint) and its
+MLflow run (found by tag).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cglab.config import CGLabConfig, dump_config, flatten
+from cglab.track.mlflow_logger import MlflowContext, SweepTracker
+from cglab.tune.lessons import Lesson, get_lesson
+from cglab.tune.presets import Preset, get_preset, max_concurrent, trial_resources
+
+log = logging.getLogger(__name__)
+
+TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow) -> final metrics
+
+
+def default_train_fn() -> TrainFn:
+    """cglab's trainer when it is importable, else the tiny stand-in (which says so)."""
+    try:
+        from cglab.train.trainer import fit
+    except ImportError as err:
+        from cglab.tune.tiny_fit import tiny_fit
+
+        log.warning("cglab.train.trainer.fit unavailable (%s): trials use cglab.tune.tiny_fit", err)
+        return tiny_fit
+    return fit
+
+
+@dataclass
+class TrialSpec:
+    """What every trial function needs; pickled once into the trainable."""
+
+    lesson: Lesson
+    base: CGLabConfig
+    sweep: str
+    train_storage: str
+    tracking_uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    train_fn: TrainFn
+    preset: str
+    system_metrics_interval_s: float = 10.0
+
+
+def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
+    from ray import tune
+
+    variant, seed = config["variant"], config["seed"]
+    cfg = spec.lesson.config_for(variant, spec.base, seed)
+    trial_id = tune.get_context().get_trial_id()
+    ctx: MlflowContext | None = None
+    tracker = None
+    if spec.tracking_uri:
+        tracker = SweepTracker(spec.tracking_uri, spec.lesson.experiment, spec.sweep,
+                               system_metrics=cfg.track.system_metrics)
+        tracker.experiment_id = spec.experiment_id
+        run_id, _ = tracker.trial_run(
+            spec.parent_run_id, trial_id, run_name=f"{variant}-seed{seed}",
+            tags={"lesson": str(spec.lesson.number), "variant": variant, "seed": str(seed),
+                  "preset": spec.preset, **cfg.track.tags},
+            params=flatten(cfg), config_yaml=dump_config(cfg))
+        ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
+    try:
+        metrics = spec.train_fn(cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}",
+                                mlflow=ctx)
+    except BaseException:
+        if tracker is not None:
+            try:
+                tracker.finish_run(ctx.run_id, status="FAILED")
+            except Exception as err:  # the training error matters more than the bookkeeping one
+                log.warning("could not mark MLflow run %s failed: %s", ctx.run_id, err)
+        raise
+    if tracker is not None:
+        tracker.finish_run(ctx.run_id, metrics, step=cfg.train.train_steps)
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out.update(variant=variant, seed=seed, mlflow_run_id=ctx.run_id if ctx else "")
+    return out
+
+
+def make_trainable(spec: TrialSpec, driver_cpus: float):
+    from ray import tune
+
+    def trainable(config: dict[str, Any]) -> None:
+        tune.report(_run_trial(config, spec))
+
+    trainable.__name__ = f"lesson{spec.lesson.number}"
+    return tune.with_resources(trainable, {"cpu": driver_cpus})
+
+
+@dataclass
+class SweepResult:
+    lesson: Lesson
+    name: str
+    path: str
+    experiment_id: str | None
+    parent_run_id: str | None
+    results: list[dict]  # one per trial: variant, seed, metrics, error
+    restored: bool
+
+    @property
+    def errors(self) -> list[dict]:
+        return [r for r in self.results if r.get("error")]
+
+
+def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: CGLabConfig | None = None,
+               seeds: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
+               storage_path: str = ".cglab/tune", name: str | None = None, tracking_uri: str | None = None,
+               train_fn: TrainFn | None = None, max_concurrent_trials: int | None = None,
+               trial_max_failures: int | None = None, resume: bool = True,
+               system_metrics_interval_s: float = 10.0, verbose: int = 1) -> SweepResult:
+    """Run (or resume) a lesson's grid on the connected Ray cluster. Needs `ray.init` done by the caller
+    (or RAY_ADDRESS); validates every variant's config before starting anything."""
+    import ray
+    from ray import tune
+
+    from cglab.tune.presets import base_config
+
+    les = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
+    pre = get_preset(preset) if isinstance(preset, str) else preset
+    base = base or base_config(pre)
+    seeds = tuple(seeds or pre.seeds)
+    names = tuple(variants or (v.name for v in les.variants))
+    for v in names:
+        les.variant(v)  # unknown names fail here, with the valid ones listed
+    configs = {k: c for k, c in les.configs(base, seeds).items() if k[0] in names}
+    name = name or f"lesson-{les.number}-{les.slug}-{pre.name}"
+    storage_path = str(Path(storage_path).resolve()) if "://" not in storage_path else storage_path
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    # The biggest variant sets the pace (variants of a lesson normally share their parallel layout).
+    needs = [trial_resources(c, pre.driver_cpus) for c in configs.values()]
+    per_trial = {k: max(n.get(k, 0.0) for n in needs) for k in set().union(*needs)}
+    concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
+
+    experiment_id = parent = None
+    if tracking_uri:
+        tracker = SweepTracker(tracking_uri, les.experiment, name)
+        experiment_id = tracker.ensure_experiment()  # on the driver, before any trial can race for it
+        parent = tracker.parent_run(tags={"lesson": str(les.number), "preset": pre.name,
+                                          "variants": ",".join(names), "seeds": ",".join(map(str, seeds))})
+    spec = TrialSpec(les, base, name, f"{storage_path.rstrip('/')}/{name}-train", tracking_uri, experiment_id,
+                     parent, train_fn or default_train_fn(), pre.name, system_metrics_interval_s)
+    trainable = make_trainable(spec, pre.driver_cpus)
+
+    restored = resume and tune.Tuner.can_restore(exp_path)
+    if restored:
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"variant": tune.grid_search(list(names)), "seed": tune.grid_search(list(seeds))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, verbose=verbose,
+                failure_config=tune.FailureConfig(
+                    max_failures=pre.trial_max_failures if trial_max_failures is None else trial_max_failures)),
+        )
+    grid = tuner.fit()
+    results = []
+    for r in grid:
+        row = {"variant": r.config.get("variant"), "seed": r.config.get("seed"), "path": r.path,
+               "error": repr(r.error) if r.error else None}
+        row.update({k: v for k, v in (r.metrics or {}).items()
+                    if k.startswith(("eval/", "loss", "mlflow_run_id")) or k == "step"})
+        results.append(row)
+    if tracking_uri:
+        status = "FAILED" if any(r["error"] for r in results) else "FINISHED"
+        tracker.finish_run(parent, status=status)
+    return SweepResult(les, name, exp_path, experiment_id, parent, results, restored)
