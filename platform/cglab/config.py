@@ -60,6 +60,7 @@ class ModelConfig(_Section):
     document_masking: bool = True
     # auto: Transformer Engine if installed, else SDPA on GPU, else Megatron's local attention on CPU.
     attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
 
     @model_validator(mode="before")
     @classmethod
@@ -163,6 +164,7 @@ class TrainConfig(_Section):
     adam_beta2: float = 0.95
     grad_clip: float = Field(1.0, ge=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    fused_adam: bool = True  # GPU only
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, ge=1)

@@ -33,10 +33,6 @@ def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
     torch.set_rng_state(state)
 
 
-def _noop(*_args, **_kwargs) -> None:
-    return None
-
-
 class _CpuTorch(types.ModuleType):
     """`torch` as seen from one Megatron module: identical, except device="cuda" factories land on the CPU."""
 
@@ -88,9 +84,10 @@ def apply() -> bool:
     torch.cuda.set_rng_state = _set_cpu_rng_state
     torch.cuda.random.get_rng_state = _cpu_rng_state
     torch.cuda.random.set_rng_state = _set_cpu_rng_state
-    torch.cuda.manual_seed = _noop  # the CPU seed is set by torch.manual_seed
-    torch.cuda.manual_seed_all = _noop
-    torch.cuda.synchronize = _noop
+    # Distinct no-op functions: torch.compile keeps one rule per torch function object and rejects duplicates.
+    torch.cuda.manual_seed = lambda *a, **k: None  # the CPU seed is set by torch.manual_seed
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
 
     from megatron.core.tensor_parallel import random as mrandom
 

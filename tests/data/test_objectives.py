@@ -111,15 +111,16 @@ def test_file_level_spans_stay_inside_their_document(lengths, seed, max_spans):
             assert (unit == SP.eot).sum() == (piece == SP.eot).sum()
 
 
-def masked_fraction(out):
+def masked_fraction(out, sp):
     """Per unit: masked tokens / maskable tokens, read back from the samples."""
     fr = []
     for tok, seg in zip(out["tokens"], out["segment_ids"]):
         for s in range(seg.max() + 1):
             unit = tok[seg == s]
             sep = np.flatnonzero(unit == SP.sep)[0]
-            masked = (~np.isin(unit[sep + 1:], SPECIAL_IDS)).sum()
-            fr.append(masked / (unit.size - 1 - 3 * np.isin(unit[:sep], SP.masks).sum() - 1))
+            masked = (~np.isin(unit[sep + 1:], sp.ids())).sum()
+            k = np.isin(unit[:sep], sp.masks).sum()
+            fr.append(masked / (unit.size - 1 - 3 * k - (unit[sep - 1] == sp.eot)))  # minus <sep>, sentinels, eot
     return np.array(fr)
 
 
@@ -129,15 +130,10 @@ def test_mask_ratio_matches_its_target_on_average(corruption):
     cfg = ObjectiveConfig(kind="span_corruption", corruption=corruption, mask_ratio_min=0.05,
                           mask_ratio_max=0.35, span_len_min=1, span_len_max=16, max_spans=32)
     docs = make_docs([200] * 1500)
-    tokens, segs = pack_documents(docs, 512, sp, O.packing_reserve(cfg))
+    tokens, segs = pack_documents(docs, 512, sp, O.packing_reserve(cfg), min_piece=201)  # no split pieces
     rngs = [O.sample_rng(7, 0, i) for i in range(len(tokens))]
     out = O.apply_objective_batch(tokens, segs, cfg, sp, rngs, 512)
-    global SPECIAL_IDS
-    ids, SPECIAL_IDS = SPECIAL_IDS, sp.ids()
-    try:
-        fr = masked_fraction(out)
-    finally:
-        SPECIAL_IDS = ids
+    fr = masked_fraction(out, sp)
     # 32 spans of mean length 8.5 never cap a 35% target on <= 480 tokens, so each unit masks round(r n) with
     # r ~ U[0.05, 0.35]: the mean is 0.2 with standard error 0.3 / sqrt(12 N); allow 4 standard errors plus
     # the rounding of round(r n) (at most 0.5 / n per unit, n >= 200 maskable tokens).
@@ -184,16 +180,16 @@ def test_a_sample_does_not_depend_on_its_batch():
             assert np.array_equal(one[k], batch[k][w])
 
 
-@pytest.mark.parametrize("kind,prob_field,expect", [("codegen2", "causal_prob", O.CLM),
-                                                    ("infill", "infill_rate", O.INFILL)])
-def test_mixture_rate_matches_its_probability(kind, prob_field, expect):
+@pytest.mark.parametrize("kind,prob_field,expect,other", [("codegen2", "causal_prob", O.CLM, O.SPAN),
+                                                          ("infill", "infill_rate", O.INFILL, O.CLM)])
+def test_mixture_rate_matches_its_probability(kind, prob_field, expect, other):
     cfg = ObjectiveConfig(kind=kind, **{prob_field: 0.3})
     tokens, segs = pack_documents(make_docs([20] * 4000), 64, SP, O.packing_reserve(cfg))
     out = O.apply_objective_batch(tokens, segs, cfg, SP, [O.sample_rng(0, 0, i) for i in range(len(tokens))], 64)
     rate = (out["objective"] == expect).mean()
     # Binomial: 5 standard errors of p = 0.3 over the windows.
     assert abs(rate - 0.3) < 5 * np.sqrt(0.3 * 0.7 / len(tokens))
-    assert set(np.unique(out["objective"])) == {O.CLM, expect}
+    assert set(np.unique(out["objective"])) == {other, expect}
 
 
 def test_infill_layouts_psm_and_spm():
@@ -225,7 +221,8 @@ def test_ul2_uses_all_denoisers_and_prefix_split():
     assert set(np.unique(out["objective"])) == {O.UL2, O.UL2_S}
     s = out["objective"] == O.UL2_S
     assert (out["prefix_len"][s] >= 1).all()
-    assert (out["loss_mask"][s][:, :1] == 0).all()
+    for loss, p in zip(out["loss_mask"][s], out["prefix_len"][s]):
+        assert (loss[:p - 1] == 0).all() and loss[p - 1:].sum() > 0
 
 
 def test_window_packed_without_reserve_is_refused():

@@ -59,3 +59,20 @@ def test_end_to_end_with_tiny_model(tiny_hf_dir):
     gen = load_generator(tiny_hf_dir, batch_size=4)
     res = infill.evaluate(gen, "multi", limit=3, max_new_tokens=8)
     assert res["n_tasks"] == 3 and res["mode"] == "multi" and 0.0 <= res["pass@1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_tokenizer_without_sentinels_is_rejected(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CodeGenConfig, CodeGenForCausalLM, PreTrainedTokenizerFast
+
+    from cglab.eval.generate import HFGenerator
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["def f(): pass"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    model = CodeGenForCausalLM(CodeGenConfig(vocab_size=300, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                             rotary_dim=4))
+    with pytest.raises(ValueError, match="<mask_1>"):
+        infill.evaluate(HFGenerator(model, fast), "single", limit=1)

@@ -66,6 +66,10 @@ def test_tiny_model_scores_are_consistent_with_hf_loss(tiny_hf_dir):
         loss = gen.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert len(lp) == len(ids) - 1
     assert -lp.sum() == pytest.approx(loss * (len(ids) - 1), rel=1e-4)
+    # Longer than the context (256): windows cover every token exactly once.
+    long_text = text * 60
+    (lp_long,) = gen.score([long_text])
+    assert len(lp_long) == len(gen.tok(long_text, add_special_tokens=False)["input_ids"]) > 256
     # Random init is near uniform over the vocabulary.
     m = nl.lm_metrics(gen.score, [text])
     assert abs(m["nll_per_token"] - math.log(len(gen.tok))) < 0.5

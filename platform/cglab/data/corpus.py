@@ -35,7 +35,9 @@ def _docs(files: list[Path], budget: int) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
     try:
         from pydoc_data.topics import topics
-        docs += [("Python Help Topics", topics[k]) for k in sorted(topics)]
+        for k in sorted(topics):  # at most a third of the budget, so docstrings are always in the mix
+            if sum(len(t) for _, t in docs) < budget // 3:
+                docs.append(("Python Help Topics", topics[k]))
     except ImportError:
         pass
     for f in files:

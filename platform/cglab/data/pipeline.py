@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from cglab.data import readers
-from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
+from cglab.data.dedup import content_hashes, duplicate_mask
 from cglab.data.filters import filter_reasons
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_len", "objective")

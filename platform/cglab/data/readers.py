@@ -8,7 +8,7 @@ too large to hold). Skips are counted, not raised: one bad line in a 30 GB shard
 into one int64. Dedup keeps the copy with the smallest key, so which copy survives never depends on Ray's block layout.
 
 Files are opened through pyarrow's filesystems (local paths, `s3://`, `gs://`, `abfs://`, ...), the same layer Ray Data's
-own readers use; `sources.py`-style path checks (`resolve_files`) run on the driver before any Ray task starts.
+own readers use; `resolve_files` checks every configured path on the driver before any Ray task starts.
 """
 from __future__ import annotations
 

@@ -152,12 +152,12 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
 def _export(ckpt: Path) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix="cglab-hf-"))
     exporters = list(_CHECKPOINT_EXPORTERS)
-    try:  # the model package's exporter, when it exists (owned by the model area)
-        from cglab.model import export as model_export  # type: ignore[attr-defined]
+    try:  # the model package's checkpoint exporter, when it exists (owned by the model area)
+        from cglab.model import hf_convert
 
-        fn = getattr(model_export, "export_hf", None) or getattr(model_export, "export_to_hf", None)
+        fn = getattr(hf_convert, "checkpoint_to_hf", None)  # (checkpoint_dir, out_dir) -> hf_dir | None
         if fn is not None:
-            exporters.append(lambda c, s: fn(c, s))
+            exporters.append(fn)
     except ImportError:
         pass
     for fn in exporters:

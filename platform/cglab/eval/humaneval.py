@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -98,7 +98,8 @@ def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None 
         per_task[s["task_id"]].append(r.passed)
         details[s["task_id"]].append({"status": r.status, "error": r.stderr[-300:] if not r.passed else ""})
     out: dict = aggregate(per_task)
-    out.update(n_tasks=len(per_task), n_samples=len(samples),
+    statuses = Counter(r.status for r in results)  # "sandbox error" must be visible, never a silent fail
+    out.update(n_tasks=len(per_task), n_samples=len(samples), statuses=dict(statuses),
                isolation=results[0].isolation if results else None)
     out["tasks"] = {t: {"n": len(v), "passed": sum(v), "results": details[t]} for t, v in per_task.items()}
     return out

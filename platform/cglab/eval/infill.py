@@ -14,7 +14,7 @@ HumanEval's tests, runs clean in the sandbox.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -86,16 +86,28 @@ def score_middles(tasks: Sequence[InfillTask], middles: Sequence[Sequence[str]],
     n_min = min((len(v) for v in per_task.values()), default=0)
     out = {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
            for k in (1, 10, 100) if 0 < k <= n_min}
-    out.update(n_tasks=len(per_task), n_samples=len(flat),
+    out.update(n_tasks=len(per_task), n_samples=len(flat), statuses=dict(Counter(r.status for r in results)),
                isolation=results[0].isolation if results else None,
                tasks={t: {"n": len(v), "passed": sum(v)} for t, v in per_task.items()})
     return out
+
+
+def _check_sentinels(generator) -> None:
+    """Fail before generating if the tokenizer would split the sentinels into ordinary text."""
+    tok = getattr(generator, "tok", None)
+    if tok is None:
+        return
+    split = [s for s in (MASK, SEP, EOM, EOS) if len(tok(s, add_special_tokens=False)["input_ids"]) != 1]
+    if split:
+        raise ValueError(f"infill: tokenizer has no single token for {split}; it cannot express the CodeGen2 "
+                         f"infill format")
 
 
 def evaluate(generator, mode: str = "single", *, limit: int | None = None, n: int = 1,
              temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 128,
              limits: Limits | None = None, workers: int | None = None) -> dict:
     """Generate middles for HumanEval-Infill `mode` (first `limit` tasks) and score them."""
+    _check_sentinels(generator)
     problems = load_problems()
     tasks = derive_tasks(problems, mode)[:limit]
     outs = generator.generate([infill_prompt(t) for t in tasks], n=n, temperature=temperature, top_p=top_p,

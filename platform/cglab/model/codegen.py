@@ -19,17 +19,22 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) -> TransformerConfig:
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # On GPU, Megatron's fused bias+gelu and cross-entropy kernels. Its fused "gelu" is the tanh approximation
+    # (CodeGen's gelu_new) and is selected by activation_func == F.gelu, so F.gelu here still means gelu_tanh.
+    fuse = torch.cuda.is_available() and m.fused_kernels
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim, layernorm_epsilon=m.layernorm_epsilon,
-        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False, activation_func=gelu_tanh,
+        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
+        activation_func=F.gelu if fuse else gelu_tanh, bias_activation_fusion=fuse,
+        cross_entropy_loss_fusion=fuse, cross_entropy_fusion_impl="native",
         hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
         # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         rotary_interleaved=False,
     )

@@ -18,7 +18,9 @@ class NoBiasSelfAttention(SelfAttention):
     """SelfAttention whose qkv and output projections have no bias, while the rest of the model keeps its biases."""
 
     def __init__(self, config, *args, **kwargs):
-        super().__init__(dataclasses.replace(config, add_bias_linear=False, add_qkv_bias=False), *args, **kwargs)
+        # bias_activation_fusion is an MLP setting whose config check demands add_bias_linear.
+        config = dataclasses.replace(config, add_bias_linear=False, add_qkv_bias=False, bias_activation_fusion=False)
+        super().__init__(config, *args, **kwargs)
 
 
 class ParallelResidualLayer(TransformerLayer):

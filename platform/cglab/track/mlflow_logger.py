@@ -54,11 +54,29 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _quiet_http(timeout_s: float) -> None:
-    # MLflow's default is 7 retries with exponential backoff (minutes per call). The logger has its own
-    # backlog and retry, so fail fast; the user can still override through the environment.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
+class _Sender:
+    """POST /runs/log-batch with no retries and a short timeout. The logger has its own backlog and retry;
+    MlflowClient would retry 7 times with exponential backoff (minutes per call), and changing that means
+    process-wide environment variables."""
+
+    ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
+
+    def __init__(self, uri: str, timeout_s: float):
+        from mlflow.utils.credentials import get_default_host_creds
+
+        self.creds = get_default_host_creds(uri)
+        self.timeout_s = timeout_s
+
+    def log_batch(self, run_id: str, metrics=(), tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        body = {"run_id": run_id,
+                "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                            for m in metrics],
+                "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
+        resp = http_request(self.creds, self.ENDPOINT, "POST", max_retries=0, backoff_factor=0,
+                            timeout=self.timeout_s, json=body)
+        verify_rest_response(resp, self.ENDPOINT)
 
 
 def _step_ranges(steps: list[int]) -> str:
@@ -120,8 +138,7 @@ class RankZeroLogger:
         self.sent_points = 0
         if not self.enabled:
             return
-        _quiet_http(ctx.request_timeout_s)
-        self._client = _client(ctx.tracking_uri)
+        self._sender = _Sender(ctx.tracking_uri, ctx.request_timeout_s)
         self._start_system_metrics()
         self._thread = threading.Thread(target=self._run, name="cglab-mlflow-logger", daemon=True)
         self._thread.start()
@@ -172,10 +189,7 @@ class RankZeroLogger:
             self._cv.notify()
         self._thread.join(timeout_s)
         if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as err:  # a dead server must not fail the end of training
-                log.warning("system metrics monitor did not stop cleanly: %s", err)
+            self._stop_monitor(timeout_s)
         self._record_summary()
         return self.summary()
 
@@ -198,8 +212,8 @@ class RankZeroLogger:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self._flush_req > self._flush_done,
-                                  timeout=self._flush_every_s)
+                self._cv.wait_for(lambda: (self._stop or self._flush_req > self._flush_done
+                                           or len(self._queue) >= BATCH), timeout=self._flush_every_s)
                 if self._stop:
                     return
                 req = self._flush_req
@@ -237,7 +251,7 @@ class RankZeroLogger:
     def _send(self, batch: list) -> tuple[bool, list]:
         for i in range(0, len(batch), BATCH):
             try:
-                self._client.log_batch(self.ctx.run_id, metrics=batch[i:i + BATCH], synchronous=True)
+                self._sender.log_batch(self.ctx.run_id, metrics=batch[i:i + BATCH])
             except Exception as err:
                 log.warning("MLflow unreachable (%s); %d metric points held back", type(err).__name__,
                             len(batch) - i)
@@ -253,6 +267,23 @@ class RankZeroLogger:
         if self._lost_points and not self._stop:
             self._record_summary()
 
+    def _stop_monitor(self, timeout_s: float) -> None:
+        # Not SystemMetricsMonitor.finish(): it joins without a timeout, and its MLflow calls retry for
+        # minutes when the server is away. Stop it, wait a bounded time, flush only if the server answers.
+        mon = self._monitor
+        try:
+            if self._monitor_alive() and mon._logging_step == self._monitor_first_step:
+                # A run shorter than one sampling interval still gets one sample.
+                mon.collect_metrics()
+                mon.publish_metrics(mon.aggregate_metrics())
+            mon._shutdown_event.set()
+            if mon._process is not None:
+                mon._process.join(timeout_s)
+            if not self._monitor_alive() and self._offline_until == 0.0:
+                mon.mlflow_logger.flush()
+        except Exception as err:  # a dead server must not fail the end of training
+            log.warning("system metrics monitor did not stop cleanly: %s", err)
+
     def _monitor_alive(self) -> bool:
         proc = getattr(self._monitor, "_process", None)
         return proc is not None and proc.is_alive()
@@ -266,6 +297,7 @@ class RankZeroLogger:
             self._monitor = SystemMetricsMonitor(
                 self.ctx.run_id, sampling_interval=self.ctx.system_metrics_interval_s,
                 resume_logging=True, tracking_uri=self.ctx.tracking_uri)
+            self._monitor_first_step = self._monitor._logging_step
             self._monitor.start()
         except Exception as err:
             log.warning("system metrics disabled: %s", err)
@@ -273,10 +305,12 @@ class RankZeroLogger:
     def _record_summary(self) -> None:
         s = self.summary()
         try:
-            self._client.set_tag(self.ctx.run_id, TAG_UNLOGGED, json.dumps(
-                {"points": s["unlogged_points"], "steps": s["unlogged_steps"], "late_points": s["late_points"],
-                 "failed_sends": s["failed_sends"]}))
-            self._client.log_metric(self.ctx.run_id, "mlflow/unlogged_points", s["unlogged_points"])
+            from mlflow.entities import Metric
+
+            tag = json.dumps({"points": s["unlogged_points"], "steps": s["unlogged_steps"],
+                              "late_points": s["late_points"], "failed_sends": s["failed_sends"]})
+            point = Metric("mlflow/unlogged_points", s["unlogged_points"], int(time.time() * 1000), 0)
+            self._sender.log_batch(self.ctx.run_id, metrics=[point], tags={TAG_UNLOGGED: tag})
             self._summary_logged = True
         except Exception as err:
             log.warning("could not record the MLflow outage summary on run %s: %s (%s)",

@@ -52,12 +52,23 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         adam_beta2=t.adam_beta2, clip_grad=t.grad_clip, bf16=bf16, params_dtype=tc.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_cfg, [model])
+    if torch.cuda.is_available() and t.fused_adam:
+        _use_fused_adam(optimizer)
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
     return TrainState([model], optimizer, scheduler)
+
+
+def _use_fused_adam(optimizer) -> None:
+    """Without Apex/TE, Megatron falls back to torch AdamW in its foreach mode; the fused CUDA kernel is one launch."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.AdamW | torch.optim.Adam):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
 
 
 def _device() -> torch.device:

@@ -1,0 +1,86 @@
+"""`cglab corpus build` and `cglab data inspect`. Heavy imports stay inside the handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _corpus_build(args) -> int:
+    from cglab.data.corpus import build_corpus, train_corpus_tokenizer
+
+    summary = build_corpus(args.out, shards=args.shards)
+    if args.tokenizer:
+        tok = train_corpus_tokenizer(args.out, f"{args.out}/tokenizer", vocab_size=args.vocab_size)
+        summary["tokenizer"] = dict(path=f"{args.out}/tokenizer", vocab_size=tok.vocab_size)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _sources_from_args(args):
+    """SOURCE arguments -> SourceConfigs: a config file's data.sources, or `[kind:]path` (kind from the suffix)."""
+    from cglab.config import ConfigError, SourceConfig, load_config
+
+    out = []
+    for i, item in enumerate(args.sources):
+        if item.endswith((".yaml", ".yml")):
+            out += load_config(item).data.sources
+            continue
+        kind, _, path = item.partition(":") if item.split(":", 1)[0] in ("pile", "stack") else ("", "", item)
+        if not kind:
+            p = path.rstrip("/")
+            kind = "stack" if p.endswith(".parquet") or p.endswith("stack") else (
+                "pile" if ".json" in p or p.endswith("pile") else "")
+        if not kind:
+            raise ConfigError(f"SOURCE[{i}] {item!r}: cannot tell pile from stack; write pile:PATH or stack:PATH")
+        subsets = args.subsets.split(",") if args.subsets else None
+        out.append(SourceConfig(name=f"{kind}{i}:{path}", kind=kind, paths=[path], subsets=subsets))
+    return out
+
+
+def _data_inspect(args) -> int:
+    import ray
+
+    from cglab.config import FilterConfig, load_config
+    from cglab.data.inspect import inspect_sources
+    from cglab.data.readers import resolve_files
+
+    fcfg = load_config(args.config).data.filters if args.config else FilterConfig()
+    sources = resolve_files(_sources_from_args(args), field="SOURCE")  # fails before Ray starts
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address or "local", num_cpus=args.num_cpus if not args.address else None,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        report = inspect_sources(sources, fcfg, dedup=fcfg.dedup and not args.no_dedup)
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def register(subparsers) -> None:
+    corpus = subparsers.add_parser("corpus", help="the embedded micro corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", required=True)
+    b = csub.add_parser("build", help="write a micro Pile (jsonl.zst) and micro Stack (parquet) from this Python")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--shards", type=int, default=4)
+    b.add_argument("--tokenizer", action="store_true", help="also train a byte-level BPE into OUT/tokenizer")
+    b.add_argument("--vocab-size", type=int, default=1024)
+    b.set_defaults(func=_corpus_build)
+
+    data = subparsers.add_parser("data", help="inspect training data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("inspect", help="read sources through the training readers/filters/dedup; print JSON counts",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="SOURCE: a config YAML (its data.sources), or [pile:|stack:]PATH (file, dir, glob, URL)")
+    i.add_argument("sources", nargs="+", metavar="SOURCE")
+    i.add_argument("--config", help="take data.filters from this config")
+    i.add_argument("--subsets", help="comma-separated pile_set_name / lang values to keep")
+    i.add_argument("--no-dedup", action="store_true")
+    i.add_argument("--address", help="Ray cluster address (default: a private local one)")
+    i.add_argument("--num-cpus", type=int, default=2)
+    i.set_defaults(func=_data_inspect)

@@ -1,0 +1,79 @@
+"""`cglab ablate LESSON [--preset laptop|1gpu|cluster] [key=value ...]`: run (or resume) a lesson's grid."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lesson", type=int, help="1-5 (see cglab.tune.lessons)")
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every variant, e.g. train.lr=1e-3")
+    p.add_argument("--preset", default="laptop", help="laptop | 1gpu | cluster (default laptop)")
+    p.add_argument("--config", default=None, help="base YAML (data sources, tokenizer, ...)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one trial per variant and seed")
+    p.add_argument("--variants", nargs="+", default=None, help="subset of the lesson's variants")
+    p.add_argument("--storage-path", default=".cglab/tune", help="Tune/Train storage (local dir or s3://...)")
+    p.add_argument("--name", default=None, help="sweep name; the same name resumes an interrupted sweep")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the sweep exists")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow server (default $MLFLOW_TRACKING_URI, else a local one under .cglab/mlflow)")
+    p.add_argument("--max-concurrent-trials", type=int, default=None, help="default: what resources allow")
+    p.add_argument("--report", default=None, metavar="HTML", help="write the lesson report here afterwards")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ablate", help="run a CodeGen2 lesson's variants as a Ray Tune grid")
+    add_arguments(p)
+    p.set_defaults(func=ablate)
+
+
+def ablate(args: argparse.Namespace) -> int:
+    import ray
+
+    from cglab.report import text_table, verdict_lines, write_report, collect
+    from cglab.track.server import make_server
+    from cglab.tune.presets import base_config, get_preset
+    from cglab.tune.sweep import run_lesson
+
+    from cglab.tune.lessons import get_lesson
+
+    get_lesson(args.lesson)
+    preset = get_preset(args.preset)
+    base = base_config(preset, args.config, args.overrides)  # config errors surface before Ray starts
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    with contextlib.ExitStack() as stack:
+        if not uri:
+            server = make_server().start()
+            stack.callback(server.stop)
+            uri = server.uri
+            print(f"MLflow: started {uri} (store {server.backend_store_uri}); reopen later with `cglab mlflow up`")
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"))  # a cluster under `ray job submit`, else local
+        res = run_lesson(args.lesson, preset=preset, base=base, seeds=tuple(args.seeds or ()) or None,
+                         variants=tuple(args.variants) if args.variants else None,
+                         storage_path=args.storage_path, name=args.name, tracking_uri=uri,
+                         max_concurrent_trials=args.max_concurrent_trials, resume=not args.no_resume)
+        for r in res.errors:
+            print(f"trial {r['variant']} seed {r['seed']} failed: {r['error']}")
+        runs = collect(res.lesson, uri, res.name)
+        print(text_table(runs))
+        print("\n".join(verdict_lines(runs)))
+        if args.report:
+            out, _ = write_report(res.lesson, uri, args.report, res.name)
+            print(f"wrote {out}")
+        print(f"sweep {res.name}: {res.path}; resume with the same --name")
+    return 1 if res.errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ablate", description=__doc__)
+    add_arguments(p)
+    from cglab.config import ConfigError
+
+    try:
+        return ablate(p.parse_args(argv))
+    except ConfigError as err:
+        print(f"ablate: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,33 @@
+"""Shared fixtures. Session-scoped ones are built once per test session in a private temp dir."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def micro_corpus(tmp_path_factory):
+    """A small embedded corpus (micro Pile + micro Stack, 2 shards each); returns the build summary dict."""
+    from cglab.data.corpus import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("micro_corpus"), nl_chars=250_000, code_bytes=400_000, shards=2)
+
+
+@pytest.fixture(scope="session")
+def micro_sources(micro_corpus):
+    """data.sources entries (dicts) for the micro corpus."""
+    from cglab.data.corpus import corpus_sources
+
+    return corpus_sources(micro_corpus["out"])
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer(micro_sources, tmp_path_factory):
+    """A byte-level BPE (vocab 1024, 16 sentinels) trained on the micro corpus; saved under `.path`."""
+    from cglab.config import DataConfig
+    from cglab.data.pipeline import sample_texts
+    from cglab.data.tokenizer import train_tokenizer
+
+    dcfg = DataConfig(sources=micro_sources)
+    tok = train_tokenizer(sample_texts(dcfg, 600), 1024, 16, 32)
+    tok.path = tok.save(tmp_path_factory.mktemp("tokenizer"))
+    return tok

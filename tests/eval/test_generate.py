@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cglab.eval.generate import cut_at_stop, load_generator
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["def add(a, b):\n", "import os\n", "x"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_hf_dir):
+    return load_generator(tiny_hf_dir, batch_size=4)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("a\nb\ndef c", ["\ndef", "\nb"]) == ("a", True)
+    assert cut_at_stop("abc", ["\n"]) == ("abc", False)
+
+
+def test_batched_greedy_equals_one_at_a_time(gen):
+    batched = gen.generate(PROMPTS, n=2, max_new_tokens=12)
+    single = [gen.generate([p], max_new_tokens=12)[0][0] for p in PROMPTS]
+    assert [len(o) for o in batched] == [2, 2, 2]
+    assert [o[0] for o in batched] == single and [o[1] for o in batched] == single
+
+
+def test_stop_strings_cut_decoded_text(gen):
+    full = gen.generate(PROMPTS[:1], max_new_tokens=16)[0][0]
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = gen.generate(PROMPTS[:1], max_new_tokens=16, stop=[stop])[0][0]
+    assert cut == full[: full.find(stop)]
+
+
+def test_sampling_count_and_token_budget(gen):
+    outs = gen.generate(PROMPTS, n=3, temperature=0.8, top_p=0.95, max_new_tokens=5)
+    assert [len(o) for o in outs] == [3, 3, 3]
+    short = gen.generate(PROMPTS, max_new_tokens=4)
+    long = gen.generate(PROMPTS, max_new_tokens=12)
+    for s, lo in zip(short, long):
+        assert lo[0].startswith(s[0]) and len(s[0]) < len(lo[0])
+
+
+def test_load_generator_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_generator(tmp_path / "missing")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"not": "hf"}))
+    with pytest.raises(ValueError, match="not an HF model directory"):
+        load_generator(tmp_path / "ckpt")
+
+
+def test_registered_exporter_turns_a_checkpoint_into_a_generator(tiny_hf_dir, tmp_path):
+    import shutil
+
+    from cglab.eval import generate
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "weights.pointer").write_text(str(tiny_hf_dir))
+
+    def exporter(checkpoint, out_dir):
+        pointer = checkpoint / "weights.pointer"
+        if not pointer.exists():
+            return None
+        return shutil.copytree(pointer.read_text(), out_dir / "hf")
+
+    generate.register_exporter(exporter)
+    try:
+        gen = load_generator(ckpt)
+    finally:
+        generate._CHECKPOINT_EXPORTERS.remove(exporter)
+    assert gen.generate(PROMPTS[:1], max_new_tokens=4) == load_generator(tiny_hf_dir).generate(
+        PROMPTS[:1], max_new_tokens=4)
+
+
+def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
+    from cglab.cli import main
+
+    out = tmp_path / "run.json"
+    rc = main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "humaneval,infill,nl", "--limit", "2",
+               "--max-new-tokens", "6", "--infill-modes", "single", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res == json.loads(capsys.readouterr().out)
+    assert res["humaneval"]["by_temperature"]["0.0"]["n_tasks"] == 2
+    assert res["infill"]["single"]["n_tasks"] == 2
+    assert res["nl"]["nl"]["docs"] == 2 and res["nl"]["code"]["bits_per_byte"] > 0
+    assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "humaneval,mbpp"]) == 2
