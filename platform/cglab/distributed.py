@@ -9,7 +9,7 @@ import torch.distributed as dist
 from cglab import megatron_cpu
 
 
-def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | None = None) -> None:
     """Initialise torch.distributed (from the env: RANK, WORLD_SIZE, MASTER_ADDR/PORT, or a single process) and
     Megatron's TP x PP x DP groups. Safe to call when a process group already exists (Ray Train creates one)."""
     from megatron.core import parallel_state
@@ -23,7 +23,7 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> None:
         dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
                                 world_size=int(os.environ.get("WORLD_SIZE", 1)))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device if device is not None else int(os.environ.get("LOCAL_RANK", 0)))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

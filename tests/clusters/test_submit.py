@@ -142,7 +142,8 @@ def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_pa
         monkeypatch.setenv(k, ray_head["env"][k])
     monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
     code = ("import cglab, os, ray; ray.init(); "
-            "print('CGLAB', cglab.__file__); print('DRIVER_SLOTS_FREE', ray.available_resources().get('cglab_driver')); "
+            "print('CGLAB', cglab.__file__); "
+            "print('DRIVER_SLOTS_FREE', ray.available_resources().get('cglab_driver')); "
             "print('LISTING', sorted(os.listdir('.')))")
     r = subprocess.run([sys.executable, "-m", "cglab.track.submit", "--address", ray_head["address"],
                         "--working-dir", str(repo), "--", sys.executable, "-c", code],

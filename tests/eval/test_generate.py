@@ -53,30 +53,6 @@ def test_load_generator_errors(tmp_path):
         load_generator(tmp_path / "ckpt")
 
 
-def test_registered_exporter_turns_a_checkpoint_into_a_generator(tiny_hf_dir, tmp_path):
-    import shutil
-
-    from cglab.eval import generate
-
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "weights.pointer").write_text(str(tiny_hf_dir))
-
-    def exporter(checkpoint, out_dir):
-        pointer = checkpoint / "weights.pointer"
-        if not pointer.exists():
-            return None
-        return shutil.copytree(pointer.read_text(), out_dir / "hf")
-
-    generate.register_exporter(exporter)
-    try:
-        gen = load_generator(ckpt)
-    finally:
-        generate._CHECKPOINT_EXPORTERS.remove(exporter)
-    assert gen.generate(PROMPTS[:1], max_new_tokens=4) == load_generator(tiny_hf_dir).generate(
-        PROMPTS[:1], max_new_tokens=4)
-
-
 def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
     from cglab.cli import main
 

@@ -119,14 +119,6 @@ def _stop_criteria(tok, prompt_len: int, stop: Sequence[str]):
 
 
 # -------------------------------------------------------------------------------------------------- loading
-_CHECKPOINT_EXPORTERS: list[Callable[[Path, Path], Path | None]] = []
-
-
-def register_exporter(fn: Callable[[Path, Path], Path | None]) -> None:
-    """Plug in a converter: fn(checkpoint_dir, scratch_dir) -> HF model dir, or None if not its format."""
-    _CHECKPOINT_EXPORTERS.append(fn)
-
-
 def _is_hf_dir(path: Path) -> bool:
     cfg = path / "config.json"
     return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
@@ -150,19 +142,10 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
 
 
 def _export(ckpt: Path) -> Path:
-    scratch = Path(tempfile.mkdtemp(prefix="cglab-hf-"))
-    exporters = list(_CHECKPOINT_EXPORTERS)
-    try:  # the model package's checkpoint exporter, when it exists (owned by the model area)
-        from cglab.model import hf_convert
+    """A cglab training checkpoint (any TP/PP layout) exported to a scratch HF directory."""
+    from cglab.train.checkpoint import MARKER, checkpoint_to_hf
 
-        fn = getattr(hf_convert, "checkpoint_to_hf", None)  # (checkpoint_dir, out_dir) -> hf_dir | None
-        if fn is not None:
-            exporters.append(fn)
-    except ImportError:
-        pass
-    for fn in exporters:
-        out = fn(ckpt, scratch)
-        if out is not None and _is_hf_dir(Path(out)):
-            return Path(out)
-    raise ValueError(f"{ckpt}: not an HF model directory (no config.json with model_type) and no registered "
-                     f"exporter recognised it as a cglab checkpoint")
+    if not (ckpt / MARKER).is_file():
+        raise ValueError(f"{ckpt}: neither an HF model directory (config.json with model_type) nor a complete "
+                         f"cglab checkpoint ({MARKER} marker)")
+    return checkpoint_to_hf(ckpt, Path(tempfile.mkdtemp(prefix="cglab-hf-")))

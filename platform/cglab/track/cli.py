@@ -23,8 +23,13 @@ def register(subparsers) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
     from cglab.track.server import make_server
 
+    # The server runs in its own session; turn SIGTERM into a normal exit so `finally` stops it too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = make_server(args.root, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
                          artifacts_destination=args.artifacts_destination, workers=args.workers).start()
     print(f"MLflow at {server.uri} (store {server.backend_store_uri}, artifacts {server.artifacts_destination})")

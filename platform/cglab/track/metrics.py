@@ -3,7 +3,8 @@
 MLflow keeps the record of a run; these are for a person watching a run *now* (Grafana: dashboards/grafana/cglab.json).
 Every metric is named `cglab_*` here. Ray's exporter adds the `ray_` prefix and Prometheus' type suffixes, so
 `cglab_loss` is scraped as `ray_cglab_loss` and the counter `cglab_samples_skipped` as `ray_cglab_samples_skipped_total`
-(checked against Ray 2.60 by tests/track/test_metrics.py). `exported_names()` lists exactly what the dashboard may query.
+(checked against Ray 2.60 by tests/track/test_metrics.py). `all_exported_names()` lists exactly what the dashboard
+may query.
 
 Usage, from inside a Ray worker (a Train worker, a Data task or actor):
 
@@ -11,7 +12,8 @@ Usage, from inside a Ray worker (a Train worker, a Data task or actor):
     m.report({"step": 10, "loss": 2.3, "tokens_per_s": 5.1e4, "mfu": 0.41, "step_time_s": 0.8, "data_wait_s": 0.01})
     DataMetrics(experiment=..., source="stack").skipped("max_line_length", 3)
 
-Outside a Ray worker or driver (no `ray.init`), recording is a silent no-op in Ray, so library code can call these freely.
+Outside a Ray worker or driver (no `ray.init`), recording is a silent no-op in Ray, so library code can call these
+freely.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ class MetricSpec:
 TRAIN_GAUGES: dict[str, MetricSpec] = {
     "step": MetricSpec("cglab_step", "gauge", "Last completed optimizer step.", TRAIN_TAG_KEYS),
     "loss": MetricSpec("cglab_loss", "gauge", "Training loss of the last step.", TRAIN_TAG_KEYS),
+    # Throughput and token counts are the whole job's (global batch), so every rank reports the same value and
+    # panels take max over ranks, never sum.
     "tokens_per_s": MetricSpec("cglab_tokens_per_second", "gauge",
-                               "Training throughput of the last step, tokens/s (this worker).", TRAIN_TAG_KEYS),
+                               "Training throughput of the last step, tokens/s of the whole job.", TRAIN_TAG_KEYS),
     "mfu": MetricSpec("cglab_mfu", "gauge", "Model FLOPs utilization of the last step, 0..1.", TRAIN_TAG_KEYS),
     "step_time_s": MetricSpec("cglab_step_time_seconds", "gauge", "Wall time of the last step.", TRAIN_TAG_KEYS),
     "data_wait_s": MetricSpec("cglab_data_wait_seconds", "gauge",
@@ -56,7 +60,8 @@ TRAIN_GAUGES: dict[str, MetricSpec] = {
 # above carry exact values.
 STEP_DURATION = MetricSpec("cglab_step_duration_seconds", "histogram",
                            "Distribution of step wall time.", TRAIN_TAG_KEYS)
-TOKENS = MetricSpec("cglab_tokens", "counter", "Tokens trained on (rate() gives throughput).", TRAIN_TAG_KEYS)
+TOKENS = MetricSpec("cglab_tokens", "counter", "Tokens the whole job trained on (rate() gives throughput).",
+                    TRAIN_TAG_KEYS)
 SKIPPED = MetricSpec("cglab_samples_skipped", "counter", "Documents dropped by the data pipeline, by reason.",
                      DATA_TAG_KEYS + ("reason",))
 KEPT = MetricSpec("cglab_samples_kept", "counter", "Documents that passed every filter.", DATA_TAG_KEYS)
@@ -116,7 +121,8 @@ class TrainMetrics:
 
     def report(self, step_metrics: Mapping[str, object]) -> None:
         """Export one step's metrics. Known keys: REPORTED_KEYS (others are ignored, so the training loop can pass
-        the same dict it logs to MLflow). `tokens` (tokens in this step) feeds the cglab_tokens counter."""
+        the same dict it logs to MLflow). `tokens` (the global batch's tokens in this step) feeds the cglab_tokens
+        counter; `tokens_per_s` is global too."""
         for key, spec in TRAIN_GAUGES.items():
             x = _finite(key, step_metrics.get(key))
             if x is not None:

@@ -1,7 +1,8 @@
 """Submit a cglab entry point (jobs/*.py) to a Ray cluster as a Ray job, carrying only the code.
 
 `ray job submit --working-dir .` zips the directory and uploads it to the cluster's GCS. Ray 2.60 refuses a package
-at its gRPC message limit (512 MiB in 2.60; older docs say 100 MiB) and warns at half; a cglab upload is ~0.6 MiB. What Ray 2.60 leaves out, read from ray/_private/runtime_env:
+at its gRPC message limit (512 MiB in 2.60; older docs say 100 MiB) and warns at half; a cglab upload is ~0.6 MiB.
+What Ray 2.60 leaves out, read from ray/_private/runtime_env:
   - always: `.git`, `.venv`, `venv`, `__pycache__` (RAY_RUNTIME_ENV_DEFAULT_EXCLUDES);
   - patterns in `.gitignore` (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and in `.rayignore`, in every directory;
   - runtime_env["excludes"] (gitwildmatch patterns, relative to the working dir).

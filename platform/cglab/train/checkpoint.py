@@ -1,0 +1,202 @@
+"""Checkpoints: Megatron dist_checkpointing (model + optimizer, any TP/PP layout) plus the scheduler, every rank's
+RNG state and the data position, as one directory that Ray Train persists.
+
+Each rank writes into its own local directory; Ray Train merges the ranks' directories into one checkpoint in
+persistent storage. Rank 0 writes `manifest.json` (every file of every rank, with its size) and then `COMPLETE`,
+after a barrier that every rank reaches only once its files are written. `verify` refuses a directory whose
+manifest or files don't add up, so a checkpoint cut off mid-write is never taken for a good one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER, MANIFEST, STATE = "COMPLETE", "manifest.json", "trainer_state.json"
+
+
+class IncompleteCheckpoint(RuntimeError):
+    pass
+
+
+@dataclass
+class DataPosition:
+    """Where the sample stream stands: the next step starts at global sample `index` of `epoch`."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    s["tracker"] = get_cuda_rng_tracker().get_states()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def _sharded(state, is_loading: bool) -> dict:
+    model = _unwrap(state.model[0])
+    msd = model.sharded_state_dict()
+    return {"model": msd, "optimizer": state.optimizer.sharded_state_dict(msd, is_loading=is_loading)}
+
+
+def save(directory: str | Path, state, step: int, data: DataPosition, extra: dict | None = None,
+         files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank calls it with its own (empty or new) local directory. `files` (relative path ->
+    text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained."""
+    from megatron.core import dist_checkpointing
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    dist_checkpointing.save(_sharded(state, is_loading=False), str(d))
+    torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
+    if rank == 0:
+        doc = {"step": step, "data": asdict(data), "scheduler": state.scheduler.state_dict(), **(extra or {})}
+        (d / STATE).write_text(json.dumps(doc, indent=1))
+        for rel, text in (files or {}).items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+    files = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, files)  # also the barrier: every rank has finished writing
+    if rank == 0:
+        manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (d / MARKER).write_text(str(step))
+    return d
+
+
+def verify(directory: str | Path) -> dict:
+    """The manifest of a complete checkpoint, or IncompleteCheckpoint saying what is missing."""
+    d = Path(directory)
+    if not (d / MARKER).is_file() or not (d / MANIFEST).is_file():
+        raise IncompleteCheckpoint(f"{d}: no {MARKER} marker (the write was interrupted)")
+    manifest = json.loads((d / MANIFEST).read_text())
+    for name, size in manifest["files"].items():
+        p = d / name
+        if not p.is_file():
+            raise IncompleteCheckpoint(f"{d}: {name} is missing")
+        if p.stat().st_size != size:
+            raise IncompleteCheckpoint(f"{d}: {name} has {p.stat().st_size} bytes, the manifest says {size}")
+    return manifest
+
+
+def load(directory: str | Path, state) -> tuple[int, DataPosition]:
+    """Collective: restore model, optimizer, scheduler and this rank's RNG; returns (step, data position)."""
+    from megatron.core import dist_checkpointing
+
+    d = Path(directory)
+    manifest = verify(d)
+    if manifest["world_size"] != dist.get_world_size():
+        raise IncompleteCheckpoint(f"{d}: written by {manifest['world_size']} ranks, loading with "
+                                   f"{dist.get_world_size()}")
+    loaded = dist_checkpointing.load(_sharded(state, is_loading=True), str(d))
+    _unwrap(state.model[0]).load_state_dict(loaded["model"])
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    doc = json.loads((d / STATE).read_text())
+    state.scheduler.load_state_dict(doc["scheduler"])
+    _set_rng_state(torch.load(d / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+    return int(doc["step"]), DataPosition(**doc["data"])
+
+
+def latest_complete(checkpoint_path: str | None) -> str | None:
+    """The given checkpoint if complete, else the newest complete sibling (local storage), else None."""
+    if checkpoint_path is None:
+        return None
+    p = Path(checkpoint_path)
+    candidates = [p]
+    if p.parent.is_dir():
+        siblings = sorted((q for q in p.parent.iterdir() if q.is_dir() and q != p and q.name.startswith("checkpoint")),
+                          key=lambda q: q.stat().st_mtime, reverse=True)
+        candidates += siblings
+    for c in candidates:
+        try:
+            verify(c)
+            return str(c)
+        except (IncompleteCheckpoint, OSError, ValueError):
+            continue
+    return None
+
+
+def local_dir(root: str | Path, step: int) -> Path:
+    """A fresh per-rank staging directory for one checkpoint."""
+    return Path(root) / f"step{step:08d}-rank{dist.get_rank()}-pid{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------------------------- export
+_STACKED = "decoder.layers."
+
+
+def to_full_state_dict(directory: str | Path):
+    """(full cglab state dict, ModelConfig) from a checkpoint of any TP/PP layout, in one process."""
+    from megatron.core import dist_checkpointing
+
+    from cglab.config import ModelConfig
+
+    d = Path(directory)
+    verify(d)
+    doc = json.loads((d / STATE).read_text())
+    m = ModelConfig.model_validate(doc["config"]["model"])
+    own_group = not dist.is_initialized()
+    if own_group:  # Megatron's loader speaks torch.distributed; a world of one is enough
+        from cglab.distributed import _free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        plain = dist_checkpointing.load_plain_tensors(str(d))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    full = {}
+    for k, v in plain.items():
+        if not isinstance(v, torch.Tensor) or k.startswith("optimizer") or k.endswith("_extra_state"):
+            continue
+        k = k.removeprefix("model.")
+        if k.startswith(_STACKED):  # layers are saved stacked along a leading layer axis
+            rest = k[len(_STACKED):]
+            for i in range(v.shape[0]):
+                full[f"{_STACKED}{i}.{rest}"] = v[i].float().clone()
+        else:
+            full[k] = v.float().clone()
+    return full, m
+
+
+def checkpoint_to_hf(directory: str | Path, out_dir: str | Path) -> Path:
+    """Export a checkpoint as a HF CodeGenForCausalLM directory (with its tokenizer when the checkpoint has one)."""
+    from cglab.model.hf_convert import export_hf
+
+    full, m = to_full_state_dict(directory)
+    tok = Path(directory) / "tokenizer"
+    eos = None
+    if (tok / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        eos = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id("<|endoftext|>")
+    return export_hf(full, m, out_dir, tokenizer_dir=tok if eos is not None else None, eos_token_id=eos)

@@ -1,0 +1,178 @@
+"""The training worker: what every Ray Train worker runs, top to bottom.
+
+    parallel state -> model/optimizer -> resume -> [read step's batches -> forward/backward -> step -> report]*
+
+Data: one rank per model-parallel group (TP x PP peers share a data-parallel rank) reads its DP shard from the Ray
+Data pipeline and broadcasts the step's micro-batches to its peers, so peers see identical batches at no extra read.
+The data position (epoch, global sample index) lives in the checkpoint and the stream is rebuilt from it on resume
+(Ray Data iterators cannot resume mid-epoch; `streaming_split` would give TP peers different data).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cglab.config import CGLabConfig
+from cglab.train import checkpoint
+from cglab.train.checkpoint import DataPosition
+
+_INT_KEYS = ("tokens", "labels", "segment_ids")
+_ROW_KEYS = ("prefix_len", "objective")
+
+
+class DataFeed:
+    """The micro-batches of each global step, identical on every model-parallel peer."""
+
+    def __init__(self, cfg: CGLabConfig, plan, pos: DataPosition):
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.plan, self.pos = cfg, plan, DataPosition(pos.epoch, pos.index)
+        t = cfg.train
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.mb, self.global_batch = t.micro_batch_size, t.global_batch_size
+        self.n_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.group = ps.get_model_parallel_group()
+        self.src = dist.get_process_group_ranks(self.group)[0]
+        self.reader = dist.get_rank() == self.src
+        # Lesson 5: `epochs` passes over the same unique samples, the whole budget split evenly between them.
+        self.per_epoch = math.ceil(t.train_steps / t.epochs) * t.global_batch_size if t.epochs > 1 else None
+        self._it = None
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+    def _fetch(self) -> list[dict] | None:
+        if self.per_epoch is not None and self.pos.index + self.global_batch > self.per_epoch:
+            return None
+        if self._it is None:
+            from cglab.data.pipeline import iter_train_batches
+
+            self._it = iter_train_batches(self.cfg, self.pos.epoch, self.dp_rank, self.dp_size, self.pos.index,
+                                          self.mb, self.plan)
+        micro = []
+        for _ in range(self.n_micro):
+            b = next(self._it, None)
+            if b is None:
+                return None
+            micro.append(b)
+        return micro
+
+    def next_step(self) -> list[dict]:
+        for _ in range(2):
+            micro = self._fetch() if self.reader else []
+            ok = torch.tensor([0 if micro is None else 1], device=self.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every shard must have a full step, or all move on
+            if ok.item():
+                self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch)
+                return self._broadcast(micro)
+            self.pos, self._it = DataPosition(self.pos.epoch + 1, 0), None
+        raise RuntimeError("data: a fresh epoch cannot fill one global batch "
+                           f"(train.global_batch_size={self.global_batch}); add data or shrink the batch")
+
+    def _broadcast(self, micro: list[dict]) -> list[dict]:
+        n, b, s = self.n_micro, self.mb, self.cfg.data.seq_length
+        arrays = {}
+        for k in _INT_KEYS + ("loss_mask",) + _ROW_KEYS:
+            shape, dtype = ((n, b, s) if k not in _ROW_KEYS else (n, b)), (
+                torch.float32 if k == "loss_mask" else torch.int64)
+            if self.reader:
+                t = torch.from_numpy(np.stack([np.asarray(m[k]) for m in micro])).to(dtype)
+            else:
+                t = torch.empty(shape, dtype=dtype)
+            t = t.to(self.device)
+            if dist.get_world_size(self.group) > 1:
+                dist.broadcast(t, src=self.src, group=self.group)
+            arrays[k] = t
+        return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+
+
+def _maybe_fail(fault: dict | None, step: int) -> None:
+    """Test hook: kill this worker process once, at a given step, to exercise failure recovery."""
+    if not fault or step != fault["step"] or dist.get_rank() != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    if fault.get("mode") == "raise":
+        raise RuntimeError(f"injected failure at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_loop(config: dict) -> None:
+    import ray.train
+
+    from cglab.distributed import init_parallel
+    from cglab.track.metrics import TrainMetrics
+    from cglab.track.mlflow_logger import RankZeroLogger
+    from cglab.train.flops import device_peak_tflops, flops_per_token
+    from cglab.train.step import build_train_state, train_step
+
+    cfg = CGLabConfig.model_validate(config["cfg"])
+    t, p = cfg.train, cfg.parallel
+    device = None
+    if p.use_gpu:
+        device = ray.train.torch.get_device().index
+    init_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed, device=device)
+    state = build_train_state(cfg, lr_decay_steps=t.train_steps)  # decay over the whole budget (lesson 5)
+
+    step, pos = 0, DataPosition()
+    resumed_from = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            good = checkpoint.latest_complete(d)
+            if good is not None:
+                step, pos = checkpoint.load(good, state)
+                resumed_from = good
+    feed = DataFeed(cfg, config["plan"], pos)
+    rank = dist.get_rank()
+    logger = RankZeroLogger.from_context(config.get("mlflow"), rank=rank)
+    prom = TrainMetrics(experiment=cfg.track.experiment, trial=config.get("name", ""), rank=rank)
+    S = cfg.data.seq_length
+    fpt = flops_per_token(cfg.model, S)
+    peak = device_peak_tflops()
+    tokens_per_step = t.global_batch_size * S
+    staging = Path(tempfile.mkdtemp(prefix="cglab-ckpt-"))
+    if resumed_from and rank == 0:
+        logger.log_metrics(step, {"resumed_at_step": step})
+
+    while step < t.train_steps:
+        t0 = time.perf_counter()
+        micro = feed.next_step()
+        t1 = time.perf_counter()
+        out = train_step(state, cfg, micro)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        step += 1
+        _maybe_fail(config.get("fault"), step)
+        metrics = {**out, "step": step, "epoch": feed.pos.epoch, "tokens_seen": step * tokens_per_step,
+                   "data_wait_s": t1 - t0, "step_time_s": t2 - t0,
+                   "tokens_per_s": tokens_per_step / (t2 - t0)}
+        if peak is not None:
+            metrics["tflops"] = metrics["tokens_per_s"] * fpt / 1e12 / dist.get_world_size()
+            metrics["mfu"] = metrics["tflops"] / peak
+        save_now = step == t.train_steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if save_now:
+            c0 = time.perf_counter()
+            d = checkpoint.save(checkpoint.local_dir(staging, step), state, step, feed.pos,
+                                extra={"config": cfg.model_dump(mode="json")},
+                                files={"tokenizer/tokenizer.json": config["plan"].tokenizer_json})
+            metrics["checkpoint_s"] = time.perf_counter() - c0
+            prom.checkpoint(metrics["checkpoint_s"])
+        logger.log_metrics(step, metrics)
+        prom.report({**metrics, "tokens": tokens_per_step})
+        if save_now:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+            shutil.rmtree(d, ignore_errors=True)  # persisted by Ray; the staging copy is no longer needed
+        elif step % t.log_every == 0:
+            ray.train.report(metrics)
+    logger.close()

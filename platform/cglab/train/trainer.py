@@ -1,0 +1,67 @@
+"""One training run as one Ray Train job: TP x PP x DP Megatron workers under TorchTrainer.
+
+`fit(cfg, ...)` is what `cglab train`, `jobs/pretrain.py` and every Tune trial call.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cglab.config import CGLabConfig, dump_config
+
+
+def ensure_ray(cfg: CGLabConfig | None = None) -> None:
+    """Connect to the running cluster (RAY_ADDRESS or one started with `ray start`), else start a local one
+    bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+        return
+    except ConnectionError:
+        pass
+    need = (cfg.world_size * cfg.parallel.cpus_per_worker if cfg else 1) + 2  # + Ray Data tasks
+    # Logical CPUs may exceed cores: Megatron workers mostly wait on each other, data tasks are light.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab-train", mlflow=None,
+        fault: dict | None = None) -> dict:
+    """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
+
+    Bad configs and missing data fail here, on the driver, before any worker starts. Re-running with the same
+    storage_path and name resumes from the latest complete checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cglab.data.pipeline import prepare_data
+    from cglab.train.loop import worker_loop
+
+    storage = str(Path(storage_path or ".cglab/runs").resolve())
+    run_dir = Path(storage) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    ensure_ray(cfg)
+    plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
+    p, t = cfg.parallel, cfg.train
+    per_worker = {"CPU": p.cpus_per_worker}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "mlflow": mlflow, "fault": fault,
+                           "name": name},
+        scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last)),
+    )
+    result = trainer.fit()
+    out = dict(result.metrics or {})
+    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    out["run_dir"] = str(run_dir)
+    out["tokenizer"] = str(run_dir / "tokenizer")
+    return out
