@@ -6,7 +6,7 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 from cglab.config import from_dict
 from cglab.distributed import spawn
 from cglab.model.hf_convert import hf_to_cglab
-from tests.model._parallel_worker import fwd_bwd
+from tests.model._parallel_worker import fwd_bwd  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +55,37 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
         for k, g in ref["grads"].items():
             assert g.abs().sum() > 0 or "bias" in k, k
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} at TP{tp} PP{pp}")
+
+
+def _init_worker(rank, tp, pp, out_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from cglab.config import from_dict
+    from cglab.distributed import init_parallel
+    from cglab.model.codegen import build_model
+    from cglab.model.hf_convert import model_state, unshard
+
+    cfg = from_dict({}, ["model.preset=tiny", f"parallel.tensor_model_parallel_size={tp}",
+                         f"parallel.pipeline_model_parallel_size={pp}"])
+    init_parallel(tp, pp, seed=rank * 17)  # a different global RNG state per rank must not matter
+    model = build_model(cfg.model, cfg.parallel, seed=7)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, ((ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
+                                   model_state(model)))
+    if rank == 0:
+        torch.save(unshard(dict(parts), cfg.model), out_path)
+
+
+def test_initialisation_is_layout_independent(tmp_path):
+    runs = {}
+    for world, tp, pp in ((1, 1, 1), (2, 2, 1), (2, 1, 2)):
+        out = tmp_path / f"init{tp}{pp}.pt"
+        spawn(_init_worker, world, tp, pp, str(out))
+        runs[(tp, pp)] = torch.load(out)
+    ref = runs[(1, 1)]
+    assert ref["decoder.layers.1.mlp.linear_fc1.weight"].std() > 0.01
+    for layout, sd in runs.items():
+        assert sd.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(sd[k], ref[k]), (layout, k)

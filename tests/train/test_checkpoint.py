@@ -62,18 +62,21 @@ def test_interrupted_checkpoint_is_refused(trained, tmp_path):
     shard.write_bytes(shard.read_bytes()[:10])  # a truncated shard
     with pytest.raises(IncompleteCheckpoint, match="bytes"):
         checkpoint.verify(short)
-    assert checkpoint.latest_complete(str(cut)) is None or checkpoint.latest_complete(str(cut)) != str(cut)
+    assert checkpoint.newest_complete(cut, short) is None
 
 
-def test_latest_complete_skips_a_broken_newest(trained, tmp_path):
+def test_newest_complete_skips_a_broken_newest(trained, tmp_path):
     import shutil
 
     _, d, _, _ = trained
     good, bad = tmp_path / "checkpoint_1", tmp_path / "checkpoint_2"
     shutil.copytree(d, good)
     shutil.copytree(d, bad)
-    (bad / checkpoint.MARKER).unlink()
-    assert checkpoint.latest_complete(str(bad)) == str(good)
+    state = json.loads((bad / checkpoint.STATE).read_text())
+    state["step"] = 99  # the newer one ...
+    (bad / checkpoint.STATE).write_text(json.dumps(state))
+    (bad / checkpoint.MARKER).unlink()  # ... was cut off mid-write
+    assert checkpoint.newest_complete(bad, tmp_path) == str(good)
 
 
 def test_export_gives_the_same_greedy_tokens(trained, tmp_path):

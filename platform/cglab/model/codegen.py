@@ -8,6 +8,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cglab.config import ModelConfig, ParallelConfig
+from cglab.model.init import init_weights
 from cglab.model.masks import attention_mask
 from cglab.model.spec import codegen_layer_spec, resolve_backend
 
@@ -33,6 +34,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) ->
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # cglab.model.init does it, independently of the parallel layout
         # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
         masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -52,8 +54,9 @@ class CodeGenModel(GPTModel):
 
 
 def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_process: bool | None = None,
-                post_process: bool | None = None) -> CodeGenModel:
-    """One pipeline stage of the model for this rank (parallel_state must be initialised)."""
+                post_process: bool | None = None, seed: int = 1234) -> CodeGenModel:
+    """One pipeline stage of the model for this rank (parallel_state must be initialised), initialised from `seed`
+    identically whatever the TP x PP layout."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -66,6 +69,8 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
         rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
     if torch.cuda.is_available():
         model = model.cuda()
+    init_weights(model, m, seed, parallel_state.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size,
+                 parallel_state.get_pipeline_model_parallel_rank(), p.pipeline_model_parallel_size)
     return model
 
 

@@ -126,23 +126,30 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     return int(doc["step"]), DataPosition(**doc["data"])
 
 
-def latest_complete(checkpoint_path: str | None) -> str | None:
-    """The given checkpoint if complete, else the newest complete sibling (local storage), else None."""
-    if checkpoint_path is None:
-        return None
-    p = Path(checkpoint_path)
-    candidates = [p]
-    if p.parent.is_dir():
-        siblings = sorted((q for q in p.parent.iterdir() if q.is_dir() and q != p and q.name.startswith("checkpoint")),
-                          key=lambda q: q.stat().st_mtime, reverse=True)
-        candidates += siblings
+def newest_complete(*places: str | Path | None) -> str | None:
+    """The complete checkpoint with the highest step among the given checkpoint directories and the
+    `checkpoint_*` directories inside the given run directories; None if there is none.
+
+    Ray Train registers a checkpoint only once the controller has collected every worker's report, so a worker
+    killed right after reporting can leave a complete, persisted checkpoint that Ray does not hand back. Our
+    marker and manifest say which directories are whole, so they are searched directly (local or shared storage).
+    """
+    candidates: list[Path] = []
+    for place in places:
+        if place is None or not Path(place).is_dir():
+            continue
+        p = Path(place)
+        candidates += [p] if (p / MANIFEST).exists() or (p / STATE).exists() else sorted(p.glob("checkpoint_*"))
+    best, best_step = None, -1
     for c in candidates:
         try:
             verify(c)
-            return str(c)
-        except (IncompleteCheckpoint, OSError, ValueError):
+            step = json.loads((c / STATE).read_text())["step"]
+        except (IncompleteCheckpoint, OSError, ValueError, KeyError):
             continue
-    return None
+        if step > best_step:
+            best, best_step = str(c), step
+    return best
 
 
 def local_dir(root: str | Path, step: int) -> Path:

@@ -9,6 +9,8 @@ The data position (epoch, global sample index) lives in the checkpoint and the s
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import shutil
@@ -126,13 +128,13 @@ def worker_loop(config: dict) -> None:
     step, pos = 0, DataPosition()
     resumed_from = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            good = checkpoint.latest_complete(d)
-            if good is not None:
-                step, pos = checkpoint.load(good, state)
-                resumed_from = good
+    with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as d:
+        good = checkpoint.newest_complete(d, config.get("run_dir"))
+        if good is not None:
+            step, pos = checkpoint.load(good, state)
+            resumed_from = good
     feed = DataFeed(cfg, config["plan"], pos)
+    start_step = step
     rank = dist.get_rank()
     logger = RankZeroLogger.from_context(config.get("mlflow"), rank=rank)
     prom = TrainMetrics(experiment=cfg.track.experiment, trial=config.get("name", ""), rank=rank)
@@ -141,6 +143,9 @@ def worker_loop(config: dict) -> None:
     peak = device_peak_tflops()
     tokens_per_step = t.global_batch_size * S
     staging = Path(tempfile.mkdtemp(prefix="cglab-ckpt-"))
+    # A local record of every step (rank 0), when the run directory is on a filesystem this worker sees.
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    history = run_dir / "metrics.jsonl" if rank == 0 and run_dir is not None and run_dir.is_dir() else None
     if resumed_from and rank == 0:
         logger.log_metrics(step, {"resumed_at_step": step})
 
@@ -155,7 +160,7 @@ def worker_loop(config: dict) -> None:
         step += 1
         _maybe_fail(config.get("fault"), step)
         metrics = {**out, "step": step, "epoch": feed.pos.epoch, "tokens_seen": step * tokens_per_step,
-                   "data_wait_s": t1 - t0, "step_time_s": t2 - t0,
+                   "data_wait_s": t1 - t0, "step_time_s": t2 - t0, "started_at_step": start_step,
                    "tokens_per_s": tokens_per_step / (t2 - t0)}
         if peak is not None:
             metrics["tflops"] = metrics["tokens_per_s"] * fpt / 1e12 / dist.get_world_size()
@@ -169,6 +174,9 @@ def worker_loop(config: dict) -> None:
             metrics["checkpoint_s"] = time.perf_counter() - c0
             prom.checkpoint(metrics["checkpoint_s"])
         logger.log_metrics(step, metrics)
+        if history is not None:
+            with history.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
         prom.report({**metrics, "tokens": tokens_per_step})
         if save_now:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))

@@ -34,7 +34,7 @@ class TrainState:
 
 def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> TrainState:
     bf16 = cfg.train.precision == "bf16"
-    model = build_model(cfg.model, cfg.parallel, bf16=bf16)
+    model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed)
     tc = model.config
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads

@@ -52,7 +52,7 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "mlflow": mlflow, "fault": fault,
-                           "name": name},
+                           "name": name, "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -65,3 +65,16 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     out["run_dir"] = str(run_dir)
     out["tokenizer"] = str(run_dir / "tokenizer")
     return out
+
+
+def history(run_dir: str | Path) -> dict[int, dict]:
+    """Per-step metrics a run recorded in run_dir/metrics.jsonl; a step re-run after a failure keeps its last record."""
+    import json
+
+    steps: dict[int, dict] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps[int(rec["step"])] = rec
+    return steps

@@ -30,18 +30,23 @@ def register(subparsers) -> None:
 
 
 def ablate(args: argparse.Namespace) -> int:
-    import ray
+    import json
+    import time
 
-    from cglab.report import text_table, verdict_lines, write_report, collect
+    from cglab.report import collect, text_table, verdict_lines, write_report
     from cglab.track.server import make_server
-    from cglab.tune.presets import base_config, get_preset
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
     from cglab.tune.sweep import run_lesson
 
-    from cglab.tune.lessons import get_lesson
-
+    t0 = time.monotonic()
     get_lesson(args.lesson)
     preset = get_preset(args.preset)
     base = base_config(preset, args.config, args.overrides)  # config errors surface before Ray starts
+    if not base.data.sources and preset.name == "laptop":
+        sources = micro_corpus_sources()
+        print(f"data: the micro corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
+        base = base_config(preset, args.config, [f"data.sources={json.dumps(sources)}", *args.overrides])
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     with contextlib.ExitStack() as stack:
         if not uri:
@@ -49,8 +54,6 @@ def ablate(args: argparse.Namespace) -> int:
             stack.callback(server.stop)
             uri = server.uri
             print(f"MLflow: started {uri} (store {server.backend_store_uri}); reopen later with `cglab mlflow up`")
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"))  # a cluster under `ray job submit`, else local
         res = run_lesson(args.lesson, preset=preset, base=base, seeds=tuple(args.seeds or ()) or None,
                          variants=tuple(args.variants) if args.variants else None,
                          storage_path=args.storage_path, name=args.name, tracking_uri=uri,
@@ -63,7 +66,7 @@ def ablate(args: argparse.Namespace) -> int:
         if args.report:
             out, _ = write_report(res.lesson, uri, args.report, res.name)
             print(f"wrote {out}")
-        print(f"sweep {res.name}: {res.path}; resume with the same --name")
+        print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
     return 1 if res.errors else 0
 
 

@@ -22,7 +22,10 @@ class Preset:
     name: str
     description: str
     overrides: tuple[str, ...]
-    driver_cpus: float = 1.0  # the Tune trial function only launches and watches the Train job
+    driver_cpus: float = 1.0  # the Tune trial function launches and watches the Train job, then evaluates
+    # Logical CPUs left free per trial for the Ray Data tasks its workers start (read/tokenize/pack/corrupt);
+    # without them a trial whose workers hold the last CPUs waits forever for its own data.
+    data_cpus: float = 1.0
     seeds: tuple[int, ...] = (1234,)
     trial_max_failures: int = 0  # Tune-level retries of a whole trial (Train resumes from its checkpoint)
 
@@ -31,8 +34,8 @@ PRESETS: dict[str, Preset] = {
     "laptop": Preset(
         "laptop", "tiny model, 1 CPU worker per trial, one lesson in minutes on 2 cores",
         _shape("tiny") + (
-            "data.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4",
-            "train.train_steps=40", "train.warmup_steps=4", "train.lr=1e-3", "train.min_lr=1e-4",
+            "data.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.train_steps=24", "train.warmup_steps=3", "train.lr=2e-3", "train.min_lr=2e-4",
             "train.log_every=1", "train.precision=fp32",
             "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
             "parallel.data_parallel_size=1", "parallel.use_gpu=false", "parallel.cpus_per_worker=1",
@@ -63,6 +66,16 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def micro_corpus_sources(root: str | Path = ".cglab/corpus") -> list[dict]:
+    """data.sources for the embedded micro corpus under root, built there first if missing."""
+    from cglab.data.corpus import build_corpus, corpus_sources
+
+    root = Path(root).resolve()  # trials run in other working directories
+    if not all((root / k).is_dir() and any((root / k).iterdir()) for k in ("pile", "stack")):
+        build_corpus(root)
+    return corpus_sources(root)
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"preset {name!r}: choose one of {sorted(PRESETS)}")
@@ -88,10 +101,11 @@ def base_config(preset: str | Preset, config_path: str | Path | None = None,
         raise ConfigError(f"preset {p.name}: {err}") from None
 
 
-def trial_resources(cfg: CGLabConfig, driver_cpus: float) -> dict[str, float]:
-    """Logical resources one trial holds while it trains: its Train workers plus its driver function."""
+def trial_resources(cfg: CGLabConfig, driver_cpus: float, data_cpus: float = 0.0) -> dict[str, float]:
+    """Logical resources one trial needs while it trains: its Train workers, its driver function and the
+    headroom its Ray Data tasks run in."""
     n = cfg.world_size
-    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus}
+    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus + data_cpus}
     if cfg.parallel.use_gpu:
         res["GPU"] = float(n)
     return res

@@ -7,6 +7,11 @@ scheduled by Train itself, so `max_concurrent_trials` is derived from what one t
 keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
 returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
 
+The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
+documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
+metrics to the trial's child run and reports them to Tune. The tokenizer is trained once per sweep, on the
+driver, so every variant is scored with the same tokens.
+
 Resume: the Tune experiment lives at `storage_path/name`. Calling `run_lesson` again with the same name
 restores it (`Tuner.restore`): finished trials are kept, errored and unfinished ones run again. A re-run trial
 keeps its Tune trial id, hence its Train run name (Train resumes from the trial's last checkpoint) and its
@@ -22,6 +27,7 @@ from typing import Any, Callable
 
 from cglab.config import CGLabConfig, dump_config, flatten
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
+from cglab.tune.evaluate import evaluate_checkpoint
 from cglab.tune.lessons import Lesson, get_lesson
 from cglab.tune.presets import Preset, get_preset, max_concurrent, trial_resources
 
@@ -31,14 +37,8 @@ TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow) -> final m
 
 
 def default_train_fn() -> TrainFn:
-    """cglab's trainer when it is importable, else the tiny stand-in (which says so)."""
-    try:
-        from cglab.train.trainer import fit
-    except ImportError as err:
-        from cglab.tune.tiny_fit import tiny_fit
+    from cglab.train.trainer import fit
 
-        log.warning("cglab.train.trainer.fit unavailable (%s): trials use cglab.tune.tiny_fit", err)
-        return tiny_fit
     return fit
 
 
@@ -56,6 +56,20 @@ class TrialSpec:
     train_fn: TrainFn
     preset: str
     system_metrics_interval_s: float = 10.0
+    heldout_nl: str | None = None  # jsonl of held-out documents (cglab.tune.heldout); None: builtin texts
+    heldout_code: str | None = None
+
+
+def _train(train_fn: TrainFn, cfg: CGLabConfig, **kwargs) -> dict:
+    """train_fn as a zero-CPU task outside the trial's placement group. Tune captures a trial's child tasks
+    into the trial's bundle (here `driver_cpus`, e.g. 0.5 CPU); the Ray Data tasks that `fit` starts on its
+    driver (dedup scan, shuffle) each ask for a whole CPU and could never be scheduled there."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=None))(train_fn)
+    return ray.get(task.remote(cfg, **kwargs))
 
 
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
@@ -77,8 +91,9 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             params=flatten(cfg), config_yaml=dump_config(cfg))
         ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
     try:
-        metrics = spec.train_fn(cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}",
-                                mlflow=ctx)
+        metrics = _train(spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}",
+                         mlflow=ctx)
+        metrics.update(evaluate_checkpoint(metrics.get("checkpoint"), cfg, spec.heldout_nl, spec.heldout_code))
     except BaseException:
         if tracker is not None:
             try:
@@ -118,15 +133,70 @@ class SweepResult:
         return [r for r in self.results if r.get("error")]
 
 
+def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
+                 ) -> tuple[CGLabConfig, str | None, str | None]:
+    """The sweep's shared inputs, settled once on the driver: held-out files split off the training sources
+    (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path is set).
+    Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
+    restored sweep gets the same split and the same tokenizer."""
+    import json
+
+    from cglab.config import ConfigError, from_dict
+    from cglab.data.pipeline import sample_texts
+    from cglab.data.tokenizer import train_tokenizer
+    from cglab.tune.heldout import split_sources
+
+    if not base.data.sources:
+        raise ConfigError("data.sources: no sources configured (pass --config, or use the laptop preset's "
+                          "micro corpus)")
+    work = Path(workdir)
+    overrides: list[str] = []
+    nl = code = None
+    if holdout:
+        try:
+            train, held = split_sources(base.data.sources, work / "heldout", filters=base.data.filters)
+        except ConfigError as err:
+            log.warning("%s; evaluating on cglab.eval.nl.builtin_texts (not held out)", err)
+        else:
+            overrides.append(f"data.sources={json.dumps(train)}")
+            nl, code = held.nl_path, held.code_path
+            log.info("held out for evaluation: %s", held.counts)
+    if not base.data.tokenizer.path:
+        tc = base.data.tokenizer
+        cfg = from_dict(base.model_dump(mode="json"), overrides)
+        tok = train_tokenizer(sample_texts(cfg.data, tc.train_docs), tc.vocab_size, base.data.num_sentinels,
+                              tc.max_whitespace_run)
+        tok.save(work / "tokenizer")
+        overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
+    return from_dict(base.model_dump(mode="json"), overrides), nl, code
+
+
+def ensure_local_ray(per_trial: dict[str, float]) -> None:
+    """Connect to RAY_ADDRESS if set, else start a private local Ray with at least one trial's logical CPUs
+    (more logical CPUs than cores is fine: the Tune driver function mostly waits)."""
+    import math
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    need = math.ceil(per_trial.get("CPU", 1.0))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), num_gpus=per_trial.get("GPU"),
+             include_dashboard=False, log_to_driver=False)
+
+
 def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: CGLabConfig | None = None,
                seeds: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
                storage_path: str = ".cglab/tune", name: str | None = None, tracking_uri: str | None = None,
                train_fn: TrainFn | None = None, max_concurrent_trials: int | None = None,
-               trial_max_failures: int | None = None, resume: bool = True,
+               trial_max_failures: int | None = None, resume: bool = True, holdout: bool = True,
                system_metrics_interval_s: float = 10.0, verbose: int = 1) -> SweepResult:
-    """Run (or resume) a lesson's grid on the connected Ray cluster. Needs `ray.init` done by the caller
-    (or RAY_ADDRESS); validates every variant's config before starting anything."""
-    import ray
+    """Run (or resume) a lesson's grid on the connected Ray cluster (a private local one if none): split the
+    held-out documents, train the tokenizer once, then one trial per (variant, seed) = train + evaluate.
+    Validates every variant's config before starting anything."""
     from ray import tune
 
     from cglab.tune.presets import base_config
@@ -142,13 +212,16 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
     name = name or f"lesson-{les.number}-{les.slug}-{pre.name}"
     storage_path = str(Path(storage_path).resolve()) if "://" not in storage_path else storage_path
     exp_path = f"{storage_path.rstrip('/')}/{name}"
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
     # The biggest variant sets the pace (variants of a lesson normally share their parallel layout).
-    needs = [trial_resources(c, pre.driver_cpus) for c in configs.values()]
+    needs = [trial_resources(c, pre.driver_cpus, pre.data_cpus) for c in configs.values()]
     per_trial = {k: max(n.get(k, 0.0) for n in needs) for k in set().union(*needs)}
+
+    import ray
+
+    ensure_local_ray(per_trial)
     concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
+    shared = Path(exp_path + "-inputs") if "://" not in exp_path else Path(".cglab/tune-inputs") / name
+    base, heldout_nl, heldout_code = prepare_base(base, shared, holdout)
 
     experiment_id = parent = None
     if tracking_uri:
@@ -157,7 +230,8 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
         parent = tracker.parent_run(tags={"lesson": str(les.number), "preset": pre.name,
                                           "variants": ",".join(names), "seeds": ",".join(map(str, seeds))})
     spec = TrialSpec(les, base, name, f"{storage_path.rstrip('/')}/{name}-train", tracking_uri, experiment_id,
-                     parent, train_fn or default_train_fn(), pre.name, system_metrics_interval_s)
+                     parent, train_fn or default_train_fn(), pre.name, system_metrics_interval_s,
+                     heldout_nl, heldout_code)
     trainable = make_trainable(spec, pre.driver_cpus)
 
     restored = resume and tune.Tuner.can_restore(exp_path)

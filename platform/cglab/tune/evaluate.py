@@ -1,0 +1,125 @@
+"""The last step of every trial: evaluate the trained checkpoint and return the metrics the lessons decide on.
+
+    eval/nl_ppl, eval/nl_bpb       held-out natural language (perplexity per token, bits per UTF-8 byte)
+    eval/code_ppl, eval/code_bpb   held-out code
+    eval/infill_ppl                perplexity of `middle <eom>` given the CodeGen2 infill prompt
+                                   `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>` on held-out code
+    eval/humaneval_pass@1          when "humaneval" is in eval.suites (first eval.limit problems)
+    eval/humaneval_infill_pass@1   when "infill" is in eval.suites (single-line HumanEval-Infill)
+
+Scoring windows are `data.seq_length` long: the model never saw positions beyond it in training, and every
+variant of a lesson is scored the same way.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cglab.config import CGLabConfig
+
+MASK, SEP, EOM, EOS = "<mask_1>", "<sep>", "<eom>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class InfillExample:
+    prefix: str
+    middle: str
+    suffix: str
+
+
+def infill_examples(texts: Sequence[str], seed: int = 0, max_lines: int = 3, context_lines: int = 12
+                    ) -> list[InfillExample]:
+    """One example per document: a block of 1..max_lines non-blank lines is the middle, with up to
+    `context_lines` lines on each side as prefix and suffix. Deterministic for (texts, seed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        nonblank = [i for i, line in enumerate(lines) if line.strip()]
+        if len(nonblank) < 3:
+            continue
+        a = int(rng.integers(1, len(nonblank) - 1))  # keep a non-empty prefix and suffix
+        n = int(rng.integers(1, max_lines + 1))
+        i, j = nonblank[a], nonblank[min(a + n - 1, len(nonblank) - 2)]
+        out.append(InfillExample("".join(lines[max(0, i - context_lines):i]), "".join(lines[i:j + 1]),
+                                 "".join(lines[j + 1:j + 1 + context_lines])))
+    return out
+
+
+def infill_ids(tok, ex: InfillExample, max_len: int, max_middle: int = 32) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) for one example, cut to fit max_len: the middle to max_middle tokens, the
+    prefix from the left and the suffix from the right, half the remaining room each."""
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sp = {s: tok.convert_tokens_to_ids(s) for s in (MASK, SEP, EOM, EOS)}
+    target = enc(ex.middle)[:max_middle] + [sp[EOM]]
+    room = max_len - len(target) - 4  # <mask_1> <eot> <sep> <mask_1>
+    pre, suf = enc(ex.prefix), enc(ex.suffix)
+    keep_suf = min(len(suf), max(room // 2, room - len(pre)))
+    keep_pre = min(len(pre), room - keep_suf)
+    prompt = pre[len(pre) - keep_pre:] + [sp[MASK]] + suf[:keep_suf] + [sp[EOS], sp[SEP], sp[MASK]]
+    return prompt, target
+
+
+def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int) -> dict:
+    """Perplexity of the middles (and their <eom>) given the infill prompts."""
+    import torch
+
+    if not examples:
+        raise ValueError("infill_perplexity: no examples (held-out code too short)")
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            prompt, target = infill_ids(generator.tok, ex, max_len)
+            ids = torch.tensor([prompt + target], device=generator.device)
+            logits = generator.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None])
+            nll -= float(lp.sum())
+            n += len(target)
+    return {"perplexity": math.exp(nll / n), "tokens": n, "examples": len(examples)}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str | None,
+                        code_path: str | None) -> dict[str, float]:
+    """Metrics of one trained checkpoint (a cglab checkpoint dir), keyed as the lessons expect."""
+    from cglab.eval import nl
+    from cglab.eval.generate import load_generator
+    from cglab.train.checkpoint import checkpoint_to_hf
+
+    if checkpoint is None:
+        raise ValueError("evaluate_checkpoint: the training run returned no checkpoint")
+    ev, S = cfg.eval, cfg.data.seq_length
+    hf_dir = Path(tempfile.mkdtemp(prefix="cglab-eval-hf-"))
+    try:
+        gen = load_generator(checkpoint_to_hf(checkpoint, hf_dir), batch_size=8)
+        gen.max_len = S  # score in windows the model was trained on
+        out: dict[str, float] = {}
+        fallback = nl.builtin_texts(ev.limit or 64) if not (nl_path and code_path) else {}
+        nl_texts = nl.read_texts(nl_path) if nl_path else fallback["nl"]
+        code_texts = nl.read_texts(code_path) if code_path else fallback["code"]
+        for name, texts in (("nl", nl_texts), ("code", code_texts)):
+            m = nl.lm_metrics(gen.score, texts)
+            out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]
+        out["eval/infill_ppl"] = infill_perplexity(gen, infill_examples(code_texts, seed=cfg.data.seed), S)[
+            "perplexity"]
+        if "humaneval" in ev.suites:
+            from cglab.eval import humaneval
+
+            problems = dict(list(humaneval.load_problems().items())[:ev.limit])
+            samples = humaneval.generate_samples(gen, problems, n=ev.n_samples, temperature=ev.temperature,
+                                                 top_p=ev.top_p, max_new_tokens=ev.max_new_tokens)
+            out["eval/humaneval_pass@1"] = humaneval.evaluate(samples, problems)["pass@1"]
+        if "infill" in ev.suites:
+            from cglab.eval import infill
+
+            res = infill.evaluate(gen, "single", limit=ev.limit, n=ev.n_samples, temperature=ev.temperature,
+                                  top_p=ev.top_p, max_new_tokens=ev.max_new_tokens)
+            out["eval/humaneval_infill_pass@1"] = res["pass@1"]
+        return out
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""Held-out documents for a sweep's evaluation: the last file of every multi-file source is set aside.
+
+`split_sources(sources, out_dir)` returns the training sources (every file but the held-out ones, as explicit
+paths, so the training stream never reads them) and writes `out_dir/nl.jsonl` (from pile sources) and
+`out_dir/code.jsonl` (from stack sources), `{"text": ...}` per line, readable by `cglab.eval.nl.read_texts` and
+`cglab eval run --nl-file/--code-file`. Held-out documents go through the training readers and filters, and any
+whose content is byte-identical to a training document is dropped (the stdlib has many identical files), so
+the perplexities are really out-of-sample.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cglab.config import ConfigError, FilterConfig, SourceConfig
+
+# Dedup against training only when the training files are this small: hashing a real Pile is a job of its own.
+_MAX_DEDUP_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    nl_path: str | None  # jsonl, {"text"} per line; None when no pile source could spare a file
+    code_path: str | None
+    counts: dict[str, int]  # docs written per kind, and duplicates of training docs dropped
+
+
+def _docs(src, files: list[int], fcfg: FilterConfig, limit: int | None):
+    from cglab.data import readers
+    from cglab.data.filters import filter_reasons
+
+    max_bytes = readers.max_record_bytes(fcfg.max_chars)
+    for f in files:
+        for r in readers.read_file(src, f, max_bytes):
+            if r.reason or filter_reasons([r.text], fcfg)[0]:
+                continue
+            yield r.text
+            limit = None if limit is None else limit - 1
+            if limit == 0:
+                return
+
+
+def split_sources(sources: list[dict[str, Any]] | list[SourceConfig], out_dir: str | Path, *,
+                  filters: FilterConfig | None = None, max_docs: int = 64) -> tuple[list[dict], HeldOut]:
+    """(training sources as dicts, held-out files). Raises ConfigError when no source has two files."""
+    from cglab.data import readers
+    from cglab.data.dedup import content_hashes
+
+    cfgs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
+    fcfg = filters or FilterConfig()
+    resolved = readers.resolve_files(cfgs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train: list[dict] = []
+    held: dict[str, list[tuple[readers.SourceFiles, int]]] = {"pile": [], "stack": []}
+    for cfg, src in zip(cfgs, resolved):
+        d = cfg.model_dump(mode="json")
+        if len(src.files) >= 2:
+            # Absolute: trials run in other working directories.
+            d["paths"] = [f if "://" in f else str(Path(f).resolve()) for f in src.files[:-1]]
+            held[src.kind].append((src, len(src.files) - 1))
+        train.append(d)
+    if not held["pile"] and not held["stack"]:
+        raise ConfigError("data.sources: no source has two or more files, so none can be held out for evaluation")
+
+    train_srcs = readers.resolve_files([SourceConfig(**d) for d in train])
+    size = sum(Path(f).stat().st_size for s in train_srcs for f in s.files if Path(f).exists())
+    seen: set[str] = set()
+    if size <= _MAX_DEDUP_BYTES:
+        for s in train_srcs:
+            for chunk in _chunked(_docs(s, list(range(len(s.files))), fcfg, None), 512):
+                seen.update(content_hashes(chunk))
+    paths: dict[str, str | None] = {}
+    counts = {"duplicates_dropped": 0}
+    for kind, name in (("pile", "nl"), ("stack", "code")):
+        texts: list[str] = []
+        for src, f in held[kind]:
+            for text in _docs(src, [f], fcfg, None):
+                if content_hashes([text])[0] in seen:
+                    counts["duplicates_dropped"] += 1
+                    continue
+                texts.append(text)
+                if len(texts) >= max_docs:
+                    break
+        counts[name] = len(texts)
+        if not texts:
+            paths[name] = None
+            continue
+        p = out / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        paths[name] = str(p)
+    return train, HeldOut(paths["nl"], paths["code"], counts)
+
+
+def _chunked(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
