@@ -4,9 +4,13 @@ Connects to the cluster named by RAY_ADDRESS (set by `ray job submit`) and runs 
 `cglab ablate`; MLflow comes from $MLFLOW_TRACKING_URI or --tracking-uri.
 """
 import argparse
+import os
 import sys
 
-from cglab.tune.cli import main
+# The submitted checkout's code, not whatever cglab the cluster image has installed.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
+
+from cglab.tune.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     # Accept `--lesson N` as well as the positional form of `cglab ablate N`.

@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     from cglab.config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `cglab train CONFIG --name x a.b=1`: dotted overrides may come after options too
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         rc = args.func(args)
     except ConfigError as err:

@@ -292,7 +292,7 @@ def _format(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        lines += [f"{loc}: {msg}"] if loc else msg.split("; ")  # cross-field errors each name their field
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -4,7 +4,6 @@ table and verdict, writes the HTML report, and says how to open the MLflow UI on
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -14,7 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("--lesson", type=int, default=2, help="which lesson grid to run (default 2: clm vs infill)")
     p.add_argument("--workdir", default=".cglab/demo", help="corpus, MLflow store, Tune storage, report")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial (default: laptop preset)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs for the local Ray (default: all cores, at least what one trial needs)")
     p.set_defaults(func=run_demo)
 
 
@@ -30,14 +30,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from cglab.track.server import make_server
     from cglab.tune.lessons import get_lesson
     from cglab.tune.presets import base_config
-    from cglab.tune.sweep import default_train_fn, run_lesson
-    from cglab.tune.tiny_fit import tiny_fit
+    from cglab.tune.sweep import run_lesson
 
     t0 = time.monotonic()
-    train_fn = default_train_fn()
-    if train_fn is tiny_fit:
-        print("note: cglab.train.trainer is not available; trials run the tiny stand-in trainer "
-              "(cglab.tune.tiny_fit), whose numbers say nothing about the lesson", flush=True)
     lesson = get_lesson(args.lesson)
     work = Path(args.workdir).resolve()
     corpus = work / "corpus"
@@ -54,15 +49,15 @@ def run_demo(args: argparse.Namespace) -> int:
     _step(f"starting MLflow at {server.uri} (store {server.backend_store_uri})", t0)
     server.start()
     try:
-        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+        if args.num_cpus:
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         try:
             name = f"demo-lesson{lesson.number}-{time.strftime('%Y%m%d-%H%M%S')}"
             _step(f"lesson {lesson.number} ({lesson.question}): {len(lesson.variants)} variants, "
                   f"{base.train.train_steps} steps each", t0)
+            # Trials train with cglab.train.trainer.fit, then evaluate on the held-out split.
             res = run_lesson(lesson, preset="laptop", base=base, storage_path=str(work / "tune"), name=name,
-                             tracking_uri=server.uri, train_fn=train_fn, resume=False,
-                             verbose=0)
+                             tracking_uri=server.uri, resume=False, verbose=0)
         finally:
             ray.shutdown()
         for r in res.errors:

@@ -1,14 +1,16 @@
 """cglab.track.metrics: names, input checks, and a live scrape of Ray's Prometheus endpoint.
 
-The live test runs a real local Ray with metrics export on 127.0.0.1, emits every metric from a Ray actor (training
-side) and a Ray task (data side), scrapes /metrics and checks that every series the Grafana dashboard queries is there.
+The live test starts a Ray head (`ray start`, metrics export on a free port), runs a real 3-step `cglab train` against
+it (RAY_ADDRESS), scrapes /metrics while it runs and checks that every series the Grafana dashboard queries is there,
+with the values the run must have produced.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
-import socket
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -17,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from cglab.track import metrics as M
+from tests.clusters.ray_head import BIN, head_env, ray_head
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "dashboards" / "grafana" / "cglab.json"
 
-# What the workload reports; the scrape must show these exact values.
-STEP = {"step": 7, "loss": 2.5, "tokens_per_s": 12345.0, "mfu": 0.42, "step_time_s": 0.3, "data_wait_s": 0.02,
-        "checkpoint_s": 1.5, "lr": 3e-4, "grad_norm": 0.9, "tokens": 4096}
-SKIPS = {"max_line_length": 3, "duplicate": 2}
+CONFIG = REPO / "jobs" / "configs" / "tiny_cpu.yaml"
+EXPERIMENT, TRIAL = "test/metrics", "metrics-live"
+STEPS, SEQ, GLOBAL_BATCH = 3, 128, 8
 
 
 def dashboard_exprs() -> list[str]:
@@ -66,90 +68,106 @@ def test_skipped_needs_a_reason():
 
 
 # ---------------------------------------------------------------------------------------------- live Ray
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, list]:
-    """name -> [(labels, value)] for every cglab sample on the endpoint."""
+def _scrape(port: int) -> dict[tuple, float]:
+    """{(name, sorted labels): value} for every cglab sample on the endpoint ({} while it is not up yet)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, list] = {}
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:  # the agent opens the endpoint a few seconds after the head answers
+        return {}
+    out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name.startswith("ray_cglab_"):
-                out.setdefault(s.name, []).append((s.labels, s.value))
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
 
-def emit_workload(experiment: str) -> None:
-    """Emit every metric from inside Ray workers, the way the platform does.
+def _corpus_with_a_bad_record(out: Path) -> Path:
+    """The micro corpus, with one malformed JSON line as the very first Pile record: the stream's first read task
+    reads it first, so exactly one `malformed_json` skip must be counted."""
+    import zstandard
 
-    The lead swaps this for the training entry point (a short `cglab train` run) once it reports through
-    cglab.track.metrics; the scrape checks below stay the same.
-    """
-    import ray
+    from cglab.data.corpus import build_corpus
 
-    @ray.remote(num_cpus=0)
-    class Trainer:  # stands in for a Ray Train worker
-        def step(self) -> bool:
-            m = M.TrainMetrics(experiment=experiment, trial="t0", rank=0)
-            m.report(STEP)
-            return True
+    build_corpus(out, nl_chars=250_000, code_bytes=400_000, shards=2)
+    first = sorted((out / "pile").glob("*.jsonl.zst"))[0]
+    text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(first.read_bytes())).read()
+    first.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": not json\n' + text))
+    return out
 
-    @ray.remote(num_cpus=0)
-    def filter_stage() -> bool:  # stands in for the Ray Data filter task
-        d = M.DataMetrics(experiment=experiment, source="stack")
-        d.skipped_counts(SKIPS)
-        d.kept(10)
-        return True
 
-    trainer = Trainer.remote()
-    assert ray.get([trainer.step.remote(), filter_stage.remote()]) == [True, True]
-    return trainer  # keep the actor (and its metrics) alive until the scrape is done
+def _expected_series() -> set[str]:
+    # MFU needs the device's peak FLOP/s, which only GPUs have (cglab.train.flops): a CPU run exports no MFU.
+    return dashboard_metric_names() - {"ray_cglab_mfu"}
 
 
 @pytest.mark.slow
-def test_every_dashboard_metric_is_scraped_from_a_live_ray(monkeypatch):
-    import ray
-
-    # No token auth for this private throwaway cluster (Ray 2.60 would otherwise write ~/.ray/auth_token).
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    port = _free_port()
-    # Ray's unix sockets live under the temp dir and must stay under 107 bytes: pytest's tmp_path is too deep.
-    temp_dir = tempfile.mkdtemp(prefix="cgm", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=port,
-             _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
+def test_every_dashboard_metric_is_scraped_from_a_live_training_run():
+    tmp = Path(tempfile.mkdtemp(prefix="cgm", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
     try:
-        keep = emit_workload(experiment="test/metrics")
-        wanted = dashboard_metric_names()
-        # Ray exports on an interval (~10 s); poll until everything shows up or give up with a clear message.
-        deadline, seen = time.monotonic() + 90, {}
-        while time.monotonic() < deadline:
-            seen = _scrape(port)
-            if wanted <= seen.keys():
-                break
-            time.sleep(2)
-        missing = wanted - seen.keys()
-        assert not missing, f"series the dashboard queries but Ray did not export: {sorted(missing)}"
+        corpus = _corpus_with_a_bad_record(tmp / "corpus")
+        env = head_env(tmp)
+        with ray_head(tmp, env) as head:
+            cmd = [str(BIN / "cglab"), "train", "--name", TRIAL, "--storage", str(tmp / "runs"), str(CONFIG),
+                   f"train.train_steps={STEPS}", f"data.seq_length={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}",
+                   f"track.experiment={EXPERIMENT}",
+                   f"data.sources.0.paths=[{corpus / 'stack'}]", f"data.sources.1.paths=[{corpus / 'pile'}]"]
+            log = open(tmp / "train.log", "w+")
+            proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": head.gcs}, cwd=tmp, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            # Workers push metrics to the node's agent every few seconds and the run is short: scrape while it
+            # runs and keep the latest value of every series, until the final step's values are in.
+            seen: dict[tuple, float] = {}
+
+            def values(name, **labels):  # Ray adds labels of its own (WorkerId, SessionName, ...)
+                want = set(labels.items())
+                return [v for (n, lab), v in seen.items() if n == name and want <= set(lab)]
+
+            tags = dict(experiment=EXPERIMENT, trial=TRIAL, rank="0")
+            wanted = _expected_series()
+            deadline = None
+            while True:
+                seen.update(_scrape(head.metrics_port))
+                done = proc.poll() is not None
+                # The counter moves last in TrainMetrics.report: its final value means the last step's gauges are in.
+                if done and (proc.returncode != 0 or (wanted <= {n for n, _ in seen} and values(
+                        "ray_cglab_tokens_total", **tags) == [STEPS * GLOBAL_BATCH * SEQ])):
+                    break
+                if done and deadline is None:
+                    deadline = time.monotonic() + 60  # Ray's export interval is ~10 s
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            log.seek(0)
+            out = log.read()
+            log.close()
+        assert proc.returncode == 0, f"cglab train failed:\n{out[-5000:]}"
+        missing = wanted - {n for n, _ in seen}
+        assert not missing, f"series the dashboard queries but the run did not export: {sorted(missing)}"
 
         def value(name, **labels):
-            vals = [v for lab, v in seen[name] if all(lab.get(k) == x for k, x in labels.items())]
-            assert len(vals) == 1, (name, labels, seen[name])
+            vals = values(name, **labels)
+            assert len(vals) == 1, (name, labels, vals)
             return vals[0]
 
-        tags = dict(experiment="test/metrics", trial="t0", rank="0")
-        for key, spec in M.TRAIN_GAUGES.items():
-            assert value(M.EXPORT_PREFIX + spec.name, **tags) == pytest.approx(STEP[key])
-        assert value("ray_cglab_tokens_total", **tags) == STEP["tokens"]
-        assert value("ray_cglab_step_duration_seconds_count", **tags) == 1
-        for reason, n in SKIPS.items():
-            assert value("ray_cglab_samples_skipped_total", source="stack", reason=reason) == n
-        assert value("ray_cglab_samples_kept_total", source="stack") == 10
-        del keep
+        assert value("ray_cglab_step", **tags) == STEPS
+        assert value("ray_cglab_tokens_total", **tags) == STEPS * GLOBAL_BATCH * SEQ
+        assert value("ray_cglab_step_duration_seconds_count", **tags) == STEPS
+        assert 0 < value("ray_cglab_loss", **tags) < 20
+        assert value("ray_cglab_learning_rate", **tags) > 0
+        assert value("ray_cglab_grad_norm", **tags) > 0
+        assert value("ray_cglab_checkpoint_seconds", **tags) > 0  # saved at the last step
+        step_time = value("ray_cglab_step_time_seconds", **tags)
+        assert 0 <= value("ray_cglab_data_wait_seconds", **tags) <= step_time
+        assert value("ray_cglab_tokens_per_second", **tags) == pytest.approx(GLOBAL_BATCH * SEQ / step_time)
+
+        # Data side: counted by the stream's read tasks, per source (the config's source names). Each task's process
+        # exports its own series (Ray adds a WorkerId label); the dashboard sums them, and so do we.
+        assert sum(values("ray_cglab_samples_skipped_total", experiment=EXPERIMENT, source="pile",
+                          reason="malformed_json")) == 1
+        for source in ("stack", "pile"):
+            assert sum(values("ray_cglab_samples_kept_total", experiment=EXPERIMENT, source=source)) > 0
     finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)

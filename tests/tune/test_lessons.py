@@ -82,5 +82,10 @@ def test_concurrency_follows_the_scarcest_resource():
     assert max_concurrent(need, {"CPU": 1024, "GPU": 64}, n_trials=4) == 4  # never more than trials
     with pytest.raises(ConfigError, match="needs 8 GPU"):
         max_concurrent(need, {"CPU": 1024, "GPU": 4}, n_trials=4)
-    laptop = trial_resources(base_config("laptop"), PRESETS["laptop"].driver_cpus)
-    assert max_concurrent(laptop, {"CPU": 2.0}, n_trials=2) == 1
+    lp = PRESETS["laptop"]
+    laptop = trial_resources(base_config("laptop"), lp.driver_cpus, lp.data_cpus)
+    assert laptop == {"CPU": 2.5}  # Tune driver 0.5 + Train worker 1 + headroom for its Ray Data tasks
+    assert max_concurrent(laptop, {"CPU": 3.0}, n_trials=2) == 1
+    assert max_concurrent(laptop, {"CPU": 5.0}, n_trials=2) == 2
+    with pytest.raises(ConfigError, match="needs 2.5 CPU"):
+        max_concurrent(laptop, {"CPU": 2.0}, n_trials=2)  # would wait forever for its own data tasks

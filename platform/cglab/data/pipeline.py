@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from cglab.data import readers
-from cglab.data.dedup import content_hashes, duplicate_mask
+from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
 from cglab.data.filters import filter_reasons
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_len", "objective")
@@ -80,18 +81,30 @@ def _chunks(it, n):
         yield chunk
 
 
-def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes) -> Iterator[tuple[int, str]]:
-    """(key, text) of the documents of `files` that pass reading, filters and dedup, in record order."""
+def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes,
+                    metrics=None) -> Iterator[tuple[int, str]]:
+    """(key, text) of the documents of `files` that pass reading, filters and dedup, in record order.
+
+    `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
+    """
     for f in files:
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
-            if not ok:
-                continue
-            texts = [r.text for r in ok]
-            keep = filter_reasons(texts, fcfg) == ""
-            if survivors:
-                keys = [r.key for r in ok]
-                keep &= ~duplicate_mask(content_hashes(texts), keys, survivors)
+            skipped = Counter(r.reason for r in chunk if r.reason)
+            keep = np.zeros(0, bool)
+            if ok:
+                texts = [r.text for r in ok]
+                reasons = filter_reasons(texts, fcfg)
+                keep = reasons == ""
+                skipped.update(reasons[~keep].tolist())
+                if survivors:
+                    keys = [r.key for r in ok]
+                    dup = keep & duplicate_mask(content_hashes(texts), keys, survivors)
+                    skipped[DUPLICATE] += int(dup.sum())
+                    keep &= ~dup
+            if metrics is not None:
+                metrics.skipped_counts(skipped)
+                metrics.kept(int(keep.sum()))
             for r, k in zip(ok, keep):
                 if k:
                     yield r.key, r.text
@@ -195,8 +208,12 @@ def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int
             for t in range(m)]
 
 
-def mix_dataset(plan: DataPlan, fcfg, seed: int):
-    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text)."""
+def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
+    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text).
+
+    With `count_as` (an experiment name) the read tasks export kept/skipped document counts per source to
+    Prometheus (cglab.track.metrics.DataMetrics).
+    """
     import pyarrow as pa
     import ray
 
@@ -215,7 +232,14 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int):
         })
 
     def read(task, spec):
-        streams = [_kept_documents(src, files, fcfg, survivors, max_bytes) for src, files in spec]
+        def counter(src):
+            if count_as is None:
+                return None
+            from cglab.track.metrics import DataMetrics
+
+            return DataMetrics(experiment=count_as, source=src.name)
+
+        streams = [_kept_documents(src, files, fcfg, survivors, max_bytes, counter(src)) for src, files in spec]
         w = np.array([plan.weights[src.index] for src, _ in spec])
         rng = np.random.default_rng([seed, task, _MIX_TAG])
         rows, chars = [], 0
@@ -344,13 +368,16 @@ def _ordered():
     return ctx
 
 
-def build_dataset(cfg, epoch: int, plan: DataPlan | None = None):
-    """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window)."""
+def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents: bool = False):
+    """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window).
+
+    `count_documents`: export kept/skipped document counts (tagged cfg.track.experiment) while reading.
+    """
     plan = plan or prepare_data(cfg)
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
     reserve = _reserve(cfg)
-    ds = mix_dataset(plan, d.filters, d.seed)
+    ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None)
     ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))
     ds = ds.map_batches(pack_block, batch_size=None, batch_format="pyarrow",
                         fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve))
@@ -368,7 +395,8 @@ def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start_index:
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    ds = build_dataset(cfg, epoch, plan)
+    # Every DP rank reads the whole stream; only rank 0's read is counted, so each document counts once per epoch.
+    ds = build_dataset(cfg, epoch, plan, count_documents=dp_rank == 0)
     keys = SAMPLE_KEYS
     buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + ("sample_index",)}
     have, base = 0, 0

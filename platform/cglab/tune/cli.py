@@ -33,6 +33,7 @@ def ablate(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from cglab.config import ConfigError
     from cglab.report import collect, text_table, verdict_lines, write_report
     from cglab.track.server import make_server
     from cglab.tune.lessons import get_lesson
@@ -47,6 +48,9 @@ def ablate(args: argparse.Namespace) -> int:
         sources = micro_corpus_sources()
         print(f"data: the micro corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
         base = base_config(preset, args.config, [f"data.sources={json.dumps(sources)}", *args.overrides])
+    if not base.data.sources:
+        raise ConfigError("data.sources: no sources configured; pass --config with data.sources (only the laptop "
+                          "preset falls back to the micro corpus)")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     with contextlib.ExitStack() as stack:
         if not uri:

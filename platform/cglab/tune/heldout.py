@@ -27,19 +27,16 @@ class HeldOut:
     counts: dict[str, int]  # docs written per kind, and duplicates of training docs dropped
 
 
-def _docs(src, files: list[int], fcfg: FilterConfig, limit: int | None):
+def _docs(src, files: list[int], fcfg: FilterConfig):
+    """Texts of the files' documents that the training readers and filters keep."""
     from cglab.data import readers
     from cglab.data.filters import filter_reasons
 
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     for f in files:
         for r in readers.read_file(src, f, max_bytes):
-            if r.reason or filter_reasons([r.text], fcfg)[0]:
-                continue
-            yield r.text
-            limit = None if limit is None else limit - 1
-            if limit == 0:
-                return
+            if not r.reason and not filter_reasons([r.text], fcfg)[0]:
+                yield r.text
 
 
 def split_sources(sources: list[dict[str, Any]] | list[SourceConfig], out_dir: str | Path, *,
@@ -57,33 +54,34 @@ def split_sources(sources: list[dict[str, Any]] | list[SourceConfig], out_dir: s
     held: dict[str, list[tuple[readers.SourceFiles, int]]] = {"pile": [], "stack": []}
     for cfg, src in zip(cfgs, resolved):
         d = cfg.model_dump(mode="json")
+        # Explicit files, local ones absolute: trials run in other working directories.
+        d["paths"] = [f if "://" in f else str(Path(f).resolve()) for f in src.files]
         if len(src.files) >= 2:
-            # Absolute: trials run in other working directories.
-            d["paths"] = [f if "://" in f else str(Path(f).resolve()) for f in src.files[:-1]]
+            d["paths"] = d["paths"][:-1]
             held[src.kind].append((src, len(src.files) - 1))
         train.append(d)
     if not held["pile"] and not held["stack"]:
         raise ConfigError("data.sources: no source has two or more files, so none can be held out for evaluation")
 
     train_srcs = readers.resolve_files([SourceConfig(**d) for d in train])
-    size = sum(Path(f).stat().st_size for s in train_srcs for f in s.files if Path(f).exists())
+    files = [f for s in train_srcs for f in s.files]
+    local = not any("://" in f for f in files)
     seen: set[str] = set()
-    if size <= _MAX_DEDUP_BYTES:
+    if local and sum(Path(f).stat().st_size for f in files) <= _MAX_DEDUP_BYTES:
         for s in train_srcs:
-            for chunk in _chunked(_docs(s, list(range(len(s.files))), fcfg, None), 512):
+            for chunk in _chunked(_docs(s, list(range(len(s.files))), fcfg), 512):
                 seen.update(content_hashes(chunk))
     paths: dict[str, str | None] = {}
     counts = {"duplicates_dropped": 0}
     for kind, name in (("pile", "nl"), ("stack", "code")):
         texts: list[str] = []
-        for src, f in held[kind]:
-            for text in _docs(src, [f], fcfg, None):
-                if content_hashes([text])[0] in seen:
-                    counts["duplicates_dropped"] += 1
-                    continue
-                texts.append(text)
-                if len(texts) >= max_docs:
-                    break
+        for text in (t for src, f in held[kind] for t in _docs(src, [f], fcfg)):
+            if content_hashes([text])[0] in seen:
+                counts["duplicates_dropped"] += 1
+                continue
+            texts.append(text)
+            if len(texts) >= max_docs:
+                break
         counts[name] = len(texts)
         if not texts:
             paths[name] = None

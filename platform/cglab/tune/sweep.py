@@ -2,9 +2,10 @@
 
 Ray Train V2 inside Tune (the Ray 2.43+ pattern): the Tune trial is a plain function that builds the config,
 opens its MLflow child run and calls `train_fn(cfg, storage_path=..., name=..., mlflow=...)`, which runs a
-TorchTrainer and returns final metrics. The trial function holds only `driver_cpus`; the Train workers are
-scheduled by Train itself, so `max_concurrent_trials` is derived from what one trial's workers need, which
-keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
+TorchTrainer and returns final metrics. The trial function holds only `driver_cpus`; `fit` and the evaluation
+run as zero-CPU tasks outside the trial's placement group, the Train workers are scheduled by Train itself, and
+`max_concurrent_trials` is derived from what one trial's workers (plus `data_cpus` of headroom for their Ray
+Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
 returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
 
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
@@ -60,16 +61,18 @@ class TrialSpec:
     heldout_code: str | None = None
 
 
-def _train(train_fn: TrainFn, cfg: CGLabConfig, **kwargs) -> dict:
-    """train_fn as a zero-CPU task outside the trial's placement group. Tune captures a trial's child tasks
-    into the trial's bundle (here `driver_cpus`, e.g. 0.5 CPU); the Ray Data tasks that `fit` starts on its
-    driver (dedup scan, shuffle) each ask for a whole CPU and could never be scheduled there."""
+def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
+    """fn(*args, **kwargs) as a zero-CPU Ray task outside the trial's placement group, waited for.
+
+    Tune captures a trial's child tasks into the trial's bundle (`driver_cpus`, e.g. 0.5 CPU): the Ray Data
+    tasks that `fit` starts on its driver (dedup scan, shuffle) each ask for a whole CPU and could never be
+    scheduled there, and evaluation wants the GPU the Train workers have just released."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=None))(train_fn)
-    return ray.get(task.remote(cfg, **kwargs))
+    task = ray.remote(num_cpus=0, num_gpus=num_gpus, max_retries=0,
+                      scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(fn)
+    return ray.get(task.remote(*args, **kwargs))
 
 
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
@@ -91,9 +94,10 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             params=flatten(cfg), config_yaml=dump_config(cfg))
         ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
     try:
-        metrics = _train(spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}",
-                         mlflow=ctx)
-        metrics.update(evaluate_checkpoint(metrics.get("checkpoint"), cfg, spec.heldout_nl, spec.heldout_code))
+        metrics = _outside_trial(spec.train_fn, cfg, storage_path=spec.train_storage,
+                                 name=f"{spec.sweep}-{trial_id}", mlflow=ctx)
+        metrics.update(_outside_trial(evaluate_checkpoint, metrics.get("checkpoint"), cfg, spec.heldout_nl,
+                                      spec.heldout_code, num_gpus=1 if cfg.parallel.use_gpu else 0))
     except BaseException:
         if tracker is not None:
             try:
