@@ -168,7 +168,7 @@ class TrainConfig(_Section):
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)  # Ray Train reports (a sync point, ~seconds each); MLflow gets every step
     max_failures: int = Field(0, ge=0)
 
 

@@ -130,14 +130,21 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
     path = Path(checkpoint_or_hf_dir)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    scratch = None
     if not _is_hf_dir(path):
-        path = _export(path)
+        path = scratch = _export(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path)
+    finally:
+        if scratch is not None:  # both are in memory now; the exported copy is no longer needed
+            import shutil
+
+            shutil.rmtree(scratch.parent, ignore_errors=True)
     return HFGenerator(model, tok, batch_size=batch_size, device=device)
 
 
