@@ -144,7 +144,7 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
         if scratch is not None:  # both are in memory now; the exported copy is no longer needed
             import shutil
 
-            shutil.rmtree(scratch.parent, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     return HFGenerator(model, tok, batch_size=batch_size, device=device)
 
 
