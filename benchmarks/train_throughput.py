@@ -33,7 +33,7 @@ CASES = {
 def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: int):
     from cglab.config import from_dict
     from cglab.distributed import init_parallel
-    from cglab.train.step import build_train_state, train_step
+    from cglab.train.step import build_train_state
 
     cfg = from_dict({}, [f"model.preset={preset}", "parallel.use_gpu=true", "train.precision=bf16",
                          f"data.seq_length={seq}", f"train.micro_batch_size={mb}",

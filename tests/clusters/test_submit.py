@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cglab.track import submit as S
+from tests.clusters.ray_head import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -28,16 +28,6 @@ DUMMIES = [".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", ".cglab/c
            "mlflow.db", ".git/objects/pack/pack-1.pack"]
 DUMMY_BYTES = 5 * MIB
 MAX_PACKAGE_MIB = 4.0
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _checkout_copy(dst: Path) -> Path:
@@ -67,7 +57,7 @@ def ray_head():
     """The local recipe (clusters/local.sh) on free ports with a private HOME and temp dir: a Ray head with token
     auth and the driver slots, plus MLflow. Stopped with the recipe's own `stop`."""
     tmp = Path(tempfile.mkdtemp(prefix="cgs", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
-    gcs, dash, metrics, client, mlflow, agent_http, agent_grpc, rt_agent, om, nm = _free_ports(10)
+    gcs, dash, metrics, client, mlflow, agent_http, agent_grpc, rt_agent, om, nm = free_ports(10)
     env = {**os.environ, "HOME": str(tmp), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_PACKAGE_SIZE_WARNING_MIB": "0", "BIN": str(Path(sys.executable).parent),
            "CGLAB_STATE": str(tmp / "state"), "RAY_PORT": str(gcs), "DASHBOARD_PORT": str(dash),

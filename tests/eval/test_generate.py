@@ -49,7 +49,7 @@ def test_load_generator_errors(tmp_path):
         load_generator(tmp_path / "missing")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"not": "hf"}))
-    with pytest.raises(ValueError, match="not an HF model directory"):
+    with pytest.raises(ValueError, match="neither an HF model directory"):
         load_generator(tmp_path / "ckpt")
 
 

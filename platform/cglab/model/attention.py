@@ -5,7 +5,6 @@ A drop-in for Megatron's DotProductAttention in a layer spec: same constructor a
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
