@@ -39,7 +39,8 @@ def test_invalid_config_names_the_field(overrides, field):
 
 
 def test_valid_defaults_do_not_raise():
-    from_dict({}, ["model.preset=tiny"])
+    cfg = from_dict({}, ["model.preset=tiny"])
+    assert cfg.world_size == 1 and cfg.model.head_dim == 16 and cfg.model.ffn_size == 256
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):

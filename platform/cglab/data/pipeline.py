@@ -5,7 +5,7 @@
     for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, start_index, batch_size, plan): ...
 
 How the stages map onto Ray Data:
-- read+filter+dedup+mix is one custom `Datasource` (`MixDatasource`). Each read task owns a contiguous slice of every
+- read+filter+dedup+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a contiguous slice of every
   source's files, applies the filters and the dedup table, and interleaves the surviving documents by the mixture
   weights with a seeded generator. Doing the mixing inside the read keeps it exact (ratios count documents that are
   actually trained on) and streaming (no barrier, no shuffle).
@@ -146,6 +146,25 @@ def _size(path: str) -> int | None:
         return None
 
 
+def _read_specs(name: str, specs, fn):
+    """A Dataset with one read task per spec, fn(task, spec) yielding its blocks; Ray names the stage Read<name>."""
+    import ray
+
+    Datasource, _, _ = _ray_data()
+
+    class SpecDatasource(Datasource):
+        def get_name(self) -> str:
+            return name
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return _make_read_tasks(specs, fn)
+
+    return ray.data.read_datasource(SpecDatasource())
+
+
 def _make_read_tasks(specs, fn):
     _, ReadTask, BlockMetadata = _ray_data()
     tasks = []
@@ -164,9 +183,7 @@ def scan_dataset(sources, fcfg):
     The text itself is dropped after hashing: counting and dedup need only this projection.
     """
     import pyarrow as pa
-    import ray
 
-    Datasource, _, _ = _ray_data()
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
 
     def read(task, spec):
@@ -190,14 +207,7 @@ def scan_dataset(sources, fcfg):
 
     specs = [[(src, [f])] for src in sources for f in range(len(src.files))]
 
-    class ScanDatasource(Datasource):
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(specs, read)
-
-    return ray.data.read_datasource(ScanDatasource())
+    return _read_specs("Scan", specs, read)
 
 
 def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int]]]]:
@@ -215,11 +225,9 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
     Prometheus (cglab.track.metrics.DataMetrics).
     """
     import pyarrow as pa
-    import ray
 
     from cglab.data.mixture import interleave
 
-    Datasource, _, _ = _ray_data()
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     specs = mix_specs(plan.sources, plan.weights)
     survivors = plan.survivors
@@ -252,14 +260,7 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
         if rows:
             yield table(rows)
 
-    class MixDatasource(Datasource):
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(specs, read)
-
-    return ray.data.read_datasource(MixDatasource())
+    return _read_specs("Mix", specs, read)
 
 
 # ---------------------------------------------------------------------------------------------- stages
