@@ -61,6 +61,9 @@ class ModelConfig(_Section):
     # auto: Transformer Engine if installed, else SDPA on GPU, else Megatron's local attention on CPU.
     attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
     fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
+    # sdpa backend: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile on
+    # GPU, eager on CPU). Off until its GPU benefit is measured (benchmarks/train_throughput.py, case cglab-compiled).
+    compile_fusions: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -240,6 +243,8 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
             e.append(f"model.rotary_dim: {m.rotary_dim} exceeds the head dimension {m.head_dim}")
         if m.rotary_dim % 2:
             e.append(f"model.rotary_dim: {m.rotary_dim} must be even")
+    if m.compile_fusions and m.attention_backend == "local":
+        e.append("model.compile_fusions: needs the sdpa attention backend (model.attention_backend is 'local')")
     if d.num_sentinels < o.max_spans:
         e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label objective.max_spans="
                  f"{o.max_spans} spans")

@@ -8,9 +8,10 @@ from cglab.model.hf_convert import cglab_to_hf, export_hf, hf_to_cglab, load_int
 from tests.model.conftest import tiny_hf
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "local"])
+@pytest.mark.parametrize("backend", ["sdpa", "local", "sdpa+fused"])
 def test_converted_logits_match_hf(single_rank, tiny_cfg, backend):
-    m = tiny_cfg.model.model_copy(update={"attention_backend": backend, "document_masking": False})
+    m = tiny_cfg.model.model_copy(update={"attention_backend": backend.split("+")[0], "document_masking": False,
+                                          "compile_fusions": backend.endswith("+fused")})
     hf = tiny_hf(m)
     ours = build_model(m, tiny_cfg.parallel).eval()
     load_into(ours, hf_to_cglab(hf.state_dict(), m))

@@ -1,7 +1,8 @@
 """Core attention through torch.nn.functional.scaled_dot_product_attention (flash / cuDNN / efficient kernels).
 
 A drop-in for Megatron's DotProductAttention in a layer spec: same constructor and forward signature, inputs
-[s, b, heads_per_partition, head_dim], output [s, b, heads_per_partition * head_dim].
+[s, b, heads_per_partition, head_dim], output [s, b, heads_per_partition * head_dim]. `attend` takes q, k, v already
+in SDPA's [b, heads, s, head_dim] layout (the fused qkv + rotary path produces them that way).
 """
 from __future__ import annotations
 
@@ -20,12 +21,16 @@ class SDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         assert packed_seq_params is None and attention_bias is None
-        sq, b, np_, hn = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        return self.attend(*(t.permute(1, 2, 0, 3) for t in (query, key, value)), attention_mask)
+
+    def attend(self, q, k, v, attention_mask):
+        """q, k, v [b, heads, s, head_dim]; attention_mask None (causal) or bool [b|1, 1, s, s], True = hidden.
+        Returns [s, b, heads * head_dim]."""
         p = self.dropout if self.training else 0.0
         if attention_mask is None:  # pure causal: lets SDPA pick the flash kernel
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
                                                  scale=self.softmax_scale)
+        b, np_, sq, hn = out.shape
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

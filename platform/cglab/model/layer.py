@@ -3,7 +3,8 @@
     x + attn(ln(x)) + mlp(ln(x))
 
 Attention projections carry no bias (as in CodeGen); the MLP does. Everything else (TP-sharded linears, rotary,
-core attention) comes from Megatron through the spec.
+core attention) comes from Megatron through the spec. `FusedSelfAttention` and `fused_residual=True` swap the
+elementwise glue for the compiled kernels of `cglab.model.fused`; the GEMMs and their parallelism are unchanged.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import dataclasses
 import torch.nn.functional as F
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from cglab.model import fused
 
 
 class NoBiasSelfAttention(SelfAttention):
@@ -23,7 +26,37 @@ class NoBiasSelfAttention(SelfAttention):
         super().__init__(config, *args, **kwargs)
 
 
+# Arguments that take Megatron's general path (inference, packed sequences, precomputed cos/sin, biases).
+_GENERAL_PATH_ARGS = ("key_value_states", "inference_context", "inference_params", "packed_seq_params",
+                      "attention_bias", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")
+
+
+class FusedSelfAttention(NoBiasSelfAttention):
+    """Training forward as qkv GEMM -> one fused split + rotary + layout kernel -> SDPA -> output GEMM.
+    Needs the SDPA core attention and as many key/value heads as query heads (CodeGen's layout)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        assert hasattr(self.core_attention, "attend"), "FusedSelfAttention needs the sdpa core attention"
+        assert self.num_query_groups_per_partition == self.num_attention_heads_per_partition, "no GQA in CodeGen"
+
+    def forward(self, hidden_states, attention_mask, **kwargs):
+        freqs = kwargs.get("rotary_pos_emb")
+        if freqs is None or any(kwargs.get(k) is not None for k in _GENERAL_PATH_ARGS):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if isinstance(freqs, tuple):  # (query, key) frequencies: the same tensor for self-attention
+            freqs = freqs[0]
+        mixed, _ = self.linear_qkv(hidden_states)
+        q, k, v = fused.qkv_rope(mixed, freqs, self.num_attention_heads_per_partition,
+                                 self.hidden_size_per_attention_head)
+        return self.linear_proj(self.core_attention.attend(q, k, v, attention_mask))
+
+
 class ParallelResidualLayer(TransformerLayer):
+    def __init__(self, *args, fused_residual: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_residual = fused_residual
+
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None, inference_context=None,
                 packed_seq_params=None, sequence_len_offset=None, **kwargs):
@@ -34,6 +67,8 @@ class ParallelResidualLayer(TransformerLayer):
             attention_bias=attention_bias, packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset)
         mlp, mlp_bias = self.mlp(ln)
+        if self.fused_residual and attn_bias is None and (self.hidden_dropout == 0.0 or not self.training):
+            return fused.residual_sum(hidden_states, attn, mlp, mlp_bias), context
         if attn_bias is not None:
             attn = attn + attn_bias
         if mlp_bias is not None:

@@ -11,7 +11,7 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from cglab.model.layer import NoBiasSelfAttention, ParallelResidualLayer
+from cglab.model.layer import FusedSelfAttention, NoBiasSelfAttention, ParallelResidualLayer
 
 
 def have_te() -> bool:
@@ -27,8 +27,11 @@ def resolve_backend(backend: str) -> str:
     return "sdpa"
 
 
-def codegen_layer_spec(backend: str = "auto") -> ModuleSpec:
+def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> ModuleSpec:
+    """compile_fusions: with the sdpa backend, the fused qkv + rotary attention and the one-pass residual sum
+    (cglab.model.fused); TE brings its own fusions."""
     backend = resolve_backend(backend)
+    fuse = compile_fusions and backend == "sdpa"
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
@@ -43,10 +46,11 @@ def codegen_layer_spec(backend: str = "auto") -> ModuleSpec:
             from megatron.core.transformer.dot_product_attention import DotProductAttention as core
     return ModuleSpec(
         module=ParallelResidualLayer,
+        params={"fused_residual": fuse},
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=NoBiasSelfAttention,
+                module=FusedSelfAttention if fuse else NoBiasSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(linear_qkv=col, core_attention=core, linear_proj=row,
                                                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),

@@ -19,6 +19,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from cglab import megatron_foreach
 from cglab.config import CGLabConfig, ModelConfig
 from cglab.model.codegen import batch_mask, build_model
 
@@ -51,6 +52,7 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, clip_grad=t.grad_clip, bf16=bf16, params_dtype=tc.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    megatron_foreach.apply()  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
     if torch.cuda.is_available() and t.fused_adam:
         _use_fused_adam(optimizer)

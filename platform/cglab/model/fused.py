@@ -1,0 +1,53 @@
+"""The CodeGen block's elementwise glue, written as pure functions and compiled into one kernel each on GPU.
+
+Between its GEMMs the eager block spends its time moving activations: Megatron splits the qkv projection into
+strided views, applies partial rotary to q and k in about eight passes each (slice, cos, rotate-half, sin, add, cat),
+and SDPA then copies the heads into its layout; the parallel residual `x + attn + mlp + bias` is three more passes.
+`qkv_rope` does split + rotary + [b, heads, s, head_dim] layout in one read of the qkv output and one write of
+q, k, v (and one kernel back in the backward); `residual_sum` is one pass. On CPU they run eagerly (same maths).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved ("rotate half") rotary on the first cos.shape[-1] dims of t; the rest pass."""
+    rot = cos.shape[-1]
+    t_rot, t_pass = t[..., :rot], t[..., rot:]
+    x1, x2 = t_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)
+
+
+def qkv_rope_eager(mixed: torch.Tensor, freqs: torch.Tensor, heads: int, head_dim: int):
+    """mixed [s, b, heads*3*head_dim] in Megatron's per-head [q|k|v] layout (no GQA), freqs [s, 1, 1, rot]
+    -> q, k, v as contiguous [b, heads, s, head_dim], rotary applied to q and k."""
+    s, b, _ = mixed.shape
+    q, k, v = mixed.view(s, b, heads, 3, head_dim).unbind(3)
+    cos, sin = torch.cos(freqs).to(mixed.dtype), torch.sin(freqs).to(mixed.dtype)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return tuple(t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
+
+
+def residual_sum_eager(hidden: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
+                       mlp_bias: torch.Tensor | None) -> torch.Tensor:
+    out = hidden + attn + mlp
+    return out if mlp_bias is None else out + mlp_bias
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def qkv_rope(mixed, freqs, heads, head_dim):
+    fn = _compiled(qkv_rope_eager) if mixed.is_cuda else qkv_rope_eager
+    return fn(mixed, freqs, heads, head_dim)
+
+
+def residual_sum(hidden, attn, mlp, mlp_bias):
+    fn = _compiled(residual_sum_eager) if hidden.is_cuda else residual_sum_eager
+    return fn(hidden, attn, mlp, mlp_bias)
