@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one device call: the `gpu`-marked tests, then benchmarks/train_throughput.py
+# (cglab cases beside HF CodeGen eager and torch.compile, same process), then the gradient-accumulation rows.
+# The device machine has torch with CUDA and transformers but no megatron-core, pydantic or pytest, and reaches no
+# package index: their wheels travel in .whl/ (git-ignored). Fetch them on the development machine with
+#   pip download --only-binary=:all: --no-deps --python-version 3.12 -d .whl megatron-core==0.16.1 \
+#     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     pytest==9.2.0 pytest-timeout==2.4.0 pluggy iniconfig pygments packaging
+# and run it with carry=[".whl"]. Everything printed also lands in $OUT/gpu_check.txt.
+#
+#   bash benchmarks/gpu_check.sh [STEPS] [CASES]      # defaults take about 6-8 minutes on one H100/H200
+set -uo pipefail
+STEPS=${1:-15}
+CASES=${2:-cglab,cglab-compiled,cglab-docmask,cglab-compiled-docmask,hf,hfc}
+OUT=${OUT:-/tmp}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/platform:$PWD
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
+  python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -5
+  python3 benchmarks/train_throughput.py --steps "$STEPS" --cases "$CASES"
+  python3 benchmarks/train_throughput.py --steps "$STEPS" --micro 8 --cases cglab,cglab-compiled
+} 2>&1 | tee "$OUT/gpu_check.txt"
