@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_check.sh [STEPS] [CASES]      # defaults take about 6-8 minutes on one H100/H200
 set -uo pipefail
 STEPS=${1:-15}
-CASES=${2:-cglab,cglab-compiled,cglab-docmask,cglab-compiled-docmask,hf,hfc}
+CASES=${2:-cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,cglab-compiled-flex-docmask,hf,hfc}
 OUT=${OUT:-/tmp}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/platform:$PWD

@@ -29,6 +29,9 @@ CASES = {
     "cglab-docmask": ["model.document_masking=true"],
     "cglab-compiled": ["model.compile_fusions=true"],
     "cglab-compiled-docmask": ["model.compile_fusions=true", "model.document_masking=true"],
+    "cglab-flex-docmask": ["model.attention_backend=flex", "model.document_masking=true"],
+    "cglab-compiled-flex-docmask": ["model.compile_fusions=true", "model.attention_backend=flex",
+                                    "model.document_masking=true"],
 }
 
 
@@ -76,7 +79,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
-    ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-unfused,cglab-docmask,cglab-compiled-docmask,hf,hfc")
+    ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,"
+                                       "cglab-compiled-flex-docmask,hf,hfc")
     args = ap.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     hfb.PEAK = hfb.measure_peak()

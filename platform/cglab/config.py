@@ -58,8 +58,10 @@ class ModelConfig(_Section):
     architecture: Literal["causal", "prefix_lm"] = "causal"
     # Attention never crosses a document boundary inside a packed sequence.
     document_masking: bool = True
-    # auto: Transformer Engine if installed, else SDPA on GPU, else Megatron's local attention on CPU.
-    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    # auto: Transformer Engine on GPU if installed, else SDPA. flex: SDPA for plain causal, FlexAttention block
+    # masks (no dense [s, s] mask; fully hidden blocks skipped) for documents and prefix-LM on GPU; on CPU, whose
+    # FlexAttention has no backward, the dense SDPA masks.
+    attention_backend: Literal["auto", "local", "sdpa", "te", "flex"] = "auto"
     fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
     # sdpa backend: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile on
     # GPU, eager on CPU). Off until its GPU benefit is measured (benchmarks/train_throughput.py, case cglab-compiled).
@@ -245,6 +247,8 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
             e.append(f"model.rotary_dim: {m.rotary_dim} must be even")
     if m.compile_fusions and m.attention_backend == "local":
         e.append("model.compile_fusions: needs the sdpa attention backend (model.attention_backend is 'local')")
+    if m.attention_backend == "flex" and m.attention_dropout > 0:
+        e.append(f"model.attention_dropout: {m.attention_dropout} is not supported by model.attention_backend=flex")
     if d.num_sentinels < o.max_spans:
         e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label objective.max_spans="
                  f"{o.max_spans} spans")

@@ -51,3 +51,27 @@ def test_document_masking_changes_model_output(single_rank, tiny_cfg):
     # the second document is computed as if it stood alone (rotary attention is relative)
     torch.testing.assert_close(split[:, 8:], alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(split[:, 8:], joined[:, 8:])
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), b=st.integers(1, 3), s=st.integers(2, 40), with_docs=st.booleans(),
+       with_prefix=st.booleans())
+def test_flex_block_mask_attends_like_the_dense_mask(data, b, s, with_docs, with_prefix):
+    """FlexAttention with `block_mask` gives SDPA-with-`attention_mask` outputs for documents and prefixes."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from cglab.model.masks import attention_mask, block_mask
+
+    seg = pre = None
+    if with_docs:
+        cuts = data.draw(st.lists(st.lists(st.booleans(), min_size=s, max_size=s), min_size=b, max_size=b))
+        seg = torch.tensor(cuts, dtype=torch.long).cumsum(1)
+    if with_prefix:
+        pre = torch.tensor(data.draw(st.lists(st.integers(0, s), min_size=b, max_size=b)))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q, k, v = (torch.randn(b, 2, s, 8, generator=g) for _ in range(3))
+    dense = attention_mask(seg, pre, seq_len=s, batch=b)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~dense)
+    got = flex_attention(q, k, v, block_mask=block_mask(seg, pre, seq_len=s, batch=b))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -57,12 +57,14 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} at TP{tp} PP{pp}")
 
 
-def test_fused_block_tp2_matches_unfused_single_rank(inputs):
+@pytest.mark.parametrize("arch", ["causal", "prefix_lm"])
+def test_fused_block_matches_unfused_single_rank(inputs, arch):
     """compile_fusions swaps the attention glue and residual sum; loss and every gradient stay those of the
-    unfused TP=1 model, also when the heads are split over two ranks (document masking on: SDPA mask path)."""
-    ref = _run(inputs, 1, 1, 1, "ref-unfused", ["model.attention_backend=sdpa"])
+    unfused TP=1 model, also with the heads split over two ranks (two documents per row; prefix-LM mask)."""
+    a = f"model.architecture={arch}"
+    ref = _run(inputs, 1, 1, 1, f"ref-sdpa-{arch}", ["model.attention_backend=sdpa", a])
     for world, tp in ((1, 1), (2, 2)):
-        got = _run(inputs, world, tp, 1, f"fused-tp{tp}", ["model.compile_fusions=true"])
+        got = _run(inputs, world, tp, 1, f"fused-tp{tp}-{arch}", ["model.compile_fusions=true", a])
         assert abs(got["loss"]["loss"] - ref["loss"]["loss"]) < 1e-5, tp
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} fused at TP{tp}")

@@ -9,7 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cglab.config import ModelConfig, ParallelConfig
 from cglab.model.init import init_weights
-from cglab.model.masks import attention_mask
+from cglab.model.masks import attention_mask, block_mask
 from cglab.model.spec import codegen_layer_spec, resolve_backend
 
 
@@ -80,8 +80,11 @@ def batch_mask(m: ModelConfig, batch: dict, device=None) -> torch.Tensor | None:
     b, s = tokens.shape
     seg = batch.get("segment_ids") if m.document_masking else None
     pre = batch.get("prefix_len") if m.architecture == "prefix_lm" else None
-    if seg is None and pre is None and resolve_backend(m.attention_backend) in ("sdpa", "te"):
+    backend = resolve_backend(m.attention_backend)
+    if seg is None and pre is None and backend in ("sdpa", "te", "flex"):
         return None
+    if backend == "flex" and torch.device(device or "cpu").type == "cuda":  # FlexAttention has no CPU backward
+        return block_mask(seg, pre, seq_len=s, batch=b, device=device)
     return attention_mask(seg, pre, seq_len=s, batch=b, device=device)
 
 

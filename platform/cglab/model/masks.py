@@ -25,6 +25,27 @@ def allowed(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None, s
     return ok
 
 
+def block_mask(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None, *, seq_len: int, batch: int,
+               device=None):
+    """The pairs of `allowed` as a FlexAttention BlockMask: no dense [s, s] tensor reaches the kernel, and blocks
+    with nothing visible (other documents, the future) are skipped rather than computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device or "cpu")
+    seg = segment_ids.to(device) if segment_ids is not None else None
+    pre = prefix_len.to(device).long().view(-1) if prefix_len is not None else None
+
+    def mask_mod(b, h, q, k):
+        ok = k <= q
+        if pre is not None:
+            ok = ok | (k < pre[b])
+        if seg is not None:
+            ok = ok & (seg[b, q] == seg[b, k])
+        return ok
+
+    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
+
+
 def attention_mask(segment_ids: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None, *,
                    seq_len: int, batch: int, device=None) -> torch.Tensor:
     """Megatron-style mask [b, 1, s, s], True = masked out."""

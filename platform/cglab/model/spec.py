@@ -31,7 +31,7 @@ def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> 
     """compile_fusions: with the sdpa backend, the fused qkv + rotary attention and the one-pass residual sum
     (cglab.model.fused); TE brings its own fusions."""
     backend = resolve_backend(backend)
-    fuse = compile_fusions and backend == "sdpa"
+    fuse = compile_fusions and backend in ("sdpa", "flex")
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
@@ -40,7 +40,7 @@ def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> 
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
         norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
-        if backend == "sdpa":
+        if backend in ("sdpa", "flex"):  # flex: the same module, handed FlexAttention block masks
             from cglab.model.attention import SDPAttention as core
         else:
             from megatron.core.transformer.dot_product_attention import DotProductAttention as core
