@@ -75,3 +75,49 @@ def test_infill_perplexity_matches_one_example_at_a_time(generator):
     assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     with pytest.raises(ValueError, match="no examples"):
         infill_perplexity(generator, [], max_len=64)
+
+
+def test_prefix_lm_infill_perplexity_reads_like_the_training_model(generator):
+    """prefix_lm=True scores each example as the Megatron prefix-LM reads it in training (the prompt through
+    <sep> bidirectional), batched and padded; and that is not the causal score."""
+    import torch
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    from cglab.config import from_dict
+    from cglab.distributed import destroy_parallel, init_parallel
+    from cglab.eval.generate import HFGenerator
+    from cglab.model.codegen import build_model, forward_logits
+    from cglab.model.hf_convert import hf_to_cglab, load_into
+
+    # Two layers (with one, a target's keys and values never depend on how the prefix attended) and large
+    # weights, so that how the prompt is read shows in the score.
+    torch.manual_seed(0)
+    tok = generator.tok
+    generator = HFGenerator(CodeGenForCausalLM(CodeGenConfig(
+        vocab_size=tok.vocab_size, n_positions=64, n_ctx=64, n_embd=16, n_layer=2, n_head=4, rotary_dim=4,
+        initializer_range=0.5, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)), tok, device="cpu")
+    c = generator.model.config
+    cfg = from_dict({}, ["model.preset=tiny", f"model.num_layers={c.n_layer}", f"model.hidden_size={c.n_embd}",
+                         f"model.num_attention_heads={c.n_head}", f"model.rotary_dim={c.rotary_dim}",
+                         f"model.vocab_size={c.vocab_size}", f"model.max_position_embeddings={c.n_positions}",
+                         "data.seq_length=64", "model.architecture=prefix_lm", "model.document_masking=false"])
+    init_parallel(1, 1)
+    try:
+        ours = build_model(cfg.model, cfg.parallel).eval()
+        load_into(ours, hf_to_cglab(generator.model.state_dict(), cfg.model))
+        exs = infill_examples(CODE * 3, seed=1)
+        got = infill_perplexity(generator, exs, max_len=64, batch=5, prefix_lm=True)
+        nll, n = 0.0, 0
+        for ex in exs:
+            p, t = infill_ids(generator.tok, ex, 64)
+            with torch.no_grad():
+                logits = forward_logits(ours, cfg.model, torch.tensor([p + t]),
+                                        prefix_len=torch.tensor([len(p) - 1]))[0]
+            lp = torch.log_softmax(logits.float(), -1)[len(p) - 1:-1]
+            nll -= float(lp[torch.arange(len(t)), torch.tensor(t)].sum())
+            n += len(t)
+    finally:
+        destroy_parallel()
+    causal = infill_perplexity(generator, exs, max_len=64, batch=5)["perplexity"]
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert causal != pytest.approx(got["perplexity"], rel=2e-3), (causal, got["perplexity"])

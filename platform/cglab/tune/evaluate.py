@@ -3,9 +3,14 @@
     eval/nl_ppl, eval/nl_bpb       held-out natural language (perplexity per token, bits per UTF-8 byte)
     eval/code_ppl, eval/code_bpb   held-out code
     eval/infill_ppl                perplexity of `middle <eom>` given the CodeGen2 infill prompt
-                                   `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>` on held-out code
+                                   `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1>` on held-out code;
+                                   a prefix-LM (lesson 1) reads the prompt through `<sep>` bidirectionally,
+                                   as its span-corruption samples were read in training
     eval/humaneval_pass@1          when "humaneval" is in eval.suites (first eval.limit problems)
     eval/humaneval_infill_pass@1   when "infill" is in eval.suites (single-line HumanEval-Infill)
+
+The sampling suites (HumanEval, HumanEval-Infill) decode left-to-right with HF's KV cache for every variant,
+prefix-LM included: only the infill score reads its prompt as a prefix.
 
 Scoring windows are `data.seq_length` long: the model never saw positions beyond it in training, and every
 variant of a lesson is scored the same way.
@@ -68,8 +73,21 @@ def infill_ids(tok, ex: InfillExample, max_len: int, max_middle: int = 32) -> tu
     return prompt, target
 
 
-def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int, batch: int = 16) -> dict:
-    """Perplexity of the middles (and their <eom>) given the infill prompts."""
+def prefix_lm_mask(prefix_lens: Sequence[int], seq_len: int, dtype):
+    """HF additive 4D mask [b, 1, s, s]: causal, plus every key before a row's prefix length visible to all of
+    that row's queries (the pairs of `cglab.model.masks.allowed`, the training mask of a prefix-LM)."""
+    import torch
+
+    from cglab.model.masks import allowed
+
+    ok = allowed(None, torch.tensor(list(prefix_lens)), seq_len, len(prefix_lens)).unsqueeze(1)
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)
+
+
+def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int, batch: int = 16,
+                      prefix_lm: bool = False) -> dict:
+    """Perplexity of the middles (and their <eom>) given the infill prompts. prefix_lm: the prompt up to and
+    including <sep> is the bidirectional prefix (span corruption's prefix in training: corrupted input + <sep>)."""
     import torch
 
     if not examples:
@@ -85,7 +103,13 @@ def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int
             ids = torch.full((len(chunk), max_len), pad, dtype=torch.long)
             for r, (p, t) in enumerate(chunk):
                 ids[r, :len(p) + len(t)] = torch.tensor(p + t)
-            logp = torch.log_softmax(generator.model(input_ids=ids.to(generator.device)).logits.float(), -1)
+            kwargs = {}
+            if prefix_lm:  # the last prompt token (<mask_1>) opens the answer: it stays causal
+                dtype = next(generator.model.parameters()).dtype
+                kwargs["attention_mask"] = prefix_lm_mask([len(p) - 1 for p, _ in chunk], max_len,
+                                                          dtype).to(generator.device)
+            logits = generator.model(input_ids=ids.to(generator.device), **kwargs).logits
+            logp = torch.log_softmax(logits.float(), -1)
             for r, (p, t) in enumerate(chunk):
                 pos = torch.arange(len(p) - 1, len(p) + len(t) - 1)
                 nll -= float(logp[r, pos, torch.tensor(t)].sum())
@@ -115,8 +139,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str |
         for name, texts in (("nl", nl_texts), ("code", code_texts)):
             m = nl.lm_metrics(gen.score, texts)
             out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]
-        out["eval/infill_ppl"] = infill_perplexity(gen, infill_examples(code_texts, seed=cfg.data.seed), S)[
-            "perplexity"]
+        out["eval/infill_ppl"] = infill_perplexity(gen, infill_examples(code_texts, seed=cfg.data.seed), S,
+                                                   prefix_lm=cfg.model.architecture == "prefix_lm")["perplexity"]
         if "humaneval" in ev.suites:
             from cglab.eval import humaneval
 
