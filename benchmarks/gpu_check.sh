@@ -19,6 +19,7 @@ export PYTHONPATH=/tmp/site:$PWD/platform:$PWD
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
   python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -5
+  python3 benchmarks/optimizer_ops.py
   python3 benchmarks/train_throughput.py --steps "$STEPS" --cases "$CASES"
   python3 benchmarks/train_throughput.py --steps "$STEPS" --micro 8 --cases cglab,cglab-compiled
 } 2>&1 | tee "$OUT/gpu_check.txt"

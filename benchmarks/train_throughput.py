@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,"
-                                       "cglab-compiled-flex-docmask,hf,hfc")
+                    "cglab-compiled-flex-docmask,hf,hfc")
     args = ap.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     hfb.PEAK = hfb.measure_peak()

@@ -14,8 +14,9 @@ import torch
 def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Drop-in for amp_C.multi_tensor_l2norm: (total L2 norm as a 1-element fp32 tensor, None)."""
     tensors = tensor_lists[0]
-    if not tensors:
-        return torch.zeros(1, dtype=torch.float32), None
+    if not tensors:  # on the device the caller's collectives expect
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        return torch.zeros(1, dtype=torch.float32, device=device), None
     norms = torch._foreach_norm(tensors)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     return total.reshape(1), None
