@@ -72,7 +72,7 @@ def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: in
     return one, mb * seq * n_micro, timing, cfg
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="codegen2-1B")
     ap.add_argument("--mb", type=int, default=4)
@@ -81,7 +81,11 @@ def main():
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,"
                     "cglab-compiled-flex-docmask,hf,hfc")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     hfb.PEAK = hfb.measure_peak()
     print(json.dumps({"peak_bf16_tflops": round(hfb.PEAK, 1)}), flush=True)
