@@ -20,6 +20,8 @@ export PYTHONPATH=/tmp/site:$PWD/platform:$PWD
   python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
   python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -5
   python3 benchmarks/optimizer_ops.py
-  python3 benchmarks/train_throughput.py --steps "$STEPS" --cases "$CASES"
+  # recompiles would mean a compiled kernel (fused glue, FlexAttention with a new block mask per micro-batch) is
+  # traced again each step: their reasons are printed
+  TORCH_LOGS=recompiles python3 benchmarks/train_throughput.py --steps "$STEPS" --cases "$CASES"
   python3 benchmarks/train_throughput.py --steps "$STEPS" --micro 8 --cases cglab,cglab-compiled
 } 2>&1 | tee "$OUT/gpu_check.txt"
