@@ -75,3 +75,28 @@ def test_flex_block_mask_attends_like_the_dense_mask(data, b, s, with_docs, with
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~dense)
     got = flex_attention(q, k, v, block_mask=block_mask(seg, pre, seq_len=s, batch=b))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_flex_attention_is_traced_once_per_mask_kind():
+    """A new block mask each micro-batch (new segment ids, new closure) reuses the compiled kernel; only a different
+    kind of mask (documents + prefix vs documents) traces again. Recompiling per step would make `flex` useless."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from cglab.model.masks import block_mask
+
+    torch._dynamo.reset()
+    counters.clear()
+    flex = torch.compile(flex_attention, dynamic=False)
+    b, s = 2, 128
+    q, k, v = (torch.randn(b, 2, s, 16) for _ in range(3))
+    graphs = []
+    for i in range(4):
+        seg = (torch.rand(b, s) < 0.05 * (i + 1)).long().cumsum(1)
+        bm = block_mask(seg, torch.tensor([3 * i, 7]) if i % 2 else None, seq_len=s, batch=b)
+        with torch.no_grad():
+            got = flex(q, k, v, block_mask=bm)
+        graphs.append(counters["stats"]["unique_graphs"])
+        if i == 3:
+            torch.testing.assert_close(got, flex_attention(q, k, v, block_mask=bm), atol=1e-5, rtol=1e-5)
+    assert graphs == [1, 2, 2, 2], graphs
