@@ -63,8 +63,8 @@ class ModelConfig(_Section):
     # FlexAttention has no backward, the dense SDPA masks.
     attention_backend: Literal["auto", "local", "sdpa", "te", "flex"] = "auto"
     fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
-    # sdpa backend: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile on
-    # GPU, eager on CPU). Off until its GPU benefit is measured (benchmarks/train_throughput.py, case cglab-compiled).
+    # sdpa/flex backends: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile
+    # on GPU, eager on CPU). Off until a GPU run measures it (benchmarks/train_throughput.py, case cglab-compiled).
     compile_fusions: bool = False
 
     @model_validator(mode="before")

@@ -65,8 +65,8 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     model = CodeGenModel(
         cfg, transformer_layer_spec=codegen_layer_spec(m.attention_backend, m.compile_fusions),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
-        post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False, position_embedding_type="rope",
-        rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
+        post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
+        position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
     if torch.cuda.is_available():
         model = model.cuda()
     init_weights(model, m, seed, parallel_state.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size,

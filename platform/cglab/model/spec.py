@@ -28,7 +28,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> ModuleSpec:
-    """compile_fusions: with the sdpa backend, the fused qkv + rotary attention and the one-pass residual sum
+    """compile_fusions: with the sdpa or flex backend, the fused qkv + rotary attention and the one-pass residual sum
     (cglab.model.fused); TE brings its own fusions."""
     backend = resolve_backend(backend)
     fuse = compile_fusions and backend in ("sdpa", "flex")
