@@ -58,7 +58,7 @@ def test_compiled_equals_eager():
     mixed = torch.randn(s, b, heads * 3 * head_dim)
     freqs = _freqs(s, 8)
     a, c = mixed.clone().requires_grad_(), mixed.clone().requires_grad_()
-    ours = fused._compiled(fused.qkv_rope_eager)(c, freqs, heads, head_dim)
+    ours = fused.compiled(fused.qkv_rope_eager)(c, freqs, heads, head_dim)
     ref = fused.qkv_rope_eager(a, freqs, heads, head_dim)
     up = [torch.randn_like(t) for t in ref]
     for o, r in zip(ours, ref):
@@ -68,4 +68,4 @@ def test_compiled_equals_eager():
     torch.autograd.backward(ref, up)
     torch.testing.assert_close(c.grad, a.grad, rtol=1e-5, atol=1e-6)
     h, x, y, bias = *(torch.randn(s, b, 8) for _ in range(3)), torch.randn(8)
-    torch.testing.assert_close(fused._compiled(fused.residual_sum_eager)(h, x, y, bias), h + x + y + bias)
+    torch.testing.assert_close(fused.compiled(fused.residual_sum_eager)(h, x, y, bias), h + x + y + bias)

@@ -79,7 +79,9 @@ def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     """FlexAttention (compiled, Triton) with the document + prefix block mask vs SDPA with the dense mask."""
     import torch.nn.functional as F
 
-    from cglab.model.attention import _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from cglab.model.fused import compiled
     from cglab.model.masks import attention_mask, block_mask
 
     b, h, s, d = 2, 4, 512, 64
@@ -89,7 +91,7 @@ def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     qkv = [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
            for _ in range(3)]
     ref_in = [t.detach().clone().requires_grad_() for t in qkv]
-    got = _compiled_flex()(*qkv, block_mask=block_mask(seg, pre, seq_len=s, batch=b, device="cuda"))
+    got = compiled(flex_attention)(*qkv, block_mask=block_mask(seg, pre, seq_len=s, batch=b, device="cuda"))
     ref = F.scaled_dot_product_attention(*ref_in, attn_mask=~attention_mask(seg, pre, seq_len=s, batch=b,
                                                                            device="cuda"))
     up = torch.randn_like(ref)

@@ -6,18 +6,11 @@ in SDPA's [b, heads, s, head_dim] layout (the fused qkv + rotary path produces t
 """
 from __future__ import annotations
 
-import functools
-
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-
-@functools.cache
-def _compiled_flex():
-    # FlexAttention is a template that torch.compile turns into one Triton kernel; eager is a dense reference.
-    return torch.compile(flex_attention, dynamic=False)
+from cglab.model.fused import on_device
 
 
 class SDPAttention(MegatronModule):
@@ -38,8 +31,8 @@ class SDPAttention(MegatronModule):
         [b|1, 1, s, s] with True = hidden. Returns [s, b, heads * head_dim]."""
         p = self.dropout if self.training else 0.0
         if isinstance(attention_mask, BlockMask):
-            flex = _compiled_flex() if q.is_cuda else flex_attention
-            out = flex(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
+            # a template torch.compile turns into one Triton kernel; eager FlexAttention is a dense reference
+            out = on_device(flex_attention, q)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
         elif attention_mask is None:  # pure causal: lets SDPA pick the flash kernel
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.softmax_scale)
         else:

@@ -39,15 +39,19 @@ def residual_sum_eager(hidden: torch.Tensor, attn: torch.Tensor, mlp: torch.Tens
 
 
 @functools.cache
-def _compiled(fn):
+def compiled(fn):
+    """`fn` under torch.compile as one static-shape graph, built once per function and shared by every layer."""
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def on_device(fn, like: torch.Tensor):
+    """compiled(fn) for CUDA tensors; fn itself elsewhere (the CPU runs the same maths eagerly)."""
+    return compiled(fn) if like.is_cuda else fn
+
+
 def qkv_rope(mixed, freqs, heads, head_dim):
-    fn = _compiled(qkv_rope_eager) if mixed.is_cuda else qkv_rope_eager
-    return fn(mixed, freqs, heads, head_dim)
+    return on_device(qkv_rope_eager, mixed)(mixed, freqs, heads, head_dim)
 
 
 def residual_sum(hidden, attn, mlp, mlp_bias):
-    fn = _compiled(residual_sum_eager) if hidden.is_cuda else residual_sum_eager
-    return fn(hidden, attn, mlp, mlp_bias)
+    return on_device(residual_sum_eager, hidden)(hidden, attn, mlp, mlp_bias)
