@@ -74,12 +74,12 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     return model
 
 
-def batch_mask(m: ModelConfig, batch: dict, device=None) -> torch.Tensor | None:
-    """The attention mask the config asks for, or None for plain causal on a backend that does it natively."""
-    tokens = batch["tokens"]
-    b, s = tokens.shape
-    seg = batch.get("segment_ids") if m.document_masking else None
-    pre = batch.get("prefix_len") if m.architecture == "prefix_lm" else None
+def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_len=None, device=None):
+    """The attention mask the config asks for a [b, s] batch (a dense bool mask or a FlexAttention BlockMask), or
+    None for plain causal on a backend that does it natively."""
+    b, s = shape
+    seg = segment_ids if m.document_masking else None
+    pre = prefix_len if m.architecture == "prefix_lm" else None
     backend = resolve_backend(m.attention_backend)
     if seg is None and pre is None and backend in ("sdpa", "te", "flex"):
         return None
@@ -90,9 +90,8 @@ def batch_mask(m: ModelConfig, batch: dict, device=None) -> torch.Tensor | None:
 
 def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None, prefix_len=None) -> torch.Tensor:
     """Logits [b, s, vocab/TP] of one (single-stage) model."""
-    batch = {"tokens": tokens, "segment_ids": segment_ids, "prefix_len": prefix_len}
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, pos, batch_mask(m, batch, tokens.device))
+    return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_len, tokens.device))
 
 
 def masked_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

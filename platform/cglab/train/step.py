@@ -117,8 +117,7 @@ def _forward_step(m: ModelConfig, data_iterator, model):
     b = next(data_iterator)
     bsz, s = b["shape"]
     dev = _device()
-    mask_in = {"tokens": torch.empty(bsz, s), "segment_ids": b.get("segment_ids"), "prefix_len": b.get("prefix_len")}
-    mask = batch_mask(m, mask_in, dev)
+    mask = batch_mask(m, (bsz, s), b.get("segment_ids"), b.get("prefix_len"), dev)
     tokens = b.get("tokens")
     pos = torch.arange(s, device=dev).unsqueeze(0).expand(bsz, s)
     out = model(tokens, pos, mask, labels=b.get("labels"))
