@@ -7,7 +7,6 @@ import pytest
 
 from cglab.config import from_dict
 from cglab.data import pipeline
-from tests.data.conftest import start_local_ray
 
 pytestmark = pytest.mark.slow
 STEPS, MB = 3, 4
@@ -41,8 +40,13 @@ def _loop(config):
 
 @pytest.fixture(scope="module")
 def ray_4cpu(tmp_path_factory):
+    import ray
+    from ray.data import DataContext
+
     # 4 logical CPUs on the 2 cores: one per Train worker, two left for the Ray Data tasks the workers start.
-    ray = start_local_ray(tmp_path_factory, 4)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
+    DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
