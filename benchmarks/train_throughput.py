@@ -28,6 +28,8 @@ CASES = {
     "cglab-distopt": ["parallel.distributed_optimizer=true"],
     "cglab-docmask": ["model.document_masking=true"],
     "cglab-compiled": ["model.compile_fusions=true"],
+    "cglab-cudnn": ["model.sdpa_kernel=cudnn"],
+    "cglab-compiled-cudnn": ["model.compile_fusions=true", "model.sdpa_kernel=cudnn"],
     "cglab-compiled-docmask": ["model.compile_fusions=true", "model.document_masking=true"],
     "cglab-flex-docmask": ["model.attention_backend=flex", "model.document_masking=true"],
     "cglab-compiled-flex-docmask": ["model.compile_fusions=true", "model.attention_backend=flex",
@@ -72,6 +74,36 @@ def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: in
     return one, mb * seq * n_micro, timing, cfg
 
 
+KINDS = [  # CUDA kernel name (lower case) -> what it is; first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+    ("optimizer", ("adam", "foreach", "multi_tensor", "lpnorm")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in n for k in keys)), "other")
+
+
+def profile_step(step, case: str, top: int = 15):
+    """CUDA time of one step by kernel kind, and the top kernels: what bounds the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in events) / 1e3
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1e3
+    print(json.dumps({"profile": case, "cuda_ms": round(total, 1),
+                      **{k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}), flush=True)
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x {kernel_kind(e.key):9s} {e.key[:110]}", flush=True)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="codegen2-1B")
@@ -79,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
+    ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (CUDA kernel time "
+                    "by kind: GEMM, attention, optimizer, other; and the top kernels)")
     ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,"
                     "cglab-compiled-flex-docmask,hf,hfc")
     return ap
@@ -107,6 +141,11 @@ def main():
                 r["fwd_bwd_ms"] = round(1000 * med(timing["fwd_bwd"]), 1)
                 r["optimizer_ms"] = round(1000 * med(timing["opt"]), 1)
                 print(json.dumps(r), flush=True)
+                if case in args.profile.split(","):
+                    try:
+                        profile_step(step, case)
+                    except Exception:  # a profiler hiccup must not cost the measured row
+                        traceback.print_exc()
             else:
                 step = hfb.hf_codegen(d, L, H, S, V, args.mb, rot, compile_=(case == "hfc"))
                 r = hfb.bench(step, args.mb * S, fpt, f"{case}-{args.preset}-mb{args.mb}", n=args.steps)

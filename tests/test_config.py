@@ -32,6 +32,8 @@ def test_overrides_are_typed_and_win_over_presets():
     (["train.unknown_field=1"], "train.unknown_field"),
     (["train.global_batch_size=3"], "train.global_batch_size"),
     (["model.compile_fusions=true", "model.attention_backend=local"], "model.compile_fusions"),
+    (["model.sdpa_kernel=cudnn", "model.attention_backend=local"], "model.sdpa_kernel"),
+    (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
 ])
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:

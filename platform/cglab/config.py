@@ -66,6 +66,9 @@ class ModelConfig(_Section):
     # sdpa/flex backends: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile
     # on GPU, eager on CPU). Off until a GPU run measures it (benchmarks/train_throughput.py, case cglab-compiled).
     compile_fusions: bool = False
+    # sdpa/flex backends, CUDA: which SDPA kernel is tried first (the others stay as fallbacks, in torch's order).
+    # auto: torch's own priority (flash before cuDNN); cudnn: cuDNN's fused attention first (faster on Hopper).
+    sdpa_kernel: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -247,6 +250,9 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
             e.append(f"model.rotary_dim: {m.rotary_dim} must be even")
     if m.compile_fusions and m.attention_backend == "local":
         e.append("model.compile_fusions: needs the sdpa attention backend (model.attention_backend is 'local')")
+    if m.sdpa_kernel != "auto" and m.attention_backend in ("local", "te"):
+        e.append(f"model.sdpa_kernel: {m.sdpa_kernel!r} needs the sdpa or flex attention backend "
+                 f"(model.attention_backend is {m.attention_backend!r})")
     if m.attention_backend == "flex" and m.attention_dropout > 0:
         e.append(f"model.attention_dropout: {m.attention_dropout} is not supported by model.attention_backend=flex")
     if d.num_sentinels < o.max_spans:

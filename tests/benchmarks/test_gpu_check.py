@@ -46,3 +46,22 @@ def test_every_case_exists_and_its_config_validates(case):
 def test_benchmark_default_cases_exist():
     for case in train_throughput.parser().get_default("cases").split(","):
         assert case in train_throughput.CASES or case in HF_CASES, case
+
+
+def test_profiled_cases_are_measured_cases():
+    profiled = re.search(r"PROFILE=\$\{3:-([^}]*)\}", SCRIPT.read_text()).group(1).split(",")
+    default = re.search(r"CASES=\$\{2:-([^}]*)\}", SCRIPT.read_text()).group(1).split(",")
+    assert profiled and set(profiled) <= set(default)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80", "attention"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+])
+def test_profiler_kernel_kinds(name, kind):
+    assert train_throughput.kernel_kind(name) == kind

@@ -100,3 +100,35 @@ def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
     for a, r in zip(qkv, ref_in):
         torch.testing.assert_close(a.grad, r.grad, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kernel, marker", [("cudnn", "cudnn"), ("flash", "flash_fwd")])
+def test_sdpa_kernel_choice_runs_that_kernel_with_the_same_result(kernel, marker):
+    """model.sdpa_kernel picks the kernel that runs (seen in the profiler), forward and backward close to the
+    efficient kernel's in bf16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cglab.config import from_dict
+    from cglab.model.attention import SDPAttention
+    from cglab.model.codegen import transformer_config
+
+    cfg = from_dict({}, ["model.preset=tiny"])
+    tc = transformer_config(cfg.model, cfg.parallel)
+    b, h, s, d = 2, 16, 1024, 128  # the codegen2-1B head shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3)]
+    ref_in = [t.detach().clone().requires_grad_() for t in qkv]
+    attn = SDPAttention(tc, 1, None, "self", kernel=kernel)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = attn.attend(*qkv, None)
+        up = torch.randn_like(out)
+        out.backward(up)
+        torch.cuda.synchronize()
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    assert marker in names, names[:2000]
+    ref = SDPAttention(tc, 1, None, "self", kernel="efficient").attend(*ref_in, None)
+    ref.backward(up)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for a, r in zip(qkv, ref_in):
+        torch.testing.assert_close(a.grad, r.grad, atol=5e-2, rtol=5e-2)

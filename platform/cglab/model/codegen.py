@@ -63,7 +63,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
         post_process = parallel_state.is_pipeline_last_stage()
     cfg = transformer_config(m, p, bf16=bf16)
     model = CodeGenModel(
-        cfg, transformer_layer_spec=codegen_layer_spec(m.attention_backend, m.compile_fusions),
+        cfg, transformer_layer_spec=codegen_layer_spec(m.attention_backend, m.compile_fusions, m.sdpa_kernel),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
         position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)

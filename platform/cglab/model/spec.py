@@ -27,9 +27,10 @@ def resolve_backend(backend: str) -> str:
     return "sdpa"
 
 
-def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> ModuleSpec:
+def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False,
+                       sdpa_kernel: str = "auto") -> ModuleSpec:
     """compile_fusions: with the sdpa or flex backend, the fused qkv + rotary attention and the one-pass residual sum
-    (cglab.model.fused); TE brings its own fusions."""
+    (cglab.model.fused); TE brings its own fusions. sdpa_kernel: the SDPA kernel tried first (sdpa and flex)."""
     backend = resolve_backend(backend)
     fuse = compile_fusions and backend in ("sdpa", "flex")
     if backend == "te":
@@ -41,7 +42,8 @@ def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False) -> 
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
         norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
         if backend in ("sdpa", "flex"):  # flex: the same module, handed FlexAttention block masks
-            from cglab.model.attention import SDPAttention as core
+            from cglab.model.attention import SDPAttention
+            core = ModuleSpec(module=SDPAttention, params={"kernel": sdpa_kernel})
         else:
             from megatron.core.transformer.dot_product_attention import DotProductAttention as core
     return ModuleSpec(

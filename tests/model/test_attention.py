@@ -1,0 +1,45 @@
+"""model.sdpa_kernel reaches every layer's core attention and only reorders SDPA's kernels: the maths is unchanged."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend
+
+from cglab.config import from_dict
+from cglab.model.attention import KERNEL_PRIORITY, SDPAttention
+from cglab.model.codegen import build_model, forward_logits
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_PRIORITY))
+def test_kernel_choice_is_first_in_priority_inside_attend(kernel):
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
+    before = torch._C._get_sdp_priority_order()
+    cfg = from_dict({}, ["model.preset=tiny"]).model
+    attn = SDPAttention(_tc(cfg), 1, None, "self", kernel=kernel)
+    with attn._kernels():
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(first)
+        assert {int(b) for b in KERNEL_PRIORITY[kernel]} <= set(order)  # the others stay as fallbacks
+    assert torch._C._get_sdp_priority_order() == before  # restored after the call
+
+
+def _tc(m):
+    from cglab.model.codegen import transformer_config
+    from cglab.config import ParallelConfig
+    return transformer_config(m, ParallelConfig())
+
+
+@pytest.mark.parametrize("arch, docs", [("causal", False), ("causal", True), ("prefix_lm", False)])
+def test_every_layer_gets_the_kernel_and_logits_are_unchanged(single_rank, arch, docs):
+    ov = ["model.preset=tiny", f"model.architecture={arch}", f"model.document_masking={str(docs).lower()}"]
+    auto = from_dict({}, ov).model
+    cudnn = from_dict({}, [*ov, "model.sdpa_kernel=cudnn"]).model
+    p = from_dict({}, ov).parallel
+    a, c = build_model(auto, p, seed=3), build_model(cudnn, p, seed=3)
+    cores = [layer.self_attention.core_attention for layer in c.decoder.layers]
+    assert cores and all(x.priority == KERNEL_PRIORITY["cudnn"] for x in cores)
+    assert all(layer.self_attention.core_attention.priority is None for layer in a.decoder.layers)
+    tok = torch.randint(0, auto.vocab_size, (2, 32))
+    seg = torch.arange(32).div(10, rounding_mode="floor").expand(2, 32)
+    pre = torch.tensor([5, 12])
+    torch.testing.assert_close(forward_logits(c, cudnn, tok, seg, pre), forward_logits(a, auto, tok, seg, pre),
+                               rtol=0, atol=0)
