@@ -23,10 +23,13 @@ import hf_codegen_baseline as hfb  # noqa: E402
 
 # case name -> config overrides (all cglab cases share the rest)
 CASES = {
-    "cglab": [],
+    "cglab": [],  # the defaults: compiled glue + loss (model.compile_fusions), SDPA (cuDNN/flash), foreach optimizer ops
+    "cglab-nofusions": ["model.compile_fusions=false"],
+    "cglab-wgrad": ["model.wgrad_fusion=true"],
     "cglab-unfused": ["model.fused_kernels=false", "train.fused_adam=false"],
     "cglab-distopt": ["parallel.distributed_optimizer=true"],
     "cglab-docmask": ["model.document_masking=true"],
+    "cglab-nofusions-docmask": ["model.compile_fusions=false", "model.document_masking=true"],
     "cglab-compiled": ["model.compile_fusions=true"],
     "cglab-cudnn": ["model.sdpa_kernel=cudnn"],
     "cglab-compiled-cudnn": ["model.compile_fusions=true", "model.sdpa_kernel=cudnn"],
@@ -113,8 +116,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (CUDA kernel time "
                     "by kind: GEMM, attention, optimizer, other; and the top kernels)")
-    ap.add_argument("--cases", default="cglab,cglab-compiled,cglab-docmask,cglab-flex-docmask,"
-                    "cglab-compiled-flex-docmask,hf,hfc")
+    ap.add_argument("--cases", default="cglab,cglab-nofusions,cglab-wgrad,cglab-docmask,cglab-flex-docmask,hf,hfc")
     return ap
 
 
@@ -147,8 +149,9 @@ def main():
                     except Exception:  # a profiler hiccup must not cost the measured row
                         traceback.print_exc()
             else:
-                step = hfb.hf_codegen(d, L, H, S, V, args.mb, rot, compile_=(case == "hfc"))
-                r = hfb.bench(step, args.mb * S, fpt, f"{case}-{args.preset}-mb{args.mb}", n=args.steps)
+                step = hfb.hf_codegen(d, L, H, S, V, args.mb, rot, compile_=(case == "hfc"), n_micro=args.micro)
+                r = hfb.bench(step, args.mb * S * args.micro, fpt, f"{case}-{args.preset}-mb{args.mb}x{args.micro}",
+                              n=args.steps)
             rows.append(r)
         except Exception:
             traceback.print_exc()

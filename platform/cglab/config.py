@@ -63,12 +63,17 @@ class ModelConfig(_Section):
     # FlexAttention has no backward, the dense SDPA masks.
     attention_backend: Literal["auto", "local", "sdpa", "te", "flex"] = "auto"
     fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
-    # sdpa/flex backends: qkv split + rotary + head layout, and the residual sum, as one kernel each (torch.compile
-    # on GPU, eager on CPU). Off until a GPU run measures it (benchmarks/train_throughput.py, case cglab-compiled).
-    compile_fusions: bool = False
+    # The elementwise glue as one kernel each (torch.compile on GPU, the same maths eagerly on CPU): qkv split +
+    # rotary + head layout and the residual sum (sdpa/flex backends), and the LM loss at TP=1 (any backend).
+    # None: on wherever it applies; true: also an error where the attention part cannot apply. Measured on one H100
+    # (benchmarks/results/train_throughput_h100.txt): +6.8% tokens/s at the codegen2-1B shape.
+    compile_fusions: bool | None = None
     # sdpa/flex backends, CUDA: which SDPA kernel is tried first (the others stay as fallbacks, in torch's order).
     # auto: torch's own priority (flash before cuDNN); cudnn: cuDNN's fused attention first (faster on Hopper).
     sdpa_kernel: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
+    # GPU only: each weight gradient is accumulated into its fp32 main grad inside the GEMM (Megatron's
+    # gradient_accumulation_fusion, via cglab.megatron_wgrad when Apex is absent) instead of a bf16 grad + an add.
+    wgrad_fusion: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -248,7 +253,7 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
             e.append(f"model.rotary_dim: {m.rotary_dim} exceeds the head dimension {m.head_dim}")
         if m.rotary_dim % 2:
             e.append(f"model.rotary_dim: {m.rotary_dim} must be even")
-    if m.compile_fusions and m.attention_backend == "local":
+    if m.compile_fusions is True and m.attention_backend == "local":
         e.append("model.compile_fusions: needs the sdpa attention backend (model.attention_backend is 'local')")
     if m.sdpa_kernel != "auto" and m.attention_backend in ("local", "te"):
         e.append(f"model.sdpa_kernel: {m.sdpa_kernel!r} needs the sdpa or flex attention backend "

@@ -19,7 +19,8 @@ def _script_cases() -> list[str]:
     text = SCRIPT.read_text()
     default = re.search(r"CASES=\$\{2:-([^}]*)\}", text).group(1).split(",")
     extra = [c for m in re.findall(r"--cases (\S+)", text) if not m.startswith('"') for c in m.split(",")]
-    return default + extra
+    micro = re.search(r"MICRO_CASES=\$\{4:-([^}]*)\}", text).group(1).split(",")
+    return default + extra + micro
 
 
 def test_script_is_valid_bash():

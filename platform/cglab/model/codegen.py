@@ -7,7 +7,9 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from cglab import megatron_wgrad
 from cglab.config import ModelConfig, ParallelConfig
+from cglab.model import fused
 from cglab.model.init import init_weights
 from cglab.model.masks import attention_mask, block_mask
 from cglab.model.spec import codegen_layer_spec, resolve_backend
@@ -37,20 +39,28 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) ->
         perform_initialization=False,  # cglab.model.init does it, independently of the parallel layout
         # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
         masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=torch.cuda.is_available() and m.wgrad_fusion,
         rotary_interleaved=False,
     )
 
 
 class CodeGenModel(GPTModel):
-    """GPTModel with CodeGen's untied LM head *with bias* (GPTModel's head has none)."""
+    """GPTModel with CodeGen's untied LM head *with bias* (GPTModel's head has none). compile_loss: at TP=1, the
+    per-token loss through cglab.model.fused.cross_entropy (compiled on GPU) instead of Megatron's."""
 
-    def __init__(self, config: TransformerConfig, **kwargs):
+    def __init__(self, config: TransformerConfig, compile_loss: bool = False, **kwargs):
         super().__init__(config, **kwargs)
+        self.compile_loss = compile_loss and config.tensor_model_parallel_size == 1
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, self.vocab_size, config=config, init_method=config.init_method, bias=True,
                 skip_bias_add=False, gather_output=not self.parallel_output, tp_group=self.pg_collection.tp)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.compile_loss:
+            return fused.cross_entropy(logits, labels)
+        return super().compute_language_model_loss(labels, logits)
 
 
 def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_process: bool | None = None,
@@ -62,8 +72,11 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     cfg = transformer_config(m, p, bf16=bf16)
+    if cfg.gradient_accumulation_fusion:
+        megatron_wgrad.apply()  # before the linear layers check for Apex's extension
     model = CodeGenModel(
-        cfg, transformer_layer_spec=codegen_layer_spec(m.attention_backend, m.compile_fusions, m.sdpa_kernel),
+        cfg, compile_loss=m.compile_fusions is not False,
+        transformer_layer_spec=codegen_layer_spec(m.attention_backend, m.compile_fusions is not False, m.sdpa_kernel),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
         position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)

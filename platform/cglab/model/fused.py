@@ -4,7 +4,8 @@ Between its GEMMs the eager block spends its time moving activations: Megatron s
 strided views, applies partial rotary to q and k in about eight passes each (slice, cos, rotate-half, sin, add, cat),
 and SDPA then copies the heads into its layout; the parallel residual `x + attn + mlp + bias` is three more passes.
 `qkv_rope` does split + rotary + [b, heads, s, head_dim] layout in one read of the qkv output and one write of
-q, k, v (and one kernel back in the backward); `residual_sum` is one pass. On CPU they run eagerly (same maths).
+q, k, v (and one kernel back in the backward); `residual_sum` is one pass; `cross_entropy` (TP=1) fuses the LM loss over the logits, which Megatron's fused
+cross-entropy reads and writes in fp32 several times. On CPU they run eagerly (same maths).
 """
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def qkv_rope_eager(mixed: torch.Tensor, freqs: torch.Tensor, heads: int, head_di
     return tuple(t.permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
 
 
+def cross_entropy_eager(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [s, b, V] (the whole vocabulary: TP=1), labels [b, s] -> per-token loss [b, s], softmax in fp32.
+    Compiled, the fp32 logits are never stored: one pass reads the bf16 logits for the log-sum-exp, and the backward
+    writes (softmax - onehot) in one more."""
+    s, b, v = logits.shape
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(s * b, v), labels.t().reshape(s * b),
+                                             reduction="none")
+    return loss.view(s, b).t().contiguous()
+
+
 def residual_sum_eager(hidden: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
                        mlp_bias: torch.Tensor | None) -> torch.Tensor:
     out = hidden + attn + mlp
@@ -51,6 +62,10 @@ def on_device(fn, like: torch.Tensor):
 
 def qkv_rope(mixed, freqs, heads, head_dim):
     return on_device(qkv_rope_eager, mixed)(mixed, freqs, heads, head_dim)
+
+
+def cross_entropy(logits, labels):
+    return on_device(cross_entropy_eager, logits)(logits, labels)
 
 
 def residual_sum(hidden, attn, mlp, mlp_bias):
