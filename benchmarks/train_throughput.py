@@ -23,20 +23,18 @@ import hf_codegen_baseline as hfb  # noqa: E402
 
 # case name -> config overrides (all cglab cases share the rest)
 CASES = {
-    "cglab": [],  # the defaults: compiled glue + loss (model.compile_fusions), SDPA (cuDNN/flash), foreach optimizer ops
-    "cglab-nofusions": ["model.compile_fusions=false"],
-    "cglab-wgrad": ["model.wgrad_fusion=true"],
-    "cglab-unfused": ["model.fused_kernels=false", "train.fused_adam=false"],
+    # the defaults: compiled glue + loss (model.compile_fusions), wgrad accumulated into the fp32 main grads
+    # (model.wgrad_fusion), SDPA for causal / FlexAttention for document masks (auto backend), foreach optimizer ops
+    "cglab": [],
+    "cglab-nowgrad": ["model.wgrad_fusion=false"],
+    "cglab-nofusions": ["model.compile_fusions=false", "model.wgrad_fusion=false"],
+    "cglab-unfused": ["model.compile_fusions=false", "model.wgrad_fusion=false", "model.fused_kernels=false",
+                      "train.fused_adam=false"],
     "cglab-distopt": ["parallel.distributed_optimizer=true"],
-    "cglab-docmask": ["model.document_masking=true"],
-    "cglab-nofusions-docmask": ["model.compile_fusions=false", "model.document_masking=true"],
-    "cglab-compiled": ["model.compile_fusions=true"],
+    "cglab-flash": ["model.sdpa_kernel=flash"],
     "cglab-cudnn": ["model.sdpa_kernel=cudnn"],
-    "cglab-compiled-cudnn": ["model.compile_fusions=true", "model.sdpa_kernel=cudnn"],
-    "cglab-compiled-docmask": ["model.compile_fusions=true", "model.document_masking=true"],
-    "cglab-flex-docmask": ["model.attention_backend=flex", "model.document_masking=true"],
-    "cglab-compiled-flex-docmask": ["model.compile_fusions=true", "model.attention_backend=flex",
-                                    "model.document_masking=true"],
+    "cglab-docmask": ["model.document_masking=true"],  # FlexAttention block masks on GPU
+    "cglab-sdpa-docmask": ["model.attention_backend=sdpa", "model.document_masking=true"],  # dense [b,1,s,s] mask
 }
 
 
@@ -116,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (CUDA kernel time "
                     "by kind: GEMM, attention, optimizer, other; and the top kernels)")
-    ap.add_argument("--cases", default="cglab,cglab-nofusions,cglab-wgrad,cglab-docmask,cglab-flex-docmask,hf,hfc")
+    ap.add_argument("--cases", default="cglab,cglab-nowgrad,cglab-nofusions,cglab-docmask,cglab-sdpa-docmask,hf,hfc")
     return ap
 
 

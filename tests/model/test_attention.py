@@ -43,3 +43,14 @@ def test_every_layer_gets_the_kernel_and_logits_are_unchanged(single_rank, arch,
     pre = torch.tensor([5, 12])
     torch.testing.assert_close(forward_logits(c, cudnn, tok, seg, pre), forward_logits(a, auto, tok, seg, pre),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cuda, te, dropout, want", [
+    (False, False, 0.0, "sdpa"), (True, False, 0.0, "flex"), (True, False, 0.1, "sdpa"), (True, True, 0.0, "te")])
+def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
+    from cglab.model import spec
+
+    monkeypatch.setattr(spec.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(spec, "have_te", lambda: te)
+    assert spec.resolve_backend("auto", dropout) == want
+    assert spec.resolve_backend("sdpa", dropout) == "sdpa"  # an explicit choice is kept

@@ -134,7 +134,8 @@ def test_sdpa_kernel_choice_runs_that_kernel_with_the_same_result(kernel, marker
         torch.testing.assert_close(a.grad, r.grad, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("variant", [["model.compile_fusions=true"], ["model.wgrad_fusion=true"],
+@pytest.mark.parametrize("variant", [["model.compile_fusions=true", "model.wgrad_fusion=false"],
+                                     ["model.compile_fusions=false", "model.wgrad_fusion=true"],
                                      ["model.compile_fusions=true", "model.wgrad_fusion=true"]])
 def test_fused_train_step_matches_unfused_loss_and_main_grads(variant):
     """Compiled loss (TP=1) and wgrad-into-main_grad accumulation: the same loss and fp32 main grads as the plain
@@ -151,7 +152,7 @@ def test_fused_train_step_matches_unfused_loss_and_main_grads(variant):
                         "segment_ids": torch.zeros(2, 256, dtype=torch.long),
                         "objective": torch.zeros(2, dtype=torch.long)})
     results = []
-    for ov in ([], variant):
+    for ov in (["model.compile_fusions=false", "model.wgrad_fusion=false"], variant):
         cfg = from_dict({}, ["model.preset=small", "parallel.use_gpu=true", "train.precision=bf16",
                              "data.seq_length=256", "train.micro_batch_size=2", "train.global_batch_size=4",
                              "model.document_masking=false", *ov])

@@ -93,7 +93,7 @@ def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_
     b, s = shape
     seg = segment_ids if m.document_masking else None
     pre = prefix_len if m.architecture == "prefix_lm" else None
-    backend = resolve_backend(m.attention_backend)
+    backend = resolve_backend(m.attention_backend, m.attention_dropout)
     if seg is None and pre is None and backend in ("sdpa", "te", "flex"):
         return None
     if backend == "flex" and torch.device(device or "cpu").type == "cuda":  # FlexAttention has no CPU backward

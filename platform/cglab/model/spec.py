@@ -18,12 +18,15 @@ def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backend(backend: str) -> str:
-    """auto -> te (GPU with Transformer Engine) | sdpa (otherwise)."""
+def resolve_backend(backend: str, attention_dropout: float = 0.0) -> str:
+    """auto -> te (GPU with Transformer Engine) | flex (other GPUs, no attention dropout) | sdpa (otherwise)."""
     if backend != "auto":
         return backend
-    if torch.cuda.is_available() and have_te():
-        return "te"
+    if torch.cuda.is_available():
+        if have_te():
+            return "te"
+        if attention_dropout == 0:
+            return "flex"
     return "sdpa"
 
 
