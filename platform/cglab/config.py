@@ -74,8 +74,9 @@ class ModelConfig(_Section):
     # first); naming one pins it for a comparison or a GPU where the default is slower.
     sdpa_kernel: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
     # GPU only: each weight gradient is accumulated into its fp32 main grad inside the GEMM (Megatron's
-    # gradient_accumulation_fusion, via cglab.megatron_wgrad when Apex is absent) instead of a bf16 grad + an add.
-    # One H100, codegen2-1B shape: 67.6k -> 70.0k tokens/s (one micro-batch per step), 83.1k -> 83.9k (eight).
+    # gradient_accumulation_fusion, via cglab.megatron_wgrad when Apex is absent) instead of a bf16 grad + an add;
+    # backward then needs the main grads Megatron's DDP wrapper provides (cglab.train does). One H100, codegen2-1B
+    # shape: 67.6k -> 70.0k tokens/s (one micro-batch per step), 83.1k -> 83.9k (eight).
     wgrad_fusion: bool = True
 
     @model_validator(mode="before")

@@ -4,8 +4,9 @@ Between its GEMMs the eager block spends its time moving activations: Megatron s
 strided views, applies partial rotary to q and k in about eight passes each (slice, cos, rotate-half, sin, add, cat),
 and SDPA then copies the heads into its layout; the parallel residual `x + attn + mlp + bias` is three more passes.
 `qkv_rope` does split + rotary + [b, heads, s, head_dim] layout in one read of the qkv output and one write of
-q, k, v (and one kernel back in the backward); `residual_sum` is one pass; `cross_entropy` (TP=1) fuses the LM loss over the logits, which Megatron's fused
-cross-entropy reads and writes in fp32 several times. On CPU they run eagerly (same maths).
+q, k, v (and one kernel back in the backward); `residual_sum` is one pass; `cross_entropy` (TP=1) is the LM loss in
+one pass over the logits each way, where Megatron's fused cross-entropy makes several fp32 passes. On CPU they run
+eagerly (same maths).
 """
 from __future__ import annotations
 
