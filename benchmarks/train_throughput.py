@@ -98,7 +98,8 @@ def profile_step(step, case: str, top: int = 15):
     total = sum(e.device_time_total for e in events) / 1e3
     by_kind: dict[str, float] = {}
     for e in events:
-        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1e3
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 1e3
     print(json.dumps({"profile": case, "cuda_ms": round(total, 1),
                       **{k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}), flush=True)
     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:

@@ -5,10 +5,10 @@
     for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, start_index, batch_size, plan): ...
 
 How the stages map onto Ray Data:
-- read+filter+dedup+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a contiguous slice of every
-  source's files, applies the filters and the dedup table, and interleaves the surviving documents by the mixture
-  weights with a seeded generator. Doing the mixing inside the read keeps it exact (ratios count documents that are
-  actually trained on) and streaming (no barrier, no shuffle).
+- read+filter+dedup+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a contiguous
+  slice of every source's files, applies the filters and the dedup table, and interleaves the surviving documents
+  by the mixture weights with a seeded generator. Doing the mixing inside the read keeps it exact (ratios count
+  documents that are actually trained on) and streaming (no barrier, no shuffle).
 - tokenize, pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window
   boundaries depend only on the block, which the read task cuts deterministically. Ray fuses them with the read.
 - `DataContext.execution_options.preserve_order = True`: the stream order is the order of the read tasks and of the

@@ -16,14 +16,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from cglab.model.fused import on_device
 
 
-# model.sdpa_kernel -> SDPA backends in priority order; every backend stays enabled, so a kernel that cannot take a
-# call (a head size, a mask) falls through to the next instead of failing
-KERNEL_PRIORITY = {
-    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                  SDPBackend.MATH],
-}
+# model.sdpa_kernel -> SDPA backends in priority order: the named one first, then the rest; every backend stays
+# enabled, so a kernel that cannot take a call (a head size, a mask) falls through to the next instead of failing
+_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+KERNEL_PRIORITY = {name: [first] + [b for b in _ORDER if b != first] for name, first in
+                   (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                    ("efficient", SDPBackend.EFFICIENT_ATTENTION))}
 
 
 class SDPAttention(MegatronModule):

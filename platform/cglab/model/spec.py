@@ -1,6 +1,7 @@
 """Layer specs for the CodeGen block, one per attention backend. Extending the model means editing a spec, not Megatron."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -14,6 +15,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from cglab.model.layer import FusedSelfAttention, NoBiasSelfAttention, ParallelResidualLayer
 
 
+@functools.cache  # batch_mask resolves the backend every micro-batch; a module search each time is wasted
 def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
