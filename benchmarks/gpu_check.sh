@@ -9,9 +9,10 @@
 # and run it with carry=[".whl"]. Everything printed also lands in $OUT/gpu_check.txt.
 #
 #   [EXTRA=0] bash benchmarks/gpu_check.sh [STEPS] [CASES] [PROFILED_CASES] [MICRO_CASES]
-# The defaults took 6 minutes on one H100 (2026-11-26); EXTRA=0 saves about one.
+# With 15 steps the defaults took 6 minutes on one H100 (2026-11-26); 30 steps add about half a minute (an
+# estimate: 15 more steps x ~1 s for the 8-micro-batch cases); EXTRA=0 saves about one.
 set -uo pipefail
-STEPS=${1:-15}
+STEPS=${1:-30}  # a few dozen optimizer steps per case (3 more warm up first)
 # the goal's cases first (a run cut short still answers it), then correctness, then the other rows
 CASES=${2:-cglab,cglab-nowgrad,cglab-nofusions,hfc,hf}
 PROFILE=${3:-cglab}
