@@ -26,6 +26,8 @@ CASES = {
     # the defaults: compiled glue + loss (model.compile_fusions), wgrad accumulated into the fp32 main grads
     # (model.wgrad_fusion), SDPA for causal / FlexAttention for document masks (auto backend), foreach optimizer ops
     "cglab": [],
+    # 1/tokens grad scaling and the clip inside fused AdamW's kernel (train.fold_grad_scale)
+    "cglab-fold": ["train.fold_grad_scale=true"],
     "cglab-nowgrad": ["model.wgrad_fusion=false"],
     "cglab-nofusions": ["model.compile_fusions=false", "model.wgrad_fusion=false"],
     "cglab-unfused": ["model.compile_fusions=false", "model.wgrad_fusion=false", "model.fused_kernels=false",
@@ -67,7 +69,7 @@ def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: in
         torch.cuda.synchronize(); t0 = time.perf_counter()
         stats = st.forward_backward(state, cfg, batches)
         torch.cuda.synchronize(); t1 = time.perf_counter()
-        state.optimizer.step(); state.scheduler.step(increment=1)
+        st.optimizer_step(state); state.scheduler.step(increment=1)
         torch.cuda.synchronize(); t2 = time.perf_counter()
         timing["fwd_bwd"].append(t1 - t0); timing["opt"].append(t2 - t1)
         return stats
@@ -115,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (CUDA kernel time "
                     "by kind: GEMM, attention, optimizer, other; and the top kernels)")
-    ap.add_argument("--cases", default="cglab,cglab-nowgrad,cglab-nofusions,cglab-docmask,cglab-sdpa-docmask,hf,hfc")
+    ap.add_argument("--cases", default="cglab,cglab-fold,cglab-nowgrad,cglab-nofusions,cglab-docmask,cglab-sdpa-docmask,hf,hfc")
     return ap
 
 

@@ -34,6 +34,7 @@ def test_overrides_are_typed_and_win_over_presets():
     (["model.compile_fusions=true", "model.attention_backend=local"], "model.compile_fusions"),
     (["model.sdpa_kernel=cudnn", "model.attention_backend=local"], "model.sdpa_kernel"),
     (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
+    (["train.fold_grad_scale=true", "parallel.distributed_optimizer=true"], "train.fold_grad_scale"),
 ])
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:

@@ -182,6 +182,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     fused_adam: bool = True  # GPU only
+    # 1/tokens grad scaling and the clip applied inside fused AdamW (on CPU too) instead of as passes over the grads
+    fold_grad_scale: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, ge=1)
@@ -274,6 +276,8 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.precision == "bf16" and not p.use_gpu:
         e.append("train.precision: bf16 needs parallel.use_gpu=true (CPU runs are fp32)")
+    if t.fold_grad_scale and p.distributed_optimizer:
+        e.append("train.fold_grad_scale: not available with parallel.distributed_optimizer=true (untested there)")
     if t.warmup_steps >= t.train_steps and t.train_steps > 1:
         e.append(f"train.warmup_steps: {t.warmup_steps} must be below train.train_steps={t.train_steps}")
     return e

@@ -25,6 +25,7 @@ def _step(msg: str, t0: float) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     import ray
 
+    from cglab import raylocal
     from cglab.data.corpus import build_corpus, corpus_sources
     from cglab.report import collect, text_table, verdict_lines, write_report
     from cglab.track.server import make_server
@@ -59,7 +60,7 @@ def run_demo(args: argparse.Namespace) -> int:
             res = run_lesson(lesson, preset="laptop", base=base, storage_path=str(work / "tune"), name=name,
                              tracking_uri=server.uri, resume=False, verbose=0)
         finally:
-            ray.shutdown()
+            raylocal.shutdown()
         for r in res.errors:
             print(f"trial {r['variant']} failed: {r['error']}")
         runs = collect(lesson, server.uri, res.name)

@@ -7,6 +7,7 @@ import pytest
 
 from cglab.config import from_dict
 from cglab.data import pipeline
+from cglab.raylocal import local_ray
 
 pytestmark = pytest.mark.slow
 STEPS, MB = 3, 4
@@ -41,14 +42,10 @@ def _loop(config):
 @pytest.fixture(scope="module")
 def ray_4cpu(tmp_path_factory):
     import ray
-    from ray.data import DataContext
 
     # 4 logical CPUs on the 2 cores: one per Train worker, two left for the Ray Data tasks the workers start.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    with local_ray(4, tmp_path_factory.mktemp("ray")):
+        yield ray
 
 
 def test_two_train_workers_get_disjoint_seed_stable_shards(ray_4cpu, micro_sources, micro_tokenizer, tmp_path):

@@ -10,11 +10,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    from cglab.raylocal import local_ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with local_ray(6, log_to_driver=True, configure_logging=True):
+        yield
 
 
 def _cfg(micro_sources, tokenizer_dir, *overrides):

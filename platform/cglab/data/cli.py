@@ -40,6 +40,7 @@ def _sources_from_args(args):
 def _data_inspect(args) -> int:
     import ray
 
+    from cglab import raylocal
     from cglab.config import FilterConfig, load_config
     from cglab.data.inspect import inspect_sources
     from cglab.data.readers import resolve_files
@@ -57,7 +58,7 @@ def _data_inspect(args) -> int:
         report = inspect_sources(sources, fcfg, dedup=fcfg.dedup and not args.no_dedup)
     finally:
         if started:
-            ray.shutdown()
+            raylocal.shutdown()
     print(json.dumps(report, indent=1))
     return 0
 

@@ -19,7 +19,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from cglab import megatron_foreach
+from cglab import megatron_foreach, megatron_gradscale
 from cglab.config import CGLabConfig, ModelConfig
 from cglab.model.codegen import batch_mask, build_model
 
@@ -31,6 +31,7 @@ class TrainState:
     model: list[torch.nn.Module]  # one chunk per rank (no virtual pipeline)
     optimizer: object
     scheduler: OptimizerParamScheduler
+    grad_fold: megatron_gradscale.GradFold | None = None  # train.fold_grad_scale: the deferred 1/tokens factor
 
 
 def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> TrainState:
@@ -54,14 +55,15 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     megatron_foreach.apply()  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
-    if torch.cuda.is_available() and t.fused_adam:
+    if t.fold_grad_scale or (torch.cuda.is_available() and t.fused_adam):
         _use_fused_adam(optimizer)
+    fold = megatron_gradscale.install([model], optimizer) if t.fold_grad_scale else None
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
-    return TrainState([model], optimizer, scheduler)
+    return TrainState([model], optimizer, scheduler, fold)
 
 
 def _use_fused_adam(optimizer) -> None:
@@ -160,9 +162,19 @@ def reduce_stats(stats: list[dict]) -> dict[str, float]:
     return out
 
 
+def optimizer_step(state: TrainState):
+    """Megatron's optimizer step (clip + update), with the deferred gradient factor when train.fold_grad_scale;
+    returns (success, grad_norm)."""
+    if state.grad_fold is None:
+        ok, grad_norm, _ = state.optimizer.step()
+    else:
+        ok, grad_norm, _ = megatron_gradscale.step(state.optimizer, state.grad_fold)
+    return ok, grad_norm
+
+
 def train_step(state: TrainState, cfg: CGLabConfig, micro_batches: list[dict]) -> dict[str, float]:
     stats = forward_backward(state, cfg, micro_batches)
-    ok, grad_norm, _ = state.optimizer.step()
+    ok, grad_norm = optimizer_step(state)
     state.scheduler.step(increment=1)
     out = reduce_stats(stats)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan

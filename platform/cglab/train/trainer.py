@@ -15,6 +15,9 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     bound to 127.0.0.1."""
     import ray
 
+    from cglab.raylocal import quiesce_at_exit
+
+    quiesce_at_exit()
     if ray.is_initialized():
         return
     try:

@@ -182,6 +182,9 @@ def ensure_local_ray(per_trial: dict[str, float]) -> None:
 
     import ray
 
+    from cglab.raylocal import quiesce_at_exit
+
+    quiesce_at_exit()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

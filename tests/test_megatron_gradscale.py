@@ -1,0 +1,83 @@
+"""train.fold_grad_scale: the 1/tokens factor and the clip applied inside fused AdamW give Megatron's own step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cglab.config import from_dict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    from cglab.distributed import destroy_parallel, init_parallel
+
+    init_parallel(1, 1, seed=5)
+    yield
+    destroy_parallel()
+
+
+def _batches(n, mb=2, s=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tok = torch.randint(0, 1000, (mb, s), generator=g)
+        mask = (torch.rand(mb, s, generator=g) > 0.3).float()  # uneven token counts per micro-batch
+        out.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": mask,
+                    "segment_ids": torch.zeros(mb, s, dtype=torch.long)})
+    return out
+
+
+def _run(overrides, steps=3, micro=2):
+    from megatron.core import tensor_parallel
+
+    from cglab.train.step import _use_fused_adam, build_train_state, train_step
+
+    cfg = from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro}",
+                         "train.train_steps=10", "train.warmup_steps=0", "train.lr=1e-2", *overrides])
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    state = build_train_state(cfg)
+    _use_fused_adam(state.optimizer)  # the same Adam kernel on both sides (CPU default: foreach)
+    batches = _batches(steps * micro)
+    hist = [train_step(state, cfg, batches[i * micro:(i + 1) * micro]) for i in range(steps)]
+    params = [p.detach().clone() for p in state.model[0].parameters()]
+    grads = [p.main_grad.detach().clone() for p in state.model[0].parameters()]
+    return state, hist, params, grads
+
+
+@pytest.mark.parametrize("clip", [1.0, 1.0e6, 0.0], ids=["clipped", "not-clipped", "no-clip"])
+def test_fold_equals_megatron_step(single_rank, clip):
+    base = [f"train.grad_clip={clip}"]
+    # One step: the same update and the same grads left behind, to fp32 rounding.
+    ref_state, ref, ref_p, ref_g = _run(base, steps=1)
+    state, got, p, g = _run([*base, "train.fold_grad_scale=true"], steps=1)
+    assert ref_state.grad_fold is None and state.grad_fold is not None
+    assert state.grad_fold.factor is None  # consumed by the step
+    if clip == 1.0:  # the clip really engaged (else this case would not cover it)
+        assert ref[0]["grad_norm"] > 1.5 * clip
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-6)
+    for a, b in zip(ref_p, p):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    # the grads left behind are the scaled ones, as after Megatron's step (rounding is relative to the largest)
+    for a, b in zip(ref_g, g):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    # Several steps: the same losses and grad norms (Adam amplifies rounding in near-zero grads, so the
+    # parameters are compared after one step only).
+    _, ref, _, _ = _run(base, steps=3)
+    _, got, _, _ = _run([*base, "train.fold_grad_scale=true"], steps=3)
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["update_ok"] == 1.0
+
+
+def test_install_needs_fused_adam(single_rank):
+    from cglab import megatron_gradscale
+    from cglab.train.step import build_train_state
+
+    cfg = from_dict({}, ["model.preset=tiny"])
+    state = build_train_state(cfg)  # CPU: Megatron's foreach AdamW, not fused
+    with pytest.raises(ValueError, match="train.fold_grad_scale"):
+        megatron_gradscale.install(state.model, state.optimizer)
