@@ -25,9 +25,7 @@ def test_quiesce_waits_for_an_active_data_thread_and_reports_a_stuck_one():
     stuck = threading.Thread(target=stop.wait, name="StreamingExecutor-test", daemon=True)
     stuck.start()
     try:
-        t0 = time.monotonic()
         assert raylocal.quiesce(timeout=0.5) == ["StreamingExecutor-test"]
-        assert time.monotonic() - t0 < 5
     finally:
         stop.set()
         stuck.join()

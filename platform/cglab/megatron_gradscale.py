@@ -31,15 +31,11 @@ def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _inner(opt) -> torch.optim.Optimizer:
-    return opt.optimizer
-
-
 def install(model_chunks, optimizer) -> GradFold:
     """Defer the chunks' gradient scaling to `step`. Every inner optimizer must be torch Adam/AdamW with
     fused=True (the only kernel that takes a grad scale)."""
     for opt in _sub_optimizers(optimizer):
-        inner = _inner(opt)
+        inner = opt.optimizer
         if not (isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
                 and all(g.get("fused") for g in inner.param_groups)):
             raise ValueError(f"train.fold_grad_scale: needs torch's fused Adam/AdamW, got {type(inner).__name__} "
@@ -63,14 +59,13 @@ def step(optimizer, fold: GradFold):
     if clip > 0.0:
         # Megatron's clip_grad_by_total_norm_fp32: scale by max_norm / (norm + 1e-6) when that is below 1.
         coef = coef * torch.clamp(torch.as_tensor(clip / (grad_norm + 1.0e-6)), max=1.0)
-    subs = [opt for opt in _sub_optimizers(optimizer) if opt.get_parameters()]
-    for opt in subs:
-        inner = _inner(opt)
-        dev = inner.param_groups[0]["params"][0].device
-        inner.grad_scale = (1.0 / torch.as_tensor(coef, dtype=torch.float32)).to(dev).reshape(())
+    scale = (1.0 / torch.as_tensor(coef, dtype=torch.float32)).reshape(())  # the kernel divides by it
+    inners = [opt.optimizer for opt in _sub_optimizers(optimizer) if opt.get_parameters()]
+    for inner in inners:
+        inner.grad_scale = scale.to(inner.param_groups[0]["params"][0].device)  # no copy when already there
     try:
         ok = optimizer.step_with_ready_grads()
     finally:
-        for opt in subs:
-            _inner(opt).__dict__.pop("grad_scale", None)
+        for inner in inners:
+            inner.__dict__.pop("grad_scale", None)
     return ok, grad_norm, None
