@@ -26,8 +26,9 @@ CASES = {
     # the defaults: compiled glue + loss (model.compile_fusions), wgrad accumulated into the fp32 main grads
     # (model.wgrad_fusion), SDPA for causal / FlexAttention for document masks (auto backend), foreach optimizer ops
     "cglab": [],
-    # 1/tokens grad scaling and the clip inside fused AdamW's kernel (train.fold_grad_scale)
-    "cglab-fold": ["train.fold_grad_scale=true"],
+    # 1/tokens grad scaling and the clip as two passes over the fp32 grads (Megatron's own) instead of inside fused
+    # AdamW's kernel (train.fold_grad_scale, on by default on GPU)
+    "cglab-nofold": ["train.fold_grad_scale=false"],
     "cglab-nowgrad": ["model.wgrad_fusion=false"],
     "cglab-nofusions": ["model.compile_fusions=false", "model.wgrad_fusion=false"],
     "cglab-unfused": ["model.compile_fusions=false", "model.wgrad_fusion=false", "model.fused_kernels=false",
@@ -117,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (grad accumulation)")
     ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (CUDA kernel time "
                     "by kind: GEMM, attention, optimizer, other; and the top kernels)")
-    ap.add_argument("--cases", default="cglab,cglab-fold,cglab-nowgrad,cglab-nofusions,cglab-docmask,cglab-sdpa-docmask,hf,hfc")
+    ap.add_argument("--cases", default="cglab,cglab-nofold,cglab-nowgrad,cglab-nofusions,cglab-docmask,cglab-sdpa-docmask,hf,hfc")
     return ap
 
 

@@ -35,6 +35,7 @@ def test_overrides_are_typed_and_win_over_presets():
     (["model.sdpa_kernel=cudnn", "model.attention_backend=local"], "model.sdpa_kernel"),
     (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
     (["train.fold_grad_scale=true", "parallel.distributed_optimizer=true"], "train.fold_grad_scale"),
+    (["train.fold_grad_scale=true", "train.fused_adam=false"], "train.fold_grad_scale"),
 ])
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:

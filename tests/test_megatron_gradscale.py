@@ -81,3 +81,17 @@ def test_install_needs_fused_adam(single_rank):
     state = build_train_state(cfg)  # CPU: Megatron's foreach AdamW, not fused
     with pytest.raises(ValueError, match="train.fold_grad_scale"):
         megatron_gradscale.install(state.model, state.optimizer)
+
+
+@pytest.mark.parametrize("overrides, cuda, plan", [
+    ([], True, (True, True)),  # the GPU default: fused AdamW, folded
+    ([], False, (False, False)),  # the CPU default: Megatron's foreach AdamW, nothing folded
+    (["parallel.distributed_optimizer=true"], True, (True, False)),
+    (["train.fused_adam=false"], True, (False, False)),
+    (["train.fold_grad_scale=false"], True, (True, False)),
+    (["train.fold_grad_scale=true"], False, (True, True)),  # asked for on CPU: CPU fused AdamW
+])
+def test_adam_plan_defaults(overrides, cuda, plan):
+    from cglab.train.step import adam_plan
+
+    assert adam_plan(from_dict({}, ["model.preset=tiny", *overrides]), cuda) == plan

@@ -170,8 +170,8 @@ def test_fused_train_step_matches_unfused_loss_and_main_grads(variant):
 
 
 def test_fold_grad_scale_bf16_matches_megatron_step():
-    """train.fold_grad_scale on the bf16 path (Float16Optimizer, fused AdamW on CUDA): the same grad norm, the same
-    grads left behind and the same next loss as Megatron's own scaling and clip."""
+    """train.fold_grad_scale (the GPU default) on the bf16 path (Float16Optimizer, fused AdamW on CUDA): the same
+    grad norm, the same grads left behind and the same next loss as Megatron's own scaling and clip."""
     from cglab.config import from_dict
     from cglab.distributed import destroy_parallel, init_parallel
     from cglab.train import step as st
@@ -184,7 +184,7 @@ def test_fold_grad_scale_bf16_matches_megatron_step():
                         "loss_mask": (torch.rand(2, 256, generator=g) > 0.3).float(),
                         "segment_ids": torch.zeros(2, 256, dtype=torch.long)})
     results = []
-    for ov in ([], ["train.fold_grad_scale=true"]):
+    for ov in (["train.fold_grad_scale=false"], []):
         cfg = from_dict({}, ["model.preset=small", "parallel.use_gpu=true", "train.precision=bf16",
                              "data.seq_length=256", "train.micro_batch_size=2", "train.global_batch_size=4",
                              "train.grad_clip=0.5", "train.warmup_steps=0", *ov])

@@ -33,7 +33,10 @@ def test_tp2_and_pp2_reach_the_losses_of_tp1(ray_local, micro_sources, micro_tok
     ref = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base), storage_path=str(tmp_path), name="tp1"))
     assert sorted(ref) == [1, 2, 3] and all(5.0 < v < 8.0 for v in ref.values())  # ~ln(1024) at init
     for name, ov in (("tp2", ["parallel.tensor_model_parallel_size=2"]),
-                     ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
+                     ("pp2", ["parallel.pipeline_model_parallel_size=2"]),
+                     # the GPU default's gradient fold (1/tokens and the clip inside fused AdamW), across TP and PP
+                     ("tp2pp2-fold", ["parallel.tensor_model_parallel_size=2",
+                                      "parallel.pipeline_model_parallel_size=2", "train.fold_grad_scale=true"])):
         got = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base, *ov), storage_path=str(tmp_path),
                           name=name))
         assert got == pytest.approx(ref, abs=1e-4), name

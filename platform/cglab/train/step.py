@@ -55,15 +55,25 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     megatron_foreach.apply()  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
-    if t.fold_grad_scale or (torch.cuda.is_available() and t.fused_adam):
+    fused, folds = adam_plan(cfg, torch.cuda.is_available())
+    if fused:
         _use_fused_adam(optimizer)
-    fold = megatron_gradscale.install([model], optimizer) if t.fold_grad_scale else None
+    fold = megatron_gradscale.install([model], optimizer) if folds else None
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
     return TrainState([model], optimizer, scheduler, fold)
+
+
+def adam_plan(cfg: CGLabConfig, cuda: bool) -> tuple[bool, bool]:
+    """(fused AdamW kernel, train.fold_grad_scale in effect) for this config on a machine with or without CUDA."""
+    t = cfg.train
+    fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
+    if t.fold_grad_scale is None:
+        return fused, fused and not cfg.parallel.distributed_optimizer
+    return fused, t.fold_grad_scale
 
 
 def _use_fused_adam(optimizer) -> None:
