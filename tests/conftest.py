@@ -31,3 +31,13 @@ def micro_tokenizer(micro_sources, tmp_path_factory):
     tok = train_tokenizer(sample_texts(dcfg, 600), 1024, 16, 32)
     tok.path = tok.save(tmp_path_factory.mktemp("tokenizer"))
     return tok
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """Megatron parallel state for one process (TP=PP=1), torn down after the module."""
+    from cglab.distributed import destroy_parallel, init_parallel
+
+    init_parallel(1, 1)
+    yield
+    destroy_parallel()

@@ -9,15 +9,6 @@ from cglab.config import from_dict
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    from cglab.distributed import destroy_parallel, init_parallel
-
-    init_parallel(1, 1, seed=5)
-    yield
-    destroy_parallel()
-
-
 def _batches(n, mb=2, s=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -6,15 +6,6 @@ import torch
 from cglab import megatron_wgrad
 
 
-@pytest.fixture(scope="module")
-def single_rank_parallel():
-    from cglab.distributed import destroy_parallel, init_parallel
-
-    init_parallel(1, 1)
-    yield
-    destroy_parallel()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_accumulates_grad_output_t_times_input(dtype):
     g = torch.Generator().manual_seed(0)
@@ -38,7 +29,7 @@ def test_apply_is_idempotent_and_installs_the_shim():
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
-def test_megatron_linear_with_fusion_accumulates_into_main_grad(single_rank_parallel, kind):
+def test_megatron_linear_with_fusion_accumulates_into_main_grad(single_rank, kind):
     """Two backward passes through a Megatron linear layer with the fusion on leave main_grad = start + both weight
     gradients (as the unfused layer's .grad says), and no .grad of their own."""
     from megatron.core import tensor_parallel

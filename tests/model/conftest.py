@@ -5,16 +5,6 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 from cglab.config import from_dict
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    """Megatron parallel state for one process (TP=PP=1), torn down after the module."""
-    from cglab.distributed import destroy_parallel, init_parallel
-
-    init_parallel(1, 1)
-    yield
-    destroy_parallel()
-
-
 def tiny_hf(m, seed=0):
     torch.manual_seed(seed)
     cfg = CodeGenConfig(vocab_size=m.vocab_size, n_positions=m.max_position_embeddings,

@@ -76,7 +76,9 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     if cfg.gradient_accumulation_fusion:
         megatron_wgrad.apply()  # before the linear layers check for Apex's extension
     model = CodeGenModel(
-        cfg, compile_loss=fuse, transformer_layer_spec=codegen_layer_spec(m.attention_backend, fuse, m.sdpa_kernel),
+        cfg, compile_loss=fuse,
+        transformer_layer_spec=codegen_layer_spec(resolve_backend(m.attention_backend, m.attention_dropout), fuse,
+                                                  m.sdpa_kernel),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
         position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
