@@ -112,7 +112,7 @@ def main() -> None:
 
     import ray
 
-    from cglab.config import from_dict
+    from cglab.config import from_dict, spans_needed
     from cglab.data.corpus import build_corpus, corpus_sources
     from cglab.data.pipeline import prepare_data, sample_texts
     from cglab.data.tokenizer import train_tokenizer
@@ -123,9 +123,12 @@ def main() -> None:
     t_build = time.perf_counter() - t0
     cfg = from_dict({"model": {"vocab_size": args.vocab, "max_position_embeddings": args.seq_len},
                      "data": {"sources": corpus_sources(corpus["out"]), "seq_length": args.seq_len,
-                              "mixture": "weights", "tokenizer": {"vocab_size": args.vocab}}})
+                              "mixture": "weights", "tokenizer": {"vocab_size": args.vocab},
+                              # codegen2's span count follows its ratio: up to 75 spans at 2048 tokens
+                              "num_sentinels": max(16, spans_needed(0.35, (1, 16), args.seq_len))}})
     t0 = time.perf_counter()
-    tok = train_tokenizer(sample_texts(cfg.data, cfg.data.tokenizer.train_docs), args.vocab, 16, 32)
+    tok = train_tokenizer(sample_texts(cfg.data, cfg.data.tokenizer.train_docs), args.vocab,
+                          cfg.data.num_sentinels, 32)
     t_tok = time.perf_counter() - t0
 
     rows = stage_rows(corpus, tok, cfg, args.seq_len)

@@ -3,12 +3,15 @@ measured in one run on one GPU. Prints one JSON line per case and a table at the
 
     PYTHONPATH=platform python benchmarks/train_throughput.py [--preset codegen2-1B] [--steps 20] [--cases ...]
 
-Model FLOPs per token = 6·(12·L·d² + V·d) + 12·L·d·S (design.md §3); MFU against the bf16 matmul peak measured here.
+Model FLOPs per token = 6·(12·L·d² + V·d) + 12·L·d·S (design.md §3). MFU is cglab.train.flops.mfu, the training
+loop's metric: against the datasheet dense bf16 peak (989 TFLOP/s on an H100/H200). A second column gives the same
+model FLOP/s as a fraction of the bf16 8192³ matmul peak measured in this run.
 Tokens are synthetic (uniform random ids): this measures the model step, not the data pipeline (benchmarks/data_pipeline.py).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,7 +52,9 @@ def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: in
     cfg = from_dict({}, [f"model.preset={preset}", "parallel.use_gpu=true", "train.precision=bf16",
                          f"data.seq_length={seq}", f"train.micro_batch_size={mb}",
                          f"train.global_batch_size={mb * n_micro}", "train.train_steps=1000",
-                         "model.document_masking=false", "train.warmup_steps=10", *overrides])
+                         "model.document_masking=false", "train.warmup_steps=10",
+                         # synthetic batches, no objective runs: nothing to size data.num_sentinels for at this length
+                         "objective.kind=clm", *overrides])
     doc_mask = cfg.model.document_masking
     init_parallel(1, 1)
     state = build_train_state(cfg)
@@ -109,6 +114,34 @@ def profile_step(step, case: str, top: int = 15):
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x {kernel_kind(e.key):9s} {e.key[:110]}", flush=True)
 
 
+def result_row(case: str, tokens_per_s: float, model_cfg, seq_len: int, measured_peak_tflops: float | None = None,
+               datasheet_peak_tflops: float | None = None) -> dict:
+    """One GPU's row for `tokens_per_s`. `mfu` comes from cglab.train.flops.mfu, as the training loop's live metric
+    does, so the tables and the dashboards quote one number (datasheet_peak_tflops None: this GPU's datasheet peak;
+    no known peak: None). `of_measured_peak` is the same model FLOP/s over the matmul peak measured in this run."""
+    from cglab.train import flops
+
+    tf = flops.model_tflops(tokens_per_s, model_cfg, seq_len)
+    mfu = flops.mfu(tokens_per_s, model_cfg, seq_len, 1, datasheet_peak_tflops)
+    return {"case": case, "tokens_per_s": round(tokens_per_s), "tflops": round(tf, 1),
+            "mfu": None if mfu is None else round(mfu, 4),
+            "of_measured_peak": round(tf / measured_peak_tflops, 4) if measured_peak_tflops else None}
+
+
+TABLE_HEADER = (f"{'case':40s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU(datasheet)':>14s} {'of-measured-peak':>16s} "
+                f"{'mem GB':>7s} {'fwd+bwd ms':>10s} {'opt ms':>7s}")
+
+
+def table_line(r: dict) -> str:
+    """The printed table's line for a result_row (plus mem_gb and, for cglab cases, the step's phases)."""
+    if r.get("error"):
+        return f"{r['case']:40s} ERROR"
+    pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731  (no datasheet peak for this GPU)
+    return (f"{r['case']:40s} {r['tokens_per_s']:>10,d} {r['tflops']:>8.1f} {pct(r['mfu']):>14s} "
+            f"{pct(r.get('of_measured_peak')):>16s} {r.get('mem_gb', ''):>7} {r.get('fwd_bwd_ms', ''):>10} "
+            f"{r.get('optimizer_ms', ''):>7}")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="codegen2-1B")
@@ -126,13 +159,18 @@ def main():
     args = parser().parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     hfb.PEAK = hfb.measure_peak()
-    print(json.dumps({"peak_bf16_tflops": round(hfb.PEAK, 1)}), flush=True)
-    from cglab.config import PRESETS
+    from cglab.config import PRESETS, ModelConfig
+    from cglab.train.flops import device_peak_tflops
+
+    print(json.dumps({"measured_matmul_peak_tflops": round(hfb.PEAK, 1),
+                      "datasheet_peak_tflops": device_peak_tflops()}), flush=True)
 
     p = PRESETS[args.preset]
     d, L, H, V, rot = p["hidden_size"], p["num_layers"], p["num_attention_heads"], p["vocab_size"], p["rotary_dim"]
     S = args.seq
     fpt = hfb.flops_per_token(d, L, S, V)
+    row = functools.partial(result_row, model_cfg=ModelConfig(preset=args.preset), seq_len=S,
+                            measured_peak_tflops=hfb.PEAK)
     rows = []
     for case in args.cases.split(","):
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
@@ -140,7 +178,8 @@ def main():
             if case.startswith("cglab"):
                 step, tokens, timing, _ = cglab_case(args.preset, args.mb, S, CASES[case.split("@")[0]],
                                                      n_micro=args.micro)
-                r = hfb.bench(step, tokens, fpt, f"{case}-{args.preset}-mb{args.mb}x{args.micro}", n=args.steps)
+                r = hfb.bench(step, tokens, fpt, f"{case}-{args.preset}-mb{args.mb}x{args.micro}", n=args.steps,
+                              row=row)
                 med = lambda xs: sorted(xs[3:])[len(xs[3:]) // 2]  # noqa: E731  (after the warm-up steps)
                 r["fwd_bwd_ms"] = round(1000 * med(timing["fwd_bwd"]), 1)
                 r["optimizer_ms"] = round(1000 * med(timing["opt"]), 1)
@@ -153,19 +192,16 @@ def main():
             else:
                 step = hfb.hf_codegen(d, L, H, S, V, args.mb, rot, compile_=(case == "hfc"), n_micro=args.micro)
                 r = hfb.bench(step, args.mb * S * args.micro, fpt, f"{case}-{args.preset}-mb{args.mb}x{args.micro}",
-                              n=args.steps)
+                              n=args.steps, row=row)
             rows.append(r)
         except Exception:
             traceback.print_exc()
             rows.append({"case": case, "error": True})
         step = None
         import gc; gc.collect()
-    print(f"\n{'case':40s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s} {'fwd+bwd ms':>10s} {'opt ms':>7s}")
+    print("\n" + TABLE_HEADER)
     for r in rows:
-        if r.get("error"):
-            print(f"{r['case']:40s} ERROR"); continue
-        print(f"{r['case']:40s} {r['tokens_per_s']:>10,d} {r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['mem_gb']:>7.1f} "
-              f"{r.get('fwd_bwd_ms', ''):>10} {r.get('optimizer_ms', ''):>7}")
+        print(table_line(r))
 
 
 if __name__ == "__main__":

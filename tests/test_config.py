@@ -25,7 +25,10 @@ def test_overrides_are_typed_and_win_over_presets():
     (["data.seq_length=4096"], "data.seq_length"),
     (["model.rotary_dim=32"], "model.rotary_dim"),
     (["model.rotary_dim=7"], "model.rotary_dim"),
-    (["data.num_sentinels=2", "objective.max_spans=5"], "data.num_sentinels"),
+    (["data.num_sentinels=2"], "data.num_sentinels"),
+    (["objective.max_spans=5"], "objective.max_spans"),
+    (["objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1, ratio: [0.5, 0.2]}]"],
+     "objective.ul2_denoisers.0"),
     (["train.lr=-1"], "train.lr"),
     (["objective.kind=bogus"], "objective.kind"),
     (["model.preset=codegen9"], "model"),
@@ -69,3 +72,59 @@ def test_every_shipped_config_validates():
 def test_flatten_gives_dotted_scalars():
     flat = flatten(from_dict({}, ["model.preset=tiny"]))
     assert flat["model.hidden_size"] == 64 and "train.lr" in flat
+
+
+def test_max_spans_is_refused_and_says_what_replaced_it(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("model: {preset: tiny}\nobjective: {max_spans: 32}\n")
+    with pytest.raises(ConfigError, match=r"objective\.max_spans: removed; the number of spans now follows from "
+                                          r"the drawn mask ratio"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("overrides, k, label", [
+    (["data.seq_length=2048"], 75, "span corruption"),  # ratio up to 0.35, mean span 8.5
+    (["data.seq_length=2048", "objective.kind=ul2"], 227, "UL2 denoiser X_dense"),  # 50%, mean span 3
+    (["data.seq_length=2048", "objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1}]"], 89,
+     "UL2 denoiser R"),
+])
+def test_too_few_sentinels_name_the_field_and_the_spans_needed(overrides, k, label):
+    base = ["model.preset=tiny", "model.max_position_embeddings=2048"]
+    with pytest.raises(ConfigError) as err:
+        from_dict({}, [*base, *overrides, f"data.num_sentinels={k - 1}"])
+    assert (f"data.num_sentinels: {k - 1} sentinels cannot label the {k} spans {label} needs at "
+            f"data.seq_length=2048") in str(err.value)
+    from_dict({}, [*base, *overrides, f"data.num_sentinels={k}"])  # exactly enough
+
+
+def test_objectives_that_corrupt_nothing_need_no_sentinels():
+    for kind in ("clm", "infill"):
+        cfg = from_dict({}, ["model.preset=tiny", f"objective.kind={kind}", "data.num_sentinels=1"])
+        assert cfg.objective.corrupting() == ()
+    assert from_dict({}, ["model.preset=tiny", "objective.causal_prob=1.0", "data.num_sentinels=1"])
+
+
+def test_spans_needed_is_the_largest_count_of_a_unit_that_fits():
+    from cglab.config import span_count, spans_needed
+
+    for ratio_max, span_len, seq in [(0.35, (1, 16), 2048), (0.5, (2, 4), 2048), (0.15, (24, 40), 8192),
+                                     (0.9, (1, 1), 64)]:
+        k = spans_needed(ratio_max, span_len, seq)
+        mean = sum(span_len) / 2
+        sizes = [n for n in range(seq + 1)
+                 if n + 1 + 3 * span_count(round(ratio_max * n), mean) <= seq]  # units that fit, plain Python
+        assert k == max(span_count(round(ratio_max * n), mean) for n in sizes)
+
+
+@pytest.mark.parametrize("preset", ["laptop", "1gpu", "cluster"])
+def test_every_lesson_variant_validates_at_every_preset(preset):
+    from cglab.tune.lessons import LESSONS, get_lesson
+    from cglab.tune.presets import base_config
+
+    base = base_config(preset)
+    for n in sorted(LESSONS):
+        configs = get_lesson(n).configs(base)
+        assert configs
+        for cfg in configs.values():
+            for cor in cfg.objective.corrupting():
+                assert cfg.data.num_sentinels >= cor.spans_needed(cfg.data.seq_length)

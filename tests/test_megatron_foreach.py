@@ -74,15 +74,20 @@ def test_apply_swaps_only_the_local_fallbacks(local_ops):
 
 
 def test_clipped_optimizer_step_equals_local_fallback(local_ops):
-    """Whole Megatron optimizer step (grad norm, clipping, AdamW) with the foreach ops vs the local loops."""
+    """Whole Megatron optimizer step (grad norm, clipping, AdamW) with the foreach ops vs the local loops. The grad
+    norm is far above train.grad_clip, so Megatron applies a clip coefficient < 1 through the installed scale op
+    (counted: a step that never reached it would check nothing), and the clipped grads are compared as well as the
+    weights: AdamW's first update is nearly invariant to a common grad scale, so the weights alone would hide a
+    wrong clip."""
     from megatron.core.optimizer import clip_grads, optimizer
 
     from cglab.config import from_dict
     from cglab.distributed import destroy_parallel, init_parallel
     from cglab.train.step import train_step, build_train_state
 
+    clip = 0.01
     cfg = from_dict({}, ["model.preset=tiny", "data.seq_length=16", "train.micro_batch_size=2",
-                         "train.global_batch_size=2", "train.grad_clip=0.01", "train.warmup_steps=0",
+                         "train.global_batch_size=2", f"train.grad_clip={clip}", "train.warmup_steps=0",
                          "model.document_masking=false"])
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
@@ -94,16 +99,36 @@ def test_clipped_optimizer_step_equals_local_fallback(local_ops):
         for use_foreach in (True, False):
             init_parallel(1, 1)
             state = build_train_state(cfg)  # applies the foreach ops
-            if not use_foreach:
-                clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = local_ops
-                optimizer.multi_tensor_scale_impl = local_ops[1]
+            if use_foreach:
+                assert clip_grads.multi_tensor_scale_impl is megatron_foreach.scale
+                assert clip_grads.l2_norm_impl is megatron_foreach.l2_norm
+                norm_op, scale_op = megatron_foreach.l2_norm, megatron_foreach.scale
+            else:
+                norm_op, scale_op = local_ops
+            factors = []
+
+            def counted_scale(chunk_size, noop_flag, tensor_lists, factor, _op=scale_op, _seen=factors):
+                _seen.append(factor)
+                return _op(chunk_size, noop_flag, tensor_lists, factor)
+
+            clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = norm_op, counted_scale
+            optimizer.multi_tensor_scale_impl = scale_op
             stats = train_step(state, cfg, [batch])
-            results.append((stats["grad_norm"], [p.detach().clone() for p in state.model[0].parameters()]))
+            model = state.model[0]
+            # Megatron's FP32 optimizer steps on param.grad = param.main_grad: the clipped grads are still there
+            grads = [p.main_grad.detach().clone() for p in model.parameters()]
+            results.append((stats["grad_norm"], factors, grads, [p.detach().clone() for p in model.parameters()]))
             destroy_parallel()
     finally:
         clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl = saved
-    (norm_a, params_a), (norm_b, params_b) = results
-    assert norm_a > 0.01  # clipping was active
+    (norm_a, factors_a, grads_a, params_a), (norm_b, factors_b, grads_b, params_b) = results
+    assert norm_a > 100 * clip  # clipping was active, strongly
     assert norm_a == pytest.approx(norm_b, rel=1e-6)
+    # the clip went through the scale op, once, with Megatron's coefficient
+    assert factors_a == [pytest.approx(clip / (norm_a + 1e-6), rel=1e-9)] and factors_b == factors_a
+    clipped = torch.linalg.vector_norm(torch.cat([t.flatten() for t in grads_a]))
+    assert clipped.item() == pytest.approx(clip, rel=1e-4)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -85,4 +85,71 @@ def test_install_needs_fused_adam(single_rank):
 def test_adam_plan_defaults(overrides, cuda, plan):
     from cglab.train.step import adam_plan
 
-    assert adam_plan(from_dict({}, ["model.preset=tiny", *overrides]), cuda) == plan
+    got = adam_plan(from_dict({}, ["model.preset=tiny", *overrides]), cuda)
+    assert (got.impl, got.fused, got.fold) == ("torch", *plan)
+
+
+@pytest.mark.parametrize("impl", ["te", "apex"])
+def test_adam_plan_where_megatron_builds_a_fused_adam_of_its_own(impl):
+    """The GPU images install Transformer Engine, and then Megatron builds TE's FusedAdam, which takes no grad
+    scale: the default fold is off there (it used to turn on and crash at start), an explicit one is refused."""
+    from cglab.config import ConfigError
+    from cglab.train.step import adam_plan
+
+    cfg = from_dict({}, ["model.preset=tiny"])
+    got = adam_plan(cfg, True, impl)
+    assert (got.impl, got.fused, got.fold) == (impl, True, False)
+    with pytest.raises(ConfigError, match="train.fold_grad_scale: Megatron-Core builds"):
+        adam_plan(from_dict({}, ["model.preset=tiny", "train.fold_grad_scale=true"]), True, impl)
+
+
+class _TEFusedAdam(torch.optim.Optimizer):
+    """Transformer Engine's FusedAdam as Megatron-Core 0.16.1 builds it (its constructor takes adam_w_mode), and
+    as `built_adam` sees it: a class of module transformer_engine.*. Plain AdamW maths, so a step really runs."""
+
+    __module__ = "transformer_engine.pytorch.optimizers.fused_adam"
+
+    def __init__(self, params, lr, weight_decay, betas, eps, adam_w_mode=True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim.adamw import adamw
+
+        for g in self.param_groups:
+            adamw(*self._lists(g), beta1=g["betas"][0], beta2=g["betas"][1], lr=g["lr"],
+                              weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False, maximize=False,
+                              foreach=False, capturable=False, differentiable=False, fused=None,
+                              grad_scale=None, found_inf=None)
+
+    def _lists(self, g):
+        ps = [p for p in g["params"] if p.grad is not None]
+        for p in ps:
+            st = self.state[p]
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        st = [self.state[p] for p in ps]
+        return (ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
+                [s["step"] for s in st])
+
+
+def test_fold_follows_the_optimizer_megatron_built(single_rank, monkeypatch):
+    """With Megatron building TE's FusedAdam (Transformer Engine importable), the fold is decided from that
+    optimizer: an explicit fold is a config error naming the field, the default trains without it."""
+    from megatron.core import optimizer as mo
+
+    from cglab.config import ConfigError
+    from cglab.train.step import build_train_state, built_adam, train_step
+
+    monkeypatch.setattr(mo, "Adam", _TEFusedAdam)
+    monkeypatch.setattr(mo, "USING_PYTORCH_OPTIMIZER", False)
+    base = ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=0"]
+    with pytest.raises(ConfigError, match="train.fold_grad_scale: Megatron-Core builds TE's FusedAdam"):
+        build_train_state(from_dict({}, [*base, "train.fold_grad_scale=true"]))
+    cfg = from_dict({}, base)
+    state = build_train_state(cfg)
+    assert built_adam(state.optimizer) == "te" and state.grad_fold is None
+    before = [p.detach().clone() for p in state.model[0].parameters()]
+    out = train_step(state, cfg, _batches(2))
+    assert out["update_ok"] == 1.0 and out["loss"] == out["loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.model[0].parameters()))

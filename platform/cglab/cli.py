@@ -12,6 +12,7 @@ AREAS = [
     "cglab.tune.cli",
     "cglab.track.cli",
     "cglab.eval.cli",
+    "cglab.plan",
     "cglab.demo",
 ]
 

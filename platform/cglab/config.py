@@ -6,11 +6,13 @@ here, before any process, GPU or dataset is touched.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 
 class ConfigError(ValueError):
@@ -60,8 +62,9 @@ class ModelConfig(_Section):
     document_masking: bool = True
     # flex: SDPA for plain causal, FlexAttention block masks (no dense [s, s] mask; fully hidden blocks skipped) for
     # documents and prefix-LM on GPU; on CPU, whose FlexAttention has no backward, the dense SDPA masks. auto:
-    # Transformer Engine on GPU if installed, else flex on GPU (sdpa with attention dropout, which flex lacks), sdpa
-    # on CPU. Packed documents on one H100: flex 60.6k tokens/s vs sdpa's dense mask 54.7k (codegen2-1B shape).
+    # flex on GPU (sdpa with attention dropout, which flex lacks), sdpa on CPU; never Transformer Engine, which is
+    # unmeasured and ignores dense masks (te is refused with document masking or prefix-LM). Packed documents on
+    # one H100: flex 60.6k tokens/s vs sdpa's dense mask 54.7k (codegen2-1B shape). `cglab plan` prints the choice.
     attention_backend: Literal["auto", "local", "sdpa", "te", "flex"] = "auto"
     fused_kernels: bool = True  # GPU only: Megatron's fused bias-gelu and cross-entropy
     # The elementwise glue as one kernel each (torch.compile on GPU, the same maths eagerly on CPU): qkv split +
@@ -145,17 +148,100 @@ class DataConfig(_Section):
     mixture: Literal["weights", "pl_only", "nl_only", "mix"] = "weights"
 
 
+def span_count(m, mean_len: float):
+    """Spans that hide m tokens (T5's random_spans_noise_mask rule): round(m / mean span), at least 1, at most m.
+
+    The count follows the drawn ratio, so a unit is masked at its ratio whatever its length (a fixed span cap
+    masked a 2,000-token document ~3% for a 20% target). Ints or int arrays in, the same shape out.
+    """
+    m = np.asarray(m, np.int64)
+    k = np.where(m > 0, np.minimum(m, np.maximum(1, np.rint(m / mean_len).astype(np.int64))), 0)
+    return int(k) if k.ndim == 0 else k
+
+
+def spans_needed(ratio_max: float, span_len: tuple[int, int], seq_len: int) -> int:
+    """The most spans one unit can need at this sequence length: the largest span_count over every unit size n
+    whose corrupted form (n tokens, `<sep>`, 3 per span) still fits in seq_len. Larger units never reach an
+    objective (the packer's reserve keeps them out), and m = round(r n) <= round(ratio_max n) for every draw."""
+    n = np.arange(seq_len + 1)
+    k = span_count(np.rint(ratio_max * n).astype(np.int64), (span_len[0] + span_len[1]) / 2)
+    return int(k[n + 1 + 3 * k <= seq_len].max(initial=0))
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One span-corruption setting an objective actually runs (ObjectiveConfig.corrupting())."""
+
+    name: str  # "span" (span_corruption / codegen2) or the UL2 denoiser's name
+    label: str  # for messages: "span corruption", "UL2 denoiser X_dense"
+    ratio: tuple[float, float]
+    span_len: tuple[int, int]
+
+    @property
+    def mean_len(self) -> float:
+        return (self.span_len[0] + self.span_len[1]) / 2
+
+    @property
+    def mean_ratio(self) -> float:
+        return (self.ratio[0] + self.ratio[1]) / 2
+
+    def spans_needed(self, seq_len: int) -> int:
+        return spans_needed(self.ratio[1], self.span_len, seq_len)
+
+
+class Denoiser(_Section):
+    """One UL2 denoiser: kind span is span corruption with these ranges; kind prefix is the S denoiser (prefix LM,
+    ratio and span_len unused)."""
+
+    name: str
+    prob: float = Field(ge=0.0)
+    kind: Literal["span", "prefix"] = "span"
+    ratio: tuple[float, float] = (0.15, 0.15)
+    span_len: tuple[int, int] = (2, 4)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Denoiser":
+        if not 0.0 < self.ratio[0] <= self.ratio[1] < 1.0:
+            raise ValueError(f"ratio: {list(self.ratio)} must be [min, max] with 0 < min <= max < 1")
+        if not 1 <= self.span_len[0] <= self.span_len[1]:
+            raise ValueError(f"span_len: {list(self.span_len)} must be [min, max] with 1 <= min <= max")
+        return self
+
+
+# UL2's R (mean span 3, 15%), X (dense: 50%; long: spans ~32) and S, without paradigm tokens.
+UL2_DENOISERS: tuple[dict[str, Any], ...] = (
+    dict(name="R", prob=0.3, kind="span", ratio=(0.15, 0.15), span_len=(2, 4)),
+    dict(name="X_dense", prob=0.2, kind="span", ratio=(0.5, 0.5), span_len=(2, 4)),
+    dict(name="X_long", prob=0.2, kind="span", ratio=(0.15, 0.15), span_len=(24, 40)),
+    dict(name="S", prob=0.3, kind="prefix"),
+)
+
+
 class ObjectiveConfig(_Section):
     kind: Literal["clm", "span_corruption", "codegen2", "infill", "ul2"] = "codegen2"
     causal_prob: float = Field(0.5, ge=0.0, le=1.0)  # codegen2 mix: P(plain causal LM) per sequence
     corruption: Literal["file_level", "sequence_level"] = "file_level"
+    # Span corruption: per unit, ratio r ~ U[mask_ratio_min, mask_ratio_max], m = round(r n) tokens hidden in
+    # span_count(m, mean span) spans (cglab.data.objectives); data.num_sentinels must label the most spans a unit
+    # can need at data.seq_length.
     mask_ratio_min: float = Field(0.05, gt=0.0, lt=1.0)
     mask_ratio_max: float = Field(0.35, gt=0.0, lt=1.0)
     span_len_min: int = Field(1, ge=1)
     span_len_max: int = Field(16, ge=1)
-    max_spans: int = Field(8, ge=1)
+    ul2_denoisers: list[Denoiser] = Field(default_factory=lambda: [Denoiser(**d) for d in UL2_DENOISERS])
     infill_rate: float = Field(0.5, ge=0.0, le=1.0)  # lesson 2: fraction of sequences turned into infill
     spm_prob: float = Field(0.5, ge=0.0, le=1.0)  # among infill: SPM vs PSM
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        # A plain "extra inputs are not permitted" would not say what replaced it.
+        if isinstance(data, dict) and "max_spans" in data:
+            raise ValueError("objective.max_spans: removed; the number of spans now follows from the drawn mask "
+                             "ratio and the mean span length (round(masked tokens / mean span)), so delete it; "
+                             "data.num_sentinels must then cover the most spans a unit can need at "
+                             "data.seq_length (the config check says how many)")
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> "ObjectiveConfig":
@@ -163,7 +249,21 @@ class ObjectiveConfig(_Section):
             raise ValueError("mask_ratio_min must be <= mask_ratio_max")
         if self.span_len_min > self.span_len_max:
             raise ValueError("span_len_min must be <= span_len_max")
+        if self.kind == "ul2" and not any(d.prob > 0 for d in self.ul2_denoisers):
+            raise ValueError("objective.ul2_denoisers: need at least one denoiser with positive prob")
         return self
+
+    def corrupting(self) -> tuple[Corruption, ...]:
+        """The span-corruption settings this objective actually runs: span_corruption and codegen2 one ("span"),
+        ul2 each span denoiser it can pick, clm and infill none. They size data.num_sentinels and the packer's
+        reserve, and `cglab plan` reports their target vs realised mask fractions."""
+        if self.kind == "span_corruption" or (self.kind == "codegen2" and self.causal_prob < 1.0):
+            return (Corruption("span", "span corruption", (self.mask_ratio_min, self.mask_ratio_max),
+                               (self.span_len_min, self.span_len_max)),)
+        if self.kind == "ul2":
+            return tuple(Corruption(d.name, f"UL2 denoiser {d.name}", tuple(d.ratio), tuple(d.span_len))
+                         for d in self.ul2_denoisers if d.kind == "span" and d.prob > 0)
+        return ()
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -209,8 +309,12 @@ class EvalConfig(_Section):
     temperature: float = Field(0.2, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, ge=1)
-    timeout_s: float = Field(3.0, gt=0.0)
+    timeout_s: float = Field(3.0, gt=0.0)  # sandbox wall clock per HumanEval / infill program
     limit: int | None = None  # evaluate only the first N tasks (laptop presets)
+    # A lesson sweep scores on documents held out from its sources; when a kind (NL, code) has none, it may fall
+    # back to cglab.eval.nl.builtin_texts (stdlib docstrings, HumanEval solutions), which can be in the training
+    # data and then rank variants on memorised text. Only with this set; the runs are tagged eval.texts.
+    allow_builtin_texts: bool = False
 
 
 class CGLabConfig(_Section):
@@ -223,7 +327,9 @@ class CGLabConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "CGLabConfig":
+    def _cross_field(self, info: ValidationInfo) -> "CGLabConfig":
+        if info.context and info.context.get("cross_field") is False:  # `cglab plan` lists them as errors instead
+            return self
         errors = cross_field_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
@@ -268,11 +374,20 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
     if m.sdpa_kernel != "auto" and m.attention_backend in ("local", "te"):
         e.append(f"model.sdpa_kernel: {m.sdpa_kernel!r} needs the sdpa or flex attention backend "
                  f"(model.attention_backend is {m.attention_backend!r})")
+    if m.attention_backend == "te" and (m.document_masking or m.architecture == "prefix_lm"):
+        # TE's DotProductAttention ignores a dense mask for the causal mask type: packed documents would attend
+        # across their boundaries and a prefix-LM would train as a causal model, without a word.
+        e.append(f"model.attention_backend: 'te' ignores the attention mask that model.document_masking="
+                 f"{str(m.document_masking).lower()} and model.architecture={m.architecture!r} need; use flex or "
+                 f"sdpa, or set model.document_masking=false with model.architecture=causal")
     if m.attention_backend == "flex" and m.attention_dropout > 0:
         e.append(f"model.attention_dropout: {m.attention_dropout} is not supported by model.attention_backend=flex")
-    if d.num_sentinels < o.max_spans:
-        e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label objective.max_spans="
-                 f"{o.max_spans} spans")
+    for cor in o.corrupting():
+        k = cor.spans_needed(d.seq_length)
+        if d.num_sentinels < k:
+            e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label the {k} spans {cor.label} needs "
+                     f"at data.seq_length={d.seq_length} (ratio up to {cor.ratio[1]:g}, mean span "
+                     f"{cor.mean_len:g})")
     if t.global_batch_size % (t.micro_batch_size * dp):
         e.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
                  f"train.micro_batch_size x parallel.data_parallel_size = {t.micro_batch_size}x{dp}")
@@ -330,15 +445,17 @@ def _format(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def from_dict(data: dict, overrides: list[str] | None = None) -> CGLabConfig:
+def from_dict(data: dict, overrides: list[str] | None = None, cross_field: bool = True) -> CGLabConfig:
+    """cross_field=False: every field validated, the cross-field constraints left to the caller (`cglab plan`
+    reports them with everything else instead of stopping at them)."""
     data = apply_overrides(data or {}, overrides or [])
     try:
-        return CGLabConfig.model_validate(data)
+        return CGLabConfig.model_validate(data, context={"cross_field": cross_field})
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CGLabConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cross_field: bool = True) -> CGLabConfig:
     """Read YAML (or start from defaults when path is None), apply overrides, validate everything."""
     data: dict = {}
     if path is not None:
@@ -353,7 +470,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return from_dict(data, overrides)
+    return from_dict(data, overrides, cross_field)
 
 
 def dump_config(cfg: CGLabConfig) -> str:

@@ -63,12 +63,18 @@ class _CpuTorch(types.ModuleType):
 
 
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """Megatron's clip_grad_by_total_norm_fp32 minus its assertion that grads live on CUDA."""
+    """Megatron's clip_grad_by_total_norm_fp32 minus its assertion that grads live on CUDA. The scale still goes
+    through clip_grads.multi_tensor_scale_impl, looked up at call time as Megatron does, so a CPU run clips with the
+    op a GPU run uses (cglab.megatron_foreach.scale once installed) and tests on CPU exercise it."""
+    from megatron.core.optimizer import clip_grads
+
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
     grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if grads and clip_coeff < 1.0:
-        torch._foreach_mul_(grads, clip_coeff)
+        dummy_overflow_buf = torch.zeros(1, dtype=torch.int)
+        clip_grads.multi_tensor_applier(clip_grads.multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads],
+                                        clip_coeff)
 
 
 def apply() -> bool:

@@ -40,7 +40,7 @@ def test_every_case_exists_and_its_config_validates(case):
     from cglab.config import from_dict
 
     cfg = from_dict({}, ["model.preset=codegen2-1B", "data.seq_length=2048", "train.micro_batch_size=4",
-                         "train.global_batch_size=4", *train_throughput.CASES[case]])
+                         "train.global_batch_size=4", "objective.kind=clm", *train_throughput.CASES[case]])
     assert cfg.model.hidden_size == 2048
 
 

@@ -43,8 +43,12 @@ def test_samples_follow_the_contract(cfg, plan):
     b = _take(cfg, plan, 0)
     assert b["tokens"].shape == b["labels"].shape == b["segment_ids"].shape == b["loss_mask"].shape == (64, S)
     assert (b["tokens"].dtype, b["labels"].dtype, b["loss_mask"].dtype) == (np.int32, np.int32, np.float32)
-    assert b["prefix_len"].shape == b["objective"].shape == (64,) and b["objective"].dtype == np.int8
+    assert b["prefix_end"].shape == (64, S) and b["prefix_end"].dtype == np.int32
+    assert b["objective"].shape == (64,) and b["objective"].dtype == np.int8
     assert set(np.unique(b["objective"])) == {0, 1}  # codegen2: CLM and span corruption, p = 0.5
+    # per-sample mask counts ride the stream: only span-corrupted samples have maskable tokens
+    assert b["n_masked"].shape == b["n_maskable"].shape == (64,) and b["n_masked"].dtype == np.int32
+    assert np.array_equal(b["n_maskable"] > 0, b["objective"] == 1) and (b["n_masked"] <= b["n_maskable"]).all()
     assert b["sample_index"].tolist() == list(range(64))
     tok = plan.tokenizer()
     assert ((b["tokens"] >= 0) & (b["tokens"] < tok.vocab_size)).all()

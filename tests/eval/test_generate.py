@@ -64,5 +64,13 @@ def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
     assert res == json.loads(capsys.readouterr().out)
     assert res["humaneval"]["by_temperature"]["0.0"]["n_tasks"] == 2
     assert res["infill"]["single"]["n_tasks"] == 2
+    # every pass@k in the output carries its conditions: sandbox mode and a count for every program status
+    from cglab.eval.sandbox import isolation_mode
+
+    for scored in (res["humaneval"]["by_temperature"]["0.0"], res["humaneval"]["best"]["pass@1"],
+                   res["infill"]["single"]):
+        assert scored["isolation"] == isolation_mode()
+        assert set(scored["statuses"]) == {"passed", "failed", "timed_out", "sandbox_error"}
+        assert sum(scored["statuses"].values()) == 2
     assert res["nl"]["nl"]["docs"] == 2 and res["nl"]["code"]["bits_per_byte"] > 0
     assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "humaneval,mbpp"]) == 2

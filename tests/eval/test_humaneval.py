@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cglab.eval import humaneval as he
+from cglab.eval.sandbox import Limits, isolation_mode
 
 
 def reference_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -82,6 +83,27 @@ def test_evaluate_samples_file_and_cli(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["pass@1"] == pytest.approx(0.5)
     assert printed["tasks"]["HumanEval/1"] == {**printed["tasks"]["HumanEval/1"], "n": 2, "passed": 1}
+    # the score's conditions are in the JSON: every status counted (zeros too) and the sandbox mode
+    assert printed["statuses"] == {"passed": 3, "failed": 3, "timed_out": 0, "sandbox_error": 0}
+    assert printed["isolation"] == isolation_mode()
+
+
+@pytest.mark.slow
+def test_pass_at_k_reports_status_counts_and_isolation():
+    problems = {t: p for t, p in he.load_problems().items() if t in ("HumanEval/0", "HumanEval/2")}
+    loop = "    while True:\n        pass\n"
+    samples = [{"task_id": t, "completion": c} for t in problems
+               for c in (problems[t]["canonical_solution"], "    return None\n", loop)]
+    res = he.evaluate(samples, problems, limits=Limits(timeout_s=8))
+    assert res["pass@1"] == pytest.approx(1 / 3)
+    assert res["statuses"] == {"passed": 2, "failed": 2, "timed_out": 2, "sandbox_error": 0}
+    assert res["isolation"] == isolation_mode()
+    # A jail that cannot be built (an RLIMIT_NOFILE no kernel grants) is a sandbox error, counted as such and
+    # not folded into "failed", though it scores as not passing.
+    broken = he.evaluate(samples[:2], problems, limits=Limits(timeout_s=8, open_files=1 << 40))
+    assert broken["pass@1"] == 0.0
+    assert broken["statuses"] == {"passed": 0, "failed": 0, "timed_out": 0, "sandbox_error": 2}
+    assert "setup failed" in broken["tasks"]["HumanEval/0"]["results"][0]["error"]
 
 
 def test_bad_samples_name_file_and_line(tmp_path, capsys):

@@ -53,6 +53,20 @@ def test_canonical_middles_pass_and_wrong_middles_fail(problems):
 
 
 @pytest.mark.slow
+def test_scores_report_status_counts_and_isolation(problems):
+    from cglab.eval.sandbox import Limits, isolation_mode
+
+    task = infill.derive_tasks({"HumanEval/0": problems["HumanEval/0"]}, "single")[0]
+    indent = task.middle[:len(task.middle) - len(task.middle.lstrip())]
+    loop = f"{indent}while True:\n{indent}    pass\n" + task.middle  # runs forever before the right line
+    res = infill.score_middles([task], [[task.middle, f"{indent}raise RuntimeError('wrong')\n", loop]],
+                               problems, limits=Limits(timeout_s=8))
+    assert res["pass@1"] == pytest.approx(1 / 3)
+    assert res["statuses"] == {"passed": 1, "failed": 1, "timed_out": 1, "sandbox_error": 0}
+    assert res["isolation"] == isolation_mode()
+
+
+@pytest.mark.slow
 def test_end_to_end_with_tiny_model(tiny_hf_dir):
     from cglab.eval.generate import load_generator
 

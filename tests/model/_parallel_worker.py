@@ -27,4 +27,8 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
     if rank == 0:
         g = unshard({k: v for k, v, _ in everything}, cfg.model)
         w = unshard({k: v for k, _, v in everything}, cfg.model)
-        torch.save({"loss": loss, "grads": g, "weights": w}, out_path)
+        # which block the config built, so a test comparing two configs can check they really differ
+        layer = inner.decoder.layers[0]
+        built = {"attention": type(layer.self_attention).__name__, "fused_residual": layer.fused_residual,
+                 "compile_loss": inner.compile_loss}
+        torch.save({"loss": loss, "grads": g, "weights": w, "built": built}, out_path)

@@ -46,7 +46,9 @@ def test_every_layer_gets_the_kernel_and_logits_are_unchanged(single_rank, arch,
 
 
 @pytest.mark.parametrize("cuda, te, dropout, want", [
-    (False, False, 0.0, "sdpa"), (True, False, 0.0, "flex"), (True, False, 0.1, "sdpa"), (True, True, 0.0, "te")])
+    (False, False, 0.0, "sdpa"), (True, False, 0.0, "flex"), (True, False, 0.1, "sdpa"),
+    (True, True, 0.0, "flex"),  # Transformer Engine installed (the GPU images): auto still never picks it
+    (True, True, 0.1, "sdpa")])
 def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
     from cglab.model import spec
 
@@ -54,3 +56,19 @@ def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
     monkeypatch.setattr(spec, "have_te", lambda: te)
     assert spec.resolve_backend("auto", dropout) == want
     assert spec.resolve_backend("sdpa", dropout) == "sdpa"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # document masking is on by default
+    ["model.document_masking=false", "model.architecture=prefix_lm"],
+    ["model.document_masking=true", "model.architecture=causal"],
+])
+def test_te_with_a_mask_it_would_ignore_is_a_config_error(overrides):
+    """TE's DotProductAttention ignores a dense mask for the causal mask type: refused, naming both fields."""
+    from cglab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.attention_backend: 'te'.*model\.document_masking.*"
+                                          r"model\.architecture"):
+        from_dict({}, ["model.preset=tiny", "model.attention_backend=te", *overrides])
+    # plain causal without packed-document masks is what TE's causal kernel does correctly: allowed
+    from_dict({}, ["model.preset=tiny", "model.attention_backend=te", "model.document_masking=false"])

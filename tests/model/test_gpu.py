@@ -12,7 +12,7 @@ def test_bf16_sdpa_step_codegen2_1b():
 
     cfg = from_dict({}, ["model.preset=codegen2-1B", "parallel.use_gpu=true", "train.precision=bf16",
                          "data.seq_length=2048", "train.micro_batch_size=2", "train.global_batch_size=2",
-                         "model.attention_backend=sdpa"])
+                         "model.attention_backend=sdpa", "objective.kind=clm"])  # synthetic batch: no sentinels
     init_parallel(1, 1)
     try:
         state = build_train_state(cfg)
@@ -87,7 +87,12 @@ def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     b, h, s, d = 2, 4, 512, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     seg = (torch.rand(b, s, generator=g, device="cuda") < 0.01).long().cumsum(1)
-    pre = torch.tensor([100, 0], device="cuda")
+    # per token, as the data gives it: every document's tokens see its first 40 positions; row 1 has no prefix
+    idx = torch.arange(s, device="cuda").expand(b, s)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    pre = torch.where(starts, idx, 0).cummax(1).values + 40
+    pre[1] = 0
     qkv = [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
            for _ in range(3)]
     ref_in = [t.detach().clone().requires_grad_() for t in qkv]

@@ -19,8 +19,10 @@ def _batches(vocab, n_micro=2, b=2, s=32, seed=0):
         seg = torch.zeros(b, s, dtype=torch.long)
         seg[:, s // 2:] = 1  # two documents per row: exercises document masking
         loss_mask = (torch.rand(b, s, generator=g) > 0.2).float()
+        pre = torch.zeros(b, s, dtype=torch.long)  # per token: each document's own prefix (row 1: only the first)
+        pre[0, :s // 2], pre[0, s // 2:], pre[1, :s // 2] = 5, s // 2 + 4, 9
         out.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": loss_mask,
-                    "segment_ids": seg, "prefix_len": torch.tensor([5, 9]), "objective": torch.tensor([0, 1])})
+                    "segment_ids": seg, "prefix_end": pre, "objective": torch.tensor([0, 1])})
     return out
 
 
@@ -62,9 +64,16 @@ def test_fused_block_matches_unfused_single_rank(inputs, arch):
     """compile_fusions swaps the attention glue and residual sum; loss and every gradient stay those of the
     unfused TP=1 model, also with the heads split over two ranks (two documents per row; prefix-LM mask)."""
     a = f"model.architecture={arch}"
-    ref = _run(inputs, 1, 1, 1, f"ref-sdpa-{arch}", ["model.attention_backend=sdpa", a])
+    # Both sides name compile_fusions: its default (None) is "on wherever it applies", so a reference left at the
+    # default would be the fused model compared with itself.
+    ref = _run(inputs, 1, 1, 1, f"ref-unfused-{arch}",
+               ["model.attention_backend=sdpa", "model.compile_fusions=false", a])
+    assert ref["built"] == {"attention": "NoBiasSelfAttention", "fused_residual": False, "compile_loss": False}
     for world, tp in ((1, 1), (2, 2)):
-        got = _run(inputs, world, tp, 1, f"fused-tp{tp}-{arch}", ["model.compile_fusions=true", a])
+        got = _run(inputs, world, tp, 1, f"fused-tp{tp}-{arch}",
+                   ["model.attention_backend=sdpa", "model.compile_fusions=true", a])
+        # the compiled loss applies at TP=1 only (Megatron's vocab-parallel loss otherwise)
+        assert got["built"] == {"attention": "FusedSelfAttention", "fused_residual": True, "compile_loss": tp == 1}
         assert abs(got["loss"]["loss"] - ref["loss"]["loss"]) < 1e-5, tp
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} fused at TP{tp}")

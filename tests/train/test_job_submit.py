@@ -93,5 +93,13 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
             assert all(0 < m.value < 20 for m in losses), [m.value for m in losses]
             steps = client.get_metric_history(run.info.run_id, "step")
             assert sorted(m.value for m in steps) == list(range(1, STEPS + 1))
+            # the preflight it passed, what the stream really masked, and how much of each source it read
+            plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", str(tmp))).read_text())
+            assert plan["errors"] == [] and plan["attention_backend"]["backend"] == "sdpa"
+            assert [m["objective"] for m in plan["mask_fraction"]] == ["span"]
+            assert 0 < run.data.metrics["mask_fraction/span"] < 1
+            passes = dict(p.split("=") for p in run.data.tags["data.passes"].split(","))
+            assert set(passes) == {"stack", "pile"} and all(0 < float(v) < 1 for v in passes.values())
+            assert run.data.tags["data.epochs"] == "1"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

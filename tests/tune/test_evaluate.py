@@ -111,8 +111,9 @@ def test_prefix_lm_infill_perplexity_reads_like_the_training_model(generator):
         for ex in exs:
             p, t = infill_ids(generator.tok, ex, 64)
             with torch.no_grad():
+                # the training form: every token of the one document carries its prefix end (through <sep>)
                 logits = forward_logits(ours, cfg.model, torch.tensor([p + t]),
-                                        prefix_len=torch.tensor([len(p) - 1]))[0]
+                                        prefix_end=torch.full((1, len(p) + len(t)), len(p) - 1))[0]
             lp = torch.log_softmax(logits.float(), -1)[len(p) - 1:-1]
             nll -= float(lp[torch.arange(len(t)), torch.tensor(t)].sum())
             n += len(t)

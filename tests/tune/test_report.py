@@ -42,7 +42,7 @@ def test_report_table_curves_and_verdict(tmp_path, mlflow_server):
     lines = verdict_lines(runs)
     assert lines[0].startswith("eval/code_ppl: pl_only wins by 25.0% over mix") and "agrees" in lines[0]
     assert lines[1].startswith("eval/nl_ppl: nl_only wins by 9.1% over mix")
-    assert lines[2] == "eval/humaneval_pass@1: not measured"
+    assert lines[2] == "eval/humaneval_pass_at_1: not measured"
 
     out, _ = write_report(4, mlflow_server.uri, tmp_path / "lesson-4.html")
     page = out.read_text()

@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from cglab.eval.sandbox import isolation_mode
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
 
 pytestmark = pytest.mark.slow
 STEPS = 8
+HE_LIMIT = 3  # HumanEval problems per trial: enough to see pass@1 logged with its sandbox conditions
 
 
 def _base(sources):
     return base_config("laptop", overrides=[f"data.sources={json.dumps(sources)}", f"train.train_steps={STEPS}",
-                                            "train.warmup_steps=2"])
+                                            "train.warmup_steps=2", "eval.suites=[nl,humaneval]",
+                                            f"eval.limit={HE_LIMIT}"])
 
 
 def _recording_fit(calls: Path, fail_once: str):
@@ -69,6 +72,8 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
     parent = [r for r in runs if r.info.run_id == res.parent_run_id]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    heldout = {"eval.texts": "heldout", "eval.heldout": "nl:heldout,code:heldout"}
+    assert parent[0].data.tags == {**parent[0].data.tags, **heldout}
     assert sorted(c.data.tags["variant"] for c in children) == sorted(v.name for v in lesson.variants)
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
@@ -82,15 +87,23 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
         assert params["data.tokenizer.path"].endswith("resume-me-inputs/tokenizer")
         for key in ("eval/code_ppl", "eval/nl_ppl", "eval/infill_ppl", "eval/code_bpb", "loss"):
             assert 1.0 < metrics[key] < 1e6, (key, metrics[key])
+        # scored on the held-out split, and pass@1 logged with its conditions: the sandbox's isolation and
+        # every program's status (a jail failure would show as sandbox_error, never hide among the fails)
+        assert tags == {**tags, **heldout, "eval/humaneval_isolation": isolation_mode()}
+        counts = {s: metrics[f"eval/humaneval_{s}"] for s in ("passed", "failed", "timed_out", "sandbox_error")}
+        assert sum(counts.values()) == HE_LIMIT and counts["sandbox_error"] == 0, counts
+        assert metrics["eval/humaneval_pass_at_1"] == pytest.approx(counts["passed"] / HE_LIMIT)
         history = client.get_metric_history(child.info.run_id, "loss")
         # every step from rank 0 (the trial's final metrics repeat the last step's loss once)
         assert sorted({m.step for m in history}) == list(range(1, STEPS + 1)) and len(history) <= STEPS + 1
         assert any(k.startswith("system/") for k in metrics)
-        assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["config.yaml"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["config.yaml", "plan.json"]
         # the Tune result points at the run the training job logged into
         assert _calls(sweep["calls"], expected.objective.kind)[-1]["run_id"] == child.info.run_id
     by_variant = {r["variant"]: r for r in res.results}
     assert set(by_variant) == {"clm", "infill-r0.5"}
+    assert all(r["eval.texts"] == "heldout" and r["eval/humaneval_isolation"] == isolation_mode()
+               for r in res.results)
 
 
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):

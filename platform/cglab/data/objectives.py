@@ -1,7 +1,7 @@
 """Training objectives: packed windows in, contract samples out (notes/data_contract.md).
 
 Every objective maps windows from `cglab.data.packing` (`tokens`, `segment_ids`, int32[W, S_in]) to samples of
-exactly `seq_len` tokens with `tokens, labels, loss_mask, segment_ids, prefix_len, objective`. All randomness comes
+exactly `seq_len` tokens with `tokens, labels, loss_mask, segment_ids, prefix_end, objective`. All randomness comes
 from one `np.random.Generator` per window (`sample_rng(seed, epoch, index)`), so a sample depends only on its
 window and its seed, never on batch composition; a new epoch re-draws the corruption (lesson 5).
 
@@ -13,21 +13,40 @@ Layouts (one *unit* = one document piece in file-level mode, the whole window in
             where the unit is x_0 s_1 x_1 … s_k x_k. The unit's final eot is never masked and stays in x_k, so
             a file-level unit reads like the released models' infill prompt
             `prefix <mask_1> suffix <|endoftext|> <sep> <mask_1> middle <eom>`. Loss on the part after `<sep>`.
-            A unit with no span still gets its `<sep>` (and then no target).
+            A unit with no span still gets its `<sep>` (and then no target). Every unit's corrupted input and
+            its `<sep>` are that unit's prefix-LM prefix (see prefix_end below).
 - infill (lesson 2, objective 2), per document:
             PSM `prefix <mask_1> suffix [eot] <sep> <mask_1> middle <eom>` (the CodeGen2 inference format);
             SPM `<mask_1> suffix [eot] <sep> prefix <mask_1> middle <eom>` (suffix first, so prefix and middle
             are contiguous). Loss on every token (FIM-style: left-to-right signal is kept on prefix and suffix,
-            which is what "free lunch" is measured against); prefix_len 0.
+            which is what "free lunch" is measured against); no prefix.
 - ul2 (lesson 1 baseline): R and X denoisers are span corruption with their own ratio / span lengths
-            (objective 3); S is a prefix LM (objective 4): split point uniform in the window, prefix_len = split,
-            loss on the continuation only. No paradigm tokens (CodeGen2 uses no task tokens).
+            (objective 3); S is a prefix LM (objective 4): split point uniform in the window, the window's first
+            `split` tokens are the prefix, loss on the continuation only. No paradigm tokens (CodeGen2 uses no
+            task tokens).
 
-Span placement, per unit of n maskable tokens: ratio r ~ U[min, max]; target m = round(r n); span lengths are drawn
-uniform in [span_len_min, span_len_max] and taken in order until they sum to m, the last one cut short so the total
-is exactly m ("as closely as integer lengths allow"). At most `max_spans` spans: when max_spans * span_len_max < m
-the unit is masked less than its ratio (raise objective.max_spans / data.num_sentinels for long sequences). The
-unmasked tokens are split into k+1 gaps at sorted uniform cut points, with at least one token between spans.
+prefix_end (int32 per token, what a prefix-LM model attends with): query q may also see keys k < prefix_end[q]
+besides the causal k <= q. A token of a unit with a prefix gets (its unit's start in the sample) + (that unit's
+prefix length), so every document of a packed window has its own bidirectional prefix and never sees into a later
+document; tokens without a prefix (clm, infill, padding) get 0. The S denoiser gives every valid token `split`.
+
+Span placement, per unit of n maskable tokens (T5's random_spans_noise_mask rule, so every unit is masked at its
+drawn ratio whatever its length):
+- ratio r ~ U[min, max]; m = round(r n) tokens are masked;
+- k = span_count(m, mean) = 0 if m == 0 else min(m, max(1, round(m / mean))), mean = (span_len_min + span_len_max) / 2;
+- span lengths: k draws w_i uniform in [lo, hi] = [span_len_min, span_len_max], made to sum to exactly m: every span
+  gets base = min(lo, m // k), the extra E = m - k base is shared in proportion to (w_i - lo + 1) (floored), and
+  the leftover (< k) adds 1 to the first spans. Every span has >= 1 token (lengths may leave [lo, hi] when m / k
+  does; the mean span is m / k ~ mean);
+- the n - m unmasked tokens are split into k+1 gaps at sorted uniform cut points, with at least one token between
+  spans when that fits.
+So k grows with n: the sentinels needed at a sequence length are `cglab.config.spans_needed` (checked against
+data.num_sentinels by the config and again here against the tokenizer), and the packer's reserve is linear in the
+tokens (`packing_reserve`). Draws per window: one uniform per unit (its ratio), then 2 per span (the k length draws
+and the k cut points of each unit in turn).
+
+Every sample also carries `n_masked` (tokens hidden in spans) and `n_maskable` (the n of its units summed), int32;
+0/0 when it corrupts nothing (clm, infill, ul2 S), so the realised mask fraction can be measured in training.
 
 Implementation: every output row is a list of *pieces* (copy a range of the window, or one special token); all
 pieces of all windows are turned into one gather index with a cumsum, so the per-token work is a handful of
@@ -35,38 +54,19 @@ vectorised passes and only the random draws loop over windows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from cglab.config import Denoiser, span_count, spans_needed
 from cglab.data.packing import Reserve
 from cglab.data.specials import EOM, MASK0, SEP, Specials
 
 CLM, SPAN, INFILL, UL2, UL2_S = 0, 1, 2, 3, 4
 KINDS = ("clm", "span_corruption", "codegen2", "infill", "ul2")
-FIELDS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_len", "objective")
+COUNTS = ("n_masked", "n_maskable")  # per sample, int32: masked tokens and the maskable tokens of its units
+FIELDS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective")
 
-
-@dataclass(frozen=True)
-class Denoiser:
-    """One UL2 denoiser. kind "span" is span corruption with these ranges; kind "prefix" is the S denoiser."""
-
-    name: str
-    prob: float
-    kind: str = "span"
-    ratio: tuple[float, float] = (0.15, 0.15)
-    span_len: tuple[int, int] = (2, 4)
-
-
-# UL2's R (mean span 3, 15%), X (dense: 50%; long: spans ~32) and S, without paradigm tokens.
-# Override with a list of dicts in `objective.ul2_denoisers` (read with getattr; not a config field yet).
-UL2_DENOISERS = (
-    Denoiser("R", 0.3, "span", (0.15, 0.15), (2, 4)),
-    Denoiser("X_dense", 0.2, "span", (0.5, 0.5), (2, 4)),
-    Denoiser("X_long", 0.2, "span", (0.15, 0.15), (24, 40)),
-    Denoiser("S", 0.3, "prefix"),
-)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -75,10 +75,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def ul2_denoisers(cfg) -> tuple[Denoiser, ...]:
-    raw = getattr(cfg, "ul2_denoisers", None)
-    dens = UL2_DENOISERS if raw is None else tuple(
-        d if isinstance(d, Denoiser) else Denoiser(**{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in d.items()}) for d in raw)
+    """`objective.ul2_denoisers` (defaults: cglab.config.UL2_DENOISERS)."""
+    dens = tuple(cfg.ul2_denoisers)
     total = sum(d.prob for d in dens)
     if not dens or total <= 0:
         raise ValueError("objective.ul2_denoisers: need at least one denoiser with positive prob")
@@ -86,21 +84,30 @@ def ul2_denoisers(cfg) -> tuple[Denoiser, ...]:
 
 
 def packing_reserve(cfg) -> Reserve:
-    """Room the packer must leave so every sample of this objective fits in seq_len without truncation."""
-    span = 1 + 3 * cfg.max_spans  # <sep> + (<mask_k> in input, <mask_k> and <eom> in targets) per span
-    if cfg.kind == "clm":
-        return Reserve()
+    """Room the packer must leave so every sample of this objective fits in seq_len without truncation.
+
+    Span corruption adds 1 + 3k tokens to a unit of n raw tokens (`<sep>`, then `<mask_j>` in the input and
+    `<mask_j>`, `<eom>` in the targets per span). With k = span_count(m, mean) <= m / mean + 1 and
+    m = round(r n) <= rmax n + 1/2 that is at most c + f n with c = 4 + 1.5 / mean, f = 3 rmax / mean: a constant
+    per unit (per document piece in file-level mode, per window in sequence-level mode) and a per-token fraction,
+    the largest over the settings the objective runs.
+    """
     if cfg.kind == "infill":
         return Reserve(per_doc=4)
+    settings = cfg.corrupting()
+    if not settings:
+        return Reserve()
+    c = max(int(np.ceil(4 + 1.5 / s.mean_len)) for s in settings)
+    f = max(3 * s.ratio[1] / s.mean_len for s in settings)
     if cfg.corruption == "file_level":
-        return Reserve(per_doc=span)
-    return Reserve(per_window=span)
+        return Reserve(per_doc=c, per_token=f)
+    return Reserve(per_window=c, per_token=f)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
 def apply_objective(window_tokens: np.ndarray, window_segments: np.ndarray, cfg, specials: Specials,
                     rng: np.random.Generator, seq_len: int) -> dict:
-    """One window -> one sample dict (arrays of length seq_len, scalar prefix_len and objective)."""
+    """One window -> one sample dict (arrays of length seq_len, scalar objective)."""
     out = apply_objective_batch(np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg,
                                 specials, [rng], seq_len)
     return {k: v[0] for k, v in out.items()}
@@ -114,7 +121,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
     u = np.array([rng.random() for rng in rngs]) if W else np.zeros(0)
     kind, file_level = cfg.kind, cfg.corruption == "file_level"
     span = dict(ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max), span_len=(cfg.span_len_min, cfg.span_len_max),
-                max_spans=cfg.max_spans, file_level=file_level)
+                file_level=file_level)
     if kind == "clm":
         groups = [(np.ones(W, bool), lambda t, s, r: causal_lm(t, s, specials, seq_len))]
     elif kind == "span_corruption":
@@ -135,7 +142,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
                 fn = lambda t, s, r: prefix_lm(t, s, specials, r, seq_len)  # noqa: E731
             else:
                 fn = (lambda d: lambda t, s, r: span_corruption(
-                    t, s, specials, r, seq_len, ratio=d.ratio, span_len=d.span_len, max_spans=cfg.max_spans,
+                    t, s, specials, r, seq_len, ratio=tuple(d.ratio), span_len=tuple(d.span_len),
                     file_level=file_level, objective=UL2))(d)
             groups.append((pick == i, fn))
     else:
@@ -147,7 +154,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
         if idx.size == 0:
             continue
         part = fn(tokens[idx], segments[idx], [rngs[i] for i in idx])
-        for k in FIELDS:
+        for k in FIELDS + COUNTS:
             out[k][idx] = part[k]
     return out
 
@@ -156,7 +163,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
 def causal_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int) -> dict:
     """Plain next-token prediction over the packed documents (objective 0)."""
     tok, seg = _fit(tokens, segments, specials, seq_len)
-    return _finish(tok, seg, seg >= 0, np.zeros(len(tok), np.int32), CLM, specials)
+    return _finish(tok, seg, seg >= 0, np.zeros(tok.shape, np.int32), CLM, specials)
 
 
 def prefix_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int) -> dict:
@@ -166,45 +173,67 @@ def prefix_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs
     u = np.array([r.random() for r in rngs])
     split = np.where(valid >= 2, 1 + (u * np.maximum(valid - 1, 1)).astype(np.int64), 0)
     flag = (np.arange(seq_len) >= split[:, None]) & (seg >= 0)
-    return _finish(tok, seg, flag, split.astype(np.int32), UL2_S, specials)
+    # The prefix is bidirectional only inside each document: a token's prefix ends at the split or at the end of
+    # its own document, whichever comes first, so no query sees a later document (document masking on or off).
+    prefix_end = np.where(seg >= 0, np.minimum(split[:, None], _segment_ends(seg)), 0)
+    return _finish(tok, seg, flag, prefix_end, UL2_S, specials)
+
+
+def _segment_ends(seg: np.ndarray) -> np.ndarray:
+    """int64[W, S]: one past the last position of each token's segment (segments are 0, 1, … then -1 padding)."""
+    W, S = seg.shape
+    key = np.where(seg >= 0, seg, S) + (np.arange(W) * (S + 1))[:, None]  # non-decreasing over the flattened rows
+    flat = key.ravel()
+    return np.searchsorted(flat, flat, side="right").reshape(W, S) - np.arange(W)[:, None] * S
 
 
 def span_corruption(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int, *,
-                    ratio: tuple[float, float], span_len: tuple[int, int], max_spans: int,
+                    ratio: tuple[float, float], span_len: tuple[int, int],
                     file_level: bool = True, objective: int = SPAN) -> dict:
     """CodeGen2 span corruption of each window (layout and placement rule in the module docstring)."""
-    K = max_spans
-    if K > len(specials.masks):
-        raise ValueError(f"objective.max_spans: {K} spans need {K} sentinels, the tokenizer has "
-                         f"{len(specials.masks)} (data.num_sentinels)")
+    need = spans_needed(ratio[1], span_len, seq_len)
+    if need > len(specials.masks):  # the tokenizer may hold fewer sentinels than the config asked for
+        raise ValueError(f"data.num_sentinels: the tokenizer has {len(specials.masks)} <mask_k> sentinels but a "
+                         f"unit can need {need} spans at data.seq_length={seq_len} (ratio up to {ratio[1]:g}, "
+                         f"spans {span_len[0]}-{span_len[1]})")
+    W = len(rngs)
     base, n_total, win, useg = _units(tokens, segments, file_level)
     n = n_total - (tokens.ravel()[base + n_total - 1] == specials.eot)  # the final eot is never masked
-    d = _draws(rngs, np.bincount(win, minlength=len(rngs)), 1 + 2 * K)
-    start, length = _place_spans(n, d, ratio, span_len, K)
-    k = (length > 0).sum(1)
-    masked = length.sum(1)
+    m, k = _mask_counts(n, _draws(rngs, np.bincount(win, minlength=W), 1)[:, 0], ratio, span_len)
+    d = _draws(rngs, np.bincount(win, weights=k, minlength=W).astype(np.int64), 2).ravel()
+    unit, j, start, length = _place_spans(n, m, k, d, span_len)
 
-    U, cols = len(base), 5 * K + 2
-    src = np.empty((U, cols), np.int64)
-    ln = np.empty((U, cols), np.int64)
+    # Pieces, 5k + 2 per unit: [text, <mask_j>] per span, tail, <sep>, [<mask_j>, span_j, <eom>] per span.
+    U = len(base)
+    first = 5 * (np.cumsum(k) - k) + 2 * np.arange(U)  # each unit's first piece
+    pieces = 5 * k + 2
+    src = np.zeros(int(pieces.sum()), np.int64)
+    ln = np.zeros_like(src)
+    flag = np.zeros(src.size, bool)
     end = start + length
-    prev_end = np.concatenate([np.zeros((U, 1), np.int64), end[:, :-1]], 1)
-    active = length > 0
+    prev_end = np.where(j > 0, np.roll(end, 1), 0)  # spans are flat in unit order: the previous one is its unit's
+    last_end = np.zeros(U, np.int64)
+    last_end[k > 0] = end[(np.cumsum(k) - 1)[k > 0]]  # each unit's last span (spans are in position order)
     sp0 = _specials_at(tokens, seq_len)
-    off = sp0 + MASK0 + np.arange(K)  # where <mask_j> sits in the source array
-    src[:, 0:2 * K:2], ln[:, 0:2 * K:2] = base[:, None] + prev_end, start - prev_end
-    src[:, 1:2 * K:2], ln[:, 1:2 * K:2] = off, active
-    src[:, 2 * K], ln[:, 2 * K] = base + end[:, -1], n_total - end[:, -1]
-    src[:, 2 * K + 1], ln[:, 2 * K + 1] = sp0 + SEP, 1
-    src[:, 2 * K + 2::3], ln[:, 2 * K + 2::3] = off, active
-    src[:, 2 * K + 3::3], ln[:, 2 * K + 3::3] = base[:, None] + start, length
-    src[:, 2 * K + 4::3], ln[:, 2 * K + 4::3] = sp0 + EOM, active
-    flag = np.zeros(cols, bool)
-    flag[2 * K + 2:] = True
+    mask = sp0 + MASK0 + j  # where <mask_j> sits in the source array
+    q = first[unit] + 2 * j
+    src[q], ln[q] = base[unit] + prev_end, start - prev_end
+    src[q + 1], ln[q + 1] = mask, 1
+    t = first + 2 * k
+    src[t], ln[t] = base + last_end, n_total - last_end
+    src[t + 1], ln[t + 1] = sp0 + SEP, 1
+    q = t[unit] + 2 + 3 * j
+    src[q], ln[q] = mask, 1
+    src[q + 1], ln[q + 1] = base[unit] + start, length
+    src[q + 2], ln[q + 2] = sp0 + EOM, 1
+    flag[q] = flag[q + 1] = flag[q + 2] = True
     out_len = n_total + 1 + 3 * k
-    first_input = n_total - masked + k + 1  # corrupted input + <sep>: the prefix-LM prefix
-    return _assemble(tokens, specials, seq_len, src, ln, np.broadcast_to(flag, (U, cols)), useg, win, out_len,
-                     _first_per_window(win, first_input, len(rngs)), objective)
+    first_input = n_total - m + k + 1  # corrupted input + <sep>: the prefix-LM prefix
+    out = _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, out_len, first_input, objective,
+                    unit_pieces=pieces)
+    out["n_masked"] = np.bincount(win, weights=m, minlength=W).astype(np.int32)
+    out["n_maskable"] = np.bincount(win, weights=n, minlength=W).astype(np.int32)
+    return out
 
 
 def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int,
@@ -226,26 +255,46 @@ def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, s
                    np.ones(U, np.int64), b - a, np.ones(U, np.int64)], 1)
     flag = np.ones_like(ln, bool)
     return _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, n_total + 4,
-                     np.zeros(len(rngs), np.int64), INFILL)
+                     np.zeros(U, np.int64), INFILL)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _place_spans(n: np.ndarray, d: np.ndarray, ratio, span_len, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """Span starts and lengths int64[U, K] (inactive slots: start n, length 0) from uniforms d[U, 1+2K]."""
+def _mask_counts(n: np.ndarray, u: np.ndarray, ratio, span_len) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: masked tokens m = round(r n), r = rmin + u (rmax - rmin), and the span count k = span_count(m)."""
     (rmin, rmax), (lo, hi) = ratio, span_len
-    m = np.rint((rmin + d[:, 0] * (rmax - rmin)) * n).astype(np.int64)
-    draw = lo + np.minimum((d[:, 1:K + 1] * (hi - lo + 1)).astype(np.int64), hi - lo)
-    before = np.cumsum(draw, 1) - draw
-    length = np.clip(m[:, None] - before, 0, draw)
-    k = (length > 0).sum(1)
-    masked = length.sum(1)
-    gap = (n - masked - (k - 1) >= 0).astype(np.int64)  # one unmasked token between spans when it fits
-    room = n - masked - gap * np.maximum(k - 1, 0)
-    cut = np.minimum((d[:, K + 1:] * (room + 1)[:, None]).astype(np.int64), room[:, None])
-    active = np.arange(K) < k[:, None]
-    cut = np.sort(np.where(active, cut, np.iinfo(np.int64).max), 1)
-    start = np.where(active, cut + (np.cumsum(length, 1) - length) + gap[:, None] * np.arange(K), n[:, None])
-    return start, length
+    r = np.minimum(rmin + u * (rmax - rmin), rmax)  # float rounding must not lift r past what sized the sentinels
+    m = np.rint(r * n).astype(np.int64)
+    return m, span_count(m, (lo + hi) / 2)
+
+
+def _place_spans(n: np.ndarray, m: np.ndarray, k: np.ndarray, d: np.ndarray, span_len):
+    """All spans, flat in unit then position order: (unit, rank j in its unit, start, length), int64[sum k].
+
+    d: 2 sum(k) uniforms, per unit its k length draws then its k cut points. Lengths sum to exactly m per unit.
+    """
+    lo, hi = span_len
+    U = n.size
+    first = np.cumsum(k) - k
+    unit = np.repeat(np.arange(U), k)
+    j = np.arange(unit.size) - first[unit]
+    at = 2 * first[unit] + j
+    w = lo + np.minimum((d[at] * (hi - lo + 1)).astype(np.int64), hi - lo)
+    # base each, the extra shared by weight w - lo + 1 (floored), the leftover (< k) one each to the first spans
+    base_len = np.minimum(lo, m // np.maximum(k, 1))
+    extra = m - k * base_len
+    wt = w - lo + 1
+    wsum = np.rint(np.bincount(unit, weights=wt, minlength=U)).astype(np.int64)
+    share = extra[unit] * wt // np.maximum(wsum, 1)[unit]
+    left = extra - np.rint(np.bincount(unit, weights=share, minlength=U)).astype(np.int64)
+    length = base_len[unit] + share + (j < left[unit])
+    gap = (n - m - (k - 1) >= 0).astype(np.int64)  # one unmasked token between spans when it fits
+    room = n - m - gap * np.maximum(k - 1, 0)
+    cut = np.minimum((d[at + k[unit]] * (room + 1)[unit]).astype(np.int64), room[unit])
+    stride = int(room.max(initial=0)) + 1
+    cut = np.sort(unit * stride + cut) - unit * stride  # sorted within each unit (units stay in order)
+    before = np.cumsum(length) - length
+    start = cut + before - before[first[unit]] + gap[unit] * j
+    return unit, j, start, length
 
 
 def _units(tokens: np.ndarray, segments: np.ndarray, file_level: bool):
@@ -275,18 +324,16 @@ def _draws(rngs, units_per_window: np.ndarray, per_unit: int) -> np.ndarray:
     return flat.reshape(-1, per_unit)
 
 
-def _first_per_window(win: np.ndarray, value: np.ndarray, W: int) -> np.ndarray:
-    out = np.zeros(W, np.int64)
-    first = np.ones(win.size, bool)
-    first[1:] = win[1:] != win[:-1]
-    out[win[first]] = value[first]
-    return out
-
-
-def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, prefix_len, objective) -> dict:
+def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, unit_prefix, objective,
+              unit_pieces=None) -> dict:
     """Pieces [U, C] (source offset, length, loss flag) of units in order -> padded [W, S] sample batch.
 
+    With unit_pieces[U] the pieces are flat instead, unit u holding the next unit_pieces[u] of them (span
+    corruption: 5k + 2 for k spans).
+
     The source is [window tokens | S-1 pads | specials table]; one pad piece (S pads at most) closes each window.
+    unit_prefix[U]: each unit's prefix-LM prefix length (0: none); every token of a unit with a prefix gets
+    prefix_end = its unit's start in the sample + that length, so each document is a prefix LM of its own.
     """
     W = tokens.shape[0]
     S = seq_len
@@ -295,14 +342,19 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, pre
         w = int(np.argmax(out_len > S))
         raise ValueError(f"window {w} needs {out_len[w]} tokens > data.seq_length={S}: it was packed without "
                          f"the objective's reserve (use objectives.packing_reserve(cfg) for the Packer)")
-    U, C = ln.shape
-    at = np.cumsum(np.bincount(win, minlength=W)) * C  # insert each window's pad piece after its last unit
+    C = np.full(len(useg), ln.shape[1]) if unit_pieces is None else np.asarray(unit_pieces, np.int64)
+    # insert each window's pad piece after its last unit
+    at = np.rint(np.cumsum(np.bincount(win, weights=C, minlength=W))).astype(np.int64)
     src = np.insert(src.ravel(), at, tokens.size)
     ln = np.insert(ln.ravel(), at, S - out_len)
     seg = np.insert(np.repeat(useg, C), at, -1)
     flag = np.insert(np.ascontiguousarray(flag).ravel(), at, False)
+    unit_len = np.asarray(unit_len, np.int64)
+    unit_start = np.cumsum(unit_len) - unit_len - (np.cumsum(out_len) - out_len)[win]  # units are in window order
+    unit_end = np.where(np.asarray(unit_prefix) > 0, unit_start + unit_prefix, 0)
+    pre = np.insert(np.repeat(unit_end, C), at, 0)  # the pad piece has no prefix
     keep = ln > 0
-    src, ln, seg, flag = src[keep], ln[keep], seg[keep], flag[keep]
+    src, ln, seg, flag, pre = src[keep], ln[keep], seg[keep], flag[keep], pre[keep]
     # gather index: +1 inside a piece, a jump to the next piece's source at each piece start.
     pos = np.cumsum(ln) - ln
     step = np.ones(W * S, np.int64)
@@ -313,7 +365,8 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, pre
     tok = source[np.cumsum(step)].reshape(W, S)
     seg_t = np.repeat(seg.astype(np.int32), ln).reshape(W, S)
     flag_t = np.repeat(flag, ln).reshape(W, S)
-    return _finish(tok, seg_t, flag_t, prefix_len.astype(np.int32), objective, specials)
+    pre_t = np.repeat(pre.astype(np.int32), ln).reshape(W, S)
+    return _finish(tok, seg_t, flag_t, pre_t, objective, specials)
 
 
 def _specials_at(tokens: np.ndarray, seq_len: int) -> int:
@@ -334,7 +387,7 @@ def _fit(tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: 
     return tok, seg
 
 
-def _finish(tok, seg, flag, prefix_len, objective, specials) -> dict:
+def _finish(tok, seg, flag, prefix_end, objective, specials) -> dict:
     """labels[i] = tok[i+1] and loss where i+1 is a flagged token of the same segment (never padding)."""
     W, S = tok.shape
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] >= 0)
@@ -343,14 +396,16 @@ def _finish(tok, seg, flag, prefix_len, objective, specials) -> dict:
     loss = np.zeros((W, S), np.float32)
     loss[:, :-1] = same & flag[:, 1:]
     return dict(tokens=tok.astype(np.int32, copy=False), labels=labels, loss_mask=loss,
-                segment_ids=seg.astype(np.int32, copy=False), prefix_len=prefix_len.astype(np.int32),
-                objective=np.full(W, objective, np.int8))
+                segment_ids=seg.astype(np.int32, copy=False), prefix_end=prefix_end.astype(np.int32),
+                objective=np.full(W, objective, np.int8), n_masked=np.zeros(W, np.int32),
+                n_maskable=np.zeros(W, np.int32))
 
 
 def _empty(W: int, S: int) -> dict:
     return dict(tokens=np.zeros((W, S), np.int32), labels=np.zeros((W, S), np.int32),
                 loss_mask=np.zeros((W, S), np.float32), segment_ids=np.full((W, S), -1, np.int32),
-                prefix_len=np.zeros(W, np.int32), objective=np.zeros(W, np.int8))
+                prefix_end=np.zeros((W, S), np.int32), objective=np.zeros(W, np.int8),
+                n_masked=np.zeros(W, np.int32), n_maskable=np.zeros(W, np.int32))
 
 
 def _check(tokens, segments, cfg, specials, rngs, seq_len):
@@ -359,9 +414,6 @@ def _check(tokens, segments, cfg, specials, rngs, seq_len):
         raise ValueError(f"windows: tokens {tokens.shape} and segment_ids {segments.shape} must be equal [W, S]")
     if len(rngs) != tokens.shape[0]:
         raise ValueError(f"windows: {tokens.shape[0]} windows but {len(rngs)} generators")
-    if cfg.max_spans > len(specials.masks):
-        raise ValueError(f"objective.max_spans: {cfg.max_spans} exceeds the tokenizer's {len(specials.masks)} "
-                         f"sentinels (data.num_sentinels)")
     valid = segments >= 0
     if tokens.shape[1] and tokens.shape[0]:
         step = np.diff(segments, axis=1)
@@ -412,13 +464,15 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- reference
 def span_corruption_reference(tokens: list[list[int]], segments: list[list[int]], specials: Specials,
-                              rngs, seq_len: int, *, ratio: tuple[float, float], span_len: tuple[int, int],
-                              max_spans: int) -> list[list[int]]:
+                              rngs, seq_len: int, *, ratio: tuple[float, float],
+                              span_len: tuple[int, int]) -> list[list[int]]:
     """File-level span corruption in plain Python loops, same draws as `span_corruption`.
 
-    The oracle for tests (identical tokens) and the baseline in benchmarks/bench_objectives.py.
+    The oracle for tests (identical tokens) and the baseline in benchmarks/bench_objectives.py; it spells the
+    span-count rule out again instead of calling span_count, so the two are checked against each other.
     """
-    (rmin, rmax), (lo, hi), K = ratio, span_len, max_spans
+    (rmin, rmax), (lo, hi) = ratio, span_len
+    mean = (lo + hi) / 2
     out = []
     for row, segrow, rng in zip(tokens, segments, rngs):
         docs: list[list[int]] = []
@@ -430,23 +484,28 @@ def span_corruption_reference(tokens: list[list[int]], segments: list[list[int]]
                 docs.append([])
                 last = s
             docs[-1].append(t)
-        flat = rng.random(len(docs) * (1 + 2 * K)).tolist()
+        ratios = rng.random(len(docs)).tolist()
+        ns, ms, ks = [], [], []
+        for doc, u in zip(docs, ratios):
+            n = len(doc) - (doc[-1] == specials.eot)
+            m = round(min(rmin + u * (rmax - rmin), rmax) * n)
+            ns.append(n)
+            ms.append(m)
+            ks.append(0 if m == 0 else min(m, max(1, round(m / mean))))
+        flat = rng.random(2 * sum(ks)).tolist()
         sample: list[int] = []
         for di, doc in enumerate(docs):
-            d = flat[di * (1 + 2 * K):(di + 1) * (1 + 2 * K)]
-            n = len(doc) - (doc[-1] == specials.eot)
-            m = round((rmin + d[0] * (rmax - rmin)) * n)
-            lengths, total = [], 0
-            for j in range(K):
-                if total >= m:
-                    break
-                ln = min(lo + min(int(d[1 + j] * (hi - lo + 1)), hi - lo), m - total)
-                lengths.append(ln)
-                total += ln
-            k = len(lengths)
+            n, total, k = ns[di], ms[di], ks[di]
+            d = flat[2 * sum(ks[:di]):2 * sum(ks[:di + 1])]
+            weights = [lo + min(int(x * (hi - lo + 1)), hi - lo) - lo + 1 for x in d[:k]]
+            base = min(lo, total // k) if k else 0
+            extra = total - k * base
+            shares = [extra * w // sum(weights) for w in weights]
+            left = extra - sum(shares)
+            lengths = [base + sh + (1 if j < left else 0) for j, sh in enumerate(shares)]
             gap = 1 if n - total - (k - 1) >= 0 else 0
             room = n - total - gap * max(k - 1, 0)
-            cuts = sorted(min(int(d[1 + K + j] * (room + 1)), room) for j in range(k))
+            cuts = sorted(min(int(d[k + j] * (room + 1)), room) for j in range(k))
             starts, before = [], 0
             for j in range(k):
                 starts.append(cuts[j] + before + gap * j)

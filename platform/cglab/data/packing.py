@@ -5,12 +5,13 @@ A window is a contiguous slice of the document stream: `tokens` int32[S] (unused
 
 Budget. Objectives that add tokens (span corruption: a `<sep>` plus `<mask_k>`, `<mask_k>`, `<eom>` per span;
 infill: 4 per document) must still return exactly S tokens without cutting anything. So the packer leaves room
-for them: a `Reserve(per_window, per_doc)` makes every window satisfy
+for them: a `Reserve(per_window, per_doc, per_token)` makes every window satisfy
 
-    raw_tokens + per_doc * pieces + per_window <= S
+    raw_tokens * (1 + per_token) + per_doc * pieces + per_window <= S
 
 and `cglab.data.objectives.packing_reserve(cfg)` gives the reserve under which every objective fits (it pads the
-rest). CLM packs with no reserve and wastes nothing.
+rest). Span corruption's span count grows with the unit's length, so its reserve is linear in the tokens (a
+per-token fraction plus a constant per unit). CLM packs with no reserve and wastes nothing.
 
 Long documents are split: what fits goes into this window (as long as at least `min_piece` tokens fit after the
 reserve), the rest starts the next window; every piece is its own segment. Only the last piece of a document ends
@@ -29,13 +30,14 @@ from cglab.data.specials import Specials
 
 @dataclass(frozen=True)
 class Reserve:
-    """Tokens kept free per window and per document piece for what an objective adds."""
+    """Tokens kept free per window, per document piece and per raw token for what an objective adds."""
 
     per_window: int = 0
     per_doc: int = 0
+    per_token: float = 0.0  # a fraction of every raw token (span corruption: spans grow with the unit)
 
     def __post_init__(self) -> None:
-        if self.per_window < 0 or self.per_doc < 0:
+        if self.per_window < 0 or self.per_doc < 0 or not self.per_token >= 0:
             raise ValueError(f"Reserve: negative reserve {self}")
 
 
@@ -61,7 +63,9 @@ class Packer:
 
     def __post_init__(self) -> None:
         room = self.seq_len - self.reserve.per_window - self.reserve.per_doc
-        if room < self.min_piece or self.min_piece < 1:
+        # the same float expression as _cut's cost of a one-piece window, so an accepted reserve always packs
+        first = (1 + self.reserve.per_token) * self.min_piece + self.reserve.per_doc
+        if first > self.seq_len - self.reserve.per_window or self.min_piece < 1:
             raise ValueError(f"data.seq_length: {self.seq_len} leaves {room} tokens per window after the "
                              f"objective's reserve {self.reserve}; need at least min_piece={self.min_piece}")
         self._carry = np.zeros(0, np.int32)
@@ -103,23 +107,43 @@ class Packer:
     def _cut(self, ends: np.ndarray, final: bool) -> tuple[list[tuple[int, int]], int]:
         """Greedy window boundaries [(start, end), …] over a stream whose pieces end at `ends`.
 
-        Cost of pieces i..j taken whole from position p: (ends[j] - p) + r * (j - i + 1). With
-        key[j] = ends[j] + r * j this is key[j] - p - r * (i - 1), so the last whole piece is one searchsorted.
+        Cost of pieces i..j taken whole from position p: g * (ends[j] - p) + r * (j - i + 1), g = 1 + per_token.
+        With key[j] = g * ends[j] + r * j this is key[j] - g * p - r * (i - 1), so the last whole piece is one
+        searchsorted.
         """
         r, cap = self.reserve.per_doc, self.seq_len - self.reserve.per_window
-        key = ends + r * np.arange(ends.size)
+        g = 1 + self.reserve.per_token if self.reserve.per_token else 1  # int arithmetic (exact) without it
+        key = g * ends + r * np.arange(ends.size)
         cuts: list[tuple[int, int]] = []
         p, n = 0, ends.size
         total = int(ends[-1]) if n else 0
         i = 0
+
+        def cost(end: int, pieces: int) -> float:  # of the window [p, end) holding `pieces` pieces
+            return g * (end - p) + r * pieces
+
         while p < total:
             while ends[i] <= p:  # piece holding position p (it may have been cut at p)
                 i += 1
-            j = int(np.searchsorted(key, cap + p + r * (i - 1), side="right")) - 1
+            j = int(np.searchsorted(key, cap + g * p + r * (i - 1), side="right")) - 1
+            if g != 1:
+                # The float key is absolute and rounds differently for another `add` batching: settle j on the
+                # relative cost, so the windows stay a function of the document stream alone.
+                while j >= i and cost(int(ends[j]), j - i + 1) > cap:
+                    j -= 1
+                while j + 1 < n and cost(int(ends[j + 1]), j + 2 - i) <= cap:
+                    j += 1
             used_end = int(ends[j]) if j >= i else p
-            room = cap - (used_end - p) - r * (j - i + 1 if j >= i else 0)
+            whole = j - i + 1 if j >= i else 0
             if j + 1 < n:  # a piece follows that does not fit whole: split it or close the window
-                end = used_end + room - r if room - r >= self.min_piece else used_end
+                # the most tokens L of it with cost(used_end + L, whole + 1) <= cap
+                take = int((cap - cost(used_end, whole) - r) // g)
+                if g != 1:
+                    while take > 0 and cost(used_end + take, whole + 1) > cap:
+                        take -= 1
+                    while cost(used_end + take + 1, whole + 1) <= cap:
+                        take += 1
+                end = used_end + take if take >= self.min_piece else used_end
                 if end > used_end:
                     self.stats.split_pieces += 1
             elif final:

@@ -40,7 +40,8 @@ from cglab.data import readers
 from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
 from cglab.data.filters import filter_reasons
 
-SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_len", "objective")
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective",
+               "n_masked", "n_maskable")  # per-sample mask counts: the training loop's realised mask fraction
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
 _BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
 
@@ -55,6 +56,8 @@ class DataPlan:
     num_sentinels: int
     max_whitespace_run: int
     survivors: dict[str, int] = field(default_factory=dict)  # sha -> key of the copy that survives
+    # tokens each source holds after filters (the run plan's count, by source index): passes per source
+    tokens_available: tuple[float, ...] = ()
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -285,8 +288,24 @@ def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.nda
     docs = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     tokens, segs = pack_documents(docs, seq_len, sp, reserve)
     first = block.column("key")[0].as_py() if block.num_rows else 0
-    return {"tokens": tokens, "segment_ids": segs,
+    return {"tokens": tokens, "segment_ids": segs, "source_tokens": _source_tokens(
+                block.column("source").to_numpy(), np.diff(offsets), (segs >= 0).sum(1), len(plan.sources)),
             "block_key": np.full(len(tokens), first, np.int64), "window": np.arange(len(tokens), dtype=np.int64)}
+
+
+def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.ndarray, n_sources: int):
+    """int64[W, n_sources]: tokens of each source in each window. The packer's windows are consecutive slices of
+    the block's token stream, so window w holds stream positions [end_w - len_w, end_w)."""
+    token_source = np.repeat(doc_source, doc_len)
+    end = np.cumsum(window_len)
+    if end.size and end[-1] != token_source.size:  # the packer skipped a document: the slices would not line up
+        raise ValueError(f"pack_block: windows hold {end[-1]} tokens, the block's documents {token_source.size}")
+    start = end - window_len
+    out = np.zeros((len(window_len), n_sources), np.int64)
+    for s in range(n_sources):
+        c = np.concatenate([[0], np.cumsum(token_source == s)])
+        out[:, s] = c[end] - c[start]
+    return out
 
 
 def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int,
@@ -308,6 +327,7 @@ def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int,
                for k in SAMPLE_KEYS}
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
+    out["source_tokens"] = batch["source_tokens"]
     return out
 
 
@@ -398,7 +418,7 @@ def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start_index:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
     # Every DP rank reads the whole stream; only rank 0's read is counted, so each document counts once per epoch.
     ds = build_dataset(cfg, epoch, plan, count_documents=dp_rank == 0)
-    keys = SAMPLE_KEYS
+    keys = SAMPLE_KEYS + ("source_tokens",)
     buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + ("sample_index",)}
     have, base = 0, 0
     for batch in ds.iter_batches(batch_size=max(batch_size * dp_size, 64), batch_format="numpy",

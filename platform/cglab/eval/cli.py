@@ -115,12 +115,14 @@ def _run(args) -> int:
 
 
 def _best_per_k(by_temp: dict[str, dict]) -> dict[str, dict]:
-    """The CodeGen papers' convention: for each k, the best temperature."""
+    """The CodeGen papers' convention: for each k, the best temperature (with that run's sandbox conditions,
+    so a headline number never travels without them)."""
     best: dict[str, dict] = {}
     for t, res in by_temp.items():
         for key, val in res.items():
             if key.startswith("pass@") and (key not in best or val > best[key]["value"]):
-                best[key] = {"value": val, "temperature": float(t)}
+                best[key] = {"value": val, "temperature": float(t), "isolation": res.get("isolation"),
+                             "statuses": res.get("statuses")}
     return best
 
 

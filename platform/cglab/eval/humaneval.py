@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cglab.eval.sandbox import Limits, run_programs
+from cglab.eval.sandbox import Limits, isolation_mode, run_programs, status_counts
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 KS = (1, 10, 100)
@@ -84,7 +84,10 @@ def read_samples(path: str | Path) -> list[dict]:
 
 def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None = None, *,
              limits: Limits | None = None, workers: int | None = None, do_truncate: bool = True) -> dict:
-    """Score samples: {"pass@k": ..., "n_tasks", "n_samples", "isolation", "tasks": {task_id: {...}}}."""
+    """Score samples: {"pass@k": ..., "n_tasks", "n_samples", "statuses", "isolation", "tasks": {task_id: ...}}.
+
+    Every pass@k comes with its conditions: `isolation` (the sandbox mode the programs ran under) and `statuses`
+    (programs passed / failed / timed_out / sandbox_error, all four keys always present)."""
     problems = problems if problems is not None else load_problems()
     unknown = sorted({s["task_id"] for s in samples} - set(problems))
     if unknown:
@@ -98,9 +101,9 @@ def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None 
         per_task[s["task_id"]].append(r.passed)
         details[s["task_id"]].append({"status": r.status, "error": r.stderr[-300:] if not r.passed else ""})
     out: dict = aggregate(per_task)
-    statuses = Counter(r.status for r in results)  # "sandbox error" must be visible, never a silent fail
-    out.update(n_tasks=len(per_task), n_samples=len(samples), statuses=dict(statuses),
-               isolation=results[0].isolation if results else None)
+    # A "sandbox error" scores as not passing, like a wrong program; only the counts tell the two apart.
+    out.update(n_tasks=len(per_task), n_samples=len(samples), statuses=status_counts(results),
+               isolation=results[0].isolation if results else isolation_mode())
     out["tasks"] = {t: {"n": len(v), "passed": sum(v), "results": details[t]} for t, v in per_task.items()}
     return out
 

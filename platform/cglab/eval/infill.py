@@ -14,13 +14,13 @@ HumanEval's tests, runs clean in the sandbox.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from cglab.eval.humaneval import load_problems, pass_at_k
-from cglab.eval.sandbox import Limits, run_programs
+from cglab.eval.sandbox import Limits, isolation_mode, run_programs, status_counts
 
 MASK, SEP, EOM, EOS = "<mask_1>", "<sep>", "<eom>", "<|endoftext|>"
 PUBLISHED_COUNTS = {"single": 1033, "multi": 5815}
@@ -75,7 +75,9 @@ def program(task: InfillTask, middle: str, problem: Mapping) -> str:
 def score_middles(tasks: Sequence[InfillTask], middles: Sequence[Sequence[str]],
                   problems: Mapping[str, Mapping] | None = None, *, limits: Limits | None = None,
                   workers: int | None = None) -> dict:
-    """Run every (task, middle) in the sandbox; middles[i] are the samples for tasks[i]."""
+    """Run every (task, middle) in the sandbox; middles[i] are the samples for tasks[i]. Like
+    `humaneval.evaluate`, the result carries `isolation` and `statuses` (passed / failed / timed_out /
+    sandbox_error) beside pass@k."""
     problems = problems if problems is not None else load_problems()
     flat = [(t, m) for t, ms in zip(tasks, middles) for m in ms]
     results = run_programs([program(t, m, problems[t.problem_id]) for t, m in flat],
@@ -86,8 +88,8 @@ def score_middles(tasks: Sequence[InfillTask], middles: Sequence[Sequence[str]],
     n_min = min((len(v) for v in per_task.values()), default=0)
     out = {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
            for k in (1, 10, 100) if 0 < k <= n_min}
-    out.update(n_tasks=len(per_task), n_samples=len(flat), statuses=dict(Counter(r.status for r in results)),
-               isolation=results[0].isolation if results else None,
+    out.update(n_tasks=len(per_task), n_samples=len(flat), statuses=status_counts(results),
+               isolation=results[0].isolation if results else isolation_mode(),
                tasks={t: {"n": len(v), "passed": sum(v)} for t, v in per_task.items()})
     return out
 

@@ -63,6 +63,19 @@ class Result:
         return self.status == "passed"
 
 
+STATUSES = ("passed", "failed", "timed out", "sandbox error")
+
+
+def status_counts(results: Iterable[Result]) -> dict[str, int]:
+    """Programs per status, every status present (zero included), keyed passed / failed / timed_out /
+    sandbox_error (usable as metric names). Reported beside every pass@k: a sandbox error scores as not passing,
+    and only this count tells a broken jail from a wrong program."""
+    counts = dict.fromkeys((s.replace(" ", "_") for s in STATUSES), 0)
+    for r in results:
+        counts[r.status.replace(" ", "_")] += 1
+    return counts
+
+
 _mode_lock = threading.Lock()
 _mode: str | None = None
 

@@ -89,12 +89,13 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     return model
 
 
-def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_len=None, device=None):
+def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_end=None, device=None):
     """The attention mask the config asks for a [b, s] batch (a dense bool mask or a FlexAttention BlockMask), or
-    None for plain causal on a backend that does it natively."""
+    None for plain causal on a backend that does it natively. prefix_end: [b, s] per token (the data's field) or
+    [b] per row (see `cglab.model.masks.allowed`)."""
     b, s = shape
     seg = segment_ids if m.document_masking else None
-    pre = prefix_len if m.architecture == "prefix_lm" else None
+    pre = prefix_end if m.architecture == "prefix_lm" else None
     backend = resolve_backend(m.attention_backend, m.attention_dropout)
     if seg is None and pre is None and backend in ("sdpa", "te", "flex"):
         return None
@@ -103,10 +104,10 @@ def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_
     return attention_mask(seg, pre, seq_len=s, batch=b, device=device)
 
 
-def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None, prefix_len=None) -> torch.Tensor:
+def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None, prefix_end=None) -> torch.Tensor:
     """Logits [b, s, vocab/TP] of one (single-stage) model."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_len, tokens.device))
+    return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_end, tokens.device))
 
 
 def masked_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

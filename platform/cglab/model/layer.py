@@ -60,6 +60,16 @@ class ParallelResidualLayer(TransformerLayer):
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None, inference_context=None,
                 packed_seq_params=None, sequence_len_offset=None, **kwargs):
+        # Megatron's block and callers pass more than this layer implements (padding_mask for MoE routing,
+        # rotary_pos_cos_sin for fused inference rotary, the deprecated inference_params, cross-attention's
+        # context_mask, ...). None, the training default, is harmless; a value would be dropped without a word and
+        # the layer would compute something else than asked, so it is refused by name.
+        kwargs.pop("dynamic_inference_decode_only", None)  # a CUDA-graph runner key only; Megatron drops it too
+        unhandled = sorted(k for k, v in {**kwargs, "context_mask": context_mask}.items() if v is not None)
+        if unhandled:
+            raise TypeError(f"ParallelResidualLayer.forward does not implement {', '.join(unhandled)} (got a "
+                            "non-None value); it takes hidden_states, attention_mask, rotary_pos_emb/cos/sin, "
+                            "attention_bias, inference_context, packed_seq_params and sequence_len_offset")
         ln = self.input_layernorm(hidden_states)
         attn, attn_bias = self.self_attention(
             ln, attention_mask=attention_mask, inference_context=inference_context,

@@ -7,25 +7,39 @@ from __future__ import annotations
 import torch
 
 
-def allowed(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None, seq_len: int,
+def prefix_ends(prefix_end: torch.Tensor, batch: int, seq_len: int, device=None) -> torch.Tensor:
+    """prefix_end as int64 [b, s], one value per query token. A [b] tensor (one prompt per row, as the evaluation
+    builds it) means the same value for every token of that row."""
+    pre = torch.as_tensor(prefix_end).to(device).long()
+    if pre.dim() == 1:
+        # contiguous: the same strides as a per-token batch, so compiled FlexAttention does not retrace for it
+        return pre.view(batch, 1).expand(batch, seq_len).contiguous()
+    if pre.shape != (batch, seq_len):
+        raise ValueError(f"prefix_end: shape {tuple(pre.shape)}, expected [{batch}] or [{batch}, {seq_len}]")
+    return pre
+
+
+def allowed(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, seq_len: int,
             batch: int, device=None) -> torch.Tensor:
     """Boolean [b, s, s], True where query q may attend key k.
 
-    Causal everywhere; keys inside a sample's prefix (k < prefix_len) are visible to every query, which makes the
-    prefix bidirectional and changes nothing after it; with segment_ids, only keys of the query's own document.
+    Causal everywhere; keys k < prefix_end[q] are visible to query q as well. The data sets prefix_end, for every
+    token of a document with a prefix, to the end of that document's own prefix (0 elsewhere), so each document's
+    prefix is bidirectional, its targets stay causal, and no query reaches into a later document; with segment_ids,
+    only keys of the query's own document.
     """
     idx = torch.arange(seq_len, device=device)
     ok = (idx[None, :] <= idx[:, None]).expand(batch, seq_len, seq_len)
-    if prefix_len is not None:
-        in_prefix = idx[None, None, :] < prefix_len.to(device).view(-1, 1, 1)
-        ok = ok | in_prefix
+    if prefix_end is not None:
+        pre = prefix_ends(prefix_end, batch, seq_len, device)
+        ok = ok | (idx[None, None, :] < pre[:, :, None])
     if segment_ids is not None:
         seg = segment_ids.to(device)
         ok = ok & (seg[:, :, None] == seg[:, None, :])
     return ok
 
 
-def block_mask(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None, *, seq_len: int, batch: int,
+def block_mask(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, *, seq_len: int, batch: int,
                device=None):
     """The pairs of `allowed` as a FlexAttention BlockMask: no dense [s, s] tensor reaches the kernel, and blocks
     with nothing visible (other documents, the future) are skipped rather than computed and masked."""
@@ -33,12 +47,13 @@ def block_mask(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None
 
     device = torch.device(device or "cpu")
     seg = segment_ids.to(device) if segment_ids is not None else None
-    pre = prefix_len.to(device).long().view(-1) if prefix_len is not None else None
+    # always per token ([b, s]), so a per-row prefix traces the same mask_mod as the training one
+    pre = prefix_ends(prefix_end, batch, seq_len, device) if prefix_end is not None else None
 
     def mask_mod(b, h, q, k):
         ok = k <= q
         if pre is not None:
-            ok = ok | (k < pre[b])
+            ok = ok | (k < pre[b, q])
         if seg is not None:
             ok = ok & (seg[b, q] == seg[b, k])
         return ok
@@ -46,7 +61,7 @@ def block_mask(segment_ids: torch.Tensor | None, prefix_len: torch.Tensor | None
     return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
-def attention_mask(segment_ids: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None, *,
+def attention_mask(segment_ids: torch.Tensor | None = None, prefix_end: torch.Tensor | None = None, *,
                    seq_len: int, batch: int, device=None) -> torch.Tensor:
     """Megatron-style mask [b, 1, s, s], True = masked out."""
-    return ~allowed(segment_ids, prefix_len, seq_len, batch, device).unsqueeze(1)
+    return ~allowed(segment_ids, prefix_end, seq_len, batch, device).unsqueeze(1)

@@ -20,16 +20,28 @@ def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backend(backend: str, attention_dropout: float = 0.0) -> str:
-    """auto -> te (GPU with Transformer Engine) | flex (other GPUs, no attention dropout) | sdpa (otherwise)."""
+def choose_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> tuple[str, str]:
+    """(backend, why) for `model.attention_backend` on a machine with or without CUDA (None: this one).
+
+    auto never picks Transformer Engine, even where the GPU image installs it: TE's DotProductAttention ignores a
+    dense mask when the mask type is causal (documents and prefix-LM would silently attend across their
+    boundaries), and no TE path has been measured on a GPU. An explicit `te` is refused with document masking or
+    prefix-LM by the config check (cglab.config.cross_field_errors).
+    """
     if backend != "auto":
-        return backend
-    if torch.cuda.is_available():
-        if have_te():
-            return "te"
-        if attention_dropout == 0:
-            return "flex"
-    return "sdpa"
+        return backend, "set by model.attention_backend"
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return "sdpa", "auto on CPU: SDPA with dense masks (FlexAttention has no CPU backward)"
+    if attention_dropout == 0:
+        return "flex", "auto on GPU: FlexAttention block masks (measured; Transformer Engine is never chosen by auto)"
+    return "sdpa", "auto on GPU with model.attention_dropout > 0, which FlexAttention lacks: SDPA with dense masks"
+
+
+def resolve_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> str:
+    """auto -> flex (GPU, no attention dropout) | sdpa (otherwise); see choose_backend."""
+    return choose_backend(backend, attention_dropout, cuda)[0]
 
 
 def codegen_layer_spec(backend: str = "auto", compile_fusions: bool = False,

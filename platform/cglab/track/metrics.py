@@ -47,7 +47,8 @@ TRAIN_GAUGES: dict[str, MetricSpec] = {
     # panels take max over ranks, never sum.
     "tokens_per_s": MetricSpec("cglab_tokens_per_second", "gauge",
                                "Training throughput of the last step, tokens/s of the whole job.", TRAIN_TAG_KEYS),
-    "mfu": MetricSpec("cglab_mfu", "gauge", "Model FLOPs utilization of the last step, 0..1.", TRAIN_TAG_KEYS),
+    "mfu": MetricSpec("cglab_mfu", "gauge", "Model FLOPs utilization of the last step against the GPU's datasheet "
+                      "dense bf16 peak (cglab.train.flops.mfu), 0..1.", TRAIN_TAG_KEYS),
     "step_time_s": MetricSpec("cglab_step_time_seconds", "gauge", "Wall time of the last step.", TRAIN_TAG_KEYS),
     "data_wait_s": MetricSpec("cglab_data_wait_seconds", "gauge",
                               "Time the last step waited for its batch.", TRAIN_TAG_KEYS),

@@ -386,13 +386,15 @@ class SweepTracker:
                              system_metrics=self.system_metrics, **kwargs)
 
     def finish_run(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,
-                   status: str = "FINISHED") -> None:
-        from mlflow.entities import Metric
+                   status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items() if _is_number(v)]
         for i in range(0, len(points), BATCH):
             self.client.log_batch(run_id, metrics=points[i:i + BATCH])
+        if tags:  # conditions of the metrics (e.g. which texts, which sandbox): strings, so tags
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status=status)
 
 

@@ -31,6 +31,8 @@ class DataPosition:
 
     epoch: int = 0
     index: int = 0
+    # tokens read from each data source so far, over every epoch (passes per source); () in older checkpoints
+    source_tokens: tuple[int, ...] = ()
 
 
 def _unwrap(model):
@@ -123,7 +125,9 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     doc = json.loads((d / STATE).read_text())
     state.scheduler.load_state_dict(doc["scheduler"])
     _set_rng_state(torch.load(d / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
-    return int(doc["step"]), DataPosition(**doc["data"])
+    data = doc["data"]
+    return int(doc["step"]), DataPosition(int(data["epoch"]), int(data["index"]),
+                                          tuple(int(n) for n in data.get("source_tokens", ())))
 
 
 def newest_complete(*places: str | Path | None) -> str | None:

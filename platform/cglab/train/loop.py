@@ -26,18 +26,25 @@ import torch.distributed as dist
 from cglab.config import CGLabConfig
 from cglab.train import checkpoint
 from cglab.train.checkpoint import DataPosition
+from cglab.train.step import OBJECTIVES
 
-_INT_KEYS = ("tokens", "labels", "segment_ids")
-_ROW_KEYS = ("prefix_len", "objective")
+_INT_KEYS = ("tokens", "labels", "segment_ids", "prefix_end")  # per token: (n, b, s)
+_ROW_KEYS = ("objective",)  # per sample: (n, b)
 
 
 class DataFeed:
-    """The micro-batches of each global step, identical on every model-parallel peer."""
+    """The micro-batches of each global step, identical on every model-parallel peer.
+
+    An epoch is `ceil(train.train_steps / train.epochs)` global batches of the stream; the next epoch starts only
+    when that budget is used (lesson 5). A stream that runs dry before it is an error with the numbers, never a
+    silent extra pass over the data. Each step also adds up, over every data-parallel shard, the masked fraction
+    per objective and the tokens read from each source (DataPosition.source_tokens: passes per source).
+    """
 
     def __init__(self, cfg: CGLabConfig, plan, pos: DataPosition):
         from megatron.core import parallel_state as ps
 
-        self.cfg, self.plan, self.pos = cfg, plan, DataPosition(pos.epoch, pos.index)
+        self.cfg, self.plan = cfg, plan
         t = cfg.train
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.mb, self.global_batch = t.micro_batch_size, t.global_batch_size
@@ -45,14 +52,15 @@ class DataFeed:
         self.group = ps.get_model_parallel_group()
         self.src = dist.get_process_group_ranks(self.group)[0]
         self.reader = dist.get_rank() == self.src
-        # Lesson 5: `epochs` passes over the same unique samples, the whole budget split evenly between them.
-        self.per_epoch = math.ceil(t.train_steps / t.epochs) * t.global_batch_size if t.epochs > 1 else None
+        self.per_epoch = math.ceil(t.train_steps / t.epochs) * t.global_batch_size
+        self.n_sources = len(plan.sources)
+        tokens = tuple(pos.source_tokens) or (0,) * self.n_sources
+        self.pos = DataPosition(pos.epoch, pos.index, tokens)
+        self.step_stats: dict[str, float] = {}
         self._it = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
     def _fetch(self) -> list[dict] | None:
-        if self.per_epoch is not None and self.pos.index + self.global_batch > self.per_epoch:
-            return None
         if self._it is None:
             from cglab.data.pipeline import iter_train_batches
 
@@ -67,16 +75,51 @@ class DataFeed:
         return micro
 
     def next_step(self) -> list[dict]:
-        for _ in range(2):
-            micro = self._fetch() if self.reader else []
-            ok = torch.tensor([0 if micro is None else 1], device=self.device)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every shard must have a full step, or all move on
-            if ok.item():
-                self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch)
-                return self._broadcast(micro)
-            self.pos, self._it = DataPosition(self.pos.epoch + 1, 0), None
-        raise RuntimeError("data: a fresh epoch cannot fill one global batch "
-                           f"(train.global_batch_size={self.global_batch}); add data or shrink the batch")
+        if self.pos.index + self.global_batch > self.per_epoch:  # this epoch's share of the budget is used
+            if self.pos.epoch + 1 >= self.cfg.train.epochs:
+                raise RuntimeError(f"data: all train.epochs={self.cfg.train.epochs} epochs of "
+                                   f"{self.per_epoch} samples are used; train.train_steps asks for more")
+            self.pos, self._it = DataPosition(self.pos.epoch + 1, 0, self.pos.source_tokens), None
+        micro = self._fetch() if self.reader else []
+        stats = self._stats(micro)
+        dist.all_reduce(stats)  # sums: every shard's counts, and whether any shard ran dry
+        if stats[0] > 0:
+            raise RuntimeError(self._dry_message())
+        self._record(stats)
+        return self._broadcast(micro)
+
+    def _stats(self, micro: list[dict] | None) -> torch.Tensor:
+        """[ran dry, masked tokens per objective code, maskable tokens per objective code, tokens per source]."""
+        n_obj = len(OBJECTIVES)
+        out = np.zeros(1 + 2 * n_obj + self.n_sources, np.float64)
+        if micro is None:
+            out[0] = 1
+        for b in micro or ():
+            code = np.asarray(b["objective"], np.int64)
+            out[1:1 + n_obj] += np.bincount(code, np.asarray(b["n_masked"], np.float64), n_obj)
+            out[1 + n_obj:1 + 2 * n_obj] += np.bincount(code, np.asarray(b["n_maskable"], np.float64), n_obj)
+            out[1 + 2 * n_obj:] += np.asarray(b["source_tokens"], np.float64).sum(0)
+        return torch.from_numpy(out).to(self.device)
+
+    def _record(self, stats: torch.Tensor) -> None:
+        v = stats.cpu().numpy()
+        n_obj = len(OBJECTIVES)
+        masked, maskable, src = v[1:1 + n_obj], v[1 + n_obj:1 + 2 * n_obj], v[1 + 2 * n_obj:]
+        tokens = tuple(int(a + b) for a, b in zip(self.pos.source_tokens, src))
+        self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch, tokens)
+        self.step_stats = {f"mask_fraction/{name}": masked[i] / maskable[i]
+                           for i, name in enumerate(OBJECTIVES) if maskable[i] > 0}
+        self.step_stats.update(passes(self.plan, tokens))
+
+    def _dry_message(self) -> str:
+        t, S = self.cfg.train, self.cfg.data.seq_length
+        return (f"data: epoch {self.pos.epoch} of the stream ran dry after {self.pos.index} samples "
+                f"({self.pos.index // self.global_batch} steps of train.global_batch_size={self.global_batch}); "
+                f"train.train_steps={t.train_steps} over train.epochs={t.epochs} needs {self.per_epoch} samples "
+                f"({self.per_epoch * S:,} tokens at data.seq_length={S}) of unique data per epoch. Add data to "
+                f"data.sources, lower train.train_steps, or raise train.epochs to repeat the data on purpose "
+                f"(`cglab plan` shows the data available against what a run needs)")
+
 
     def _broadcast(self, micro: list[dict]) -> list[dict]:
         n, b, s = self.n_micro, self.mb, self.cfg.data.seq_length
@@ -94,6 +137,12 @@ class DataFeed:
             arrays[k] = t
         return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
 
+
+def passes(plan, source_tokens) -> dict[str, float]:
+    """`data/passes/<source>`: tokens read from each source so far over the tokens the source holds (the run
+    plan's count, DataPlan.tokens_available; sources without a count are left out)."""
+    avail = getattr(plan, "tokens_available", ()) or ()
+    return {f"data/passes/{s.name}": n / a for s, n, a in zip(plan.sources, source_tokens, avail) if a}
 
 def _maybe_fail(fault: dict | None, step: int) -> None:
     """Test hook: kill this worker process once, at a given step, to exercise failure recovery."""
@@ -114,7 +163,7 @@ def worker_loop(config: dict) -> None:
     from cglab.distributed import init_parallel
     from cglab.track.metrics import TrainMetrics
     from cglab.track.mlflow_logger import RankZeroLogger
-    from cglab.train.flops import device_peak_tflops, flops_per_token
+    from cglab.train.flops import device_peak_tflops, flops_per_token, mfu
     from cglab.train.step import build_train_state, train_step
 
     cfg = CGLabConfig.model_validate(config["cfg"])
@@ -161,10 +210,10 @@ def worker_loop(config: dict) -> None:
         _maybe_fail(config.get("fault"), step)
         metrics = {**out, "step": step, "epoch": feed.pos.epoch, "tokens_seen": step * tokens_per_step,
                    "data_wait_s": t1 - t0, "step_time_s": t2 - t0, "started_at_step": start_step,
-                   "tokens_per_s": tokens_per_step / (t2 - t0)}
+                   "tokens_per_s": tokens_per_step / (t2 - t0), **feed.step_stats}
         if peak is not None:
             metrics["tflops"] = metrics["tokens_per_s"] * fpt / 1e12 / dist.get_world_size()
-            metrics["mfu"] = metrics["tflops"] / peak
+            metrics["mfu"] = mfu(metrics["tokens_per_s"], cfg.model, S, dist.get_world_size(), peak)
         save_now = step == t.train_steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
         if save_now:
             c0 = time.perf_counter()

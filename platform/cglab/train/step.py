@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
@@ -20,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cglab import megatron_foreach, megatron_gradscale
-from cglab.config import CGLabConfig, ModelConfig
+from cglab.config import CGLabConfig, ConfigError, ModelConfig
 from cglab.model.codegen import batch_mask, build_model
 
 OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
@@ -55,10 +56,10 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     megatron_foreach.apply()  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
-    fused, folds = adam_plan(cfg, torch.cuda.is_available())
-    if fused:
+    plan = adam_plan(cfg, torch.cuda.is_available(), built_adam(optimizer))
+    if plan.fused and plan.impl == "torch":
         _use_fused_adam(optimizer)
-    fold = megatron_gradscale.install([model], optimizer) if folds else None
+    fold = megatron_gradscale.install([model], optimizer) if plan.fold else None
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
@@ -67,13 +68,50 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
     return TrainState([model], optimizer, scheduler, fold)
 
 
-def adam_plan(cfg: CGLabConfig, cuda: bool) -> tuple[bool, bool]:
-    """(fused AdamW kernel, train.fold_grad_scale in effect) for this config on a machine with or without CUDA."""
+class AdamPlan(NamedTuple):
+    impl: str  # the Adam class Megatron builds: "torch" (AdamW), "te" or "apex" (their FusedAdam)
+    fused: bool  # one fused kernel launch per step
+    fold: bool  # train.fold_grad_scale in effect
+
+
+def megatron_adam_impl() -> str:
+    """The Adam Megatron-Core 0.16.1 will build in this process: TE's FusedAdam when Transformer Engine imports,
+    else Apex's, else torch's AdamW (megatron/core/optimizer/__init__.py decides at import)."""
+    from megatron.core import optimizer as mo
+
+    if mo.USING_PYTORCH_OPTIMIZER:
+        return "torch"
+    return "te" if mo.Adam.__module__.startswith("transformer_engine") else "apex"
+
+
+def built_adam(optimizer) -> str:
+    """The implementation of the Adam Megatron actually built (what the fold decision must rest on)."""
+    impls = {_adam_impl(type(opt.optimizer)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+             if getattr(opt, "optimizer", None) is not None}
+    return "torch" if impls <= {"torch"} else sorted(impls - {"torch"})[0]
+
+
+def _adam_impl(cls) -> str:
+    mod = cls.__module__
+    return "te" if mod.startswith("transformer_engine") else "apex" if mod.startswith("apex") else "torch"
+
+
+def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
+    """Which Adam kernel runs and whether train.fold_grad_scale is in effect, for the Adam Megatron builds (`impl`)
+    on a machine with or without CUDA. Only torch's fused AdamW takes a grad scale: with Transformer Engine
+    installed (the GPU images), Megatron builds TE's FusedAdam, so the default fold is off there and an explicit
+    `train.fold_grad_scale=true` is refused."""
     t = cfg.train
+    if impl != "torch":
+        if t.fold_grad_scale:
+            raise ConfigError(f"train.fold_grad_scale: Megatron-Core builds {impl.upper()}'s FusedAdam here "
+                              f"({'Transformer Engine' if impl == 'te' else 'Apex'} is installed), whose kernel takes "
+                              f"no grad scale; set train.fold_grad_scale=null or false")
+        return AdamPlan(impl, True, False)
     fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
     if t.fold_grad_scale is None:
-        return fused, fused and not cfg.parallel.distributed_optimizer
-    return fused, t.fold_grad_scale
+        return AdamPlan(impl, fused, fused and not cfg.parallel.distributed_optimizer)
+    return AdamPlan(impl, fused, t.fold_grad_scale)
 
 
 def _use_fused_adam(optimizer) -> None:
@@ -96,7 +134,7 @@ def to_stage_batch(batch: dict, m: ModelConfig) -> dict:
     first = parallel_state.is_pipeline_first_stage()
     last = parallel_state.is_pipeline_last_stage()
     out = {}
-    for k in ("segment_ids", "prefix_len"):
+    for k in ("segment_ids", "prefix_end"):  # both [b, s]
         if k in batch:
             out[k] = torch.as_tensor(batch[k]).to(dev, non_blocking=True).long()
     s = torch.as_tensor(batch["tokens"]).shape
@@ -129,7 +167,7 @@ def _forward_step(m: ModelConfig, data_iterator, model):
     b = next(data_iterator)
     bsz, s = b["shape"]
     dev = _device()
-    mask = batch_mask(m, (bsz, s), b.get("segment_ids"), b.get("prefix_len"), dev)
+    mask = batch_mask(m, (bsz, s), b.get("segment_ids"), b.get("prefix_end"), dev)
     tokens = b.get("tokens")
     pos = torch.arange(s, device=dev).unsqueeze(0).expand(bsz, s)
     out = model(tokens, pos, mask, labels=b.get("labels"))

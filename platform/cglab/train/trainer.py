@@ -32,16 +32,19 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
 
 
 def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab-train", mlflow=None,
-        fault: dict | None = None) -> dict:
+        fault: dict | None = None, run_plan: dict | None = None) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
-    Bad configs and missing data fail here, on the driver, before any worker starts. Re-running with the same
-    storage_path and name resumes from the latest complete checkpoint.
+    Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.plan.plan_run` (or
+    the `run_plan` a sweep made for this trial) is checked and the run refused on its errors; the plan is kept as
+    run_dir/plan.json and the MLflow run's `plan.json`. Re-running with the same storage_path and name resumes
+    from the latest complete checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
+    from cglab.plan import plan_run, refuse, write_json
     from cglab.train.loop import worker_loop
 
     storage = str(Path(storage_path or ".cglab/runs").resolve())
@@ -50,6 +53,13 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
     plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
+    run_plan = run_plan or plan_run(cfg, tokenizer=plan.tokenizer())
+    write_json(run_plan, run_dir / "plan.json")
+    if mlflow is not None:
+        _log_plan(mlflow, run_plan)
+    refuse(run_plan)
+    if run_plan.get("data"):  # passes per source: tokens read over what each source holds
+        plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
     p, t = cfg.parallel, cfg.train
     per_worker = {"CPU": p.cpus_per_worker}
     trainer = TorchTrainer(
@@ -64,10 +74,30 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     )
     result = trainer.fit()
     out = dict(result.metrics or {})
+    if mlflow is not None:
+        _tag_passes(mlflow, out)
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     out["run_dir"] = str(run_dir)
     out["tokenizer"] = str(run_dir / "tokenizer")
     return out
+
+
+def _log_plan(ctx, run_plan: dict) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(ctx.tracking_uri).log_dict(ctx.run_id, run_plan, "plan.json")
+
+
+def _tag_passes(ctx, metrics: dict) -> None:
+    """Run tags `data.passes` (passes over each source, e.g. `stack=0.42,pile=0.40`) and `data.epochs`."""
+    from mlflow import MlflowClient
+
+    passes = {k.removeprefix("data/passes/"): v for k, v in metrics.items() if k.startswith("data/passes/")}
+    client = MlflowClient(ctx.tracking_uri)
+    if passes:
+        client.set_tag(ctx.run_id, "data.passes", ",".join(f"{k}={v:.3f}" for k, v in sorted(passes.items())))
+    if "epoch" in metrics:
+        client.set_tag(ctx.run_id, "data.epochs", str(int(metrics["epoch"]) + 1))
 
 
 def history(run_dir: str | Path) -> dict[int, dict]:

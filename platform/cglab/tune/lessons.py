@@ -16,7 +16,7 @@ from cglab.config import CGLabConfig, ConfigError, from_dict
 CODE_PPL = "eval/code_ppl"  # left-to-right perplexity on held-out code
 NL_PPL = "eval/nl_ppl"  # left-to-right perplexity on held-out natural language
 INFILL_PPL = "eval/infill_ppl"  # perplexity of the middle, prompted prefix <mask_1> suffix <eot> <sep> <mask_1>
-PASS_AT_1 = "eval/humaneval_pass@1"
+PASS_AT_1 = "eval/humaneval_pass_at_1"  # not "pass@1": MLflow rejects "@" in metric names (the whole batch)
 LOSS = "loss"
 
 
@@ -59,8 +59,10 @@ class Lesson:
         raise KeyError(f"lesson {self.number} has no variant {name!r}; "
                        f"choose one of {[v.name for v in self.variants]}")
 
-    def config_for(self, variant: str, base: CGLabConfig, seed: int | None = None) -> CGLabConfig:
-        """The base config with the variant's overrides (and seed) applied, validated."""
+    def config_for(self, variant: str, base: CGLabConfig, seed: int | None = None,
+                   cross_field: bool = True) -> CGLabConfig:
+        """The base config with the variant's overrides (and seed) applied, validated (cross-field constraints
+        too unless cross_field=False)."""
         v = self.variant(variant)
         overrides = list(v.overrides)
         if v.steps_multiplier != 1:
@@ -68,7 +70,7 @@ class Lesson:
         if seed is not None:
             overrides += [f"train.seed={seed}", f"data.seed={seed}"]
         try:
-            return from_dict(base.model_dump(mode="json"), overrides)
+            return from_dict(base.model_dump(mode="json"), overrides, cross_field)
         except ConfigError as err:
             raise ConfigError(f"lesson {self.number} variant {variant!r}: {err}") from None
 

@@ -52,6 +52,9 @@ PRESETS: dict[str, Preset] = {
         ("model.num_layers=20", "model.hidden_size=1024", "model.num_attention_heads=16",
          "model.rotary_dim=32", "model.vocab_size=51200", "model.max_position_embeddings=2048",
          "data.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=32",
+         # Sentinels for the most spans a 2048-token unit can need: UL2's X_dense (50%, mean span 3) 227 (lesson 1),
+         # codegen2 75 (ratio <= 0.35, mean span 8.5); the laptop's 128 tokens need 14, within the default 16.
+         "data.num_sentinels=256",
          "train.train_steps=2000", "train.warmup_steps=100", "train.lr=3e-4", "train.min_lr=3e-5",
          "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
          "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
@@ -61,7 +64,8 @@ PRESETS: dict[str, Preset] = {
     "cluster": Preset(
         "cluster", "codegen2-1B, TP=2 x DP=4 over 8 GPUs per trial, seq 2048, bf16, ~2.6B tokens",
         _shape("codegen2-1B") + (
-            "data.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=256",
+            "data.seq_length=2048", "data.num_sentinels=256",  # as 1gpu: UL2's X_dense needs 227 at 2048
+            "train.micro_batch_size=4", "train.global_batch_size=256",
             "train.train_steps=5000", "train.warmup_steps=200", "train.lr=3e-4", "train.min_lr=3e-5",
             "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
             "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1",
@@ -88,8 +92,9 @@ def get_preset(name: str) -> Preset:
 
 
 def base_config(preset: str | Preset, config_path: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> CGLabConfig:
-    """User YAML (data sources etc.), then the preset, then the user's overrides; validated."""
+                overrides: list[str] | tuple[str, ...] = (), cross_field: bool = True) -> CGLabConfig:
+    """User YAML (data sources etc.), then the preset, then the user's overrides; validated (cross-field
+    constraints too unless cross_field=False, for `cglab plan`, which lists them as errors)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     data: dict = {}
     if config_path is not None:
@@ -101,7 +106,7 @@ def base_config(preset: str | Preset, config_path: str | Path | None = None,
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = apply_overrides(data, list(p.overrides))
     try:
-        return from_dict(data, list(overrides))
+        return from_dict(data, list(overrides), cross_field)
     except ConfigError as err:
         raise ConfigError(f"preset {p.name}: {err}") from None
 

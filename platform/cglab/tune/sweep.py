@@ -11,7 +11,9 @@ returns, so a finished trial's GPUs are free before the next trial's Train job a
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
 documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
 metrics to the trial's child run and reports them to Tune. The tokenizer is trained once per sweep, on the
-driver, so every variant is scored with the same tokens.
+driver, so every variant is scored with the same tokens. A kind (NL, code) with no held-out documents is a
+ConfigError before any trial starts, unless `eval.allow_builtin_texts` lets it fall back to the built-in texts;
+the parent run and every trial run are tagged `eval.texts` / `eval.heldout` with what was used.
 
 Resume: the Tune experiment lives at `storage_path/name`. Calling `run_lesson` again with the same name
 restores it (`Tuner.restore`): finished trials are kept, errored and unfinished ones run again. A re-run trial
@@ -28,7 +30,7 @@ from typing import Any, Callable
 
 from cglab.config import CGLabConfig, dump_config, flatten
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
-from cglab.tune.evaluate import evaluate_checkpoint
+from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
 from cglab.tune.lessons import Lesson, get_lesson
 from cglab.tune.presets import Preset, get_preset, max_concurrent, trial_resources
 
@@ -57,7 +59,8 @@ class TrialSpec:
     train_fn: TrainFn
     preset: str
     system_metrics_interval_s: float = 10.0
-    heldout_nl: str | None = None  # jsonl of held-out documents (cglab.tune.heldout); None: builtin texts
+    # jsonl of held-out documents (cglab.tune.heldout); None: built-in texts (only with eval.allow_builtin_texts)
+    heldout_nl: str | None = None
     heldout_code: str | None = None
 
 
@@ -96,8 +99,9 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
     try:
         metrics = _outside_trial(spec.train_fn, cfg, storage_path=spec.train_storage,
                                  name=f"{spec.sweep}-{trial_id}", mlflow=ctx)
-        metrics.update(_outside_trial(evaluate_checkpoint, metrics.get("checkpoint"), cfg, spec.heldout_nl,
-                                      spec.heldout_code, num_gpus=1 if cfg.parallel.use_gpu else 0))
+        ev = _outside_trial(evaluate_checkpoint, metrics.get("checkpoint"), cfg, spec.heldout_nl,
+                            spec.heldout_code, num_gpus=1 if cfg.parallel.use_gpu else 0)
+        metrics.update(ev.metrics)
     except BaseException:
         if tracker is not None:
             try:
@@ -106,8 +110,9 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
                 log.warning("could not mark MLflow run %s failed: %s", ctx.run_id, err)
         raise
     if tracker is not None:
-        tracker.finish_run(ctx.run_id, metrics, step=cfg.train.train_steps)
+        tracker.finish_run(ctx.run_id, metrics, step=cfg.train.train_steps, tags=ev.tags)
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out.update(ev.tags)  # the conditions travel with the numbers into the Tune result too
     out.update(variant=variant, seed=seed, mlflow_run_id=ctx.run_id if ctx else "")
     return out
 
@@ -142,7 +147,9 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     """The sweep's shared inputs, settled once on the driver: held-out files split off the training sources
     (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path is set).
     Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
-    restored sweep gets the same split and the same tokenizer."""
+    restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path)
+    is a ConfigError naming eval.allow_builtin_texts unless that is set; raised before the tokenizer is trained,
+    so a sweep that would score on built-in texts stops before spending anything."""
     import json
 
     from cglab.config import ConfigError, from_dict
@@ -156,15 +163,23 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     work = Path(workdir)
     overrides: list[str] = []
     nl = code = None
+    why = "holdout=False" if not holdout else ""
     if holdout:
         try:
             train, held = split_sources(base.data.sources, work / "heldout", filters=base.data.filters)
         except ConfigError as err:
-            log.warning("%s; evaluating on cglab.eval.nl.builtin_texts (not held out)", err)
+            why = str(err)
         else:
             overrides.append(f"data.sources={json.dumps(train)}")
             nl, code = held.nl_path, held.code_path
             log.info("held out for evaluation: %s", held.counts)
+            if not (nl and code):
+                why = f"documents held out per kind: {held.counts}"
+    used = text_sources(nl, code, base.eval.allow_builtin_texts, why)
+    fell_back = [k for k, v in used.items() if v == "builtin"]
+    if fell_back:
+        log.warning("eval.allow_builtin_texts: scoring %s on cglab.eval.nl.builtin_texts, not held out (%s); "
+                    "runs are tagged %s", " and ".join(fell_back), why, text_tags(used))
     if not base.data.tokenizer.path:
         tc = base.data.tokenizer
         cfg = from_dict(base.model_dump(mode="json"), overrides)
@@ -173,6 +188,23 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
         tok.save(work / "tokenizer")
         overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
     return from_dict(base.model_dump(mode="json"), overrides), nl, code
+
+
+def preflight(lesson: Lesson, base: CGLabConfig, trials: list[tuple[str, int]], preset: Preset) -> list[dict]:
+    """`cglab plan` for every (variant, seed) on the sweep's settled inputs (one data scan for all of them);
+    ConfigError listing what any trial would refuse. Each trial's `fit` checks its own plan again."""
+    from cglab.config import ConfigError
+    from cglab.plan import plan_run, scan_sources
+
+    cfgs = {k: lesson.config_for(k[0], base, k[1]) for k in trials}
+    scan = scan_sources(next(iter(cfgs.values())))  # variants differ in weights, never in which files exist
+    plans = [plan_run(c, scan=scan, driver_cpus=preset.driver_cpus, data_cpus=preset.data_cpus,
+                      n_trials=len(cfgs)) for c in cfgs.values()]
+    errors = [f"{v} seed {s}: {e}" for (v, s), p in zip(cfgs, plans) for e in p["errors"]]
+    if errors:
+        raise ConfigError(f"lesson {lesson.number}: trials would be refused (`cglab plan --lesson "
+                          f"{lesson.number} --preset {preset.name}` shows the plans):\n  " + "\n  ".join(errors))
+    return plans
 
 
 def ensure_local_ray(per_trial: dict[str, float]) -> None:
@@ -229,13 +261,16 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
     concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
     shared = Path(exp_path + "-inputs") if "://" not in exp_path else Path(".cglab/tune-inputs") / name
     base, heldout_nl, heldout_code = prepare_base(base, shared, holdout)
+    preflight(les, base, list(configs), pre)  # every trial's plan, before any trial starts
 
     experiment_id = parent = None
     if tracking_uri:
         tracker = SweepTracker(tracking_uri, les.experiment, name)
         experiment_id = tracker.ensure_experiment()  # on the driver, before any trial can race for it
+        eval_tags = text_tags(text_sources(heldout_nl, heldout_code, base.eval.allow_builtin_texts))
         parent = tracker.parent_run(tags={"lesson": str(les.number), "preset": pre.name,
-                                          "variants": ",".join(names), "seeds": ",".join(map(str, seeds))})
+                                          "variants": ",".join(names), "seeds": ",".join(map(str, seeds)),
+                                          **eval_tags})
     spec = TrialSpec(les, base, name, f"{storage_path.rstrip('/')}/{name}-train", tracking_uri, experiment_id,
                      parent, train_fn or default_train_fn(), pre.name, system_metrics_interval_s,
                      heldout_nl, heldout_code)
@@ -260,7 +295,7 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
         row = {"variant": r.config.get("variant"), "seed": r.config.get("seed"), "path": r.path,
                "error": repr(r.error) if r.error else None}
         row.update({k: v for k, v in (r.metrics or {}).items()
-                    if k.startswith(("eval/", "loss", "mlflow_run_id")) or k == "step"})
+                    if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"})
         results.append(row)
     if tracking_uri:
         status = "FAILED" if any(r["error"] for r in results) else "FINISHED"

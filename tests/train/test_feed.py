@@ -1,0 +1,81 @@
+"""The training feed over the real Ray Data stream: an epoch ends only where train.epochs puts it, a stream that
+runs dry before then stops the run with the numbers (never a silent second pass), and each step reports what it
+read: tokens per source (passes) and the masked fraction per objective."""
+import numpy as np
+import pytest
+
+from cglab.config import from_dict
+
+pytestmark = pytest.mark.slow
+SEQ, GLOBAL = 64, 4
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from cglab.raylocal import local_ray
+
+    with local_ray(2):
+        yield
+
+
+def _cfg(micro_sources, tokenizer_dir, *overrides):
+    from cglab.config import SourceConfig
+    from cglab.data.readers import resolve_files
+
+    pile = next(s for s in micro_sources if s["kind"] == "pile")
+    shard = resolve_files([SourceConfig(**pile)])[0].files[0]
+    one_file = [dict(pile, paths=[shard])]  # a single small Pile shard
+    return from_dict({"data": {"sources": one_file, "seq_length": SEQ, "tokenizer": {"path": str(tokenizer_dir)}}},
+                     ["model.preset=tiny", "model.max_position_embeddings=64", "train.micro_batch_size=2",
+                      f"train.global_batch_size={GLOBAL}", "train.warmup_steps=1", "data.filters.dedup=false",
+                      *overrides])
+
+
+def _feed(cfg, tmp_path):
+    from cglab.data.pipeline import prepare_data
+    from cglab.plan import plan_run
+    from cglab.train.checkpoint import DataPosition
+    from cglab.train.loop import DataFeed
+
+    plan = prepare_data(cfg, tmp_path)
+    run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
+    plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
+    return DataFeed(cfg, plan, DataPosition()), run_plan
+
+
+def test_a_stream_that_runs_dry_stops_the_run_instead_of_starting_a_second_pass(
+        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=100000", "objective.kind=codegen2")
+    feed, run_plan = _feed(cfg, tmp_path)
+    assert any("would run dry" in e for e in run_plan["errors"])  # the plan saw it coming
+    masked, steps = [], 0
+    with pytest.raises(RuntimeError, match=r"data: epoch 0 of the stream ran dry after (\d+) samples") as err:
+        while True:
+            feed.next_step()
+            steps += 1
+            assert feed.pos.epoch == 0
+            if "mask_fraction/span" in feed.step_stats:
+                masked.append(feed.step_stats["mask_fraction/span"])
+    msg = str(err.value)
+    assert f"after {steps * GLOBAL} samples ({steps} steps" in msg
+    assert f"needs {100000 * GLOBAL} samples" in msg and "train.epochs=1" in msg
+    # every token the source holds was read once, by the counts the stream carries and the plan's exact scan
+    # (the last partial step is not trained on: a little under one pass)
+    assert 0.97 < feed.step_stats["data/passes/pile"] <= 1.0
+    # the codegen2 mix corrupts about half the samples, each at its drawn ratio (mean 0.2)
+    assert steps > 100 and np.mean(masked) == pytest.approx(0.2, rel=0.1)
+
+
+def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
+        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6", "train.epochs=3")
+    feed, _ = _feed(cfg, tmp_path)
+    epochs, passes = [], []
+    for _ in range(6):
+        feed.next_step()
+        epochs.append(feed.pos.epoch)
+        passes.append(feed.step_stats["data/passes/pile"])
+    assert epochs == [0, 0, 1, 1, 2, 2]  # two steps per epoch: ceil(6 / 3)
+    assert passes[3] == pytest.approx(2 * passes[1]) and passes[5] == pytest.approx(3 * passes[1])
+    with pytest.raises(RuntimeError, match="all train.epochs=3 epochs"):
+        feed.next_step()
