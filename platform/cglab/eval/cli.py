@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-SUITES = ("humaneval", "infill", "nl")
+SUITES = ("humaneval", "infill", "nl", "mbpp", "mtpb")
+DATA_SUITES = ("mbpp", "mtpb")  # read from --data-dir: DIR/mbpp.jsonl, DIR/mtpb.jsonl (the published names)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate: HumanEval pass@k, HumanEval-Infill, NL metrics")
+    p = subparsers.add_parser("eval", help="evaluate: HumanEval pass@k, HumanEval-Infill, MBPP, MTPB, NL metrics")
     sub = p.add_subparsers(dest="eval_command", required=True)
 
     h = sub.add_parser("humaneval", help="score a samples JSONL ({task_id, completion} per line) in the sandbox")
@@ -28,8 +30,11 @@ def register(subparsers) -> None:
     r.add_argument("--temperature", default=None,
                    help="comma list, e.g. 0.2,0.6,0.8 (default: greedy if n-samples is 1, else 0.2)")
     r.add_argument("--top-p", type=float, default=0.95)
-    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per completion (default 128; MBPP 512; MTPB each problem's max_gen_length per turn)")
     r.add_argument("--infill-modes", default="single,multi", help="comma list of single,multi")
+    r.add_argument("--data-dir", help="directory with mbpp.jsonl / mtpb.jsonl, the published files (needed for "
+                                      "--suite mbpp / mtpb; neither can be downloaded by cglab)")
     r.add_argument("--nl-file", help="held-out NL documents (.jsonl with text, or .txt)")
     r.add_argument("--code-file", help="held-out code documents (.jsonl with text/content, or .txt)")
     r.add_argument("--batch-size", type=int, default=16)
@@ -37,6 +42,15 @@ def register(subparsers) -> None:
     r.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program")
     r.add_argument("--out", help="also write the result JSON here")
     r.set_defaults(func=_run)
+
+    for name, what in (("mbpp", "{task_id, completion}"), ("mtpb", "{id, case, program}")):
+        b = sub.add_parser(name, help=f"score a {name.upper()} samples JSONL ({what} per line) in the sandbox")
+        b.add_argument("--samples", required=True, help=f"JSONL of {what}")
+        b.add_argument("--data-dir", required=True, help=f"directory with {name}.jsonl (the published file)")
+        b.add_argument("--out", help="also write the result JSON here")
+        b.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+        b.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+        b.set_defaults(func=_score_samples, suite=name)
 
     s = sub.add_parser("sandbox-info", help="print which isolation the sandbox gets on this machine")
     s.set_defaults(func=_sandbox_info)
@@ -64,6 +78,39 @@ def _humaneval(args) -> int:
     return 0
 
 
+def data_file(data_dir: str | None, suite: str) -> Path:
+    """DIR/<suite>.jsonl; a clear error naming the expected file when it is not there."""
+    from cglab.eval import mbpp, mtpb
+
+    module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
+    source = {"mbpp": "google-research/mbpp", "mtpb": "salesforce/CodeGen benchmark/"}[suite]
+    if not data_dir:
+        raise ValueError(f"--suite {suite} needs --data-dir DIR holding {module.FILE_NAME} ({source}{module.FILE_NAME})")
+    path = Path(data_dir) / module.FILE_NAME
+    if not path.is_file():
+        raise ValueError(f"--data-dir {data_dir}: expected {path} ({suite.upper()}'s published file, "
+                         f"{source}{module.FILE_NAME}); it is not there")
+    return path
+
+
+def _score_samples(args) -> int:
+    from cglab.eval import mbpp, mtpb
+    from cglab.eval.sandbox import Limits
+
+    try:
+        path = data_file(args.data_dir, args.suite)
+        kw = dict(limits=Limits(timeout_s=args.timeout), workers=args.workers)
+        if args.suite == "mbpp":
+            result = mbpp.evaluate(mbpp.read_samples(args.samples), mbpp.load_tasks(path), **kw)
+        else:
+            result = mtpb.evaluate(mtpb.read_samples(args.samples), mtpb.load_problems(path), **kw)
+    except (OSError, ValueError) as err:
+        print(f"cglab eval {args.suite}: {err}", file=sys.stderr)
+        return 2
+    _emit(result, args.out)
+    return 0
+
+
 def _parse_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -78,7 +125,17 @@ def _run(args) -> int:
         modes = _parse_list(args.infill_modes, ("single", "multi"), "--infill-modes")
         temps = ([float(t) for t in args.temperature.split(",")] if args.temperature
                  else [0.0 if args.n_samples == 1 else 0.2])
-    except ValueError as err:
+        # Check the data files before the (slow) model load: a missing or malformed file fails at once.
+        data = {s: data_file(args.data_dir, s) for s in suites if s in DATA_SUITES}
+        if "mbpp" in data:
+            from cglab.eval import mbpp
+
+            mbpp.fewshot(mbpp.load_tasks(data["mbpp"]), data["mbpp"])
+        if "mtpb" in data:
+            from cglab.eval import mtpb
+
+            mtpb.load_problems(data["mtpb"])
+    except (OSError, ValueError) as err:
         print(f"cglab eval run: {err}", file=sys.stderr)
         return 2
     from cglab.eval import humaneval, infill, nl
@@ -91,7 +148,7 @@ def _run(args) -> int:
         print(f"cglab eval run: {err}", file=sys.stderr)
         return 2
     limits = Limits(timeout_s=args.timeout)
-    gen_kw = dict(n=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    gen_kw = dict(n=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens or 128)
     result: dict = {"checkpoint": args.checkpoint}
     if "humaneval" in suites:
         problems = dict(list(humaneval.load_problems().items())[:args.limit])
@@ -103,6 +160,17 @@ def _run(args) -> int:
     if "infill" in suites:
         result["infill"] = {m: infill.evaluate(gen, m, limit=args.limit, temperature=temps[0], limits=limits,
                                                **gen_kw) for m in modes}
+    for suite in DATA_SUITES:
+        if suite in suites:
+            from cglab.eval import mbpp, mtpb
+
+            module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
+            # MBPP's solutions are whole functions (512 tokens); MTPB's budget is per turn, per problem.
+            budget = args.max_new_tokens or (512 if suite == "mbpp" else None)
+            by_temp = {str(t): module.run(gen, data[suite], limit=args.limit, temperature=t, n=args.n_samples,
+                                          top_p=args.top_p, max_new_tokens=budget, limits=limits)
+                       for t in temps}
+            result[suite] = {"data": str(data[suite]), "by_temperature": by_temp, "best": _best_per_k(by_temp)}
     if "nl" in suites:
         fallback = nl.builtin_texts(args.limit or 64) if not (args.nl_file and args.code_file) else {}
         nl_texts = nl.read_texts(args.nl_file, args.limit) if args.nl_file else fallback["nl"]

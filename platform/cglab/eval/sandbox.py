@@ -219,3 +219,24 @@ def run_programs(programs: Sequence[str] | Iterable[str], limits: Limits | None 
     # Threads only wait on child processes; the work runs in the sandboxes, in parallel across cores.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(task, programs))
+
+
+def end_marker() -> str:
+    """A fresh token for `program_end(marker)` / `require_end(...)`: a program's own code cannot know it in advance."""
+    import secrets
+
+    return f"cglab-end-{secrets.token_hex(8)}"
+
+
+def program_end(marker: str) -> str:
+    """The last line to append to a scored program: it prints `marker` once everything before it has run."""
+    return f"\nimport sys as _cglab_sys\n_cglab_sys.stdout.write({marker!r} + '\\n')\n_cglab_sys.stdout.flush()\n"
+
+
+def require_end(results: Sequence[Result], marker: str) -> list[Result]:
+    """Exit status 0 is not enough: a completion that calls `sys.exit(0)` or `os._exit(0)` before the tests
+    would pass them unread. A program passes only if it also printed `marker` (its last line, `program_end`);
+    otherwise its status becomes "failed"."""
+    return [dataclasses.replace(r, status="failed",
+                                stderr=r.stderr + "\n(exited 0 before the end of the tests)")
+            if r.passed and marker not in r.stdout else r for r in results]
