@@ -74,3 +74,38 @@ def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
         assert sum(scored["statuses"].values()) == 2
     assert res["nl"]["nl"]["docs"] == 2 and res["nl"]["code"]["bits_per_byte"] > 0
     assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "humaneval,mbpp"]) == 2
+
+
+def test_cli_run_mbpp_and_mtpb(tiny_hf_dir, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from cglab.cli import main
+    from cglab.eval.sandbox import isolation_mode
+
+    data = Path(__file__).with_name("data")  # small files in the published MBPP / MTPB formats
+    out = tmp_path / "run.json"
+    rc = main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp,mtpb", "--data-dir", str(data),
+               "--limit", "2", "--max-new-tokens", "8", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    mbpp, mtpb = res["mbpp"]["by_temperature"]["0.0"], res["mtpb"]["by_temperature"]["0.0"]
+    assert mbpp["n_tasks"] == 2 and list(mbpp["tasks"]) == ["11", "12"]
+    assert mtpb["n_problems"] == 2 and mtpb["n_samples"] == 4  # two test cases each, one sample per case
+    for scored, n in ((mbpp, 2), (mtpb, 4), (res["mbpp"]["best"]["pass@1"], 2), (res["mtpb"]["best"]["pass@1"], 4)):
+        assert scored["isolation"] == isolation_mode()
+        assert sum(scored["statuses"].values()) == n
+    capsys.readouterr()
+    # Missing and malformed data files fail before the model loads, naming the file (and line).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mtpb", "--data-dir", str(empty)]) == 2
+    assert f"expected {empty / 'mtpb.jsonl'}" in capsys.readouterr().err
+    assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp"]) == 2
+    assert "--suite mbpp needs --data-dir DIR holding mbpp.jsonl" in capsys.readouterr().err
+    shutil.copy(data / "mbpp.jsonl", empty / "mbpp.jsonl")
+    lines = (data / "mtpb.jsonl").read_text().splitlines()
+    (empty / "mtpb.jsonl").write_text("\n".join([lines[0], lines[1].replace('"inputs"', '"inputz"')]) + "\n")
+    assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp,mtpb",
+                 "--data-dir", str(empty)]) == 2
+    assert f"{empty / 'mtpb.jsonl'}:2: MTPB record has no 'inputs' field" in capsys.readouterr().err
