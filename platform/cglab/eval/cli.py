@@ -83,13 +83,13 @@ def data_file(data_dir: str | None, suite: str) -> Path:
     from cglab.eval import mbpp, mtpb
 
     module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
-    source = {"mbpp": "google-research/mbpp", "mtpb": "salesforce/CodeGen benchmark/"}[suite]
+    source = {"mbpp": "google-research/mbpp/", "mtpb": "salesforce/CodeGen benchmark/"}[suite] + module.FILE_NAME
     if not data_dir:
-        raise ValueError(f"--suite {suite} needs --data-dir DIR holding {module.FILE_NAME} ({source}{module.FILE_NAME})")
+        raise ValueError(f"--suite {suite} needs --data-dir DIR holding {module.FILE_NAME} ({source})")
     path = Path(data_dir) / module.FILE_NAME
     if not path.is_file():
-        raise ValueError(f"--data-dir {data_dir}: expected {path} ({suite.upper()}'s published file, "
-                         f"{source}{module.FILE_NAME}); it is not there")
+        raise ValueError(f"--data-dir {data_dir}: expected {path} ({suite.upper()}'s published file, {source}); "
+                         f"it is not there")
     return path
 
 
