@@ -99,7 +99,9 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
             assert [m["objective"] for m in plan["mask_fraction"]] == ["span"]
             assert 0 < run.data.metrics["mask_fraction/span"] < 1
             passes = dict(p.split("=") for p in run.data.tags["data.passes"].split(","))
-            assert set(passes) == {"stack", "pile"} and all(0 < float(v) < 1 for v in passes.values())
+            # 3 steps of 8 windows: a few long Stack files can fill them all, so a source may not be reached yet
+            assert set(passes) == {"stack", "pile"} and all(0 <= float(v) < 1 for v in passes.values()), passes
+            assert float(passes["stack"]) > 0, passes
             assert run.data.tags["data.epochs"] == "1"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -89,13 +89,13 @@ def _log_plan(ctx, run_plan: dict) -> None:
 
 
 def _tag_passes(ctx, metrics: dict) -> None:
-    """Run tags `data.passes` (passes over each source, e.g. `stack=0.42,pile=0.40`) and `data.epochs`."""
+    """Run tags `data.passes` (passes over each source, e.g. `pile=0.004021,stack=0.0132`) and `data.epochs`."""
     from mlflow import MlflowClient
 
     passes = {k.removeprefix("data/passes/"): v for k, v in metrics.items() if k.startswith("data/passes/")}
     client = MlflowClient(ctx.tracking_uri)
     if passes:
-        client.set_tag(ctx.run_id, "data.passes", ",".join(f"{k}={v:.3f}" for k, v in sorted(passes.items())))
+        client.set_tag(ctx.run_id, "data.passes", ",".join(f"{k}={v:.4g}" for k, v in sorted(passes.items())))
     if "epoch" in metrics:
         client.set_tag(ctx.run_id, "data.epochs", str(int(metrics["epoch"]) + 1))
 
