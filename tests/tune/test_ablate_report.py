@@ -38,7 +38,8 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
     assert any(line.startswith("clm ") for line in out.splitlines())
     assert "eval/code_ppl: inconclusive (one seed, no verdict): " in out
     assert "#/compare-runs?runs=" in out and "cglab mlflow up --root .cglab/mlflow" in out
-    assert (tmp_path / "dashboards/lesson-3.html").is_file() and (tmp_path / "dashboards/lesson-3-metrics.png").is_file()
+    assert (tmp_path / "dashboards/lesson-3.html").is_file()
+    assert (tmp_path / "dashboards/lesson-3-metrics.png").is_file()
 
     # what ablate left in the store: a model-training experiment, the verdict on the sweep's parent run
     client = MlflowClient(sqlite_uri(tmp_path / ".cglab/mlflow/mlflow.db"))
