@@ -282,12 +282,16 @@ def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None,
     for split, pkgs in (("train", [p for p in names if p not in held]), ("heldout", [p for p in names if p in held])):
         for name in pkgs:
             dist = dists[name]
-            for kind, items, key, seen_set in (
-                    ("code", _package_code(dist, name, _license(dist.metadata)), "content", seen),
-                    ("nl", [dict(text=t, meta=dict(pile_set_name=s, package=name))
-                            for s, t in _package_docs(dist, name)], "text", seen_nl)):
+            # Lazily: once a budget is spent, the remaining packages are not read (or parsed) for it.
+            for kind, read, key, seen_set in (
+                    ("code", lambda: _package_code(dist, name, _license(dist.metadata)), "content", seen),
+                    ("nl", lambda: [dict(text=t, meta=dict(pile_set_name=s, package=name))
+                                    for s, t in _package_docs(dist, name)], "text", seen_nl)):
                 left = budgets[split][kind] - sum(len(x[key]) for x in splits[split][kind])
-                if left <= 0 or not items:
+                if left <= 0:
+                    continue
+                items = read()
+                if not items:
                     continue
                 reasons = filter_reasons([x[key] for x in items], fcfg)
                 for item, reason, sha in zip(items, reasons, content_hashes([x[key] for x in items])):
