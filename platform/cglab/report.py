@@ -1,15 +1,30 @@
 """`cglab report --lesson N`: read a lesson's sweep back from MLflow and write one HTML page: the
-variants x metrics table, loss-vs-tokens curves, and the verdict against the paper's finding."""
+variants x metrics table (mean and 95% interval over seeds), the deciding metrics with error bars, loss-vs-tokens
+curves, the verdict per metric against the paper's finding, and links into the MLflow UI.
+
+Where the runs are: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else the local store `cglab ablate` writes when
+it is given no URI (`.cglab/mlflow/mlflow.db`, read directly: no server needs to run). A server that does not
+answer its /health within seconds is an error naming it, before any MLflow client call (whose retries would
+otherwise wait for minutes)."""
 from __future__ import annotations
 
 import html
+import json
 import math
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cglab.tune.lessons import Lesson, Outcome, get_lesson, verdict
+from cglab.tune.lessons import Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
 
 LOSS_KEYS = ("train/loss", "loss")
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `cglab mlflow up` serves a local store's UI
+
+
+class TrackingUnavailable(LookupError):
+    """The tracking server does not answer, or there is no store to read."""
 
 
 @dataclass
@@ -22,6 +37,8 @@ class LessonRuns:
     seeds: dict[str, list[str]]
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # variant -> (tokens, loss)
     status: dict[str, list[str]] = field(default_factory=dict)
+    samples: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> metric -> seed -> x
+    run_ids: list[str] = field(default_factory=list)  # finished child runs, in variant order
 
     @property
     def metric_keys(self) -> list[str]:
@@ -30,12 +47,57 @@ class LessonRuns:
         rest = sorted(k for k in keys if k not in decide and (k.startswith("eval/") or k == "loss"))
         return decide + rest
 
+    def interval(self, variant: str, key: str) -> Interval | None:
+        xs = list(self.samples.get(variant, {}).get(key, {}).values())
+        return mean_ci(xs) if xs else None
+
+    def outcomes(self) -> list[Outcome]:
+        return verdict(self.lesson, self.samples)
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingUnavailable unless an http(s) tracking server answers within timeout_s. Any HTTP answer
+    counts (an auth-protected server says 401): only a refused, unreachable or silent server fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailable(
+            f"the MLflow server at {uri} does not answer ({reason}); start it (`cglab mlflow up`), or leave out "
+            f"--tracking-uri and unset MLFLOW_TRACKING_URI to read the local store that `cglab ablate` wrote "
+            f"under .cglab/mlflow") from None
+
+
+def resolve_tracking(uri: str | None, root: str | Path = ".cglab/mlflow") -> tuple[str, str]:
+    """(tracking URI to read, MLflow UI base for links). No URI: the SQLite store `cglab ablate` wrote under
+    root when it had none (read in place; its UI is what `cglab mlflow up --root ROOT` serves)."""
+    import os
+
+    from cglab.track.server import sqlite_uri
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_server(uri)
+        return uri, uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    db = Path(root) / "mlflow.db"
+    if not db.is_file():
+        raise TrackingUnavailable(
+            f"no tracking URI given ($MLFLOW_TRACKING_URI is unset) and no local store at {db}: run "
+            f"`cglab ablate N` here first (it writes there), or pass --tracking-uri")
+    return sqlite_uri(db), DEFAULT_UI
+
 
 def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -> LessonRuns:
     """The latest sweep of the lesson (or the named one), its trials grouped by variant."""
     from mlflow import MlflowClient
 
     les = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
+    check_server(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(les.experiment)
     if exp is None:
@@ -50,24 +112,77 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=1000)
-    sums: dict[str, dict[str, list[float]]] = {}
+    samples: dict[str, dict[str, dict[str, float]]] = {}
     seeds: dict[str, list[str]] = {}
     status: dict[str, list[str]] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
+    finished: dict[str, list[str]] = {}
     for run in children:
         v = run.data.tags.get("variant", run.info.run_name)
         status.setdefault(v, []).append(run.info.status)
         if run.info.status != "FINISHED":
             continue
-        seeds.setdefault(v, []).append(run.data.tags.get("seed", "?"))
+        seed = run.data.tags.get("seed") or run.info.run_id  # no seed tag: never paired with another run
+        seeds.setdefault(v, []).append(seed)
+        finished.setdefault(v, []).append(run.info.run_id)
         for k, x in run.data.metrics.items():
-            sums.setdefault(v, {}).setdefault(k, []).append(x)
+            samples.setdefault(v, {}).setdefault(k, {})[seed] = x
         if v not in curves:  # the first seed's curve stands for the variant
             curves[v] = _curve(client, run)
-    means = {v: {k: sum(xs) / len(xs) for k, xs in ms.items()} for v, ms in sums.items()}
+    means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
     order = [x.name for x in les.variants if x.name in means or x.name in status]
     return LessonRuns(les, parent.data.tags.get("cglab.sweep", parent.info.run_name), exp.experiment_id,
-                      parent.info.run_id, {v: means.get(v, {}) for v in order}, seeds, curves, status)
+                      parent.info.run_id, {v: means.get(v, {}) for v in order}, seeds, curves, status,
+                      {v: samples.get(v, {}) for v in order}, [r for v in order for r in finished.get(v, [])])
+
+
+def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
+    """Put each metric's verdict on the sweep's parent run: tag `verdict/<metric>` (agrees, disagrees,
+    inconclusive, not measured, descriptive) with `verdict/<metric>/note`, and metrics
+    `verdict/<metric>/diff`, `.../diff_lo`, `.../diff_hi` (winner - compared variant, 95% interval).
+    Returns the tags."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    tags: dict[str, str] = {}
+    points = []
+    ts = int(time.time() * 1000)
+    for o in runs.outcomes():
+        tags[f"verdict/{o.metric}"] = o.verdict
+        if o.note:
+            tags[f"verdict/{o.metric}/note"] = o.note
+        if o.winner and o.runner_up:
+            tags[f"verdict/{o.metric}/compared"] = f"{o.winner} vs {o.runner_up}"
+        if o.diff is not None:
+            for name, x in (("diff", o.diff.mean), ("diff_lo", o.diff.lo), ("diff_hi", o.diff.hi)):
+                if x is not None and math.isfinite(x):
+                    points.append(Metric(f"verdict/{o.metric}/{name}", x, ts, 0))
+    MlflowClient(tracking_uri).log_batch(runs.parent_run_id, metrics=points,
+                                         tags=[RunTag(k, v) for k, v in tags.items()])
+    return tags
+
+
+def compare_url(runs: LessonRuns, ui: str) -> str:
+    """MLflow's compare view of the sweep's finished child runs. Its route (`#/compare-runs?runs=[..]&
+    experiments=[..]`, MLflow 3.17's getCompareRunPageRoute) takes no metric selection: pick the deciding
+    metrics there by hand, or use `metric_url`."""
+    q = (f"runs={urllib.parse.quote(json.dumps(runs.run_ids))}"
+         f"&experiments={urllib.parse.quote(json.dumps([runs.experiment_id]))}")
+    return f"{ui.rstrip('/')}/#/compare-runs?{q}"
+
+
+def metric_url(runs: LessonRuns, ui: str) -> str | None:
+    """MLflow's metric view of the child runs with the lesson's deciding metrics selected (MLflow 3.17's
+    getMetricPageRoute: `plot_metric_keys` is the one URL parameter that selects metrics)."""
+    keys = [m.key for m in runs.lesson.metrics if any(m.key in x for x in runs.metrics.values())]
+    if not keys or not runs.run_ids:
+        return None
+    q = "&".join(f"{k}={urllib.parse.quote(json.dumps(v))}" for k, v in (
+        ("runs", runs.run_ids), ("metric", keys[0]), ("experiments", [runs.experiment_id]),
+        ("plot_metric_keys", keys)))
+    return f"{ui.rstrip('/')}/#/metric/?{q}"
 
 
 def _curve(client, run) -> list[tuple[float, float]]:
@@ -89,33 +204,41 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4g}"
 
 
+def _fmt_iv(iv: Interval | None) -> str:
+    """'mean ± half' (95% t-interval over seeds); the bare mean with one seed, where there is no interval."""
+    if iv is None:
+        return "-"
+    return _fmt(iv.mean) if iv.half is None else f"{_fmt(iv.mean)} ± {iv.half:.2g}"
+
+
 def text_table(runs: LessonRuns) -> str:
     keys = runs.metric_keys
     rows = [["variant", "seeds", *keys]]
-    for v, m in runs.metrics.items():
-        rows.append([v, str(len(runs.seeds.get(v, []))), *(_fmt(m.get(k)) for k in keys)])
+    for v in runs.metrics:
+        rows.append([v, str(len(runs.seeds.get(v, []))), *(_fmt_iv(runs.interval(v, k)) for k in keys)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("(mean ± half-width of the 95% t-interval over seeds; a bare mean: one seed)")
     return "\n".join(lines)
 
 
 def verdict_lines(runs: LessonRuns) -> list[str]:
-    out = []
-    for o in verdict(runs.lesson, runs.metrics):
-        out.append(_verdict_line(o))
-    return out
+    return [_verdict_line(o) for o in runs.outcomes()]
 
 
 def _verdict_line(o: Outcome) -> str:
     if o.winner is None:
         return f"{o.metric}: not measured"
-    if o.margin_rel == 0:
-        return f"{o.metric}: tie between {o.winner} and {o.runner_up}; paper expects {' or '.join(o.paper_best)}"
-    by = f" by {o.margin_rel:.1%} over {o.runner_up}" if o.margin_rel is not None else ""
-    agree = {True: "agrees with the paper", False: "disagrees with the paper"}[bool(o.agrees)]
-    note = f" ({o.note})" if o.note else ""
-    return f"{o.metric}: {o.winner} wins{by}; paper expects {' or '.join(o.paper_best)}: {agree}{note}"
+    head = f"{o.metric}: {o.verdict}" + (f" ({o.note})" if o.note else "")
+    best = f"{o.winner} {_fmt_iv(o.intervals[o.winner])}"
+    if o.runner_up is None:
+        return f"{head}: best {best}"
+    d = o.diff
+    diff = (f"difference {d.mean:+.4g}" + (f" [{d.lo:+.4g}, {d.hi:+.4g}]" if d.lo is not None else "")
+            + (f", paired over {d.n} seeds" if o.paired else ""))
+    expects = f"; paper expects {' or '.join(o.paper_best)}" if o.paper_best else ""
+    return f"{head}: {best} vs {o.runner_up} {_fmt_iv(o.intervals[o.runner_up])}, {diff}{expects}"
 
 
 def plot_curves(runs: LessonRuns, path: Path) -> Path | None:
@@ -141,18 +264,50 @@ def plot_curves(runs: LessonRuns, path: Path) -> Path | None:
     return path
 
 
-def render_html(runs: LessonRuns, tracking_uri: str, png_name: str | None) -> str:
+def plot_metrics(runs: LessonRuns, path: Path) -> Path | None:
+    """One panel per lesson metric: each variant's mean with its 95% interval as an error bar (none: one seed)."""
+    keys = [m.key for m in runs.lesson.metrics if any(runs.interval(v, m.key) for v in runs.metrics)]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        names = [v for v in runs.metrics if runs.interval(v, key)]
+        ivs = [runs.interval(v, key) for v in names]
+        err = [0.0 if iv.half is None else iv.half for iv in ivs]
+        ax.errorbar(range(len(names)), [iv.mean for iv in ivs], yerr=err, fmt="o", capsize=4)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Lesson {runs.lesson.number}: mean and 95% interval over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_html(runs: LessonRuns, ui: str, png_name: str | None, metrics_png: str | None = None) -> str:
     les, e = runs.lesson, html.escape
     keys = runs.metric_keys
     head = "".join(f"<th>{e(k)}</th>" for k in ["variant", "seeds", "status", *keys])
     body = "".join(
         "<tr>" + "".join(f"<td>{e(c)}</td>" for c in [
             v, str(len(runs.seeds.get(v, []))), ",".join(sorted(set(runs.status.get(v, [])))),
-            *(_fmt(m.get(k)) for k in keys)]) + "</tr>"
-        for v, m in runs.metrics.items())
+            *(_fmt_iv(runs.interval(v, k)) for k in keys)]) + "</tr>"
+        for v in runs.metrics)
     verdicts = "".join(f"<li>{e(line)}</li>" for line in verdict_lines(runs))
     img = f'<img src="{e(png_name)}" alt="loss vs tokens">' if png_name else "<p>No loss curves logged.</p>"
-    link = f"{tracking_uri}/#/experiments/{runs.experiment_id}/runs/{runs.parent_run_id}"
+    bars = (f'<img src="{e(metrics_png)}" alt="metrics with 95% intervals">' if metrics_png
+            else "<p>No lesson metric measured.</p>")
+    link = f"{ui}/#/experiments/{runs.experiment_id}/runs/{runs.parent_run_id}"
+    compare = compare_url(runs, ui)
+    mview = metric_url(runs, ui)
+    mlink = (f' <a href="{e(mview)}">The deciding metrics</a> (metric view, selected by URL; the compare view '
+             f"cannot preselect metrics by URL).") if mview else ""
     fixed = ", ".join(les.fixed)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>CodeGen2 lesson {les.number}: {e(les.question)}</title>
@@ -160,14 +315,19 @@ def render_html(runs: LessonRuns, tracking_uri: str, png_name: str | None) -> st
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
 <body>
 <h1>Lesson {les.number}: {e(les.question)}</h1>
-<p>Sweep <code>{e(runs.sweep)}</code> in MLflow experiment <a href="{e(link)}">{e(les.experiment)}</a>.
+<p>Sweep <code>{e(runs.sweep)}</code> in MLflow experiment <a href="{e(link)}">{e(les.experiment)}</a>
+(<a href="{e(compare)}">compare its runs</a>).{mlink}
 {"Equal compute across variants." if les.equal_compute else "Compute grows with the variant (the lesson is about it)."}
 Held fixed: {e(fixed)}.</p>
-<h2>Variants x metrics (mean over seeds)</h2>
+<h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds)</h2>
 <table><tr>{head}</tr>{body}</table>
+{bars}
 <h2>Training loss vs tokens</h2>
 {img}
 <h2>Verdict</h2>
+<p>Per metric, the best variant is compared with the best one on the other side of the paper's claim; the
+verdict is <i>agrees</i> or <i>disagrees</i> only when the 95% interval of that difference (paired by seed where
+the variants share seeds) excludes zero, <i>inconclusive</i> when it covers zero or there is one seed.</p>
 <ul>{verdicts}</ul>
 <p><b>Paper:</b> {e(les.finding)}</p>
 </body></html>
@@ -175,35 +335,45 @@ Held fixed: {e(fixed)}.</p>
 
 
 def write_report(lesson: int | Lesson, tracking_uri: str, out: str | Path | None = None,
-                 sweep: str | None = None) -> tuple[Path, LessonRuns]:
+                 sweep: str | None = None, ui: str | None = None) -> tuple[Path, LessonRuns]:
     runs = collect(lesson, tracking_uri, sweep)
     out = Path(out or f"dashboards/lesson-{runs.lesson.number}.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot_curves(runs, out.with_suffix(".png"))
-    out.write_text(render_html(runs, tracking_uri, png.name if png else None))
+    bars = plot_metrics(runs, out.with_name(out.stem + "-metrics.png"))
+    ui = ui or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI)
+    out.write_text(render_html(runs, ui.rstrip("/"), png.name if png else None, bars.name if bars else None))
     return out, runs
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="HTML comparison of a lesson's sweep, read from MLflow")
     p.add_argument("--lesson", type=int, required=True)
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or http://127.0.0.1:5000")
+    p.add_argument("--tracking-uri", default=None,
+                   help="default: $MLFLOW_TRACKING_URI, else the local store `cglab ablate` wrote (--mlflow-root)")
+    p.add_argument("--mlflow-root", default=".cglab/mlflow",
+                   help="local store to read when no tracking URI is set (default .cglab/mlflow, as ablate)")
     p.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep of the lesson)")
     p.add_argument("--out", default=None, help="default: dashboards/lesson-N.html")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    import os
     import sys
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     try:
-        out, runs = write_report(args.lesson, uri, args.out, args.sweep)
+        uri, ui = resolve_tracking(args.tracking_uri, args.mlflow_root)
+        out, runs = write_report(args.lesson, uri, args.out, args.sweep, ui)
     except LookupError as err:
         print(f"cglab report: {err}", file=sys.stderr)
         return 1
     print(text_table(runs))
     print("\n".join(verdict_lines(runs)))
     print(f"wrote {out}")
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI on these runs: `cglab mlflow up --root {args.mlflow_root} --port 5000`, then")
+    print(f"  compare view: {compare_url(runs, ui)}")
+    mview = metric_url(runs, ui)
+    if mview:
+        print(f"  deciding metrics (the compare view cannot preselect metrics by URL): {mview}")
     return 0

@@ -6,9 +6,15 @@ import json
 
 
 def _corpus_build(args) -> int:
-    from cglab.data.corpus import build_corpus, train_corpus_tokenizer
+    from cglab.data.corpus import build_corpus, build_package_corpus, train_corpus_tokenizer
 
-    summary = build_corpus(args.out, shards=args.shards)
+    if args.source == "packages":
+        split = (lambda x: [p for p in x.split(",") if p] if x else None)
+        summary = build_package_corpus(args.out, split(args.packages), heldout=split(args.heldout_packages),
+                                       code_bytes=int(args.code_mb * (1 << 20)),
+                                       nl_chars=int(args.nl_mb * (1 << 20)), shards=args.shards)
+    else:
+        summary = build_corpus(args.out, shards=args.shards)
     if args.tokenizer:
         tok = train_corpus_tokenizer(args.out, f"{args.out}/tokenizer", vocab_size=args.vocab_size)
         summary["tokenizer"] = dict(path=f"{args.out}/tokenizer", vocab_size=tok.vocab_size)
@@ -69,6 +75,14 @@ def register(subparsers) -> None:
     b = csub.add_parser("build", help="write a micro Pile (jsonl.zst) and micro Stack (parquet) from this Python")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--shards", type=int, default=4)
+    b.add_argument("--source", choices=("micro", "packages"), default="micro",
+                   help="micro: a few MB from the standard library (the demo's default); packages: the installed "
+                        "distributions' code and docs, held out by package (the last shard)")
+    b.add_argument("--packages", default=None, help="packages source: comma-separated names (default: all)")
+    b.add_argument("--heldout-packages", default=None,
+                   help="packages source: comma-separated held-out names (default: ~10%% chosen by name hash)")
+    b.add_argument("--code-mb", type=float, default=200.0, help="packages source: code budget (MiB)")
+    b.add_argument("--nl-mb", type=float, default=50.0, help="packages source: NL budget (MiB of characters)")
     b.add_argument("--tokenizer", action="store_true", help="also train a byte-level BPE into OUT/tokenizer")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.set_defaults(func=_corpus_build)

@@ -147,3 +147,191 @@ def train_corpus_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_si
     tok = train_tokenizer(sample_texts(dcfg, train_docs), vocab_size, num_sentinels, max_whitespace_run)
     tok.save(out_dir)
     return tok
+
+
+# ------------------------------------------------------------------------------------ the package corpus
+# Real code no one here wrote: the Python sources of the distributions installed in this environment (torch,
+# transformers, ray, mlflow, numpy, ...), in the Stack's parquet layout, and the prose their authors wrote (the
+# long description on PyPI, Markdown/reStructuredText files they ship, docstrings) in the Pile's jsonl.zst
+# layout. The micro corpus above stays the demo's default; this one is `cglab corpus build --source packages`.
+DOC_EXTS = (".md", ".rst", ".txt")
+TOKEN_RE = r"\w+|[^\w\s]"  # a GPT-2-like pre-tokenisation: words and single punctuation marks
+
+
+def _license(meta) -> str:
+    """SPDX expression, else the License field, else the OSI classifier; '' when the package says nothing."""
+    expr = meta.get("License-Expression")
+    if expr:
+        return expr.strip()
+    lic = (meta.get("License") or "").strip()
+    if lic and "\n" not in lic and len(lic) <= 80:  # some packages paste the whole licence text here
+        return lic
+    classifiers = [c.split(" :: ")[-1] for c in (meta.get_all("Classifier") or []) if c.startswith("License ::")]
+    return classifiers[0] if classifiers else ""
+
+
+def installed_packages() -> dict[str, object]:
+    """Normalised distribution name -> importlib.metadata Distribution, one per name, sorted."""
+    import importlib.metadata as md
+
+    out: dict[str, object] = {}
+    for d in md.distributions():
+        name = (d.metadata.get("Name") or "").lower().replace("_", "-")
+        if name and name not in out:
+            out[name] = d
+    return dict(sorted(out.items()))
+
+
+def _package_docs(dist, name: str) -> list[tuple[str, str]]:
+    """(pile_set_name, text) prose of one distribution: its long description, shipped .md/.rst/.txt files,
+    module and class/function docstrings."""
+    docs = []
+    desc = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+    if len(desc) > 200:
+        docs.append(("Package Descriptions", desc))
+    for f in sorted(dist.files or [], key=str):
+        path = Path(dist.locate_file(f))
+        if f.suffix in DOC_EXTS and "LICENSE" not in f.name.upper() and ".dist-info" not in str(f):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if len(text) > 200:
+                docs.append(("Package Docs", text))
+        elif f.suffix == ".py":
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            mod = ast.get_docstring(tree)
+            if mod and len(mod) > 80:
+                docs.append(("Package Docstrings", mod))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    d = ast.get_docstring(node)
+                    if d and len(d) > 120:
+                        docs.append(("Package Docstrings", f"{node.name}\n\n{d}"))
+    return docs
+
+
+def _package_code(dist, name: str, license_: str) -> list[dict]:
+    rows = []
+    for f in sorted(dist.files or [], key=str):
+        if f.suffix != ".py":
+            continue
+        try:
+            raw = Path(dist.locate_file(f)).read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        rows.append(dict(content=text, lang="Python", max_stars_repo_path=f"{name}/{f.as_posix()}",
+                         max_stars_repo_name=name, size=len(raw), ext="py", hexsha=hashlib.sha1(raw).hexdigest(),
+                         package=name, license=license_))
+    return rows
+
+
+def is_heldout_package(name: str, fraction: float = 0.1) -> bool:
+    """Deterministic by name alone, so the split does not move when the budget or the environment changes."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None, *,
+                         heldout: list[str] | None = None, heldout_fraction: float = 0.1,
+                         code_bytes: int = 200 << 20, nl_chars: int = 50 << 20, shards: int = 8,
+                         filters=None) -> dict:
+    """Write `out_dir/stack/NN.parquet` (one row per .py file; columns as the micro Stack plus `package` and
+    `license`) and `out_dir/pile/NN.jsonl.zst` (meta: pile_set_name and package) from installed distributions.
+
+    Held out by package: the last shard of each side holds only the held-out packages (`heldout`, else those
+    `is_heldout_package` picks), the other shards only the rest, so the sweep's split (the last file of every
+    source, `cglab.tune.heldout`) never has a package on both sides. The CodeGen filters apply to every document
+    (`filters`: a FilterConfig, default CodeGen's), then exact dedup by SHA-256: a training copy survives once;
+    a held-out document whose content also occurs in training is dropped. Budgets fill package by package in
+    name order (held-out packages take at most a tenth of each). Returns a summary with documents, bytes and
+    pre-tokens (TOKEN_RE pieces) per source and split, and documents dropped by reason."""
+    import re
+    from collections import Counter
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from cglab.config import ConfigError, FilterConfig
+    from cglab.data.dedup import content_hashes
+    from cglab.data.filters import filter_reasons
+
+    if shards < 2:
+        raise ConfigError("corpus: the package corpus needs shards >= 2 (the last one is the held-out split)")
+    fcfg = filters or FilterConfig()
+    dists = installed_packages()
+    names = [p.lower().replace("_", "-") for p in packages] if packages else list(dists)
+    missing = [p for p in names if p not in dists]
+    if missing:
+        raise ConfigError(f"corpus: packages not installed here: {missing}")
+    held = ({p.lower().replace("_", "-") for p in heldout} if heldout is not None
+            else {p for p in names if is_heldout_package(p, heldout_fraction)})
+    if not held & set(names) or not set(names) - held:
+        raise ConfigError(f"corpus: need packages on both sides of the held-out split (held out: {sorted(held)})")
+    dropped: Counter = Counter()
+    seen: set[str] = set()  # content hashes kept so far (code); training first, then held out
+    seen_nl: set[str] = set()
+    splits = {"train": {"code": [], "nl": []}, "heldout": {"code": [], "nl": []}}
+    budgets = {"train": {"code": code_bytes, "nl": nl_chars},
+               "heldout": {"code": code_bytes // 10, "nl": nl_chars // 10}}
+    # Training packages first, so a held-out document can be checked against every training hash.
+    for split, pkgs in (("train", [p for p in names if p not in held]), ("heldout", [p for p in names if p in held])):
+        for name in pkgs:
+            dist = dists[name]
+            # Lazily: once a budget is spent, the remaining packages are not read (or parsed) for it.
+            for kind, read, key, seen_set in (
+                    ("code", lambda: _package_code(dist, name, _license(dist.metadata)), "content", seen),
+                    ("nl", lambda: [dict(text=t, meta=dict(pile_set_name=s, package=name))
+                                    for s, t in _package_docs(dist, name)], "text", seen_nl)):
+                left = budgets[split][kind] - sum(len(x[key]) for x in splits[split][kind])
+                if left <= 0:
+                    continue
+                items = read()
+                if not items:
+                    continue
+                reasons = filter_reasons([x[key] for x in items], fcfg)
+                for item, reason, sha in zip(items, reasons, content_hashes([x[key] for x in items])):
+                    if reason:
+                        dropped[f"{kind}:{reason}"] += 1
+                    elif sha in seen_set:
+                        dropped[f"{kind}:{'duplicate' if split == 'train' else 'duplicate_of_training'}"] += 1
+                    elif left > 0:
+                        splits[split][kind].append(item)
+                        left -= len(item[key])
+                        seen_set.add(sha)  # held-out hashes too: a copy within the held-out side goes as well
+
+    out = Path(out_dir)
+    (out / "pile").mkdir(parents=True, exist_ok=True)
+    (out / "stack").mkdir(parents=True, exist_ok=True)
+    cctx = zstandard.ZstdCompressor(level=3)
+    files: dict[str, list[str]] = {"pile": [], "stack": []}
+    for s in range(shards):
+        split = "heldout" if s == shards - 1 else "train"
+        part_of = (lambda xs: xs[s::shards - 1]) if split == "train" else (lambda xs: xs)
+        docs = part_of(splits[split]["nl"])
+        p = out / "pile" / f"{s:02d}.jsonl.zst"
+        p.write_bytes(cctx.compress("".join(json.dumps(d) + "\n" for d in docs).encode("utf-8")))
+        files["pile"].append(str(p))
+        rows = part_of(splits[split]["code"])
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"content": pa.array([], pa.string())})
+        p = out / "stack" / f"{s:02d}.parquet"
+        pq.write_table(table, p, row_group_size=256)
+        files["stack"].append(str(p))
+
+    tok = re.compile(TOKEN_RE)
+
+    def stats(xs, key):
+        return dict(documents=len(xs), bytes=sum(len(x[key].encode("utf-8")) for x in xs),
+                    pretokens=sum(len(tok.findall(x[key])) for x in xs))
+
+    return dict(out=str(out), source="packages",
+                packages=dict(train=[p for p in names if p not in held], heldout=sorted(held & set(names))),
+                pile=dict(files=files["pile"], documents=sum(len(splits[k]["nl"]) for k in splits),
+                          **{k: stats(splits[k]["nl"], "text") for k in splits}),
+                stack=dict(files=files["stack"], documents=sum(len(splits[k]["code"]) for k in splits),
+                           **{k: stats(splits[k]["code"], "content") for k in splits}),
+                dropped=dict(sorted(dropped.items())))

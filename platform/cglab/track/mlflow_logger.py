@@ -26,6 +26,10 @@ TAG_SWEEP = "cglab.sweep"
 TAG_TRIAL = "cglab.trial_id"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key: the UI nests children under it
 TAG_UNLOGGED = "cglab.unlogged"
+# MLflow 3.17's UI opens an experiment by this tag (its JS reads `mlflow.experimentKind`); untagged, it infers
+# the kind and a lesson experiment opened on the GenAI "traces" overview. Lessons train models.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAM_LEN = 6000
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
@@ -337,13 +341,16 @@ class SweepTracker:
             from mlflow.exceptions import MlflowException
 
             try:
-                self.experiment_id = self.client.create_experiment(self.experiment)
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
             except MlflowException:  # created meanwhile by another driver
                 self.experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             self.experiment_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # made before cglab set it; a kind someone chose stays
+                self.client.set_experiment_tag(self.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return self.experiment_id
 
     def _find(self, filter_string: str) -> str | None:

@@ -71,6 +71,9 @@ def ablate(args: argparse.Namespace) -> int:
             out, _ = write_report(res.lesson, uri, args.report, res.name)
             print(f"wrote {out}")
         print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
+        if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            print(f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
+                  f"the same store)")
     return 1 if res.errors else 0
 
 

@@ -7,8 +7,9 @@ the same global batch and sequence length, so compute (and tokens seen) is equal
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Mapping, Sequence
 
 from cglab.config import CGLabConfig, ConfigError, from_dict
 
@@ -24,10 +25,14 @@ LOSS = "loss"
 class Metric:
     key: str
     goal: Literal["min", "max"]
-    # Variants the paper expects to come out best on this metric (any of them winning agrees with it).
+    # Variants the paper expects to come out best on this metric. Empty: the metric is descriptive (reported
+    # with its intervals, never a verdict) - a claim every variant satisfies could not disagree, so it decides
+    # nothing.
     paper_best: tuple[str, ...] = ()
-    # A winner within this relative margin of a paper_best variant counts as a tie, i.e. agreement.
-    tie_rel: float = 0.01
+
+    @property
+    def decides(self) -> bool:
+        return bool(self.paper_best)
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,9 @@ def build_lessons(infill_rate: float = 0.5) -> dict[int, Lesson]:
         fixed=_FIXED_COMPUTE + ("data.mixture", "objective.corruption"),
         metrics=(Metric(CODE_PPL, "min", ("causal-codegen2", "causal-ul2")),
                  Metric(PASS_AT_1, "max", ("causal-codegen2", "causal-ul2")),
-                 Metric(INFILL_PPL, "min", ("causal-codegen2", "causal-ul2", "prefix_lm-codegen2",
-                                            "prefix_lm-ul2"))),
+                 # The paper finds no consistent difference on infill: every variant would be "its best", a
+                 # verdict that could never disagree. Reported, not decided.
+                 Metric(INFILL_PPL, "min")),
         finding="The prefix-LM gave no consistent gain over a causal decoder on left-to-right code "
                 "generation or infill, so the simpler causal decoder is kept.")
     lesson2 = Lesson(
@@ -121,8 +127,8 @@ def build_lessons(infill_rate: float = 0.5) -> dict[int, Lesson]:
                               ("codegen2", objectives["codegen2"]))
             for corr in ("file_level", "sequence_level")),
         fixed=_FIXED_COMPUTE + ("data.mixture", "model.architecture", "objective.mask_ratio_*"),
-        metrics=(Metric(CODE_PPL, "min", ("clm", "codegen2-file_level"), tie_rel=0.03),
-                 Metric(PASS_AT_1, "max", ("clm", "codegen2-file_level"), tie_rel=0.03),
+        metrics=(Metric(CODE_PPL, "min", ("clm", "codegen2-file_level")),
+                 Metric(PASS_AT_1, "max", ("clm", "codegen2-file_level")),
                  Metric(INFILL_PPL, "min", ("codegen2-file_level", "span_corruption-file_level"))),
         finding="Mixing causal LM (p=0.5) with file-level span corruption keeps left-to-right quality "
                 "competitive with pure causal LM while adding infill; file-level beats sequence-level.")
@@ -160,37 +166,155 @@ def get_lesson(number: int | str, **options) -> Lesson:
         raise ConfigError(f"lesson {number!r}: choose one of {sorted(lessons)}") from None
 
 
+# ------------------------------------------------------------------------------------------ verdicts
+# What a verdict can say. `inconclusive` covers both "the interval of the difference covers zero" and "fewer than
+# two seeds" (note ONE_SEED), so a one-seed run never reads as evidence; `descriptive` is no verdict at all (a
+# metric the paper's finding does not rank variants on).
+AGREES, DISAGREES, INCONCLUSIVE, NOT_MEASURED, DESCRIPTIVE = (
+    "agrees", "disagrees", "inconclusive", "not measured", "descriptive")
+ONE_SEED = "one seed, no verdict"
+
+# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30 (scipy.stats.t.ppf; the table keeps scipy,
+# which only arrives with mlflow's extras, out of the dependencies).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.306, 2.2622, 2.2281, 2.201, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.093, 2.086, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t975(df: float) -> float:
+    """t(0.975, df). A fractional df (Welch) is rounded down: a slightly wider, conservative interval."""
+    d = int(math.floor(df))
+    if d < 1:
+        return math.inf
+    if d <= len(_T975):
+        return _T975[d - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: within 1e-4 of t for df > 30
+    return z + (z ** 3 + z) / (4 * d) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * d * d)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over n values with its 95% t-interval; lo/hi are None below two values (no spread to measure)."""
+
+    mean: float
+    lo: float | None
+    hi: float | None
+    n: int
+
+    @property
+    def half(self) -> float | None:
+        return None if self.lo is None else (self.hi - self.lo) / 2
+
+    def covers_zero(self) -> bool:
+        return self.lo is not None and self.lo <= 0.0 <= self.hi
+
+
+def mean_ci(xs: Sequence[float]) -> Interval:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return Interval(m, None, None, n)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    h = t975(n - 1) * sd / math.sqrt(n)
+    return Interval(m, m - h, m + h, n)
+
+
+def diff_ci(a: Mapping[Any, float], b: Mapping[Any, float]) -> tuple[Interval, bool]:
+    """(interval of mean(a) - mean(b), paired). a, b: seed -> value. Paired over the seeds both have when they
+    share at least two: a seed fixes the data order and the initialisation, so the per-seed difference removes
+    the noise both variants share. Otherwise Welch's unpaired interval."""
+    common = [s for s in a if s in b]
+    if len(common) >= 2:
+        return mean_ci([a[s] - b[s] for s in common]), True
+    xa, xb = list(a.values()), list(b.values())
+    ia, ib = mean_ci(xa), mean_ci(xb)
+    d = ia.mean - ib.mean
+    if ia.lo is None or ib.lo is None:
+        return Interval(d, None, None, min(ia.n, ib.n)), False
+    va = sum((x - ia.mean) ** 2 for x in xa) / (len(xa) - 1) / len(xa)
+    vb = sum((x - ib.mean) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
+    if va + vb == 0.0:  # no spread on either side: the difference is exact
+        return Interval(d, d, d, min(ia.n, ib.n)), False
+    df = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
+    h = t975(df) * math.sqrt(va + vb)
+    return Interval(d, d - h, d + h, min(ia.n, ib.n)), False
+
+
 @dataclass(frozen=True)
 class Outcome:
     metric: str
-    winner: str | None
-    runner_up: str | None
-    margin_rel: float | None  # |winner - runner_up| / |runner_up|
+    verdict: str  # AGREES | DISAGREES | INCONCLUSIVE | NOT_MEASURED | DESCRIPTIVE
     paper_best: tuple[str, ...]
-    agrees: bool | None  # None: metric not measured
+    winner: str | None = None  # best mean
+    runner_up: str | None = None  # what the winner is compared with (see `verdict`)
+    diff: Interval | None = None  # winner - runner_up, in the metric's units
+    paired: bool = False
     note: str = ""
-    values: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, Interval] = field(default_factory=dict)  # variant -> mean and 95% interval over seeds
+
+    @property
+    def agrees(self) -> bool | None:
+        """True / False for a verdict, None when there is none (inconclusive, not measured, descriptive)."""
+        return {AGREES: True, DISAGREES: False}.get(self.verdict)
+
+    @property
+    def values(self) -> dict[str, float]:
+        return {v: iv.mean for v, iv in self.intervals.items()}
+
+    @property
+    def margin_rel(self) -> float | None:
+        if self.diff is None or self.runner_up is None or not self.intervals[self.runner_up].mean:
+            return None
+        return abs(self.diff.mean) / abs(self.intervals[self.runner_up].mean)
 
 
-def verdict(lesson: Lesson, results: dict[str, dict[str, float]]) -> list[Outcome]:
-    """results: variant -> {metric: value} (e.g. mean over seeds). Which variant won each decision metric,
-    by how much, and whether that agrees with the paper."""
+Samples = Mapping[str, Mapping[str, "float | Mapping[Any, float]"]]
+
+
+def _per_seed(x) -> dict[Any, float]:
+    vals = dict(x) if isinstance(x, Mapping) else {None: x}  # a bare number is one seed's value
+    return {s: float(v) for s, v in vals.items() if v is not None and v == v}  # NaN: not measured
+
+
+def verdict(lesson: Lesson, samples: Samples) -> list[Outcome]:
+    """samples: variant -> {metric: {seed: value}} (a bare number counts as one seed). Per metric: each variant's
+    mean and 95% interval over seeds, and the verdict against the paper.
+
+    The comparison that decides is between the leading variant on each side of the paper's claim: the best
+    variant (by mean) against the best one on the other side (the best non-`paper_best` variant when the winner
+    is one of `paper_best`, else the best `paper_best` one). When the two leading variants lie on different
+    sides, that is the two leading variants; when both are among `paper_best` (lesson 3's clm and
+    codegen2-file_level), their difference says nothing about the paper. The difference's interval excluding
+    zero gives `agrees` (winner among paper_best) or `disagrees`; covering zero (identical values included, e.g.
+    pass@1 = 0 everywhere) or fewer than two seeds on either side gives `inconclusive`."""
     out = []
     for m in lesson.metrics:
-        vals = {v: r[m.key] for v, r in results.items() if r.get(m.key) is not None and r[m.key] == r[m.key]}
-        if not vals:
-            out.append(Outcome(m.key, None, None, None, m.paper_best, None, "not measured"))
+        seeds = {v: _per_seed(r[m.key]) for v, r in samples.items() if m.key in r}
+        seeds = {v: s for v, s in seeds.items() if s}
+        if not seeds:
+            out.append(Outcome(m.key, NOT_MEASURED, m.paper_best))
             continue
-        order = sorted(vals, key=vals.get, reverse=m.goal == "max")
+        ivs = {v: mean_ci(list(s.values())) for v, s in seeds.items()}
+        order = sorted(ivs, key=lambda v: ivs[v].mean, reverse=m.goal == "max")
         win = order[0]
-        second = order[1] if len(order) > 1 else None
-        margin = (abs(vals[win] - vals[second]) / abs(vals[second]) if second is not None and vals[second]
-                  else None)
-        agrees, note = win in m.paper_best, ""
-        if not agrees:
-            close = [b for b in m.paper_best if b in vals
-                     and abs(vals[b] - vals[win]) <= m.tie_rel * max(abs(vals[win]), 1e-12)]
-            if close:
-                agrees, note = True, f"tie within {m.tie_rel:.0%} with {close[0]}"
-        out.append(Outcome(m.key, win, second, margin, m.paper_best, agrees, note, vals))
+        if not m.decides:
+            rival = order[1] if len(order) > 1 else None
+        else:
+            rival = next((v for v in order[1:] if (v in m.paper_best) != (win in m.paper_best)), None)
+        if rival is None:
+            note = ("descriptive: the paper's finding does not rank the variants on it" if not m.decides
+                    else f"no variant on the other side of the paper's claim measured (only {', '.join(order)})")
+            out.append(Outcome(m.key, DESCRIPTIVE if not m.decides else INCONCLUSIVE, m.paper_best, win, None,
+                               None, False, note, ivs))
+            continue
+        diff, paired = diff_ci(seeds[win], seeds[rival])
+        if not m.decides:
+            verdict_, note = DESCRIPTIVE, "descriptive: the paper's finding does not rank the variants on it"
+        elif diff.lo is None:
+            verdict_, note = INCONCLUSIVE, ONE_SEED
+        elif diff.covers_zero():
+            verdict_, note = INCONCLUSIVE, "the difference's interval covers zero"
+        else:
+            verdict_, note = (AGREES if win in m.paper_best else DISAGREES), ""
+        out.append(Outcome(m.key, verdict_, m.paper_best, win, rival, diff, paired, note, ivs))
     return out

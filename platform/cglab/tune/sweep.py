@@ -298,6 +298,14 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
                     if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"})
         results.append(row)
     if tracking_uri:
+        from cglab.report import collect, record_verdict
+
+        # The verdict per metric lives on the parent run (tags `verdict/<metric>`), from the same numbers the
+        # report reads back; a bookkeeping failure here must not lose the sweep's result.
+        try:
+            record_verdict(collect(les, tracking_uri, name), tracking_uri)
+        except Exception as err:
+            log.warning("could not record the verdict on the parent run %s: %s", parent, err)
         status = "FAILED" if any(r["error"] for r in results) else "FINISHED"
         tracker.finish_run(parent, status=status)
     return SweepResult(les, name, exp_path, experiment_id, parent, results, restored)
