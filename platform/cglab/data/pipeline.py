@@ -52,7 +52,7 @@ from typing import Iterator
 import numpy as np
 
 from cglab.data import readers
-from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
+from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective",
@@ -70,11 +70,14 @@ class DataPlan:
     tokenizer_json: str
     num_sentinels: int
     max_whitespace_run: int
-    survivors: dict[str, int] = field(default_factory=dict)  # sha -> key of the copy that survives
+    # the dedup drop list (data/artifacts.py: sorted record keys of later copies, parquet); "" = no dedup.
+    # Each read task reads its own files' part of it.
+    dedup_path: str = ""
     # tokens each source holds after filters (the run plan's count, by source index): passes per source
     tokens_available: tuple[float, ...] = ()
     # bytes of each unit of work (mix read task), the balance weights of `assign_units`; () = measure on demand
     unit_bytes: tuple[int, ...] = ()
+    artifacts: dict = field(default_factory=dict)  # what prepare_data reused or built (path, built, seconds)
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -101,13 +104,17 @@ def _chunks(it, n):
         yield chunk
 
 
-def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes,
+def _kept_documents(src: readers.SourceFiles, files, fcfg, dedup_path: str, max_bytes,
                     metrics=None) -> Iterator[tuple[int, str]]:
-    """(key, text) of the documents of `files` that pass reading, filters and dedup, in record order.
+    """(key, text) of the documents of `files` that pass reading, filters and dedup (the drop list at
+    `dedup_path`, "" = none), in record order.
 
     `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
     """
+    from cglab.data.artifacts import file_drops
+
     for f in files:
+        drops = file_drops(dedup_path, src.index, f) if dedup_path else None
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
             skipped = Counter(r.reason for r in chunk if r.reason)
@@ -117,9 +124,8 @@ def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes,
                 reasons = filter_reasons(texts, fcfg)
                 keep = reasons == ""
                 skipped.update(reasons[~keep].tolist())
-                if survivors:
-                    keys = [r.key for r in ok]
-                    dup = keep & duplicate_mask(content_hashes(texts), keys, survivors)
+                if drops is not None and drops.size:
+                    dup = keep & np.isin(np.fromiter((r.key for r in ok), np.int64, len(ok)), drops)
                     skipped[DUPLICATE] += int(dup.sum())
                     keep &= ~dup
             if metrics is not None:
@@ -138,7 +144,7 @@ def sample_texts(dcfg, n: int) -> list[str]:
     out: list[str] = []
     for src in srcs:
         # Round robin over files so a source's sample is not one file's.
-        streams = [_kept_documents(src, [f], dcfg.filters, {}, max_bytes) for f in range(len(src.files))]
+        streams = [_kept_documents(src, [f], dcfg.filters, "", max_bytes) for f in range(len(src.files))]
         taken = 0
         for doc in itertools.chain.from_iterable(itertools.zip_longest(*streams)):
             if doc is None:
@@ -291,7 +297,7 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None, un
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     specs = mix_specs(plan.sources, plan.weights)
     units = list(range(len(specs))) if units is None else list(units)
-    survivors = plan.survivors
+    dedup_path = plan.dedup_path
 
     def table(rows, unit):
         return pa.table({
@@ -315,7 +321,7 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None, un
 
             return DataMetrics(experiment=count_as, source=src.name)
 
-        streams = [_kept_documents(src, files, fcfg, survivors, max_bytes, counter(src)) for src, files in spec]
+        streams = [_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)) for src, files in spec]
         w = np.array([plan.weights[src.index] for src, _ in spec])
         rng = np.random.default_rng([seed, task, _MIX_TAG])  # the unit's id: the same mix on whichever rank
         rows, chars = [], 0
@@ -408,19 +414,24 @@ def _reserve(cfg):
 
 # ---------------------------------------------------------------------------------------------- entry points
 def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: bool | None = None) -> DataPlan:
-    """Check every path, settle the tokenizer (load, or train and save under run_dir/tokenizer), build the dedup table.
+    """Check every path, settle the tokenizer (load, or reuse/train the corpus's, saved under run_dir/tokenizer),
+    settle the dedup drop list (reused from data.cache_path when this corpus was prepared before).
 
     Raises ConfigError naming the config field before any Ray work when a path or the tokenizer is wrong.
+    `plan.artifacts` says which artifacts were reused and which built (`cglab corpus prepare` prints it).
     """
     from cglab.config import ConfigError
+    from cglab.data import artifacts
     from cglab.data.mixture import source_weights
-    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+    from cglab.data.tokenizer import CGTokenizer
 
     d = cfg.data
     if not d.sources:
         raise ConfigError("data.sources: no sources configured (see `cglab corpus build`)")
     sources = readers.resolve_files(d.sources)
     weights = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
+    root = artifacts.cache_root(d)
+    built: dict[str, dict] = {}
     tc = d.tokenizer
     if tokenizer is None:
         if tc.path:
@@ -429,8 +440,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
             except (FileNotFoundError, OSError, ValueError) as err:
                 raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
         else:
-            tokenizer = train_tokenizer(sample_texts(d, tc.train_docs), tc.vocab_size, d.num_sentinels,
-                                        tc.max_whitespace_run)
+            tokenizer, built["tokenizer"] = artifacts.trained_tokenizer(d, sources, root)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "
                           f"model.vocab_size={cfg.model.vocab_size}")
@@ -442,10 +452,10 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
                     tokenizer.max_whitespace_run)
     plan.unit_bytes = unit_sizes(plan)  # once, on the driver: every worker balances by the same numbers
     if d.filters.dedup if dedup is None else dedup:
-        from cglab.data.dedup import find_survivors
-
         active = [s for s in sources if weights[s.index] > 0]
-        plan.survivors = find_survivors(scan_dataset(active, d.filters))
+        built["dedup"] = artifacts.dedup_drops(active, d.filters, root)
+        plan.dedup_path = built["dedup"]["path"]
+    plan.artifacts = built
     return plan
 
 
