@@ -90,7 +90,7 @@ def build_drops(sources, fcfg) -> np.ndarray:
     from cglab.data.pipeline import scan_dataset
 
     scan = scan_dataset(sources, fcfg).select_columns(["sha", "key"]).materialize()
-    survivors = find_survivors(scan)
+    survivors = find_survivors(scan, rows=scan.count())
     if not survivors:
         return np.zeros(0, np.int64)
 
