@@ -146,6 +146,9 @@ class DataConfig(_Section):
     seed: int = 1234
     # Mixture by examples; lesson 4 sets weights to {pl_only, nl_only, 50/50}.
     mixture: Literal["weights", "pl_only", "nl_only", "mix"] = "weights"
+    # Where the corpus's dedup drop list and trained tokenizer are kept and found again (data/artifacts.py):
+    # a local directory or a pyarrow filesystem URL (s3://...); "" = ~/.cache/cglab/corpus. Multi-node: shared.
+    cache_path: str = ""
 
 
 def span_count(m, mean_len: float):

@@ -205,9 +205,10 @@ def _file_size(path: str) -> int:
 
 
 def _tokenizer(cfg: CGLabConfig):
-    """The run's tokenizer: loaded from data.tokenizer.path, else trained as `prepare_data` trains it."""
-    from cglab.data.pipeline import sample_texts
-    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+    """The run's tokenizer: loaded from data.tokenizer.path, else the corpus's (data/artifacts.py: reused from
+    data.cache_path, or trained and stored there, as `prepare_data` does)."""
+    from cglab.data import artifacts, readers
+    from cglab.data.tokenizer import CGTokenizer
 
     d, tc = cfg.data, cfg.data.tokenizer
     if tc.path:
@@ -215,7 +216,7 @@ def _tokenizer(cfg: CGLabConfig):
             return CGTokenizer.load(tc.path, d.num_sentinels, tc.max_whitespace_run)
         except (FileNotFoundError, OSError, ValueError) as err:
             raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
-    return train_tokenizer(sample_texts(d, tc.train_docs), tc.vocab_size, d.num_sentinels, tc.max_whitespace_run)
+    return artifacts.trained_tokenizer(d, readers.resolve_files(d.sources), artifacts.cache_root(d))[0]
 
 
 def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.ndarray]:

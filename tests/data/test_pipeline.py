@@ -30,7 +30,7 @@ def plan(ray_local, cfg):
 
 
 def _take(cfg, plan, epoch, n=64, **kw):
-    kw = dict(dp_rank=0, dp_size=1, start_index=0, batch_size=16) | kw
+    kw = dict(dp_rank=0, dp_size=1, batch_size=16) | kw
     out = []
     for b in pipeline.iter_train_batches(cfg, epoch, plan=plan, **kw):
         out.append(b)
@@ -67,16 +67,15 @@ def test_same_seed_same_stream_and_new_epoch_new_corruption(cfg, plan, micro_sou
     assert np.array_equal(c0["tokens"], c1["tokens"])
 
 
-def test_dp_shards_are_disjoint_strided_and_resume_exactly(cfg, plan):
+def test_dp_one_rank_reads_every_unit_and_resumes_inside_a_unit(cfg, plan):
     full = _take(cfg, plan, 0, n=60, batch_size=12)
-    r0 = _take(cfg, plan, 0, n=30, dp_rank=0, dp_size=2, batch_size=6)
-    r1 = _take(cfg, plan, 0, n=30, dp_rank=1, dp_size=2, batch_size=6)
-    assert r0["sample_index"].tolist() == list(range(0, 60, 2))
-    assert r1["sample_index"].tolist() == list(range(1, 60, 2))
-    assert np.array_equal(r0["tokens"], full["tokens"][0::2]) and np.array_equal(r1["tokens"], full["tokens"][1::2])
-    resumed = _take(cfg, plan, 0, n=10, dp_rank=1, dp_size=2, start_index=41, batch_size=5)
-    assert resumed["sample_index"][0] == 41
-    assert np.array_equal(resumed["labels"], full["labels"][41:60:2])
+    assert full["sample_index"].tolist() == list(range(60))
+    assert set(full["unit"].tolist()) <= set(range(len(pipeline.mix_specs(plan.sources, plan.weights))))
+    # resume at sample 41 of the stream: its (unit ordinal, offset) is all the position needs
+    k, off = int(full["unit_ordinal"][41]), int(full["unit_index"][41])
+    resumed = _take(cfg, plan, 0, n=10, start=(k, off), batch_size=5)
+    assert (resumed["unit"][0], resumed["unit_index"][0]) == (full["unit"][41], full["unit_index"][41])
+    assert np.array_equal(resumed["labels"], full["labels"][41:51])
 
 
 def test_mixture_changes_the_stream(cfg, plan, micro_sources, micro_tokenizer):

@@ -1,5 +1,6 @@
-"""The stream consumed by two Ray Train workers (TorchTrainer, 2 CPU workers, gloo): disjoint DP shards that
-together are the single-process stream, epoch-dependent corruption, and the same batches on every run."""
+"""The stream consumed by two Ray Train workers (TorchTrainer, 2 CPU workers, gloo): disjoint DP shards (each
+worker reads only its own units of work) whose samples are the single-process stream's, epoch-dependent
+corruption, and the same batches on every run."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +26,11 @@ def _loop(config):
     cfg = _from_dict(config["cfg"])
     out = {}
     for epoch in (0, 1):
-        it = iter_train_batches(cfg, epoch, dp_rank=rank, dp_size=world, start_index=0, batch_size=MB,
+        it = iter_train_batches(cfg, epoch, dp_rank=rank, dp_size=world, batch_size=MB,
                                 plan=config["plan"])
         batches = [next(it) for _ in range(STEPS)]
         it.close()
-        for k in ("tokens", "labels", "sample_index"):
+        for k in ("tokens", "labels", "sample_index", "unit", "unit_index"):
             out[f"e{epoch}_{k}"] = np.concatenate([b[k] for b in batches])
     # The gloo group is live: the workers agree on how many samples they consumed.
     import torch
@@ -66,14 +67,17 @@ def test_two_train_workers_get_disjoint_seed_stable_shards(ray_4cpu, micro_sourc
 
     assert r[0]["total"][0] == r[1]["total"][0] == 2 * STEPS * MB
     n = STEPS * MB
-    assert r[0]["e0_sample_index"].tolist() == list(range(0, 2 * n, 2))
-    assert r[1]["e0_sample_index"].tolist() == list(range(1, 2 * n, 2))
-    # Together the two shards are exactly the single-process stream, interleaved.
-    single = pipeline.iter_train_batches(cfg, 0, 0, 1, 0, 2 * n, plan)
+    assert r[0]["e0_sample_index"].tolist() == r[1]["e0_sample_index"].tolist() == list(range(n))
+    # Each worker read only its own unit of work (the micro corpus has two), and its samples are exactly the
+    # single-process stream's samples of that unit.
+    assert [set(x["e0_unit"].tolist()) for x in r] == [set(pipeline.assign_units(plan, 0, i, 2)) for i in range(2)]
+    single = pipeline.iter_train_batches(cfg, 0, 0, 1, batch_size=100_000, plan=plan, drop_last=False)
     ref = next(single)
     single.close()
-    assert np.array_equal(r[0]["e0_tokens"], ref["tokens"][0::2])
-    assert np.array_equal(r[1]["e0_labels"], ref["labels"][1::2])
+    row = {(u, i): j for j, (u, i) in enumerate(zip(ref["unit"].tolist(), ref["unit_index"].tolist()))}
+    for x in r:
+        rows = [row[(u, i)] for u, i in zip(x["e0_unit"].tolist(), x["e0_unit_index"].tolist())]
+        assert np.array_equal(x["e0_tokens"], ref["tokens"][rows]) and np.array_equal(x["e0_labels"], ref["labels"][rows])
     # Epoch 1 covers the same samples with freshly drawn corruption.
-    assert r[0]["e1_sample_index"].tolist() == r[0]["e0_sample_index"].tolist()
+    assert r[0]["e1_unit_index"].tolist() == r[0]["e0_unit_index"].tolist()
     assert not np.array_equal(r[0]["e0_tokens"], r[0]["e1_tokens"])

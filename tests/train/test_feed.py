@@ -79,3 +79,22 @@ def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
     assert passes[3] == pytest.approx(2 * passes[1]) and passes[5] == pytest.approx(3 * passes[1])
     with pytest.raises(RuntimeError, match="all train.epochs=3 epochs"):
         feed.next_step()
+
+
+def test_a_resumed_feed_continues_exactly_and_refuses_another_dp_size(
+        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    from cglab.config import ConfigError
+    from cglab.train.checkpoint import DataPosition
+    from cglab.train.loop import DataFeed
+
+    cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6")
+    feed, _ = _feed(cfg, tmp_path)
+    feed.next_step(), feed.next_step()
+    pos = feed.pos
+    assert pos.dp_size == 1 and len(pos.shards) == 1 and pos.shards[0][1] == 2 * GLOBAL  # (unit 0, offset 8)
+    want = feed.next_step()
+    again = DataFeed(cfg, feed.plan, pos).next_step()  # a fresh stream from the checkpointed position
+    for a, b in zip(want, again):
+        assert all((a[k] == b[k]).all() for k in a)
+    with pytest.raises(ConfigError, match=r"parallel\.data_parallel_size.*written with data_parallel_size=2"):
+        DataFeed(cfg, feed.plan, DataPosition(0, 8, (), 2, ((0, 4), (0, 4))))

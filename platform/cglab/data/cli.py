@@ -69,6 +69,31 @@ def _data_inspect(args) -> int:
     return 0
 
 
+def _corpus_prepare(args) -> int:
+    """Build (or find) the corpus's dedup drop list and tokenizer under data.cache_path, ahead of a sweep."""
+    import ray
+
+    from cglab import raylocal
+    from cglab.config import load_config
+    from cglab.data.pipeline import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address or "local", num_cpus=args.num_cpus if not args.address else None,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        plan = prepare_data(cfg)
+    finally:
+        if started:
+            raylocal.shutdown()
+    print(json.dumps({"cache_path": cfg.data.cache_path or "(default)", **plan.artifacts}, indent=1))
+    return 0
+
+
 def register(subparsers) -> None:
     corpus = subparsers.add_parser("corpus", help="the embedded micro corpus")
     csub = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -86,6 +111,13 @@ def register(subparsers) -> None:
     b.add_argument("--tokenizer", action="store_true", help="also train a byte-level BPE into OUT/tokenizer")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.set_defaults(func=_corpus_build)
+    pr = csub.add_parser("prepare", help="build the config's dedup drop list and tokenizer once, under "
+                                         "data.cache_path, for every later run and trial to reuse")
+    pr.add_argument("config")
+    pr.add_argument("overrides", nargs="*", metavar="key=value")
+    pr.add_argument("--address", help="Ray cluster address (default: a private local one)")
+    pr.add_argument("--num-cpus", type=int, default=2)
+    pr.set_defaults(func=_corpus_prepare)
 
     data = subparsers.add_parser("data", help="inspect training data")
     dsub = data.add_subparsers(dest="data_command", required=True)

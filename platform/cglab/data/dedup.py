@@ -4,9 +4,10 @@ Two passes, because a streaming pass cannot know whether a later block holds an 
 1. `find_survivors(ds)`: over (sha, key) of every kept document, a Ray Data groupby finds each hash seen more than
    once and the smallest record key among its copies. The result holds only duplicated hashes (small: a few percent
    of documents), so it is cheap to ship to every task.
-2. `duplicate_mask(shas, keys, survivors)`: during the training stream a document is a duplicate iff its hash is
-   in the table and its key is not the survivor's. The survivor is the copy that comes first in (source, file,
-   record) order, whatever the block layout or the number of workers.
+2. `duplicate_mask(shas, keys, survivors)`: a document is a duplicate iff its hash is in the table and its key is
+   not the survivor's. The survivor is the copy that comes first in (source, file, record) order, whatever the
+   block layout or the number of workers. Training does not ship this table: data/artifacts.py turns it into a
+   drop list of record keys, stored once per corpus, that each read task reads for its own files.
 """
 from __future__ import annotations
 
@@ -29,11 +30,16 @@ def duplicate_mask(shas, keys, survivors: dict[str, int]) -> np.ndarray:
     return np.fromiter((survivors.get(s, k) != k for s, k in zip(shas, keys)), bool, len(keys))
 
 
-def find_survivors(ds) -> dict[str, int]:
-    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`; sha "" = not a kept document)."""
+def find_survivors(ds, rows: int | None = None) -> dict[str, int]:
+    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`; sha "" = not a kept document).
+
+    `rows` (when known, e.g. of a materialized scan) sizes the hash shuffle: about a million rows per partition
+    instead of Ray's default 200 partitions, whose fixed cost dominates below a few million documents.
+    """
     from ray.data.aggregate import Count, Min
 
-    groups = ds.select_columns(["sha", "key"]).groupby("sha").aggregate(Count(), Min("key"))
+    parts = None if rows is None else max(2, min(200, rows // 1_000_000 + 1))
+    groups = ds.select_columns(["sha", "key"]).groupby("sha", num_partitions=parts).aggregate(Count(), Min("key"))
     out: dict[str, int] = {}
     for batch in groups.iter_batches(batch_size=65536, batch_format="numpy"):
         many = batch["count()"] > 1

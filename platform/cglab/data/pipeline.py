@@ -2,7 +2,7 @@
 
     plan = prepare_data(cfg, run_dir)            # driver, once: paths checked, tokenizer trained/saved, dedup table
     ds = build_dataset(cfg, epoch, plan)         # ray.data.Dataset of contract samples, in a fixed order
-    for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, start_index, batch_size, plan): ...
+    for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, (k, offset), batch_size, plan): ...
 
 How the stages map onto Ray Data:
 - read+filter+dedup+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a contiguous
@@ -19,11 +19,26 @@ record key of the first document of its block and `w` its window number in the b
 sample, so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5).
 The mixture order uses the seed only, so every epoch covers the same documents.
 
-Ray Train: every worker calls `iter_train_batches` itself and keeps global sample i iff i % dp_size == dp_rank.
-Not `streaming_split`: it hands blocks to whichever worker asks first, so the split changes run to run and
-tensor-parallel peers (same DP rank, must see identical batches) would get different data. Here the shard is a pure
-function of (plan, epoch, dp_rank, dp_size), and resuming needs only the data position (epoch, next global sample
-index, seed). The price: each worker runs the (cheap, CPU) pipeline for the whole stream and keeps 1/dp of it.
+Sharding (issue 14): the units of work are the mix read tasks of `mix_specs` (unit u = the u-th contiguous slice
+of every active source's files; its identity is u, its size the bytes of its files). `assign_units` gives each DP
+rank a set of units as a pure function of (plan, epoch, dp_rank, dp_size): longest-first onto the least-loaded
+rank, by bytes. A rank's Ray Data dataset holds only its own units' read tasks, so it reads, tokenizes, packs and
+corrupts only its share (no 1/dp filter on the whole stream). Every sample depends on its unit alone (blocks are
+cut per read task, seeds use the block's first record key), so the ranks' samples are a partition of the dp=1
+stream whatever dp_size is. Not `streaming_split`: it hands blocks to whichever worker asks first, so the split
+would change run to run and tensor-parallel peers (same DP rank, must see identical batches) would get different
+data; here one rank per model-parallel group reads and broadcasts (train/loop.py DataFeed).
+
+Sample identity and position: a sample is (unit, unit_index), its index inside its unit's output; the dp=1
+stream is units 0, 1, ... in order. A rank's position is (k, offset): the next sample is number `offset` of its
+k-th unit. Resuming builds the dataset from unit k on (earlier units are not read at all) and drops the first
+`offset` samples of unit k: only the partial unit is re-read, whatever the position.
+
+Why units are whole read tasks: each one interleaves its files of every source by the mixture weights, which
+keeps the mixture exact per unit (so per rank). The count of units is the fewest files of any active source, so
+a corpus needs at least dp_size files per source (a clear error otherwise); more, smaller files balance better.
+Ranks hold different numbers of samples: the training feed steps in lockstep, so an epoch is what every rank can
+fill and the longer ranks' tails are dropped (train/loop.py).
 """
 from __future__ import annotations
 
@@ -37,7 +52,7 @@ from typing import Iterator
 import numpy as np
 
 from cglab.data import readers
-from cglab.data.dedup import DUPLICATE, content_hashes, duplicate_mask
+from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective",
@@ -55,9 +70,14 @@ class DataPlan:
     tokenizer_json: str
     num_sentinels: int
     max_whitespace_run: int
-    survivors: dict[str, int] = field(default_factory=dict)  # sha -> key of the copy that survives
+    # the dedup drop list (data/artifacts.py: sorted record keys of later copies, parquet); "" = no dedup.
+    # Each read task reads its own files' part of it.
+    dedup_path: str = ""
     # tokens each source holds after filters (the run plan's count, by source index): passes per source
     tokens_available: tuple[float, ...] = ()
+    # bytes of each unit of work (mix read task), the balance weights of `assign_units`; () = measure on demand
+    unit_bytes: tuple[int, ...] = ()
+    artifacts: dict = field(default_factory=dict)  # what prepare_data reused or built (path, built, seconds)
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -84,13 +104,17 @@ def _chunks(it, n):
         yield chunk
 
 
-def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes,
+def _kept_documents(src: readers.SourceFiles, files, fcfg, dedup_path: str, max_bytes,
                     metrics=None) -> Iterator[tuple[int, str]]:
-    """(key, text) of the documents of `files` that pass reading, filters and dedup, in record order.
+    """(key, text) of the documents of `files` that pass reading, filters and dedup (the drop list at
+    `dedup_path`, "" = none), in record order.
 
     `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
     """
+    from cglab.data.artifacts import file_drops
+
     for f in files:
+        drops = file_drops(dedup_path, src.index, f) if dedup_path else None
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
             skipped = Counter(r.reason for r in chunk if r.reason)
@@ -100,9 +124,8 @@ def _kept_documents(src: readers.SourceFiles, files, fcfg, survivors, max_bytes,
                 reasons = filter_reasons(texts, fcfg)
                 keep = reasons == ""
                 skipped.update(reasons[~keep].tolist())
-                if survivors:
-                    keys = [r.key for r in ok]
-                    dup = keep & duplicate_mask(content_hashes(texts), keys, survivors)
+                if drops is not None and drops.size:
+                    dup = keep & np.isin(np.fromiter((r.key for r in ok), np.int64, len(ok)), drops)
                     skipped[DUPLICATE] += int(dup.sum())
                     keep &= ~dup
             if metrics is not None:
@@ -121,7 +144,7 @@ def sample_texts(dcfg, n: int) -> list[str]:
     out: list[str] = []
     for src in srcs:
         # Round robin over files so a source's sample is not one file's.
-        streams = [_kept_documents(src, [f], dcfg.filters, {}, max_bytes) for f in range(len(src.files))]
+        streams = [_kept_documents(src, [f], dcfg.filters, "", max_bytes) for f in range(len(src.files))]
         taken = 0
         for doc in itertools.chain.from_iterable(itertools.zip_longest(*streams)):
             if doc is None:
@@ -149,8 +172,9 @@ def _size(path: str) -> int | None:
         return None
 
 
-def _read_specs(name: str, specs, fn):
-    """A Dataset with one read task per spec, fn(task, spec) yielding its blocks; Ray names the stage Read<name>."""
+def _read_specs(name: str, specs, fn, ids=None):
+    """A Dataset with one read task per spec, fn(id, spec) yielding its blocks (id: `ids[i]`, default i); Ray names
+    the stage Read<name>."""
     import ray
 
     Datasource, _, _ = _ray_data()
@@ -163,19 +187,23 @@ def _read_specs(name: str, specs, fn):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(specs, fn)
+            return _make_read_tasks(specs, fn, ids)
 
-    return ray.data.read_datasource(SpecDatasource())
+    # One output block stream per read task, never split: with fewer read tasks than Ray's target parallelism (a
+    # DP rank's share, or a resumed tail) Ray would otherwise add SplitBlocks(k), and block boundaries, hence
+    # packing windows and samples, would depend on how many units a dataset holds.
+    return ray.data.read_datasource(SpecDatasource(), override_num_blocks=max(1, len(specs)))
 
 
-def _make_read_tasks(specs, fn):
+def _make_read_tasks(specs, fn, ids=None):
     _, ReadTask, BlockMetadata = _ray_data()
     tasks = []
-    for spec in specs:
+    ids = list(range(len(specs))) if ids is None else list(ids)
+    for uid, spec in zip(ids, specs):
         paths = [src.files[f] for src, files in spec for f in files]
         size = sum(s or 0 for s in map(_size, paths)) or None
         meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=paths)
-        tasks.append(ReadTask(lambda t=len(tasks), spec=spec: fn(t, spec), meta))
+        tasks.append(ReadTask(lambda t=uid, spec=spec: fn(t, spec), meta))
     return tasks
 
 
@@ -221,11 +249,46 @@ def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int
             for t in range(m)]
 
 
-def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
-    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text).
+def unit_sizes(plan: DataPlan) -> tuple[int, ...]:
+    """Bytes of each unit of work (mix read task): the plan's, or measured (one size query per file)."""
+    if plan.unit_bytes:
+        return plan.unit_bytes
+    return tuple(sum(_size(src.files[f]) or 0 for src, files in spec for f in files) or 1
+                 for spec in mix_specs(plan.sources, plan.weights))
 
-    With `count_as` (an experiment name) the read tasks export kept/skipped document counts per source to
-    Prometheus (cglab.track.metrics.DataMetrics).
+
+def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The units of work (ids into `mix_specs`) DP rank `dp_rank` reads, in stream order.
+
+    Longest first onto the least-loaded rank (ties: lowest rank), by bytes: a pure function of the plan and the
+    layout, so every process computes the same partition without talking. `epoch` is part of the contract but not
+    used: keeping a rank's units across epochs keeps which tail a short epoch drops the same, and lesson 5's epochs
+    differ by their corruption, not their documents.
+    """
+    from cglab.config import ConfigError
+
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    sizes = unit_sizes(plan)
+    if len(sizes) < dp_size:
+        raise ConfigError(f"parallel.data_parallel_size={dp_size}: the data has only {len(sizes)} units of work "
+                          f"(one per file of the active source with the fewest files), each rank needs one; split "
+                          f"data.sources into at least {dp_size} files per source")
+    load, owner = [0] * dp_size, [0] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
+        r = min(range(dp_size), key=lambda r: (load[r], r))
+        owner[u], load[r] = r, load[r] + sizes[u]
+    return [u for u in range(len(sizes)) if owner[u] == dp_rank]
+
+
+def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None, units: list[int] | None = None,
+                trace_dir: str | None = None):
+    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text, unit).
+
+    `units`: only these units of work (ids into `mix_specs`), in this order; default all. With `count_as` (an
+    experiment name) the read tasks export kept/skipped document counts per source to Prometheus
+    (cglab.track.metrics.DataMetrics). `trace_dir`: each read task leaves a file `unit<id>-*` there when it starts
+    (tests count which units were opened).
     """
     import pyarrow as pa
 
@@ -233,16 +296,24 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
 
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     specs = mix_specs(plan.sources, plan.weights)
-    survivors = plan.survivors
+    units = list(range(len(specs))) if units is None else list(units)
+    dedup_path = plan.dedup_path
 
-    def table(rows):
+    def table(rows, unit):
         return pa.table({
             "key": pa.array([r[1][0] for r in rows], pa.int64()),
             "source": pa.array([r[0] for r in rows], pa.int32()),
             "text": pa.array([r[1][1] for r in rows], pa.large_string()),
+            "unit": pa.array(np.full(len(rows), unit, np.int32)),
         })
 
     def read(task, spec):
+        if trace_dir is not None:
+            import os
+            import uuid
+
+            Path(trace_dir, f"unit{task}-{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
+
         def counter(src):
             if count_as is None:
                 return None
@@ -250,20 +321,20 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None):
 
             return DataMetrics(experiment=count_as, source=src.name)
 
-        streams = [_kept_documents(src, files, fcfg, survivors, max_bytes, counter(src)) for src, files in spec]
+        streams = [_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)) for src, files in spec]
         w = np.array([plan.weights[src.index] for src, _ in spec])
-        rng = np.random.default_rng([seed, task, _MIX_TAG])
+        rng = np.random.default_rng([seed, task, _MIX_TAG])  # the unit's id: the same mix on whichever rank
         rows, chars = [], 0
         for s, doc in interleave(streams, w, rng):
             rows.append((spec[s][0].index, doc))
             chars += len(doc[1])
             if len(rows) >= _BLOCK_DOCS or chars >= _BLOCK_CHARS:
-                yield table(rows)
+                yield table(rows, task)
                 rows, chars = [], 0
         if rows:
-            yield table(rows)
+            yield table(rows, task)
 
-    return _read_specs("Mix", specs, read)
+    return _read_specs("Mix", [specs[u] for u in units], read, ids=units)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -274,7 +345,8 @@ def tokenize_block(block, plan: DataPlan):
     tok = plan.tokenizer()
     flat, offsets = tok.encode_batch(block.column("text").to_pylist())
     ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32()))
-    return pa.table({"key": block.column("key"), "source": block.column("source"), "ids": ids})
+    return pa.table({"key": block.column("key"), "source": block.column("source"), "ids": ids,
+                     "unit": block.column("unit")})
 
 
 def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
@@ -288,7 +360,8 @@ def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.nda
     docs = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     tokens, segs = pack_documents(docs, seq_len, sp, reserve)
     first = block.column("key")[0].as_py() if block.num_rows else 0
-    return {"tokens": tokens, "segment_ids": segs, "source_tokens": _source_tokens(
+    unit = block.column("unit")[0].as_py() if block.num_rows else -1
+    return {"unit": np.full(len(tokens), unit, np.int32), "tokens": tokens, "segment_ids": segs, "source_tokens": _source_tokens(
                 block.column("source").to_numpy(), np.diff(offsets), (segs >= 0).sum(1), len(plan.sources)),
             "block_key": np.full(len(tokens), first, np.int64), "window": np.arange(len(tokens), dtype=np.int64)}
 
@@ -327,7 +400,7 @@ def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int,
                for k in SAMPLE_KEYS}
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
-    out["source_tokens"] = batch["source_tokens"]
+    out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
     return out
 
 
@@ -341,19 +414,24 @@ def _reserve(cfg):
 
 # ---------------------------------------------------------------------------------------------- entry points
 def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: bool | None = None) -> DataPlan:
-    """Check every path, settle the tokenizer (load, or train and save under run_dir/tokenizer), build the dedup table.
+    """Check every path, settle the tokenizer (load, or reuse/train the corpus's, saved under run_dir/tokenizer),
+    settle the dedup drop list (reused from data.cache_path when this corpus was prepared before).
 
     Raises ConfigError naming the config field before any Ray work when a path or the tokenizer is wrong.
+    `plan.artifacts` says which artifacts were reused and which built (`cglab corpus prepare` prints it).
     """
     from cglab.config import ConfigError
+    from cglab.data import artifacts
     from cglab.data.mixture import source_weights
-    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+    from cglab.data.tokenizer import CGTokenizer
 
     d = cfg.data
     if not d.sources:
         raise ConfigError("data.sources: no sources configured (see `cglab corpus build`)")
     sources = readers.resolve_files(d.sources)
     weights = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
+    root = artifacts.cache_root(d)
+    built: dict[str, dict] = {}
     tc = d.tokenizer
     if tokenizer is None:
         if tc.path:
@@ -362,8 +440,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
             except (FileNotFoundError, OSError, ValueError) as err:
                 raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
         else:
-            tokenizer = train_tokenizer(sample_texts(d, tc.train_docs), tc.vocab_size, d.num_sentinels,
-                                        tc.max_whitespace_run)
+            tokenizer, built["tokenizer"] = artifacts.trained_tokenizer(d, sources, root)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "
                           f"model.vocab_size={cfg.model.vocab_size}")
@@ -373,11 +450,12 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         tokenizer.save(Path(run_dir) / "tokenizer")
     plan = DataPlan(tuple(sources), tuple(float(w) for w in weights), tokenizer.to_str(), d.num_sentinels,
                     tokenizer.max_whitespace_run)
+    plan.unit_bytes = unit_sizes(plan)  # once, on the driver: every worker balances by the same numbers
     if d.filters.dedup if dedup is None else dedup:
-        from cglab.data.dedup import find_survivors
-
         active = [s for s in sources if weights[s.index] > 0]
-        plan.survivors = find_survivors(scan_dataset(active, d.filters))
+        built["dedup"] = artifacts.dedup_drops(active, d.filters, root)
+        plan.dedup_path = built["dedup"]["path"]
+    plan.artifacts = built
     return plan
 
 
@@ -389,16 +467,19 @@ def _ordered():
     return ctx
 
 
-def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents: bool = False):
-    """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window).
+def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents: bool = False,
+                  units: list[int] | None = None, trace_dir: str | None = None):
+    """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window, unit).
 
-    `count_documents`: export kept/skipped document counts (tagged cfg.track.experiment) while reading.
+    `units`: only these units of work, in this order (default all: the dp=1 stream). `count_documents`: export
+    kept/skipped document counts (tagged cfg.track.experiment) while reading.
     """
     plan = plan or prepare_data(cfg)
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
     reserve = _reserve(cfg)
-    ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None)
+    ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None,
+                     units=units, trace_dir=trace_dir)
     ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))
     ds = ds.map_batches(pack_block, batch_size=None, batch_format="pyarrow",
                         fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve))
@@ -407,32 +488,56 @@ def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents
     return ds
 
 
-def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start_index: int, batch_size: int,
-                       plan: DataPlan | None = None, drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches of DP rank `dp_rank`'s samples (global index i with i % dp_size == dp_rank, i >= start_index).
+def unit_indices(units: np.ndarray, current: int, count: int) -> tuple[np.ndarray, int, int]:
+    """Each sample's index inside its unit, for a run of samples in stream order; (current unit, samples of it
+    seen so far) carry over between calls."""
+    out = np.empty(len(units), np.int64)
+    for i, u in enumerate(units.tolist()):  # a few hundred samples per batch: a plain loop is fine
+        if u != current:
+            current, count = u, 0
+        out[i] = count
+        count += 1
+    return out, current, count
 
-    Each batch also carries `sample_index` (int64 global indices): the data position to checkpoint is the last
-    one + 1.
+
+def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start: tuple[int, int] = (0, 0),
+                       batch_size: int = 1, plan: DataPlan | None = None, drop_last: bool = True,
+                       trace_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of DP rank `dp_rank`'s samples: its units of work (`assign_units`) only, from `start` on.
+
+    `start = (k, offset)`: begin at sample `offset` of the rank's k-th unit; units before k are not read, and of
+    unit k only the samples before `offset` are re-read and dropped. Each batch also carries `unit` (unit id),
+    `unit_index` (the sample's index in its unit: (unit, unit_index) is its identity in the epoch), `unit_ordinal`
+    (k: the unit's place in this rank's list; the position to checkpoint is (k, unit_index + 1) of the last sample)
+    and `sample_index` (how many samples this iterator yielded before this one: the rank-local index when start is
+    (0, 0); a resumed iterator does not know how many samples the units it skipped hold, by design).
     """
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    # Every DP rank reads the whole stream; only rank 0's read is counted, so each document counts once per epoch.
-    ds = build_dataset(cfg, epoch, plan, count_documents=dp_rank == 0)
-    keys = SAMPLE_KEYS + ("source_tokens",)
-    buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + ("sample_index",)}
+    units = assign_units(plan or prepare_data(cfg), epoch, dp_rank, dp_size)
+    k0, offset = (int(v) for v in start)
+    if not 0 <= k0 <= len(units):
+        raise ValueError(f"start unit {k0} outside this rank's {len(units)} units")
+    ordinal = {u: k for k, u in enumerate(units)}
+    # Each rank reads only its own documents, so each rank counts what it reads: each document once per epoch.
+    ds = build_dataset(cfg, epoch, plan, count_documents=True, units=units[k0:], trace_dir=trace_dir)
+    keys = SAMPLE_KEYS + ("source_tokens", "unit")
+    extra = ("unit_index", "unit_ordinal", "sample_index")
+    buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + extra}
     have, base = 0, 0
-    for batch in ds.iter_batches(batch_size=max(batch_size * dp_size, 64), batch_format="numpy",
-                                 prefetch_batches=2):
-        n = len(batch["tokens"])
-        g = np.arange(base, base + n, dtype=np.int64)
-        base += n
-        sel = (g % dp_size == dp_rank) & (g >= start_index)
+    cur, count = -1, 0
+    first = units[k0] if k0 < len(units) else -1
+    for batch in ds.iter_batches(batch_size=max(batch_size, 64), batch_format="numpy", prefetch_batches=2):
+        idx, cur, count = unit_indices(batch["unit"], cur, count)
+        sel = (batch["unit"] != first) | (idx >= offset)  # the partial unit's samples before the position
         if not sel.any():
             continue
+        n = int(sel.sum())
         for k in keys:
             buf[k].append(batch[k][sel])
-        buf["sample_index"].append(g[sel])
-        have += int(sel.sum())
+        buf["unit_index"].append(idx[sel])
+        buf["unit_ordinal"].append(np.array([ordinal[int(u)] for u in batch["unit"][sel]], np.int64))
+        buf["sample_index"].append(np.arange(base, base + n, dtype=np.int64))
+        base += n
+        have += n
         while have >= batch_size:
             cat = {k: np.concatenate(v) for k, v in buf.items()}
             yield {k: v[:batch_size] for k, v in cat.items()}

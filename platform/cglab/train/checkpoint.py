@@ -27,12 +27,19 @@ class IncompleteCheckpoint(RuntimeError):
 
 @dataclass
 class DataPosition:
-    """Where the sample stream stands: the next step starts at global sample `index` of `epoch`."""
+    """Where the sample stream stands: `index` samples of `epoch` are used (steps x global batch), and each DP
+    rank r resumes at `shards[r] = (k, offset)`: sample `offset` of its k-th unit of work (data/pipeline.py).
+
+    The per-rank positions hold for the layout that wrote them (`dp_size`); units are assigned per DP size, so
+    another data_parallel_size cannot map them (train/loop.py DataFeed refuses it, naming the field).
+    """
 
     epoch: int = 0
     index: int = 0
     # tokens read from each data source so far, over every epoch (passes per source); () in older checkpoints
     source_tokens: tuple[int, ...] = ()
+    dp_size: int = 0  # 0: no per-rank positions (start of an epoch, or a checkpoint older than issue 14)
+    shards: tuple[tuple[int, int], ...] = ()
 
 
 def _unwrap(model):
@@ -127,7 +134,9 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     _set_rng_state(torch.load(d / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     data = doc["data"]
     return int(doc["step"]), DataPosition(int(data["epoch"]), int(data["index"]),
-                                          tuple(int(n) for n in data.get("source_tokens", ())))
+                                          tuple(int(n) for n in data.get("source_tokens", ())),
+                                          int(data.get("dp_size", 0)),
+                                          tuple((int(k), int(o)) for k, o in data.get("shards", ())))
 
 
 def newest_complete(*places: str | Path | None) -> str | None:

@@ -2,10 +2,12 @@
 
     parallel state -> model/optimizer -> resume -> [read step's batches -> forward/backward -> step -> report]*
 
-Data: one rank per model-parallel group (TP x PP peers share a data-parallel rank) reads its DP shard from the Ray
-Data pipeline and broadcasts the step's micro-batches to its peers, so peers see identical batches at no extra read.
-The data position (epoch, global sample index) lives in the checkpoint and the stream is rebuilt from it on resume
-(Ray Data iterators cannot resume mid-epoch; `streaming_split` would give TP peers different data).
+Data: one rank per model-parallel group (TP x PP peers share a data-parallel rank) reads its DP shard (its own
+units of work, data/pipeline.py) from the Ray Data pipeline and broadcasts the step's micro-batches to its peers,
+so peers see identical batches at no extra read. The data position (epoch, samples used, and each DP rank's
+(unit, offset)) lives in the checkpoint; on resume each rank rebuilds its stream from its own unit, skipping the
+units before it unread (Ray Data iterators cannot resume mid-epoch; `streaming_split` would give TP peers
+different data).
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ class DataFeed:
 
     An epoch is `ceil(train.train_steps / train.epochs)` global batches of the stream; the next epoch starts only
     when that budget is used (lesson 5). A stream that runs dry before it is an error with the numbers, never a
-    silent extra pass over the data. Each step also adds up, over every data-parallel shard, the masked fraction
+    silent extra pass over the data. DP ranks hold different numbers of samples (whole units each): every step
+    takes the same number from every rank, so an epoch can last only as long as the shortest shard, and what the
+    longer shards hold beyond it is not trained on in that epoch (the budget error names the numbers). Each step
+    also records every rank's (unit, offset) in the position, and adds up, over every data-parallel shard, the masked fraction
     per objective and the tokens read from each source (DataPosition.source_tokens: passes per source).
     """
 
@@ -55,7 +60,18 @@ class DataFeed:
         self.per_epoch = math.ceil(t.train_steps / t.epochs) * t.global_batch_size
         self.n_sources = len(plan.sources)
         tokens = tuple(pos.source_tokens) or (0,) * self.n_sources
-        self.pos = DataPosition(pos.epoch, pos.index, tokens)
+        if pos.index and not pos.shards:
+            raise RuntimeError(f"data: the checkpoint's data position (epoch {pos.epoch}, sample {pos.index}) has "
+                               f"no per-rank positions (written before sharded reading); restart the epoch "
+                               f"from a new run")
+        if pos.shards and pos.dp_size != self.dp_size:
+            from cglab.config import ConfigError
+
+            raise ConfigError(f"parallel.data_parallel_size: the checkpoint was written with "
+                              f"data_parallel_size={pos.dp_size}, this run has {self.dp_size}; each rank's data "
+                              f"position is a place in its own units of work, which are assigned per DP size, so "
+                              f"it cannot be remapped: resume with data_parallel_size={pos.dp_size}")
+        self.pos = DataPosition(pos.epoch, pos.index, tokens, pos.dp_size, tuple(pos.shards))
         self.step_stats: dict[str, float] = {}
         self._it = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -64,7 +80,8 @@ class DataFeed:
         if self._it is None:
             from cglab.data.pipeline import iter_train_batches
 
-            self._it = iter_train_batches(self.cfg, self.pos.epoch, self.dp_rank, self.dp_size, self.pos.index,
+            start = self.pos.shards[self.dp_rank] if self.pos.shards else (0, 0)
+            self._it = iter_train_batches(self.cfg, self.pos.epoch, self.dp_rank, self.dp_size, start,
                                           self.mb, self.plan)
         micro = []
         for _ in range(self.n_micro):
@@ -89,24 +106,32 @@ class DataFeed:
         return self._broadcast(micro)
 
     def _stats(self, micro: list[dict] | None) -> torch.Tensor:
-        """[ran dry, masked tokens per objective code, maskable tokens per objective code, tokens per source]."""
+        """[ran dry, masked tokens per objective code, maskable tokens per objective code, tokens per source,
+        (unit ordinal, next offset) per DP rank]. Only the reader of each model-parallel group fills its slots, so
+        the all-reduce sum is every DP shard's counts once, and each rank's position in its own slot."""
         n_obj = len(OBJECTIVES)
-        out = np.zeros(1 + 2 * n_obj + self.n_sources, np.float64)
+        out = np.zeros(1 + 2 * n_obj + self.n_sources + 2 * self.dp_size, np.float64)
         if micro is None:
             out[0] = 1
+        elif micro:
+            last = micro[-1]
+            at = 1 + 2 * n_obj + self.n_sources + 2 * self.dp_rank
+            out[at:at + 2] = int(last["unit_ordinal"][-1]), int(last["unit_index"][-1]) + 1
         for b in micro or ():
             code = np.asarray(b["objective"], np.int64)
             out[1:1 + n_obj] += np.bincount(code, np.asarray(b["n_masked"], np.float64), n_obj)
             out[1 + n_obj:1 + 2 * n_obj] += np.bincount(code, np.asarray(b["n_maskable"], np.float64), n_obj)
-            out[1 + 2 * n_obj:] += np.asarray(b["source_tokens"], np.float64).sum(0)
+            out[1 + 2 * n_obj:1 + 2 * n_obj + self.n_sources] += np.asarray(b["source_tokens"], np.float64).sum(0)
         return torch.from_numpy(out).to(self.device)
 
     def _record(self, stats: torch.Tensor) -> None:
         v = stats.cpu().numpy()
         n_obj = len(OBJECTIVES)
-        masked, maskable, src = v[1:1 + n_obj], v[1 + n_obj:1 + 2 * n_obj], v[1 + 2 * n_obj:]
+        end = 1 + 2 * n_obj + self.n_sources
+        masked, maskable, src = v[1:1 + n_obj], v[1 + n_obj:1 + 2 * n_obj], v[1 + 2 * n_obj:end]
         tokens = tuple(int(a + b) for a, b in zip(self.pos.source_tokens, src))
-        self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch, tokens)
+        shards = tuple((int(v[end + 2 * r]), int(v[end + 2 * r + 1])) for r in range(self.dp_size))
+        self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch, tokens, self.dp_size, shards)
         self.step_stats = {f"mask_fraction/{name}": masked[i] / maskable[i]
                            for i, name in enumerate(OBJECTIVES) if maskable[i] > 0}
         self.step_stats.update(passes(self.plan, tokens))

@@ -153,8 +153,7 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     import json
 
     from cglab.config import ConfigError, from_dict
-    from cglab.data.pipeline import sample_texts
-    from cglab.data.tokenizer import train_tokenizer
+    from cglab.data import artifacts, readers
     from cglab.tune.heldout import split_sources
 
     if not base.data.sources:
@@ -181,10 +180,10 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
         log.warning("eval.allow_builtin_texts: scoring %s on cglab.eval.nl.builtin_texts, not held out (%s); "
                     "runs are tagged %s", " and ".join(fell_back), why, text_tags(used))
     if not base.data.tokenizer.path:
-        tc = base.data.tokenizer
         cfg = from_dict(base.model_dump(mode="json"), overrides)
-        tok = train_tokenizer(sample_texts(cfg.data, tc.train_docs), tc.vocab_size, base.data.num_sentinels,
-                              tc.max_whitespace_run)
+        # the corpus's tokenizer: trained once per (training files, settings), reused by every sweep over them
+        tok, _ = artifacts.trained_tokenizer(cfg.data, readers.resolve_files(cfg.data.sources),
+                                             artifacts.cache_root(cfg.data))
         tok.save(work / "tokenizer")
         overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
     return from_dict(base.model_dump(mode="json"), overrides), nl, code

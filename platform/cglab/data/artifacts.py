@@ -1,0 +1,165 @@
+"""Corpus artifacts built once per corpus and reused by every run and trial: the dedup drop list and the trained
+tokenizer (issue 14).
+
+Each artifact lives in `<data.cache_path>/<kind>-<fingerprint>/` (local or any pyarrow filesystem URL, e.g.
+`s3://bucket/cglab-cache`). The fingerprint hashes every file of the sources it depends on (path, size,
+modification time, as the filesystem reports them) and the settings that change it (filters; tokenizer size,
+sample count, sentinels), so a changed, added or removed file, or another setting, gives a new directory and a
+rebuild, and anything else finds the existing one. A directory counts only once its `COMPLETE` marker is written
+(last), so a build cut off half-way is rebuilt, never read.
+
+Dedup is stored as a drop list, not a survivor table: the int64 record keys (readers.make_key) of every kept
+document that is a later copy of another, sorted, in one parquet file. A key holds (source, file, record), so a
+read task fetches its own files' part with a key-range filter (parquet row-group statistics skip the rest) and
+drops by key, without hashing at training time and without a Python dict shipped to every worker. On a
+multi-node cluster data.cache_path must be storage every node reads (shared filesystem or object store).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+
+from cglab.data import readers
+
+VERSION = 1
+DROPS, MARKER, META = "drops.parquet", "COMPLETE", "meta.json"
+_ROW_GROUP = 1 << 18  # keys per row group: a file's part is a few row groups at most
+
+
+def cache_root(dcfg) -> str:
+    """data.cache_path, or the user's cache directory (XDG_CACHE_HOME, else ~/.cache) + cglab/corpus."""
+    if dcfg.cache_path:
+        return dcfg.cache_path.rstrip("/")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cglab", "corpus")
+
+
+def fingerprint(sources, settings: dict) -> str:
+    """Hash of every file's (source index, kind, subsets, path, size, mtime) and of `settings`."""
+    files = []
+    for src in sources:
+        for path in src.files:
+            fs, p = readers._filesystem(path)
+            info = fs.get_file_info(p)
+            mtime = info.mtime_ns if info.mtime_ns is not None else None
+            files.append([src.index, src.kind, list(src.subsets or ()), path, info.size, mtime])
+    doc = json.dumps({"v": VERSION, "files": files, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:24]
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _complete(d: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = readers._filesystem(_join(d, MARKER))
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write then move into place, so a reader never sees half a file."""
+    fs, p = readers._filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, p)
+
+
+def _read(path: str) -> bytes:
+    fs, p = readers._filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+def build_drops(sources, fcfg) -> np.ndarray:
+    """Sorted int64 keys of every kept document whose content occurred earlier in (source, file, record) order.
+
+    One scan of every file (Ray Data, one task per file) keeps only (sha, key); the groupby of dedup.find_survivors
+    finds each repeated hash's first key; a map over the same materialized projection lists the other copies.
+    """
+    from cglab.data.dedup import duplicate_mask, find_survivors
+    from cglab.data.pipeline import scan_dataset
+
+    scan = scan_dataset(sources, fcfg).select_columns(["sha", "key"]).materialize()
+    survivors = find_survivors(scan, rows=scan.count())
+    if not survivors:
+        return np.zeros(0, np.int64)
+
+    def later_copies(batch, survivors):
+        dup = (batch["sha"] != "") & duplicate_mask(batch["sha"].tolist(), batch["key"].tolist(), survivors)
+        return {"key": batch["key"][dup].astype(np.int64)}
+
+    keys = [b["key"] for b in scan.map_batches(later_copies, batch_format="numpy", fn_kwargs=dict(
+        survivors=survivors)).iter_batches(batch_size=None, batch_format="numpy") if len(b["key"])]
+    return np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+
+
+def dedup_drops(sources, fcfg, root: str) -> dict:
+    """The drop list of these sources under these filters: reused when built before, else built and stored.
+
+    Returns {"path": .../drops.parquet, "built": bool, "seconds": float, "documents_dropped": int}.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    settings = {"kind": "dedup", "filters": fcfg.model_dump(mode="json", exclude={"dedup"})}
+    d = _join(root, f"dedup-{fingerprint(sources, settings)}")
+    if _complete(d):
+        meta = json.loads(_read(_join(d, META)))
+        return {"path": _join(d, DROPS), "built": False, "seconds": 0.0,
+                "documents_dropped": meta["documents_dropped"]}
+    t0 = time.perf_counter()
+    keys = build_drops(sources, fcfg)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": pa.array(keys, pa.int64())}), buf, row_group_size=_ROW_GROUP)
+    _write(_join(d, DROPS), buf.getvalue())
+    seconds = time.perf_counter() - t0
+    meta = {"documents_dropped": int(len(keys)), "build_seconds": seconds,
+            "sources": [s.name for s in sources], "files": sum(len(s.files) for s in sources)}
+    _write(_join(d, META), json.dumps(meta, indent=1).encode())
+    _write(_join(d, MARKER), b"")
+    return {"path": _join(d, DROPS), "built": True, "seconds": seconds, "documents_dropped": int(len(keys))}
+
+
+def file_drops(path: str, source: int, file: int) -> np.ndarray:
+    """Sorted keys to drop from one file: its key range of the drop list (row groups outside it are not read)."""
+    import pyarrow.parquet as pq
+
+    lo, hi = readers.make_key(source, file, 0), readers.make_key(source, file, 0) + (1 << readers._RECORD_BITS)
+    fs, p = readers._filesystem(path)
+    t = pq.read_table(p, filesystem=fs, columns=["key"], filters=[("key", ">=", lo), ("key", "<", hi)])
+    return np.sort(t.column("key").to_numpy())
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def trained_tokenizer(dcfg, sources, root: str):
+    """(CGTokenizer, info) for data.tokenizer with no path: the stored one of this corpus and these settings, or
+    one trained now (on `pipeline.sample_texts`) and stored."""
+    from cglab.data.pipeline import sample_texts
+    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+
+    tc = dcfg.tokenizer
+    settings = {"kind": "tokenizer", "tokenizer": tc.model_dump(mode="json", exclude={"path"}),
+                "num_sentinels": dcfg.num_sentinels, "filters": dcfg.filters.model_dump(mode="json")}
+    d = _join(root, f"tokenizer-{fingerprint(sources, settings)}")
+    path = _join(d, "tokenizer.json")
+    if _complete(d):
+        tok = CGTokenizer.from_str(_read(path).decode(), dcfg.num_sentinels, tc.max_whitespace_run)
+        return tok, {"path": path, "built": False, "seconds": 0.0}
+    t0 = time.perf_counter()
+    tok = train_tokenizer(sample_texts(dcfg, tc.train_docs), tc.vocab_size, dcfg.num_sentinels,
+                          tc.max_whitespace_run)
+    _write(path, tok.to_str().encode())
+    _write(_join(d, MARKER), b"")
+    return tok, {"path": path, "built": True, "seconds": time.perf_counter() - t0}
