@@ -104,9 +104,14 @@ EOF
   t0=$SECONDS
   "$PY" -m pip install --no-deps --no-compile --quiet --target "$tree" "${TARGET_ARGS[@]}" "${files[@]}"
   echo "install into tree: $((SECONDS - t0)) s, $(du -sm "$tree" | cut -f1) MiB"
-  # Slim: Ray's Java jars (Java workers only) and the dashboard's JavaScript source maps (debugging the UI only).
+  # Slim what the device runs never use, so the bundle fits one call: Ray's Java jars (Java workers only), the
+  # web UIs' built JavaScript (Ray's dashboard is never started there, include_dashboard=False; MLflow's server
+  # answers its REST API and /health without its UI, saying "Unable to display MLflow UI" at /), zstandard's cffi
+  # backend (the C backend is its default; cffi only with PYTHON_ZSTANDARD_IMPORT_POLICY=cffi) and py-spy (the
+  # dashboard's stack sampler).
   find "$tree/ray/jars" -name '*.jar' -delete 2>/dev/null || true
-  find "$tree/ray/dashboard" -name '*.map' -delete 2>/dev/null || true
+  rm -rf "$tree/ray/dashboard/client/build" "$tree/mlflow/server/js/build"
+  rm -f "$tree"/zstandard/_cffi.*.so "$tree/bin/py-spy"
   find "$tree" -name '__pycache__' -prune -exec rm -rf {} +
   # console scripts: pip wrote this machine's interpreter into them
   if [ -d "$tree/bin" ]; then
@@ -125,9 +130,9 @@ pack() {
   # into chunk folders of at most CHUNK_MIB: each call unpacks its own chunk, and a lost chunk is re-sent alone.
   local tree=$1 parts=$ENV_DIR/build/parts
   mkdir -p "$parts"
-  (cd "$tree" && ls -A) | while read -r entry; do
-    tar -C "$tree" -cf - "$entry" | zstd -q -19 -T0 -o "$parts/$entry.tar.zst"
-  done
+  # zstd -19 is slow (minutes for Ray's 160 MB): two entries at a time
+  (cd "$tree" && ls -A) | tr '\n' '\0' | xargs -0 -P "${JOBS:-2}" -I{} \
+    sh -c 'tar -C "$1" -cf - "$2" | zstd -q -19 -T1 -o "$3/$2.tar.zst"' _ "$tree" {} "$parts"
   "$PY" - "$parts" "$ENV_DIR" "$CHUNK_MIB" <<'EOF'
 import os, pathlib, shutil, sys
 parts, env, mib = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
