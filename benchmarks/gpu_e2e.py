@@ -243,23 +243,23 @@ def phase_train(ph: Phase, uri: str | None) -> tuple[str, str]:
     steps, every = s.get("steps", STEPS), s.get("every", EVERY)
     cfg = WORK / "train.yaml"
     runs = WORK / "runs"
-    for name in ("clean", "killed"):
-        shutil.rmtree(runs / name, ignore_errors=True)
+    shutil.rmtree(runs, ignore_errors=True)  # a rerun's checkpoints (GBs each) replace the last ones on disk
+    stamp = int(time.time())  # new names: the same name would resume, and reuse its MLflow run
+    clean_dir, killed_dir = runs / f"clean-{stamp}", runs / f"killed-{stamp}"
     marker = WORK / "kill-marker"
     marker.unlink(missing_ok=True)
     kill = every + KILL_AFTER
     env = {"MLFLOW_TRACKING_URI": uri} if uri else {}
     t0 = time.perf_counter()
-    ph.sh([PY, "-m", "cglab.cli", "train", "--storage", str(runs), "--name", "clean", str(cfg)], env=env)
+    ph.sh([PY, "-m", "cglab.cli", "train", "--storage", str(runs), "--name", clean_dir.name, str(cfg)], env=env)
     t1 = time.perf_counter()
-    ph.worker("fit_fault", str(cfg), str(runs), "killed", str(kill), str(marker), env=env)
+    ph.worker("fit_fault", str(cfg), str(runs), killed_dir.name, str(kill), str(marker), env=env)
     t2 = time.perf_counter()
-    save_state(clean_run=str(runs / "clean"), killed_run=str(runs / "killed"), clean_s=round(t1 - t0),
-               killed_s=round(t2 - t1))
+    save_state(clean_run=str(clean_dir), killed_run=str(killed_dir), clean_s=round(t1 - t0), killed_s=round(t2 - t1))
     if ph.dry:
         return "dry-run", ""
-    clean, killed = _losses(runs / "clean"), _losses(runs / "killed")
-    raw = [json.loads(x) for x in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    clean, killed = _losses(clean_dir), _losses(killed_dir)
+    raw = [json.loads(x) for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     twice = [r for r in raw if r["step"] == every + 1]  # the first attempt's record, then the resumed one's
     if len(twice) != 2:
         return "FAIL", f"step {every + 1} recorded {len(twice)} times in the killed run (want 2: before and after)"
@@ -312,7 +312,7 @@ def phase_distopt(ph: Phase) -> tuple[str, str]:
 def phase_eval(ph: Phase) -> tuple[str, str]:
     from cglab.train.checkpoint import newest_complete
 
-    run = Path(state().get("clean_run", WORK / "runs" / "clean"))
+    run = Path(state().get("clean_run", WORK / "runs" / "clean-STAMP"))
     ckpt = newest_complete(run) if not ph.dry else str(run / "checkpoint_X")
     if ckpt is None:
         return "FAIL", f"no complete checkpoint under {run} (run the train phase first)"

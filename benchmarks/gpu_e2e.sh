@@ -18,7 +18,7 @@
 #                                                                     [".gpuenv/chunk-0"]   480   90 start + 360
 #   2     BUDGET_S=390 PHASES=eval,ablate bash benchmarks/gpu_e2e.sh   []                   420   280
 #         give_back                                                        total ~750 s of the 900 s budget
-# Call 1 unpacks the bundle first (gpu_e2e.sh runs `gpu_env.sh install`: 61 MiB carried, ~5 s to unpack), so the
+# Call 1 unpacks the bundle first (gpu_e2e.sh runs `gpu_env.sh install`: 55.8 MiB carried, ~5 s to unpack), so the
 # environment is complete before its env phase. If `build` ever makes more chunks, each extra chunk is one more
 # call before call 1: carry [".gpuenv/chunk-N"], command `bash benchmarks/gpu_env.sh install`, timeout_s 60.
 # BUDGET_S keeps each call inside its timeout: a phase that would overrun is skipped (its row says so) and every
