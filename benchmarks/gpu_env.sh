@@ -166,19 +166,31 @@ EOF
 install() {
   # Unpack the chunks that are here (each call brings one); an entry already unpacked is skipped, so every call
   # can run `install` and the last one completes the tree.
-  local site=$ENV_DIR/site t0=$SECONDS n=0 want=0 have=0 f stamp
+  local site=$ENV_DIR/site t0=$SECONDS want=0 have=0 f todo=()
   mkdir -p "$site" "$ENV_DIR/done"
   for f in "$ENV_DIR"/chunk-*/*.tar.zst; do
-    [ -e "$f" ] || continue
-    stamp=$ENV_DIR/done/$(basename "$f")
-    [ -e "$stamp" ] && continue
-    zstd -q -d -c "$f" | tar -C "$site" -xf -
-    : > "$stamp"; n=$((n + 1))
+    [ -e "$f" ] && [ ! -e "$ENV_DIR/done/$(basename "$f")" ] && todo+=("$f")
   done
+  if [ ${#todo[@]} -gt 0 ]; then
+    if [ "${UNZSTD:-auto}" != python ] && command -v zstd >/dev/null; then
+      for f in "${todo[@]}"; do zstd -q -d -c "$f" | tar -C "$site" -xf - || return 1; done
+    else
+      # The device image may lack the zstd program; its pyarrow decompresses zstd frames too (one process).
+      "$PY" - "$site" "${todo[@]}" <<'EOF' || return 1
+import sys, tarfile
+import pyarrow as pa
+site, parts = sys.argv[1], sys.argv[2:]
+for p in parts:
+    with pa.CompressedInputStream(pa.OSFile(p), "zstd") as s, tarfile.open(fileobj=s, mode="r|") as t:
+        t.extractall(site, filter="tar")  # modes kept: Ray's raylet and gcs_server must stay executable
+EOF
+    fi
+    for f in "${todo[@]}"; do : > "$ENV_DIR/done/$(basename "$f")"; done
+  fi
   for f in "$ENV_DIR"/chunk-*/COUNT; do [ -e "$f" ] && want=$(cat "$f"); done
   have=$(ls -d "$ENV_DIR"/chunk-* 2>/dev/null | wc -l)
   # a partial set is the normal state of every call but the last one: exit 0, say so
-  echo "install: unpacked $n parts in $((SECONDS - t0)) s; chunks here $have of $want;" \
+  echo "install: unpacked ${#todo[@]} parts in $((SECONDS - t0)) s; chunks here $have of $want;" \
     "$([ "$want" -gt 0 ] && [ "$have" -ge "$want" ] && echo complete || echo INCOMPLETE)"
 }
 

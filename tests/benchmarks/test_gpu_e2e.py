@@ -113,13 +113,14 @@ def test_lock_skips_exactly_what_the_device_image_has():
 
 
 @pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
-def test_chunks_round_trip_and_respect_the_size_cap(tmp_path):
+@pytest.mark.parametrize("unzstd", ["auto", "python"])  # python: the device image's pyarrow, if it lacks zstd
+def test_chunks_round_trip_and_respect_the_size_cap(tmp_path, unzstd):
     tree = tmp_path / "tree"
     sizes = {"big": 700_000, "mid": 500_000, "small": 300_000, "bin": 1000}
     for name, n in sizes.items():
         (tree / name).mkdir(parents=True)
         (tree / name / "data").write_bytes(os.urandom(n))  # incompressible: the cap is really exercised
-    env = {**os.environ, "ENV_DIR": str(tmp_path / "env"), "CHUNK_MIB": "1", "PY": sys.executable}
+    env = {**os.environ, "ENV_DIR": str(tmp_path / "env"), "CHUNK_MIB": "1", "PY": sys.executable, "UNZSTD": unzstd}
     subprocess.run(["bash", str(ENV_SH), "pack", str(tree)], check=True, env=env)
     chunks = sorted((tmp_path / "env").glob("chunk-*"))
     assert len(chunks) == 2  # 0.7 + 0.3 and 0.5 MB: first-fit decreasing under 1 MiB
