@@ -29,7 +29,7 @@
 # ablate do not fit twice. If the machine was given back in between, start over at call 1.
 # Estimated seconds per phase (ESTIMATE_S in gpu_e2e.py; torch.compile's cache is cold in train, warm after): env
 # 15, data 90 (corpus + 51200-token BPE + two `cglab plan`), train 170 (two Ray Train runs of 20 steps, one killed
-# and restarted), throughput 40, distopt 40, eval 60, ablate 210 (two Tune trials: 6 steps + nl/humaneval/infill).
+# and restarted), throughput 40, distopt 60 (two optimizers), eval 60, ablate 210 (two Tune trials: 6 steps + nl/humaneval/infill).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PHASES=${PHASES:-env,data,train,throughput,distopt,eval,ablate}

@@ -223,7 +223,7 @@ def test_dry_run_prints_every_phase(tmp_path):
     for phase in gpu_e2e.PHASES:
         assert f"[dry-run {phase}]" in p.stdout, phase
     for needle in ("cglab.cli train --storage", "--worker fit_fault", "cglab.cli eval run --checkpoint",
-                   "cglab.cli ablate 2 --preset 1gpu", "--worker distopt", "--worker throughput", "gpu_env.sh check"):
+                   "cglab.cli ablate 2 --preset 1gpu", "--worker ckpt", "--worker throughput", "gpu_env.sh check"):
         assert needle in p.stdout, needle
     table = (tmp_path / "out" / "gpu_e2e_table.txt").read_text()
     assert all(f"\n{ph:<11} dry-run" in "\n" + table for ph in gpu_e2e.PHASES)
