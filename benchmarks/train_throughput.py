@@ -44,17 +44,23 @@ CASES = {
 }
 
 
-def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: int):
+def case_config(preset: str, mb: int, seq: int, overrides: list[str], n_micro: int):
+    """A case's config: the preset's shape, bf16 on one GPU, then the case's overrides (which win, model shape too)."""
     from cglab.config import from_dict
+
+    return from_dict({}, [f"model.preset={preset}", "parallel.use_gpu=true", "train.precision=bf16",
+                          f"data.seq_length={seq}", f"train.micro_batch_size={mb}",
+                          f"train.global_batch_size={mb * n_micro}", "train.train_steps=1000",
+                          "model.document_masking=false", "train.warmup_steps=10",
+                          # synthetic batches, no objective runs: nothing to size data.num_sentinels for at this length
+                          "objective.kind=clm", *overrides])
+
+
+def cglab_case(preset: str, mb: int, seq: int, overrides: list[str], n_micro: int):
     from cglab.distributed import init_parallel
     from cglab.train.step import build_train_state
 
-    cfg = from_dict({}, [f"model.preset={preset}", "parallel.use_gpu=true", "train.precision=bf16",
-                         f"data.seq_length={seq}", f"train.micro_batch_size={mb}",
-                         f"train.global_batch_size={mb * n_micro}", "train.train_steps=1000",
-                         "model.document_masking=false", "train.warmup_steps=10",
-                         # synthetic batches, no objective runs: nothing to size data.num_sentinels for at this length
-                         "objective.kind=clm", *overrides])
+    cfg = case_config(preset, mb, seq, overrides, n_micro)
     doc_mask = cfg.model.document_masking
     init_parallel(1, 1)
     state = build_train_state(cfg)
