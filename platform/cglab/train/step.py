@@ -183,6 +183,9 @@ def forward_backward(state: TrainState, cfg: CGLabConfig, micro_batches: list[di
     fb = get_forward_backward_func()
     for chunk in state.model:
         chunk.zero_grad_buffer()
+    # As Megatron's own train_step does: the fp32 optimizer's step leaves param.grad aliasing the DDP main grad, and
+    # autograd would then add the next step's first micro-batch into it before DDP's hook adds it again (2 g1 + g2).
+    state.optimizer.zero_grad()
     return fb(forward_step_func=partial(_forward_step, m), data_iterator=iter(stage), model=state.model,
               num_microbatches=len(stage), seq_length=s, micro_batch_size=bsz, decoder_seq_length=s,
               forward_only=forward_only)
