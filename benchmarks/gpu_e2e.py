@@ -47,6 +47,7 @@ PY = sys.executable
 STEPS, EVERY, KILL_AFTER = 20, 5, 2  # train N steps, checkpoint every M; the worker dies at step M + KILL_AFTER
 CORPUS = dict(nl_chars=6_000_000, code_bytes=12_000_000, shards=8)  # capped by what the stdlib holds
 MAX_PASS = 0.8  # of any source in one epoch: dedup (not in the plan's scan) must still leave enough
+ABLATE_SEEDS = (1234,)  # one seed: two trials fit the device budget (the 1gpu preset states three)
 ABLATE_OVERRIDES = ["train.train_steps=6", "train.warmup_steps=1", "train.checkpoint_every=0", "train.log_every=2",
                     "eval.limit=8", "eval.max_new_tokens=64"]
 EVAL_LIMIT, GREEDY_PROMPTS, GREEDY_TOKENS = 16, 4, 24
@@ -352,6 +353,7 @@ def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
     t0 = time.perf_counter()
     ph.sh([PY, "-m", "cglab.cli", "ablate", "2", "--preset", "1gpu", "--config", str(WORK / "ablate_base.yaml"),
            "--storage-path", str(WORK / "tune"), "--name", name, "--no-resume",
+           "--seeds", *map(str, ABLATE_SEEDS),
            *(["--tracking-uri", uri] if uri else []), *ABLATE_OVERRIDES], check=False)
     wall = time.perf_counter() - t0
     if ph.dry:

@@ -182,7 +182,7 @@ def test_ablate_overrides_validate_for_both_lesson_2_trials(work):
     st = gpu_e2e.state()
     base.write_text(yaml.safe_dump({"data": {"sources": st["sources"], "num_sentinels": 256,
                                              "tokenizer": {"path": st["tokenizer"]}}}))
-    plan = plan_lesson(2, "1gpu", str(base), gpu_e2e.ABLATE_OVERRIDES, te="no")
+    plan = plan_lesson(2, "1gpu", str(base), gpu_e2e.ABLATE_OVERRIDES, te="no", seeds=gpu_e2e.ABLATE_SEEDS)
     assert len(plan["trials"]) == 2
     assert [e for e in plan["errors"] if not _data_size(e)] == []
     for trial in plan["trials"]:
