@@ -67,19 +67,37 @@ def aggregate(per_task: Mapping[str, Sequence[bool]], ks: Iterable[int] = KS) ->
             for k in ks if k <= n_min}
 
 
-def read_samples(path: str | Path) -> list[dict]:
-    """Samples JSONL; a malformed line is an error naming the file and line."""
-    samples = []
-    with open(path) as f:
+def json_records(path: str | Path):
+    """(where, object) for every non-blank line of a JSONL file, where = "path:line"; a line that is not JSON is
+    an error naming it (the data and samples readers of every suite share this)."""
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                s = json.loads(line)
-                samples.append({"task_id": str(s["task_id"]), "completion": str(s["completion"])})
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: not a {{'task_id', 'completion'}} object ({err})") from err
-    return samples
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not JSON ({err})") from err
+            yield where, obj
+
+
+def read_jsonl(path: str | Path, parse, what: str) -> list:
+    """`parse(obj)` of every record of a JSONL file; a record `parse` refuses (KeyError, TypeError, ValueError)
+    is an error naming the file, the line and `what` it should be."""
+    out = []
+    for where, obj in json_records(path):
+        try:
+            out.append(parse(obj))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: not {what} ({err})") from err
+    return out
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """Samples JSONL; a malformed line is an error naming the file and line."""
+    return read_jsonl(path, lambda s: {"task_id": str(s["task_id"]), "completion": str(s["completion"])},
+                      "a {'task_id', 'completion'} object")
 
 
 def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None = None, *,

@@ -19,12 +19,11 @@ pass@k is the unbiased estimator, reported with the isolation mode and status co
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cglab.eval.humaneval import aggregate
+from cglab.eval.humaneval import aggregate, json_records, read_jsonl
 from cglab.eval.sandbox import (Limits, end_marker, isolation_mode, program_end, require_end, run_programs,
                                 status_counts)
 
@@ -40,31 +39,23 @@ def load_tasks(path: str | Path) -> dict[int, dict]:
     """task_id -> task, in file order. A malformed record is an error naming the file and line."""
     path = Path(path)
     tasks: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                task = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not JSON ({err})") from err
-            if not isinstance(task, dict):
-                raise ValueError(f"{where}: an MBPP record is a JSON object, got {type(task).__name__}")
-            for name, kind in _FIELDS.items():
-                if name not in task:
-                    raise ValueError(f"{where}: MBPP record has no {name!r} field")
-                # bool is an int subclass: a task_id of true is still malformed
-                if not isinstance(task[name], kind) or isinstance(task[name], bool):
-                    raise ValueError(f"{where}: MBPP field {name!r} should be {kind.__name__}, "
-                                     f"got {type(task[name]).__name__}")
-            for name in ("test_list", "challenge_test_list"):
-                tests = task.get(name, [])
-                if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
-                    raise ValueError(f"{where}: MBPP field {name!r} should be a list of strings")
-            if task["task_id"] in tasks:
-                raise ValueError(f"{where}: duplicate task_id {task['task_id']}")
-            tasks[task["task_id"]] = task
+    for where, task in json_records(path):
+        if not isinstance(task, dict):
+            raise ValueError(f"{where}: an MBPP record is a JSON object, got {type(task).__name__}")
+        for name, kind in _FIELDS.items():
+            if name not in task:
+                raise ValueError(f"{where}: MBPP record has no {name!r} field")
+            # bool is an int subclass: a task_id of true is still malformed
+            if not isinstance(task[name], kind) or isinstance(task[name], bool):
+                raise ValueError(f"{where}: MBPP field {name!r} should be {kind.__name__}, "
+                                 f"got {type(task[name]).__name__}")
+        for name in ("test_list", "challenge_test_list"):
+            tests = task.get(name, [])
+            if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+                raise ValueError(f"{where}: MBPP field {name!r} should be a list of strings")
+        if task["task_id"] in tasks:
+            raise ValueError(f"{where}: duplicate task_id {task['task_id']}")
+        tasks[task["task_id"]] = task
     return tasks
 
 
@@ -107,17 +98,8 @@ def program(task: Mapping, completion: str, *, challenge: bool = False, marker: 
 
 def read_samples(path: str | Path) -> list[dict]:
     """Samples JSONL of `{"task_id": int, "completion": str}`; a malformed line names the file and line."""
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-                samples.append({"task_id": int(s["task_id"]), "completion": str(s["completion"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{lineno}: not a {{'task_id', 'completion'}} object ({err})") from err
-    return samples
+    return read_jsonl(path, lambda s: {"task_id": int(s["task_id"]), "completion": str(s["completion"])},
+                      "a {'task_id', 'completion'} object")
 
 
 def evaluate(samples: Sequence[Mapping], tasks: Mapping[int, Mapping], *, limits: Limits | None = None,

@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cglab.eval.humaneval import KS, pass_at_k
+from cglab.eval.humaneval import KS, json_records, pass_at_k, read_jsonl
 from cglab.eval.sandbox import (Limits, end_marker, isolation_mode, program_end, require_end, run_programs,
                                 status_counts)
 
@@ -55,45 +55,37 @@ def load_problems(path: str | Path) -> list[dict]:
     path = Path(path)
     problems: list[dict] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    for where, p in json_records(path):
+        if not isinstance(p, dict):
+            raise ValueError(f"{where}: an MTPB record is a JSON object, got {type(p).__name__}")
+        for name in ("id", "prompts", "inputs", "outputs"):
+            if name not in p:
+                raise ValueError(f"{where}: MTPB record has no {name!r} field")
+        where = f"{where} (problem {p['id']})"
+        if not (isinstance(p["prompts"], list) and p["prompts"] and all(isinstance(t, str) for t in p["prompts"])):
+            raise ValueError(f"{where}: 'prompts' should be a non-empty list of strings")
+        if not (isinstance(p["inputs"], list) and all(isinstance(i, dict) for i in p["inputs"])):
+            raise ValueError(f"{where}: 'inputs' should be a list of objects (placeholder -> value)")
+        # More outputs than inputs is tolerated: the published file's problem 57 has six outputs for five
+        # inputs, and the released sampler zips the two lists, ignoring the extra one. We do the same.
+        if not isinstance(p["outputs"], list) or len(p["outputs"]) < len(p["inputs"]):
+            raise ValueError(f"{where}: 'outputs' should be a list with one expected result per input "
+                             f"({len(p['inputs'])} inputs)")
+        for case, inputs in enumerate(p["inputs"]):
             try:
-                p = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not JSON ({err})") from err
-            if not isinstance(p, dict):
-                raise ValueError(f"{where}: an MTPB record is a JSON object, got {type(p).__name__}")
-            for name in ("id", "prompts", "inputs", "outputs"):
-                if name not in p:
-                    raise ValueError(f"{where}: MTPB record has no {name!r} field")
-            where = f"{where} (problem {p['id']})"
-            if not (isinstance(p["prompts"], list) and p["prompts"] and all(isinstance(t, str) for t in p["prompts"])):
-                raise ValueError(f"{where}: 'prompts' should be a non-empty list of strings")
-            if not (isinstance(p["inputs"], list) and all(isinstance(i, dict) for i in p["inputs"])):
-                raise ValueError(f"{where}: 'inputs' should be a list of objects (placeholder -> value)")
-            # More outputs than inputs is tolerated: the published file's problem 57 has six outputs for five
-            # inputs, and the released sampler zips the two lists, ignoring the extra one. We do the same.
-            if not isinstance(p["outputs"], list) or len(p["outputs"]) < len(p["inputs"]):
-                raise ValueError(f"{where}: 'outputs' should be a list with one expected result per input "
-                                 f"({len(p['inputs'])} inputs)")
-            for case, inputs in enumerate(p["inputs"]):
-                try:
-                    [t.format(**inputs) for t in p["prompts"]]
-                except KeyError as err:
-                    raise ValueError(f"{where}: inputs[{case}] has no value for placeholder {err}") from err
-                except (IndexError, ValueError) as err:  # `{}`, `{0}` or an unmatched brace in a turn text
-                    raise ValueError(f"{where}: a prompt is not a valid {{name}} template ({err})") from err
-            gen_len = p.get("max_gen_length", DEFAULT_GEN_LENGTH)
-            if not isinstance(gen_len, int) or isinstance(gen_len, bool) or gen_len < 1:
-                raise ValueError(f"{where}: 'max_gen_length' should be a positive integer")
-            pid = str(p["id"])
-            if pid in seen:
-                raise ValueError(f"{where}: duplicate id {pid}")
-            seen.add(pid)
-            problems.append({**p, "id": pid, "max_gen_length": gen_len, "outputs": p["outputs"][:len(p["inputs"])]})
+                [t.format(**inputs) for t in p["prompts"]]
+            except KeyError as err:
+                raise ValueError(f"{where}: inputs[{case}] has no value for placeholder {err}") from err
+            except (IndexError, ValueError) as err:  # `{}`, `{0}` or an unmatched brace in a turn text
+                raise ValueError(f"{where}: a prompt is not a valid {{name}} template ({err})") from err
+        gen_len = p.get("max_gen_length", DEFAULT_GEN_LENGTH)
+        if not isinstance(gen_len, int) or isinstance(gen_len, bool) or gen_len < 1:
+            raise ValueError(f"{where}: 'max_gen_length' should be a positive integer")
+        pid = str(p["id"])
+        if pid in seen:
+            raise ValueError(f"{where}: duplicate id {pid}")
+        seen.add(pid)
+        problems.append({**p, "id": pid, "max_gen_length": gen_len, "outputs": p["outputs"][:len(p["inputs"])]})
     return problems
 
 
@@ -277,17 +269,8 @@ def program(code: str, expected, marker: str = "") -> str:
 
 def read_samples(path: str | Path) -> list[dict]:
     """Samples JSONL of `{"id", "case", "program"}` (what `generate_samples` writes, `turns` optional)."""
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-                samples.append({**s, "id": str(s["id"]), "case": int(s["case"]), "program": str(s["program"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{lineno}: not an {{'id', 'case', 'program'}} object ({err})") from err
-    return samples
+    return read_jsonl(path, lambda s: {**s, "id": str(s["id"]), "case": int(s["case"]), "program": str(s["program"])},
+                      "an {'id', 'case', 'program'} object")
 
 
 def evaluate(samples: Sequence[Mapping], problems: Sequence[Mapping], *, limits: Limits | None = None,
