@@ -144,7 +144,11 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
     rows.append(dict(docs=n_docs, what="dedup reuse (second prepare)", wall_s=t_reuse, cpu_s=None,
                      per_million="", note="fingerprint (one stat per file) + marker lookup"))
     plan = pipeline.prepare_data(cfg, tokenizer=tok)
-    # (a) CPU seconds of one epoch at each DP size
+    # (a) CPU seconds of one epoch at each DP size, after one first batch has warmed the workers (imports,
+    # tokenizer) so that DP=1, measured first, does not also pay for the cold start
+    warm = pipeline.iter_train_batches(cfg, 0, 0, 1, batch_size=8, plan=plan)
+    next(warm)
+    warm.close()
     ref_samples = None
     for dp in args.dp:
         c0, t0, n = cpu_seconds(), time.perf_counter(), 0
