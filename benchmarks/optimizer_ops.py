@@ -1,4 +1,4 @@
-"""Megatron's multi-tensor optimizer ops without Apex/TE: its local per-parameter loops vs cglab.megatron_foreach,
+"""Megatron's multi-tensor optimizer ops without Apex/TE: its local per-parameter loops vs cglab.compat.foreach,
 on the parameter list of a preset (the tensors the Float16 optimizer touches every step), in one run.
 
     PYTHONPATH=platform python benchmarks/optimizer_ops.py [--preset small] [--reps 20]
@@ -45,9 +45,10 @@ def main():
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     preset = args.preset or ("codegen2-1B" if cuda else "small")
-    from cglab import megatron_cpu, megatron_foreach
+    from cglab import compat
+    from cglab.compat import foreach
 
-    megatron_cpu.apply()  # CPU only: Megatron's local norm builds its result with device="cuda"
+    compat.apply("cpu")  # CPU only: Megatron's local norm builds its result with device="cuda"
     from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
     dev = "cuda" if cuda else "cpu"
@@ -60,11 +61,11 @@ def main():
     n = sum(t.numel() for t in grads)
     ops = {
         "grad L2 norm": (lambda: local_multi_tensor_l2_norm(0, None, [grads], False),
-                         lambda: megatron_foreach.l2_norm(0, None, [grads], False)),
+                         lambda: foreach.l2_norm(0, None, [grads], False)),
         "clip: scale grads in place": (lambda: local_multi_tensor_scale(0, None, [grads, grads], 0.999),
-                                       lambda: megatron_foreach.scale(0, None, [grads, grads], 0.999)),
+                                       lambda: foreach.scale(0, None, [grads, grads], 0.999)),
         "copy fp32 main -> bf16 model": (lambda: local_multi_tensor_scale(0, None, [main_params, model_params], 1.0),
-                                         lambda: megatron_foreach.scale(0, None, [main_params, model_params], 1.0)),
+                                         lambda: foreach.scale(0, None, [main_params, model_params], 1.0)),
     }
     name = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, torch {torch.__version__}, preset {preset}: {len(shapes)} tensors, {n / 1e6:.1f} M params")

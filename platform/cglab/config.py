@@ -77,7 +77,7 @@ class ModelConfig(_Section):
     # first); naming one pins it for a comparison or a GPU where the default is slower.
     sdpa_kernel: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
     # GPU only: each weight gradient is accumulated into its fp32 main grad inside the GEMM (Megatron's
-    # gradient_accumulation_fusion, via cglab.megatron_wgrad when Apex is absent) instead of a bf16 grad + an add;
+    # gradient_accumulation_fusion, via cglab.compat.wgrad when Apex is absent) instead of a bf16 grad + an add;
     # backward then needs the main grads Megatron's DDP wrapper provides (cglab.train does). One H100, codegen2-1B
     # shape: 67.6k -> 70.0k tokens/s (one micro-batch per step), 83.1k -> 83.9k (eight).
     wgrad_fusion: bool = True
@@ -286,7 +286,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     fused_adam: bool = True  # GPU only
     # The 1/tokens grad scaling and the clip coefficient handed to fused AdamW's grad_scale instead of two passes over
-    # the fp32 grads (cglab.megatron_gradscale; same update, grad norm and grads left behind). None: wherever fused
+    # the fp32 grads (cglab.compat.gradscale; same update, grad norm and grads left behind). None: wherever fused
     # AdamW runs (GPU with train.fused_adam, no distributed optimizer); true: also on CPU (fused AdamW there too),
     # and an error where it cannot apply. One H100, codegen2-1B shape: 66.8-67.1k -> 68.6-70.0k tokens/s (one
     # micro-batch per step), 84.5k -> 85.0k (eight).

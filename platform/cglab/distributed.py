@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from cglab import megatron_cpu
+from cglab import compat
 
 
 def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | None = None) -> None:
@@ -15,7 +15,7 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | N
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    megatron_cpu.apply()
+    compat.apply("cpu")  # no CUDA: Megatron-Core on the CPU (a GPU process is left alone)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

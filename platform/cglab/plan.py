@@ -3,14 +3,16 @@
     plan = plan_run(cfg)                       # one run: dict of resolved decisions, warnings and errors
     plan = plan_lesson(3, "1gpu")              # a lesson: the same for every trial, under "trials"
 
-Everything a run decides at start is resolved here, for the machine the run targets (a GPU preset is planned on a
+Everything a run decides at start is gathered here, for the machine the run targets (a GPU preset is planned on a
 machine without one): the attention backend and why, the fusions, the Adam Megatron will build and whether the
 grad-scale fold applies, precision, the parallel layout, resources, the data available (a bounded scan through
 the training readers and filters, its method stated) against the data needed, the mask fraction each corrupting
 objective realises on that data at the configured sequence length (the real objective code, run on a sample), the
 sentinels needed and available, and memory per GPU (cglab.train.memory). `warnings` are decisions a researcher
-should know about; `errors` are what a run refuses. `cglab train`, `jobs/pretrain.py` and every Tune trial run
-`plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as `plan.json`.
+should know about; `errors` are what a run refuses. The attention, fusion and Adam entries are the run's own
+`cglab.decisions.RunDecisions`, resolved for the target machine. `cglab train`, `jobs/pretrain.py` and every Tune
+trial run `plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as
+`plan.json`.
 """
 from __future__ import annotations
 
@@ -33,83 +35,7 @@ MASK_TOLERANCE = 0.10  # relative: the realised fraction must be within 10% of t
 GPU_MEMORY_GIB = 80.0  # H100 80GB, the smallest GPU the GPU presets are sized for
 
 
-@dataclasses.dataclass
-class Target:
-    """The machine a run targets: CUDA, and whether Transformer Engine (hence TE's FusedAdam) is importable."""
-
-    cuda: bool
-    te: bool
-    note: str = ""
-
-    @classmethod
-    def for_config(cls, cfg: CGLabConfig, te: str = "auto") -> "Target":
-        import torch
-
-        from cglab.model.spec import have_te
-
-        cuda, here = cfg.parallel.use_gpu, torch.cuda.is_available()
-        if te != "auto":
-            return cls(cuda, te == "yes", f"Transformer Engine {'assumed' if te == 'yes' else 'assumed absent'}")
-        if cuda and not here:
-            # The shipped GPU images (clusters/Dockerfile, clusters/aws-p5.yaml) install `.[gpu]`, which has TE.
-            return cls(True, True, "planned on a machine without CUDA for a GPU run: decisions are for the shipped "
-                                   "GPU image (clusters/Dockerfile, `pip install .[gpu]`, Transformer Engine "
-                                   "installed); pass --te no for a GPU host without it")
-        return cls(cuda, have_te(), "")
-
-
-# ---------------------------------------------------------------------------------------------- decisions
-def _attention(cfg: CGLabConfig, target: Target) -> dict:
-    from cglab.model.spec import choose_backend
-
-    m = cfg.model
-    backend, why = choose_backend(m.attention_backend, m.attention_dropout, target.cuda)
-    masks = [x for x, on in (("packed documents", m.document_masking), ("prefix-LM", m.architecture == "prefix_lm"))
-             if on]
-    kind = ("FlexAttention block masks" if backend == "flex" and target.cuda else
-            "dense [b, 1, s, s] masks" if masks else "causal kernel, no mask tensor")
-    return {"backend": backend, "why": why, "masks": masks or ["causal only"], "mask_kind": kind}
-
-
-def _fusions(cfg: CGLabConfig, target: Target, backend: str) -> dict:
-    m = cfg.model
-    fuse = m.compile_fusions is not False
-    compiled = "torch.compile" if target.cuda else "eager, same maths (CPU)"
-    return {
-        "attention_glue": f"on ({compiled})" if fuse and backend in ("sdpa", "flex") else "off",
-        "residual_sum": f"on ({compiled})" if fuse and backend in ("sdpa", "flex") else "off",
-        "lm_loss": f"on ({compiled})" if fuse and cfg.parallel.tensor_model_parallel_size == 1 else "off",
-        "bias_gelu_and_cross_entropy": "on (Megatron's fused kernels)" if target.cuda and m.fused_kernels else "off",
-        "wgrad_fusion": "on (fp32 main grad accumulated in the GEMM)" if target.cuda and m.wgrad_fusion else "off",
-    }
-
-
-def _adam(cfg: CGLabConfig, target: Target, errors: list[str]) -> dict:
-    from cglab.train.step import adam_plan, megatron_adam_impl
-
-    import torch
-
-    if target.cuda == torch.cuda.is_available() and target.te == _te_here():
-        impl = megatron_adam_impl()  # planning for this machine: what Megatron really imported
-    else:
-        impl = "te" if target.te else "torch"
-    try:
-        plan = adam_plan(cfg, target.cuda, impl)
-    except ConfigError as err:
-        errors.append(str(err))
-        return {"implementation": f"{impl.upper()} FusedAdam", "fold_grad_scale": "refused"}
-    name = {"te": "Transformer Engine FusedAdam", "apex": "Apex FusedAdam"}.get(
-        impl, "torch AdamW, fused kernel" if plan.fused else "torch AdamW, foreach (Megatron's default)")
-    return {"implementation": name, "fold_grad_scale": plan.fold,
-            "distributed_optimizer": cfg.parallel.distributed_optimizer}
-
-
-def _te_here() -> bool:
-    from cglab.model.spec import have_te
-
-    return have_te()
-
-
+# ---------------------------------------------------------------------------------------------- resources
 def _resources(cfg: CGLabConfig, driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
     from cglab.tune.presets import max_concurrent, trial_resources
 
@@ -321,20 +247,23 @@ def _sentinels(cfg: CGLabConfig, scan: Scan | None, errors: list[str]) -> dict:
 def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan | None = None,
              driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
     """Everything the run `cfg` decides at start, with its warnings and errors (cross-field config errors too)."""
+    from cglab.decisions import Machine, RunDecisions  # imports torch: kept off `cglab --help`'s path
     from cglab.train.memory import memory_gib
 
     errors, warnings = list(cross_field_errors(cfg)), []
-    target = Target.for_config(cfg, te)
+    target = Machine.target(cfg, te)
     if target.note:
         warnings.append(target.note)
-    att = _attention(cfg, target)
+    decisions = RunDecisions.resolve(cfg, target)  # what the run decides at start, on the machine it targets
+    if decisions.adam_error:
+        errors.append(decisions.adam_error)
+    sections = decisions.plan_sections(cfg)
+    att = sections["attention_backend"]
     if att["backend"] == "te":
         warnings.append("attention_backend: Transformer Engine has never been measured here (no TE run in "
                         "benchmarks/results); its numbers and masks are unverified")
     out: dict[str, Any] = {
-        "attention_backend": att,
-        "fusions": _fusions(cfg, target, att["backend"]),
-        "adam": _adam(cfg, target, errors),
+        **sections,
         "precision": cfg.train.precision,
         "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
                      "dp": cfg.parallel.data_parallel_size, "world_size": cfg.world_size,

@@ -50,10 +50,11 @@ def test_every_layer_gets_the_kernel_and_logits_are_unchanged(single_rank, arch,
     (True, True, 0.0, "flex"),  # Transformer Engine installed (the GPU images): auto still never picks it
     (True, True, 0.1, "sdpa")])
 def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
-    from cglab.model import spec
+    from cglab import decisions as spec
+    from cglab.compat import flags
 
     monkeypatch.setattr(spec.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(spec, "have_te", lambda: te)
+    monkeypatch.setattr(flags, "HAVE_TE", te)
     assert spec.resolve_backend("auto", dropout) == want
     assert spec.resolve_backend("sdpa", dropout) == "sdpa"  # an explicit choice is kept
 

@@ -1,4 +1,4 @@
-"""The CodeGen2 model on Megatron-Core: config translation, construction and the masked loss."""
+"""The CodeGen2 model on Megatron-Core: config translation, construction, and the attention mask it is fed."""
 from __future__ import annotations
 
 import torch
@@ -7,12 +7,13 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from cglab import megatron_wgrad
+from cglab import compat
 from cglab.config import ModelConfig, ParallelConfig
+from cglab.decisions import ModelDecisions
 from cglab.model import fused
 from cglab.model.init import init_weights
 from cglab.model.masks import attention_mask, block_mask
-from cglab.model.spec import codegen_layer_spec, resolve_backend
+from cglab.model.spec import codegen_layer_spec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -20,11 +21,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) -> TransformerConfig:
+def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False,
+                       decisions: ModelDecisions | None = None) -> TransformerConfig:
+    """decisions: the run's (None: resolved for m on this machine)."""
+    d = decisions or ModelDecisions.resolve(m, p)
     dtype = torch.bfloat16 if bf16 else torch.float32
     # On GPU, Megatron's fused bias+gelu and cross-entropy kernels. Its fused "gelu" is the tanh approximation
     # (CodeGen's gelu_new) and is selected by activation_func == F.gelu, so F.gelu here still means gelu_tanh.
-    fuse = torch.cuda.is_available() and m.fused_kernels
+    fuse = d.fused_kernels
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim, layernorm_epsilon=m.layernorm_epsilon,
@@ -40,17 +44,20 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False) ->
         # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
         masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=torch.cuda.is_available() and m.wgrad_fusion,
+        gradient_accumulation_fusion=d.wgrad_fusion,
         rotary_interleaved=False,
     )
 
 
 class CodeGenModel(GPTModel):
     """GPTModel with CodeGen's untied LM head *with bias* (GPTModel's head has none). compile_loss: at TP=1, the
-    per-token loss through cglab.model.fused.cross_entropy (compiled on GPU) instead of Megatron's."""
+    per-token loss through cglab.model.fused.cross_entropy (compiled on GPU) instead of Megatron's. `decisions`:
+    what it was built with, so that what feeds it (forward_logits) masks for the backend it really has."""
 
-    def __init__(self, config: TransformerConfig, compile_loss: bool = False, **kwargs):
+    def __init__(self, config: TransformerConfig, compile_loss: bool = False,
+                 decisions: ModelDecisions | None = None, **kwargs):
         super().__init__(config, **kwargs)
+        self.decisions = decisions
         self.compile_loss = compile_loss and config.tensor_model_parallel_size == 1
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -64,21 +71,21 @@ class CodeGenModel(GPTModel):
 
 
 def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_process: bool | None = None,
-                post_process: bool | None = None, seed: int = 1234) -> CodeGenModel:
+                post_process: bool | None = None, seed: int = 1234,
+                decisions: ModelDecisions | None = None) -> CodeGenModel:
     """One pipeline stage of the model for this rank (parallel_state must be initialised), initialised from `seed`
-    identically whatever the TP x PP layout."""
+    identically whatever the TP x PP layout. decisions: the run's (None: resolved for m on this machine)."""
+    d = decisions or ModelDecisions.resolve(m, p)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    cfg = transformer_config(m, p, bf16=bf16)
-    fuse = m.compile_fusions is not False  # None: wherever it applies
+    cfg = transformer_config(m, p, bf16=bf16, decisions=d)
     if cfg.gradient_accumulation_fusion:
-        megatron_wgrad.apply()  # before the linear layers check for Apex's extension
+        compat.apply("wgrad")  # before the linear layers check for Apex's extension
     model = CodeGenModel(
-        cfg, compile_loss=fuse,
-        transformer_layer_spec=codegen_layer_spec(resolve_backend(m.attention_backend, m.attention_dropout), fuse,
-                                                  m.sdpa_kernel),
+        cfg, compile_loss=d.compile_loss, decisions=d,
+        transformer_layer_spec=codegen_layer_spec(d.attention_backend, d.fuse_attention, m.sdpa_kernel),
         vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
         position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
@@ -89,14 +96,17 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     return model
 
 
-def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_end=None, device=None):
+def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_end=None, device=None,
+               backend: str | None = None):
     """The attention mask the config asks for a [b, s] batch (a dense bool mask or a FlexAttention BlockMask), or
     None for plain causal on a backend that does it natively. prefix_end: [b, s] per token (the data's field) or
-    [b] per row (see `cglab.model.masks.allowed`)."""
+    [b] per row (see `cglab.model.masks.allowed`). backend: the model's resolved attention backend (None: resolve
+    m's here; a run passes its decision)."""
     b, s = shape
     seg = segment_ids if m.document_masking else None
     pre = prefix_end if m.architecture == "prefix_lm" else None
-    backend = resolve_backend(m.attention_backend, m.attention_dropout)
+    if backend is None:
+        backend = ModelDecisions.resolve(m).attention_backend
     if seg is None and pre is None and backend in ("sdpa", "te", "flex"):
         return None
     if backend == "flex" and torch.device(device or "cpu").type == "cuda":  # FlexAttention has no CPU backward
@@ -107,10 +117,6 @@ def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_
 def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None, prefix_end=None) -> torch.Tensor:
     """Logits [b, s, vocab/TP] of one (single-stage) model."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_end, tokens.device))
+    backend = model.decisions.attention_backend
+    return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_end, tokens.device, backend))
 
-
-def masked_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of masked per-token losses, number of counted tokens). Per-token losses come from GPTModel(labels=...)."""
-    loss_mask = loss_mask.to(per_token.dtype)
-    return (per_token.float() * loss_mask).sum(), loss_mask.sum()

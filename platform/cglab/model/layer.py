@@ -9,8 +9,10 @@ elementwise glue for the compiled kernels of `cglab.model.fused`; the GEMMs and 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch.nn.functional as F
+from torch import Tensor
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -52,19 +54,32 @@ class FusedSelfAttention(NoBiasSelfAttention):
         return self.linear_proj(self.core_attention.attend(q, k, v, attention_mask))
 
 
+class _Branches(NamedTuple):
+    """What the attention half hands the MLP half: in a parallel block the MLP reads the layer's normed input,
+    not the attention's output, so both travel together between Megatron's two hooks."""
+
+    residual: Tensor
+    ln: Tensor
+    attn: Tensor
+    attn_bias: Tensor | None
+
+
 class ParallelResidualLayer(TransformerLayer):
+    """Megatron's TransformerLayer with its two narrow hooks overridden (its `forward` is kept: it calls
+    `_forward_attention`, then `_forward_mlp` on what that returned): the attention hook runs the shared LayerNorm
+    and attention, the MLP hook the MLP on the same normed input and the parallel residual sum."""
+
     def __init__(self, *args, fused_residual: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_residual = fused_residual
 
-    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
-                rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None, inference_context=None,
-                packed_seq_params=None, sequence_len_offset=None, **kwargs):
+    def _forward_attention(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                           rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                           inference_context=None, packed_seq_params=None, sequence_len_offset=None, **kwargs):
         # Megatron's block and callers pass more than this layer implements (padding_mask for MoE routing,
         # rotary_pos_cos_sin for fused inference rotary, the deprecated inference_params, cross-attention's
         # context_mask, ...). None, the training default, is harmless; a value would be dropped without a word and
         # the layer would compute something else than asked, so it is refused by name.
-        kwargs.pop("dynamic_inference_decode_only", None)  # a CUDA-graph runner key only; Megatron drops it too
         unhandled = sorted(k for k, v in {**kwargs, "context_mask": context_mask}.items() if v is not None)
         if unhandled:
             raise TypeError(f"ParallelResidualLayer.forward does not implement {', '.join(unhandled)} (got a "
@@ -76,12 +91,16 @@ class ParallelResidualLayer(TransformerLayer):
             rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
             attention_bias=attention_bias, packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset)
+        return _Branches(hidden_states, ln, attn, attn_bias), context
+
+    def _forward_mlp(self, branches: _Branches, inference_context=None, padding_mask=None):
+        # padding_mask: refused by _forward_attention when set (Megatron's forward hands it to both hooks)
+        hidden_states, ln, attn, attn_bias = branches
         mlp, mlp_bias = self.mlp(ln)
         if self.fused_residual and attn_bias is None and (self.hidden_dropout == 0.0 or not self.training):
-            return fused.residual_sum(hidden_states, attn, mlp, mlp_bias), context
+            return fused.residual_sum(hidden_states, attn, mlp, mlp_bias)
         if attn_bias is not None:
             attn = attn + attn_bias
         if mlp_bias is not None:
             mlp = mlp + mlp_bias
-        out = hidden_states + F.dropout(attn + mlp, p=self.hidden_dropout, training=self.training)
-        return out, context
+        return hidden_states + F.dropout(attn + mlp, p=self.hidden_dropout, training=self.training)

@@ -7,10 +7,10 @@ the loss of the same token-weighted mean.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
@@ -20,9 +20,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from cglab import megatron_foreach, megatron_gradscale
-from cglab.config import CGLabConfig, ConfigError, ModelConfig
+from cglab import compat
+from cglab.compat.adam import built_adam
+from cglab.compat.gradscale import GradFold, step as folded_step
+from cglab.config import CGLabConfig, ModelConfig
+from cglab.decisions import RunDecisions
 from cglab.model.codegen import batch_mask, build_model
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
 
@@ -32,12 +37,18 @@ class TrainState:
     model: list[torch.nn.Module]  # one chunk per rank (no virtual pipeline)
     optimizer: object
     scheduler: OptimizerParamScheduler
-    grad_fold: megatron_gradscale.GradFold | None = None  # train.fold_grad_scale: the deferred 1/tokens factor
+    decisions: RunDecisions  # made once in build_train_state; every micro-batch and step reads them here
+    grad_fold: GradFold | None = None  # train.fold_grad_scale: the deferred 1/tokens factor
 
 
-def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> TrainState:
+def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None,
+                      decisions: RunDecisions | None = None) -> TrainState:
+    """decisions: the run's, resolved once (None: for cfg on this machine, here); a refused one raises ConfigError
+    before anything is built."""
+    d = (decisions or RunDecisions.resolve(cfg)).require()
+    log.info("run decisions: %s", d.plan_sections(cfg))
     bf16 = cfg.train.precision == "bf16"
-    model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed)
+    model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed, decisions=d.model)
     tc = model.config
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads
@@ -54,73 +65,21 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> Tr
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, clip_grad=t.grad_clip, bf16=bf16, params_dtype=tc.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    megatron_foreach.apply()  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
+    compat.apply("foreach")  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
-    plan = adam_plan(cfg, torch.cuda.is_available(), built_adam(optimizer))
-    if plan.fused and plan.impl == "torch":
-        _use_fused_adam(optimizer)
-    fold = megatron_gradscale.install([model], optimizer) if plan.fold else None
+    plan = d.adam
+    built = built_adam(optimizer)
+    if built != plan.impl:  # the fold decision rests on the Adam Megatron builds; it must be the one decided on
+        raise RuntimeError(f"Megatron-Core built {built}'s Adam, the run decided for {plan.impl}'s "
+                           "(cglab.compat.adam.megatron_adam_impl no longer predicts it)")
+    fold = compat.apply_to_optimizer([model], optimizer, fused_adam=plan.fused and plan.impl == "torch",
+                                     fold=plan.fold)
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
-    return TrainState([model], optimizer, scheduler, fold)
-
-
-class AdamPlan(NamedTuple):
-    impl: str  # the Adam class Megatron builds: "torch" (AdamW), "te" or "apex" (their FusedAdam)
-    fused: bool  # one fused kernel launch per step
-    fold: bool  # train.fold_grad_scale in effect
-
-
-def megatron_adam_impl() -> str:
-    """The Adam Megatron-Core 0.16.1 will build in this process: TE's FusedAdam when Transformer Engine imports,
-    else Apex's, else torch's AdamW (megatron/core/optimizer/__init__.py decides at import)."""
-    from megatron.core import optimizer as mo
-
-    if mo.USING_PYTORCH_OPTIMIZER:
-        return "torch"
-    return "te" if mo.Adam.__module__.startswith("transformer_engine") else "apex"
-
-
-def built_adam(optimizer) -> str:
-    """The implementation of the Adam Megatron actually built (what the fold decision must rest on)."""
-    impls = {_adam_impl(type(opt.optimizer)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-             if getattr(opt, "optimizer", None) is not None}
-    return "torch" if impls <= {"torch"} else sorted(impls - {"torch"})[0]
-
-
-def _adam_impl(cls) -> str:
-    mod = cls.__module__
-    return "te" if mod.startswith("transformer_engine") else "apex" if mod.startswith("apex") else "torch"
-
-
-def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
-    """Which Adam kernel runs and whether train.fold_grad_scale is in effect, for the Adam Megatron builds (`impl`)
-    on a machine with or without CUDA. Only torch's fused AdamW takes a grad scale: with Transformer Engine
-    installed (the GPU images), Megatron builds TE's FusedAdam, so the default fold is off there and an explicit
-    `train.fold_grad_scale=true` is refused."""
-    t = cfg.train
-    if impl != "torch":
-        if t.fold_grad_scale:
-            raise ConfigError(f"train.fold_grad_scale: Megatron-Core builds {impl.upper()}'s FusedAdam here "
-                              f"({'Transformer Engine' if impl == 'te' else 'Apex'} is installed), whose kernel takes "
-                              f"no grad scale; set train.fold_grad_scale=null or false")
-        return AdamPlan(impl, True, False)
-    fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
-    if t.fold_grad_scale is None:
-        return AdamPlan(impl, fused, fused and not cfg.parallel.distributed_optimizer)
-    return AdamPlan(impl, fused, t.fold_grad_scale)
-
-
-def _use_fused_adam(optimizer) -> None:
-    """Without Apex/TE, Megatron falls back to torch AdamW in its foreach mode; the fused CUDA kernel is one launch."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.AdamW | torch.optim.Adam):
-            for group in inner.param_groups:
-                group["fused"], group["foreach"] = True, False
+    return TrainState([model], optimizer, scheduler, d, fold)
 
 
 def _device() -> torch.device:
@@ -163,11 +122,11 @@ def _loss_func(loss_mask: torch.Tensor, objective: torch.Tensor | None, per_toke
     return total, n.int(), {"loss_stats": torch.stack(stats)}
 
 
-def _forward_step(m: ModelConfig, data_iterator, model):
+def _forward_step(m: ModelConfig, backend: str, data_iterator, model):
     b = next(data_iterator)
     bsz, s = b["shape"]
     dev = _device()
-    mask = batch_mask(m, (bsz, s), b.get("segment_ids"), b.get("prefix_end"), dev)
+    mask = batch_mask(m, (bsz, s), b.get("segment_ids"), b.get("prefix_end"), dev, backend)
     tokens = b.get("tokens")
     pos = torch.arange(s, device=dev).unsqueeze(0).expand(bsz, s)
     out = model(tokens, pos, mask, labels=b.get("labels"))
@@ -186,7 +145,8 @@ def forward_backward(state: TrainState, cfg: CGLabConfig, micro_batches: list[di
     # As Megatron's own train_step does: the fp32 optimizer's step leaves param.grad aliasing the DDP main grad, and
     # autograd would then add the next step's first micro-batch into it before DDP's hook adds it again (2 g1 + g2).
     state.optimizer.zero_grad()
-    return fb(forward_step_func=partial(_forward_step, m), data_iterator=iter(stage), model=state.model,
+    backend = state.decisions.model.attention_backend
+    return fb(forward_step_func=partial(_forward_step, m, backend), data_iterator=iter(stage), model=state.model,
               num_microbatches=len(stage), seq_length=s, micro_batch_size=bsz, decoder_seq_length=s,
               forward_only=forward_only)
 
@@ -219,7 +179,7 @@ def optimizer_step(state: TrainState):
     if state.grad_fold is None:
         ok, grad_norm, _ = state.optimizer.step()
     else:
-        ok, grad_norm, _ = megatron_gradscale.step(state.optimizer, state.grad_fold)
+        ok, grad_norm, _ = folded_step(state.optimizer, state.grad_fold)
     return ok, grad_norm
 
 

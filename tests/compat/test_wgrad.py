@@ -3,7 +3,7 @@ layers with gradient_accumulation_fusion=True."""
 import pytest
 import torch
 
-from cglab import megatron_wgrad
+from cglab.compat import wgrad as megatron_wgrad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,7 +23,8 @@ def _batches(n, mb=2, s=32, seed=0):
 def _run(overrides, steps=3, micro=2):
     from megatron.core import tensor_parallel
 
-    from cglab.train.step import _use_fused_adam, build_train_state, train_step
+    from cglab.compat.adam import use_fused_adam as _use_fused_adam
+    from cglab.train.step import build_train_state, train_step
 
     cfg = from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro}",
                          "train.train_steps=10", "train.warmup_steps=0", "train.lr=1e-2", *overrides])
@@ -65,7 +66,7 @@ def test_fold_equals_megatron_step(single_rank, clip):
 
 
 def test_install_needs_fused_adam(single_rank):
-    from cglab import megatron_gradscale
+    from cglab.compat import gradscale as megatron_gradscale
     from cglab.train.step import build_train_state
 
     cfg = from_dict({}, ["model.preset=tiny"])
@@ -83,7 +84,7 @@ def test_install_needs_fused_adam(single_rank):
     (["train.fold_grad_scale=true"], False, (True, True)),  # asked for on CPU: CPU fused AdamW
 ])
 def test_adam_plan_defaults(overrides, cuda, plan):
-    from cglab.train.step import adam_plan
+    from cglab.decisions import adam_plan
 
     got = adam_plan(from_dict({}, ["model.preset=tiny", *overrides]), cuda)
     assert (got.impl, got.fused, got.fold) == ("torch", *plan)
@@ -94,7 +95,7 @@ def test_adam_plan_where_megatron_builds_a_fused_adam_of_its_own(impl):
     """The GPU images install Transformer Engine, and then Megatron builds TE's FusedAdam, which takes no grad
     scale: the default fold is off there (it used to turn on and crash at start), an explicit one is refused."""
     from cglab.config import ConfigError
-    from cglab.train.step import adam_plan
+    from cglab.decisions import adam_plan
 
     cfg = from_dict({}, ["model.preset=tiny"])
     got = adam_plan(cfg, True, impl)
@@ -139,7 +140,8 @@ def test_fold_follows_the_optimizer_megatron_built(single_rank, monkeypatch):
     from megatron.core import optimizer as mo
 
     from cglab.config import ConfigError
-    from cglab.train.step import build_train_state, built_adam, train_step
+    from cglab.compat.adam import built_adam
+    from cglab.train.step import build_train_state, train_step
 
     monkeypatch.setattr(mo, "Adam", _TEFusedAdam)
     monkeypatch.setattr(mo, "USING_PYTORCH_OPTIMIZER", False)

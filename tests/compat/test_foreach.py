@@ -3,7 +3,7 @@ them leaves the same weights."""
 import pytest
 import torch
 
-from cglab import megatron_cpu, megatron_foreach
+from cglab.compat import cpu as megatron_cpu, foreach as megatron_foreach
 
 
 @pytest.fixture(scope="module")

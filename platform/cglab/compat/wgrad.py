@@ -29,7 +29,7 @@ def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, 
             return
         except (RuntimeError, TypeError) as e:  # an older torch: keep training, unfused
             _IN_PLACE_OK = False
-            warnings.warn(f"cglab.megatron_wgrad: fp32 in-place addmm unavailable ({e}); accumulating unfused")
+            warnings.warn(f"cglab.compat.wgrad: fp32 in-place addmm unavailable ({e}); accumulating unfused")
     if low:
         main_grad.add_(grad_output.t().matmul(total_input))
     else:

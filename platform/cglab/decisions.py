@@ -1,0 +1,174 @@
+"""Every "auto" and None setting of a run, resolved once at start from the config and the machine.
+
+    d = RunDecisions.resolve(cfg)                    # this machine
+    d = RunDecisions.resolve(cfg, Machine.target(cfg))   # the machine the run targets (cglab plan)
+
+The attention backend, the compiled fusions, Megatron's fused kernels and wgrad fusion, the Adam kernel and the
+grad-scale fold are decided here and nowhere else: `cglab.model.codegen.build_model` builds what
+`ModelDecisions` says (and keeps it on the model, so its masks match its backend), `cglab.train.step` keeps the
+`RunDecisions` in its TrainState for every micro-batch and optimizer step, and `cglab plan` prints the same object
+(`RunDecisions.plan_sections`), which the run logs as plan.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from cglab.compat import adam, flags
+from cglab.config import CGLabConfig, ConfigError, ModelConfig, ParallelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What a run's decisions depend on: CUDA, Transformer Engine, and the Adam Megatron-Core builds there."""
+
+    cuda: bool
+    te: bool
+    adam_impl: str  # "torch" (AdamW), "te" or "apex" (their FusedAdam)
+    note: str = ""
+
+    @classmethod
+    def here(cls) -> "Machine":
+        return cls(torch.cuda.is_available(), flags.HAVE_TE, adam.megatron_adam_impl())
+
+    @classmethod
+    def target(cls, cfg: CGLabConfig, te: str = "auto") -> "Machine":
+        """The machine `cfg` targets, which need not be this one (a GPU preset planned on a laptop). te: "yes" /
+        "no" to assume Transformer Engine present / absent, "auto" for this machine's (or the GPU image's)."""
+        cuda, here = cfg.parallel.use_gpu, torch.cuda.is_available()
+        if te != "auto":
+            has_te, note = te == "yes", f"Transformer Engine {'assumed' if te == 'yes' else 'assumed absent'}"
+        elif cuda and not here:
+            # The shipped GPU images (clusters/Dockerfile, clusters/aws-p5.yaml) install `.[gpu]`, which has TE.
+            has_te, note = True, ("planned on a machine without CUDA for a GPU run: decisions are for the shipped "
+                                  "GPU image (clusters/Dockerfile, `pip install .[gpu]`, Transformer Engine "
+                                  "installed); pass --te no for a GPU host without it")
+        else:
+            has_te, note = flags.HAVE_TE, ""
+        if cuda == here and has_te == flags.HAVE_TE:
+            impl = adam.megatron_adam_impl()  # planning for this machine: what Megatron really imported
+        else:
+            impl = "te" if has_te else "torch"
+        return cls(cuda, has_te, impl, note)
+
+
+def choose_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> tuple[str, str]:
+    """(backend, why) for `model.attention_backend` on a machine with or without CUDA (None: this one).
+
+    auto never picks Transformer Engine, even where the GPU image installs it: TE's DotProductAttention ignores a
+    dense mask when the mask type is causal (documents and prefix-LM would silently attend across their
+    boundaries), and no TE path has been measured on a GPU. An explicit `te` is refused with document masking or
+    prefix-LM by the config check (cglab.config.cross_field_errors).
+    """
+    if backend != "auto":
+        return backend, "set by model.attention_backend"
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return "sdpa", "auto on CPU: SDPA with dense masks (FlexAttention has no CPU backward)"
+    if attention_dropout == 0:
+        return "flex", "auto on GPU: FlexAttention block masks (measured; Transformer Engine is never chosen by auto)"
+    return "sdpa", "auto on GPU with model.attention_dropout > 0, which FlexAttention lacks: SDPA with dense masks"
+
+
+def resolve_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> str:
+    """auto -> flex (GPU, no attention dropout) | sdpa (otherwise); see choose_backend."""
+    return choose_backend(backend, attention_dropout, cuda)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDecisions:
+    """How the model is built and fed on a machine with or without CUDA."""
+
+    cuda: bool
+    attention_backend: str  # "local" | "sdpa" | "flex" | "te"
+    attention_why: str
+    fuse_attention: bool  # the compiled qkv + rotary attention and one-pass residual sum (cglab.model.fused)
+    compile_loss: bool  # the LM loss through cglab.model.fused.cross_entropy (TP=1)
+    fused_kernels: bool  # Megatron's fused bias-gelu and cross-entropy (CUDA)
+    wgrad_fusion: bool  # gradient_accumulation_fusion (CUDA; cglab.compat.wgrad without Apex)
+
+    @classmethod
+    def resolve(cls, m: ModelConfig, p: ParallelConfig | None = None, cuda: bool | None = None) -> "ModelDecisions":
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        backend, why = choose_backend(m.attention_backend, m.attention_dropout, cuda)
+        fuse = m.compile_fusions is not False  # None: wherever it applies
+        tp = p.tensor_model_parallel_size if p is not None else 1
+        return cls(cuda, backend, why, fuse and backend in ("sdpa", "flex"), fuse and tp == 1,
+                   cuda and m.fused_kernels, cuda and m.wgrad_fusion)
+
+
+class AdamPlan(NamedTuple):
+    impl: str  # the Adam class Megatron builds: "torch" (AdamW), "te" or "apex" (their FusedAdam)
+    fused: bool  # one fused kernel launch per step
+    fold: bool  # train.fold_grad_scale in effect
+
+
+def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
+    """Which Adam kernel runs and whether train.fold_grad_scale is in effect, for the Adam Megatron builds (`impl`)
+    on a machine with or without CUDA. Only torch's fused AdamW takes a grad scale: with Transformer Engine
+    installed (the GPU images), Megatron builds TE's FusedAdam, so the default fold is off there and an explicit
+    `train.fold_grad_scale=true` is refused."""
+    t = cfg.train
+    if impl != "torch":
+        if t.fold_grad_scale:
+            raise ConfigError(f"train.fold_grad_scale: Megatron-Core builds {impl.upper()}'s FusedAdam here "
+                              f"({'Transformer Engine' if impl == 'te' else 'Apex'} is installed), whose kernel takes "
+                              f"no grad scale; set train.fold_grad_scale=null or false")
+        return AdamPlan(impl, True, False)
+    fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
+    if t.fold_grad_scale is None:
+        return AdamPlan(impl, fused, fused and not cfg.parallel.distributed_optimizer)
+    return AdamPlan(impl, fused, t.fold_grad_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDecisions:
+    machine: Machine
+    model: ModelDecisions
+    adam: AdamPlan | None  # None when refused (adam_error)
+    adam_error: str | None = None
+
+    @classmethod
+    def resolve(cls, cfg: CGLabConfig, machine: Machine | None = None) -> "RunDecisions":
+        machine = machine or Machine.here()
+        try:
+            plan, error = adam_plan(cfg, machine.cuda, machine.adam_impl), None
+        except ConfigError as err:
+            plan, error = None, str(err)
+        return cls(machine, ModelDecisions.resolve(cfg.model, cfg.parallel, machine.cuda), plan, error)
+
+    def require(self) -> "RunDecisions":
+        """self, or the ConfigError a run refuses to start with."""
+        if self.adam_error:
+            raise ConfigError(self.adam_error)
+        return self
+
+    def plan_sections(self, cfg: CGLabConfig) -> dict:
+        """The decisions as `cglab plan` prints them (its attention_backend, fusions and adam entries)."""
+        md, m, cuda = self.model, cfg.model, self.machine.cuda
+        masks = [x for x, on in (("packed documents", m.document_masking), ("prefix-LM", m.architecture == "prefix_lm"))
+                 if on]
+        kind = ("FlexAttention block masks" if md.attention_backend == "flex" and cuda else
+                "dense [b, 1, s, s] masks" if masks else "causal kernel, no mask tensor")
+        compiled = "torch.compile" if cuda else "eager, same maths (CPU)"
+        fusions = {
+            "attention_glue": f"on ({compiled})" if md.fuse_attention else "off",
+            "residual_sum": f"on ({compiled})" if md.fuse_attention else "off",
+            "lm_loss": f"on ({compiled})" if md.compile_loss else "off",
+            "bias_gelu_and_cross_entropy": "on (Megatron's fused kernels)" if md.fused_kernels else "off",
+            "wgrad_fusion": "on (fp32 main grad accumulated in the GEMM)" if md.wgrad_fusion else "off",
+        }
+        impl = self.machine.adam_impl
+        if self.adam is None:
+            adam_out = {"implementation": f"{impl.upper()} FusedAdam", "fold_grad_scale": "refused"}
+        else:
+            name = {"te": "Transformer Engine FusedAdam", "apex": "Apex FusedAdam"}.get(
+                impl, "torch AdamW, fused kernel" if self.adam.fused else "torch AdamW, foreach (Megatron's default)")
+            adam_out = {"implementation": name, "fold_grad_scale": self.adam.fold,
+                        "distributed_optimizer": cfg.parallel.distributed_optimizer}
+        return {"attention_backend": {"backend": md.attention_backend, "why": md.attention_why,
+                                      "masks": masks or ["causal only"], "mask_kind": kind},
+                "fusions": fusions, "adam": adam_out}
