@@ -74,13 +74,17 @@ class ParallelResidualLayer(TransformerLayer):
         self.fused_residual = fused_residual
 
     def _forward_attention(self, hidden_states, attention_mask=None, context=None, context_mask=None,
-                           rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
-                           inference_context=None, packed_seq_params=None, sequence_len_offset=None, **kwargs):
-        # Megatron's block and callers pass more than this layer implements (padding_mask for MoE routing,
-        # rotary_pos_cos_sin for fused inference rotary, the deprecated inference_params, cross-attention's
-        # context_mask, ...). None, the training default, is harmless; a value would be dropped without a word and
-        # the layer would compute something else than asked, so it is refused by name.
-        unhandled = sorted(k for k, v in {**kwargs, "context_mask": context_mask}.items() if v is not None)
+                           rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                           attention_bias=None, inference_context=None, packed_seq_params=None,
+                           sequence_len_offset=None, padding_mask=None, *, inference_params=None, **kwargs):
+        # Megatron's signature (0.16.1), so its forward's positional arguments land where they do there. Its block
+        # and callers pass more than this layer implements (padding_mask for MoE routing, rotary_pos_cos_sin for
+        # fused inference rotary, the deprecated inference_params, cross-attention's context_mask, ...). None, the
+        # training default, is harmless; a value would be dropped without a word and the layer would compute
+        # something else than asked, so it is refused by name.
+        unused = {"context_mask": context_mask, "rotary_pos_cos_sin": rotary_pos_cos_sin,
+                  "padding_mask": padding_mask, "inference_params": inference_params}
+        unhandled = sorted(k for k, v in {**kwargs, **unused}.items() if v is not None)
         if unhandled:
             raise TypeError(f"ParallelResidualLayer.forward does not implement {', '.join(unhandled)} (got a "
                             "non-None value); it takes hidden_states, attention_mask, rotary_pos_emb/cos/sin, "
