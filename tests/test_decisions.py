@@ -1,0 +1,73 @@
+"""cglab.decisions: each "auto" / None setting is resolved once per run, and `cglab plan` prints that same object."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cglab import decisions
+from cglab.config import from_dict
+
+_RUN = ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=0",
+        "model.architecture=prefix_lm"]
+
+
+def _batches(n, mb=2, s=32):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        tok = torch.randint(0, 1000, (mb, s), generator=g)
+        out.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(mb, s),
+                    "segment_ids": torch.zeros(mb, s, dtype=torch.long),
+                    "prefix_end": torch.full((mb, s), 5, dtype=torch.long)})
+    return out
+
+
+def test_a_run_resolves_the_attention_backend_and_the_adam_once(single_rank, monkeypatch):
+    """Two steps of two micro-batches each: one resolution of the backend (it used to be one per micro-batch,
+    plus the model build's two) and one of the Adam plan."""
+    from cglab.train.step import build_train_state, train_step
+
+    backend_calls, adam_calls = [], []
+    choose, plan = decisions.choose_backend, decisions.adam_plan
+    monkeypatch.setattr(decisions, "choose_backend", lambda *a, **k: backend_calls.append(a) or choose(*a, **k))
+    monkeypatch.setattr(decisions, "adam_plan", lambda *a, **k: adam_calls.append(a) or plan(*a, **k))
+    cfg = from_dict({}, _RUN)
+    state = build_train_state(cfg)
+    batches = _batches(4)
+    for i in range(2):
+        out = train_step(state, cfg, batches[2 * i:2 * i + 2])
+        assert out["update_ok"] == 1.0
+    assert len(backend_calls) == 1 and len(adam_calls) == 1
+    assert state.decisions.model.attention_backend == "sdpa"  # auto on CPU
+    assert state.model[0].module.decisions is state.decisions.model  # the model keeps what it was built with
+
+
+@pytest.mark.parametrize("overrides, te", [([], "auto"), (["parallel.use_gpu=true"], "auto"),
+                                           (["parallel.use_gpu=true", "train.fold_grad_scale=true"], "yes"),
+                                           (["parallel.use_gpu=true", "model.attention_dropout=0.1"], "no")])
+def test_plan_prints_the_run_decisions_for_its_target(overrides, te):
+    from cglab.plan import plan_run
+
+    cfg = from_dict({}, ["model.preset=tiny", *overrides], cross_field=False)
+    d = decisions.RunDecisions.resolve(cfg, decisions.Machine.target(cfg, te))
+    plan = plan_run(cfg, te=te)
+    sections = d.plan_sections(cfg)
+    assert {k: plan[k] for k in sections} == sections
+    assert (d.adam_error in plan["errors"]) if d.adam_error else d.adam is not None
+
+
+def test_a_refused_decision_stops_the_run_before_it_builds():
+    from cglab.config import ConfigError
+
+    cfg = from_dict({}, ["model.preset=tiny", "train.fold_grad_scale=true"])
+    d = decisions.RunDecisions.resolve(cfg, decisions.Machine(cuda=True, te=True, adam_impl="te"))
+    assert d.adam is None and "train.fold_grad_scale" in d.adam_error
+    with pytest.raises(ConfigError, match="train.fold_grad_scale: Megatron-Core builds TE's FusedAdam"):
+        d.require()
+
+
+def test_the_layer_spec_takes_only_a_resolved_backend():
+    from cglab.model.spec import codegen_layer_spec
+
+    with pytest.raises(ValueError, match="not a resolved attention backend"):
+        codegen_layer_spec("auto")
