@@ -135,8 +135,8 @@ def test_cpu_shim_lists_exactly_the_modules_with_cuda_factories():
 def test_the_scan_finds_a_factory_it_was_not_told_about(tmp_path, monkeypatch):
     """The scan itself: a module like Megatron main's new optimizer code, with a device="cuda" scalar, is flagged."""
     mod = tmp_path / "fake_megatron_module.py"
-    mod.write_text("import torch\n\nclass Opt:\n    def step(self):\n"
-                   "        return torch.zeros(1, device=\"cuda\") + torch.tensor([1.0], device=torch.device('cuda'))\n")
+    mod.write_text("import torch\n\nclass Opt:\n    def step(self):\n        return (torch.zeros(1, device=\"cuda\")"
+                   " + torch.tensor([1.0], device=torch.device('cuda')))\n")
     assert cuda_factories(str(mod)) == [("Opt.step", "torch.zeros", 5), ("Opt.step", "torch.tensor", 5)]
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("fake_megatron_module")

@@ -1,4 +1,5 @@
-"""Layer specs for the CodeGen block, one per attention backend. Extending the model means editing a spec, not Megatron."""
+"""Layer specs for the CodeGen block, one per attention backend. Extending the model means editing a spec, not
+Megatron."""
 from __future__ import annotations
 
 from megatron.core.transformer.enums import AttnMaskType
