@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cglab import megatron_foreach, megatron_gradscale
 from cglab.config import CGLabConfig, ConfigError, ModelConfig
+from cglab.model import pretrained
 from cglab.model.codegen import batch_mask, build_model
 
 OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
@@ -38,6 +39,7 @@ class TrainState:
 def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None) -> TrainState:
     bf16 = cfg.train.precision == "bf16"
     model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed)
+    pretrained.load_weights(model, cfg)  # model.init_from; before the optimizer copies the params into main params
     tc = model.config
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads
