@@ -135,9 +135,17 @@ def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match):
         trainer.fit(cfg, storage_path=str(tmp_path), name="refused")
 
 
-def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, micro_sources, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def small_vocab(released, tmp_path_factory):
+    """A HF CodeGen of 384 tokens that ships the 400-token tokenizer."""
     from cglab.data.tokenizer import CGTokenizer
 
+    d, _, _ = released
+    return _hf_dir(tmp_path_factory.mktemp("small") / "hf", _cfg("model.vocab_size=384").model, CGTokenizer.load(d))
+
+
+def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, small_vocab, micro_sources, tmp_path,
+                                                             monkeypatch):
     d, _, _ = released
     data = [f"data.sources={json.dumps(micro_sources)}", "data.filters.dedup=false"]
     # the config's vocabulary is not the weights'
@@ -145,9 +153,7 @@ def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, micro_so
                                r"model\.vocab_size: 2048 in this config, but the weights of model\.init_from=.* "
                                r"have 1024 \(config\.json vocab_size\)")
     # weights of 384 tokens whose tokenizer has 400
-    m = _cfg("model.vocab_size=384").model
-    small = _hf_dir(tmp_path / "small", m, CGTokenizer.load(d))
-    _refused_before_any_worker(_cfg(f"model.init_from={small}", "model.vocab_size=384", *data), tmp_path,
+    _refused_before_any_worker(_cfg(f"model.init_from={small_vocab}", "model.vocab_size=384", *data), tmp_path,
                                monkeypatch, r"model\.init_from: the tokenizer .* has 400 tokens, more than "
                                             r"model\.vocab_size=384, the vocabulary of the weights")
 
@@ -168,3 +174,22 @@ def test_every_shape_field_that_differs_is_named(released):
         (no_tok / f).symlink_to(d / f)
     with pytest.raises(ConfigError, match="model.init_from: .* has no tokenizer.json; .* set data.tokenizer.path"):
         pretrained.load_tokenizer(_cfg(f"model.init_from={no_tok}"))
+
+
+def test_a_lesson_sweep_starts_every_trial_from_the_weights_or_names_what_differs(released, small_vocab,
+                                                                                 micro_sources):
+    """The sweep's preflight (every trial's plan, before any trial starts) with init_from among the overrides."""
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.presets import base_config, get_preset
+    from cglab.tune.sweep import preflight
+
+    d, _, _ = released
+    lesson, preset = get_lesson(2), get_preset("laptop")
+    trials = [(v.name, 1) for v in lesson.variants]
+    data = [f"data.sources={json.dumps(micro_sources)}"]
+    plans = preflight(lesson, base_config(preset, None, [*data, f"model.init_from={d}"]), trials, preset)
+    assert [p["init_from"]["weights"] for p in plans] == [f"HF CodeGen {d} (model.safetensors)"] * len(trials)
+    with pytest.raises(ConfigError) as err:  # the laptop preset's tiny shape has 1024 tokens
+        preflight(lesson, base_config(preset, None, [*data, f"model.init_from={small_vocab}"]), trials, preset)
+    for v, _ in trials:
+        assert f"{v} seed 1: model.vocab_size: 1024 in this config, but the weights" in str(err.value)
