@@ -119,7 +119,7 @@ def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_
         assert torch.equal(a[k], b[k]), k
 
 
-def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match):
+def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match, mlflow=None):
     """fit() with the Ray start stubbed out and TorchTrainer, which starts the workers, made to fail the test."""
     import ray.train.torch
 
@@ -132,7 +132,7 @@ def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match):
     monkeypatch.setattr(trainer, "ensure_ray", lambda cfg=None: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", NoWorkers)
     with pytest.raises(ConfigError, match=match):
-        trainer.fit(cfg, storage_path=str(tmp_path), name="refused")
+        trainer.fit(cfg, storage_path=str(tmp_path), name="refused", mlflow=mlflow)
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +146,24 @@ def small_vocab(released, tmp_path_factory):
 
 def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, small_vocab, micro_sources, tmp_path,
                                                              monkeypatch):
+    from mlflow import MlflowClient
+
+    from cglab.train.cli import mlflow_run
+
     d, _, _ = released
     data = [f"data.sources={json.dumps(micro_sources)}", "data.filters.dedup=false"]
-    # the config's vocabulary is not the weights'
-    _refused_before_any_worker(_cfg(f"model.init_from={d}", "model.vocab_size=2048", *data), tmp_path, monkeypatch,
-                               r"model\.vocab_size: 2048 in this config, but the weights of model\.init_from=.* "
-                               r"have 1024 \(config\.json vocab_size\)")
+    # the config's vocabulary is not the weights': refused on the plan, which the MLflow run (made as `cglab train`
+    # makes it; a store read directly, as a server would write it, without the server's start-up) keeps, with
+    # where the weights came from
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(f"model.init_from={d}", "model.vocab_size=2048", f"track.mlflow_uri={uri}", *data)
+    ctx = mlflow_run(cfg, "refused")
+    _refused_before_any_worker(cfg, tmp_path, monkeypatch, r"model\.vocab_size: 2048 in this config, but the "
+                               r"weights of model\.init_from=.* have 1024 \(config\.json vocab_size\)", ctx)
+    run = MlflowClient(uri).get_run(ctx.run_id)
+    assert run.data.params["model.init_from"] == str(d)
+    assert run.data.tags["model.init_from"] == f"HF CodeGen {d} (model.safetensors)"
     # weights of 384 tokens whose tokenizer has 400
     _refused_before_any_worker(_cfg(f"model.init_from={small_vocab}", "model.vocab_size=384", *data), tmp_path,
                                monkeypatch, r"model\.init_from: the tokenizer .* has 400 tokens, more than "
