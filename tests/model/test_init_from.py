@@ -106,17 +106,21 @@ def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_
     assert plan["init_from"]["weights"] == f"HF CodeGen {d} (model.safetensors)" and plan["errors"] == []
     assert f"weights: HF CodeGen {d}" in text(plan)
     assert "random initialisation" in plan_run(_cfg())["init_from"]["weights"]
-    # pytorch_model.bin, as older releases ship it (transformers 5 writes only safetensors), reads the same tensors
+    # pytorch_model.bin, as older releases ship it (transformers 5 writes only safetensors), and a checkpoint split
+    # over several files, as the larger releases are, read the same tensors
     from safetensors.torch import load_file
+    from transformers import CodeGenForCausalLM
 
     (tmp_path / "bin").mkdir()
     shutil.copy(d / "config.json", tmp_path / "bin")
     torch.save(load_file(d / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
-    bin_src = pretrained.inspect(tmp_path / "bin")
-    assert bin_src.weights == "pytorch_model.bin"
-    a, b = pretrained.HFTensors(pretrained.inspect(d)), pretrained.HFTensors(bin_src)
+    CodeGenForCausalLM.from_pretrained(d).save_pretrained(tmp_path / "split", max_shard_size="200KB")
+    sources = [pretrained.inspect(p) for p in (d, tmp_path / "bin", tmp_path / "split")]
+    assert [s.weights for s in sources] == ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"]
+    assert len(list((tmp_path / "split").glob("*.safetensors"))) > 1
+    a, b, c = (pretrained.HFTensors(s) for s in sources)
     for k in ("transformer.h.1.attn.qkv_proj.weight", "lm_head.bias", "transformer.wte.weight"):
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
 
 
 def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match, mlflow=None):

@@ -232,9 +232,7 @@ def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> None:
     errors = shape_errors(cfg.model, src)
     if errors:  # the driver's plan refuses these first; a direct caller gets the same words
         raise ConfigError("; ".join(errors))
-    local = _hf_local(src, cfg.model, model) if src.kind == "hf" else _cglab_local(src, model)
-    with torch.no_grad():
-        load_into(model, local)
+    load_into(model, _hf_local(src, cfg.model, model) if src.kind == "hf" else _cglab_local(src, model))
 
 
 def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -282,17 +280,18 @@ class HFTensors:
 
     def __init__(self, src: Source):
         self.src = src
-        d = src.path
+        d, f = src.path, src.path / src.weights
+        self._bins: dict[Path, dict] = {}  # pytorch_model*.bin, memory-mapped once each
         if src.weights.endswith(".index.json"):
-            self.where = {k: d / f for k, f in json.loads((d / src.weights).read_text())["weight_map"].items()}
+            self.where = {k: d / name for k, name in json.loads(f.read_text())["weight_map"].items()}
         elif src.weights.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(str(d / src.weights), "pt") as f:
-                self.where = {k: d / src.weights for k in f.keys()}
+            with safe_open(str(f), "pt") as sf:
+                self.where = {k: f for k in sf.keys()}
         else:
-            self.where = {k: d / src.weights for k in self._bin(d / src.weights)}
-        self._bins: dict[Path, dict] = {}
+            self._bins[f] = self._bin(f)
+            self.where = {k: f for k in self._bins[f]}
 
     @staticmethod
     def _bin(path: Path) -> dict[str, torch.Tensor]:
