@@ -106,6 +106,10 @@ def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_
     assert plan["init_from"]["weights"] == f"HF CodeGen {d} (model.safetensors)" and plan["errors"] == []
     assert f"weights: HF CodeGen {d}" in text(plan)
     assert "random initialisation" in plan_run(_cfg())["init_from"]["weights"]
+    # a tokenizer short of what the data contract needs gets the tokens added, and the plan says so
+    more = plan_run(_cfg(f"model.init_from={d}", "data.num_sentinels=20"))
+    assert any(w.startswith("model.init_from: 4 tokens added to the weights' tokenizer") and "'<mask_17>'" in w
+               for w in more["warnings"]), more["warnings"]
     # pytorch_model.bin, as older releases ship it (transformers 5 writes only safetensors), and a checkpoint split
     # over several files, as the larger releases are, read the same tensors
     from safetensors.torch import load_file

@@ -204,19 +204,14 @@ def plan_entry(cfg: CGLabConfig, errors: list[str], warnings: list[str]) -> dict
                    + "sharded as each worker builds its model",
            "fresh": "optimizer state, LR schedule (warmup from 0), data position (step 0)"}
     try:
-        found = tokenizer_file(cfg)
+        found, tok = tokenizer_file(cfg), load_tokenizer(cfg)
     except ConfigError:
-        found = None  # the tokenizer load (data scan, prepare_data) reports it
-    if found is not None:
-        out["tokenizer"] = f"{found[1]} ({found[0]})"
-        if found[0] == FIELD and found[1].is_file():
-            from cglab.data.tokenizer import CGTokenizer
-
-            added = added_tokens(found[1], CGTokenizer.load(found[1], cfg.data.num_sentinels,
-                                                            cfg.data.tokenizer.max_whitespace_run))
-            if added:
-                warnings.append(f"{FIELD}: {len(added)} tokens added to the weights' tokenizer for cglab's data "
-                                f"contract ({_some(added)}); their embedding rows were not trained for them")
+        return out  # the run's tokenizer load (the plan's data scan, prepare_data) reports it
+    out["tokenizer"] = f"{found[1]} ({found[0]})"
+    added = added_tokens(found[1], tok) if found[0] == FIELD else []
+    if added:
+        warnings.append(f"{FIELD}: {len(added)} tokens added to the weights' tokenizer for cglab's data contract "
+                        f"({_some(added)}); their embedding rows were not trained for them")
     return out
 
 
