@@ -81,6 +81,14 @@ class ModelConfig(_Section):
     # backward then needs the main grads Megatron's DDP wrapper provides (cglab.train does). One H100, codegen2-1B
     # shape: 67.6k -> 70.0k tokens/s (one micro-batch per step), 83.1k -> 83.9k (eight).
     wgrad_fusion: bool = True
+    # Start from released weights instead of a random init: a HF CodeGen directory (config.json + model.safetensors
+    # or pytorch_model.bin, sharded or not, as `CodeGenForCausalLM.save_pretrained` writes) or a cglab checkpoint
+    # directory of any TP x PP layout (one with trainer_state.json). The weights are converted and sharded into this
+    # run's layout when the model is built; the optimizer, LR schedule and data position start fresh. The tokenizer
+    # comes with them (the HF directory's tokenizer.json, the checkpoint's tokenizer/) unless data.tokenizer.path is
+    # set. The shape fields above must equal the weights' (`cglab plan` and every run check it on the driver, before
+    # any worker starts; cglab.model.pretrained). A path every worker can read (local or shared filesystem).
+    init_from: str | None = None
 
     @model_validator(mode="before")
     @classmethod

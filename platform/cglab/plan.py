@@ -131,18 +131,14 @@ def _file_size(path: str) -> int:
 
 
 def _tokenizer(cfg: CGLabConfig):
-    """The run's tokenizer: loaded from data.tokenizer.path, else the corpus's (data/artifacts.py: reused from
-    data.cache_path, or trained and stored there, as `prepare_data` does)."""
+    """The run's tokenizer: loaded from data.tokenizer.path or model.init_from, else the corpus's (data/artifacts.py:
+    reused from data.cache_path, or trained and stored there, as `prepare_data` does)."""
     from cglab.data import artifacts, readers
-    from cglab.data.tokenizer import CGTokenizer
+    from cglab.model.pretrained import load_tokenizer
 
-    d, tc = cfg.data, cfg.data.tokenizer
-    if tc.path:
-        try:
-            return CGTokenizer.load(tc.path, d.num_sentinels, tc.max_whitespace_run)
-        except (FileNotFoundError, OSError, ValueError) as err:
-            raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
-    return artifacts.trained_tokenizer(d, readers.resolve_files(d.sources), artifacts.cache_root(d))[0]
+    d = cfg.data
+    tok = load_tokenizer(cfg)  # data.tokenizer.path, else the tokenizer that came with model.init_from's weights
+    return tok or artifacts.trained_tokenizer(d, readers.resolve_files(d.sources), artifacts.cache_root(d))[0]
 
 
 def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +244,7 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
              driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
     """Everything the run `cfg` decides at start, with its warnings and errors (cross-field config errors too)."""
     from cglab.decisions import Machine, RunDecisions  # imports torch: kept off `cglab --help`'s path
+    from cglab.model import pretrained
     from cglab.train.memory import memory_gib
 
     errors, warnings = list(cross_field_errors(cfg)), []
@@ -263,6 +260,7 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
         warnings.append("attention_backend: Transformer Engine has never been measured here (no TE run in "
                         "benchmarks/results); its numbers and masks are unverified")
     out: dict[str, Any] = {
+        "init_from": pretrained.plan_entry(cfg, errors, warnings),  # where the weights come from
         **sections,
         "precision": cfg.train.precision,
         "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,

@@ -423,7 +423,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
     from cglab.config import ConfigError
     from cglab.data import artifacts
     from cglab.data.mixture import source_weights
-    from cglab.data.tokenizer import CGTokenizer
+    from cglab.model.pretrained import load_tokenizer
 
     d = cfg.data
     if not d.sources:
@@ -432,14 +432,9 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
     weights = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
     root = artifacts.cache_root(d)
     built: dict[str, dict] = {}
-    tc = d.tokenizer
     if tokenizer is None:
-        if tc.path:
-            try:
-                tokenizer = CGTokenizer.load(tc.path, d.num_sentinels, tc.max_whitespace_run)
-            except (FileNotFoundError, OSError, ValueError) as err:
-                raise ConfigError(f"data.tokenizer.path: cannot load {tc.path!r} ({err})") from None
-        else:
+        tokenizer = load_tokenizer(cfg)  # data.tokenizer.path, else the tokenizer that came with model.init_from
+        if tokenizer is None:
             tokenizer, built["tokenizer"] = artifacts.trained_tokenizer(d, sources, root)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "

@@ -25,6 +25,7 @@ from cglab.compat.adam import built_adam
 from cglab.compat.gradscale import GradFold, step as folded_step
 from cglab.config import CGLabConfig, ModelConfig
 from cglab.decisions import RunDecisions
+from cglab.model import pretrained
 from cglab.model.codegen import batch_mask, build_model
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None,
     log.info("run decisions: %s", d.plan_sections(cfg))
     bf16 = cfg.train.precision == "bf16"
     model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed, decisions=d.model)
+    pretrained.load_weights(model, cfg)  # model.init_from; before the optimizer copies the params into main params
     tc = model.config
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads

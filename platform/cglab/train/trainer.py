@@ -85,7 +85,9 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
 def _log_plan(ctx, run_plan: dict) -> None:
     from mlflow import MlflowClient
 
-    MlflowClient(ctx.tracking_uri).log_dict(ctx.run_id, run_plan, "plan.json")
+    client = MlflowClient(ctx.tracking_uri)
+    client.log_dict(ctx.run_id, run_plan, "plan.json")
+    client.set_tag(ctx.run_id, "model.init_from", run_plan.get("init_from", {}).get("weights", "random init"))
 
 
 def _tag_passes(ctx, metrics: dict) -> None:

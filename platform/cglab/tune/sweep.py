@@ -145,7 +145,7 @@ class SweepResult:
 def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
                  ) -> tuple[CGLabConfig, str | None, str | None]:
     """The sweep's shared inputs, settled once on the driver: held-out files split off the training sources
-    (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path is set).
+    (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path or model.init_from brings one).
     Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
     restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path)
     is a ConfigError naming eval.allow_builtin_texts unless that is set; raised before the tokenizer is trained,
@@ -179,7 +179,7 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     if fell_back:
         log.warning("eval.allow_builtin_texts: scoring %s on cglab.eval.nl.builtin_texts, not held out (%s); "
                     "runs are tagged %s", " and ".join(fell_back), why, text_tags(used))
-    if not base.data.tokenizer.path:
+    if not base.data.tokenizer.path and not base.model.init_from:  # init_from's weights bring their tokenizer
         cfg = from_dict(base.model_dump(mode="json"), overrides)
         # the corpus's tokenizer: trained once per (training files, settings), reused by every sweep over them
         tok, _ = artifacts.trained_tokenizer(cfg.data, readers.resolve_files(cfg.data.sources),

@@ -1,0 +1,215 @@
+"""`model.init_from`: a random HF CodeGen saved to disk starts a TP=2 x PP=2 run and a TP=1 run (and a TP=1 run from
+the TP=2 x PP=2 run's checkpoint) with HF's own loss on the first batch; the tokenizer comes with the weights; a
+vocabulary or shape mismatch is refused on the driver, before any worker starts."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cglab.config import ConfigError, from_dict
+from cglab.distributed import spawn
+from cglab.model import hf_convert, pretrained
+from tests.model._init_from_worker import first_losses
+from tests.model.conftest import tiny_hf
+
+pytestmark = pytest.mark.slow
+TOL = 1e-4  # fp32
+
+
+def _texts() -> list[str]:
+    return [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+
+
+def _hf_dir(d: Path, m, tokenizer) -> Path:
+    hf = tiny_hf(m)
+    with torch.no_grad():  # large weights: a loss far from uniform (ln V), so each weight's placement shows in it
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    hf.save_pretrained(d)
+    tokenizer.save(d)  # tokenizer.json next to the weights, as a released model ships it
+    return d
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(HF directory, batches file, HF's loss on those batches): two micro-batches of [2, 32], every token counted."""
+    from transformers import CodeGenForCausalLM
+
+    from cglab.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("released")
+    m = from_dict({}, ["model.preset=tiny"]).model
+    d = _hf_dir(root / "hf", m, train_tokenizer(_texts(), 400, 16, 32))
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, m.vocab_size, (2, 2, 33), generator=g)
+    batches = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": torch.ones(2, 32),
+                "segment_ids": torch.zeros(2, 32, dtype=torch.long)} for s in seq]
+    torch.save(batches, root / "batches.pt")
+    hf = CodeGenForCausalLM.from_pretrained(d).eval()  # HF's loss of the model as saved and loaded back
+    with torch.no_grad():
+        x, y = seq[..., :-1].reshape(4, 32), seq[..., 1:].reshape(4, 32)
+        loss = F.cross_entropy(hf(input_ids=x).logits.reshape(-1, m.vocab_size), y.reshape(-1)).item()
+    return d, root / "batches.pt", loss
+
+
+def _cfg(*overrides):
+    return from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=4", *overrides])
+
+
+def _first_loss(init_from, batches_path, save_to=None) -> float:
+    """TP=1 in this process (single_rank): the first training step's loss; save_to: the weights as loaded, before
+    the step, as a cglab checkpoint."""
+    from cglab.train import checkpoint
+    from cglab.train.step import build_train_state, train_step
+
+    cfg = _cfg(*([f"model.init_from={init_from}"] if init_from else []))
+    state = build_train_state(cfg)
+    if save_to is not None:
+        checkpoint.save(save_to, state, 0, checkpoint.DataPosition(), extra={"config": cfg.model_dump(mode="json")},
+                        files={"tokenizer/tokenizer.json": (Path(init_from) / "tokenizer.json").read_text()})
+    return train_step(state, cfg, torch.load(batches_path))["loss"]
+
+
+def test_tp1_and_tp2_pp2_start_with_hf_s_own_loss(released, single_rank, tmp_path):
+    d, batches, ref = released
+    ckpt = tmp_path / "ckpt"
+    assert abs(_first_loss(d, batches, save_to=ckpt) - ref) < TOL
+    src = pretrained.inspect(ckpt)
+    assert src.kind == "cglab" and "TP1 x PP1" in src.weights and src.tokenizer == ckpt / "tokenizer/tokenizer.json"
+    # TP=2 x PP=2 from the HF directory, and from the TP=1 run's checkpoint of the same weights (Megatron reshards)
+    spawn(first_losses, 4, 2, 2, [str(d), str(ckpt)], str(batches), str(tmp_path / "losses.pt"))
+    losses = torch.load(tmp_path / "losses.pt")
+    assert abs(losses[str(d)] - ref) < TOL and abs(losses[str(ckpt)] - ref) < TOL, (losses, ref)
+
+
+def test_the_loss_comparison_sees_missing_weights_and_a_skipped_rotary_permutation(released, single_rank,
+                                                                                 monkeypatch):
+    """Guards the test above: a random init, or HF's rotary layout left in place, gives another first loss."""
+    d, batches, ref = released
+    assert abs(_first_loss(None, batches) - ref) > 100 * TOL
+    monkeypatch.setattr(hf_convert, "_rotary_perm", lambda head_dim, rotary_dim: torch.arange(head_dim))
+    assert abs(_first_loss(d, batches) - ref) > 10 * TOL
+
+
+def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_from(released, tmp_path):
+    from cglab.plan import plan_run, text
+
+    d, _, _ = released
+    cfg = _cfg(f"model.init_from={d}")
+    tok = pretrained.load_tokenizer(cfg)  # the weights' own, nothing added: it has every token of the contract
+    assert tok.vocab_size == 400 and not pretrained.added_tokens(d / "tokenizer.json", tok)
+    plan = plan_run(cfg)
+    assert plan["init_from"]["weights"] == f"HF CodeGen {d} (model.safetensors)" and plan["errors"] == []
+    assert f"weights: HF CodeGen {d}" in text(plan)
+    assert "random initialisation" in plan_run(_cfg())["init_from"]["weights"]
+    # a tokenizer short of what the data contract needs gets the tokens added, and the plan says so
+    more = plan_run(_cfg(f"model.init_from={d}", "data.num_sentinels=20"))
+    assert any(w.startswith("model.init_from: 4 tokens added to the weights' tokenizer") and "'<mask_17>'" in w
+               for w in more["warnings"]), more["warnings"]
+    # pytorch_model.bin, as older releases ship it (transformers 5 writes only safetensors), and a checkpoint split
+    # over several files, as the larger releases are, read the same tensors
+    from safetensors.torch import load_file
+    from transformers import CodeGenForCausalLM
+
+    (tmp_path / "bin").mkdir()
+    shutil.copy(d / "config.json", tmp_path / "bin")
+    torch.save(load_file(d / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    CodeGenForCausalLM.from_pretrained(d).save_pretrained(tmp_path / "split", max_shard_size="200KB")
+    sources = [pretrained.inspect(p) for p in (d, tmp_path / "bin", tmp_path / "split")]
+    assert [s.weights for s in sources] == ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"]
+    assert len(list((tmp_path / "split").glob("*.safetensors"))) > 1
+    a, b, c = (pretrained.HFTensors(s) for s in sources)
+    for k in ("transformer.h.1.attn.qkv_proj.weight", "lm_head.bias", "transformer.wte.weight"):
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+
+
+def _refused_before_any_worker(cfg, tmp_path, monkeypatch, match, mlflow=None):
+    """fit() with the Ray start stubbed out and TorchTrainer, which starts the workers, made to fail the test."""
+    import ray.train.torch
+
+    from cglab.train import trainer
+
+    class NoWorkers:
+        def __init__(self, *a, **k):
+            raise AssertionError("a worker would have started")
+
+    monkeypatch.setattr(trainer, "ensure_ray", lambda cfg=None: None)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", NoWorkers)
+    with pytest.raises(ConfigError, match=match):
+        trainer.fit(cfg, storage_path=str(tmp_path), name="refused", mlflow=mlflow)
+
+
+@pytest.fixture(scope="module")
+def small_vocab(released, tmp_path_factory):
+    """A HF CodeGen of 384 tokens that ships the 400-token tokenizer."""
+    from cglab.data.tokenizer import CGTokenizer
+
+    d, _, _ = released
+    return _hf_dir(tmp_path_factory.mktemp("small") / "hf", _cfg("model.vocab_size=384").model, CGTokenizer.load(d))
+
+
+def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, small_vocab, micro_sources, tmp_path,
+                                                             monkeypatch):
+    from mlflow import MlflowClient
+
+    from cglab.train.cli import mlflow_run
+
+    d, _, _ = released
+    data = [f"data.sources={json.dumps(micro_sources)}", "data.filters.dedup=false"]
+    # the config's vocabulary is not the weights': refused on the plan, which the MLflow run (made as `cglab train`
+    # makes it; a store read directly, as a server would write it, without the server's start-up) keeps, with
+    # where the weights came from
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(f"model.init_from={d}", "model.vocab_size=2048", f"track.mlflow_uri={uri}", *data)
+    ctx = mlflow_run(cfg, "refused")
+    _refused_before_any_worker(cfg, tmp_path, monkeypatch, r"model\.vocab_size: 2048 in this config, but the "
+                               r"weights of model\.init_from=.* have 1024 \(config\.json vocab_size\)", ctx)
+    run = MlflowClient(uri).get_run(ctx.run_id)
+    assert run.data.params["model.init_from"] == str(d)
+    assert run.data.tags["model.init_from"] == f"HF CodeGen {d} (model.safetensors)"
+    # weights of 384 tokens whose tokenizer has 400
+    _refused_before_any_worker(_cfg(f"model.init_from={small_vocab}", "model.vocab_size=384", *data), tmp_path,
+                               monkeypatch, r"model\.init_from: the tokenizer .* has 400 tokens, more than "
+                                            r"model\.vocab_size=384, the vocabulary of the weights")
+
+
+def test_every_shape_field_that_differs_is_named(released):
+    d, _, _ = released
+    src = pretrained.inspect(d)
+    m = _cfg("model.num_layers=4", "model.hidden_size=128", "model.rotary_dim=16").model
+    errors = pretrained.shape_errors(m, src)
+    assert [e.split(":")[0] for e in errors] == ["model.num_layers", "model.hidden_size", "model.rotary_dim",
+                                                 "model.ffn_hidden_size"]
+    assert "set model.num_layers=2" in errors[0]
+    with pytest.raises(ConfigError, match="model.init_from: .* neither a HF CodeGen directory"):
+        pretrained.inspect(d.parent)
+    no_tok = d.parent / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).symlink_to(d / f)
+    with pytest.raises(ConfigError, match="model.init_from: .* has no tokenizer.json; .* set data.tokenizer.path"):
+        pretrained.load_tokenizer(_cfg(f"model.init_from={no_tok}"))
+
+
+def test_a_lesson_sweep_starts_every_trial_from_the_weights_or_names_what_differs(released, small_vocab,
+                                                                                 micro_sources):
+    """The sweep's preflight (every trial's plan, before any trial starts) with init_from among the overrides."""
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.presets import base_config, get_preset
+    from cglab.tune.sweep import preflight
+
+    d, _, _ = released
+    lesson, preset = get_lesson(2), get_preset("laptop")
+    trials = [(v.name, 1) for v in lesson.variants]
+    data = [f"data.sources={json.dumps(micro_sources)}"]
+    plans = preflight(lesson, base_config(preset, None, [*data, f"model.init_from={d}"]), trials, preset)
+    assert [p["init_from"]["weights"] for p in plans] == [f"HF CodeGen {d} (model.safetensors)"] * len(trials)
+    with pytest.raises(ConfigError) as err:  # the laptop preset's tiny shape has 1024 tokens
+        preflight(lesson, base_config(preset, None, [*data, f"model.init_from={small_vocab}"]), trials, preset)
+    for v, _ in trials:
+        assert f"{v} seed 1: model.vocab_size: 1024 in this config, but the weights" in str(err.value)
