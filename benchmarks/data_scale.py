@@ -150,7 +150,9 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
     next(warm)
     warm.close()
     ref_samples = None
-    for dp in args.dp:
+    # --abba runs the DP sizes forward then backward (1 2 4 8 8 4 2 1): on a shared machine a load that drifts
+    # over the measurement then weighs on every DP size alike (read the mean of each size's two rows)
+    for dp in (args.dp + args.dp[::-1] if args.abba else args.dp):
         c0, t0, n = cpu_seconds(), time.perf_counter(), 0
         for r in range(dp):
             for b in pipeline.iter_train_batches(cfg, 0, r, dp, batch_size=64, plan=plan, drop_last=False):
@@ -160,6 +162,9 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
         assert n == ref_samples, (dp, n, ref_samples)  # the ranks together are the whole epoch, once
         rows.append(dict(docs=n_docs, what=f"epoch, DP={dp} (all ranks)", wall_s=wall, cpu_s=cpu,
                          per_million="", note=f"{n} samples of {args.seq_len} tokens"))
+    if args.no_resume:
+        print(f"synthetic corpus of {n_docs} docs ({stats}) written in {t_synth:.1f}s", flush=True)
+        return rows
     # (b) resume at 10/50/90% of the epoch (dp=1)
     full = [(int(k), int(i)) for b in pipeline.iter_train_batches(cfg, 0, 0, 1, batch_size=256, plan=plan,
                                                                  drop_last=False)
@@ -201,6 +206,8 @@ def main():
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--abba", action="store_true", help="each DP size twice, in the order 1 2 4 8 8 4 2 1")
+    ap.add_argument("--no-resume", action="store_true", help="skip (b), the first-batch-after-resume rows")
     args = ap.parse_args()
 
     import ray
