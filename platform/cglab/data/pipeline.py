@@ -51,12 +51,11 @@ from typing import Iterator
 
 import numpy as np
 
-from cglab.data import readers
+from cglab.data import objectives, readers
+from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
 
-SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective",
-               "n_masked", "n_maskable")  # per-sample mask counts: the training loop's realised mask fraction
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
 _BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
 
@@ -384,32 +383,14 @@ def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.n
 def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int,
                   seq_len: int) -> dict[str, np.ndarray]:
     """Apply the objective to each window with its own (seed, epoch, identity) generator."""
-    from cglab.data import objectives
-
     sp = plan.tokenizer().specials
-    n = len(batch["tokens"])
     rngs = [np.random.default_rng([seed, epoch, int(k), int(w)])
             for k, w in zip(batch["block_key"], batch["window"])]
-    batched = getattr(objectives, "apply_objective_batch", None)
-    if batched is not None:
-        out = batched(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
-    else:
-        rows = [objectives.apply_objective(batch["tokens"][i], batch["segment_ids"][i], ocfg, sp, rngs[i], seq_len)
-                for i in range(n)]
-        out = {k: np.stack([np.asarray(r[k]) for r in rows]) if rows else np.zeros((0,), np.int32)
-               for k in SAMPLE_KEYS}
+    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
     out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
     return out
-
-
-def _reserve(cfg):
-    from cglab.data import objectives
-    from cglab.data.packing import Reserve
-
-    fn = getattr(objectives, "packing_reserve", None)
-    return fn(cfg.objective) if fn is not None else Reserve()
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -477,7 +458,7 @@ def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents
     plan = plan or prepare_data(cfg)
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
-    reserve = _reserve(cfg)
+    reserve = objectives.packing_reserve(cfg.objective)
     ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None,
                      units=units, trace_dir=trace_dir)
     ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))

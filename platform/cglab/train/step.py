@@ -22,9 +22,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cglab import megatron_foreach, megatron_gradscale
 from cglab.config import CGLabConfig, ConfigError, ModelConfig
+from cglab.data.contract import OBJECTIVES  # index = a sample's `objective` code
 from cglab.model.codegen import batch_mask, build_model
-
-OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
 
 
 @dataclass
