@@ -27,7 +27,7 @@ corrupts only its share (no 1/dp filter on the whole stream). Every sample depen
 cut per read task, seeds use the block's first record key), so the ranks' samples are a partition of the dp=1
 stream whatever dp_size is. Not `streaming_split`: it hands blocks to whichever worker asks first, so the split
 would change run to run and tensor-parallel peers (same DP rank, must see identical batches) would get different
-data; here one rank per model-parallel group reads and broadcasts (train/loop.py DataFeed).
+data; here one rank per model-parallel group reads and broadcasts (train/feed.py DataFeed).
 
 Sample identity and position: a sample is (unit, unit_index), its index inside its unit's output; the dp=1
 stream is units 0, 1, ... in order. A rank's position is (k, offset): the next sample is number `offset` of its
@@ -38,7 +38,7 @@ Why units are whole read tasks: each one interleaves its files of every source b
 keeps the mixture exact per unit (so per rank). The count of units is the fewest files of any active source, so
 a corpus needs at least dp_size files per source (a clear error otherwise); more, smaller files balance better.
 Ranks hold different numbers of samples: the training feed steps in lockstep, so an epoch is what every rank can
-fill and the longer ranks' tails are dropped (train/loop.py).
+fill and the longer ranks' tails are dropped (train/feed.py).
 """
 from __future__ import annotations
 

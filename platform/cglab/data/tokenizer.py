@@ -1,9 +1,10 @@
 """The run's tokenizer: a HF `tokenizers` byte-level BPE plus CodeGen's special and whitespace tokens.
 
 Either loaded from a HF tokenizer directory (`tokenizer.json`) or trained on a sample of the corpus. Whatever the
-origin, `CGTokenizer` guarantees every special token of the data contract (`cglab.data.contract`) exists: `<|endoftext|>`, `<pad>`, `<sep>`, `<eom>`,
-`<mask_1>`..`<mask_N>`, and one token for each run of 2..max_whitespace_run spaces and of tabs (code indentation is
-mostly such runs; one token per run keeps indented code short, as CodeGen's GPT-2 extension does).
+origin, `CGTokenizer` guarantees every special token of the data contract (`cglab.data.contract`) exists:
+`<|endoftext|>`, `<pad>`, `<sep>`, `<eom>`, `<mask_1>`..`<mask_N>`, and one token for each run of
+2..max_whitespace_run spaces and of tabs (code indentation is mostly such runs; one token per run keeps indented
+code short, as CodeGen's GPT-2 extension does).
 `save(dir)` writes `tokenizer.json` (loadable by `transformers.PreTrainedTokenizerFast` too) next to the run.
 """
 from __future__ import annotations
