@@ -41,6 +41,7 @@ class WorkerInputs:
 
 
 def worker_loop(inp: WorkerInputs) -> None:
+    """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps."""
     cfg, t, p = inp.cfg, inp.cfg.train, inp.cfg.parallel
     init_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed,
                   device=ray.train.torch.get_device().index if p.use_gpu else None)
