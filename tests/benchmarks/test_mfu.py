@@ -72,11 +72,11 @@ def test_benchmark_row_without_a_datasheet_peak_says_so(model_1b, monkeypatch):
 
 
 def test_training_loop_metric_is_flops_mfu():
-    """The loop runs only inside Ray Train workers on a GPU, so its source is checked: the value it logs as `mfu`
-    is a call of cglab.train.flops.mfu, not an MFU of its own."""
-    tree = ast.parse((REPO / "platform" / "cglab" / "train" / "loop.py").read_text())
-    worker = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "worker_loop")
-    imported = {a.asname or a.name: (n.module, a.name) for n in ast.walk(worker) if isinstance(n, ast.ImportFrom)
+    """The loop runs only inside Ray Train workers on a GPU, so its source is checked: the value its throughput
+    callback logs as `mfu` is a call of cglab.train.flops.mfu, not an MFU of its own."""
+    tree = ast.parse((REPO / "platform" / "cglab" / "train" / "callbacks.py").read_text())
+    worker = next(f for f in ast.walk(tree) if isinstance(f, ast.ClassDef) and f.name == "Throughput")
+    imported = {a.asname or a.name: (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                 for a in n.names}
     values = [n.value for n in ast.walk(worker) if isinstance(n, ast.Assign)
               for t in n.targets if isinstance(t, ast.Subscript) and getattr(t.slice, "value", None) == "mfu"]

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import Phase, given, settings, strategies as st
 
 from cglab.config import ObjectiveConfig
+from cglab.data import contract as C
 from cglab.data import objectives as O
 from cglab.data.packing import pack_documents
 from cglab.data.specials import Specials
@@ -34,7 +35,7 @@ def originals(tokens, segs):
 
 
 def is_sequence_level_corruption(cfg, objective):
-    return cfg.corruption == "sequence_level" and objective in (O.SPAN, O.UL2)
+    return cfg.corruption == "sequence_level" and objective in (C.SPAN, C.UL2)
 
 
 cfgs = st.builds(
@@ -81,11 +82,11 @@ def test_labels_and_loss_mask_are_consistent(cfg, lengths, seq_len, seed):
     assert (pre[seg < 0] == 0).all()  # padding is never a prefix
     for w in range(len(tok)):
         obj, on_w = out["objective"][w], np.flatnonzero(on[w])
-        if obj == O.CLM:
+        if obj == C.CLM:
             assert np.array_equal(on[w], same[w])
-        if obj in (O.CLM, O.INFILL):
+        if obj in (C.CLM, C.INFILL):
             assert (pre[w] == 0).all()
-        if obj in (O.SPAN, O.UL2):  # loss only after the unit's <sep>, and on every target token
+        if obj in (C.SPAN, C.UL2):  # loss only after the unit's <sep>, and on every target token
             for s in range(seg[w].max() + 1):
                 where = np.flatnonzero(seg[w] == s)
                 sep_at = where[np.flatnonzero(tok[w][where] == SP.sep)[0]]
@@ -93,7 +94,7 @@ def test_labels_and_loss_mask_are_consistent(cfg, lengths, seq_len, seed):
                                       np.arange(sep_at, where[-1]))
                 # every unit (each document in file-level mode) is its own prefix: input + <sep>, no further
                 assert (pre[w][where] == sep_at + 1).all()
-        if obj == O.UL2_S:  # one split per window; each document's prefix stops at its own end
+        if obj == C.UL2_S:  # one split per window; each document's prefix stops at its own end
             valid = seg[w] >= 0
             p = pre[w][valid].max(initial=0)
             ends = np.array([np.flatnonzero(seg[w] == g).max() + 1 if g >= 0 else 0 for g in seg[w]])
@@ -172,7 +173,7 @@ def test_same_seed_same_sample_new_epoch_new_corruption(kind):
     _, _, a = run(cfg, docs, 128, seed=5, epoch=0)
     _, _, b = run(cfg, docs, 128, seed=5, epoch=0)
     _, _, c = run(cfg, docs, 128, seed=5, epoch=1)
-    for k in O.FIELDS:
+    for k in C.FIELDS:
         assert np.array_equal(a[k], b[k])
     if kind != "clm":
         assert not np.array_equal(a["tokens"], c["tokens"])
@@ -188,12 +189,12 @@ def test_a_sample_does_not_depend_on_its_batch():
     batch = O.apply_objective_batch(tokens, segs, cfg, SP, rngs(), 128)
     for w, rng in enumerate(rngs()):
         one = O.apply_objective(tokens[w], segs[w], cfg, SP, rng, 128)
-        for k in O.FIELDS:
+        for k in C.FIELDS:
             assert np.array_equal(one[k], batch[k][w])
 
 
-@pytest.mark.parametrize("kind,prob_field,expect,other", [("codegen2", "causal_prob", O.CLM, O.SPAN),
-                                                          ("infill", "infill_rate", O.INFILL, O.CLM)])
+@pytest.mark.parametrize("kind,prob_field,expect,other", [("codegen2", "causal_prob", C.CLM, C.SPAN),
+                                                          ("infill", "infill_rate", C.INFILL, C.CLM)])
 def test_mixture_rate_matches_its_probability(kind, prob_field, expect, other):
     cfg = ObjectiveConfig(kind=kind, **{prob_field: 0.3})
     tokens, segs = pack_documents(make_docs([20] * 4000), 64, SP, O.packing_reserve(cfg))
@@ -230,8 +231,8 @@ def test_infill_layouts_psm_and_spm():
 def test_ul2_uses_all_denoisers_and_prefix_split():
     cfg = ObjectiveConfig(kind="ul2")
     _, _, out = run(cfg, make_docs(np.random.default_rng(0).integers(10, 100, 300)), 128)
-    assert set(np.unique(out["objective"])) == {O.UL2, O.UL2_S}
-    s = out["objective"] == O.UL2_S
+    assert set(np.unique(out["objective"])) == {C.UL2, C.UL2_S}
+    s = out["objective"] == C.UL2_S
     split = out["prefix_end"][s].max(1)  # earlier documents' prefixes end with them, at or before the split
     assert (split >= 1).all()
     for loss, p in zip(out["loss_mask"][s], split):
@@ -292,7 +293,7 @@ def masked_per_sample(out, sp):
     tok, loss = out["tokens"], out["loss_mask"]
     target = np.zeros_like(tok, bool)
     target[:, 1:] = loss[:, :-1] > 0
-    corrupted = np.isin(out["objective"], [O.SPAN, O.UL2])[:, None]
+    corrupted = np.isin(out["objective"], [C.SPAN, C.UL2])[:, None]
     return (target & corrupted & ~np.isin(tok, [sp.sep, sp.eom, *sp.masks])).sum(1)
 
 
@@ -325,7 +326,7 @@ def test_realised_mask_fraction_is_the_drawn_ratio_at_real_lengths(seq_len, sett
     assert np.array_equal(out["n_masked"], masked_per_sample(out, BIG_SP))
     want = maskable_per_window(tokens, segs, corruption == "file_level", BIG_SP)
     assert np.array_equal(out["n_maskable"][corrupted], want[corrupted])
-    assert (out["n_masked"][~corrupted] == 0).all() and (out["objective"][~corrupted] == O.CLM).all()
+    assert (out["n_masked"][~corrupted] == 0).all() and (out["objective"][~corrupted] == C.CLM).all()
     realised = out["n_masked"].sum() / out["n_maskable"].sum()
     assert abs(realised - cor.mean_ratio) <= 0.1 * cor.mean_ratio, (realised, cor.mean_ratio)
 
@@ -334,9 +335,9 @@ def test_realised_mask_fraction_is_the_drawn_ratio_at_real_lengths(seq_len, sett
 @given(cfgs, docs_st, st.integers(64, 160), st.integers(0, 2**31))
 def test_mask_counts_match_the_samples(cfg, lengths, seq_len, seed):
     tokens, segs, out = run(cfg, make_docs(lengths, seed), seq_len, seed)
-    for k in O.COUNTS:
+    for k in C.COUNTS:
         assert out[k].shape == (len(tokens),) and out[k].dtype == np.int32
-    corrupted = np.isin(out["objective"], [O.SPAN, O.UL2])
+    corrupted = np.isin(out["objective"], [C.SPAN, C.UL2])
     assert np.array_equal(out["n_masked"], masked_per_sample(out, SP))
     want = maskable_per_window(tokens, segs, cfg.corruption == "file_level", SP)
     assert np.array_equal(out["n_maskable"], np.where(corrupted, want, 0))  # 0/0 for clm, infill and ul2 S

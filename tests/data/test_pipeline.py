@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cglab.config import ConfigError, from_dict
-from cglab.data import pipeline
+from cglab.data import contract, pipeline
 
 pytestmark = pytest.mark.slow
 S = 128
@@ -57,7 +57,7 @@ def test_samples_follow_the_contract(cfg, plan):
 
 def test_same_seed_same_stream_and_new_epoch_new_corruption(cfg, plan, micro_sources, micro_tokenizer):
     a, again = _take(cfg, plan, 0), _take(cfg, plan, 0)
-    for k in pipeline.SAMPLE_KEYS:
+    for k in contract.SAMPLE_KEYS:
         assert np.array_equal(a[k], again[k]), k
     e1 = _take(cfg, plan, 1)
     assert not np.array_equal(a["tokens"], e1["tokens"])

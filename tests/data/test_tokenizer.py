@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from cglab.data.tokenizer import CGTokenizer, special_tokens, train_tokenizer, whitespace_tokens
+from cglab.data.contract import special_tokens
+from cglab.data.tokenizer import CGTokenizer, train_tokenizer, whitespace_tokens
 
 CODE = "class A:\n    def f(self, x):\n\t\treturn x  # done\n\n        pass\n"
 

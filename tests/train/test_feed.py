@@ -35,7 +35,7 @@ def _feed(cfg, tmp_path):
     from cglab.data.pipeline import prepare_data
     from cglab.plan import plan_run
     from cglab.train.checkpoint import DataPosition
-    from cglab.train.loop import DataFeed
+    from cglab.train.feed import DataFeed
 
     plan = prepare_data(cfg, tmp_path)
     run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
@@ -85,7 +85,7 @@ def test_a_resumed_feed_continues_exactly_and_refuses_another_dp_size(
         ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
     from cglab.config import ConfigError
     from cglab.train.checkpoint import DataPosition
-    from cglab.train.loop import DataFeed
+    from cglab.train.feed import DataFeed
 
     cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6")
     feed, _ = _feed(cfg, tmp_path)

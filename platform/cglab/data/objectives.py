@@ -1,4 +1,4 @@
-"""Training objectives: packed windows in, contract samples out (notes/data_contract.md).
+"""Training objectives: packed windows in, contract samples out (fields and codes: cglab.data.contract).
 
 Every objective maps windows from `cglab.data.packing` (`tokens`, `segment_ids`, int32[W, S_in]) to samples of
 exactly `seq_len` tokens with `tokens, labels, loss_mask, segment_ids, prefix_end, objective`. All randomness comes
@@ -58,29 +58,17 @@ from typing import Sequence
 
 import numpy as np
 
-from cglab.config import Denoiser, span_count, spans_needed
+from cglab.config import span_count, spans_needed
+from cglab.data.contract import CLM, INFILL, SAMPLE_KEYS, SPAN, UL2, UL2_S
 from cglab.data.packing import Reserve
 from cglab.data.specials import EOM, MASK0, SEP, Specials
 
-CLM, SPAN, INFILL, UL2, UL2_S = 0, 1, 2, 3, 4
 KINDS = ("clm", "span_corruption", "codegen2", "infill", "ul2")
-COUNTS = ("n_masked", "n_maskable")  # per sample, int32: masked tokens and the maskable tokens of its units
-FIELDS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective")
-
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for global sample `index` of `epoch` (contract: same triple, same sample)."""
     return np.random.default_rng([seed, epoch, index])
-
-
-def ul2_denoisers(cfg) -> tuple[Denoiser, ...]:
-    """`objective.ul2_denoisers` (defaults: cglab.config.UL2_DENOISERS)."""
-    dens = tuple(cfg.ul2_denoisers)
-    total = sum(d.prob for d in dens)
-    if not dens or total <= 0:
-        raise ValueError("objective.ul2_denoisers: need at least one denoiser with positive prob")
-    return dens
 
 
 def packing_reserve(cfg) -> Reserve:
@@ -133,7 +121,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
         groups = [(u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
                   (u >= cfg.infill_rate, lambda t, s, r: causal_lm(t, s, specials, seq_len))]
     elif kind == "ul2":
-        dens = ul2_denoisers(cfg)
+        dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
         edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
         pick = np.minimum(np.searchsorted(edges, u, side="right"), len(dens) - 1)
         groups = []
@@ -154,7 +142,7 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
         if idx.size == 0:
             continue
         part = fn(tokens[idx], segments[idx], [rngs[i] for i in idx])
-        for k in FIELDS + COUNTS:
+        for k in SAMPLE_KEYS:
             out[k][idx] = part[k]
     return out
 

@@ -27,7 +27,7 @@ corrupts only its share (no 1/dp filter on the whole stream). Every sample depen
 cut per read task, seeds use the block's first record key), so the ranks' samples are a partition of the dp=1
 stream whatever dp_size is. Not `streaming_split`: it hands blocks to whichever worker asks first, so the split
 would change run to run and tensor-parallel peers (same DP rank, must see identical batches) would get different
-data; here one rank per model-parallel group reads and broadcasts (train/loop.py DataFeed).
+data; here one rank per model-parallel group reads and broadcasts (train/feed.py DataFeed).
 
 Sample identity and position: a sample is (unit, unit_index), its index inside its unit's output; the dp=1
 stream is units 0, 1, ... in order. A rank's position is (k, offset): the next sample is number `offset` of its
@@ -38,7 +38,7 @@ Why units are whole read tasks: each one interleaves its files of every source b
 keeps the mixture exact per unit (so per rank). The count of units is the fewest files of any active source, so
 a corpus needs at least dp_size files per source (a clear error otherwise); more, smaller files balance better.
 Ranks hold different numbers of samples: the training feed steps in lockstep, so an epoch is what every rank can
-fill and the longer ranks' tails are dropped (train/loop.py).
+fill and the longer ranks' tails are dropped (train/feed.py).
 """
 from __future__ import annotations
 
@@ -51,12 +51,11 @@ from typing import Iterator
 
 import numpy as np
 
-from cglab.data import readers
+from cglab.data import objectives, readers
+from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
 
-SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "prefix_end", "objective",
-               "n_masked", "n_maskable")  # per-sample mask counts: the training loop's realised mask fraction
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
 _BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
 
@@ -384,32 +383,14 @@ def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.n
 def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int,
                   seq_len: int) -> dict[str, np.ndarray]:
     """Apply the objective to each window with its own (seed, epoch, identity) generator."""
-    from cglab.data import objectives
-
     sp = plan.tokenizer().specials
-    n = len(batch["tokens"])
     rngs = [np.random.default_rng([seed, epoch, int(k), int(w)])
             for k, w in zip(batch["block_key"], batch["window"])]
-    batched = getattr(objectives, "apply_objective_batch", None)
-    if batched is not None:
-        out = batched(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
-    else:
-        rows = [objectives.apply_objective(batch["tokens"][i], batch["segment_ids"][i], ocfg, sp, rngs[i], seq_len)
-                for i in range(n)]
-        out = {k: np.stack([np.asarray(r[k]) for r in rows]) if rows else np.zeros((0,), np.int32)
-               for k in SAMPLE_KEYS}
+    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
     out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
     return out
-
-
-def _reserve(cfg):
-    from cglab.data import objectives
-    from cglab.data.packing import Reserve
-
-    fn = getattr(objectives, "packing_reserve", None)
-    return fn(cfg.objective) if fn is not None else Reserve()
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -472,7 +453,7 @@ def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents
     plan = plan or prepare_data(cfg)
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
-    reserve = _reserve(cfg)
+    reserve = objectives.packing_reserve(cfg.objective)
     ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None,
                      units=units, trace_dir=trace_dir)
     ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))

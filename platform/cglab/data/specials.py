@@ -1,4 +1,4 @@
-"""Ids of the special tokens every cglab tokenizer carries (see notes/data_contract.md).
+"""Ids of the special tokens every cglab tokenizer carries (the tokens are named in cglab.data.contract).
 
 The tokenizer fills this in; packing and the objectives only ever see ids, never strings.
 """

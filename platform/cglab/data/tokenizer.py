@@ -1,9 +1,10 @@
 """The run's tokenizer: a HF `tokenizers` byte-level BPE plus CodeGen's special and whitespace tokens.
 
 Either loaded from a HF tokenizer directory (`tokenizer.json`) or trained on a sample of the corpus. Whatever the
-origin, `CGTokenizer` guarantees every token of the data contract exists: `<|endoftext|>`, `<pad>`, `<sep>`, `<eom>`,
-`<mask_1>`..`<mask_N>`, and one token for each run of 2..max_whitespace_run spaces and of tabs (code indentation is
-mostly such runs; one token per run keeps indented code short, as CodeGen's GPT-2 extension does).
+origin, `CGTokenizer` guarantees every special token of the data contract (`cglab.data.contract`) exists:
+`<|endoftext|>`, `<pad>`, `<sep>`, `<eom>`, `<mask_1>`..`<mask_N>`, and one token for each run of
+2..max_whitespace_run spaces and of tabs (code indentation is mostly such runs; one token per run keeps indented
+code short, as CodeGen's GPT-2 extension does).
 `save(dir)` writes `tokenizer.json` (loadable by `transformers.PreTrainedTokenizerFast` too) next to the run.
 """
 from __future__ import annotations
@@ -15,20 +16,11 @@ from typing import Iterable
 
 import numpy as np
 
+from cglab.data.contract import EOT, PAD, SEP, special_tokens
 from cglab.data.specials import Specials
 
-EOT, PAD, SEP, EOM = "<|endoftext|>", "<pad>", "<sep>", "<eom>"
 FILE_NAME = "tokenizer.json"
 META_NAME = "cglab_tokenizer.json"
-
-
-def mask_token(i: int) -> str:
-    """<mask_1> is the first sentinel (1-based, as in CodeGen2's released tokenizer)."""
-    return f"<mask_{i}>"
-
-
-def special_tokens(num_sentinels: int) -> list[str]:
-    return [EOT, PAD, SEP, EOM] + [mask_token(i) for i in range(1, num_sentinels + 1)]
 
 
 def whitespace_tokens(max_run: int) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-EOS = "<|endoftext|>"
+from cglab.data.contract import EOT as EOS  # HF tokenizers without an eos_token fall back to the contract's
 
 
 class Generator(Protocol):

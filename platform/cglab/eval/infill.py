@@ -19,10 +19,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cglab.data.contract import EOM, MASK, SEP
+from cglab.data.contract import EOT as EOS
+from cglab.data.contract import infill_prompt as contract_prompt
 from cglab.eval.humaneval import load_problems, pass_at_k
 from cglab.eval.sandbox import Limits, isolation_mode, run_programs, status_counts
 
-MASK, SEP, EOM, EOS = "<mask_1>", "<sep>", "<eom>", "<|endoftext|>"
 PUBLISHED_COUNTS = {"single": 1033, "multi": 5815}
 
 
@@ -57,7 +59,7 @@ def derive_tasks(problems: Mapping[str, Mapping], mode: str) -> list[InfillTask]
 
 
 def infill_prompt(task: InfillTask) -> str:
-    return task.prefix + MASK + task.suffix + EOS + SEP + MASK
+    return contract_prompt(task.prefix, task.suffix)
 
 
 def extract_middle(generated: str) -> str:

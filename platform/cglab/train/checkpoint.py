@@ -31,7 +31,7 @@ class DataPosition:
     rank r resumes at `shards[r] = (k, offset)`: sample `offset` of its k-th unit of work (data/pipeline.py).
 
     The per-rank positions hold for the layout that wrote them (`dp_size`); units are assigned per DP size, so
-    another data_parallel_size cannot map them (train/loop.py DataFeed refuses it, naming the field).
+    another data_parallel_size cannot map them (train/feed.py DataFeed refuses it, naming the field).
     """
 
     epoch: int = 0

@@ -24,13 +24,12 @@ from cglab import compat
 from cglab.compat.adam import built_adam
 from cglab.compat.gradscale import GradFold, step as folded_step
 from cglab.config import CGLabConfig, ModelConfig
+from cglab.data.contract import OBJECTIVES  # index = a sample's `objective` code
 from cglab.decisions import RunDecisions
 from cglab.model import pretrained
 from cglab.model.codegen import batch_mask, build_model
 
 log = logging.getLogger(__name__)
-
-OBJECTIVES = ("clm", "span", "infill", "ul2", "ul2_s")  # index = the contract's `objective` code
 
 
 @dataclass

@@ -38,14 +38,16 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.plan.plan_run` (or
     the `run_plan` a sweep made for this trial) is checked and the run refused on its errors; the plan is kept as
     run_dir/plan.json and the MLflow run's `plan.json`. Re-running with the same storage_path and name resumes
-    from the latest complete checkpoint.
+    from the latest complete checkpoint. `fault` is the test hook `cglab.train.callbacks.Fault` as a dict (step,
+    marker, rank, mode).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
     from cglab.plan import plan_run, refuse, write_json
-    from cglab.train.loop import worker_loop
+    from cglab.train.callbacks import Fault
+    from cglab.train.loop import WorkerInputs, worker_loop
 
     storage = str(Path(storage_path or ".cglab/runs").resolve())
     run_dir = Path(storage) / name
@@ -64,8 +66,8 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     per_worker = {"CPU": p.cpus_per_worker}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "mlflow": mlflow, "fault": fault,
-                           "name": name, "run_dir": str(run_dir)},
+        train_loop_config=WorkerInputs(cfg=cfg, plan=plan, run_dir=str(run_dir), mlflow=mlflow, name=name,
+                                       fault=Fault(**fault) if fault else None),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
         run_config=RunConfig(name=name, storage_path=storage,

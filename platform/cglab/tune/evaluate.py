@@ -36,8 +36,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cglab.config import CGLabConfig, ConfigError
+from cglab.data.contract import EOM, MASK, SEP, infill_prompt
+from cglab.data.contract import EOT as EOS
 
-MASK, SEP, EOM, EOS = "<mask_1>", "<sep>", "<eom>", "<|endoftext|>"
 MAX_DOCS, MAX_DOC_CHARS = 32, 3000  # per kind: enough to rank laptop variants, seconds to score on a CPU
 
 
@@ -78,7 +79,7 @@ def infill_ids(tok, ex: InfillExample, max_len: int, max_middle: int = 32) -> tu
     pre, suf = enc(ex.prefix), enc(ex.suffix)
     keep_suf = min(len(suf), max(room // 2, room - len(pre)))
     keep_pre = min(len(pre), room - keep_suf)
-    prompt = pre[len(pre) - keep_pre:] + [sp[MASK]] + suf[:keep_suf] + [sp[EOS], sp[SEP], sp[MASK]]
+    prompt = infill_prompt(pre[len(pre) - keep_pre:], suf[:keep_suf], [sp[MASK]], [sp[EOS]], [sp[SEP]])
     return prompt, target
 
 

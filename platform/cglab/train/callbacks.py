@@ -1,0 +1,230 @@
+"""Everything around a training step, as callbacks: the loop (train/loop.py) only resumes, feeds and steps.
+
+Each callback is one concern and overrides the hooks it needs; `Callbacks` calls every hook on every callback in
+the list's order (train/loop.py sets that order once):
+
+    on_start(step, resumed_from)  once, after the resume (step: where this attempt starts)
+    on_step_end(s)                after each step: add to s.metrics, or save a checkpoint (s.checkpoint)
+    on_checkpoint(s)              then, when the step saved a checkpoint
+    on_log(s)                     then: the step's metrics are final, send them somewhere
+    on_end()                      always, also when a step raised (the loop calls it from `finally`)
+
+Models: OLMo-core's Trainer callbacks (speed monitor, checkpointer, metric sinks), torchtitan's Trainer.train().
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import ray.train
+import torch.distributed as dist
+
+from cglab.config import CGLabConfig
+from cglab.track.metrics import TrainMetrics
+from cglab.track.mlflow_logger import MlflowContext, RankZeroLogger
+from cglab.train import checkpoint
+from cglab.train.feed import DataFeed
+from cglab.train.flops import device_peak_tflops, flops_per_token, mfu
+
+
+@dataclass
+class StepEnd:
+    """One finished global step, as the callbacks see it and add to."""
+
+    step: int  # steps done, this one included
+    metrics: dict[str, float]  # what the sinks log; callbacks add their own
+    data_wait_s: float  # waiting for the feed
+    step_time_s: float  # feed + forward/backward + optimizer step
+    checkpoint: Path | None = None  # this rank's staged checkpoint, when the step saved one
+
+
+class Callback:
+    """A no-op for every hook; a callback overrides the ones it needs."""
+
+    def on_start(self, step: int, resumed_from: str | None) -> None:
+        pass
+
+    def on_step_end(self, s: StepEnd) -> None:
+        pass
+
+    def on_checkpoint(self, s: StepEnd) -> None:
+        pass
+
+    def on_log(self, s: StepEnd) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+class Callbacks:
+    """The run's callbacks; each hook runs on all of them, in order."""
+
+    def __init__(self, items: list[Callback]):
+        self.items = items
+
+    def start(self, step: int, resumed_from: str | None) -> None:
+        for cb in self.items:
+            cb.on_start(step, resumed_from)
+
+    def step_end(self, s: StepEnd) -> None:
+        for cb in self.items:
+            cb.on_step_end(s)
+        if s.checkpoint is not None:
+            for cb in self.items:
+                cb.on_checkpoint(s)
+        for cb in self.items:
+            cb.on_log(s)
+
+    def end(self) -> None:
+        # Every on_end runs even when one raises (the first error is raised after the rest ran).
+        with contextlib.ExitStack() as stack:
+            for cb in reversed(self.items):
+                stack.callback(cb.on_end)
+
+
+# ---------------------------------------------------------------------------------------------- step events
+@dataclass(frozen=True)
+class Fault:
+    """Test hook: at `step`, kill rank `rank`'s worker process (mode "kill") or raise in it (mode "raise"), once:
+    the marker file it leaves stops the restarted worker from failing again."""
+
+    step: int
+    marker: str
+    rank: int = 0
+    mode: Literal["kill", "raise"] = "kill"
+
+
+class FaultInjection(Callback):
+    """Fails the worker as `Fault` says, to exercise failure recovery; first in the list, so the failing step
+    neither checkpoints nor reports."""
+
+    def __init__(self, fault: Fault):
+        self.fault = fault
+
+    def on_step_end(self, s: StepEnd) -> None:
+        f = self.fault
+        if s.step != f.step or dist.get_rank() != f.rank:
+            return
+        marker = Path(f.marker)
+        if marker.exists():
+            return
+        marker.write_text(str(s.step))
+        if f.mode == "raise":
+            raise RuntimeError(f"injected failure at step {s.step}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Throughput(Callback):
+    """tokens_seen, data_wait_s, step_time_s, tokens_per_s (global) and, on a device whose peak is known, tflops
+    and mfu per device (cglab.train.flops: model FLOPs per token over the datasheet peak)."""
+
+    def __init__(self, cfg: CGLabConfig):
+        self.model, self.seq = cfg.model, cfg.data.seq_length
+        self.tokens_per_step = cfg.train.global_batch_size * self.seq
+        self.flops_per_token = flops_per_token(cfg.model, self.seq)
+        self.peak = device_peak_tflops()
+        self.world = dist.get_world_size()
+
+    def on_step_end(self, s: StepEnd) -> None:
+        m = s.metrics
+        m.update(tokens_seen=s.step * self.tokens_per_step, data_wait_s=s.data_wait_s, step_time_s=s.step_time_s,
+                 tokens_per_s=self.tokens_per_step / s.step_time_s)
+        if self.peak is not None:
+            m["tflops"] = m["tokens_per_s"] * self.flops_per_token / 1e12 / self.world
+            m["mfu"] = mfu(m["tokens_per_s"], self.model, self.seq, self.world, self.peak)
+
+
+class Checkpointer(Callback):
+    """Every train.checkpoint_every steps and at the last one, saves model, optimizer, scheduler, RNG and the
+    feed's data position (train/checkpoint.py) into a staging directory, with the config and the tokenizer, and
+    times it (`checkpoint_s`). RayReport hands each checkpoint to Ray Train; on_end removes the staging
+    directory."""
+
+    def __init__(self, cfg: CGLabConfig, state, feed: DataFeed, tokenizer_json: str):
+        self.cfg, self.state, self.feed, self.tokenizer_json = cfg, state, feed, tokenizer_json
+        self.staging = Path(tempfile.mkdtemp(prefix="cglab-ckpt-"))
+
+    def on_step_end(self, s: StepEnd) -> None:
+        t = self.cfg.train
+        if not (s.step == t.train_steps or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
+            return
+        c0 = time.perf_counter()
+        s.checkpoint = checkpoint.save(checkpoint.local_dir(self.staging, s.step), self.state, s.step,
+                                       self.feed.pos, extra={"config": self.cfg.model_dump(mode="json")},
+                                       files={"tokenizer/tokenizer.json": self.tokenizer_json})
+        s.metrics["checkpoint_s"] = time.perf_counter() - c0
+
+    def on_end(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- metric sinks
+class MlflowMetrics(Callback):
+    """Every step's metrics into the run's MLflow run (rank 0; RankZeroLogger never blocks training), plus
+    `resumed_at_step` when this attempt resumed; the logger is flushed and closed at the end."""
+
+    def __init__(self, ctx: MlflowContext | None, rank: int):
+        self.rank = rank
+        self.logger = RankZeroLogger.from_context(ctx, rank=rank)
+
+    def on_start(self, step: int, resumed_from: str | None) -> None:
+        if resumed_from and self.rank == 0:
+            self.logger.log_metrics(step, {"resumed_at_step": step})
+
+    def on_log(self, s: StepEnd) -> None:
+        self.logger.log_metrics(s.step, s.metrics)
+
+    def on_end(self) -> None:
+        self.logger.close()
+
+
+class History(Callback):
+    """A local record of every step: one JSON line per step in run_dir/metrics.jsonl (train.trainer.history reads
+    it; a step re-run after a failure is appended again)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, s: StepEnd) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(s.metrics) + "\n")
+
+
+class Prometheus(Callback):
+    """Each step's metrics and checkpoint time as Prometheus metrics (cglab.track.metrics), tagged with the
+    experiment, trial and rank."""
+
+    def __init__(self, cfg: CGLabConfig, trial: str, rank: int):
+        self.prom = TrainMetrics(experiment=cfg.track.experiment, trial=trial, rank=rank)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+
+    def on_checkpoint(self, s: StepEnd) -> None:
+        self.prom.checkpoint(s.metrics["checkpoint_s"])
+
+    def on_log(self, s: StepEnd) -> None:
+        self.prom.report({**s.metrics, "tokens": self.tokens_per_step})
+
+
+class RayReport(Callback):
+    """`ray.train.report`: with the checkpoint at each checkpoint step (Ray persists it, so the staged copy is
+    deleted), else every train.log_every steps. Last in the list: it deletes the staged checkpoint, and what it
+    reports is the step's final record."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+
+    def on_log(self, s: StepEnd) -> None:
+        if s.checkpoint is not None:
+            ray.train.report(s.metrics, checkpoint=ray.train.Checkpoint.from_directory(str(s.checkpoint)))
+            shutil.rmtree(s.checkpoint, ignore_errors=True)
+        elif s.step % self.log_every == 0:
+            ray.train.report(s.metrics)
