@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cglab.tune.evaluate import EOM, EOS, MASK, SEP, InfillExample, infill_examples, infill_ids, \
+from cglab.eval.infill import EOM, EOS, MASK, SEP, InfillExample, infill_examples, infill_ids, \
     infill_perplexity
 
 SPECIALS = [EOS, SEP, EOM] + [f"<mask_{i}>" for i in range(1, 5)]
