@@ -33,7 +33,11 @@ from pathlib import Path
 from typing import Mapping
 
 from cglab.config import CGLabConfig, ConfigError
+from cglab.eval import humaneval, infill, nl
+from cglab.eval.generate import load_generator
 from cglab.eval.infill import infill_examples, infill_perplexity
+from cglab.eval.sandbox import Limits
+from cglab.train.checkpoint import checkpoint_to_hf
 
 MAX_DOCS, MAX_DOC_CHARS = 32, 3000  # per kind: enough to rank laptop variants, seconds to score on a CPU
 
@@ -86,11 +90,6 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str |
     """Metrics of one trained checkpoint (a cglab checkpoint dir), keyed as the lessons expect, and the tags of
     their conditions (texts used per kind, sandbox isolation). A kind whose held-out path is None is scored on
     the built-in texts only if cfg.eval.allow_builtin_texts (else ConfigError, before any work)."""
-    from cglab.eval import nl
-    from cglab.eval.generate import load_generator
-    from cglab.eval.sandbox import Limits
-    from cglab.train.checkpoint import checkpoint_to_hf
-
     if checkpoint is None:
         raise ValueError("evaluate_checkpoint: the training run returned no checkpoint")
     ev, S = cfg.eval, cfg.data.seq_length
@@ -113,15 +112,11 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str |
         limits = Limits(timeout_s=ev.timeout_s)
         scored: list[tuple[str, dict]] = []
         if "humaneval" in ev.suites:
-            from cglab.eval import humaneval
-
             problems = dict(list(humaneval.load_problems().items())[:ev.limit])
             samples = humaneval.generate_samples(gen, problems, n=ev.n_samples, temperature=ev.temperature,
                                                  top_p=ev.top_p, max_new_tokens=ev.max_new_tokens)
             scored.append(("humaneval", humaneval.evaluate(samples, problems, limits=limits)))
         if "infill" in ev.suites:
-            from cglab.eval import infill
-
             scored.append(("humaneval_infill", infill.evaluate(
                 gen, "single", limit=ev.limit, n=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
                 max_new_tokens=ev.max_new_tokens, limits=limits)))
