@@ -30,7 +30,8 @@ from typing import Any, Sequence
 # gitwildmatch patterns without a trailing slash: Ray matches directory paths without one, so `.cglab` prunes the
 # whole tree at once while `.cglab/` would only match the files inside it.
 EXCLUDES: list[str] = [
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "build", "/.whl", "/.gl",
+    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".import_linter_cache",
+    "*.egg-info", "build", "/.whl", "/.gl",
     ".cglab",                                   # built corpora, tokenizers, local run state
     "checkpoints", "*.distcp", "*.pt", "*.safetensors",  # model state
     "mlruns", "mlartifacts", "*.db", "*.sqlite",         # MLflow stores

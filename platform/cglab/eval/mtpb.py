@@ -38,8 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cglab.eval.humaneval import KS, json_records, pass_at_k, read_jsonl
-from cglab.eval.sandbox import (Limits, end_marker, isolation_mode, program_end, require_end, run_programs,
-                                status_counts)
+from cglab.eval.sandbox import Limits, end_marker, isolation_mode, program_end, require_end, run_programs, status_counts
 
 FILE_NAME = "mtpb.jsonl"  # the published name; `cglab eval run --data-dir DIR` reads DIR/mtpb.jsonl
 N_PROBLEMS = 115

@@ -37,8 +37,9 @@ def lambada_examples(docs: Iterable[str], *, min_context_words: int = 20,
     """(context, target) pairs: the last word of each paragraph, with the text before it as context.
 
     A paragraph ends at a blank line or the end of the document, and must end a sentence (. ! ?); its last
-    word, stripped of trailing punctuation, must be alphabetic and follow a space (so the model must produce " word"). The
-    context ends right before that space; it keeps at most `max_context_chars` of the preceding document.
+    word, stripped of trailing punctuation, must be alphabetic and follow a space (so the model must produce
+    " word"). The context ends right before that space; it keeps at most `max_context_chars` of the preceding
+    document.
     """
     examples = []
     for doc in docs:

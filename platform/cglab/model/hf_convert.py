@@ -165,7 +165,8 @@ def hf_config(m: ModelConfig, eos_token_id: int | None = None, bos_token_id: int
         bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
 
-def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path,
+              tokenizer_dir: str | Path | None = None,
               eos_token_id: int | None = None) -> Path:
     """Write a HF model directory that `CodeGenForCausalLM.from_pretrained(out_dir)` loads."""
     from transformers import CodeGenForCausalLM

@@ -147,7 +147,7 @@ class RankZeroLogger:
         self._thread.start()
 
     @classmethod
-    def from_context(cls, ctx: MlflowContext | None, **kwargs) -> "RankZeroLogger":
+    def from_context(cls, ctx: MlflowContext | None, **kwargs) -> RankZeroLogger:
         return cls(ctx, **kwargs)
 
     # ---------------------------------------------------------------------------------- public API
@@ -201,7 +201,7 @@ class RankZeroLogger:
                 "unlogged_points": self._lost_points, "unlogged_steps": _step_ranges(self._lost_steps),
                 "failed_sends": self._failures}
 
-    def __enter__(self) -> "RankZeroLogger":
+    def __enter__(self) -> RankZeroLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -96,7 +96,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
         enable_wal(self.backend_store_uri)
         Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         self.log_path = self.root / f"server-{self.port}.log"
@@ -127,7 +127,7 @@ class MlflowServer:
             self._log.close()
             self._log = None
 
-    def restart(self, timeout_s: float = 120.0) -> "MlflowServer":
+    def restart(self, timeout_s: float = 120.0) -> MlflowServer:
         """Same store, same port: what a client sees after a server outage."""
         self.stop()
         return self.start(timeout_s)

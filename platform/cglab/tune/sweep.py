@@ -5,8 +5,8 @@ opens its MLflow child run and calls `train_fn(cfg, storage_path=..., name=..., 
 TorchTrainer and returns final metrics. The trial function holds only `driver_cpus`; `fit` and the evaluation
 run as zero-CPU tasks outside the trial's placement group, the Train workers are scheduled by Train itself, and
 `max_concurrent_trials` is derived from what one trial's workers (plus `data_cpus` of headroom for their Ray
-Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
-returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
+Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group
+before `fit` returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
 
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
 documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
