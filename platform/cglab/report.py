@@ -105,7 +105,7 @@ def _verdict_line(o: Outcome) -> str:
 def plot_curves(runs: LessonRuns, path: Path) -> Path | None:
     if not any(runs.curves.values()):
         return None
-    import matplotlib
+    import matplotlib  # seconds to import: only when there is something to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,7 +130,7 @@ def plot_metrics(runs: LessonRuns, path: Path) -> Path | None:
     keys = [m.key for m in runs.lesson.metrics if any(runs.interval(v, m.key) for v in runs.metrics)]
     if not keys:
         return None
-    import matplotlib
+    import matplotlib  # seconds to import: only when there is something to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

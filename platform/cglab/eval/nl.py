@@ -6,13 +6,17 @@ UTF-8 byte count, so models with different tokenizers compare fairly; perplexity
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from cglab.eval.humaneval import load_problems
 
 ScoreFn = Callable[[Sequence[str]], Sequence[np.ndarray]]
 _WORD = re.compile(r"[A-Za-z]+")
@@ -100,11 +104,6 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
 def builtin_texts(limit: int = 64) -> dict[str, list[str]]:
     """Fallback eval texts when no held-out files are given: HumanEval solutions (code) and stdlib module
     docstrings (NL). NOT held out from a corpus built from this Python installation: use for smoke runs."""
-    import ast
-    import sysconfig
-
-    from cglab.eval.humaneval import load_problems
-
     code = [p["prompt"] + p["canonical_solution"] for p in load_problems().values()][:limit]
     nl = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):

@@ -86,7 +86,7 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
 
 
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
-    from ray import tune
+    from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
     variant, seed = config["variant"], config["seed"]
     cfg = spec.lesson.config_for(variant, spec.base, seed)
@@ -125,7 +125,7 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
 
 
 def make_trainable(spec: TrialSpec, driver_cpus: float):
-    from ray import tune
+    from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
     def trainable(config: dict[str, Any]) -> None:
         tune.report(_run_trial(config, spec))
