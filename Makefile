@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Style (ruff: format and rules) and the package layering (import-linter), both configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -28,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
 
 clean:
-	rm -rf $(VENV) .cglab build *.egg-info
+	rm -rf $(VENV) .cglab build *.egg-info .ruff_cache .import_linter_cache

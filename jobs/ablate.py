@@ -10,7 +10,7 @@ import sys
 # The submitted checkout's code, not whatever cglab the cluster image has installed.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
 
-from cglab.tune.cli import main  # noqa: E402
+from cglab.ablate import main  # noqa: E402
 
 if __name__ == "__main__":
     # Accept `--lesson N` as well as the positional form of `cglab ablate N`.

@@ -5,12 +5,15 @@ import argparse
 import importlib
 import sys
 
+from cglab.config import ConfigError
+
 # area module -> it defines register(subparsers). Order is the order in --help.
 AREAS = [
     "cglab.data.cli",
     "cglab.train.cli",
-    "cglab.tune.cli",
+    "cglab.ablate",
     "cglab.track.cli",
+    "cglab.report",
     "cglab.eval.cli",
     "cglab.plan",
     "cglab.demo",
@@ -32,8 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cglab.config import ConfigError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `cglab train CONFIG --name x a.b=1`: dotted overrides may come after options too

@@ -4,8 +4,15 @@ table and verdict, writes the HTML report, and says how to open the MLflow UI on
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+
+from cglab import raylocal
+from cglab.data.corpus import build_corpus, corpus_sources
+from cglab.track.server import make_server
+from cglab.tune.lessons import get_lesson
+from cglab.tune.presets import base_config
 
 
 def register(subparsers) -> None:
@@ -23,14 +30,8 @@ def _step(msg: str, t0: float) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import ray
-
-    from cglab import raylocal
-    from cglab.data.corpus import build_corpus, corpus_sources
+    # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
     from cglab.report import collect, text_table, verdict_lines, write_report
-    from cglab.track.server import make_server
-    from cglab.tune.lessons import get_lesson
-    from cglab.tune.presets import base_config
     from cglab.tune.sweep import run_lesson
 
     t0 = time.monotonic()
@@ -51,7 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
     server.start()
     try:
         if args.num_cpus:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            raylocal.start_local(args.num_cpus)
         try:
             name = f"demo-lesson{lesson.number}-{time.strftime('%Y%m%d-%H%M%S')}"
             _step(f"lesson {lesson.number} ({lesson.question}): {len(lesson.variants)} variants, "
@@ -81,6 +82,4 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _yaml_list(items: list[dict]) -> str:
-    import json
-
     return json.dumps(items)  # JSON is YAML: one override carries the whole list

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Iterator
 
+# Ray is imported where used: this module is imported by commands (`cglab --help`) that never start Ray.
 log = logging.getLogger(__name__)
 
 # Threads a driver-side Ray Data iteration starts and that call Ray while they run. The parked `Prefetcher` of a
@@ -66,17 +67,25 @@ def quiesce_at_exit() -> None:
     atexit.register(quiesce, 10.0)  # bounded: an exit must not hang on a stuck pipeline
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> Iterator[None]:
-    """A private local Ray (no dashboard, worker logs not forwarded, Ray Data progress bars off) for the block."""
+def start_local(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> None:
+    """The one place cglab starts a private local Ray: `num_cpus` logical CPUs, no dashboard, worker logs not
+    forwarded (unless `init_kwargs` say otherwise), and the exit hook that waits for Ray Data threads."""
     import ray
-    from ray.data import DataContext
 
-    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    quiesce_at_exit()
+    kw = dict(include_dashboard=False, log_to_driver=False)
     kw.update(init_kwargs)
     if temp_dir is not None:
         kw["_temp_dir"] = str(temp_dir)
     ray.init(address="local", num_cpus=num_cpus, **kw)
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> Iterator[None]:
+    """A private local Ray (no dashboard, worker logs not forwarded, Ray Data progress bars off) for the block."""
+    from ray.data import DataContext
+
+    start_local(num_cpus, temp_dir, **{"configure_logging": False, **init_kwargs})
     try:
         DataContext.get_current().enable_progress_bars = False
         yield

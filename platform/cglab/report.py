@@ -11,75 +11,21 @@ from __future__ import annotations
 import html
 import json
 import math
-import urllib.error
+import os
+import sys
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cglab.tune.lessons import Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
+from cglab.track.server import TrackingUnavailable, check_server, sqlite_uri
+from cglab.tune.lessons import Interval, Lesson, Outcome
+from cglab.tune.results import LessonRuns, collect
 
-LOSS_KEYS = ("train/loss", "loss")
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `cglab mlflow up` serves a local store's UI
-
-
-class TrackingUnavailable(LookupError):
-    """The tracking server does not answer, or there is no store to read."""
-
-
-@dataclass
-class LessonRuns:
-    lesson: Lesson
-    sweep: str
-    experiment_id: str
-    parent_run_id: str
-    metrics: dict[str, dict[str, float]]  # variant -> metric -> mean over seeds (finished runs)
-    seeds: dict[str, list[str]]
-    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # variant -> (tokens, loss)
-    status: dict[str, list[str]] = field(default_factory=dict)
-    samples: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> metric -> seed -> x
-    run_ids: list[str] = field(default_factory=list)  # finished child runs, in variant order
-
-    @property
-    def metric_keys(self) -> list[str]:
-        keys = {k for m in self.metrics.values() for k in m}
-        decide = [m.key for m in self.lesson.metrics if m.key in keys]
-        rest = sorted(k for k in keys if k not in decide and (k.startswith("eval/") or k == "loss"))
-        return decide + rest
-
-    def interval(self, variant: str, key: str) -> Interval | None:
-        xs = list(self.samples.get(variant, {}).get(key, {}).values())
-        return mean_ci(xs) if xs else None
-
-    def outcomes(self) -> list[Outcome]:
-        return verdict(self.lesson, self.samples)
-
-
-def check_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise TrackingUnavailable unless an http(s) tracking server answers within timeout_s. Any HTTP answer
-    counts (an auth-protected server says 401): only a refused, unreachable or silent server fails."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            return
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingUnavailable(
-            f"the MLflow server at {uri} does not answer ({reason}); start it (`cglab mlflow up`), or leave out "
-            f"--tracking-uri and unset MLFLOW_TRACKING_URI to read the local store that `cglab ablate` wrote "
-            f"under .cglab/mlflow") from None
 
 
 def resolve_tracking(uri: str | None, root: str | Path = ".cglab/mlflow") -> tuple[str, str]:
     """(tracking URI to read, MLflow UI base for links). No URI: the SQLite store `cglab ablate` wrote under
     root when it had none (read in place; its UI is what `cglab mlflow up --root ROOT` serves)."""
-    import os
-
-    from cglab.track.server import sqlite_uri
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_server(uri)
@@ -90,78 +36,6 @@ def resolve_tracking(uri: str | None, root: str | Path = ".cglab/mlflow") -> tup
             f"no tracking URI given ($MLFLOW_TRACKING_URI is unset) and no local store at {db}: run "
             f"`cglab ablate N` here first (it writes there), or pass --tracking-uri")
     return sqlite_uri(db), DEFAULT_UI
-
-
-def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -> LessonRuns:
-    """The latest sweep of the lesson (or the named one), its trials grouped by variant."""
-    from mlflow import MlflowClient
-
-    les = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
-    check_server(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(les.experiment)
-    if exp is None:
-        raise LookupError(f"no MLflow experiment {les.experiment!r} at {tracking_uri}; run `cglab ablate "
-                          f"{les.number}` first")
-    flt = "tags.`cglab.role` = 'sweep'" + (f" and tags.`cglab.sweep` = '{sweep}'" if sweep else "")
-    parents = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                                 max_results=1)
-    if not parents:
-        raise LookupError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in {les.experiment!r}")
-    parent = parents[0]
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  max_results=1000)
-    samples: dict[str, dict[str, dict[str, float]]] = {}
-    seeds: dict[str, list[str]] = {}
-    status: dict[str, list[str]] = {}
-    curves: dict[str, list[tuple[float, float]]] = {}
-    finished: dict[str, list[str]] = {}
-    for run in children:
-        v = run.data.tags.get("variant", run.info.run_name)
-        status.setdefault(v, []).append(run.info.status)
-        if run.info.status != "FINISHED":
-            continue
-        seed = run.data.tags.get("seed") or run.info.run_id  # no seed tag: never paired with another run
-        seeds.setdefault(v, []).append(seed)
-        finished.setdefault(v, []).append(run.info.run_id)
-        for k, x in run.data.metrics.items():
-            samples.setdefault(v, {}).setdefault(k, {})[seed] = x
-        if v not in curves:  # the first seed's curve stands for the variant
-            curves[v] = _curve(client, run)
-    means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
-    order = [x.name for x in les.variants if x.name in means or x.name in status]
-    return LessonRuns(les, parent.data.tags.get("cglab.sweep", parent.info.run_name), exp.experiment_id,
-                      parent.info.run_id, {v: means.get(v, {}) for v in order}, seeds, curves, status,
-                      {v: samples.get(v, {}) for v in order}, [r for v in order for r in finished.get(v, [])])
-
-
-def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
-    """Put each metric's verdict on the sweep's parent run: tag `verdict/<metric>` (agrees, disagrees,
-    inconclusive, not measured, descriptive) with `verdict/<metric>/note`, and metrics
-    `verdict/<metric>/diff`, `.../diff_lo`, `.../diff_hi` (winner - compared variant, 95% interval).
-    Returns the tags."""
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
-
-    tags: dict[str, str] = {}
-    points = []
-    ts = int(time.time() * 1000)
-    for o in runs.outcomes():
-        tags[f"verdict/{o.metric}"] = o.verdict
-        if o.note:
-            tags[f"verdict/{o.metric}/note"] = o.note
-        if o.winner and o.runner_up:
-            tags[f"verdict/{o.metric}/compared"] = f"{o.winner} vs {o.runner_up}"
-        if o.diff is not None:
-            for name, x in (("diff", o.diff.mean), ("diff_lo", o.diff.lo), ("diff_hi", o.diff.hi)):
-                if x is not None and math.isfinite(x):
-                    points.append(Metric(f"verdict/{o.metric}/{name}", x, ts, 0))
-    MlflowClient(tracking_uri).log_batch(runs.parent_run_id, metrics=points,
-                                         tags=[RunTag(k, v) for k, v in tags.items()])
-    return tags
 
 
 def compare_url(runs: LessonRuns, ui: str) -> str:
@@ -183,19 +57,6 @@ def metric_url(runs: LessonRuns, ui: str) -> str | None:
         ("runs", runs.run_ids), ("metric", keys[0]), ("experiments", [runs.experiment_id]),
         ("plot_metric_keys", keys)))
     return f"{ui.rstrip('/')}/#/metric/?{q}"
-
-
-def _curve(client, run) -> list[tuple[float, float]]:
-    p = run.data.params
-    try:
-        tokens_per_step = int(p["train.global_batch_size"]) * int(p["data.seq_length"])
-    except (KeyError, ValueError):
-        tokens_per_step = 1  # unknown batch shape: x axis falls back to steps
-    for key in LOSS_KEYS:
-        hist = client.get_metric_history(run.info.run_id, key)
-        if len(hist) > 1:
-            return sorted((m.step * tokens_per_step, m.value) for m in hist)
-    return []
 
 
 def _fmt(x: float | None) -> str:
@@ -244,7 +105,7 @@ def _verdict_line(o: Outcome) -> str:
 def plot_curves(runs: LessonRuns, path: Path) -> Path | None:
     if not any(runs.curves.values()):
         return None
-    import matplotlib
+    import matplotlib  # seconds to import: only when there is something to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,7 +130,7 @@ def plot_metrics(runs: LessonRuns, path: Path) -> Path | None:
     keys = [m.key for m in runs.lesson.metrics if any(runs.interval(v, m.key) for v in runs.metrics)]
     if not keys:
         return None
-    import matplotlib
+    import matplotlib  # seconds to import: only when there is something to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -359,8 +220,6 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-    import sys
-
     try:
         uri, ui = resolve_tracking(args.tracking_uri, args.mlflow_root)
         out, runs = write_report(args.lesson, uri, args.out, args.sweep, ui)

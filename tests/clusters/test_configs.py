@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cglab.track import submit as S
+from cglab import submit as S
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cglab.track import submit as S
+from cglab import submit as S
 from tests.clusters.ray_head import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_plain_ray_job_submit_uploads_only_code(ray_head, tmp_path):
 
 @pytest.mark.slow
 def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_path, monkeypatch):
-    """cglab.track.submit: explicit excludes (works even if Ray ignored .gitignore), cglab from the checkout."""
+    """cglab.submit: explicit excludes (works even if Ray ignored .gitignore), cglab from the checkout."""
     repo = _checkout_copy(tmp_path / "repo")
     (repo / ".rayignore").unlink()  # the helper must not depend on the ignore file
     for k in ("RAY_AUTH_MODE", "HOME", "RAY_PACKAGE_SIZE_WARNING_MIB"):
@@ -135,7 +135,7 @@ def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_pa
             "print('CGLAB', cglab.__file__); "
             "print('DRIVER_SLOTS_FREE', ray.available_resources().get('cglab_driver')); "
             "print('LISTING', sorted(os.listdir('.')))")
-    r = subprocess.run([sys.executable, "-m", "cglab.track.submit", "--address", ray_head["address"],
+    r = subprocess.run([sys.executable, "-m", "cglab.submit", "--address", ray_head["address"],
                         "--working-dir", str(repo), "--", sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=300, env={**os.environ})
     out = r.stdout + r.stderr

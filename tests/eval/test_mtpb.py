@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
 from cglab.eval import mtpb
 from cglab.eval.sandbox import Limits, isolation_mode

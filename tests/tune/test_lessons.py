@@ -1,8 +1,23 @@
 import pytest
 
 from cglab.config import ConfigError
-from cglab.tune.lessons import (AGREES, DESCRIPTIVE, DISAGREES, INCONCLUSIVE, LESSONS, NOT_MEASURED, ONE_SEED, Lesson,
-                                Metric, Variant, diff_ci, get_lesson, mean_ci, t975, verdict)
+from cglab.tune.lessons import (
+    AGREES,
+    DESCRIPTIVE,
+    DISAGREES,
+    INCONCLUSIVE,
+    LESSONS,
+    NOT_MEASURED,
+    ONE_SEED,
+    Lesson,
+    Metric,
+    Variant,
+    diff_ci,
+    get_lesson,
+    mean_ci,
+    t975,
+    verdict,
+)
 from cglab.tune.presets import PRESETS, base_config, max_concurrent, trial_resources
 
 

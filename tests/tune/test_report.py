@@ -2,11 +2,11 @@
 import pytest
 
 from cglab import cli
-from cglab.report import (collect, compare_url, metric_url, record_verdict, resolve_tracking, text_table,
-                          verdict_lines, write_report)
+from cglab.report import collect, compare_url, metric_url, resolve_tracking, text_table, verdict_lines, write_report
 from cglab.track.mlflow_logger import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, SweepTracker
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
+from cglab.tune.results import record_verdict
 
 pytestmark = pytest.mark.slow
 SEEDS = (1, 2, 3)
@@ -31,7 +31,7 @@ def _log_sweep(uri, name, code, nl):
                                              {"variant": v, "seed": str(seed), "lesson": "4"},
                                              flatten(cfg), dump_config(cfg))
             assert not resumed
-            client.log_batch(rid, metrics=[Metric("train/loss", 5.0 - s / 10, 0, s) for s in range(1, 6)])
+            client.log_batch(rid, metrics=[Metric("loss", 5.0 - s / 10, 0, s) for s in range(1, 6)])
             tracker.finish_run(rid, {"eval/code_ppl": code[v][i], "eval/nl_ppl": nl[v][i]})
     tracker.finish_run(parent)
     return tracker, parent

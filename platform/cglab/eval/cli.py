@@ -1,10 +1,15 @@
-"""`cglab eval ...`: score HumanEval samples, or run the eval suites on a checkpoint. Heavy imports are lazy."""
+"""`cglab eval ...`: score HumanEval samples, or run the eval suites on a checkpoint. torch and transformers are
+imported only by the commands that load a model."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from cglab.eval import humaneval, mbpp, mtpb, nl
+from cglab.eval.generate import load_generator
+from cglab.eval.sandbox import Limits, isolation_mode
 
 SUITES = ("humaneval", "infill", "nl", "mbpp", "mtpb")
 DATA_SUITES = ("mbpp", "mtpb")  # read from --data-dir: DIR/mbpp.jsonl, DIR/mtpb.jsonl (the published names)
@@ -65,11 +70,8 @@ def _emit(result: dict, out: str | None) -> None:
 
 
 def _humaneval(args) -> int:
-    from cglab.eval.humaneval import evaluate_samples
-    from cglab.eval.sandbox import Limits
-
     try:
-        result = evaluate_samples(args.samples, limits=Limits(timeout_s=args.timeout), workers=args.workers,
+        result = humaneval.evaluate_samples(args.samples, limits=Limits(timeout_s=args.timeout), workers=args.workers,
                                   do_truncate=not args.no_truncate)
     except (OSError, ValueError) as err:
         print(f"cglab eval humaneval: {err}", file=sys.stderr)
@@ -80,8 +82,6 @@ def _humaneval(args) -> int:
 
 def data_file(data_dir: str | None, suite: str) -> Path:
     """DIR/<suite>.jsonl; a clear error naming the expected file when it is not there."""
-    from cglab.eval import mbpp, mtpb
-
     module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
     source = {"mbpp": "google-research/mbpp/", "mtpb": "salesforce/CodeGen benchmark/"}[suite] + module.FILE_NAME
     if not data_dir:
@@ -94,9 +94,6 @@ def data_file(data_dir: str | None, suite: str) -> Path:
 
 
 def _score_samples(args) -> int:
-    from cglab.eval import mbpp, mtpb
-    from cglab.eval.sandbox import Limits
-
     try:
         path = data_file(args.data_dir, args.suite)
         kw = dict(limits=Limits(timeout_s=args.timeout), workers=args.workers)
@@ -128,19 +125,13 @@ def _run(args) -> int:
         # Check the data files before the (slow) model load: a missing or malformed file fails at once.
         data = {s: data_file(args.data_dir, s) for s in suites if s in DATA_SUITES}
         if "mbpp" in data:
-            from cglab.eval import mbpp
-
             mbpp.fewshot(mbpp.load_tasks(data["mbpp"]), data["mbpp"])
         if "mtpb" in data:
-            from cglab.eval import mtpb
-
             mtpb.load_problems(data["mtpb"])
     except (OSError, ValueError) as err:
         print(f"cglab eval run: {err}", file=sys.stderr)
         return 2
-    from cglab.eval import humaneval, infill, nl
-    from cglab.eval.generate import load_generator
-    from cglab.eval.sandbox import Limits
+    from cglab.eval import infill  # torch: kept off the sandbox-only commands
 
     try:
         gen = load_generator(args.checkpoint, batch_size=args.batch_size, device=args.device)
@@ -162,8 +153,6 @@ def _run(args) -> int:
                                                **gen_kw) for m in modes}
     for suite in DATA_SUITES:
         if suite in suites:
-            from cglab.eval import mbpp, mtpb
-
             module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
             # MBPP's solutions are whole functions (512 tokens); MTPB's budget is per turn, per problem.
             budget = args.max_new_tokens or (512 if suite == "mbpp" else None)
@@ -195,8 +184,6 @@ def _best_per_k(by_temp: dict[str, dict]) -> dict[str, dict]:
 
 
 def _sandbox_info(args) -> int:
-    from cglab.eval.sandbox import isolation_mode
-
     print(json.dumps({"isolation": isolation_mode()}))
     return 0
 

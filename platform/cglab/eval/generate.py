@@ -8,6 +8,7 @@ max new tokens) and `score` (per-token log-probs of texts). `HFGenerator` implem
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -38,7 +39,7 @@ class HFGenerator:
     """Generator over a HF causal LM and tokenizer (left padding, KV-cached `generate`)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, device: str | None = None):
-        import torch
+        import torch  # torch and transformers: kept off the sandbox-only `cglab eval` commands
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +104,7 @@ class HFGenerator:
 
 def _stop_criteria(tok, prompt_len: int, stop: Sequence[str]):
     """Per-row stopping: a row is done once its decoded continuation contains a stop string."""
-    import torch
+    import torch  # torch and transformers: kept off the sandbox-only `cglab eval` commands
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     longest = max(len(s) for s in stop)
@@ -133,7 +134,7 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
     scratch = None
     if not _is_hf_dir(path):
         path = scratch = _export(path)
-    import torch
+    import torch  # torch and transformers: kept off the sandbox-only `cglab eval` commands
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
@@ -142,15 +143,13 @@ def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, de
         tok = AutoTokenizer.from_pretrained(path)
     finally:
         if scratch is not None:  # both are in memory now; the exported copy is no longer needed
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)
     return HFGenerator(model, tok, batch_size=batch_size, device=device)
 
 
 def _export(ckpt: Path) -> Path:
     """A cglab training checkpoint (any TP/PP layout) exported to a scratch HF directory."""
-    from cglab.train.checkpoint import MARKER, checkpoint_to_hf
+    from cglab.train.checkpoint import MARKER, checkpoint_to_hf  # torch: kept off `cglab eval`'s import
 
     if not (ckpt / MARKER).is_file():
         raise ValueError(f"{ckpt}: neither an HF model directory (config.json with model_type) nor a complete "

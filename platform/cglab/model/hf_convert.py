@@ -155,7 +155,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ HF export
 def hf_config(m: ModelConfig, eos_token_id: int | None = None, bos_token_id: int | None = None):
-    from transformers import CodeGenConfig
+    from transformers import CodeGenConfig  # transformers (seconds to import): only for an export
 
     return CodeGenConfig(
         vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_ctx=m.max_position_embeddings,
@@ -165,10 +165,11 @@ def hf_config(m: ModelConfig, eos_token_id: int | None = None, bos_token_id: int
         bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
 
-def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path,
+              tokenizer_dir: str | Path | None = None,
               eos_token_id: int | None = None) -> Path:
     """Write a HF model directory that `CodeGenForCausalLM.from_pretrained(out_dir)` loads."""
-    from transformers import CodeGenForCausalLM
+    from transformers import CodeGenForCausalLM  # transformers (seconds to import): only for an export
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path
         raise KeyError(f"HF export mismatch: missing={missing} unexpected={unexpected}")
     model.save_pretrained(out)
     if tokenizer_dir is not None:
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # as above
 
         tok_file = Path(tokenizer_dir) / "tokenizer.json"
         tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token="<|endoftext|>", pad_token="<pad>")

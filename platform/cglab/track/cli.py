@@ -1,7 +1,11 @@
-"""`cglab mlflow up`: a tracking server on a SQL store; `cglab report`: a lesson's comparison page."""
+"""`cglab mlflow up`: a tracking server on a SQL store."""
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+
+from cglab.track.server import make_server
 
 
 def register(subparsers) -> None:
@@ -17,17 +21,8 @@ def register(subparsers) -> None:
     up.add_argument("--workers", type=int, default=2)
     up.set_defaults(func=_up)
 
-    from cglab import report
-
-    report.register(subparsers)
-
 
 def _up(args: argparse.Namespace) -> int:
-    import signal
-    import sys
-
-    from cglab.track.server import make_server
-
     # The server runs in its own session; turn SIGTERM into a normal exit so `finally` stops it too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = make_server(args.root, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,

@@ -20,10 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# mlflow (seconds to import) and ray/torch are imported where used: this module's small types (MlflowContext,
+# SweepTracker) are imported by commands and drivers that may never send a metric.
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "cglab.sweep"
 TAG_TRIAL = "cglab.trial_id"
+TAG_RUN = "cglab.run"  # a single run's name (`cglab train`), to find it again
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key: the UI nests children under it
 TAG_UNLOGGED = "cglab.unlogged"
 # MLflow 3.17's UI opens an experiment by this tag (its JS reads `mlflow.experimentKind`); untagged, it infers
@@ -32,10 +35,6 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAM_LEN = 6000
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
-
-
-def experiment_name(number: int, slug: str) -> str:
-    return f"codegen2/lesson-{number}-{slug}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ class RankZeroLogger:
         self._thread.start()
 
     @classmethod
-    def from_context(cls, ctx: MlflowContext | None, **kwargs) -> "RankZeroLogger":
+    def from_context(cls, ctx: MlflowContext | None, **kwargs) -> RankZeroLogger:
         return cls(ctx, **kwargs)
 
     # ---------------------------------------------------------------------------------- public API
@@ -202,7 +201,7 @@ class RankZeroLogger:
                 "unlogged_points": self._lost_points, "unlogged_steps": _step_ranges(self._lost_steps),
                 "failed_sends": self._failures}
 
-    def __enter__(self) -> "RankZeroLogger":
+    def __enter__(self) -> RankZeroLogger:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,9 +364,7 @@ class SweepTracker:
         if rid:
             self.client.update_run(rid, status="RUNNING")
             return rid
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep,
-                                     tags={TAG_SWEEP: self.sweep, "cglab.role": "sweep", **(tags or {})})
-        return run.info.run_id
+        return self._create_run(self.sweep, {TAG_SWEEP: self.sweep, "cglab.role": "sweep", **(tags or {})})
 
     def trial_run(self, parent_run_id: str, trial_id: str, run_name: str, tags: Mapping[str, str],
                   params: Mapping[str, Any], config_yaml: str) -> tuple[str, bool]:
@@ -378,15 +375,27 @@ class SweepTracker:
             return rid, True
         all_tags = {TAG_PARENT: parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id,
                     "cglab.role": "trial", **{k: str(v) for k, v in tags.items()}}
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-        rid = run.info.run_id
+        return self._create_run(run_name, all_tags, params, config_yaml), False
+
+    def named_run(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any], config_yaml: str) -> str:
+        """A run outside any sweep (`cglab train`): created once, found again by its `cglab.run` tag."""
+        if not self.experiment_id:
+            self.ensure_experiment()
+        rid = self._find(f"tags.`{TAG_RUN}` = '{name}'")
+        return rid or self._create_run(name, {TAG_RUN: name, **tags}, params, config_yaml)
+
+    def _create_run(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any] | None = None,
+                    config_yaml: str | None = None) -> str:
+        """The one place cglab creates an MLflow run: tags at creation, then the params and the resolved config."""
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        rid = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+        items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         for i in range(0, len(items), 100):  # log_batch accepts 100 params per call
             self.client.log_batch(rid, params=items[i:i + 100])
-        self.client.log_text(rid, config_yaml, "config.yaml")
-        return rid, False
+        if config_yaml is not None:
+            self.client.log_text(rid, config_yaml, "config.yaml")
+        return rid
 
     def context(self, run_id: str, **kwargs) -> MlflowContext:
         return MlflowContext(tracking_uri=self.tracking_uri, run_id=run_id, experiment_id=self.experiment_id,

@@ -17,12 +17,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 DEFAULT_ROOT = ".cglab/mlflow"
+
+
+class TrackingUnavailable(LookupError):
+    """The tracking server does not answer, or there is no store to read."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,7 +96,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
         enable_wal(self.backend_store_uri)
         Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         self.log_path = self.root / f"server-{self.port}.log"
@@ -122,7 +127,7 @@ class MlflowServer:
             self._log.close()
             self._log = None
 
-    def restart(self, timeout_s: float = 120.0) -> "MlflowServer":
+    def restart(self, timeout_s: float = 120.0) -> MlflowServer:
         """Same store, same port: what a client sees after a server outage."""
         self.stop()
         return self.start(timeout_s)
@@ -159,3 +164,21 @@ def local_server(root: str | Path | None = None, **kwargs) -> Iterator[MlflowSer
 def ui_command(uri: str, experiment_id: str | None = None) -> str:
     """What to paste to look at the runs: the server already serves the UI."""
     return f"open {uri}/#/experiments/{experiment_id}" if experiment_id else f"open {uri}"
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingUnavailable unless an http(s) tracking server answers within timeout_s. Any HTTP answer
+    counts (an auth-protected server says 401): only a refused, unreachable or silent server fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailable(
+            f"the MLflow server at {uri} does not answer ({reason}); start it (`cglab mlflow up`), or leave out "
+            f"--tracking-uri and unset MLFLOW_TRACKING_URI to read the local store that `cglab ablate` wrote "
+            f"under .cglab/mlflow") from None

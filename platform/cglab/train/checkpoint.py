@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cglab.config import ModelConfig
+
 MARKER, MANIFEST, STATE = "COMPLETE", "manifest.json", "trainer_state.json"
 
 
@@ -171,52 +173,25 @@ def local_dir(root: str | Path, step: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- export
-_STACKED = "decoder.layers."
+def model_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig a complete checkpoint was trained with (IncompleteCheckpoint if it is not complete)."""
+    d = Path(directory)
+    verify(d)
+    return ModelConfig.model_validate(json.loads((d / STATE).read_text())["config"]["model"])
 
 
 def to_full_state_dict(directory: str | Path):
     """(full cglab state dict, ModelConfig) from a checkpoint of any TP/PP layout, in one process."""
-    from megatron.core import dist_checkpointing
+    from cglab.model import hf_export  # Megatron's loader: kept off the paths that only read MARKER
 
-    from cglab.config import ModelConfig
-
-    d = Path(directory)
-    verify(d)
-    doc = json.loads((d / STATE).read_text())
-    m = ModelConfig.model_validate(doc["config"]["model"])
-    own_group = not dist.is_initialized()
-    if own_group:  # Megatron's loader speaks torch.distributed; a world of one is enough
-        from cglab.distributed import _free_port
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        plain = dist_checkpointing.load_plain_tensors(str(d))
-    finally:
-        if own_group:
-            dist.destroy_process_group()
-    full = {}
-    for k, v in plain.items():
-        if not isinstance(v, torch.Tensor) or k.startswith("optimizer") or k.endswith("_extra_state"):
-            continue
-        k = k.removeprefix("model.")
-        if k.startswith(_STACKED):  # layers are saved stacked along a leading layer axis
-            rest = k[len(_STACKED):]
-            for i in range(v.shape[0]):
-                full[f"{_STACKED}{i}.{rest}"] = v[i].float().clone()
-        else:
-            full[k] = v.float().clone()
-    return full, m
+    m = model_config(directory)
+    return hf_export.full_state_dict(directory), m
 
 
 def checkpoint_to_hf(directory: str | Path, out_dir: str | Path) -> Path:
-    """Export a checkpoint as a HF CodeGenForCausalLM directory (with its tokenizer when the checkpoint has one)."""
-    from cglab.model.hf_convert import export_hf
+    """Export a checkpoint as a HF CodeGenForCausalLM directory (with its tokenizer when the checkpoint has one):
+    this module checks the directory is a complete cglab checkpoint, `cglab.model.hf_export` converts it."""
+    from cglab.model import hf_export  # Megatron's loader: kept off the paths that only read MARKER
 
-    full, m = to_full_state_dict(directory)
-    tok = Path(directory) / "tokenizer"
-    eos = None
-    if (tok / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        eos = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id("<|endoftext|>")
-    return export_hf(full, m, out_dir, tokenizer_dir=tok if eos is not None else None, eos_token_id=eos)
+    m = model_config(directory)
+    return hf_export.export_checkpoint(directory, m, out_dir, tokenizer_dir=Path(directory) / "tokenizer")

@@ -5,6 +5,9 @@ import argparse
 import json
 import os
 
+from cglab.config import CGLabConfig, dump_config, flatten, load_config
+from cglab.track.mlflow_logger import MlflowContext, SweepTracker
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a CodeGen model (Megatron-Core under Ray Train)")
@@ -15,42 +18,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def mlflow_run(cfg, name: str):
+def mlflow_run(cfg: CGLabConfig, name: str) -> MlflowContext | None:
     """Create (or find again, by name) this run in MLflow from the driver; None when tracking is off."""
     uri = cfg.track.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    from cglab.config import dump_config, flatten
-    from cglab.track.mlflow_logger import MlflowContext, SweepTracker, _param_value
-
     tracker = SweepTracker(uri, cfg.track.experiment, sweep=name, system_metrics=cfg.track.system_metrics)
-    exp_id = tracker.ensure_experiment()
-    client = MlflowClient(uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`cglab.run` = '{name}'", max_results=1)
-    if found:
-        rid = found[0].info.run_id
-    else:
-        rid = client.create_run(exp_id, run_name=name, tags={"cglab.run": name, **cfg.track.tags}).info.run_id
-        params = [Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(rid, params=params[i:i + 100])
-        client.log_text(rid, dump_config(cfg), "config.yaml")
-    return MlflowContext(tracking_uri=uri, run_id=rid, experiment_id=exp_id, system_metrics=cfg.track.system_metrics)
+    rid = tracker.named_run(name, tags=cfg.track.tags, params=flatten(cfg), config_yaml=dump_config(cfg))
+    return tracker.context(rid)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cglab.config import load_config
-    from cglab.train.trainer import fit
+    from cglab.train.trainer import fit  # Ray and Megatron: kept off `cglab --help`
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.track.run_name or os.path.splitext(os.path.basename(args.config))[0]
     ctx = mlflow_run(cfg, name)
     out = fit(cfg, storage_path=args.storage, name=name, mlflow=ctx)
     if ctx is not None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # seconds to import: only when tracking
 
         MlflowClient(ctx.tracking_uri).set_terminated(ctx.run_id, "FINISHED")
     print(json.dumps(out, indent=1, default=str))

@@ -15,7 +15,7 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     bound to 127.0.0.1."""
     import ray
 
-    from cglab.raylocal import quiesce_at_exit
+    from cglab.raylocal import quiesce_at_exit, start_local
 
     quiesce_at_exit()
     if ray.is_initialized():
@@ -27,8 +27,7 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
         pass
     need = (cfg.world_size * cfg.parallel.cpus_per_worker if cfg else 1) + 2  # + Ray Data tasks
     # Logical CPUs may exceed cores: Megatron workers mostly wait on each other, data tasks are light.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+    start_local(max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab-train", mlflow=None,

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cglab.config import ConfigError, FilterConfig, SourceConfig
+from cglab.data import readers
+from cglab.data.dedup import content_hashes
+from cglab.data.filters import filter_reasons
 
 # Dedup against training only when the training files are this small: hashing a real Pile is a job of its own.
 _MAX_DEDUP_BYTES = 512 << 20
@@ -29,9 +32,6 @@ class HeldOut:
 
 def _docs(src, files: list[int], fcfg: FilterConfig):
     """Texts of the files' documents that the training readers and filters keep."""
-    from cglab.data import readers
-    from cglab.data.filters import filter_reasons
-
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     for f in files:
         for r in readers.read_file(src, f, max_bytes):
@@ -42,9 +42,6 @@ def _docs(src, files: list[int], fcfg: FilterConfig):
 def split_sources(sources: list[dict[str, Any]] | list[SourceConfig], out_dir: str | Path, *,
                   filters: FilterConfig | None = None, max_docs: int = 64) -> tuple[list[dict], HeldOut]:
     """(training sources as dicts, held-out files). Raises ConfigError when no source has two files."""
-    from cglab.data import readers
-    from cglab.data.dedup import content_hashes
-
     cfgs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
     fcfg = filters or FilterConfig()
     resolved = readers.resolve_files(cfgs)

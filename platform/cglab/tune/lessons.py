@@ -152,7 +152,7 @@ def build_lessons(infill_rate: float = 0.5) -> dict[int, Lesson]:
         finding="Several epochs over the same data, with span corruption re-sampled each epoch and the LR "
                 "decayed over the whole budget, keep improving the model (CodeGen2.5 trains 5 epochs).",
         equal_compute=False)
-    return {l.number: l for l in (lesson1, lesson2, lesson3, lesson4, lesson5)}
+    return {les.number: les for les in (lesson1, lesson2, lesson3, lesson4, lesson5)}
 
 
 LESSONS: dict[int, Lesson] = build_lessons()

@@ -10,6 +10,7 @@ import yaml
 
 from cglab.config import PRESETS as MODEL_SHAPES
 from cglab.config import CGLabConfig, ConfigError, apply_overrides, from_dict
+from cglab.data.corpus import build_corpus, corpus_sources
 
 
 def _shape(name: str) -> tuple[str, ...]:
@@ -84,8 +85,6 @@ PRESETS: dict[str, Preset] = {
 
 def micro_corpus_sources(root: str | Path = ".cglab/corpus") -> list[dict]:
     """data.sources for the embedded micro corpus under root, built there first if missing."""
-    from cglab.data.corpus import build_corpus, corpus_sources
-
     root = Path(root).resolve()  # trials run in other working directories
     if not all((root / k).is_dir() and any((root / k).iterdir()) for k in ("pile", "stack")):
         build_corpus(root)

@@ -5,8 +5,8 @@ opens its MLflow child run and calls `train_fn(cfg, storage_path=..., name=..., 
 TorchTrainer and returns final metrics. The trial function holds only `driver_cpus`; `fit` and the evaluation
 run as zero-CPU tasks outside the trial's placement group, the Train workers are scheduled by Train itself, and
 `max_concurrent_trials` is derived from what one trial's workers (plus `data_cpus` of headroom for their Ray
-Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group before `fit`
-returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
+Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group
+before `fit` returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
 
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
 documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
@@ -22,17 +22,24 @@ MLflow run (found by tag).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cglab.config import CGLabConfig, dump_config, flatten
+from cglab import raylocal
+from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict
+from cglab.data import artifacts, readers
+from cglab.plan import plan_run, scan_sources
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
+from cglab.tune.heldout import split_sources
 from cglab.tune.lessons import Lesson, get_lesson
-from cglab.tune.presets import Preset, get_preset, max_concurrent, trial_resources
+from cglab.tune.presets import Preset, base_config, get_preset, max_concurrent, trial_resources
+from cglab.tune.results import collect, record_verdict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow) -> final m
 
 
 def default_train_fn() -> TrainFn:
-    from cglab.train.trainer import fit
+    from cglab.train.trainer import fit  # Ray Train and Megatron: imported in the trial that trains
 
     return fit
 
@@ -70,7 +77,7 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
     Tune captures a trial's child tasks into the trial's bundle (`driver_cpus`, e.g. 0.5 CPU): the Ray Data
     tasks that `fit` starts on its driver (dedup scan, shuffle) each ask for a whole CPU and could never be
     scheduled there, and evaluation wants the GPU the Train workers have just released."""
-    import ray
+    import ray  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     task = ray.remote(num_cpus=0, num_gpus=num_gpus, max_retries=0,
@@ -79,7 +86,7 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
 
 
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
-    from ray import tune
+    from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
     variant, seed = config["variant"], config["seed"]
     cfg = spec.lesson.config_for(variant, spec.base, seed)
@@ -118,7 +125,7 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
 
 
 def make_trainable(spec: TrialSpec, driver_cpus: float):
-    from ray import tune
+    from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
     def trainable(config: dict[str, Any]) -> None:
         tune.report(_run_trial(config, spec))
@@ -150,12 +157,6 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path)
     is a ConfigError naming eval.allow_builtin_texts unless that is set; raised before the tokenizer is trained,
     so a sweep that would score on built-in texts stops before spending anything."""
-    import json
-
-    from cglab.config import ConfigError, from_dict
-    from cglab.data import artifacts, readers
-    from cglab.tune.heldout import split_sources
-
     if not base.data.sources:
         raise ConfigError("data.sources: no sources configured (pass --config, or use the laptop preset's "
                           "micro corpus)")
@@ -192,9 +193,6 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
 def preflight(lesson: Lesson, base: CGLabConfig, trials: list[tuple[str, int]], preset: Preset) -> list[dict]:
     """`cglab plan` for every (variant, seed) on the sweep's settled inputs (one data scan for all of them);
     ConfigError listing what any trial would refuse. Each trial's `fit` checks its own plan again."""
-    from cglab.config import ConfigError
-    from cglab.plan import plan_run, scan_sources
-
     cfgs = {k: lesson.config_for(k[0], base, k[1]) for k in trials}
     scan = scan_sources(next(iter(cfgs.values())))  # variants differ in weights, never in which files exist
     plans = [plan_run(c, scan=scan, driver_cpus=preset.driver_cpus, data_cpus=preset.data_cpus,
@@ -209,21 +207,16 @@ def preflight(lesson: Lesson, base: CGLabConfig, trials: list[tuple[str, int]], 
 def ensure_local_ray(per_trial: dict[str, float]) -> None:
     """Connect to RAY_ADDRESS if set, else start a private local Ray with at least one trial's logical CPUs
     (more logical CPUs than cores is fine: the Tune driver function mostly waits)."""
-    import math
+    import ray  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
-    import ray
-
-    from cglab.raylocal import quiesce_at_exit
-
-    quiesce_at_exit()
+    raylocal.quiesce_at_exit()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     need = math.ceil(per_trial.get("CPU", 1.0))
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), num_gpus=per_trial.get("GPU"),
-             include_dashboard=False, log_to_driver=False)
+    raylocal.start_local(max(os.cpu_count() or 1, need), num_gpus=per_trial.get("GPU"))
 
 
 def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: CGLabConfig | None = None,
@@ -235,9 +228,8 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
     """Run (or resume) a lesson's grid on the connected Ray cluster (a private local one if none): split the
     held-out documents, train the tokenizer once, then one trial per (variant, seed) = train + evaluate.
     Validates every variant's config before starting anything."""
+    import ray  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
     from ray import tune
-
-    from cglab.tune.presets import base_config
 
     les = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
     pre = get_preset(preset) if isinstance(preset, str) else preset
@@ -253,9 +245,6 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
     # The biggest variant sets the pace (variants of a lesson normally share their parallel layout).
     needs = [trial_resources(c, pre.driver_cpus, pre.data_cpus) for c in configs.values()]
     per_trial = {k: max(n.get(k, 0.0) for n in needs) for k in set().union(*needs)}
-
-    import ray
-
     ensure_local_ray(per_trial)
     concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
     shared = Path(exp_path + "-inputs") if "://" not in exp_path else Path(".cglab/tune-inputs") / name
@@ -297,8 +286,6 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
                     if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"})
         results.append(row)
     if tracking_uri:
-        from cglab.report import collect, record_verdict
-
         # The verdict per metric lives on the parent run (tags `verdict/<metric>`), from the same numbers the
         # report reads back; a bookkeeping failure here must not lose the sweep's result.
         try:

@@ -5,8 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cglab.tune.evaluate import EOM, EOS, MASK, SEP, InfillExample, infill_examples, infill_ids, \
-    infill_perplexity
+from cglab.eval.infill import EOM, EOS, MASK, SEP, InfillExample, infill_examples, infill_ids, infill_perplexity
 
 SPECIALS = [EOS, SEP, EOM] + [f"<mask_{i}>" for i in range(1, 5)]
 CODE = ["def f(x):\n    y = x + 1\n\n    return y * 2\n", "import os\n\n\nclass A:\n    a = 1\n    b = 2\n",

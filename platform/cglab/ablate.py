@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
+import time
+
+from cglab.config import ConfigError
+from cglab.track.server import make_server
+from cglab.tune.lessons import get_lesson
+from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,14 +37,8 @@ def register(subparsers) -> None:
 
 
 def ablate(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from cglab.config import ConfigError
+    # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
     from cglab.report import collect, text_table, verdict_lines, write_report
-    from cglab.track.server import make_server
-    from cglab.tune.lessons import get_lesson
-    from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
     from cglab.tune.sweep import run_lesson
 
     t0 = time.monotonic()
@@ -80,8 +81,6 @@ def ablate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ablate", description=__doc__)
     add_arguments(p)
-    from cglab.config import ConfigError
-
     try:
         return ablate(p.parse_args(argv))
     except ConfigError as err:

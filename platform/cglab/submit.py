@@ -14,11 +14,13 @@ The driver is pinned by a custom resource: every cglab cluster recipe (clusters/
 `{"cglab_driver": 4}` and zero schedulable CPUs/GPUs, so up to four drivers (Tune controllers) run on the head,
 never on a GPU worker, and never take a GPU worker's CPUs.
 
-    python -m cglab.track.submit --address http://127.0.0.1:8265 -- python jobs/ablate.py --lesson 3 --preset cluster
+    python -m cglab.submit --address http://127.0.0.1:8265 -- python jobs/ablate.py --lesson 3 --preset cluster
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import shlex
 import sys
@@ -28,7 +30,8 @@ from typing import Any, Sequence
 # gitwildmatch patterns without a trailing slash: Ray matches directory paths without one, so `.cglab` prunes the
 # whole tree at once while `.cglab/` would only match the files inside it.
 EXCLUDES: list[str] = [
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "build", "/.whl", "/.gl",
+    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".import_linter_cache",
+    "*.egg-info", "build", "/.whl", "/.gl",
     ".cglab",                                   # built corpora, tokenizers, local run state
     "checkpoints", "*.distcp", "*.pt", "*.safetensors",  # model state
     "mlruns", "mlartifacts", "*.db", "*.sqlite",         # MLflow stores
@@ -67,7 +70,7 @@ def submit(entrypoint: Sequence[str] | str, address: str = "http://127.0.0.1:826
            env_vars: dict[str, str] | None = None, on_head: bool = True, submission_id: str | None = None) -> str:
     """Submit and return the submission id. Token auth (RAY_AUTH_MODE=token) is picked up by Ray's client from
     the environment / ~/.ray/auth_token."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # Ray: kept off `--print-command` and `--help`
 
     cmd = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
     client = JobSubmissionClient(address)
@@ -79,8 +82,6 @@ def submit(entrypoint: Sequence[str] | str, address: str = "http://127.0.0.1:826
 
 def cli_command(entrypoint: Sequence[str], address: str = "http://127.0.0.1:8265", on_head: bool = True) -> list[str]:
     """The equivalent `ray job submit` argv, for docs and for people who prefer Ray's CLI."""
-    import json
-
     env = {"py_modules": ["platform/cglab"], "excludes": EXCLUDES}
     argv = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
             "--runtime-env-json", json.dumps(env)]
@@ -90,7 +91,7 @@ def cli_command(entrypoint: Sequence[str], address: str = "http://127.0.0.1:8265
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cglab.track.submit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cglab.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
     p.add_argument("--working-dir", default=".")
     p.add_argument("--anywhere", action="store_true", help="let Ray place the driver (default: the head node)")
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted {sid}; logs: ray job logs --address {a.address} -f {sid}")
     if a.no_wait:
         return 0
-    import asyncio
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient  # Ray: kept off `--print-command` and `--help`
 
     client = JobSubmissionClient(a.address)
 

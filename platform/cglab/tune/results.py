@@ -1,0 +1,121 @@
+"""A lesson's sweep read back from MLflow: its finished trials grouped by variant (metrics per seed, the loss
+curve), and the verdict per metric recorded on the sweep's parent run. The sweep records the verdict when it
+ends; `cglab report` renders the same numbers."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from cglab.track.server import check_server
+from cglab.tune.lessons import LOSS, Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
+
+
+@dataclass
+class LessonRuns:
+    lesson: Lesson
+    sweep: str
+    experiment_id: str
+    parent_run_id: str
+    metrics: dict[str, dict[str, float]]  # variant -> metric -> mean over seeds (finished runs)
+    seeds: dict[str, list[str]]
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # variant -> (tokens, loss)
+    status: dict[str, list[str]] = field(default_factory=dict)
+    samples: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> metric -> seed -> x
+    run_ids: list[str] = field(default_factory=list)  # finished child runs, in variant order
+
+    @property
+    def metric_keys(self) -> list[str]:
+        keys = {k for m in self.metrics.values() for k in m}
+        decide = [m.key for m in self.lesson.metrics if m.key in keys]
+        rest = sorted(k for k in keys if k not in decide and (k.startswith("eval/") or k == "loss"))
+        return decide + rest
+
+    def interval(self, variant: str, key: str) -> Interval | None:
+        xs = list(self.samples.get(variant, {}).get(key, {}).values())
+        return mean_ci(xs) if xs else None
+
+    def outcomes(self) -> list[Outcome]:
+        return verdict(self.lesson, self.samples)
+
+
+def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -> LessonRuns:
+    """The latest sweep of the lesson (or the named one), its trials grouped by variant."""
+    from mlflow import MlflowClient  # seconds to import: kept off `cglab --help`, which imports cglab.report
+
+    les = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
+    check_server(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(les.experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {les.experiment!r} at {tracking_uri}; run `cglab ablate "
+                          f"{les.number}` first")
+    flt = "tags.`cglab.role` = 'sweep'" + (f" and tags.`cglab.sweep` = '{sweep}'" if sweep else "")
+    parents = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not parents:
+        raise LookupError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in {les.experiment!r}")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  max_results=1000)
+    samples: dict[str, dict[str, dict[str, float]]] = {}
+    seeds: dict[str, list[str]] = {}
+    status: dict[str, list[str]] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    finished: dict[str, list[str]] = {}
+    for run in children:
+        v = run.data.tags.get("variant", run.info.run_name)
+        status.setdefault(v, []).append(run.info.status)
+        if run.info.status != "FINISHED":
+            continue
+        seed = run.data.tags.get("seed") or run.info.run_id  # no seed tag: never paired with another run
+        seeds.setdefault(v, []).append(seed)
+        finished.setdefault(v, []).append(run.info.run_id)
+        for k, x in run.data.metrics.items():
+            samples.setdefault(v, {}).setdefault(k, {})[seed] = x
+        if v not in curves:  # the first seed's curve stands for the variant
+            curves[v] = _curve(client, run)
+    means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
+    order = [x.name for x in les.variants if x.name in means or x.name in status]
+    return LessonRuns(les, parent.data.tags.get("cglab.sweep", parent.info.run_name), exp.experiment_id,
+                      parent.info.run_id, {v: means.get(v, {}) for v in order}, seeds, curves, status,
+                      {v: samples.get(v, {}) for v in order}, [r for v in order for r in finished.get(v, [])])
+
+
+def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
+    """Put each metric's verdict on the sweep's parent run: tag `verdict/<metric>` (agrees, disagrees,
+    inconclusive, not measured, descriptive) with `verdict/<metric>/note`, and metrics
+    `verdict/<metric>/diff`, `.../diff_lo`, `.../diff_hi` (winner - compared variant, 95% interval).
+    Returns the tags."""
+    from mlflow import MlflowClient  # seconds to import: kept off `cglab --help`, which imports cglab.report
+    from mlflow.entities import Metric, RunTag
+
+    tags: dict[str, str] = {}
+    points = []
+    ts = int(time.time() * 1000)
+    for o in runs.outcomes():
+        tags[f"verdict/{o.metric}"] = o.verdict
+        if o.note:
+            tags[f"verdict/{o.metric}/note"] = o.note
+        if o.winner and o.runner_up:
+            tags[f"verdict/{o.metric}/compared"] = f"{o.winner} vs {o.runner_up}"
+        if o.diff is not None:
+            for name, x in (("diff", o.diff.mean), ("diff_lo", o.diff.lo), ("diff_hi", o.diff.hi)):
+                if x is not None and math.isfinite(x):
+                    points.append(Metric(f"verdict/{o.metric}/{name}", x, ts, 0))
+    MlflowClient(tracking_uri).log_batch(runs.parent_run_id, metrics=points,
+                                         tags=[RunTag(k, v) for k, v in tags.items()])
+    return tags
+
+
+def _curve(client, run) -> list[tuple[float, float]]:
+    p = run.data.params
+    try:
+        tokens_per_step = int(p["train.global_batch_size"]) * int(p["data.seq_length"])
+    except (KeyError, ValueError):
+        tokens_per_step = 1  # unknown batch shape: x axis falls back to steps
+    hist = client.get_metric_history(run.info.run_id, LOSS)
+    if len(hist) > 1:
+        return sorted((m.step * tokens_per_step, m.value) for m in hist)
+    return []
