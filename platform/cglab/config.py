@@ -87,7 +87,7 @@ class ModelConfig(_Section):
     # run's layout when the model is built; the optimizer, LR schedule and data position start fresh. The tokenizer
     # comes with them (the HF directory's tokenizer.json, the checkpoint's tokenizer/) unless data.tokenizer.path is
     # set. The shape fields above must equal the weights' (`cglab plan` and every run check it on the driver, before
-    # any worker starts; cglab.model.pretrained). A path every worker can read (local or shared filesystem).
+    # any worker starts; cglab.train.pretrained). A path every worker can read (local or shared filesystem).
     init_from: str | None = None
 
     @model_validator(mode="before")

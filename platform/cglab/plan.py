@@ -1,309 +1,24 @@
-"""`cglab plan`: what a run will really do, before it spends anything.
+"""`cglab plan`: a run's plan (cglab.train.plan.plan_run), or every trial's of a lesson, printed before anything
+is spent.
 
-    plan = plan_run(cfg)                       # one run: dict of resolved decisions, warnings and errors
+    plan = plan_config("run.yaml", [])         # one run, from a YAML file and dotted overrides
     plan = plan_lesson(3, "1gpu")              # a lesson: the same for every trial, under "trials"
-
-Everything a run decides at start is gathered here, for the machine the run targets (a GPU preset is planned on a
-machine without one): the attention backend and why, the fusions, the Adam Megatron will build and whether the
-grad-scale fold applies, precision, the parallel layout, resources, the data available (a bounded scan through
-the training readers and filters, its method stated) against the data needed, the mask fraction each corrupting
-objective realises on that data at the configured sequence length (the real objective code, run on a sample), the
-sentinels needed and available, and memory per GPU (cglab.train.memory). `warnings` are decisions a researcher
-should know about; `errors` are what a run refuses. The attention, fusion and Adam entries are the run's own
-`cglab.decisions.RunDecisions`, resolved for the target machine. `cglab train`, `jobs/pretrain.py` and every Tune
-trial run `plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as
-`plan.json`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
-from collections import Counter
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from cglab.config import CGLabConfig, ConfigError, cross_field_errors
-
-# The bounded data scan: per source, files are read in order until either budget is spent.
-SCAN_DOCS, SCAN_BYTES = 4000, 64 << 20
-MASK_WINDOWS = 64  # packed windows per corrupting setting for the realised mask fraction
-MASK_TOLERANCE = 0.10  # relative: the realised fraction must be within 10% of the mean drawn ratio
-GPU_MEMORY_GIB = 80.0  # H100 80GB, the smallest GPU the GPU presets are sized for
-
-
-# ---------------------------------------------------------------------------------------------- resources
-def _resources(cfg: CGLabConfig, driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
-    from cglab.tune.presets import max_concurrent, trial_resources
-
-    per = trial_resources(cfg, driver_cpus, data_cpus)
-    out: dict[str, Any] = {"per_run": per, "workers": cfg.world_size, "cluster": None, "side_by_side": None}
-    cluster = _connected_cluster()
-    if cluster is not None:
-        out["cluster"] = cluster
-        try:
-            out["side_by_side"] = max_concurrent(per, cluster, n_trials)
-        except ConfigError as err:
-            out["side_by_side"] = 0
-            out["error"] = str(err)
-    return out
-
-
-def _connected_cluster() -> dict[str, float] | None:
-    """The resources of the Ray cluster this process is connected to, or of RAY_ADDRESS; None when there is none
-    (plan never starts Ray)."""
-    import ray
-
-    if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            return None
-        try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        except ConnectionError:
-            return None
-    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-
-
-# ---------------------------------------------------------------------------------------------- data
-@dataclasses.dataclass
-class Scan:
-    """What a bounded scan of the configured sources found, per source (by index), and the documents it kept."""
-
-    entries: list[dict]
-    docs: list[list[np.ndarray]]  # per source: the kept documents' token ids (each ends with <|endoftext|>)
-    tokenizer: Any
-
-
-def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, max_bytes: int = SCAN_BYTES) -> Scan:
-    """Read each source's files in order through the training readers and filters until `max_docs` documents or
-    `max_bytes` file bytes, tokenize what is kept with the run's tokenizer, and extrapolate documents and tokens
-    to all files by file size (exact when every file was read)."""
-    from cglab.data import readers
-    from cglab.data.dedup import content_hashes
-    from cglab.data.filters import filter_reasons
-
-    d = cfg.data
-    tok = tokenizer or _tokenizer(cfg)
-    limit = readers.max_record_bytes(d.filters.max_chars)
-    entries, docs = [], []
-    for src in readers.resolve_files(d.sources):
-        sizes = [_file_size(f) for f in src.files]
-        read = Counter()
-        kept: list[str] = []
-        n_files = 0
-        for i, f in enumerate(src.files):
-            if n_files and (len(kept) >= max_docs or sum(sizes[:i]) >= max_bytes):
-                break
-            n_files += 1
-            recs = list(readers.read_file(src, i, limit))
-            ok = [r.text for r in recs if not r.reason]
-            reasons = filter_reasons(ok, d.filters) if ok else np.zeros(0, object)
-            read.update([r.reason for r in recs if r.reason] + [x for x in reasons.tolist() if x])
-            kept += [t for t, x in zip(ok, reasons.tolist()) if not x]
-        flat, offsets = tok.encode_batch(kept) if kept else (np.zeros(0, np.int32), np.zeros(1, np.int64))
-        ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        scanned = sum(sizes[:n_files])
-        scale = sum(sizes) / scanned if scanned else 1.0
-        exact = n_files == len(src.files)
-        dup = len(kept) - len(set(content_hashes(kept)))
-        entries.append({
-            "name": src.name, "kind": src.kind, "files": len(src.files), "bytes": sum(sizes),
-            "scanned": {"files": n_files, "bytes": scanned, "kept": len(kept), "skipped": dict(read),
-                        "exact_duplicates": dup},
-            "documents": round(len(kept) * scale), "tokens": round(int(flat.size) * scale),
-            "tokens_per_document": round(flat.size / len(kept), 1) if kept else 0.0,
-            "method": ("exact: every file read through the training readers and filters" if exact else
-                       f"extrapolated by file size from the first {n_files} of {len(src.files)} files "
-                       f"({scanned:,} of {sum(sizes):,} bytes) read through the training readers and filters"),
-        })
-        docs.append(ids)
-    return Scan(entries, docs, tok)
-
-
-def _file_size(path: str) -> int:
-    from cglab.data import readers
-
-    fs, p = readers._filesystem(path)
-    return int(fs.get_file_info(p).size or 0)
-
-
-def _tokenizer(cfg: CGLabConfig):
-    """The run's tokenizer: loaded from data.tokenizer.path or model.init_from, else the corpus's (data/artifacts.py:
-    reused from data.cache_path, or trained and stored there, as `prepare_data` does)."""
-    from cglab.data import artifacts, readers
-    from cglab.model.pretrained import load_tokenizer
-
-    d = cfg.data
-    tok = load_tokenizer(cfg)  # data.tokenizer.path, else the tokenizer that came with model.init_from's weights
-    return tok or artifacts.trained_tokenizer(d, readers.resolve_files(d.sources), artifacts.cache_root(d))[0]
-
-
-def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Packed windows of the scanned documents (sources interleaved by their mixture weights, as the stream
-    mixes them), packed with the objective's reserve at data.seq_length."""
-    from cglab.data.mixture import source_weights
-    from cglab.data.objectives import packing_reserve
-    from cglab.data.packing import pack_documents
-
-    d = cfg.data
-    w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
-    rng = np.random.default_rng(d.seed)
-    pools = [list(reversed(x)) for x in scan.docs]
-    stream, need = [], limit * d.seq_length
-    live = [i for i in range(len(pools)) if w[i] > 0 and pools[i]]
-    while live and need > 0:
-        p = w[live] / w[live].sum()
-        i = live[int(rng.choice(len(live), p=p))]
-        doc = pools[i].pop()
-        stream.append(doc)
-        need -= doc.size
-        live = [j for j in live if pools[j]]
-    tok, seg = pack_documents(stream, d.seq_length, scan.tokenizer.specials, packing_reserve(cfg.objective))
-    return tok[:limit], seg[:limit]
-
-
-def _mask_fractions(cfg: CGLabConfig, scan: Scan, windows, warnings: list[str]) -> list[dict]:
-    """Target (mean drawn ratio) and realised (masked / maskable tokens) of every corrupting setting, measured by
-    running cglab.data.objectives.span_corruption on packed windows of the scanned data."""
-    from cglab.data import objectives
-
-    o, S = cfg.objective, cfg.data.seq_length
-    out = []
-    settings = o.corrupting()
-    if not settings:
-        return out
-    tok, seg = windows
-    if not len(tok):
-        warnings.append("mask_fraction: no data to measure on")
-        return out
-    sp = scan.tokenizer.specials
-    for c in settings:
-        if c.spans_needed(S) > len(sp.masks):
-            out.append({"objective": c.name, "target": round(c.mean_ratio, 4), "realised": None,
-                        "note": "not measured: too few sentinels (see errors)"})
-            continue
-        rngs = [np.random.default_rng([cfg.data.seed, 0, i]) for i in range(len(tok))]
-        res = objectives.span_corruption(tok, seg, sp, rngs, S, ratio=c.ratio, span_len=c.span_len,
-                                         file_level=o.corruption == "file_level")
-        realised = float(res["n_masked"].sum() / max(1, res["n_maskable"].sum()))
-        ok = abs(realised - c.mean_ratio) <= MASK_TOLERANCE * c.mean_ratio
-        out.append({"objective": c.name, "label": c.label, "corruption": o.corruption,
-                    "target": round(c.mean_ratio, 4), "realised": round(realised, 4), "within_10pct": ok,
-                    "windows": int(len(tok))})
-        if not ok:
-            warnings.append(f"mask_fraction: {c.label} realises {realised:.3f} of the tokens, its mean drawn "
-                            f"ratio is {c.mean_ratio:.3f} (data.seq_length={S})")
-    return out
-
-
-def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: list[str]) -> tuple[dict, dict, dict]:
-    """(data, tokens_needed, passes): what the sources hold, what the run reads, and what that implies."""
-    from cglab.data.mixture import source_weights
-
-    d, t = cfg.data, cfg.train
-    _, seg = windows
-    fill = float((seg >= 0).sum(1).mean()) if len(seg) else float(d.seq_length)
-    per_epoch = math.ceil(t.train_steps / t.epochs) * t.global_batch_size
-    raw_per_epoch = per_epoch * fill
-    w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
-    tpd = np.array([e["tokens_per_document"] for e in scan.entries], float)
-    share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
-    needed = {"sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
-              "samples_per_epoch": per_epoch, "epochs": t.epochs,
-              "raw_tokens_per_window": round(fill, 1),
-              "unique_tokens_per_epoch": round(raw_per_epoch)}
-    passes = {}
-    for e, s in zip(scan.entries, share):
-        if s <= 0:
-            continue
-        need_s = raw_per_epoch * s
-        passes[e["name"]] = round(t.epochs * need_s / e["tokens"], 3) if e["tokens"] else math.inf
-        if need_s > e["tokens"]:
-            errors.append(f"data: an epoch of train.train_steps={t.train_steps} / train.epochs={t.epochs} reads "
-                          f"~{need_s:,.0f} tokens of source {e['name']!r}, which holds ~{e['tokens']:,} after "
-                          f"filters ({e['method'].split(':')[0]}); the stream would run dry. Add data, lower "
-                          f"train.train_steps, or raise train.epochs to repeat it on purpose")
-    if t.epochs == 1 and any(v > 0.999 for v in passes.values()) and not errors:
-        warnings.append("data: the run reads nearly all of a source once; dedup or filters may leave too little")
-    return {"sources": scan.entries}, needed, passes
-
-
-def _sentinels(cfg: CGLabConfig, scan: Scan | None, errors: list[str]) -> dict:
-    S = cfg.data.seq_length
-    need = {c.name: c.spans_needed(S) for c in cfg.objective.corrupting()}
-    have = len(scan.tokenizer.specials.masks) if scan is not None else cfg.data.num_sentinels
-    return {"needed": max(need.values(), default=0), "per_objective": need, "available": have,
-            "configured": cfg.data.num_sentinels}
-
-
-# ---------------------------------------------------------------------------------------------- assembly
-def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan | None = None,
-             driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
-    """Everything the run `cfg` decides at start, with its warnings and errors (cross-field config errors too)."""
-    from cglab.decisions import Machine, RunDecisions  # imports torch: kept off `cglab --help`'s path
-    from cglab.model import pretrained
-    from cglab.train.memory import memory_gib
-
-    errors, warnings = list(cross_field_errors(cfg)), []
-    target = Machine.target(cfg, te)
-    if target.note:
-        warnings.append(target.note)
-    decisions = RunDecisions.resolve(cfg, target)  # what the run decides at start, on the machine it targets
-    if decisions.adam_error:
-        errors.append(decisions.adam_error)
-    sections = decisions.plan_sections(cfg)
-    att = sections["attention_backend"]
-    if att["backend"] == "te":
-        warnings.append("attention_backend: Transformer Engine has never been measured here (no TE run in "
-                        "benchmarks/results); its numbers and masks are unverified")
-    out: dict[str, Any] = {
-        "init_from": pretrained.plan_entry(cfg, errors, warnings),  # where the weights come from
-        **sections,
-        "precision": cfg.train.precision,
-        "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
-                     "dp": cfg.parallel.data_parallel_size, "world_size": cfg.world_size,
-                     "micro_batches_per_step": cfg.train.global_batch_size // (
-                         cfg.train.micro_batch_size * cfg.parallel.data_parallel_size)},
-        "resources": _resources(cfg, driver_cpus, data_cpus, n_trials),
-    }
-    if scan is None and cfg.data.sources:
-        try:
-            scan = scan_sources(cfg, tokenizer)
-        except ConfigError as err:
-            errors.append(str(err))
-    if scan is not None:
-        vocab = scan.tokenizer.vocab_size
-        if vocab > cfg.model.vocab_size:
-            errors.append(f"data.tokenizer.vocab_size: the tokenizer has {vocab} tokens, more than "
-                          f"model.vocab_size={cfg.model.vocab_size}")
-        elif vocab < 0.9 * cfg.model.vocab_size:
-            warnings.append(f"data.tokenizer: {vocab} tokens for model.vocab_size={cfg.model.vocab_size}: "
-                            f"{cfg.model.vocab_size - vocab} embedding rows are never trained")
-        windows = _windows(cfg, scan, MASK_WINDOWS)
-        out["data"], out["tokens_needed"], out["passes"] = _data(cfg, scan, windows, errors, warnings)
-        out["mask_fraction"] = _mask_fractions(cfg, scan, windows, warnings)
-    else:
-        out["data"], out["tokens_needed"], out["passes"], out["mask_fraction"] = None, None, None, None
-        warnings.append("data: no data.sources configured; nothing to scan")
-    out["sentinels"] = _sentinels(cfg, scan, errors)
-    out["memory_gb"] = memory_gib(cfg, att["backend"])
-    if target.cuda and out["memory_gb"]["total"] > GPU_MEMORY_GIB:
-        warnings.append(f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
-                        f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size or raise TP/PP")
-    out["warnings"], out["errors"] = warnings, errors
-    return out
+from cglab.config import CGLabConfig, ConfigError, from_dict, load_config
+# The run plan itself is train's (fit and every sweep's preflight run it); re-exported for `cglab.plan` users.
+from cglab.train.plan import plan_run, refuse, scan_sources, text, write_json  # noqa: F401
+from cglab.tune.lessons import get_lesson
+from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
 
 
 def with_micro_corpus(cfg: CGLabConfig, warnings: list[str]) -> CGLabConfig:
     """cfg reading the embedded micro corpus when it has no data sources (built under .cglab/corpus if missing)."""
     if cfg.data.sources:
         return cfg
-    from cglab.config import from_dict
-    from cglab.tune.presets import micro_corpus_sources
-
     sources = micro_corpus_sources()
     warnings.append(f"data: no data.sources configured; measured on the embedded micro corpus "
                     f"({sources[0]['paths'][0]}, {sources[1]['paths'][0]}), not on the data a real run reads")
@@ -311,8 +26,6 @@ def with_micro_corpus(cfg: CGLabConfig, warnings: list[str]) -> CGLabConfig:
 
 
 def plan_config(path: str | None, overrides: list[str], te: str = "auto") -> dict:
-    from cglab.config import load_config
-
     cfg = load_config(path, overrides, cross_field=False)
     warnings: list[str] = []
     cfg = with_micro_corpus(cfg, warnings)
@@ -324,9 +37,6 @@ def plan_config(path: str | None, overrides: list[str], te: str = "auto") -> dic
 def plan_lesson(lesson: int, preset: str, config_path: str | None = None, overrides: list[str] | None = None,
                 te: str = "auto", seeds: tuple[int, ...] | None = None) -> dict:
     """One plan per trial (variant x seed) of a lesson at a preset; the data is scanned once for all of them."""
-    from cglab.tune.lessons import get_lesson
-    from cglab.tune.presets import base_config, get_preset
-
     les, pre = get_lesson(lesson), get_preset(preset)
     warnings: list[str] = []
     base = with_micro_corpus(base_config(pre, config_path, overrides or [], cross_field=False), warnings)
@@ -345,56 +55,6 @@ def plan_lesson(lesson: int, preset: str, config_path: str | None = None, overri
     return {"lesson": les.number, "experiment": les.experiment, "preset": pre.name, "trials": trials,
             "warnings": warnings + sorted({w for t in trials for w in t["warnings"]}), "errors": errors}
 
-
-def refuse(plan: dict, what: str = "run") -> None:
-    """Raise ConfigError listing the plan's errors (what a run refuses), if any."""
-    if plan["errors"]:
-        raise ConfigError(f"the {what} would be refused (`cglab plan` shows the whole plan):\n  "
-                          + "\n  ".join(plan["errors"]))
-
-
-# ---------------------------------------------------------------------------------------------- printing
-def text(plan: dict) -> str:
-    """A plan as an indented table a person reads top to bottom."""
-    if "trials" in plan:
-        head = [f"lesson {plan['lesson']} ({plan['experiment']}), preset {plan['preset']}: "
-                f"{len(plan['trials'])} trials"]
-        body = [f"\n== {t['variant']} seed {t['seed']}\n" + text({k: v for k, v in t.items()
-                                                                  if k not in ("variant", "seed")})
-                for t in plan["trials"]]
-        return "\n".join(head + body)
-    lines = []
-    for key, value in plan.items():
-        lines += _lines(key, value, 0)
-    return "\n".join(lines)
-
-
-def _lines(key: str, value: Any, depth: int) -> list[str]:
-    pad = "  " * depth
-    if isinstance(value, dict):
-        if not value:
-            return [f"{pad}{key}: none"]
-        out = [f"{pad}{key}:"]
-        for k, v in value.items():
-            out += _lines(str(k), v, depth + 1)
-        return out
-    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-        out = [f"{pad}{key}:"]
-        for x in value:  # YAML-like: the first field on the "- " line
-            item = [ln for k, v in x.items() for ln in _lines(str(k), v, depth + 2)]
-            out += [f"{pad}  - {item[0].lstrip()}"] + item[1:]
-        return out
-    if isinstance(value, list):
-        if not value:
-            return [f"{pad}{key}: none"]
-        return [f"{pad}{key}:"] + [f"{pad}  - {x}" for x in value]
-    return [f"{pad}{key}: {value}"]
-
-
-def write_json(plan: dict, path: str | Path) -> Path:
-    p = Path(path)
-    p.write_text(json.dumps(plan, indent=1, default=str))
-    return p
 
 
 # ---------------------------------------------------------------------------------------------- command

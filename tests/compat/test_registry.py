@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import pkgutil
 import inspect
 import re
 import sys
@@ -56,6 +57,7 @@ def test_tested_versions_are_the_pins():
 _FACTORIES = {"zeros", "ones", "empty", "tensor", "full", "arange", "rand", "randn", "randint", "as_tensor",
               "zeros_like", "ones_like", "empty_like", "full_like", "linspace", "eye"}
 _MEGATRON_IMPORT = re.compile(r"^\s*(?:from|import)\s+(megatron\.core[\w.]*)", re.M)
+_MEGATRON_FROM = re.compile(r"^\s*from\s+(megatron\.core[\w.]*)\s+import\s+(\([^)]*\)|[^\n#]+)", re.M)
 
 
 def _is_cuda(node) -> bool:
@@ -90,15 +92,26 @@ def megatron_modules_cglab_imports() -> list[str]:
     root = Path(cglab.__file__).parent
     lazy = set(cpu.CUDA_FACTORY_MODULES)
     for f in root.rglob("*.py"):
-        found = _MEGATRON_IMPORT.findall(f.read_text())
+        src = f.read_text()
+        found = _MEGATRON_IMPORT.findall(src)
         lazy.update(found)
+        for pkg, names in _MEGATRON_FROM.findall(src):  # `from megatron.core import dist_checkpointing`: a module
+            lazy.update(f"{pkg}.{n.split(' as ')[0].strip()}" for n in names.strip("()").split(","))
         if found:
             importlib.import_module("cglab." + ".".join(f.relative_to(root).with_suffix("").parts))
     for name in sorted(lazy):
         try:
-            importlib.import_module(name)
+            mod = importlib.import_module(name)
         except ImportError:  # an optional extension (Transformer Engine) this machine lacks: nothing to scan
-            pass
+            continue
+        if name != "megatron.core" and hasattr(mod, "__path__"):
+            # a package cglab calls into (dist_checkpointing) loads its strategies lazily, at save or load time:
+            # scan them all, so that the result does not depend on which tests ran before
+            for sub in pkgutil.walk_packages(mod.__path__, name + ".", onerror=lambda _: None):
+                try:
+                    importlib.import_module(sub.name)
+                except Exception:  # optional back ends (zarr, TE, nvidia-resiliency) missing here
+                    pass
     return sorted(n for n, m in list(sys.modules.items())
                   if n.startswith("megatron.core") and getattr(m, "__file__", "") and m.__file__.endswith(".py"))
 

@@ -35,6 +35,10 @@ GPU_ONLY_CUDA_FACTORIES = {
     "megatron.core.pipeline_parallel.hybrid_cp_schedule": "hybrid context parallelism; cglab has no CP",
     "megatron.core.rerun_state_machine": "_reduce_any runs only with the rerun state machine enabled (default off)",
     "megatron.core.tensor_parallel.data": "broadcast_data, Megatron's own data loader; cglab feeds every rank",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver:verify_global_md_reuse":
+        "runs only with a cached checkpoint structure (loaded_all_plans); cglab.train.checkpoint.save passes none",
+    "megatron.core.dist_checkpointing.exchange_utils": "shard exchange of the fully-parallel save/load wrappers "
+                                                      "and TensorAwareStateDict; cglab.train.checkpoint uses neither",
     "megatron.core.transformer.utils": "the default causal mask of the fused softmax; cglab's 'local' backend "
                                        "always hands DotProductAttention a dense mask (cglab.model.codegen.batch_mask)",
 }

@@ -404,7 +404,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
     from cglab.config import ConfigError
     from cglab.data import artifacts
     from cglab.data.mixture import source_weights
-    from cglab.model.pretrained import load_tokenizer
+    from cglab.data.tokenizer import load_tokenizer
 
     d = cfg.data
     if not d.sources:

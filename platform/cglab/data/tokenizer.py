@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cglab.config import CGLabConfig, ConfigError
 from cglab.data.contract import EOT, PAD, SEP, special_tokens
 from cglab.data.specials import Specials
 
@@ -145,3 +146,69 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_sentinels: int = 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return CGTokenizer(tok, num_sentinels, max_whitespace_run)
+
+
+# ------------------------------------------------------------------------- the tokenizer that comes with weights
+INIT_FROM = "model.init_from"
+HF_CONFIG, CKPT_STATE = "config.json", "trainer_state.json"  # what tells a HF directory from a cglab checkpoint
+
+
+def weights_tokenizer(d: Path) -> Path:
+    """Where the tokenizer of a `model.init_from` directory lives: a cglab checkpoint's tokenizer/tokenizer.json
+    (train.checkpoint writes it), else a HF directory's tokenizer.json (it may not exist)."""
+    return d / "tokenizer" / FILE_NAME if (d / CKPT_STATE).is_file() else d / FILE_NAME
+
+
+def tokenizer_file(cfg: CGLabConfig) -> tuple[str, Path] | None:
+    """(the config field it comes from, its tokenizer.json or directory): data.tokenizer.path when set, else the
+    tokenizer that came with model.init_from's weights; None when neither (the corpus's is trained)."""
+    if cfg.data.tokenizer.path:
+        return "data.tokenizer.path", Path(cfg.data.tokenizer.path)
+    if not cfg.model.init_from:
+        return None
+    d = Path(cfg.model.init_from).expanduser().resolve()
+    tok = weights_tokenizer(d)
+    if not tok.is_file():
+        raise ConfigError(f"{INIT_FROM}: {d} has no {tok.relative_to(d)}; the weights' token ids mean nothing without the "
+                          f"tokenizer they were trained with: set data.tokenizer.path to it (for a HF tokenizer "
+                          f"without tokenizer.json, `AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` "
+                          f"writes one)")
+    return INIT_FROM, tok
+
+
+def load_tokenizer(cfg: CGLabConfig):
+    """The run's given tokenizer (see tokenizer_file) as a CGTokenizer, or None. ConfigError naming the field when
+    it cannot be loaded or, with model.init_from, has more tokens than model.vocab_size (the weights' vocabulary:
+    shape_errors checks the two agree): tokens past it would have no embedding row."""
+    found = tokenizer_file(cfg)
+    if found is None:
+        return None
+    field, path = found
+    d, tc = cfg.data, cfg.data.tokenizer
+    try:
+        tok = CGTokenizer.load(path, d.num_sentinels, tc.max_whitespace_run)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ConfigError(f"{field}: cannot load {str(path)!r} ({err})") from None
+    if cfg.model.init_from and tok.vocab_size > cfg.model.vocab_size:
+        added = added_tokens(path, tok)
+        raise ConfigError(
+            f"{field}: the tokenizer {path} has {tok.vocab_size} tokens"
+            + (f" ({len(added)} of them added for cglab's data contract: {_some(added)})" if added else "")
+            + f", more than model.vocab_size={cfg.model.vocab_size}, the vocabulary of the weights in {INIT_FROM}; "
+              f"their ids past it have no embedding row")
+    return tok
+
+
+def added_tokens(path: Path, tok) -> list[str]:
+    """The tokens CGTokenizer added to the tokenizer file (specials, sentinels, whitespace runs it lacked)."""
+    from tokenizers import Tokenizer
+
+    f = path / "tokenizer.json" if path.is_dir() else path
+    raw = set(Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True))
+    return [t for t, _ in sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda x: x[1])
+            if t not in raw]
+
+
+def _some(tokens: list[str], n: int = 6) -> str:
+    shown = ", ".join(repr(t) for t in tokens[:n])
+    return shown + (f", ... ({len(tokens) - n} more)" if len(tokens) > n else "")

@@ -26,7 +26,7 @@ from cglab.compat.gradscale import GradFold, step as folded_step
 from cglab.config import CGLabConfig, ModelConfig
 from cglab.data.contract import OBJECTIVES  # index = a sample's `objective` code
 from cglab.decisions import RunDecisions
-from cglab.model import pretrained
+from cglab.train import pretrained
 from cglab.model.codegen import batch_mask, build_model
 
 log = logging.getLogger(__name__)

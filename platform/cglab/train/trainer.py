@@ -34,7 +34,7 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
         fault: dict | None = None, run_plan: dict | None = None) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
-    Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.plan.plan_run` (or
+    Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.train.plan.plan_run` (or
     the `run_plan` a sweep made for this trial) is checked and the run refused on its errors; the plan is kept as
     run_dir/plan.json and the MLflow run's `plan.json`. Re-running with the same storage_path and name resumes
     from the latest complete checkpoint. `fault` is the test hook `cglab.train.callbacks.Fault` as a dict (step,
@@ -44,7 +44,7 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
-    from cglab.plan import plan_run, refuse, write_json
+    from cglab.train.plan import plan_run, refuse, write_json
     from cglab.train.callbacks import Fault
     from cglab.train.loop import WorkerInputs, worker_loop
 

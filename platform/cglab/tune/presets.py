@@ -11,6 +11,7 @@ import yaml
 from cglab.config import PRESETS as MODEL_SHAPES
 from cglab.config import CGLabConfig, ConfigError, apply_overrides, from_dict
 from cglab.data.corpus import build_corpus, corpus_sources
+from cglab.train.plan import max_concurrent, trial_resources  # noqa: F401  (a preset's trials' resources)
 
 
 def _shape(name: str) -> tuple[str, ...]:
@@ -115,27 +116,3 @@ def base_config(preset: str | Preset, config_path: str | Path | None = None,
         return from_dict(data, list(overrides), cross_field)
     except ConfigError as err:
         raise ConfigError(f"preset {p.name}: {err}") from None
-
-
-def trial_resources(cfg: CGLabConfig, driver_cpus: float, data_cpus: float = 0.0) -> dict[str, float]:
-    """Logical resources one trial needs while it trains: its Train workers, its driver function and the
-    headroom its Ray Data tasks run in."""
-    n = cfg.world_size
-    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus + data_cpus}
-    if cfg.parallel.use_gpu:
-        res["GPU"] = float(n)
-    return res
-
-
-def max_concurrent(per_trial: dict[str, float], cluster: dict[str, float], n_trials: int) -> int:
-    """How many trials fit side by side; more would only start Train runs that wait for resources."""
-    fits = []
-    for k, need in per_trial.items():
-        if need <= 0:
-            continue
-        have = cluster.get(k, 0.0)
-        if have + 1e-9 < need:
-            raise ConfigError(f"one trial needs {need:g} {k} (parallel.* x workers + driver) but the Ray "
-                              f"cluster has {have:g}; use a smaller preset or a bigger cluster")
-        fits.append(int((have + 1e-9) // need))
-    return max(1, min([n_trials, *fits]))

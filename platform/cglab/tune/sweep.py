@@ -33,7 +33,7 @@ from typing import Any, Callable
 from cglab import raylocal
 from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict
 from cglab.data import artifacts, readers
-from cglab.plan import plan_run, scan_sources
+from cglab.train.plan import plan_run, scan_sources
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
 from cglab.tune.heldout import split_sources

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from cglab.config import ConfigError, from_dict
 from cglab.distributed import spawn
-from cglab.model import hf_convert, pretrained
-from tests.model._init_from_worker import first_losses
+from cglab.model import hf_convert
+from cglab.train import pretrained
+from tests.train._init_from_worker import first_losses
 from tests.model.conftest import tiny_hf
 
 pytestmark = pytest.mark.slow

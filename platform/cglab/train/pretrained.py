@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from cglab.config import CGLabConfig, ConfigError, ModelConfig
+# The tokenizer that comes with the weights is a data concern (prepare_data loads it): defined in data.tokenizer.
+from cglab.data.tokenizer import (CKPT_STATE, HF_CONFIG, INIT_FROM, added_tokens, load_tokenizer,  # noqa: F401
+                                  tokenizer_file, weights_tokenizer)
 
-FIELD = "model.init_from"
-HF_CONFIG, CKPT_STATE = "config.json", "trainer_state.json"
+FIELD = INIT_FROM
 # In the order transformers prefers them; the index files name the shards of a split checkpoint.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The ModelConfig fields the weights fix, with HF CodeGen's config.json name for each.
@@ -85,7 +87,7 @@ def _inspect_hf(d: Path) -> Source:
     shape = {ours: hc.get(theirs) for ours, theirs in SHAPE.items()}
     shape["ffn_hidden_size"] = shape["ffn_hidden_size"] or 4 * shape["hidden_size"]
     shape["layernorm_epsilon"] = shape["layernorm_epsilon"] if shape["layernorm_epsilon"] is not None else 1e-5
-    tok = d / "tokenizer.json"
+    tok = weights_tokenizer(d)
     return Source(d, "hf", files[0], shape, tok if tok.is_file() else None,
                   bool(hc.get("tie_word_embeddings", False)))
 
@@ -106,7 +108,7 @@ def _inspect_cglab(d: Path) -> Source:
     shape["ffn_hidden_size"] = m.ffn_size
     layout = (f"step {doc.get('step')}, written at TP{par.get('tensor_model_parallel_size', 1)} x "
               f"PP{par.get('pipeline_model_parallel_size', 1)} by {manifest['world_size']} ranks")
-    tok = d / "tokenizer" / "tokenizer.json"
+    tok = weights_tokenizer(d)
     return Source(d, "cglab", layout, shape, tok if tok.is_file() else None)
 
 
@@ -126,64 +128,6 @@ def shape_errors(m: ModelConfig, src: Source) -> list[str]:
         errors.append(f"model.num_attention_heads: {m.num_attention_heads}; HF CodeGen's qkv_proj layout needs a "
                       f"multiple of {MP_NUM}")
     return errors
-
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-def tokenizer_file(cfg: CGLabConfig) -> tuple[str, Path] | None:
-    """(the config field it comes from, its tokenizer.json or directory): data.tokenizer.path when set, else the
-    tokenizer that came with model.init_from's weights; None when neither (the corpus's is trained)."""
-    if cfg.data.tokenizer.path:
-        return "data.tokenizer.path", Path(cfg.data.tokenizer.path)
-    if not cfg.model.init_from:
-        return None
-    src = inspect(cfg.model.init_from)
-    if src.tokenizer is None:
-        where = "tokenizer.json" if src.kind == "hf" else "tokenizer/tokenizer.json"
-        raise ConfigError(f"{FIELD}: {src.path} has no {where}; the weights' token ids mean nothing without the "
-                          f"tokenizer they were trained with: set data.tokenizer.path to it (for a HF tokenizer "
-                          f"without tokenizer.json, `AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` "
-                          f"writes one)")
-    return FIELD, src.tokenizer
-
-
-def load_tokenizer(cfg: CGLabConfig):
-    """The run's given tokenizer (see tokenizer_file) as a CGTokenizer, or None. ConfigError naming the field when
-    it cannot be loaded or, with model.init_from, has more tokens than model.vocab_size (the weights' vocabulary:
-    shape_errors checks the two agree): tokens past it would have no embedding row."""
-    from cglab.data.tokenizer import CGTokenizer
-
-    found = tokenizer_file(cfg)
-    if found is None:
-        return None
-    field, path = found
-    d, tc = cfg.data, cfg.data.tokenizer
-    try:
-        tok = CGTokenizer.load(path, d.num_sentinels, tc.max_whitespace_run)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise ConfigError(f"{field}: cannot load {str(path)!r} ({err})") from None
-    if cfg.model.init_from and tok.vocab_size > cfg.model.vocab_size:
-        added = added_tokens(path, tok)
-        raise ConfigError(
-            f"{field}: the tokenizer {path} has {tok.vocab_size} tokens"
-            + (f" ({len(added)} of them added for cglab's data contract: {_some(added)})" if added else "")
-            + f", more than model.vocab_size={cfg.model.vocab_size}, the vocabulary of the weights in {FIELD}; "
-              f"their ids past it have no embedding row")
-    return tok
-
-
-def added_tokens(path: Path, tok) -> list[str]:
-    """The tokens CGTokenizer added to the tokenizer file (specials, sentinels, whitespace runs it lacked)."""
-    from tokenizers import Tokenizer
-
-    f = path / "tokenizer.json" if path.is_dir() else path
-    raw = set(Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True))
-    return [t for t, _ in sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda x: x[1])
-            if t not in raw]
-
-
-def _some(tokens: list[str], n: int = 6) -> str:
-    shown = ", ".join(repr(t) for t in tokens[:n])
-    return shown + (f", ... ({len(tokens) - n} more)" if len(tokens) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
