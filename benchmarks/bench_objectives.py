@@ -4,6 +4,7 @@ Synthetic documents (lognormal lengths, median ~300 tokens, GPT-2-sized vocabula
 so this measures only the data transforms. Tokens/s counts the raw document tokens that go in.
 `python benchmarks/bench_objectives.py [--seq-len 2048] [--tokens 2000000]`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def _row(name: str, tokens: int, seconds: float) -> dict:
     return dict(name=name, tokens=int(tokens), seconds=seconds, tokens_per_s=tokens / seconds)
 
 
-def run_objective_bench(seq_len: int = 2048, n_tokens: int = 2_000_000, seed: int = 0, repeat: int = 3,
-                        reference_windows: int = 64, batch_docs: int = 256) -> list[dict]:
+def run_objective_bench(
+    seq_len: int = 2048,
+    n_tokens: int = 2_000_000,
+    seed: int = 0,
+    repeat: int = 3,
+    reference_windows: int = 64,
+    batch_docs: int = 256,
+) -> list[dict]:
     """Rows {name, tokens, seconds, tokens_per_s} (best of `repeat`), all measured in this process."""
     # as many sentinels as UL2's X_dense (50%, mean span 3) can need at this length: the span count follows the ratio
     sp = Specials.contiguous(50_257, max(16, spans_needed(0.5, (2, 4), seq_len)))
@@ -53,7 +60,7 @@ def run_objective_bench(seq_len: int = 2048, n_tokens: int = 2_000_000, seed: in
 
     def stream_pack(reserve):
         packer = Packer(seq_len, sp, reserve)
-        parts = [packer.add(docs[i:i + batch_docs]) for i in range(0, len(docs), batch_docs)]
+        parts = [packer.add(docs[i : i + batch_docs]) for i in range(0, len(docs), batch_docs)]
         parts.append(packer.flush())
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -81,10 +88,13 @@ def run_objective_bench(seq_len: int = 2048, n_tokens: int = 2_000_000, seed: in
         sec, _ = _best(lambda r: O.apply_objective_batch(tokens, segs, cfg, sp, r, seq_len), repeat, rngs)
         rows.append(_row(f"objective {name}", n_in, sec))
         if name == "codegen2 (p=0.5)":
+
             def end_to_end():
                 t, s = stream_pack(O.packing_reserve(cfg))
-                return O.apply_objective_batch(t, s, cfg, sp, [O.sample_rng(seed, 0, i) for i in range(len(t))],
-                                               seq_len)
+                return O.apply_objective_batch(
+                    t, s, cfg, sp, [O.sample_rng(seed, 0, i) for i in range(len(t))], seq_len
+                )
+
             sec, _ = _best(end_to_end, repeat)
             rows.append(_row("pack + codegen2 + rngs (end to end)", raw, sec))
 
@@ -107,8 +117,9 @@ def run_objective_bench(seq_len: int = 2048, n_tokens: int = 2_000_000, seed: in
 def format_table(rows: list[dict]) -> str:
     w = max(len(r["name"]) for r in rows)
     lines = [f"{'step':<{w}}  {'tokens':>10}  {'seconds':>8}  {'Mtok/s':>8}", "-" * (w + 32)]
-    lines += [f"{r['name']:<{w}}  {r['tokens']:>10}  {r['seconds']:>8.3f}  {r['tokens_per_s'] / 1e6:>8.2f}"
-              for r in rows]
+    lines += [
+        f"{r['name']:<{w}}  {r['tokens']:>10}  {r['seconds']:>8.3f}  {r['tokens_per_s'] / 1e6:>8.2f}" for r in rows
+    ]
     return "\n".join(lines)
 
 

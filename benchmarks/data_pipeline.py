@@ -9,6 +9,7 @@ Targets: corruption + packing >= 5M tokens/s per core; whole pipeline >= 250k to
 
 `python benchmarks/data_pipeline.py [--seq-len 2048] [--vocab 4096] [--cpus 2]`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,19 @@ def stage_rows(corpus: dict, tok, cfg, seq_len: int) -> list[dict]:
     from cglab.data.filters import filter_reasons
     from cglab.data.packing import pack_documents
 
-    srcs = readers.resolve_files([SourceConfig(name=k, kind=k, paths=[f"{corpus['out']}/{k}"])
-                                  for k in ("pile", "stack")])
+    srcs = readers.resolve_files(
+        [SourceConfig(name=k, kind=k, paths=[f"{corpus['out']}/{k}"]) for k in ("pile", "stack")]
+    )
     max_bytes = readers.max_record_bytes(FilterConfig().max_chars)
 
     def read():
-        return [r.text for s in srcs for f in range(len(s.files)) for r in readers.read_file(s, f, max_bytes)
-                if not r.reason]
+        return [
+            r.text
+            for s in srcs
+            for f in range(len(s.files))
+            for r in readers.read_file(s, f, max_bytes)
+            if not r.reason
+        ]
 
     t_read, texts = _best(read)
     flat, offsets = tok.encode_batch(texts)
@@ -90,15 +97,20 @@ def pipeline_rows(cfg, plan, cpus: int) -> list[dict]:
 
     t_cold, n = _best(run, repeat=1)
     t_warm, n = _best(run, repeat=1)
-    return [row(f"whole pipeline, Ray Data, {cpus} CPUs, first run", n, t_cold, "includes worker start-up"),
-            row(f"whole pipeline, Ray Data, {cpus} CPUs (target >= 250k/s)", n, t_warm, "warm workers")]
+    return [
+        row(f"whole pipeline, Ray Data, {cpus} CPUs, first run", n, t_cold, "includes worker start-up"),
+        row(f"whole pipeline, Ray Data, {cpus} CPUs (target >= 250k/s)", n, t_warm, "warm workers"),
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
     w = max(len(r["name"]) for r in rows)
     out = [f"{'stage':<{w}}  {'tokens':>10}  {'seconds':>8}  {'Mtok/s':>8}  note", "-" * (w + 48)]
-    out += [f"{r['name']:<{w}}  {r['tokens']:>10}  {r['seconds']:>8.3f}  {r['tokens_per_s'] / 1e6:>8.3f}  "
-            f"{r.get('note', '')}" for r in rows]
+    out += [
+        f"{r['name']:<{w}}  {r['tokens']:>10}  {r['seconds']:>8.3f}  {r['tokens_per_s'] / 1e6:>8.3f}  "
+        f"{r.get('note', '')}"
+        for r in rows
+    ]
     return "\n".join(out)
 
 
@@ -121,28 +133,37 @@ def main() -> None:
     t0 = time.perf_counter()
     corpus = build_corpus(args.corpus or tmp) if not args.corpus else dict(out=args.corpus)
     t_build = time.perf_counter() - t0
-    cfg = from_dict({"model": {"vocab_size": args.vocab, "max_position_embeddings": args.seq_len},
-                     "data": {"sources": corpus_sources(corpus["out"]), "seq_length": args.seq_len,
-                              "mixture": "weights", "tokenizer": {"vocab_size": args.vocab},
-                              # codegen2's span count follows its ratio: up to 75 spans at 2048 tokens
-                              "num_sentinels": max(16, spans_needed(0.35, (1, 16), args.seq_len))}})
+    cfg = from_dict(
+        {
+            "model": {"vocab_size": args.vocab, "max_position_embeddings": args.seq_len},
+            "data": {
+                "sources": corpus_sources(corpus["out"]),
+                "seq_length": args.seq_len,
+                "mixture": "weights",
+                "tokenizer": {"vocab_size": args.vocab},
+                # codegen2's span count follows its ratio: up to 75 spans at 2048 tokens
+                "num_sentinels": max(16, spans_needed(0.35, (1, 16), args.seq_len)),
+            },
+        }
+    )
     t0 = time.perf_counter()
-    tok = train_tokenizer(sample_texts(cfg.data, cfg.data.tokenizer.train_docs), args.vocab,
-                          cfg.data.num_sentinels, 32)
+    tok = train_tokenizer(sample_texts(cfg.data, cfg.data.tokenizer.train_docs), args.vocab, cfg.data.num_sentinels, 32)
     t_tok = time.perf_counter() - t0
 
     rows = stage_rows(corpus, tok, cfg, args.seq_len)
     try:
         from bench_objectives import run_objective_bench
 
-        ref = [r for r in run_objective_bench(args.seq_len, 1_000_000, repeat=2)
-               if "plain Python" in r["name"] or "vectorised" in r["name"] or "end to end" in r["name"]]
+        ref = [
+            r
+            for r in run_objective_bench(args.seq_len, 1_000_000, repeat=2)
+            if "plain Python" in r["name"] or "vectorised" in r["name"] or "end to end" in r["name"]
+        ]
         rows += [dict(r, name=f"bench_objectives: {r['name']}", note="synthetic docs") for r in ref]
     except ImportError as err:
         print(f"(bench_objectives unavailable: {err})")
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -152,8 +173,10 @@ def main() -> None:
     rows += pipeline_rows(cfg, plan, args.cpus)
     ray.shutdown()
 
-    print(f"seq_len={args.seq_len}, vocab={tok.vocab_size}, corpus build {t_build:.1f}s, tokenizer training "
-          f"{t_tok:.1f}s, prepare_data (paths + dedup pass on Ray) {t_prep:.1f}s; stages: 1 core, best of 2")
+    print(
+        f"seq_len={args.seq_len}, vocab={tok.vocab_size}, corpus build {t_build:.1f}s, tokenizer training "
+        f"{t_tok:.1f}s, prepare_data (paths + dedup pass on Ray) {t_prep:.1f}s; stages: 1 core, best of 2"
+    )
     print(format_table(rows))
 
 

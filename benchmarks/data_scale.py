@@ -14,12 +14,12 @@ document, `--files` files per source (the units of work). On a private local Ray
 
 `python benchmarks/data_scale.py --docs 10000 100000 [--files 16] [--cpus 2] [--seq-len 256]`
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("def return self import class for in if else while yield lambda with as try except value index items "
-         "data result count total print list dict range len the of and to a is that it was").split()
+WORDS = (
+    "def return self import class for in if else while yield lambda with as try except value index items "
+    "data result count total print list dict range len the of and to a is that it was"
+).split()
 
 
 def synth_corpus(out: Path, n_docs: int, files: int, dup: float = 0.3, seed: int = 0) -> dict:
@@ -47,9 +49,13 @@ def synth_corpus(out: Path, n_docs: int, files: int, dup: float = 0.3, seed: int
             if docs and rng.random() < dup:
                 docs.append(docs[int(rng.integers(len(docs)))])
                 continue
-            lines = [" ".join(words[rng.integers(len(words), size=int(rng.integers(3, 10)))])
-                     for _ in range(int(rng.integers(4, 14)))]
-            docs.append(f"# doc {kind} {i}\n" + "\n".join(("    " if j % 2 else "") + l for j, l in enumerate(lines)) + "\n")
+            lines = [
+                " ".join(words[rng.integers(len(words), size=int(rng.integers(3, 10)))])
+                for _ in range(int(rng.integers(4, 14)))
+            ]
+            docs.append(
+                f"# doc {kind} {i}\n" + "\n".join(("    " if j % 2 else "") + ln for j, ln in enumerate(lines)) + "\n"
+            )
         d = out / kind
         d.mkdir(parents=True, exist_ok=True)
         for f in range(files):
@@ -59,9 +65,17 @@ def synth_corpus(out: Path, n_docs: int, files: int, dup: float = 0.3, seed: int
                     for t in part:
                         fh.write(json.dumps({"text": t, "meta": {"pile_set_name": "Github"}}) + "\n")
             else:
-                pq.write_table(pa.table({"content": part, "lang": ["Python"] * len(part),
-                                         "max_stars_repo_path": [f"r/{i}.py" for i in range(len(part))],
-                                         "size": [len(t) for t in part]}), d / f"{f:04d}.parquet")
+                pq.write_table(
+                    pa.table(
+                        {
+                            "content": part,
+                            "lang": ["Python"] * len(part),
+                            "max_stars_repo_path": [f"r/{i}.py" for i in range(len(part))],
+                            "size": [len(t) for t in part],
+                        }
+                    ),
+                    d / f"{f:04d}.parquet",
+                )
         stats[kind] = dict(docs=len(docs), unique=len(set(docs)), chars=sum(map(len, docs)))
     return stats
 
@@ -119,11 +133,21 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
     t0 = time.perf_counter()
     stats = synth_corpus(work / "data", n_docs, args.files)
     t_synth = time.perf_counter() - t0
-    sources = [{"name": "pile", "kind": "pile", "paths": [str(work / "data" / "pile")]},
-               {"name": "stack", "kind": "stack", "paths": [str(work / "data" / "stack")]}]
-    cfg = from_dict({"model": {"vocab_size": 2048, "max_position_embeddings": args.seq_len},
-                     "data": {"sources": sources, "seq_length": args.seq_len, "mixture": "mix",
-                              "cache_path": str(work / "cache")}})
+    sources = [
+        {"name": "pile", "kind": "pile", "paths": [str(work / "data" / "pile")]},
+        {"name": "stack", "kind": "stack", "paths": [str(work / "data" / "stack")]},
+    ]
+    cfg = from_dict(
+        {
+            "model": {"vocab_size": 2048, "max_position_embeddings": args.seq_len},
+            "data": {
+                "sources": sources,
+                "seq_length": args.seq_len,
+                "mixture": "mix",
+                "cache_path": str(work / "cache"),
+            },
+        }
+    )
     rows = []
     # (c) dedup build, then reuse
     srcs = readers.resolve_files(cfg.data.sources)
@@ -136,13 +160,28 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
     t_reuse = time.perf_counter() - t0
     assert built["built"] and not again["built"]
     per_m = 1e6 / n_docs
-    rows.append(dict(docs=n_docs, what="dedup build", wall_s=t_build, cpu_s=c_build,
-                     per_million=f"{t_build * per_m:.0f} s wall, {c_build * per_m:.0f} CPU s",
-                     note=f"peak RSS {mem.peak / 2**30:.2f} GiB (baseline {mem.base / 2**30:.2f}); "
-                          f"dropped {built['documents_dropped']} of {n_docs} "
-                          f"(generated copies: {n_docs - stats['pile']['unique'] - stats['stack']['unique']})"))
-    rows.append(dict(docs=n_docs, what="dedup reuse (second prepare)", wall_s=t_reuse, cpu_s=None,
-                     per_million="", note="fingerprint (one stat per file) + marker lookup"))
+    rows.append(
+        dict(
+            docs=n_docs,
+            what="dedup build",
+            wall_s=t_build,
+            cpu_s=c_build,
+            per_million=f"{t_build * per_m:.0f} s wall, {c_build * per_m:.0f} CPU s",
+            note=f"peak RSS {mem.peak / 2**30:.2f} GiB (baseline {mem.base / 2**30:.2f}); "
+            f"dropped {built['documents_dropped']} of {n_docs} "
+            f"(generated copies: {n_docs - stats['pile']['unique'] - stats['stack']['unique']})",
+        )
+    )
+    rows.append(
+        dict(
+            docs=n_docs,
+            what="dedup reuse (second prepare)",
+            wall_s=t_reuse,
+            cpu_s=None,
+            per_million="",
+            note="fingerprint (one stat per file) + marker lookup",
+        )
+    )
     plan = pipeline.prepare_data(cfg, tokenizer=tok)
     # (a) CPU seconds of one epoch at each DP size, after one first batch has warmed the workers (imports,
     # tokenizer) so that DP=1, measured first, does not also pay for the cold start
@@ -152,7 +191,7 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
     ref_samples = None
     # --abba runs the DP sizes forward then backward (1 2 4 8 8 4 2 1): on a shared machine a load that drifts
     # over the measurement then weighs on every DP size alike (read the mean of each size's two rows)
-    for dp in (args.dp + args.dp[::-1] if args.abba else args.dp):
+    for dp in args.dp + args.dp[::-1] if args.abba else args.dp:
         c0, t0, n = cpu_seconds(), time.perf_counter(), 0
         for r in range(dp):
             for b in pipeline.iter_train_batches(cfg, 0, r, dp, batch_size=64, plan=plan, drop_last=False):
@@ -160,15 +199,25 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         ref_samples = ref_samples or n
         assert n == ref_samples, (dp, n, ref_samples)  # the ranks together are the whole epoch, once
-        rows.append(dict(docs=n_docs, what=f"epoch, DP={dp} (all ranks)", wall_s=wall, cpu_s=cpu,
-                         per_million="", note=f"{n} samples of {args.seq_len} tokens"))
+        rows.append(
+            dict(
+                docs=n_docs,
+                what=f"epoch, DP={dp} (all ranks)",
+                wall_s=wall,
+                cpu_s=cpu,
+                per_million="",
+                note=f"{n} samples of {args.seq_len} tokens",
+            )
+        )
     if args.no_resume:
         print(f"synthetic corpus of {n_docs} docs ({stats}) written in {t_synth:.1f}s", flush=True)
         return rows
     # (b) resume at 10/50/90% of the epoch (dp=1)
-    full = [(int(k), int(i)) for b in pipeline.iter_train_batches(cfg, 0, 0, 1, batch_size=256, plan=plan,
-                                                                 drop_last=False)
-            for k, i in zip(b["unit_ordinal"], b["unit_index"])]
+    full = [
+        (int(k), int(i))
+        for b in pipeline.iter_train_batches(cfg, 0, 0, 1, batch_size=256, plan=plan, drop_last=False)
+        for k, i in zip(b["unit_ordinal"], b["unit_index"])
+    ]
 
     def first_batch(start):
         t0 = time.perf_counter()
@@ -180,13 +229,20 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
 
     first_batch((0, 0))  # warm the workers (imports, tokenizer) once for every row alike
     fresh = min(first_batch((0, 0)) for _ in range(2))
-    rows.append(dict(docs=n_docs, what="first batch, fresh start", wall_s=fresh, cpu_s=None, per_million="",
-                     note=""))
+    rows.append(dict(docs=n_docs, what="first batch, fresh start", wall_s=fresh, cpu_s=None, per_million="", note=""))
     for frac in (0.1, 0.5, 0.9):
         k, i = full[int(frac * len(full))]
         dt = min(first_batch((k, i)) for _ in range(2))
-        rows.append(dict(docs=n_docs, what=f"first batch, resumed at {frac:.0%}", wall_s=dt, cpu_s=None,
-                         per_million="", note=f"unit {k} of {args.files}, offset {i}; {dt / fresh:.2f}x fresh"))
+        rows.append(
+            dict(
+                docs=n_docs,
+                what=f"first batch, resumed at {frac:.0%}",
+                wall_s=dt,
+                cpu_s=None,
+                per_million="",
+                note=f"unit {k} of {args.files}, offset {i}; {dt / fresh:.2f}x fresh",
+            )
+        )
     print(f"synthetic corpus of {n_docs} docs ({stats}) written in {t_synth:.1f}s", flush=True)
     return rows
 
@@ -216,8 +272,7 @@ def main():
 
     rng = np.random.default_rng(1)
     tok = train_tokenizer([" ".join(rng.choice(WORDS, 200)) + "\n    x = 1\n" for _ in range(300)], 1024, 16, 32)
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

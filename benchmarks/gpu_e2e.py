@@ -22,13 +22,13 @@ Phases (the issue's items):
   ablate      (5) `cglab ablate 2 --preset 1gpu` cut short, a local MLflow server (SQLite store); both trials
               FINISHED with eval/* metrics in MLflow
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -48,8 +48,14 @@ STEPS, EVERY, KILL_AFTER = 20, 5, 2  # train N steps, checkpoint every M; the wo
 CORPUS = dict(nl_chars=6_000_000, code_bytes=12_000_000, shards=8)  # capped by what the stdlib holds
 MAX_PASS = 0.8  # of any source in one epoch: dedup (not in the plan's scan) must still leave enough
 ABLATE_SEEDS = (1234,)  # one seed: two trials fit the device budget (the 1gpu preset states three)
-ABLATE_OVERRIDES = ["train.train_steps=6", "train.warmup_steps=1", "train.checkpoint_every=0", "train.log_every=2",
-                    "eval.limit=8", "eval.max_new_tokens=64"]
+ABLATE_OVERRIDES = [
+    "train.train_steps=6",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=0",
+    "train.log_every=2",
+    "eval.limit=8",
+    "eval.max_new_tokens=64",
+]
 EVAL_LIMIT, GREEDY_PROMPTS, GREEDY_TOKENS = 16, 4, 24
 # Resume (item 1). Deterministic kernels are off (torch.use_deterministic_algorithms is not set: the product does
 # not set it), so two runs may differ by backward-pass reduction order. Hence three checks:
@@ -92,23 +98,34 @@ class Phase:
             # own session: on a timeout the whole group goes (Ray's raylet and workers, an MLflow server), not
             # only the direct child, so the GPU is free for the next phase
             began = time.monotonic()
-            p = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            p = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=REPO,
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 stdout, _ = p.communicate(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)
                 stdout, _ = p.communicate()
                 log.write(stdout)
-                raise RuntimeError(f"timed out after {timeout:.0f} s (the call's budget): "
-                                   f"{stdout.strip().splitlines()[-1][:200] if stdout.strip() else ''}") from None
+                raise RuntimeError(
+                    f"timed out after {timeout:.0f} s (the call's budget): "
+                    f"{stdout.strip().splitlines()[-1][:200] if stdout.strip() else ''}"
+                ) from None
             log.write(stdout)
             log.write(f"# exit {p.returncode} after {time.monotonic() - began:.1f} s\n")
         if check and p.returncode != 0:
             tail = "\n".join(stdout.strip().splitlines()[-25:])
             print(tail, flush=True)
-            raise RuntimeError(f"exit {p.returncode}: {Path(str(cmd[min(2, len(cmd) - 1)])).name} "
-                               f"(last line: {tail.splitlines()[-1] if tail else ''})")
+            raise RuntimeError(
+                f"exit {p.returncode}: {Path(str(cmd[min(2, len(cmd) - 1)])).name} "
+                f"(last line: {tail.splitlines()[-1] if tail else ''})"
+            )
         return stdout
 
     def worker(self, name: str, *args: str, **kw) -> dict:
@@ -151,11 +168,17 @@ def mlflow_server():
 def phase_env(ph: Phase) -> tuple[str, str]:
     ph.sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], check=False)
     out = ph.sh(["bash", "benchmarks/gpu_env.sh", "check"], check=False)
-    info = ph.sh([PY, "-c", "import json, torch, ray, mlflow, megatron.core as mc, transformers, tokenizers, numpy, "
-                  "pyarrow; print(json.dumps({'gpu': torch.cuda.get_device_name(0), 'torch': torch.__version__, "
-                  "'ray': ray.__version__, 'mlflow': mlflow.__version__, 'megatron-core': mc.__version__, "
-                  "'transformers': transformers.__version__, 'tokenizers': tokenizers.__version__, "
-                  "'numpy': numpy.__version__, 'pyarrow': pyarrow.__version__}))"])
+    info = ph.sh(
+        [
+            PY,
+            "-c",
+            "import json, torch, ray, mlflow, megatron.core as mc, transformers, tokenizers, numpy, "
+            "pyarrow; print(json.dumps({'gpu': torch.cuda.get_device_name(0), 'torch': torch.__version__, "
+            "'ray': ray.__version__, 'mlflow': mlflow.__version__, 'megatron-core': mc.__version__, "
+            "'transformers': transformers.__version__, 'tokenizers': tokenizers.__version__, "
+            "'numpy': numpy.__version__, 'pyarrow': pyarrow.__version__}))",
+        ]
+    )
     sandbox = ph.sh([PY, "-m", "cglab.cli", "eval", "sandbox-info"])
     if ph.dry:
         return "dry-run", ""
@@ -164,9 +187,11 @@ def phase_env(ph: Phase) -> tuple[str, str]:
     iso = last_json(sandbox).get("isolation")
     ok = "problems" in check and " 0 problems" in check
     save_state(gpu=v.get("gpu"))
-    return ("ok" if ok else "FAIL"), (f"{v.get('gpu')}; torch {v.get('torch')}, ray {v.get('ray')}, mlflow "
-                                      f"{v.get('mlflow')}, megatron-core {v.get('megatron-core')}, transformers "
-                                      f"{v.get('transformers')}; {check.removeprefix('check: ')}; sandbox {iso}")
+    return ("ok" if ok else "FAIL"), (
+        f"{v.get('gpu')}; torch {v.get('torch')}, ray {v.get('ray')}, mlflow "
+        f"{v.get('mlflow')}, megatron-core {v.get('megatron-core')}, transformers "
+        f"{v.get('transformers')}; {check.removeprefix('check: ')}; sandbox {iso}"
+    )
 
 
 def train_config(steps: int, every: int) -> Path:
@@ -177,10 +202,20 @@ def train_config(steps: int, every: int) -> Path:
     from cglab.tune.presets import base_config
 
     s = state()
-    cfg = base_config("1gpu", None, [
-        f"data.sources={json.dumps(s['sources'])}", f"data.tokenizer.path={s['tokenizer']}",
-        f"train.train_steps={steps}", f"train.checkpoint_every={every}", "train.warmup_steps=2",
-        "train.keep_last=2", "train.max_failures=1", "track.experiment=codegen2/e2e"])
+    cfg = base_config(
+        "1gpu",
+        None,
+        [
+            f"data.sources={json.dumps(s['sources'])}",
+            f"data.tokenizer.path={s['tokenizer']}",
+            f"train.train_steps={steps}",
+            f"train.checkpoint_every={every}",
+            "train.warmup_steps=2",
+            "train.keep_last=2",
+            "train.max_failures=1",
+            "track.experiment=codegen2/e2e",
+        ],
+    )
     path = WORK / "train.yaml"
     path.write_text(dump_config(cfg))
     yaml.safe_load(path.read_text())  # round-trips
@@ -189,25 +224,35 @@ def train_config(steps: int, every: int) -> Path:
 
 def plan_json(ph: Phase, args: list[str]) -> dict:
     out = ph.sh([PY, "-m", "cglab.cli", "plan", *args, "--json", "--te", "no"])
-    return {} if ph.dry else json.loads(out[out.index("{"):])
+    return {} if ph.dry else json.loads(out[out.index("{") :])
 
 
 def phase_data(ph: Phase) -> tuple[str, str]:
     corpus, tok = WORK / "corpus", WORK / "tokenizer"
-    ph.sh([PY, "-c", "import json, sys; from cglab.data.corpus import build_corpus, corpus_sources, "
-           "train_corpus_tokenizer as t; "
-           f"s = build_corpus({str(corpus)!r}, **{CORPUS!r}); "
-           f"k = t({str(corpus)!r}, {str(tok)!r}, vocab_size=51200, num_sentinels=256); "
-           "print(json.dumps({'pile_docs': s['pile']['documents'], 'stack_docs': s['stack']['documents'], "
-           "'vocab': k.vocab_size, 'sources': corpus_sources(s['out'])}))"])
+    ph.sh(
+        [
+            PY,
+            "-c",
+            "import json, sys; from cglab.data.corpus import build_corpus, corpus_sources, "
+            "train_corpus_tokenizer as t; "
+            f"s = build_corpus({str(corpus)!r}, **{CORPUS!r}); "
+            f"k = t({str(corpus)!r}, {str(tok)!r}, vocab_size=51200, num_sentinels=256); "
+            "print(json.dumps({'pile_docs': s['pile']['documents'], 'stack_docs': s['stack']['documents'], "
+            "'vocab': k.vocab_size, 'sources': corpus_sources(s['out'])}))",
+        ]
+    )
     if not ph.dry:
         from cglab.data.corpus import corpus_sources
 
         save_state(sources=corpus_sources(corpus), tokenizer=str(tok))
     else:
-        save_state(sources=[{"name": "pile", "kind": "pile", "paths": [str(corpus / "pile")]},
-                            {"name": "stack", "kind": "stack", "paths": [str(corpus / "stack")]}],
-                   tokenizer=str(tok))
+        save_state(
+            sources=[
+                {"name": "pile", "kind": "pile", "paths": [str(corpus / "pile")]},
+                {"name": "stack", "kind": "stack", "paths": [str(corpus / "stack")]},
+            ],
+            tokenizer=str(tok),
+        )
     steps, every = STEPS, EVERY
     plan = plan_json(ph, [str(train_config(steps, every))])
     if not ph.dry:
@@ -221,8 +266,11 @@ def phase_data(ph: Phase) -> tuple[str, str]:
     import yaml
 
     # the run's tokenizer: the sweep loads it instead of training a 51200-token BPE again
-    base.write_text(yaml.safe_dump({"data": {"sources": state()["sources"], "num_sentinels": 256,
-                                             "tokenizer": {"path": state()["tokenizer"]}}}))
+    base.write_text(
+        yaml.safe_dump(
+            {"data": {"sources": state()["sources"], "num_sentinels": 256, "tokenizer": {"path": state()["tokenizer"]}}}
+        )
+    )
     lplan = plan_json(ph, ["--lesson", "2", "--preset", "1gpu", "--config", str(base), *ABLATE_OVERRIDES])
     save_state(steps=steps, every=every)
     if ph.dry:
@@ -230,9 +278,10 @@ def phase_data(ph: Phase) -> tuple[str, str]:
     errors = plan["errors"] + lplan["errors"]
     src = ", ".join(f"{e['name']} {e['tokens']:,} tokens" for e in plan["data"]["sources"])
     passes = ", ".join(f"{k} {v:.2f}" for k, v in plan["passes"].items())
-    return ("FAIL" if errors else "ok"), (f"{src}; train {steps} steps, checkpoint every {every}: passes {passes}; "
-                                          f"lesson-2 plan {len(lplan['trials'])} trials"
-                                          + (f"; errors: {errors}" if errors else ""))
+    return ("FAIL" if errors else "ok"), (
+        f"{src}; train {steps} steps, checkpoint every {every}: passes {passes}; "
+        f"lesson-2 plan {len(lplan['trials'])} trials" + (f"; errors: {errors}" if errors else "")
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, dict]:
@@ -272,13 +321,19 @@ def phase_train(ph: Phase, uri: str | None) -> tuple[str, str]:
     post = max(abs(clean[i]["loss"] - killed[i]["loss"]) / abs(clean[i]["loss"]) for i in range(every + 1, steps + 1))
     started = {killed[i]["started_at_step"] for i in range(every + 1, steps + 1)}
     tol = 1e-6 if pre == 0 else CLEAN_REL
-    ok = (marker.exists() and started == {every} and strict <= STRICT_REL and post <= tol
-          and sorted(clean) == list(range(1, steps + 1)))
+    ok = (
+        marker.exists()
+        and started == {every}
+        and strict <= STRICT_REL
+        and post <= tol
+        and sorted(clean) == list(range(1, steps + 1))
+    )
     return ("ok" if ok else "FAIL"), (
         f"{steps} steps, ckpt every {every}, SIGKILL at step {kill}, resumed at {sorted(started)}; step {every + 1} "
         f"recomputed from the checkpoint: rel diff {strict:.1e} (tol {STRICT_REL:g}); vs uninterrupted: pre-kill "
         f"max |dloss| {pre:.2e}, post-resume max rel {post:.2e} (tol {tol:g}); deterministic kernels off; "
-        f"final loss {clean[steps]['loss']:.4f}; wall {t1 - t0:.0f}+{t2 - t1:.0f} s")
+        f"final loss {clean[steps]['loss']:.4f}; wall {t1 - t0:.0f}+{t2 - t1:.0f} s"
+    )
 
 
 def phase_throughput(ph: Phase) -> tuple[str, str]:
@@ -296,9 +351,11 @@ def phase_throughput(ph: Phase) -> tuple[str, str]:
     meets = ratio >= THROUGHPUT_GOAL and wait < DATA_WAIT_GOAL
     # the loop's tokens_per_s: data wait + forward/backward + optimizer of a step (checkpoint saves and Ray reports,
     # every train.log_every steps, fall outside it)
-    return "ok", (f"cglab train {e2e:,.0f} tokens/s (median of {len(steady)} steps) vs step benchmark "
-                  f"{bench['tokens_per_s']:,.0f} ({bench['case']}): {ratio:.3f}x; data wait {wait:.2%} of step "
-                  f"time; goal (>= {THROUGHPUT_GOAL:g}x, < {DATA_WAIT_GOAL:.0%}) {'met' if meets else 'NOT met'}")
+    return "ok", (
+        f"cglab train {e2e:,.0f} tokens/s (median of {len(steady)} steps) vs step benchmark "
+        f"{bench['tokens_per_s']:,.0f} ({bench['case']}): {ratio:.3f}x; data wait {wait:.2%} of step "
+        f"time; goal (>= {THROUGHPUT_GOAL:g}x, < {DATA_WAIT_GOAL:.0%}) {'met' if meets else 'NOT met'}"
+    )
 
 
 def phase_distopt(ph: Phase) -> tuple[str, str]:
@@ -309,15 +366,22 @@ def phase_distopt(ph: Phase) -> tuple[str, str]:
         r = ph.worker("ckpt", str(WORK / "train.yaml"), str(WORK / "ckpt-probe"), distributed)
         if ph.dry:
             continue
-        good = (r["params_equal"] and r["state_equal"] and r["tensors"] > 0 and r["next_loss_rel"] <= STRICT_REL
-                and r["update_rel"] <= UPDATE_REL)
+        good = (
+            r["params_equal"]
+            and r["state_equal"]
+            and r["tensors"] > 0
+            and r["next_loss_rel"] <= STRICT_REL
+            and r["update_rel"] <= UPDATE_REL
+        )
         ok &= good
-        rows.append(f"{r['optimizer']}{' (distributed)' if distributed == '1' else ' (the run’s)'}: "
-                    f"{'ok' if good else 'FAIL'}: {r['tensors']} main-param/Adam tensors equal after load: "
-                    f"{r['state_equal']}, model params: {r['params_equal']}; next loss rel {r['next_loss_rel']:.1e}; "
-                    f"update from the loaded state off by {r['update_rel']:.1e} of the update (tol {UPDATE_REL:g}), "
-                    f"loss after it rel {r['loss_after_rel']:.1e}; save {r['save_s']:.1f} s, load {r['load_s']:.1f} s,"
-                    f" {r['ckpt_mib']:,.0f} MiB")
+        rows.append(
+            f"{r['optimizer']}{' (distributed)' if distributed == '1' else ' (the run’s)'}: "
+            f"{'ok' if good else 'FAIL'}: {r['tensors']} main-param/Adam tensors equal after load: "
+            f"{r['state_equal']}, model params: {r['params_equal']}; next loss rel {r['next_loss_rel']:.1e}; "
+            f"update from the loaded state off by {r['update_rel']:.1e} of the update (tol {UPDATE_REL:g}), "
+            f"loss after it rel {r['loss_after_rel']:.1e}; save {r['save_s']:.1f} s, load {r['load_s']:.1f} s,"
+            f" {r['ckpt_mib']:,.0f} MiB"
+        )
     if ph.dry:
         return "dry-run", ""
     return ("ok" if ok else "FAIL"), " | ".join(rows)
@@ -332,8 +396,25 @@ def phase_eval(ph: Phase) -> tuple[str, str]:
         return "FAIL", f"no complete checkpoint under {run} (run the train phase first)"
     g = ph.worker("greedy", ckpt)
     res = WORK / "logs" / "eval_run.json"
-    ph.sh([PY, "-m", "cglab.cli", "eval", "run", "--checkpoint", ckpt, "--suite", "humaneval", "--limit",
-           str(EVAL_LIMIT), "--max-new-tokens", "128", "--out", str(res)])
+    ph.sh(
+        [
+            PY,
+            "-m",
+            "cglab.cli",
+            "eval",
+            "run",
+            "--checkpoint",
+            ckpt,
+            "--suite",
+            "humaneval",
+            "--limit",
+            str(EVAL_LIMIT),
+            "--max-new-tokens",
+            "128",
+            "--out",
+            str(res),
+        ]
+    )
     if ph.dry:
         return "dry-run", ""
     he = json.loads(res.read_text())["humaneval"]["by_temperature"]["0.0"]
@@ -343,7 +424,8 @@ def phase_eval(ph: Phase) -> tuple[str, str]:
     return ("ok" if ok else "FAIL"), (
         f"greedy HF export (KV cache) == cglab model: {g['equal']}/{g['prompts']} prompts x {GREEDY_TOKENS} tokens"
         f"{'' if g['equal'] == g['prompts'] else ' (first divergence margin ' + str(g['margin']) + ')'}; "
-        f"HumanEval first {EVAL_LIMIT}: pass@1 {he.get('pass@1')}, {statuses}, isolation {he.get('isolation')}")
+        f"HumanEval first {EVAL_LIMIT}: pass@1 {he.get('pass@1')}, {statuses}, isolation {he.get('isolation')}"
+    )
 
 
 def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
@@ -351,10 +433,29 @@ def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
         return "FAIL", "the local MLflow server did not start (see the log's first lines); nothing to check against"
     name = f"e2e-{int(time.time())}"
     t0 = time.perf_counter()
-    ph.sh([PY, "-m", "cglab.cli", "ablate", "2", "--preset", "1gpu", "--config", str(WORK / "ablate_base.yaml"),
-           "--storage-path", str(WORK / "tune"), "--name", name, "--no-resume",
-           "--seeds", *map(str, ABLATE_SEEDS),
-           *(["--tracking-uri", uri] if uri else []), *ABLATE_OVERRIDES], check=False)
+    ph.sh(
+        [
+            PY,
+            "-m",
+            "cglab.cli",
+            "ablate",
+            "2",
+            "--preset",
+            "1gpu",
+            "--config",
+            str(WORK / "ablate_base.yaml"),
+            "--storage-path",
+            str(WORK / "tune"),
+            "--name",
+            name,
+            "--no-resume",
+            "--seeds",
+            *map(str, ABLATE_SEEDS),
+            *(["--tracking-uri", uri] if uri else []),
+            *ABLATE_OVERRIDES,
+        ],
+        check=False,
+    )
     wall = time.perf_counter() - t0
     if ph.dry:
         return "dry-run", ""
@@ -365,19 +466,26 @@ def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(get_lesson(2).experiment)
     parent = client.search_runs([exp.experiment_id], f"tags.`cglab.sweep` = '{name}' and tags.`cglab.role` = 'sweep'")
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'") \
-        if parent else []
+    kids = (
+        client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+        if parent
+        else []
+    )
     rows = []
     for k in kids:
         ev = {m: v for m, v in k.data.metrics.items() if m.startswith("eval/")}
         rows.append((k.data.tags.get("variant"), k.info.status, ev))
-    ok = len(rows) == 2 and all(st == "FINISHED" and "eval/code_ppl" in ev and "eval/humaneval_pass_at_1" in ev
-                                for _, st, ev in rows)
-    desc = "; ".join(f"{v} {st} code_ppl {ev.get('eval/code_ppl', float('nan')):.1f} infill_ppl "
-                     f"{ev.get('eval/infill_ppl', float('nan')):.1f} pass@1 {ev.get('eval/humaneval_pass_at_1')}"
-                     for v, st, ev in rows)
-    return ("ok" if ok else "FAIL"), (f"MLflow server {uri} (SQLite store): {len(rows)} trials: {desc or 'none'}; "
-                                      f"wall {wall:.0f} s")
+    ok = len(rows) == 2 and all(
+        st == "FINISHED" and "eval/code_ppl" in ev and "eval/humaneval_pass_at_1" in ev for _, st, ev in rows
+    )
+    desc = "; ".join(
+        f"{v} {st} code_ppl {ev.get('eval/code_ppl', float('nan')):.1f} infill_ppl "
+        f"{ev.get('eval/infill_ppl', float('nan')):.1f} pass@1 {ev.get('eval/humaneval_pass_at_1')}"
+        for v, st, ev in rows
+    )
+    return ("ok" if ok else "FAIL"), (
+        f"MLflow server {uri} (SQLite store): {len(rows)} trials: {desc or 'none'}; wall {wall:.0f} s"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -388,17 +496,28 @@ def worker_fit_fault(cfg_path: str, storage: str, name: str, kill: str, marker: 
     from cglab.train.trainer import fit
 
     cfg = load_config(cfg_path)
-    out = fit(cfg, storage_path=storage, name=name, mlflow=mlflow_run(cfg, name),
-              fault={"step": int(kill), "rank": 0, "marker": marker})
+    out = fit(
+        cfg,
+        storage_path=storage,
+        name=name,
+        mlflow=mlflow_run(cfg, name),
+        fault={"step": int(kill), "rank": 0, "marker": marker},
+    )
     return {"checkpoint": out.get("checkpoint"), "loss": out.get("loss")}
 
 
 def _bench_overrides(cfg) -> list[str]:
     m, t = cfg.model, cfg.train
-    return [f"model.num_layers={m.num_layers}", f"model.hidden_size={m.hidden_size}",
-            f"model.num_attention_heads={m.num_attention_heads}", f"model.rotary_dim={m.rotary_dim}",
-            f"model.vocab_size={m.vocab_size}", f"model.max_position_embeddings={m.max_position_embeddings}",
-            f"model.document_masking={str(m.document_masking).lower()}", f"train.precision={t.precision}"]
+    return [
+        f"model.num_layers={m.num_layers}",
+        f"model.hidden_size={m.hidden_size}",
+        f"model.num_attention_heads={m.num_attention_heads}",
+        f"model.rotary_dim={m.rotary_dim}",
+        f"model.vocab_size={m.vocab_size}",
+        f"model.max_position_embeddings={m.max_position_embeddings}",
+        f"model.document_masking={str(m.document_masking).lower()}",
+        f"train.precision={t.precision}",
+    ]
 
 
 def worker_throughput(cfg_path: str) -> dict:
@@ -409,7 +528,6 @@ def worker_throughput(cfg_path: str) -> dict:
 
     import hf_codegen_baseline as hfb
     import train_throughput as tt
-
     from cglab.config import load_config
     from cglab.train.flops import flops_per_token
 
@@ -420,8 +538,10 @@ def worker_throughput(cfg_path: str) -> dict:
     step, tokens, _, bcfg = tt.cglab_case(BENCH_PRESET, t.micro_batch_size, S, _bench_overrides(cfg), n_micro)
     assert bcfg.model.hidden_size == cfg.model.hidden_size and bcfg.model.num_layers == cfg.model.num_layers
     row = functools.partial(tt.result_row, model_cfg=bcfg.model, seq_len=S, measured_peak_tflops=hfb.PEAK)
-    case = f"cglab{'-docmask' if cfg.model.document_masking else ''}-d{cfg.model.hidden_size}L{cfg.model.num_layers}" \
-           f"-mb{t.micro_batch_size}x{n_micro}"
+    case = (
+        f"cglab{'-docmask' if cfg.model.document_masking else ''}-d{cfg.model.hidden_size}L{cfg.model.num_layers}"
+        f"-mb{t.micro_batch_size}x{n_micro}"
+    )
     r = hfb.bench(step, tokens, flops_per_token(bcfg.model, S), case, n=10, row=row)
     return {"case": case, "tokens_per_s": r["tokens_per_s"], "mfu": r.get("mfu")}
 
@@ -469,8 +589,13 @@ def worker_ckpt(cfg_path: str, ckpt_dir: str, distributed: str) -> dict:
 
     def micro():
         tok = torch.randint(0, V, (mb, S), generator=g)
-        b = {"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(mb, S),
-             "segment_ids": torch.zeros(mb, S, dtype=torch.long), "objective": torch.zeros(mb, dtype=torch.long)}
+        b = {
+            "tokens": tok,
+            "labels": torch.roll(tok, -1, 1),
+            "loss_mask": torch.ones(mb, S),
+            "segment_ids": torch.zeros(mb, S, dtype=torch.long),
+            "objective": torch.zeros(mb, dtype=torch.long),
+        }
         return {k: v.to(dev) for k, v in b.items()}
 
     batches = [[micro(), micro()] for _ in range(4)]
@@ -504,16 +629,28 @@ def worker_ckpt(cfg_path: str, ckpt_dir: str, distributed: str) -> dict:
     off = max(float((a - b).abs().max()) for a, b in zip(got_main, ref_main))
     mib = sum(f.stat().st_size for f in Path(ckpt_dir).rglob("*") if f.is_file()) / 2**20
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return {"optimizer": type(fresh.optimizer).__name__, "tensors": len(saved_opt), "state_equal": state_equal,
-            "params_equal": params_equal, "next_loss_rel": abs(again[0] - ref[0]) / abs(ref[0]),
-            "update_rel": off / update if update else math.inf, "loss_after_rel": abs(again[1] - ref[1]) / abs(ref[1]),
-            "save_s": save_s, "load_s": load_s, "ckpt_mib": mib}
+    return {
+        "optimizer": type(fresh.optimizer).__name__,
+        "tensors": len(saved_opt),
+        "state_equal": state_equal,
+        "params_equal": params_equal,
+        "next_loss_rel": abs(again[0] - ref[0]) / abs(ref[0]),
+        "update_rel": off / update if update else math.inf,
+        "loss_after_rel": abs(again[1] - ref[1]) / abs(ref[1]),
+        "save_s": save_s,
+        "load_s": load_s,
+        "ckpt_mib": mib,
+    }
 
 
 def _main_params(opt) -> list:
     """The fp32 main params the optimizer updates (Megatron's ChainedOptimizer or one), cloned."""
-    return [p.detach().clone() for o in getattr(opt, "chained_optimizers", [opt])
-            for group in o.optimizer.param_groups for p in group["params"]]
+    return [
+        p.detach().clone()
+        for o in getattr(opt, "chained_optimizers", [opt])
+        for group in o.optimizer.param_groups
+        for p in group["params"]
+    ]
 
 
 def worker_greedy(ckpt: str) -> dict:
@@ -546,26 +683,26 @@ def worker_greedy(ckpt: str) -> dict:
     with torch.no_grad():
         for text in prompts:
             ids = torch.tensor([tok.encode(text).ids[-256:]], device="cuda")
-            cached = hf.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0,
-                                 attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+            cached = hf.generate(
+                ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids)
+            )[0, ids.shape[1] :]
             seq, margins = ids, []
             for _ in range(GREEDY_TOKENS):
                 logits = forward_logits(ours, m, seq, torch.zeros_like(seq))[0, -1].float()
                 top = logits.topk(2)
                 margins.append(float(top.values[0] - top.values[1]))
                 seq = torch.cat([seq, top.indices[:1].view(1, 1)], 1)
-            mine = seq[0, ids.shape[1]:]
+            mine = seq[0, ids.shape[1] :]
             if torch.equal(mine, cached):
                 equal += 1
             elif margin is None:  # how close the cglab model's choice was where the two first part
-                first = int((mine != cached[:len(mine)]).nonzero()[0]) if len(cached) >= len(mine) else len(cached)
+                first = int((mine != cached[: len(mine)]).nonzero()[0]) if len(cached) >= len(mine) else len(cached)
                 margin = round(margins[min(first, len(margins) - 1)], 6)
     shutil.rmtree(hf_dir, ignore_errors=True)
     return {"prompts": len(prompts), "equal": equal, "margin": margin}
 
 
-WORKERS = {"fit_fault": worker_fit_fault, "throughput": worker_throughput, "ckpt": worker_ckpt,
-           "greedy": worker_greedy}
+WORKERS = {"fit_fault": worker_fit_fault, "throughput": worker_throughput, "ckpt": worker_ckpt, "greedy": worker_greedy}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -583,8 +720,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_e2e"))
     ap.add_argument("--dry-run", action="store_true", help="print each phase's commands, run nothing")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 0) or 0),
-                    help="seconds this invocation may take (0: no limit); phases that would overrun are skipped")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("BUDGET_S", 0) or 0),
+        help="seconds this invocation may take (0: no limit); phases that would overrun are skipped",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args.worker:
@@ -599,8 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
     rows_path = WORK / ("rows-dry.json" if args.dry_run else "rows.json")
     rows = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        or "unknown"
+    )
     server = None
     failed = False
     start = time.monotonic()
@@ -620,16 +763,22 @@ def main(argv: list[str] | None = None) -> int:
             left = DEADLINE[0] - time.monotonic()
             try:
                 if not args.dry_run and left < ESTIMATE_S[name]:
-                    raise RuntimeError(f"skipped: {left:.0f} s left of the call's budget, the phase takes "
-                                       f"~{ESTIMATE_S[name]} s; rerun it in the next call (PHASES={name})")
+                    raise RuntimeError(
+                        f"skipped: {left:.0f} s left of the call's budget, the phase takes "
+                        f"~{ESTIMATE_S[name]} s; rerun it in the next call (PHASES={name})"
+                    )
                 fn = globals()[f"phase_{name}"]
                 status, detail = fn(ph, uri) if name in ("train", "ablate") else fn(ph)
             except Exception as err:  # noqa: BLE001 - the row records it and the next phase still runs
                 traceback.print_exc()
                 status, detail = "FAIL", f"{type(err).__name__}: {err}"[:400]
             failed |= status == "FAIL"
-            rows[name] = {"status": status, "seconds": time.perf_counter() - t0, "detail": detail,
-                          "when": f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC @{commit}"}
+            rows[name] = {
+                "status": status,
+                "seconds": time.perf_counter() - t0,
+                "detail": detail,
+                "when": f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC @{commit}",
+            }
             rows_path.write_text(json.dumps(rows, indent=1))
             print(f"== {name}: {status} ({rows[name]['seconds']:.0f} s) {detail}", flush=True)
     finally:
@@ -638,8 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(f"\ngpu_e2e ({state().get('gpu', 'no GPU')}, commit {commit})\n{text}", flush=True)
     (out / "gpu_e2e_table.txt").write_text(text + "\n")
-    subprocess.run(["tar", "czf", str(out / "gpu_e2e_logs.tar.gz"), "-C", str(WORK), "logs"] +
-                   [p.name for p in WORK.glob("*.json")] + [p.name for p in WORK.glob("*.yaml")], check=False)
+    subprocess.run(
+        ["tar", "czf", str(out / "gpu_e2e_logs.tar.gz"), "-C", str(WORK), "logs"]
+        + [p.name for p in WORK.glob("*.json")]
+        + [p.name for p in WORK.glob("*.yaml")],
+        check=False,
+    )
     return 1 if failed else 0
 
 

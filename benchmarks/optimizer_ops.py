@@ -7,6 +7,7 @@ Rows: the gradient L2 norm (clip_grads.get_grad_norm_fp32's kernel), the in-plac
 bf16 model parameter copy after the optimizer step. Times are medians in ms; on GPU every row ends with a sync, which
 the local norm also does once per parameter inside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,18 @@ def main():
     model_params = [torch.empty(s, device=dev, dtype=torch.bfloat16) for s in shapes]
     n = sum(t.numel() for t in grads)
     ops = {
-        "grad L2 norm": (lambda: local_multi_tensor_l2_norm(0, None, [grads], False),
-                         lambda: foreach.l2_norm(0, None, [grads], False)),
-        "clip: scale grads in place": (lambda: local_multi_tensor_scale(0, None, [grads, grads], 0.999),
-                                       lambda: foreach.scale(0, None, [grads, grads], 0.999)),
-        "copy fp32 main -> bf16 model": (lambda: local_multi_tensor_scale(0, None, [main_params, model_params], 1.0),
-                                         lambda: foreach.scale(0, None, [main_params, model_params], 1.0)),
+        "grad L2 norm": (
+            lambda: local_multi_tensor_l2_norm(0, None, [grads], False),
+            lambda: foreach.l2_norm(0, None, [grads], False),
+        ),
+        "clip: scale grads in place": (
+            lambda: local_multi_tensor_scale(0, None, [grads, grads], 0.999),
+            lambda: foreach.scale(0, None, [grads, grads], 0.999),
+        ),
+        "copy fp32 main -> bf16 model": (
+            lambda: local_multi_tensor_scale(0, None, [main_params, model_params], 1.0),
+            lambda: foreach.scale(0, None, [main_params, model_params], 1.0),
+        ),
     }
     name = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, torch {torch.__version__}, preset {preset}: {len(shapes)} tensors, {n / 1e6:.1f} M params")

@@ -3,6 +3,7 @@
 Connects to the cluster named by RAY_ADDRESS (set by `ray job submit`) and runs the same code as
 `cglab ablate`; MLflow comes from $MLFLOW_TRACKING_URI or --tracking-uri.
 """
+
 import argparse
 import os
 import sys

@@ -4,6 +4,7 @@
 
 Connects to the cluster in RAY_ADDRESS (set by the job server) and runs the same code as `cglab train`.
 """
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """Shared fixtures. Session-scoped ones are built once per test session in a private temp dir."""
+
 from __future__ import annotations
 
 import pytest

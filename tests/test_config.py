@@ -1,4 +1,5 @@
 """Config: presets, overrides, and invalid configs failing with the field named."""
+
 import pytest
 
 from cglab.config import PRESETS, ConfigError, flatten, from_dict, load_config
@@ -18,28 +19,33 @@ def test_overrides_are_typed_and_win_over_presets():
     assert c.model.num_layers == 4 and c.train.lr == 3e-4 and c.model.document_masking is False
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),
-    (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
-    (["parallel.tensor_model_parallel_size=2", "parallel.world_size=3"], "parallel.world_size"),
-    (["data.seq_length=4096"], "data.seq_length"),
-    (["model.rotary_dim=32"], "model.rotary_dim"),
-    (["model.rotary_dim=7"], "model.rotary_dim"),
-    (["data.num_sentinels=2"], "data.num_sentinels"),
-    (["objective.max_spans=5"], "objective.max_spans"),
-    (["objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1, ratio: [0.5, 0.2]}]"],
-     "objective.ul2_denoisers.0"),
-    (["train.lr=-1"], "train.lr"),
-    (["objective.kind=bogus"], "objective.kind"),
-    (["model.preset=codegen9"], "model"),
-    (["train.unknown_field=1"], "train.unknown_field"),
-    (["train.global_batch_size=3"], "train.global_batch_size"),
-    (["model.compile_fusions=true", "model.attention_backend=local"], "model.compile_fusions"),
-    (["model.sdpa_kernel=cudnn", "model.attention_backend=local"], "model.sdpa_kernel"),
-    (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
-    (["train.fold_grad_scale=true", "parallel.distributed_optimizer=true"], "train.fold_grad_scale"),
-    (["train.fold_grad_scale=true", "train.fused_adam=false"], "train.fold_grad_scale"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),
+        (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
+        (["parallel.tensor_model_parallel_size=2", "parallel.world_size=3"], "parallel.world_size"),
+        (["data.seq_length=4096"], "data.seq_length"),
+        (["model.rotary_dim=32"], "model.rotary_dim"),
+        (["model.rotary_dim=7"], "model.rotary_dim"),
+        (["data.num_sentinels=2"], "data.num_sentinels"),
+        (["objective.max_spans=5"], "objective.max_spans"),
+        (
+            ["objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1, ratio: [0.5, 0.2]}]"],
+            "objective.ul2_denoisers.0",
+        ),
+        (["train.lr=-1"], "train.lr"),
+        (["objective.kind=bogus"], "objective.kind"),
+        (["model.preset=codegen9"], "model"),
+        (["train.unknown_field=1"], "train.unknown_field"),
+        (["train.global_batch_size=3"], "train.global_batch_size"),
+        (["model.compile_fusions=true", "model.attention_backend=local"], "model.compile_fusions"),
+        (["model.sdpa_kernel=cudnn", "model.attention_backend=local"], "model.sdpa_kernel"),
+        (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
+        (["train.fold_grad_scale=true", "parallel.distributed_optimizer=true"], "train.fold_grad_scale"),
+        (["train.fold_grad_scale=true", "train.fused_adam=false"], "train.fold_grad_scale"),
+    ],
+)
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         from_dict({}, ["model.preset=tiny", *overrides])
@@ -77,23 +83,33 @@ def test_flatten_gives_dotted_scalars():
 def test_max_spans_is_refused_and_says_what_replaced_it(tmp_path):
     p = tmp_path / "old.yaml"
     p.write_text("model: {preset: tiny}\nobjective: {max_spans: 32}\n")
-    with pytest.raises(ConfigError, match=r"objective\.max_spans: removed; the number of spans now follows from "
-                                          r"the drawn mask ratio"):
+    with pytest.raises(
+        ConfigError,
+        match=r"objective\.max_spans: removed; the number of spans now follows from "
+        r"the drawn mask ratio",
+    ):
         load_config(p)
 
 
-@pytest.mark.parametrize("overrides, k, label", [
-    (["data.seq_length=2048"], 75, "span corruption"),  # ratio up to 0.35, mean span 8.5
-    (["data.seq_length=2048", "objective.kind=ul2"], 227, "UL2 denoiser X_dense"),  # 50%, mean span 3
-    (["data.seq_length=2048", "objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1}]"], 89,
-     "UL2 denoiser R"),
-])
+@pytest.mark.parametrize(
+    "overrides, k, label",
+    [
+        (["data.seq_length=2048"], 75, "span corruption"),  # ratio up to 0.35, mean span 8.5
+        (["data.seq_length=2048", "objective.kind=ul2"], 227, "UL2 denoiser X_dense"),  # 50%, mean span 3
+        (
+            ["data.seq_length=2048", "objective.kind=ul2", "objective.ul2_denoisers=[{name: R, prob: 1}]"],
+            89,
+            "UL2 denoiser R",
+        ),
+    ],
+)
 def test_too_few_sentinels_name_the_field_and_the_spans_needed(overrides, k, label):
     base = ["model.preset=tiny", "model.max_position_embeddings=2048"]
     with pytest.raises(ConfigError) as err:
         from_dict({}, [*base, *overrides, f"data.num_sentinels={k - 1}"])
-    assert (f"data.num_sentinels: {k - 1} sentinels cannot label the {k} spans {label} needs at "
-            f"data.seq_length=2048") in str(err.value)
+    assert (
+        f"data.num_sentinels: {k - 1} sentinels cannot label the {k} spans {label} needs at data.seq_length=2048"
+    ) in str(err.value)
     from_dict({}, [*base, *overrides, f"data.num_sentinels={k}"])  # exactly enough
 
 
@@ -107,12 +123,17 @@ def test_objectives_that_corrupt_nothing_need_no_sentinels():
 def test_spans_needed_is_the_largest_count_of_a_unit_that_fits():
     from cglab.config import span_count, spans_needed
 
-    for ratio_max, span_len, seq in [(0.35, (1, 16), 2048), (0.5, (2, 4), 2048), (0.15, (24, 40), 8192),
-                                     (0.9, (1, 1), 64)]:
+    for ratio_max, span_len, seq in [
+        (0.35, (1, 16), 2048),
+        (0.5, (2, 4), 2048),
+        (0.15, (24, 40), 8192),
+        (0.9, (1, 1), 64),
+    ]:
         k = spans_needed(ratio_max, span_len, seq)
         mean = sum(span_len) / 2
-        sizes = [n for n in range(seq + 1)
-                 if n + 1 + 3 * span_count(round(ratio_max * n), mean) <= seq]  # units that fit, plain Python
+        sizes = [
+            n for n in range(seq + 1) if n + 1 + 3 * span_count(round(ratio_max * n), mean) <= seq
+        ]  # units that fit, plain Python
         assert k == max(span_count(round(ratio_max * n), mean) for n in sizes)
 
 

@@ -1,4 +1,5 @@
 """cglab.decisions: each "auto" / None setting is resolved once per run, and `cglab plan` prints that same object."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,13 @@ import torch
 from cglab import decisions
 from cglab.config import from_dict
 
-_RUN = ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=0",
-        "model.architecture=prefix_lm"]
+_RUN = [
+    "model.preset=tiny",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.warmup_steps=0",
+    "model.architecture=prefix_lm",
+]
 
 
 def _batches(n, mb=2, s=32):
@@ -16,9 +22,15 @@ def _batches(n, mb=2, s=32):
     out = []
     for _ in range(n):
         tok = torch.randint(0, 1000, (mb, s), generator=g)
-        out.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(mb, s),
-                    "segment_ids": torch.zeros(mb, s, dtype=torch.long),
-                    "prefix_end": torch.full((mb, s), 5, dtype=torch.long)})
+        out.append(
+            {
+                "tokens": tok,
+                "labels": torch.roll(tok, -1, 1),
+                "loss_mask": torch.ones(mb, s),
+                "segment_ids": torch.zeros(mb, s, dtype=torch.long),
+                "prefix_end": torch.full((mb, s), 5, dtype=torch.long),
+            }
+        )
     return out
 
 
@@ -35,16 +47,22 @@ def test_a_run_resolves_the_attention_backend_and_the_adam_once(single_rank, mon
     state = build_train_state(cfg)
     batches = _batches(4)
     for i in range(2):
-        out = train_step(state, cfg, batches[2 * i:2 * i + 2])
+        out = train_step(state, cfg, batches[2 * i : 2 * i + 2])
         assert out["update_ok"] == 1.0
     assert len(backend_calls) == 1 and len(adam_calls) == 1
     assert state.decisions.model.attention_backend == "sdpa"  # auto on CPU
     assert state.model[0].module.decisions is state.decisions.model  # the model keeps what it was built with
 
 
-@pytest.mark.parametrize("overrides, te", [([], "auto"), (["parallel.use_gpu=true"], "auto"),
-                                           (["parallel.use_gpu=true", "train.fold_grad_scale=true"], "yes"),
-                                           (["parallel.use_gpu=true", "model.attention_dropout=0.1"], "no")])
+@pytest.mark.parametrize(
+    "overrides, te",
+    [
+        ([], "auto"),
+        (["parallel.use_gpu=true"], "auto"),
+        (["parallel.use_gpu=true", "train.fold_grad_scale=true"], "yes"),
+        (["parallel.use_gpu=true", "model.attention_dropout=0.1"], "no"),
+    ],
+)
 def test_plan_prints_the_run_decisions_for_its_target(overrides, te):
     from cglab.plan import plan_run
 

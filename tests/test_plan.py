@@ -2,6 +2,7 @@
 the decisions the issue names, the realised mask fractions measured at the presets' sequence lengths, and a
 memory estimate for a 64-GPU codegen2-16B layout checked against the published per-parameter and activation
 formulas."""
+
 import json
 import math
 from pathlib import Path
@@ -13,8 +14,22 @@ from cglab.config import from_dict
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-KEYS = {"attention_backend", "fusions", "adam", "precision", "parallel", "resources", "data", "tokens_needed",
-        "passes", "mask_fraction", "sentinels", "memory_gb", "warnings", "errors"}
+KEYS = {
+    "attention_backend",
+    "fusions",
+    "adam",
+    "precision",
+    "parallel",
+    "resources",
+    "data",
+    "tokens_needed",
+    "passes",
+    "mask_fraction",
+    "sentinels",
+    "memory_gb",
+    "warnings",
+    "errors",
+}
 
 
 @pytest.fixture()
@@ -46,8 +61,11 @@ def test_every_shipped_config_plans_with_what_it_will_really_do(config, in_corpu
     assert plan["memory_gb"]["total"] > 0
     if "1b" in config:  # GPU configs, planned for the shipped GPU image (Transformer Engine installed)
         assert plan["attention_backend"]["backend"] == "flex"  # never TE, whose causal kernel ignores masks
-        assert plan["adam"] == {**plan["adam"], "implementation": "Transformer Engine FusedAdam",
-                                "fold_grad_scale": False}
+        assert plan["adam"] == {
+            **plan["adam"],
+            "implementation": "Transformer Engine FusedAdam",
+            "fold_grad_scale": False,
+        }
         assert not any("fold_grad_scale" in e for e in plan["errors"])  # it used to crash at start there
         assert any("micro corpus" in w for w in plan["warnings"])  # no sources: measured on the micro corpus
     else:
@@ -81,11 +99,22 @@ def test_codegen2_16b_on_64_gpus(monkeypatch):
     (Korthikanti et al. 2022) for PP micro-batches in flight on the first stage."""
     from cglab.plan import plan_run
 
-    cfg = from_dict({}, ["model.preset=codegen2-16B", "parallel.tensor_model_parallel_size=8",
-                         "parallel.pipeline_model_parallel_size=4", "parallel.data_parallel_size=2",
-                         "parallel.use_gpu=true", "parallel.distributed_optimizer=true", "train.precision=bf16",
-                         "data.seq_length=2048", "train.micro_batch_size=1", "train.global_batch_size=64"],
-                    cross_field=False)
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=codegen2-16B",
+            "parallel.tensor_model_parallel_size=8",
+            "parallel.pipeline_model_parallel_size=4",
+            "parallel.data_parallel_size=2",
+            "parallel.use_gpu=true",
+            "parallel.distributed_optimizer=true",
+            "train.precision=bf16",
+            "data.seq_length=2048",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=64",
+        ],
+        cross_field=False,
+    )
     plan = plan_run(cfg)
     # 34 layers do not split into 4 equal stages: the plan still estimates (for a 9-layer stage) and says so
     assert any("pipeline_model_parallel_size: 4 does not divide model.num_layers=34" in e for e in plan["errors"])
@@ -96,7 +125,7 @@ def test_codegen2_16b_on_64_gpus(monkeypatch):
     layer = 12 * d * d + 7 * d
     first = math.ceil(L / 4) * layer // 8 + V * d // 8
     assert mem["params_per_gpu"] == pytest.approx(first, rel=1e-6) and mem["stage"] == "first"
-    gib = 2 ** 30
+    gib = 2**30
     assert mem["weights"] + mem["grads"] + mem["optimizer"] == pytest.approx(first * (2 + 4 + 12 / 2) / gib, abs=0.01)
     acts = 9 * 2048 * 1 * d * (10 + 24 / 8) * 4 / gib  # 9 layers, 4 micro-batches in flight
     assert mem["activations"] == pytest.approx(acts, abs=0.01)
@@ -110,10 +139,16 @@ def test_a_run_the_plan_refuses_never_starts_a_worker(micro_sources, micro_token
     from cglab.raylocal import local_ray
     from cglab.train.trainer import fit
 
-    cfg = from_dict({"data": {"sources": micro_sources, "seq_length": 64,
-                              "tokenizer": {"path": str(micro_tokenizer.path)}}},
-                    ["model.preset=tiny", "model.max_position_embeddings=64", "train.train_steps=1000000",
-                     "train.warmup_steps=1", "data.filters.dedup=false"])
+    cfg = from_dict(
+        {"data": {"sources": micro_sources, "seq_length": 64, "tokenizer": {"path": str(micro_tokenizer.path)}}},
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.train_steps=1000000",
+            "train.warmup_steps=1",
+            "data.filters.dedup=false",
+        ],
+    )
     with local_ray(2):
         with pytest.raises(ConfigError, match=r"(?s)would be refused.*would run dry"):
             fit(cfg, storage_path=str(tmp_path), name="too-long")

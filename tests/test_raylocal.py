@@ -1,5 +1,6 @@
 """The private local Ray: shutdown waits for the driver's Ray Data threads, including those of an iterator that was
 abandoned mid-stream, and the process survives the shutdown."""
+
 from __future__ import annotations
 
 import subprocess
@@ -66,9 +67,11 @@ def test_interpreter_exit_waits_for_data_threads(tmp_path):
     # A daemon thread that is still working when the script ends: without the exit hook it dies with the
     # interpreter and never writes its file.
     flag = tmp_path / "finished"
-    code = (f"import threading, time\nfrom cglab import raylocal\nraylocal.quiesce_at_exit()\n"
-            f"def work():\n    time.sleep(1.0)\n    open({str(flag)!r}, 'w').write('ok')\n"
-            f"threading.Thread(target=work, name='iter_threaded', daemon=True).start()\n")
+    code = (
+        f"import threading, time\nfrom cglab import raylocal\nraylocal.quiesce_at_exit()\n"
+        f"def work():\n    time.sleep(1.0)\n    open({str(flag)!r}, 'w').write('ok')\n"
+        f"threading.Thread(target=work, name='iter_threaded', daemon=True).start()\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert flag.read_text() == "ok"

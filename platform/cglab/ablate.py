@@ -1,4 +1,5 @@
 """`cglab ablate LESSON [--preset laptop|1gpu|cluster] [key=value ...]`: run (or resume) a lesson's grid."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-path", default=".cglab/tune", help="Tune/Train storage (local dir or s3://...)")
     p.add_argument("--name", default=None, help="sweep name; the same name resumes an interrupted sweep")
     p.add_argument("--no-resume", action="store_true", help="start over even if the sweep exists")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow server (default $MLFLOW_TRACKING_URI, else a local one under .cglab/mlflow)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow server (default $MLFLOW_TRACKING_URI, else a local one under .cglab/mlflow)",
+    )
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="default: what resources allow")
     p.add_argument("--report", default=None, metavar="HTML", help="write the lesson report here afterwards")
 
@@ -50,8 +54,10 @@ def ablate(args: argparse.Namespace) -> int:
         print(f"data: the micro corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
         base = base_config(preset, args.config, [f"data.sources={json.dumps(sources)}", *args.overrides])
     if not base.data.sources:
-        raise ConfigError("data.sources: no sources configured; pass --config with data.sources (only the laptop "
-                          "preset falls back to the micro corpus)")
+        raise ConfigError(
+            "data.sources: no sources configured; pass --config with data.sources (only the laptop "
+            "preset falls back to the micro corpus)"
+        )
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     with contextlib.ExitStack() as stack:
         if not uri:
@@ -59,10 +65,18 @@ def ablate(args: argparse.Namespace) -> int:
             stack.callback(server.stop)
             uri = server.uri
             print(f"MLflow: started {uri} (store {server.backend_store_uri}); reopen later with `cglab mlflow up`")
-        res = run_lesson(args.lesson, preset=preset, base=base, seeds=tuple(args.seeds or ()) or None,
-                         variants=tuple(args.variants) if args.variants else None,
-                         storage_path=args.storage_path, name=args.name, tracking_uri=uri,
-                         max_concurrent_trials=args.max_concurrent_trials, resume=not args.no_resume)
+        res = run_lesson(
+            args.lesson,
+            preset=preset,
+            base=base,
+            seeds=tuple(args.seeds or ()) or None,
+            variants=tuple(args.variants) if args.variants else None,
+            storage_path=args.storage_path,
+            name=args.name,
+            tracking_uri=uri,
+            max_concurrent_trials=args.max_concurrent_trials,
+            resume=not args.no_resume,
+        )
         for r in res.errors:
             print(f"trial {r['variant']} seed {r['seed']} failed: {r['error']}")
         runs = collect(res.lesson, uri, res.name)
@@ -73,8 +87,10 @@ def ablate(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
         print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
         if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-            print(f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
-                  f"the same store)")
+            print(
+                f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
+                f"the same store)"
+            )
     return 1 if res.errors else 0
 
 

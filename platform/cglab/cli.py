@@ -1,4 +1,5 @@
 """`cglab` console script. Each area registers its own subcommands; imports stay lazy so `--help` is fast."""
+
 from __future__ import annotations
 
 import argparse

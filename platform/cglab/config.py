@@ -4,6 +4,7 @@
 message names every offending field (`parallel.tensor_model_parallel_size: ...`). All cross-field checks run
 here, before any process, GPU or dataset is touched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,18 +27,49 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------------------------------------- model
 # Released CodeGen2 shapes, read off the HF configs (n_embd, n_layer, n_head, rotary_dim, vocab, n_ctx).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, rotary_dim=8, vocab_size=1024,
-                 max_position_embeddings=256),
-    "small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, rotary_dim=16, vocab_size=4096,
-                  max_position_embeddings=512),
-    "codegen2-1B": dict(num_layers=16, hidden_size=2048, num_attention_heads=16, rotary_dim=64,
-                        vocab_size=51200, max_position_embeddings=2048),
-    "codegen2-3.7B": dict(num_layers=16, hidden_size=4096, num_attention_heads=16, rotary_dim=64,
-                          vocab_size=51200, max_position_embeddings=2048),
-    "codegen2-7B": dict(num_layers=32, hidden_size=4096, num_attention_heads=16, rotary_dim=64,
-                        vocab_size=51200, max_position_embeddings=2048),
-    "codegen2-16B": dict(num_layers=34, hidden_size=6144, num_attention_heads=24, rotary_dim=64,
-                         vocab_size=51200, max_position_embeddings=2048),
+    "tiny": dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, rotary_dim=8, vocab_size=1024, max_position_embeddings=256
+    ),
+    "small": dict(
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        rotary_dim=16,
+        vocab_size=4096,
+        max_position_embeddings=512,
+    ),
+    "codegen2-1B": dict(
+        num_layers=16,
+        hidden_size=2048,
+        num_attention_heads=16,
+        rotary_dim=64,
+        vocab_size=51200,
+        max_position_embeddings=2048,
+    ),
+    "codegen2-3.7B": dict(
+        num_layers=16,
+        hidden_size=4096,
+        num_attention_heads=16,
+        rotary_dim=64,
+        vocab_size=51200,
+        max_position_embeddings=2048,
+    ),
+    "codegen2-7B": dict(
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=16,
+        rotary_dim=64,
+        vocab_size=51200,
+        max_position_embeddings=2048,
+    ),
+    "codegen2-16B": dict(
+        num_layers=34,
+        hidden_size=6144,
+        num_attention_heads=24,
+        rotary_dim=64,
+        vocab_size=51200,
+        max_position_embeddings=2048,
+    ),
 }
 
 
@@ -211,7 +243,7 @@ class Denoiser(_Section):
     span_len: tuple[int, int] = (2, 4)
 
     @model_validator(mode="after")
-    def _ranges(self) -> "Denoiser":
+    def _ranges(self) -> Denoiser:
         if not 0.0 < self.ratio[0] <= self.ratio[1] < 1.0:
             raise ValueError(f"ratio: {list(self.ratio)} must be [min, max] with 0 < min <= max < 1")
         if not 1 <= self.span_len[0] <= self.span_len[1]:
@@ -248,14 +280,16 @@ class ObjectiveConfig(_Section):
     def _removed_fields(cls, data: Any) -> Any:
         # A plain "extra inputs are not permitted" would not say what replaced it.
         if isinstance(data, dict) and "max_spans" in data:
-            raise ValueError("objective.max_spans: removed; the number of spans now follows from the drawn mask "
-                             "ratio and the mean span length (round(masked tokens / mean span)), so delete it; "
-                             "data.num_sentinels must then cover the most spans a unit can need at "
-                             "data.seq_length (the config check says how many)")
+            raise ValueError(
+                "objective.max_spans: removed; the number of spans now follows from the drawn mask "
+                "ratio and the mean span length (round(masked tokens / mean span)), so delete it; "
+                "data.num_sentinels must then cover the most spans a unit can need at "
+                "data.seq_length (the config check says how many)"
+            )
         return data
 
     @model_validator(mode="after")
-    def _ranges(self) -> "ObjectiveConfig":
+    def _ranges(self) -> ObjectiveConfig:
         if self.mask_ratio_min > self.mask_ratio_max:
             raise ValueError("mask_ratio_min must be <= mask_ratio_max")
         if self.span_len_min > self.span_len_max:
@@ -269,11 +303,20 @@ class ObjectiveConfig(_Section):
         ul2 each span denoiser it can pick, clm and infill none. They size data.num_sentinels and the packer's
         reserve, and `cglab plan` reports their target vs realised mask fractions."""
         if self.kind == "span_corruption" or (self.kind == "codegen2" and self.causal_prob < 1.0):
-            return (Corruption("span", "span corruption", (self.mask_ratio_min, self.mask_ratio_max),
-                               (self.span_len_min, self.span_len_max)),)
+            return (
+                Corruption(
+                    "span",
+                    "span corruption",
+                    (self.mask_ratio_min, self.mask_ratio_max),
+                    (self.span_len_min, self.span_len_max),
+                ),
+            )
         if self.kind == "ul2":
-            return tuple(Corruption(d.name, f"UL2 denoiser {d.name}", tuple(d.ratio), tuple(d.span_len))
-                         for d in self.ul2_denoisers if d.kind == "span" and d.prob > 0)
+            return tuple(
+                Corruption(d.name, f"UL2 denoiser {d.name}", tuple(d.ratio), tuple(d.span_len))
+                for d in self.ul2_denoisers
+                if d.kind == "span" and d.prob > 0
+            )
         return ()
 
 
@@ -338,7 +381,7 @@ class CGLabConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _cross_field(self, info: ValidationInfo) -> "CGLabConfig":
+    def _cross_field(self, info: ValidationInfo) -> CGLabConfig:
         if info.context and info.context.get("cross_field") is False:  # `cglab plan` lists them as errors instead
             return self
         errors = cross_field_errors(self)
@@ -358,23 +401,24 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
     tp, pp, dp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size
     e = []
     if m.hidden_size % m.num_attention_heads:
-        e.append(f"model.hidden_size: {m.hidden_size} is not divisible by "
-                 f"model.num_attention_heads={m.num_attention_heads}")
+        e.append(
+            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
     if m.num_attention_heads % tp:
-        e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide "
-                 f"model.num_attention_heads={m.num_attention_heads}")
+        e.append(
+            f"parallel.tensor_model_parallel_size: {tp} does not divide "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
     if m.ffn_size % tp:
         e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide the MLP width {m.ffn_size}")
     if m.vocab_size % tp:
         e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide model.vocab_size={m.vocab_size}")
     if m.num_layers % pp:
-        e.append(f"parallel.pipeline_model_parallel_size: {pp} does not divide "
-                 f"model.num_layers={m.num_layers}")
+        e.append(f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers={m.num_layers}")
     if p.world_size is not None and p.world_size != tp * pp * dp:
         e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
     if d.seq_length > m.max_position_embeddings:
-        e.append(f"data.seq_length: {d.seq_length} exceeds model.max_position_embeddings="
-                 f"{m.max_position_embeddings}")
+        e.append(f"data.seq_length: {d.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     if m.hidden_size % m.num_attention_heads == 0:
         if m.rotary_dim > m.head_dim:
             e.append(f"model.rotary_dim: {m.rotary_dim} exceeds the head dimension {m.head_dim}")
@@ -383,25 +427,33 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
     if m.compile_fusions is True and m.attention_backend == "local":
         e.append("model.compile_fusions: needs the sdpa attention backend (model.attention_backend is 'local')")
     if m.sdpa_kernel != "auto" and m.attention_backend in ("local", "te"):
-        e.append(f"model.sdpa_kernel: {m.sdpa_kernel!r} needs the sdpa or flex attention backend "
-                 f"(model.attention_backend is {m.attention_backend!r})")
+        e.append(
+            f"model.sdpa_kernel: {m.sdpa_kernel!r} needs the sdpa or flex attention backend "
+            f"(model.attention_backend is {m.attention_backend!r})"
+        )
     if m.attention_backend == "te" and (m.document_masking or m.architecture == "prefix_lm"):
         # TE's DotProductAttention ignores a dense mask for the causal mask type: packed documents would attend
         # across their boundaries and a prefix-LM would train as a causal model, without a word.
-        e.append(f"model.attention_backend: 'te' ignores the attention mask that model.document_masking="
-                 f"{str(m.document_masking).lower()} and model.architecture={m.architecture!r} need; use flex or "
-                 f"sdpa, or set model.document_masking=false with model.architecture=causal")
+        e.append(
+            f"model.attention_backend: 'te' ignores the attention mask that model.document_masking="
+            f"{str(m.document_masking).lower()} and model.architecture={m.architecture!r} need; use flex or "
+            f"sdpa, or set model.document_masking=false with model.architecture=causal"
+        )
     if m.attention_backend == "flex" and m.attention_dropout > 0:
         e.append(f"model.attention_dropout: {m.attention_dropout} is not supported by model.attention_backend=flex")
     for cor in o.corrupting():
         k = cor.spans_needed(d.seq_length)
         if d.num_sentinels < k:
-            e.append(f"data.num_sentinels: {d.num_sentinels} sentinels cannot label the {k} spans {cor.label} needs "
-                     f"at data.seq_length={d.seq_length} (ratio up to {cor.ratio[1]:g}, mean span "
-                     f"{cor.mean_len:g})")
+            e.append(
+                f"data.num_sentinels: {d.num_sentinels} sentinels cannot label the {k} spans {cor.label} needs "
+                f"at data.seq_length={d.seq_length} (ratio up to {cor.ratio[1]:g}, mean span "
+                f"{cor.mean_len:g})"
+            )
     if t.global_batch_size % (t.micro_batch_size * dp):
-        e.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                 f"train.micro_batch_size x parallel.data_parallel_size = {t.micro_batch_size}x{dp}")
+        e.append(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x parallel.data_parallel_size = {t.micro_batch_size}x{dp}"
+        )
     if t.min_lr > t.lr:
         e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.precision == "bf16" and not p.use_gpu:

@@ -9,6 +9,7 @@ grad-scale fold are decided here and nowhere else: `cglab.model.codegen.build_mo
 `RunDecisions` in its TrainState for every micro-batch and optimizer step, and `cglab plan` prints the same object
 (`RunDecisions.plan_sections`), which the run logs as plan.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,11 +31,11 @@ class Machine:
     note: str = ""
 
     @classmethod
-    def here(cls) -> "Machine":
+    def here(cls) -> Machine:
         return cls(torch.cuda.is_available(), flags.HAVE_TE, adam.megatron_adam_impl())
 
     @classmethod
-    def target(cls, cfg: CGLabConfig, te: str = "auto") -> "Machine":
+    def target(cls, cfg: CGLabConfig, te: str = "auto") -> Machine:
         """The machine `cfg` targets, which need not be this one (a GPU preset planned on a laptop). te: "yes" /
         "no" to assume Transformer Engine present / absent, "auto" for this machine's (or the GPU image's)."""
         cuda, here = cfg.parallel.use_gpu, torch.cuda.is_available()
@@ -42,9 +43,14 @@ class Machine:
             has_te, note = te == "yes", f"Transformer Engine {'assumed' if te == 'yes' else 'assumed absent'}"
         elif cuda and not here:
             # The shipped GPU images (clusters/Dockerfile, clusters/aws-p5.yaml) install `.[gpu]`, which has TE.
-            has_te, note = True, ("planned on a machine without CUDA for a GPU run: decisions are for the shipped "
-                                  "GPU image (clusters/Dockerfile, `pip install .[gpu]`, Transformer Engine "
-                                  "installed); pass --te no for a GPU host without it")
+            has_te, note = (
+                True,
+                (
+                    "planned on a machine without CUDA for a GPU run: decisions are for the shipped "
+                    "GPU image (clusters/Dockerfile, `pip install .[gpu]`, Transformer Engine "
+                    "installed); pass --te no for a GPU host without it"
+                ),
+            )
         else:
             has_te, note = flags.HAVE_TE, ""
         if cuda == here and has_te == flags.HAVE_TE:
@@ -91,13 +97,20 @@ class ModelDecisions:
     wgrad_fusion: bool  # gradient_accumulation_fusion (CUDA; cglab.compat.wgrad without Apex)
 
     @classmethod
-    def resolve(cls, m: ModelConfig, p: ParallelConfig | None = None, cuda: bool | None = None) -> "ModelDecisions":
+    def resolve(cls, m: ModelConfig, p: ParallelConfig | None = None, cuda: bool | None = None) -> ModelDecisions:
         cuda = torch.cuda.is_available() if cuda is None else cuda
         backend, why = choose_backend(m.attention_backend, m.attention_dropout, cuda)
         fuse = m.compile_fusions is not False  # None: wherever it applies
         tp = p.tensor_model_parallel_size if p is not None else 1
-        return cls(cuda, backend, why, fuse and backend in ("sdpa", "flex"), fuse and tp == 1,
-                   cuda and m.fused_kernels, cuda and m.wgrad_fusion)
+        return cls(
+            cuda,
+            backend,
+            why,
+            fuse and backend in ("sdpa", "flex"),
+            fuse and tp == 1,
+            cuda and m.fused_kernels,
+            cuda and m.wgrad_fusion,
+        )
 
 
 class AdamPlan(NamedTuple):
@@ -114,9 +127,11 @@ def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
     t = cfg.train
     if impl != "torch":
         if t.fold_grad_scale:
-            raise ConfigError(f"train.fold_grad_scale: Megatron-Core builds {impl.upper()}'s FusedAdam here "
-                              f"({'Transformer Engine' if impl == 'te' else 'Apex'} is installed), whose kernel takes "
-                              f"no grad scale; set train.fold_grad_scale=null or false")
+            raise ConfigError(
+                f"train.fold_grad_scale: Megatron-Core builds {impl.upper()}'s FusedAdam here "
+                f"({'Transformer Engine' if impl == 'te' else 'Apex'} is installed), whose kernel takes "
+                f"no grad scale; set train.fold_grad_scale=null or false"
+            )
         return AdamPlan(impl, True, False)
     fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
     if t.fold_grad_scale is None:
@@ -132,7 +147,7 @@ class RunDecisions:
     adam_error: str | None = None
 
     @classmethod
-    def resolve(cls, cfg: CGLabConfig, machine: Machine | None = None) -> "RunDecisions":
+    def resolve(cls, cfg: CGLabConfig, machine: Machine | None = None) -> RunDecisions:
         machine = machine or Machine.here()
         try:
             plan, error = adam_plan(cfg, machine.cuda, machine.adam_impl), None
@@ -140,7 +155,7 @@ class RunDecisions:
             plan, error = None, str(err)
         return cls(machine, ModelDecisions.resolve(cfg.model, cfg.parallel, machine.cuda), plan, error)
 
-    def require(self) -> "RunDecisions":
+    def require(self) -> RunDecisions:
         """self, or the ConfigError a run refuses to start with."""
         if self.adam_error:
             raise ConfigError(self.adam_error)
@@ -149,10 +164,18 @@ class RunDecisions:
     def plan_sections(self, cfg: CGLabConfig) -> dict:
         """The decisions as `cglab plan` prints them (its attention_backend, fusions and adam entries)."""
         md, m, cuda = self.model, cfg.model, self.machine.cuda
-        masks = [x for x, on in (("packed documents", m.document_masking), ("prefix-LM", m.architecture == "prefix_lm"))
-                 if on]
-        kind = ("FlexAttention block masks" if md.attention_backend == "flex" and cuda else
-                "dense [b, 1, s, s] masks" if masks else "causal kernel, no mask tensor")
+        masks = [
+            x
+            for x, on in (("packed documents", m.document_masking), ("prefix-LM", m.architecture == "prefix_lm"))
+            if on
+        ]
+        kind = (
+            "FlexAttention block masks"
+            if md.attention_backend == "flex" and cuda
+            else "dense [b, 1, s, s] masks"
+            if masks
+            else "causal kernel, no mask tensor"
+        )
         compiled = "torch.compile" if cuda else "eager, same maths (CPU)"
         fusions = {
             "attention_glue": f"on ({compiled})" if md.fuse_attention else "off",
@@ -166,9 +189,20 @@ class RunDecisions:
             adam_out = {"implementation": f"{impl.upper()} FusedAdam", "fold_grad_scale": "refused"}
         else:
             name = {"te": "Transformer Engine FusedAdam", "apex": "Apex FusedAdam"}.get(
-                impl, "torch AdamW, fused kernel" if self.adam.fused else "torch AdamW, foreach (Megatron's default)")
-            adam_out = {"implementation": name, "fold_grad_scale": self.adam.fold,
-                        "distributed_optimizer": cfg.parallel.distributed_optimizer}
-        return {"attention_backend": {"backend": md.attention_backend, "why": md.attention_why,
-                                      "masks": masks or ["causal only"], "mask_kind": kind},
-                "fusions": fusions, "adam": adam_out}
+                impl, "torch AdamW, fused kernel" if self.adam.fused else "torch AdamW, foreach (Megatron's default)"
+            )
+            adam_out = {
+                "implementation": name,
+                "fold_grad_scale": self.adam.fold,
+                "distributed_optimizer": cfg.parallel.distributed_optimizer,
+            }
+        return {
+            "attention_backend": {
+                "backend": md.attention_backend,
+                "why": md.attention_why,
+                "masks": masks or ["causal only"],
+                "mask_kind": kind,
+            },
+            "fusions": fusions,
+            "adam": adam_out,
+        }

@@ -1,6 +1,7 @@
 """`cglab demo`: the whole platform on one laptop in minutes. Builds the micro corpus, starts a local Ray
 and an MLflow server on a SQLite store, runs one CodeGen2 lesson grid at laptop scale, prints the comparison
 table and verdict, writes the HTML report, and says how to open the MLflow UI on those runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ def register(subparsers) -> None:
     p.add_argument("--lesson", type=int, default=2, help="which lesson grid to run (default 2: clm vs infill)")
     p.add_argument("--workdir", default=".cglab/demo", help="corpus, MLflow store, Tune storage, report")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial (default: laptop preset)")
-    p.add_argument("--num-cpus", type=int, default=None,
-                   help="logical CPUs for the local Ray (default: all cores, at least what one trial needs)")
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs for the local Ray (default: all cores, at least what one trial needs)",
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -55,11 +60,22 @@ def run_demo(args: argparse.Namespace) -> int:
             raylocal.start_local(args.num_cpus)
         try:
             name = f"demo-lesson{lesson.number}-{time.strftime('%Y%m%d-%H%M%S')}"
-            _step(f"lesson {lesson.number} ({lesson.question}): {len(lesson.variants)} variants, "
-                  f"{base.train.train_steps} steps each", t0)
+            _step(
+                f"lesson {lesson.number} ({lesson.question}): {len(lesson.variants)} variants, "
+                f"{base.train.train_steps} steps each",
+                t0,
+            )
             # Trials train with cglab.train.trainer.fit, then evaluate on the held-out split.
-            res = run_lesson(lesson, preset="laptop", base=base, storage_path=str(work / "tune"), name=name,
-                             tracking_uri=server.uri, resume=False, verbose=0)
+            res = run_lesson(
+                lesson,
+                preset="laptop",
+                base=base,
+                storage_path=str(work / "tune"),
+                name=name,
+                tracking_uri=server.uri,
+                resume=False,
+                verbose=0,
+            )
         finally:
             raylocal.shutdown()
         for r in res.errors:

@@ -1,4 +1,5 @@
 """Process groups and Megatron parallel state, the same way on a laptop (gloo, CPU) and a GPU cluster (NCCL)."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | N
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        dist.init_process_group(
+            backend, rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1))
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(device if device is not None else int(os.environ.get("LOCAL_RANK", 0)))
     if parallel_state.model_parallel_is_initialized():
@@ -49,8 +51,9 @@ def _free_port() -> int:
 
 
 def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         fn(rank, *args)
     finally:
@@ -62,5 +65,6 @@ def spawn(fn, world_size: int, *args) -> None:
     fn must be importable (module-level). Raises if any process fails."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawn_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _spawn_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn", join=True
+    )

@@ -4,11 +4,13 @@ is spent.
     plan = plan_config("run.yaml", [])         # one run, from a YAML file and dotted overrides
     plan = plan_lesson(3, "1gpu")              # a lesson: the same for every trial, under "trials"
 """
+
 from __future__ import annotations
 
 import json
 
 from cglab.config import CGLabConfig, ConfigError, from_dict, load_config
+
 # The run plan itself is train's (fit and every sweep's preflight run it); re-exported for `cglab.plan` users.
 from cglab.train.plan import plan_run, refuse, scan_sources, text, write_json  # noqa: F401
 from cglab.tune.lessons import get_lesson
@@ -20,8 +22,10 @@ def with_micro_corpus(cfg: CGLabConfig, warnings: list[str]) -> CGLabConfig:
     if cfg.data.sources:
         return cfg
     sources = micro_corpus_sources()
-    warnings.append(f"data: no data.sources configured; measured on the embedded micro corpus "
-                    f"({sources[0]['paths'][0]}, {sources[1]['paths'][0]}), not on the data a real run reads")
+    warnings.append(
+        f"data: no data.sources configured; measured on the embedded micro corpus "
+        f"({sources[0]['paths'][0]}, {sources[1]['paths'][0]}), not on the data a real run reads"
+    )
     return from_dict(cfg.model_dump(mode="json"), [f"data.sources={json.dumps(sources)}"], cross_field=False)
 
 
@@ -34,8 +38,14 @@ def plan_config(path: str | None, overrides: list[str], te: str = "auto") -> dic
     return out
 
 
-def plan_lesson(lesson: int, preset: str, config_path: str | None = None, overrides: list[str] | None = None,
-                te: str = "auto", seeds: tuple[int, ...] | None = None) -> dict:
+def plan_lesson(
+    lesson: int,
+    preset: str,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    te: str = "auto",
+    seeds: tuple[int, ...] | None = None,
+) -> dict:
     """One plan per trial (variant x seed) of a lesson at a preset; the data is scanned once for all of them."""
     les, pre = get_lesson(lesson), get_preset(preset)
     warnings: list[str] = []
@@ -48,13 +58,24 @@ def plan_lesson(lesson: int, preset: str, config_path: str | None = None, overri
             key = json.dumps([cfg.data.model_dump(mode="json", exclude={"seed"})], sort_keys=True)
             if key not in scans:
                 scans[key] = scan_sources(cfg)
-            p = plan_run(cfg, te=te, scan=scans[key], driver_cpus=pre.driver_cpus, data_cpus=pre.data_cpus,
-                         n_trials=len(les.variants) * len(seeds))
+            p = plan_run(
+                cfg,
+                te=te,
+                scan=scans[key],
+                driver_cpus=pre.driver_cpus,
+                data_cpus=pre.data_cpus,
+                n_trials=len(les.variants) * len(seeds),
+            )
             trials.append({"variant": v.name, "seed": seed, **p})
     errors = sorted({f"{t['variant']}: {e}" for t in trials for e in t["errors"]})
-    return {"lesson": les.number, "experiment": les.experiment, "preset": pre.name, "trials": trials,
-            "warnings": warnings + sorted({w for t in trials for w in t["warnings"]}), "errors": errors}
-
+    return {
+        "lesson": les.number,
+        "experiment": les.experiment,
+        "preset": pre.name,
+        "trials": trials,
+        "warnings": warnings + sorted({w for t in trials for w in t["warnings"]}),
+        "errors": errors,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -66,9 +87,13 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="laptop", help="with --lesson: laptop | 1gpu | cluster")
     p.add_argument("--config", dest="config_file", default=None, help="with --lesson: base YAML (data sources...)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="with --lesson: the seeds to plan")
-    p.add_argument("--te", choices=("auto", "yes", "no"), default="auto",
-                   help="Transformer Engine on the target (auto: this machine's, or the GPU image's for a GPU "
-                        "run planned without CUDA)")
+    p.add_argument(
+        "--te",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="Transformer Engine on the target (auto: this machine's, or the GPU image's for a GPU "
+        "run planned without CUDA)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=run)
 
@@ -82,8 +107,9 @@ def run(args) -> int:
         overrides = ([args.config] if args.config else []) + list(args.overrides)
         if any("=" not in o for o in overrides):
             raise ConfigError("cglab plan --lesson: give the base YAML with --config, overrides as key=value")
-        plan = plan_lesson(args.lesson, args.preset, args.config_file, overrides, args.te,
-                           tuple(args.seeds) if args.seeds else None)
+        plan = plan_lesson(
+            args.lesson, args.preset, args.config_file, overrides, args.te, tuple(args.seeds) if args.seeds else None
+        )
     else:
         if args.config is None:
             raise ConfigError("cglab plan: give a CONFIG, or --lesson N --preset P")

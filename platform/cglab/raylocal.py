@@ -7,6 +7,7 @@ it. A call that lands after the teardown ends the whole process with `_Exit(1)` 
 ("The core worker has already been shutdown ... The process will exit" goes to the Ray logs only). Under pytest
 that is a run which stops mid-way with exit status 1 and no summary.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -53,8 +54,7 @@ def shutdown(timeout: float = 30.0) -> None:
         return
     stuck = quiesce(timeout)
     if stuck:
-        log.warning("shutting Ray down with Ray Data threads still running after %.0f s: %s", timeout,
-                    ", ".join(stuck))
+        log.warning("shutting Ray down with Ray Data threads still running after %.0f s: %s", timeout, ", ".join(stuck))
     ray.shutdown()
 
 

@@ -6,6 +6,7 @@ Where the runs are: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else the local 
 it is given no URI (`.cglab/mlflow/mlflow.db`, read directly: no server needs to run). A server that does not
 answer its /health within seconds is an error naming it, before any MLflow client call (whose retries would
 otherwise wait for minutes)."""
+
 from __future__ import annotations
 
 import html
@@ -34,7 +35,8 @@ def resolve_tracking(uri: str | None, root: str | Path = ".cglab/mlflow") -> tup
     if not db.is_file():
         raise TrackingUnavailable(
             f"no tracking URI given ($MLFLOW_TRACKING_URI is unset) and no local store at {db}: run "
-            f"`cglab ablate N` here first (it writes there), or pass --tracking-uri")
+            f"`cglab ablate N` here first (it writes there), or pass --tracking-uri"
+        )
     return sqlite_uri(db), DEFAULT_UI
 
 
@@ -42,8 +44,10 @@ def compare_url(runs: LessonRuns, ui: str) -> str:
     """MLflow's compare view of the sweep's finished child runs. Its route (`#/compare-runs?runs=[..]&
     experiments=[..]`, MLflow 3.17's getCompareRunPageRoute) takes no metric selection: pick the deciding
     metrics there by hand, or use `metric_url`."""
-    q = (f"runs={urllib.parse.quote(json.dumps(runs.run_ids))}"
-         f"&experiments={urllib.parse.quote(json.dumps([runs.experiment_id]))}")
+    q = (
+        f"runs={urllib.parse.quote(json.dumps(runs.run_ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([runs.experiment_id]))}"
+    )
     return f"{ui.rstrip('/')}/#/compare-runs?{q}"
 
 
@@ -53,9 +57,15 @@ def metric_url(runs: LessonRuns, ui: str) -> str | None:
     keys = [m.key for m in runs.lesson.metrics if any(m.key in x for x in runs.metrics.values())]
     if not keys or not runs.run_ids:
         return None
-    q = "&".join(f"{k}={urllib.parse.quote(json.dumps(v))}" for k, v in (
-        ("runs", runs.run_ids), ("metric", keys[0]), ("experiments", [runs.experiment_id]),
-        ("plot_metric_keys", keys)))
+    q = "&".join(
+        f"{k}={urllib.parse.quote(json.dumps(v))}"
+        for k, v in (
+            ("runs", runs.run_ids),
+            ("metric", keys[0]),
+            ("experiments", [runs.experiment_id]),
+            ("plot_metric_keys", keys),
+        )
+    )
     return f"{ui.rstrip('/')}/#/metric/?{q}"
 
 
@@ -96,8 +106,11 @@ def _verdict_line(o: Outcome) -> str:
     if o.runner_up is None:
         return f"{head}: best {best}"
     d = o.diff
-    diff = (f"difference {d.mean:+.4g}" + (f" [{d.lo:+.4g}, {d.hi:+.4g}]" if d.lo is not None else "")
-            + (f", paired over {d.n} seeds" if o.paired else ""))
+    diff = (
+        f"difference {d.mean:+.4g}"
+        + (f" [{d.lo:+.4g}, {d.hi:+.4g}]" if d.lo is not None else "")
+        + (f", paired over {d.n} seeds" if o.paired else "")
+    )
     expects = f"; paper expects {' or '.join(o.paper_best)}" if o.paper_best else ""
     return f"{head}: {best} vs {o.runner_up} {_fmt_iv(o.intervals[o.runner_up])}, {diff}{expects}"
 
@@ -156,19 +169,37 @@ def render_html(runs: LessonRuns, ui: str, png_name: str | None, metrics_png: st
     keys = runs.metric_keys
     head = "".join(f"<th>{e(k)}</th>" for k in ["variant", "seeds", "status", *keys])
     body = "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in [
-            v, str(len(runs.seeds.get(v, []))), ",".join(sorted(set(runs.status.get(v, [])))),
-            *(_fmt_iv(runs.interval(v, k)) for k in keys)]) + "</tr>"
-        for v in runs.metrics)
+        "<tr>"
+        + "".join(
+            f"<td>{e(c)}</td>"
+            for c in [
+                v,
+                str(len(runs.seeds.get(v, []))),
+                ",".join(sorted(set(runs.status.get(v, [])))),
+                *(_fmt_iv(runs.interval(v, k)) for k in keys),
+            ]
+        )
+        + "</tr>"
+        for v in runs.metrics
+    )
     verdicts = "".join(f"<li>{e(line)}</li>" for line in verdict_lines(runs))
     img = f'<img src="{e(png_name)}" alt="loss vs tokens">' if png_name else "<p>No loss curves logged.</p>"
-    bars = (f'<img src="{e(metrics_png)}" alt="metrics with 95% intervals">' if metrics_png
-            else "<p>No lesson metric measured.</p>")
+    bars = (
+        f'<img src="{e(metrics_png)}" alt="metrics with 95% intervals">'
+        if metrics_png
+        else "<p>No lesson metric measured.</p>"
+    )
     link = f"{ui}/#/experiments/{runs.experiment_id}/runs/{runs.parent_run_id}"
     compare = compare_url(runs, ui)
     mview = metric_url(runs, ui)
-    mlink = (f' <a href="{e(mview)}">The deciding metrics</a> (metric view, selected by URL; the compare view '
-             f"cannot preselect metrics by URL).") if mview else ""
+    mlink = (
+        (
+            f' <a href="{e(mview)}">The deciding metrics</a> (metric view, selected by URL; the compare view '
+            f"cannot preselect metrics by URL)."
+        )
+        if mview
+        else ""
+    )
     fixed = ", ".join(les.fixed)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>CodeGen2 lesson {les.number}: {e(les.question)}</title>
@@ -195,8 +226,13 @@ the variants share seeds) excludes zero, <i>inconclusive</i> when it covers zero
 """
 
 
-def write_report(lesson: int | Lesson, tracking_uri: str, out: str | Path | None = None,
-                 sweep: str | None = None, ui: str | None = None) -> tuple[Path, LessonRuns]:
+def write_report(
+    lesson: int | Lesson,
+    tracking_uri: str,
+    out: str | Path | None = None,
+    sweep: str | None = None,
+    ui: str | None = None,
+) -> tuple[Path, LessonRuns]:
     runs = collect(lesson, tracking_uri, sweep)
     out = Path(out or f"dashboards/lesson-{runs.lesson.number}.html")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,10 +246,16 @@ def write_report(lesson: int | Lesson, tracking_uri: str, out: str | Path | None
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="HTML comparison of a lesson's sweep, read from MLflow")
     p.add_argument("--lesson", type=int, required=True)
-    p.add_argument("--tracking-uri", default=None,
-                   help="default: $MLFLOW_TRACKING_URI, else the local store `cglab ablate` wrote (--mlflow-root)")
-    p.add_argument("--mlflow-root", default=".cglab/mlflow",
-                   help="local store to read when no tracking URI is set (default .cglab/mlflow, as ablate)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else the local store `cglab ablate` wrote (--mlflow-root)",
+    )
+    p.add_argument(
+        "--mlflow-root",
+        default=".cglab/mlflow",
+        help="local store to read when no tracking URI is set (default .cglab/mlflow, as ablate)",
+    )
     p.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep of the lesson)")
     p.add_argument("--out", default=None, help="default: dashboards/lesson-N.html")
     p.set_defaults(func=_main)

@@ -16,6 +16,7 @@ never on a GPU worker, and never take a GPU worker's CPUs.
 
     python -m cglab.submit --address http://127.0.0.1:8265 -- python jobs/ablate.py --lesson 3 --preset cluster
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,29 @@ from typing import Any, Sequence
 # gitwildmatch patterns without a trailing slash: Ray matches directory paths without one, so `.cglab` prunes the
 # whole tree at once while `.cglab/` would only match the files inside it.
 EXCLUDES: list[str] = [
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".import_linter_cache",
-    "*.egg-info", "build", "/.whl", "/.gl",
-    ".cglab",                                   # built corpora, tokenizers, local run state
-    "checkpoints", "*.distcp", "*.pt", "*.safetensors",  # model state
-    "mlruns", "mlartifacts", "*.db", "*.sqlite",         # MLflow stores
-    "ray_results", "*.log",
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    ".import_linter_cache",
+    "*.egg-info",
+    "build",
+    "/.whl",
+    "/.gl",
+    ".cglab",  # built corpora, tokenizers, local run state
+    "checkpoints",
+    "*.distcp",
+    "*.pt",
+    "*.safetensors",  # model state
+    "mlruns",
+    "mlartifacts",
+    "*.db",
+    "*.sqlite",  # MLflow stores
+    "ray_results",
+    "*.log",
 ]
 
 DRIVER_RESOURCE = "cglab_driver"
@@ -43,8 +61,9 @@ DRIVER_RESOURCE = "cglab_driver"
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
 
 
-def runtime_env(working_dir: str | Path = ".", env_vars: dict[str, str] | None = None,
-                extra_excludes: Sequence[str] = ()) -> dict[str, Any]:
+def runtime_env(
+    working_dir: str | Path = ".", env_vars: dict[str, str] | None = None, extra_excludes: Sequence[str] = ()
+) -> dict[str, Any]:
     """The runtime_env for a cglab job: the checkout as working_dir, the cglab package from the checkout (so the
     cluster runs the submitted code, not the copy baked into its image), and the excludes above."""
     wd = Path(working_dir)
@@ -66,8 +85,14 @@ def entrypoint_resources(on_head: bool = True) -> dict[str, float]:
     return {DRIVER_RESOURCE: 1} if on_head else {}
 
 
-def submit(entrypoint: Sequence[str] | str, address: str = "http://127.0.0.1:8265", working_dir: str | Path = ".",
-           env_vars: dict[str, str] | None = None, on_head: bool = True, submission_id: str | None = None) -> str:
+def submit(
+    entrypoint: Sequence[str] | str,
+    address: str = "http://127.0.0.1:8265",
+    working_dir: str | Path = ".",
+    env_vars: dict[str, str] | None = None,
+    on_head: bool = True,
+    submission_id: str | None = None,
+) -> str:
     """Submit and return the submission id. Token auth (RAY_AUTH_MODE=token) is picked up by Ray's client from
     the environment / ~/.ray/auth_token."""
     from ray.job_submission import JobSubmissionClient  # Ray: kept off `--print-command` and `--help`
@@ -75,16 +100,19 @@ def submit(entrypoint: Sequence[str] | str, address: str = "http://127.0.0.1:826
     cmd = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
     client = JobSubmissionClient(address)
     return client.submit_job(
-        entrypoint=cmd, runtime_env=runtime_env(working_dir, env_vars), submission_id=submission_id,
-        entrypoint_num_cpus=0, entrypoint_num_gpus=0, entrypoint_resources=entrypoint_resources(on_head),
+        entrypoint=cmd,
+        runtime_env=runtime_env(working_dir, env_vars),
+        submission_id=submission_id,
+        entrypoint_num_cpus=0,
+        entrypoint_num_gpus=0,
+        entrypoint_resources=entrypoint_resources(on_head),
     )
 
 
 def cli_command(entrypoint: Sequence[str], address: str = "http://127.0.0.1:8265", on_head: bool = True) -> list[str]:
     """The equivalent `ray job submit` argv, for docs and for people who prefer Ray's CLI."""
     env = {"py_modules": ["platform/cglab"], "excludes": EXCLUDES}
-    argv = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
-            "--runtime-env-json", json.dumps(env)]
+    argv = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", json.dumps(env)]
     if on_head:
         argv += ["--entrypoint-resources", json.dumps(entrypoint_resources())]
     return argv + ["--", *entrypoint]

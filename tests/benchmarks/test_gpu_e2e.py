@@ -2,9 +2,9 @@
 15 minutes are not lost to a typo: the scripts parse, every phase and worker they name exists, the run and sweep
 configs validate (plan errors other than data size are refused), the lock matches pyproject's pins, the chunks
 round-trip, and a dry run prints every phase's commands."""
+
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -49,8 +49,9 @@ def test_each_call_fits_its_budget_and_timeout():
     """The runbook's calls: each call's phases are estimated to fit its BUDGET_S, which is under its timeout_s, and
     the whole sequence (with a machine start) leaves room in the 15-minute device budget for a short rerun."""
     text = SH.read_text()
-    rows = re.findall(r"BUDGET_S=(\d+) PHASES=([a-z,]+) bash benchmarks/gpu_e2e\.sh\s*(?:\n#)?\s*\[[^\]]*\]\s+(\d+)",
-                      text)
+    rows = re.findall(
+        r"BUDGET_S=(\d+) PHASES=([a-z,]+) bash benchmarks/gpu_e2e\.sh\s*(?:\n#)?\s*\[[^\]]*\]\s+(\d+)", text
+    )
     assert len(rows) == 2
     for budget, phases, timeout in rows:
         assert sum(gpu_e2e.ESTIMATE_S[p] for p in phases.split(",")) <= int(budget) < int(timeout) <= 600
@@ -180,8 +181,11 @@ def test_ablate_overrides_validate_for_both_lesson_2_trials(work):
     import yaml
 
     st = gpu_e2e.state()
-    base.write_text(yaml.safe_dump({"data": {"sources": st["sources"], "num_sentinels": 256,
-                                             "tokenizer": {"path": st["tokenizer"]}}}))
+    base.write_text(
+        yaml.safe_dump(
+            {"data": {"sources": st["sources"], "num_sentinels": 256, "tokenizer": {"path": st["tokenizer"]}}}
+        )
+    )
     plan = plan_lesson(2, "1gpu", str(base), gpu_e2e.ABLATE_OVERRIDES, te="no", seeds=gpu_e2e.ABLATE_SEEDS)
     assert len(plan["trials"]) == 2
     assert [e for e in plan["errors"] if not _data_size(e)] == []
@@ -193,37 +197,66 @@ def test_step_benchmark_measures_the_run_configs_shape(work):
     """throughput's worker builds train_throughput's case from the codegen2-1B preset plus overrides: the explicit
     fields must win, or it would time another model than the run's."""
     import train_throughput
-
     from cglab.config import load_config
 
     cfg = load_config(gpu_e2e.train_config(gpu_e2e.STEPS, gpu_e2e.EVERY))
     t = cfg.train
-    bench = train_throughput.case_config(gpu_e2e.BENCH_PRESET, t.micro_batch_size, cfg.data.seq_length,
-                                         gpu_e2e._bench_overrides(cfg), t.global_batch_size // t.micro_batch_size)
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "rotary_dim", "vocab_size", "document_masking",
-            "attention_backend", "compile_fusions", "wgrad_fusion")
+    bench = train_throughput.case_config(
+        gpu_e2e.BENCH_PRESET,
+        t.micro_batch_size,
+        cfg.data.seq_length,
+        gpu_e2e._bench_overrides(cfg),
+        t.global_batch_size // t.micro_batch_size,
+    )
+    keys = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "rotary_dim",
+        "vocab_size",
+        "document_masking",
+        "attention_backend",
+        "compile_fusions",
+        "wgrad_fusion",
+    )
     assert {k: getattr(bench.model, k) for k in keys} == {k: getattr(cfg.model, k) for k in keys}
     assert cfg.model.document_masking  # the real run masks documents: so must the benchmark's step
     assert (bench.train.global_batch_size, bench.train.precision) == (t.global_batch_size, t.precision)
 
 
-@pytest.mark.parametrize("text, want", [
-    ('noise\n{"a": 1}\nmore noise\n', {"a": 1}),
-    ('log line\n{\n "checkpoint": "/x",\n "loss": 2.5\n}\n', {"checkpoint": "/x", "loss": 2.5}),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ('noise\n{"a": 1}\nmore noise\n', {"a": 1}),
+        ('log line\n{\n "checkpoint": "/x",\n "loss": 2.5\n}\n', {"checkpoint": "/x", "loss": 2.5}),
+    ],
+)
 def test_last_json(text, want):
     assert gpu_e2e.last_json(text) == want
 
 
 def test_dry_run_prints_every_phase(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "CGLAB_E2E_WORK": str(tmp_path / "e2e"),
-           "PY": sys.executable, "PYTHONPATH": str(REPO / "platform")}
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "OUT": str(tmp_path / "out"),
+        "CGLAB_E2E_WORK": str(tmp_path / "e2e"),
+        "PY": sys.executable,
+        "PYTHONPATH": str(REPO / "platform"),
+    }
     p = subprocess.run(["bash", str(SH)], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     for phase in gpu_e2e.PHASES:
         assert f"[dry-run {phase}]" in p.stdout, phase
-    for needle in ("cglab.cli train --storage", "--worker fit_fault", "cglab.cli eval run --checkpoint",
-                   "cglab.cli ablate 2 --preset 1gpu", "--worker ckpt", "--worker throughput", "gpu_env.sh check"):
+    for needle in (
+        "cglab.cli train --storage",
+        "--worker fit_fault",
+        "cglab.cli eval run --checkpoint",
+        "cglab.cli ablate 2 --preset 1gpu",
+        "--worker ckpt",
+        "--worker throughput",
+        "gpu_env.sh check",
+    ):
         assert needle in p.stdout, needle
     table = (tmp_path / "out" / "gpu_e2e_table.txt").read_text()
     assert all(f"\n{ph:<11} dry-run" in "\n" + table for ph in gpu_e2e.PHASES)

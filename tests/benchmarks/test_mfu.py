@@ -1,5 +1,6 @@
 """One MFU: the benchmark tables and the training loop's live metric both come from cglab.train.flops.mfu, model
 FLOP/s over the datasheet dense bf16 peak (989 TFLOP/s on an H100 SXM), not over a matmul peak measured in the run."""
+
 from __future__ import annotations
 
 import ast
@@ -76,10 +77,16 @@ def test_training_loop_metric_is_flops_mfu():
     callback logs as `mfu` is a call of cglab.train.flops.mfu, not an MFU of its own."""
     tree = ast.parse((REPO / "platform" / "cglab" / "train" / "callbacks.py").read_text())
     worker = next(f for f in ast.walk(tree) if isinstance(f, ast.ClassDef) and f.name == "Throughput")
-    imported = {a.asname or a.name: (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                for a in n.names}
-    values = [n.value for n in ast.walk(worker) if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Subscript) and getattr(t.slice, "value", None) == "mfu"]
+    imported = {
+        a.asname or a.name: (n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+    }
+    values = [
+        n.value
+        for n in ast.walk(worker)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Subscript) and getattr(t.slice, "value", None) == "mfu"
+    ]
     assert len(values) == 1
     call = values[0]
     assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), ast.unparse(call)

@@ -2,6 +2,7 @@
 
 Not a test module: tests/train and tests/track import it to run real jobs against a real head.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,14 @@ def head_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for a private head and its clients, as README's one-machine section sets up: token auth with the
     token in a private HOME (like clusters/local.sh), the venv active (job entry points say `python`), no outside
     cluster or tracking server."""
-    env = {**os.environ, "HOME": str(tmp / "home"), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    env = {
+        **os.environ,
+        "HOME": str(tmp / "home"),
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    }
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         if k not in extra:
             env.pop(k, None)
@@ -73,21 +80,36 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(tmp: Path, env: dict[str, str], num_cpus: int | None = None,
-             timeout_s: float = 120.0) -> Iterator[Head]:
+def ray_head(tmp: Path, env: dict[str, str], num_cpus: int | None = None, timeout_s: float = 120.0) -> Iterator[Head]:
     """Start the head with clusters/local.sh's flags (loopback, the driver slots, metrics export), wait until its
     job API answers, yield it, stop it. `tmp` must be a short path: Ray's unix sockets live under the temp dir and
     must fit in 107 bytes. num_cpus None: Ray's default, the machine's cores, as local.sh leaves it."""
     if env.get("RAY_AUTH_MODE") == "token":
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120
+        )
     gcs, dash, metrics, client, agent_http, agent_grpc, rt_agent, om, nm = free_ports(9)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-           f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_agent}",
-           f"--object-manager-port={om}", f"--node-manager-port={nm}", "--num-gpus=0",
-           '--resources={"cglab_driver": 4}', f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--metrics-export-port={metrics}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_agent}",
+        f"--object-manager-port={om}",
+        f"--node-manager-port={nm}",
+        "--num-gpus=0",
+        '--resources={"cglab_driver": 4}',
+        f"--temp-dir={tmp / 'ray'}",
+        "--disable-usage-stats",
+    ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     log_path = tmp / "ray-head.log"

@@ -1,4 +1,5 @@
 """Every cluster recipe under clusters/ is checked by Ray's own validators and against what cglab needs."""
+
 from __future__ import annotations
 
 import copy
@@ -233,14 +234,37 @@ def test_mlflow_basic_auth_server_with_our_config_refuses_anonymous_clients(tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     password = secrets.token_hex(12)
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(CLUSTERS / "mlflow" / "basic_auth.ini"),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(CLUSTERS / "mlflow" / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     log = open(tmp_path / "mlflow.log", "wb")
-    proc = subprocess.Popen([mlflow, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
     try:
         deadline = time.monotonic() + 120

@@ -1,5 +1,6 @@
 """`ray job submit --working-dir .` from a checkout that holds a corpus, a venv, checkpoints and MLflow stores
 uploads only the code — against a real local Ray head (token auth on, everything on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import json
@@ -23,17 +24,28 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 MIB = 1024 * 1024
 # Incompressible junk where a checkout keeps its heavy state; any one of these leaking breaks the size bound.
-DUMMIES = [".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", ".cglab/corpus/pile/00.jsonl.zst",
-           ".cglab/corpus/stack/00.parquet", "checkpoints/step_10/__0_0.distcp", "mlruns/1/abc/artifacts/model.pt",
-           "mlflow.db", ".git/objects/pack/pack-1.pack"]
+DUMMIES = [
+    ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+    ".cglab/corpus/pile/00.jsonl.zst",
+    ".cglab/corpus/stack/00.parquet",
+    "checkpoints/step_10/__0_0.distcp",
+    "mlruns/1/abc/artifacts/model.pt",
+    "mlflow.db",
+    ".git/objects/pack/pack-1.pack",
+]
 DUMMY_BYTES = 5 * MIB
 MAX_PACKAGE_MIB = 4.0
 
 
 def _checkout_copy(dst: Path) -> Path:
     """The files a fresh clone plus the working tree would have (tracked and untracked-but-not-ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -48,8 +60,11 @@ def _checkout_copy(dst: Path) -> Path:
 def _listening(port: int) -> set[str]:
     import psutil
 
-    return {c.laddr.ip for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +73,23 @@ def ray_head():
     auth and the driver slots, plus MLflow. Stopped with the recipe's own `stop`."""
     tmp = Path(tempfile.mkdtemp(prefix="cgs", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
     gcs, dash, metrics, client, mlflow, agent_http, agent_grpc, rt_agent, om, nm = free_ports(10)
-    env = {**os.environ, "HOME": str(tmp), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_PACKAGE_SIZE_WARNING_MIB": "0", "BIN": str(Path(sys.executable).parent),
-           "CGLAB_STATE": str(tmp / "state"), "RAY_PORT": str(gcs), "DASHBOARD_PORT": str(dash),
-           "METRICS_PORT": str(metrics), "CLIENT_PORT": str(client), "MLFLOW_PORT": str(mlflow),
-           "RAY_START_ARGS": f"--num-cpus=1 --num-gpus=0 --temp-dir={tmp}/ray --dashboard-agent-listen-port="
-                             f"{agent_http} --dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port="
-                             f"{rt_agent} --object-manager-port={om} --node-manager-port={nm}"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp),
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_PACKAGE_SIZE_WARNING_MIB": "0",
+        "BIN": str(Path(sys.executable).parent),
+        "CGLAB_STATE": str(tmp / "state"),
+        "RAY_PORT": str(gcs),
+        "DASHBOARD_PORT": str(dash),
+        "METRICS_PORT": str(metrics),
+        "CLIENT_PORT": str(client),
+        "MLFLOW_PORT": str(mlflow),
+        "RAY_START_ARGS": f"--num-cpus=1 --num-gpus=0 --temp-dir={tmp}/ray --dashboard-agent-listen-port="
+        f"{agent_http} --dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port="
+        f"{rt_agent} --object-manager-port={om} --node-manager-port={nm}",
+    }
     recipe = [str(REPO / "clusters" / "local.sh")]
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -73,8 +98,7 @@ def ray_head():
         deadline = time.monotonic() + 60
         while not (_listening(dash) and _listening(mlflow)) and time.monotonic() < deadline:
             time.sleep(1)
-        yield {"address": address, "env": env, "tmp": tmp,
-               "ports": {"dashboard": dash, "mlflow": mlflow}}
+        yield {"address": address, "env": env, "tmp": tmp, "ports": {"dashboard": dash, "mlflow": mlflow}}
     finally:
         subprocess.run(recipe + ["stop"], env=env, cwd=REPO, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,9 +134,26 @@ def test_plain_ray_job_submit_uploads_only_code(ray_head, tmp_path):
     heavy = sum((repo / d).stat().st_size for d in DUMMIES) / MIB
     probe = ("import os; print('LISTING', json.dumps(sorted(os.listdir('.'))))").replace("json", "__import__('json')")
     r = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(repo),
-         "--entrypoint-resources", json.dumps(S.entrypoint_resources()), "--", "python", "-c", probe],
-        env=ray_head["env"], capture_output=True, text=True, timeout=300)
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            ray_head["address"],
+            "--working-dir",
+            str(repo),
+            "--entrypoint-resources",
+            json.dumps(S.entrypoint_resources()),
+            "--",
+            "python",
+            "-c",
+            probe,
+        ],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     size = _package_mib(out)
@@ -131,13 +172,31 @@ def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_pa
     for k in ("RAY_AUTH_MODE", "HOME", "RAY_PACKAGE_SIZE_WARNING_MIB"):
         monkeypatch.setenv(k, ray_head["env"][k])
     monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
-    code = ("import cglab, os, ray; ray.init(); "
-            "print('CGLAB', cglab.__file__); "
-            "print('DRIVER_SLOTS_FREE', ray.available_resources().get('cglab_driver')); "
-            "print('LISTING', sorted(os.listdir('.')))")
-    r = subprocess.run([sys.executable, "-m", "cglab.submit", "--address", ray_head["address"],
-                        "--working-dir", str(repo), "--", sys.executable, "-c", code],
-                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    code = (
+        "import cglab, os, ray; ray.init(); "
+        "print('CGLAB', cglab.__file__); "
+        "print('DRIVER_SLOTS_FREE', ray.available_resources().get('cglab_driver')); "
+        "print('LISTING', sorted(os.listdir('.')))"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cglab.submit",
+            "--address",
+            ray_head["address"],
+            "--working-dir",
+            str(repo),
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     size = _package_mib(out)

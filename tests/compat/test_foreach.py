@@ -1,9 +1,11 @@
 """The foreach multi-tensor ops compute what Megatron's local fallbacks compute, and a clipped optimizer step with
 them leaves the same weights."""
+
 import pytest
 import torch
 
-from cglab.compat import cpu as megatron_cpu, foreach as megatron_foreach
+from cglab.compat import cpu as megatron_cpu
+from cglab.compat import foreach as megatron_foreach
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +85,29 @@ def test_clipped_optimizer_step_equals_local_fallback(local_ops):
 
     from cglab.config import from_dict
     from cglab.distributed import destroy_parallel, init_parallel
-    from cglab.train.step import train_step, build_train_state
+    from cglab.train.step import build_train_state, train_step
 
     clip = 0.01
-    cfg = from_dict({}, ["model.preset=tiny", "data.seq_length=16", "train.micro_batch_size=2",
-                         "train.global_batch_size=2", f"train.grad_clip={clip}", "train.warmup_steps=0",
-                         "model.document_masking=false"])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            "data.seq_length=16",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            f"train.grad_clip={clip}",
+            "train.warmup_steps=0",
+            "model.document_masking=false",
+        ],
+    )
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
-    batch = {"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(2, 16),
-             "objective": torch.zeros(2, dtype=torch.long)}
+    batch = {
+        "tokens": tok,
+        "labels": torch.roll(tok, -1, 1),
+        "loss_mask": torch.ones(2, 16),
+        "objective": torch.zeros(2, dtype=torch.long),
+    }
     saved = clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl
     results = []
     try:

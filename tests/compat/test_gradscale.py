@@ -1,4 +1,5 @@
 """train.fold_grad_scale: the 1/tokens factor and the clip applied inside fused AdamW give Megatron's own step."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,14 @@ def _batches(n, mb=2, s=32, seed=0):
     for _ in range(n):
         tok = torch.randint(0, 1000, (mb, s), generator=g)
         mask = (torch.rand(mb, s, generator=g) > 0.3).float()  # uneven token counts per micro-batch
-        out.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": mask,
-                    "segment_ids": torch.zeros(mb, s, dtype=torch.long)})
+        out.append(
+            {
+                "tokens": tok,
+                "labels": torch.roll(tok, -1, 1),
+                "loss_mask": mask,
+                "segment_ids": torch.zeros(mb, s, dtype=torch.long),
+            }
+        )
     return out
 
 
@@ -26,14 +33,24 @@ def _run(overrides, steps=3, micro=2):
     from cglab.compat.adam import use_fused_adam as _use_fused_adam
     from cglab.train.step import build_train_state, train_step
 
-    cfg = from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro}",
-                         "train.train_steps=10", "train.warmup_steps=0", "train.lr=1e-2", *overrides])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            "train.micro_batch_size=2",
+            f"train.global_batch_size={2 * micro}",
+            "train.train_steps=10",
+            "train.warmup_steps=0",
+            "train.lr=1e-2",
+            *overrides,
+        ],
+    )
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     state = build_train_state(cfg)
     _use_fused_adam(state.optimizer)  # the same Adam kernel on both sides (CPU default: foreach)
     batches = _batches(steps * micro)
-    hist = [train_step(state, cfg, batches[i * micro:(i + 1) * micro]) for i in range(steps)]
+    hist = [train_step(state, cfg, batches[i * micro : (i + 1) * micro]) for i in range(steps)]
     params = [p.detach().clone() for p in state.model[0].parameters()]
     grads = [p.main_grad.detach().clone() for p in state.model[0].parameters()]
     return state, hist, params, grads
@@ -75,14 +92,17 @@ def test_install_needs_fused_adam(single_rank):
         megatron_gradscale.install(state.model, state.optimizer)
 
 
-@pytest.mark.parametrize("overrides, cuda, plan", [
-    ([], True, (True, True)),  # the GPU default: fused AdamW, folded
-    ([], False, (False, False)),  # the CPU default: Megatron's foreach AdamW, nothing folded
-    (["parallel.distributed_optimizer=true"], True, (True, False)),
-    (["train.fused_adam=false"], True, (False, False)),
-    (["train.fold_grad_scale=false"], True, (True, False)),
-    (["train.fold_grad_scale=true"], False, (True, True)),  # asked for on CPU: CPU fused AdamW
-])
+@pytest.mark.parametrize(
+    "overrides, cuda, plan",
+    [
+        ([], True, (True, True)),  # the GPU default: fused AdamW, folded
+        ([], False, (False, False)),  # the CPU default: Megatron's foreach AdamW, nothing folded
+        (["parallel.distributed_optimizer=true"], True, (True, False)),
+        (["train.fused_adam=false"], True, (False, False)),
+        (["train.fold_grad_scale=false"], True, (True, False)),
+        (["train.fold_grad_scale=true"], False, (True, True)),  # asked for on CPU: CPU fused AdamW
+    ],
+)
 def test_adam_plan_defaults(overrides, cuda, plan):
     from cglab.decisions import adam_plan
 
@@ -118,10 +138,22 @@ class _TEFusedAdam(torch.optim.Optimizer):
         from torch.optim.adamw import adamw
 
         for g in self.param_groups:
-            adamw(*self._lists(g), beta1=g["betas"][0], beta2=g["betas"][1], lr=g["lr"],
-                              weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False, maximize=False,
-                              foreach=False, capturable=False, differentiable=False, fused=None,
-                              grad_scale=None, found_inf=None)
+            adamw(
+                *self._lists(g),
+                beta1=g["betas"][0],
+                beta2=g["betas"][1],
+                lr=g["lr"],
+                weight_decay=g["weight_decay"],
+                eps=g["eps"],
+                amsgrad=False,
+                maximize=False,
+                foreach=False,
+                capturable=False,
+                differentiable=False,
+                fused=None,
+                grad_scale=None,
+                found_inf=None,
+            )
 
     def _lists(self, g):
         ps = [p for p in g["params"] if p.grad is not None]
@@ -130,8 +162,14 @@ class _TEFusedAdam(torch.optim.Optimizer):
             if not st:
                 st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         st = [self.state[p] for p in ps]
-        return (ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
-                [s["step"] for s in st])
+        return (
+            ps,
+            [p.grad for p in ps],
+            [s["exp_avg"] for s in st],
+            [s["exp_avg_sq"] for s in st],
+            [],
+            [s["step"] for s in st],
+        )
 
 
 def test_fold_follows_the_optimizer_megatron_built(single_rank, monkeypatch):
@@ -139,8 +177,8 @@ def test_fold_follows_the_optimizer_megatron_built(single_rank, monkeypatch):
     optimizer: an explicit fold is a config error naming the field, the default trains without it."""
     from megatron.core import optimizer as mo
 
-    from cglab.config import ConfigError
     from cglab.compat.adam import built_adam
+    from cglab.config import ConfigError
     from cglab.train.step import build_train_state, train_step
 
     monkeypatch.setattr(mo, "Adam", _TEFusedAdam)

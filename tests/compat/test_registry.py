@@ -1,12 +1,13 @@
 """cglab.compat's guard: every name it patches or reads exists in the installed libraries, the CPU shim lists every
 Megatron-Core module cglab reaches that builds tensors on a literal "cuda" device, and an untested version is
 refused unless allowed."""
+
 from __future__ import annotations
 
 import ast
 import importlib
-import pkgutil
 import inspect
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -54,8 +55,24 @@ def test_tested_versions_are_the_pins():
 
 
 # ----------------------------------------------------------------------------------- the CPU shim's module list
-_FACTORIES = {"zeros", "ones", "empty", "tensor", "full", "arange", "rand", "randn", "randint", "as_tensor",
-              "zeros_like", "ones_like", "empty_like", "full_like", "linspace", "eye"}
+_FACTORIES = {
+    "zeros",
+    "ones",
+    "empty",
+    "tensor",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "as_tensor",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "linspace",
+    "eye",
+}
 _MEGATRON_IMPORT = re.compile(r"^\s*(?:from|import)\s+(megatron\.core[\w.]*)", re.M)
 _MEGATRON_FROM = re.compile(r"^\s*from\s+(megatron\.core[\w.]*)\s+import\s+(\([^)]*\)|[^\n#]+)", re.M)
 
@@ -63,8 +80,13 @@ _MEGATRON_FROM = re.compile(r"^\s*from\s+(megatron\.core[\w.]*)\s+import\s+(\([^
 def _is_cuda(node) -> bool:
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str) and node.value.split(":")[0] == "cuda"
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "device"
-            and bool(node.args) and _is_cuda(node.args[0]))
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "device"
+        and bool(node.args)
+        and _is_cuda(node.args[0])
+    )
 
 
 def cuda_factories(path: str) -> list[tuple[str, str, int]]:
@@ -76,9 +98,12 @@ def cuda_factories(path: str) -> list[tuple[str, str, int]]:
             if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 walk(child, scope + [child.name])
                 continue
-            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
-                    and child.func.attr in _FACTORIES
-                    and any(k.arg == "device" and _is_cuda(k.value) for k in child.keywords)):
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr in _FACTORIES
+                and any(k.arg == "device" and _is_cuda(k.value) for k in child.keywords)
+            ):
                 out.append((".".join(scope), ast.unparse(child.func), child.lineno))
             walk(child, scope)
 
@@ -112,8 +137,11 @@ def megatron_modules_cglab_imports() -> list[str]:
                     importlib.import_module(sub.name)
                 except Exception:  # optional back ends (zarr, TE, nvidia-resiliency) missing here
                     pass
-    return sorted(n for n, m in list(sys.modules.items())
-                  if n.startswith("megatron.core") and getattr(m, "__file__", "") and m.__file__.endswith(".py"))
+    return sorted(
+        n
+        for n, m in list(sys.modules.items())
+        if n.startswith("megatron.core") and getattr(m, "__file__", "") and m.__file__.endswith(".py")
+    )
 
 
 def classify(modules) -> tuple[dict, dict]:
@@ -136,7 +164,8 @@ def test_cpu_shim_lists_exactly_the_modules_with_cuda_factories():
     assert not uncovered, (
         "Megatron-Core builds tensors on a literal 'cuda' device where cglab.compat.cpu neither redirects them "
         f"(CUDA_FACTORY_MODULES, through torch.{{zeros,ones,empty,tensor}}) nor says why a CPU run never gets "
-        f"there (GPU_ONLY_CUDA_FACTORIES): {uncovered}")
+        f"there (GPU_ONLY_CUDA_FACTORIES): {uncovered}"
+    )
     stale = sorted(set(cpu.CUDA_FACTORY_MODULES) - set(covered))
     assert not stale, f"CUDA_FACTORY_MODULES lists modules with no literal-'cuda' factory left: {stale}"
     for key in cpu.GPU_ONLY_CUDA_FACTORIES:  # and the exemptions still name code that exists
@@ -148,8 +177,10 @@ def test_cpu_shim_lists_exactly_the_modules_with_cuda_factories():
 def test_the_scan_finds_a_factory_it_was_not_told_about(tmp_path, monkeypatch):
     """The scan itself: a module like Megatron main's new optimizer code, with a device="cuda" scalar, is flagged."""
     mod = tmp_path / "fake_megatron_module.py"
-    mod.write_text("import torch\n\nclass Opt:\n    def step(self):\n        return (torch.zeros(1, device=\"cuda\")"
-                   " + torch.tensor([1.0], device=torch.device('cuda')))\n")
+    mod.write_text(
+        'import torch\n\nclass Opt:\n    def step(self):\n        return (torch.zeros(1, device="cuda")'
+        " + torch.tensor([1.0], device=torch.device('cuda')))\n"
+    )
     assert cuda_factories(str(mod)) == [("Opt.step", "torch.zeros", 5), ("Opt.step", "torch.tensor", 5)]
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("fake_megatron_module")
@@ -169,8 +200,11 @@ def test_the_installed_versions_are_the_tested_ones():
 
 
 def test_an_untested_version_is_refused_by_every_entry_point(untested):
-    with pytest.raises(compat.UntestedVersionError, match=r"megatron-core 0\.17\.0 \(patches written for 0\.16\.1\)"
-                                                          r".*CGLAB_ALLOW_UNTESTED_VERSIONS=1"):
+    with pytest.raises(
+        compat.UntestedVersionError,
+        match=r"megatron-core 0\.17\.0 \(patches written for 0\.16\.1\)"
+        r".*CGLAB_ALLOW_UNTESTED_VERSIONS=1",
+    ):
         compat.check_versions()
     with pytest.raises(compat.UntestedVersionError):
         compat.apply("foreach")

@@ -1,5 +1,6 @@
 """The gradient-accumulation shim adds exactly the weight gradient into main_grad, through Megatron's own linear
 layers with gradient_accumulation_fusion=True."""
+
 import pytest
 import torch
 
@@ -38,13 +39,17 @@ def test_megatron_linear_with_fusion_accumulates_into_main_grad(single_rank, kin
     megatron_wgrad.apply()
     layers = {}
     for fused in (True, False):
-        tc = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
-                               gradient_accumulation_fusion=fused)
+        tc = TransformerConfig(
+            num_layers=1,
+            hidden_size=8,
+            num_attention_heads=1,
+            use_cpu_initialization=True,
+            gradient_accumulation_fusion=fused,
+        )
         cls = tensor_parallel.ColumnParallelLinear if kind == "column" else tensor_parallel.RowParallelLinear
         extra = {"gather_output": False} if kind == "column" else {"input_is_parallel": True}
         torch.manual_seed(0)
-        layers[fused] = cls(8, 5, config=tc, init_method=torch.nn.init.normal_, bias=True, skip_bias_add=False,
-                            **extra)
+        layers[fused] = cls(8, 5, config=tc, init_method=torch.nn.init.normal_, bias=True, skip_bias_add=False, **extra)
     fused, plain = layers[True], layers[False]
     start = torch.randn(5, 8)
     fused.weight.main_grad = start.clone()

@@ -1,12 +1,12 @@
 """Corpus artifacts (issue 14): the dedup drop list and the trained tokenizer are built once per corpus under
 data.cache_path, found again by every later prepare (no scan, no training), rebuilt when a file changes; the
 training stream drops by each file's part of the drop list."""
+
 from __future__ import annotations
 
 import json
 import os
 
-import numpy as np
 import pytest
 import yaml
 
@@ -30,8 +30,10 @@ def corpus(tmp_path):
     _write(d / "b.jsonl", [DUP, "unique b1\n", DUP, "another a4\n"])
     (d / "other").mkdir()
     _write(d / "other" / "c.jsonl", [DUP, "unique c1\n"])
-    return [SourceConfig(name="first", kind="pile", paths=[str(d / "*.jsonl")]),
-            SourceConfig(name="second", kind="pile", paths=[str(d / "other")])]
+    return [
+        SourceConfig(name="first", kind="pile", paths=[str(d / "*.jsonl")]),
+        SourceConfig(name="second", kind="pile", paths=[str(d / "other")]),
+    ]
 
 
 LATER_COPIES = [make_key(0, 1, 0), make_key(0, 1, 2), make_key(0, 1, 3), make_key(1, 0, 0)]
@@ -40,6 +42,7 @@ LATER_COPIES = [make_key(0, 1, 0), make_key(0, 1, 2), make_key(0, 1, 3), make_ke
 def _no(name):
     def refuse(*a, **k):
         raise AssertionError(f"{name} ran: the artifact was not reused")
+
     return refuse
 
 
@@ -68,19 +71,29 @@ def test_drop_list_is_built_once_reused_and_rebuilt_when_a_file_changes(ray_loca
 
 
 def test_prepare_reuses_tokenizer_and_dedup_and_the_stream_drops_later_copies(
-        ray_local, corpus, tmp_path, monkeypatch, capsys):
+    ray_local, corpus, tmp_path, monkeypatch, capsys
+):
     from cglab.cli import main
 
     cache = tmp_path / "cache"
-    raw = {"data": {"sources": [c.model_dump() for c in corpus], "cache_path": str(cache), "seq_length": 32,
-                    "tokenizer": {"vocab_size": 400, "train_docs": 20}}}
+    raw = {
+        "data": {
+            "sources": [c.model_dump() for c in corpus],
+            "cache_path": str(cache),
+            "seq_length": 32,
+            "tokenizer": {"vocab_size": 400, "train_docs": 20},
+        }
+    }
     cfg = from_dict(raw)
     plan = pipeline.prepare_data(cfg)
     assert plan.artifacts["tokenizer"]["built"] and plan.artifacts["dedup"]["built"]
     # what a read task keeps of its files (the mix stops at the first source to run dry, so ask per source)
     max_bytes = readers.max_record_bytes(cfg.data.filters.max_chars)
-    keys = sorted(k for src in plan.sources for k, _ in pipeline._kept_documents(
-        src, range(len(src.files)), cfg.data.filters, plan.dedup_path, max_bytes))
+    keys = sorted(
+        k
+        for src in plan.sources
+        for k, _ in pipeline._kept_documents(src, range(len(src.files)), cfg.data.filters, plan.dedup_path, max_bytes)
+    )
     assert not set(keys) & set(LATER_COPIES) and make_key(0, 0, 3) in keys and len(keys) == 11 - 4
 
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))

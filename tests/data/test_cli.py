@@ -1,4 +1,5 @@
 """`cglab corpus build` and `cglab data inspect` through the real console entry point."""
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,10 @@ def test_inspect_missing_path_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_inspect_counts_by_reason(tmp_path, capsys):
-    (tmp_path / "p.jsonl").write_bytes(b'{"text": "ok doc\\n"}\n{"text": broken\n{"text": ""}\n'
-                                       b'{"text": "ok doc\\n"}\n{"text": "\xff"}\n')
-    pq.write_table(pa.table({"content": ["x = 1\n", "y" * 2000], "lang": ["Python", "Python"]}),
-                   tmp_path / "s.parquet")
+    (tmp_path / "p.jsonl").write_bytes(
+        b'{"text": "ok doc\\n"}\n{"text": broken\n{"text": ""}\n{"text": "ok doc\\n"}\n{"text": "\xff"}\n'
+    )
+    pq.write_table(pa.table({"content": ["x = 1\n", "y" * 2000], "lang": ["Python", "Python"]}), tmp_path / "s.parquet")
     assert main(["data", "inspect", str(tmp_path / "p.jsonl"), str(tmp_path / "s.parquet")]) == 0
     report = json.loads(capsys.readouterr().out)
     pile, stack = report["sources"].values()

@@ -1,5 +1,6 @@
 """The data contract (cglab.data.contract) is what the objectives write, what the tokenizer guarantees and what the
 infill prompts are built from, in text and in ids alike."""
+
 import numpy as np
 import pytest
 
@@ -30,13 +31,16 @@ def test_every_objective_writes_exactly_the_contract_fields(kind):
         assert (out[k].dtype.kind == "f") == (k in C.FLOAT_FIELDS), (k, out[k].dtype)
 
 
-@pytest.mark.parametrize("cfg,name", [
-    (dict(kind="clm"), "clm"),
-    (dict(kind="span_corruption"), "span"),
-    (dict(kind="infill", infill_rate=1.0), "infill"),
-    (dict(kind="ul2", ul2_denoisers=[dict(name="R", prob=1.0)]), "ul2"),
-    (dict(kind="ul2", ul2_denoisers=[dict(name="S", prob=1.0, kind="prefix")]), "ul2_s"),
-])
+@pytest.mark.parametrize(
+    "cfg,name",
+    [
+        (dict(kind="clm"), "clm"),
+        (dict(kind="span_corruption"), "span"),
+        (dict(kind="infill", infill_rate=1.0), "infill"),
+        (dict(kind="ul2", ul2_denoisers=[dict(name="R", prob=1.0)]), "ul2"),
+        (dict(kind="ul2", ul2_denoisers=[dict(name="S", prob=1.0, kind="prefix")]), "ul2_s"),
+    ],
+)
 def test_a_samples_objective_code_names_the_objective_that_made_it(cfg, name):
     """The names are the loss and mask-fraction metric names (`loss/<name>`): a code must name its objective."""
     codes = set(_samples(ObjectiveConfig(**cfg))["objective"].tolist())

@@ -1,4 +1,5 @@
 """Global exact dedup: copies in different files/blocks/sources are found; the first in record order survives."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def sources(tmp_path_factory):
     _write(d / "b.jsonl", [DUP, "unique b1\n", DUP, "another a4\n"])
     (d / "other").mkdir()
     _write(d / "other" / "c.jsonl", [DUP, "unique c1\n"])
-    cfgs = [SourceConfig(name="first", kind="pile", paths=[str(d / "*.jsonl")]),
-            SourceConfig(name="second", kind="pile", paths=[str(d / "other")])]
+    cfgs = [
+        SourceConfig(name="first", kind="pile", paths=[str(d / "*.jsonl")]),
+        SourceConfig(name="second", kind="pile", paths=[str(d / "other")]),
+    ]
     return readers.resolve_files(cfgs)
 
 

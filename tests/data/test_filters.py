@@ -1,12 +1,22 @@
 """CodeGen filters: each rule on hand-made documents, and the vectorised stats against a plain-Python reference."""
+
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cglab.config import FilterConfig
-from cglab.data.filters import (AVG_LINE_LENGTH, DIGIT_FRACTION, EMPTY, MAX_LINE_LENGTH, TOO_LONG, TOO_SHORT,
-                                document_stats, filter_reasons)
+from cglab.data.filters import (
+    AVG_LINE_LENGTH,
+    DIGIT_FRACTION,
+    EMPTY,
+    MAX_LINE_LENGTH,
+    TOO_LONG,
+    TOO_SHORT,
+    document_stats,
+    filter_reasons,
+)
 
 
 def test_each_rule():
@@ -39,9 +49,12 @@ def _reference(text):
         lines = lines[:-1]
     lines = lines or [""]
     hexd = sum(c in "0123456789abcdefABCDEF" for c in text)
-    return dict(chars=len(text), max_line=max(len(x) for x in lines),
-                avg_line=sum(len(x) for x in lines) / len(lines),
-                digit_frac=hexd / len(text) if text else 0.0)
+    return dict(
+        chars=len(text),
+        max_line=max(len(x) for x in lines),
+        avg_line=sum(len(x) for x in lines) / len(lines),
+        digit_frac=hexd / len(text) if text else 0.0,
+    )
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,4 +1,5 @@
 """Mixture: weights per mode, clear errors, deterministic interleave with the configured ratios."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +43,6 @@ def test_interleave_is_deterministic_and_keeps_order_within_a_source():
 def test_interleave_ratio_and_stop_at_first_exhausted():
     out = _run([0.5, 0.5, 0.0], 1, n=(20_000, 5_000, 10))
     counts = np.bincount([s for s, _ in out], minlength=3)
-    assert counts[2] == 0                # weight 0: never drawn, never ends the stream
-    assert counts[1] == 5_000            # the smaller source ran dry, which ends the stream
+    assert counts[2] == 0  # weight 0: never drawn, never ends the stream
+    assert counts[1] == 5_000  # the smaller source ran dry, which ends the stream
     assert abs(counts[0] / counts.sum() - 0.5) < 0.02

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 from cglab.config import ObjectiveConfig
 from cglab.data import contract as C
@@ -40,10 +41,23 @@ def is_sequence_level_corruption(cfg, objective):
 
 cfgs = st.builds(
     lambda kind, corr, lo, width, slo, swidth, p: ObjectiveConfig(
-        kind=kind, corruption=corr, mask_ratio_min=lo, mask_ratio_max=min(lo + width, 0.9),
-        span_len_min=slo, span_len_max=slo + swidth, causal_prob=p, infill_rate=p),
-    st.sampled_from(KINDS), st.sampled_from(["file_level", "sequence_level"]),
-    st.floats(0.01, 0.6), st.floats(0.0, 0.3), st.integers(1, 5), st.integers(0, 20), st.floats(0.0, 1.0))
+        kind=kind,
+        corruption=corr,
+        mask_ratio_min=lo,
+        mask_ratio_max=min(lo + width, 0.9),
+        span_len_min=slo,
+        span_len_max=slo + swidth,
+        causal_prob=p,
+        infill_rate=p,
+    ),
+    st.sampled_from(KINDS),
+    st.sampled_from(["file_level", "sequence_level"]),
+    st.floats(0.01, 0.6),
+    st.floats(0.0, 0.3),
+    st.integers(1, 5),
+    st.integers(0, 20),
+    st.floats(0.0, 1.0),
+)
 docs_st = st.lists(st.integers(0, 120), min_size=1, max_size=12)
 
 
@@ -52,8 +66,13 @@ docs_st = st.lists(st.integers(0, 120), min_size=1, max_size=12)
 def test_samples_have_length_s_and_decode_to_their_documents(cfg, lengths, seq_len, seed):
     tokens, segs, out = run(cfg, make_docs(lengths, seed), seq_len, seed)
     W = len(tokens)
-    for key, dtype in [("tokens", np.int32), ("labels", np.int32), ("loss_mask", np.float32),
-                       ("segment_ids", np.int32), ("prefix_end", np.int32)]:
+    for key, dtype in [
+        ("tokens", np.int32),
+        ("labels", np.int32),
+        ("loss_mask", np.float32),
+        ("segment_ids", np.int32),
+        ("prefix_end", np.int32),
+    ]:
         assert out[key].shape == (W, seq_len) and out[key].dtype == dtype
     assert out["objective"].shape == (W,)
     for w in range(W):
@@ -90,8 +109,7 @@ def test_labels_and_loss_mask_are_consistent(cfg, lengths, seq_len, seed):
             for s in range(seg[w].max() + 1):
                 where = np.flatnonzero(seg[w] == s)
                 sep_at = where[np.flatnonzero(tok[w][where] == SP.sep)[0]]
-                assert np.array_equal(on_w[(on_w >= where[0]) & (on_w <= where[-1])],
-                                      np.arange(sep_at, where[-1]))
+                assert np.array_equal(on_w[(on_w >= where[0]) & (on_w <= where[-1])], np.arange(sep_at, where[-1]))
                 # every unit (each document in file-level mode) is its own prefix: input + <sep>, no further
                 assert (pre[w][where] == sep_at + 1).all()
         if obj == C.UL2_S:  # one split per window; each document's prefix stops at its own end
@@ -106,8 +124,9 @@ def test_labels_and_loss_mask_are_consistent(cfg, lengths, seq_len, seed):
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 60), min_size=2, max_size=8), st.integers(0, 2**31), st.integers(1, 12))
 def test_file_level_spans_stay_inside_their_document(lengths, seed, span_len_max):
-    cfg = ObjectiveConfig(kind="span_corruption", mask_ratio_min=0.3, mask_ratio_max=0.6, span_len_min=1,
-                          span_len_max=span_len_max)
+    cfg = ObjectiveConfig(
+        kind="span_corruption", mask_ratio_min=0.3, mask_ratio_max=0.6, span_len_min=1, span_len_max=span_len_max
+    )
     tokens, segs, out = run(cfg, make_docs(lengths, seed, disjoint=True), 256, seed)
     for w, (tok, seg) in enumerate(zip(out["tokens"], out["segment_ids"])):
         for s, piece in enumerate(originals(tokens[w], segs[w])):
@@ -115,7 +134,7 @@ def test_file_level_spans_stay_inside_their_document(lengths, seed, span_len_max
             sep = np.flatnonzero(unit == SP.sep)[0]
             if piece[-1] == SP.eot:  # the eot stays at the end of the input, never in a span
                 assert unit[sep - 1] == SP.eot
-            targets = unit[sep + 1:]
+            targets = unit[sep + 1 :]
             text = targets[~np.isin(targets, SPECIAL_IDS)]
             # every masked token comes from this segment's own document (documents use disjoint alphabets)
             assert np.isin(text // 10, piece[piece != SP.eot] // 10).all()
@@ -129,7 +148,7 @@ def masked_fraction(out, sp):
         for s in range(seg.max() + 1):
             unit = tok[seg == s]
             sep = np.flatnonzero(unit == SP.sep)[0]
-            masked = (~np.isin(unit[sep + 1:], sp.ids())).sum()
+            masked = (~np.isin(unit[sep + 1 :], sp.ids())).sum()
             k = np.isin(unit[:sep], sp.masks).sum()
             fr.append(masked / (unit.size - 1 - 3 * k - (unit[sep - 1] == sp.eot)))  # minus <sep>, sentinels, eot
     return np.array(fr)
@@ -138,8 +157,14 @@ def masked_fraction(out, sp):
 @pytest.mark.parametrize("corruption", ["file_level", "sequence_level"])
 def test_mask_ratio_matches_its_target_on_average(corruption):
     sp = Specials.contiguous(1000, 32)
-    cfg = ObjectiveConfig(kind="span_corruption", corruption=corruption, mask_ratio_min=0.05,
-                          mask_ratio_max=0.35, span_len_min=1, span_len_max=16)
+    cfg = ObjectiveConfig(
+        kind="span_corruption",
+        corruption=corruption,
+        mask_ratio_min=0.05,
+        mask_ratio_max=0.35,
+        span_len_min=1,
+        span_len_max=16,
+    )
     docs = make_docs([200] * 1500)
     tokens, segs = pack_documents(docs, 512, sp, O.packing_reserve(cfg), min_piece=201)  # no split pieces
     rngs = [O.sample_rng(7, 0, i) for i in range(len(tokens))]
@@ -157,12 +182,14 @@ def test_mask_ratio_matches_its_target_on_average(corruption):
 def test_vectorised_span_corruption_equals_the_plain_python_reference():
     cfg = dict(ratio=(0.05, 0.5), span_len=(1, 9))
     docs = make_docs(np.random.default_rng(3).integers(0, 150, 120))
-    ocfg = ObjectiveConfig(kind="span_corruption", mask_ratio_min=0.05, mask_ratio_max=0.5, span_len_min=1,
-                           span_len_max=9)
+    ocfg = ObjectiveConfig(
+        kind="span_corruption", mask_ratio_min=0.05, mask_ratio_max=0.5, span_len_min=1, span_len_max=9
+    )
     tokens, segs = pack_documents(docs, 256, SP, O.packing_reserve(ocfg))
     got = O.span_corruption(tokens, segs, SP, [O.sample_rng(1, 2, i) for i in range(len(tokens))], 256, **cfg)
-    want = O.span_corruption_reference(tokens.tolist(), segs.tolist(), SP,
-                                       [O.sample_rng(1, 2, i) for i in range(len(tokens))], 256, **cfg)
+    want = O.span_corruption_reference(
+        tokens.tolist(), segs.tolist(), SP, [O.sample_rng(1, 2, i) for i in range(len(tokens))], 256, **cfg
+    )
     assert np.array_equal(got["tokens"], np.array(want, np.int32))
 
 
@@ -183,8 +210,9 @@ def test_same_seed_same_sample_new_epoch_new_corruption(kind):
 
 def test_a_sample_does_not_depend_on_its_batch():
     cfg = ObjectiveConfig(kind="ul2")
-    tokens, segs = pack_documents(make_docs(np.random.default_rng(1).integers(5, 90, 40)), 128, SP,
-                                  O.packing_reserve(cfg))
+    tokens, segs = pack_documents(
+        make_docs(np.random.default_rng(1).integers(5, 90, 40)), 128, SP, O.packing_reserve(cfg)
+    )
     rngs = lambda: [O.sample_rng(0, 0, i) for i in range(len(tokens))]  # noqa: E731
     batch = O.apply_objective_batch(tokens, segs, cfg, SP, rngs(), 128)
     for w, rng in enumerate(rngs()):
@@ -193,8 +221,10 @@ def test_a_sample_does_not_depend_on_its_batch():
             assert np.array_equal(one[k], batch[k][w])
 
 
-@pytest.mark.parametrize("kind,prob_field,expect,other", [("codegen2", "causal_prob", C.CLM, C.SPAN),
-                                                          ("infill", "infill_rate", C.INFILL, C.CLM)])
+@pytest.mark.parametrize(
+    "kind,prob_field,expect,other",
+    [("codegen2", "causal_prob", C.CLM, C.SPAN), ("infill", "infill_rate", C.INFILL, C.CLM)],
+)
 def test_mixture_rate_matches_its_probability(kind, prob_field, expect, other):
     cfg = ObjectiveConfig(kind=kind, **{prob_field: 0.3})
     tokens, segs = pack_documents(make_docs([20] * 4000), 64, SP, O.packing_reserve(cfg))
@@ -214,17 +244,17 @@ def test_infill_layouts_psm_and_spm():
             t = O.apply_objective(tokens[0], segs[0], cfg, SP, O.sample_rng(0, 0, i), 64)["tokens"]
             t = t[t != SP.pad]
             sep = int(np.flatnonzero(t == SP.sep)[0])
-            inp, tgt = t[:sep], t[sep + 1:]
+            inp, tgt = t[:sep], t[sep + 1 :]
             m1 = SP.masks[0]
             assert inp[-1] == SP.eot and tgt[-1] == SP.eom and (t == m1).sum() == 2
             if spm:  # <mask_1> suffix eot <sep> prefix <mask_1> middle <eom>
                 assert inp[0] == m1
                 q = int(np.flatnonzero(tgt == m1)[0])
-                prefix, middle, suffix = tgt[:q], tgt[q + 1:-1], inp[1:]
+                prefix, middle, suffix = tgt[:q], tgt[q + 1 : -1], inp[1:]
             else:  # prefix <mask_1> suffix eot <sep> <mask_1> middle <eom>
                 assert tgt[0] == m1
                 q = int(np.flatnonzero(inp == m1)[0])
-                prefix, middle, suffix = inp[:q], tgt[1:-1], inp[q + 1:]
+                prefix, middle, suffix = inp[:q], tgt[1:-1], inp[q + 1 :]
             assert np.array_equal(np.concatenate([prefix, middle, suffix]), doc)
 
 
@@ -236,7 +266,7 @@ def test_ul2_uses_all_denoisers_and_prefix_split():
     split = out["prefix_end"][s].max(1)  # earlier documents' prefixes end with them, at or before the split
     assert (split >= 1).all()
     for loss, p in zip(out["loss_mask"][s], split):
-        assert (loss[:p - 1] == 0).all() and loss[p - 1:].sum() > 0
+        assert (loss[: p - 1] == 0).all() and loss[p - 1 :].sum() > 0
 
 
 def test_window_packed_without_reserve_is_refused():
@@ -247,13 +277,15 @@ def test_window_packed_without_reserve_is_refused():
 
 
 def test_bad_inputs_name_the_problem():
-    cfg = ObjectiveConfig(kind="span_corruption", mask_ratio_min=0.5, mask_ratio_max=0.5, span_len_min=1,
-                          span_len_max=1)
+    cfg = ObjectiveConfig(
+        kind="span_corruption", mask_ratio_min=0.5, mask_ratio_max=0.5, span_len_min=1, span_len_max=1
+    )
     tokens, segs = pack_documents(make_docs([10]), 64, SP, O.packing_reserve(cfg))
     # This 10-token document draws 5 spans, but the check is on the 12 a unit can need at 64 tokens (not on the
     # draw), so a short batch cannot hide a tokenizer that a longer one would overrun.
-    with pytest.raises(ValueError, match="data.num_sentinels: the tokenizer has 11 <mask_k> sentinels but a unit "
-                                         "can need 12 spans"):
+    with pytest.raises(
+        ValueError, match="data.num_sentinels: the tokenizer has 11 <mask_k> sentinels but a unit can need 12 spans"
+    ):
         O.apply_objective(tokens[0], segs[0], cfg, Specials.contiguous(1000, 11), O.sample_rng(0, 0, 0), 64)
     bad = segs[0].copy()
     bad[0] = 2
@@ -302,8 +334,9 @@ def masked_per_sample(out, sp):
 @pytest.mark.parametrize("seq_len", [2048, 8192])
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no slow shrinking
 @given(seed=st.integers(0, 2**31), shortest=st.integers(50, 500), longest=st.integers(1000, 3000))
-def test_realised_mask_fraction_is_the_drawn_ratio_at_real_lengths(seq_len, setting, corruption, seed, shortest,
-                                                                   longest):
+def test_realised_mask_fraction_is_the_drawn_ratio_at_real_lengths(
+    seq_len, setting, corruption, seed, shortest, longest
+):
     """Sum n_masked / sum n_maskable over many packed windows of 50-3000-token documents is the mean drawn ratio
     (within 10% relative), for long sequences too: the span count follows the ratio instead of a cap."""
     cfg = ObjectiveConfig(corruption=corruption, **SETTINGS[setting])
@@ -316,11 +349,12 @@ def test_realised_mask_fraction_is_the_drawn_ratio_at_real_lengths(seq_len, sett
     n_tokens = int(units * per_unit / corrupting_share)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(shortest, longest + 1, n_tokens // shortest + 1)
-    lengths = lengths[:np.searchsorted(np.cumsum(lengths), n_tokens) + 1]
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), n_tokens) + 1]
     docs = [np.append(rng.integers(0, 1000, n), BIG_SP.eot).astype(np.int32) for n in lengths]
     tokens, segs = pack_documents(docs, seq_len, BIG_SP, O.packing_reserve(cfg))
-    out = O.apply_objective_batch(tokens, segs, cfg, BIG_SP, [O.sample_rng(seed, 0, i) for i in range(len(tokens))],
-                                  seq_len)
+    out = O.apply_objective_batch(
+        tokens, segs, cfg, BIG_SP, [O.sample_rng(seed, 0, i) for i in range(len(tokens))], seq_len
+    )
     corrupted = out["n_maskable"] > 0
     # the counts are the samples' own: n_masked read back from the tokens, n_maskable from the packed windows
     assert np.array_equal(out["n_masked"], masked_per_sample(out, BIG_SP))
@@ -344,8 +378,14 @@ def test_mask_counts_match_the_samples(cfg, lengths, seq_len, seed):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 3000), min_size=1, max_size=20), st.floats(0.01, 0.95), st.floats(0.0, 0.5),
-       st.integers(1, 40), st.integers(0, 40), st.integers(0, 2**31))
+@given(
+    st.lists(st.integers(0, 3000), min_size=1, max_size=20),
+    st.floats(0.01, 0.95),
+    st.floats(0.0, 0.5),
+    st.integers(1, 40),
+    st.integers(0, 40),
+    st.integers(0, 2**31),
+)
 def test_spans_hide_exactly_round_r_n_in_span_count_spans(ns, rmin, width, lo, swidth, seed):
     """Per unit: k = span_count(m) spans, each >= 1 token, summing to m = round(r n), disjoint and inside the unit,
     one token apart when that fits."""
@@ -383,8 +423,12 @@ def test_s_denoiser_prefix_never_reaches_a_later_document():
     _, _, out = run(cfg, make_docs([20] * 40), 128, seed=3)
     seg, pre = out["segment_ids"], out["prefix_end"]
     assert (pre.max(1) > 40).any()  # some split lies past the first two documents
-    allowed = ~batch_mask(ModelConfig(preset="tiny", architecture="prefix_lm", document_masking=False),
-                          seg.shape, torch.as_tensor(seg), torch.as_tensor(pre))[:, 0].numpy()
+    allowed = ~batch_mask(
+        ModelConfig(preset="tiny", architecture="prefix_lm", document_masking=False),
+        seg.shape,
+        torch.as_tensor(seg),
+        torch.as_tensor(pre),
+    )[:, 0].numpy()
     for w in range(len(seg)):
         q, k = np.nonzero(allowed[w])
         later = (seg[w][k] > seg[w][q]) & (seg[w][q] >= 0)

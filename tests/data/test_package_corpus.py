@@ -2,6 +2,7 @@
 
 pip vendors idna and rich byte for byte (pip/_vendor/...), which gives real duplicates: rich's vendored copies in
 training, idna's held-out files that also sit in training."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,25 @@ def _sha(text):
 def test_package_corpus_holds_out_whole_packages_filtered_and_deduplicated(tmp_path, capsys):
     from cglab.tune.heldout import split_sources
 
-    assert main(["corpus", "build", "--out", str(tmp_path), "--source", "packages", "--packages", PACKAGES,
-                 "--heldout-packages", ",".join(sorted(HELD)), "--shards", "3"]) == 0
+    assert (
+        main(
+            [
+                "corpus",
+                "build",
+                "--out",
+                str(tmp_path),
+                "--source",
+                "packages",
+                "--packages",
+                PACKAGES,
+                "--heldout-packages",
+                ",".join(sorted(HELD)),
+                "--shards",
+                "3",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["packages"] == {"train": ["pip", "rich", "iniconfig"], "heldout": ["idna", "pluggy"]}
     stack = [_stack(f) for f in summary["stack"]["files"]]

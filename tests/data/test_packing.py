@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cglab.config import ObjectiveConfig
 from cglab.data import objectives as O
@@ -25,8 +26,9 @@ def pieces(tokens, segs):
 
 doc_lengths = st.lists(st.integers(0, 150), min_size=0, max_size=25)
 # per_token: none, span corruption's usual fractions (3 rmax / mean span) and a non-dyadic one
-reserves = st.builds(Reserve, st.integers(0, 10), st.integers(0, 10),
-                     st.sampled_from([0.0, 3 * 0.35 / 8.5, 0.5, 1 / 3, 1.0]))
+reserves = st.builds(
+    Reserve, st.integers(0, 10), st.integers(0, 10), st.sampled_from([0.0, 3 * 0.35 / 8.5, 0.5, 1 / 3, 1.0])
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -106,10 +108,14 @@ def test_reserve_larger_than_window_is_refused():
 def _corrupting_configs():
     """Every objective that corrupts spans, with the default settings, each UL2 span denoiser on its own, and
     the config corners where the reserve's bound is tightest (dense ratio, one-token spans)."""
-    out = {"span_corruption": dict(kind="span_corruption"), "codegen2": dict(kind="codegen2"),
-           "ul2": dict(kind="ul2"),
-           "dense-1tok": dict(kind="span_corruption", mask_ratio_min=0.9, mask_ratio_max=0.9, span_len_min=1,
-                              span_len_max=1)}
+    out = {
+        "span_corruption": dict(kind="span_corruption"),
+        "codegen2": dict(kind="codegen2"),
+        "ul2": dict(kind="ul2"),
+        "dense-1tok": dict(
+            kind="span_corruption", mask_ratio_min=0.9, mask_ratio_max=0.9, span_len_min=1, span_len_max=1
+        ),
+    }
     for d in ObjectiveConfig().ul2_denoisers:
         if d.kind == "span":
             out[f"ul2-{d.name}"] = dict(kind="ul2", ul2_denoisers=[d.model_dump() | {"prob": 1.0}])
@@ -121,8 +127,12 @@ BIG_SP = Specials.contiguous(1000, 1024)
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(sorted(CORRUPTING)), st.sampled_from(["file_level", "sequence_level"]),
-       st.lists(st.integers(0, 3000), min_size=1, max_size=40), st.integers(0, 2**31))
+@given(
+    st.sampled_from(sorted(CORRUPTING)),
+    st.sampled_from(["file_level", "sequence_level"]),
+    st.lists(st.integers(0, 3000), min_size=1, max_size=40),
+    st.integers(0, 2**31),
+)
 def test_no_window_overflows_under_the_objective_reserve(name, corruption, lengths, seed):
     """Packed with packing_reserve(cfg), every sample fits in 2048 tokens (_assemble raises otherwise)."""
     cfg = ObjectiveConfig(corruption=corruption, **CORRUPTING[name])
@@ -136,14 +146,25 @@ def test_no_window_overflows_under_the_objective_reserve(name, corruption, lengt
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.floats(0.01, 0.95), st.floats(0.0, 0.5), st.integers(1, 40), st.integers(0, 40),
-       st.sampled_from(["file_level", "sequence_level"]))
+@given(
+    st.floats(0.01, 0.95),
+    st.floats(0.0, 0.5),
+    st.integers(1, 40),
+    st.integers(0, 40),
+    st.sampled_from(["file_level", "sequence_level"]),
+)
 def test_reserve_bounds_what_any_unit_adds(rmin, width, lo, swidth, corruption):
     """For every unit size up to 8192 and the largest m a draw can give, 1 + 3 span_count(m) <= c + f n."""
     from cglab.config import span_count
 
-    cfg = ObjectiveConfig(kind="span_corruption", corruption=corruption, mask_ratio_min=rmin,
-                          mask_ratio_max=min(rmin + width, 0.99), span_len_min=lo, span_len_max=lo + swidth)
+    cfg = ObjectiveConfig(
+        kind="span_corruption",
+        corruption=corruption,
+        mask_ratio_min=rmin,
+        mask_ratio_max=min(rmin + width, 0.99),
+        span_len_min=lo,
+        span_len_max=lo + swidth,
+    )
     res = O.packing_reserve(cfg)
     c = res.per_doc if corruption == "file_level" else res.per_window
     n = np.arange(8193)

@@ -1,4 +1,5 @@
 """The streamed pipeline on the micro corpus: contract shapes, fixed order, DP shards, resume, epoch reseeding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,11 +13,17 @@ S = 128
 
 
 def make_cfg(micro_sources, micro_tokenizer, **objective):
-    return from_dict({
-        "data": {"sources": micro_sources, "seq_length": S, "mixture": "mix",
-                 "tokenizer": {"path": str(micro_tokenizer.path)}},
-        "objective": objective or {"kind": "codegen2"},
-    })
+    return from_dict(
+        {
+            "data": {
+                "sources": micro_sources,
+                "seq_length": S,
+                "mixture": "mix",
+                "tokenizer": {"path": str(micro_tokenizer.path)},
+            },
+            "objective": objective or {"kind": "codegen2"},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +97,14 @@ def test_mixture_changes_the_stream(cfg, plan, micro_sources, micro_tokenizer):
 
 
 def test_bad_paths_fail_before_ray_work(micro_sources, micro_tokenizer, tmp_path):
-    bad = make_cfg(micro_sources + [{"name": "gone", "kind": "stack", "paths": [str(tmp_path / "nope")]}],
-                   micro_tokenizer)
+    bad = make_cfg(
+        micro_sources + [{"name": "gone", "kind": "stack", "paths": [str(tmp_path / "nope")]}], micro_tokenizer
+    )
     with pytest.raises(ConfigError, match=r"data\.sources\[2\]\.paths\[0\]"):
         pipeline.prepare_data(bad)
-    tok_bad = from_dict(bad.model_dump() | {"data": bad.data.model_dump() | {
-        "sources": micro_sources, "tokenizer": {"path": str(tmp_path / "no_tok")}}})
+    tok_bad = from_dict(
+        bad.model_dump()
+        | {"data": bad.data.model_dump() | {"sources": micro_sources, "tokenizer": {"path": str(tmp_path / "no_tok")}}}
+    )
     with pytest.raises(ConfigError, match=r"data\.tokenizer\.path"):
         pipeline.prepare_data(tok_bad)

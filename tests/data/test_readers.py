@@ -1,4 +1,5 @@
 """Readers: the micro corpus reads cleanly; every kind of bad input is skipped and counted under its reason."""
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,13 @@ def _pile_lines():
     good = lambda t, n="Github": json.dumps({"text": t, "meta": {"pile_set_name": n}}).encode()  # noqa: E731
     return [
         good("first document"),
-        b'{"text": "unterminated',                      # malformed_json
+        b'{"text": "unterminated',  # malformed_json
         b'{"text": "bad \xff\xfe bytes", "meta": {}}',  # invalid_utf8
-        b'{"meta": {"pile_set_name": "Github"}}',       # missing_field
-        b'["a", "list"]',                                # missing_field
-        b'{"text": "lone \\ud800 surrogate"}',           # invalid_utf8 (after JSON decoding)
-        b"",                                             # blank line: not a record
-        good("x" * 5000),                                # line_too_long at max_bytes=4096
+        b'{"meta": {"pile_set_name": "Github"}}',  # missing_field
+        b'["a", "list"]',  # missing_field
+        b'{"text": "lone \\ud800 surrogate"}',  # invalid_utf8 (after JSON decoding)
+        b"",  # blank line: not a record
+        good("x" * 5000),  # line_too_long at max_bytes=4096
         good("arxiv doc", "ArXiv"),
         good("last document"),
     ]
@@ -61,7 +62,11 @@ def test_pile_bad_lines_are_counted(tmp_path):
     recs = _read_all(_src("pile", tmp_path / "a.jsonl"), max_bytes=4096)
     assert [r.text for r in recs if not r.reason] == ["first document", "arxiv doc", "last document"]
     assert Counter(r.reason for r in recs if r.reason) == {
-        R.MALFORMED_JSON: 1, R.INVALID_UTF8: 2, R.MISSING_FIELD: 2, R.LINE_TOO_LONG: 1}
+        R.MALFORMED_JSON: 1,
+        R.INVALID_UTF8: 2,
+        R.MISSING_FIELD: 2,
+        R.LINE_TOO_LONG: 1,
+    }
 
 
 def test_pile_subsets_select_by_set_name(tmp_path):
@@ -96,20 +101,30 @@ def test_not_zstd_at_all_is_a_corrupt_file(tmp_path):
 def test_stack_bad_rows_and_files_are_counted(tmp_path):
     d = tmp_path / "stack"
     d.mkdir()
-    pq.write_table(pa.table({
-        "content": pa.array([b"print(1)\n", b"bad \xff utf8", None, b"int main() {}\n"], pa.binary()),
-        "lang": ["Python", "Python", "Python", "C"],
-        "max_stars_repo_path": ["a.py", "b.py", "c.py", "d.c"],
-    }), d / "00.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "content": pa.array([b"print(1)\n", b"bad \xff utf8", None, b"int main() {}\n"], pa.binary()),
+                "lang": ["Python", "Python", "Python", "C"],
+                "max_stars_repo_path": ["a.py", "b.py", "c.py", "d.c"],
+            }
+        ),
+        d / "00.parquet",
+    )
     pq.write_table(pa.table({"text": ["no content column"] * 3, "lang": ["Python"] * 3}), d / "01.parquet")
     good = d / "02.parquet"
     pq.write_table(pa.table({"content": ["x = 1\n"] * 50, "lang": ["Python"] * 50}), good)
     (d / "03.parquet").write_bytes(good.read_bytes()[:200])  # truncated
-    (d / "04.parquet").write_bytes(b"")                        # empty file
+    (d / "04.parquet").write_bytes(b"")  # empty file
 
     recs = _read_all(_src("stack", d))
     assert Counter(r.reason for r in recs) == {
-        "": 52, R.INVALID_UTF8: 1, R.MISSING_FIELD: 1, R.MISSING_COLUMN: 3, R.CORRUPT_FILE: 2}
+        "": 52,
+        R.INVALID_UTF8: 1,
+        R.MISSING_FIELD: 1,
+        R.MISSING_COLUMN: 3,
+        R.CORRUPT_FILE: 2,
+    }
     only_c = _read_all(_src("stack", d, subsets=["C"]))
     assert [r.text for r in only_c if not r.reason] == ["int main() {}\n"]
 
@@ -123,8 +138,12 @@ def test_stack_missing_lang_column_only_matters_when_selecting(tmp_path):
 def test_missing_path_names_the_config_field(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.paths\[0\].*nowhere"):
-        R.resolve_files([SourceConfig(name="ok", kind="pile", paths=[str(tmp_path)]),
-                         SourceConfig(name="bad", kind="pile", paths=[str(tmp_path / "nowhere")])])
+        R.resolve_files(
+            [
+                SourceConfig(name="ok", kind="pile", paths=[str(tmp_path)]),
+                SourceConfig(name="bad", kind="pile", paths=[str(tmp_path / "nowhere")]),
+            ]
+        )
     with pytest.raises(ConfigError, match=r"paths\[0\].*\*\.parquet"):
         R.resolve_files([SourceConfig(name="g", kind="stack", paths=[str(tmp_path / "*.parquet")])])
 
@@ -132,6 +151,5 @@ def test_missing_path_names_the_config_field(tmp_path):
 def test_globs_and_dirs_expand_sorted_and_deduplicated(tmp_path):
     for n in ("b.jsonl", "a.jsonl", "c.txt"):
         (tmp_path / n).write_text('{"text": "x"}\n')
-    src = R.resolve_files([SourceConfig(name="g", kind="pile",
-                                        paths=[str(tmp_path / "*.jsonl"), str(tmp_path)])])[0]
+    src = R.resolve_files([SourceConfig(name="g", kind="pile", paths=[str(tmp_path / "*.jsonl"), str(tmp_path)])])[0]
     assert [p.rsplit("/", 1)[1] for p in src.files] == ["a.jsonl", "b.jsonl"]

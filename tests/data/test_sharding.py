@@ -1,6 +1,7 @@
 """Sharding by construction (issue 14): each DP rank's Ray Data dataset holds only its own units of work, the
 ranks' samples partition the dp=1 stream for any dp_size, and a resumed rank skips whole units without opening
 them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,9 @@ UNITS = 6  # files per source in this module's corpus: six units of work
 
 
 def _plan_of(sizes):
-    return pipeline.DataPlan(sources=(), weights=(), tokenizer_json="", num_sentinels=0, max_whitespace_run=0,
-                             unit_bytes=tuple(sizes))
+    return pipeline.DataPlan(
+        sources=(), weights=(), tokenizer_json="", num_sentinels=0, max_whitespace_run=0, unit_bytes=tuple(sizes)
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -43,7 +45,7 @@ def test_unit_indices_count_inside_each_run_of_a_unit_across_calls(units, cut):
     whole, _, _ = pipeline.unit_indices(a, -1, 0)
     parts, cur, count = [], -1, 0
     for i in range(0, len(a), cut):
-        idx, cur, count = pipeline.unit_indices(a[i:i + cut], cur, count)
+        idx, cur, count = pipeline.unit_indices(a[i : i + cut], cur, count)
         parts.append(idx)
     assert np.array_equal(np.concatenate(parts) if parts else np.zeros(0, np.int64), whole)
     for u in set(units):
@@ -60,9 +62,17 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(corpus, micro_tokenizer):
-    return from_dict({"data": {"sources": corpus, "seq_length": S, "mixture": "mix",
-                               "tokenizer": {"path": str(micro_tokenizer.path)}},
-                      "objective": {"kind": "codegen2"}})
+    return from_dict(
+        {
+            "data": {
+                "sources": corpus,
+                "seq_length": S,
+                "mixture": "mix",
+                "tokenizer": {"path": str(micro_tokenizer.path)},
+            },
+            "objective": {"kind": "codegen2"},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +83,9 @@ def plan(ray_local, cfg):
 
 
 def _all(cfg, plan, epoch, dp_rank, dp_size, **kw):
-    out = list(pipeline.iter_train_batches(cfg, epoch, dp_rank, dp_size, batch_size=16, plan=plan,
-                                           drop_last=False, **kw))
+    out = list(
+        pipeline.iter_train_batches(cfg, epoch, dp_rank, dp_size, batch_size=16, plan=plan, drop_last=False, **kw)
+    )
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 

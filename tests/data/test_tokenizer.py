@@ -1,4 +1,5 @@
 """Tokenizer: specials present and distinct, whitespace runs, lossless round trip, save/load, HF dir loading."""
+
 from __future__ import annotations
 
 import pickle
@@ -31,7 +32,9 @@ def test_whitespace_runs_are_single_tokens(micro_tokenizer):
     assert four in ids and tabs in ids
 
 
-@pytest.mark.parametrize("text", [CODE, "", "naïve ünïcödé → ✓ 中文", " " * 70 + "x", "a\r\nb", "<|endoftext|> <mask_3>"])
+@pytest.mark.parametrize(
+    "text", [CODE, "", "naïve ünïcödé → ✓ 中文", " " * 70 + "x", "a\r\nb", "<|endoftext|> <mask_3>"]
+)
 def test_round_trip(micro_tokenizer, text):
     assert micro_tokenizer.decode(micro_tokenizer.encode(text)) == text
 
@@ -49,7 +52,7 @@ def test_batch_encode_appends_eot_and_matches_single(micro_tokenizer):
     flat, off = tok.encode_batch(texts)
     assert flat.dtype == np.int32 and off[0] == 0 and off[-1] == flat.size
     for i, t in enumerate(texts):
-        doc = flat[off[i]:off[i + 1]]
+        doc = flat[off[i] : off[i + 1]]
         assert doc[-1] == tok.specials.eot and doc[:-1].tolist() == tok.encode(t)
 
 
@@ -70,9 +73,15 @@ def test_loading_a_plain_hf_tokenizer_adds_missing_specials(tmp_path):
     base = Tokenizer(models.BPE())
     base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     base.decoder = decoders.ByteLevel()
-    base.train_from_iterator([CODE] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                              show_progress=False))
+    base.train_from_iterator(
+        [CODE] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     (tmp_path / "hf").mkdir()
     base.save(str(tmp_path / "hf" / "tokenizer.json"))
     tok = CGTokenizer.load(tmp_path / "hf", num_sentinels=4, max_whitespace_run=8)

@@ -57,8 +57,24 @@ def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
     from cglab.cli import main
 
     out = tmp_path / "run.json"
-    rc = main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "humaneval,infill,nl", "--limit", "2",
-               "--max-new-tokens", "6", "--infill-modes", "single", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "run",
+            "--checkpoint",
+            str(tiny_hf_dir),
+            "--suite",
+            "humaneval,infill,nl",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--infill-modes",
+            "single",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res == json.loads(capsys.readouterr().out)
@@ -67,8 +83,11 @@ def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
     # every pass@k in the output carries its conditions: sandbox mode and a count for every program status
     from cglab.eval.sandbox import isolation_mode
 
-    for scored in (res["humaneval"]["by_temperature"]["0.0"], res["humaneval"]["best"]["pass@1"],
-                   res["infill"]["single"]):
+    for scored in (
+        res["humaneval"]["by_temperature"]["0.0"],
+        res["humaneval"]["best"]["pass@1"],
+        res["infill"]["single"],
+    ):
         assert scored["isolation"] == isolation_mode()
         assert set(scored["statuses"]) == {"passed", "failed", "timed_out", "sandbox_error"}
         assert sum(scored["statuses"].values()) == 2
@@ -85,8 +104,24 @@ def test_cli_run_mbpp_and_mtpb(tiny_hf_dir, tmp_path, capsys):
 
     data = Path(__file__).with_name("data")  # small files in the published MBPP / MTPB formats
     out = tmp_path / "run.json"
-    rc = main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp,mtpb", "--data-dir", str(data),
-               "--limit", "2", "--max-new-tokens", "8", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "run",
+            "--checkpoint",
+            str(tiny_hf_dir),
+            "--suite",
+            "mbpp,mtpb",
+            "--data-dir",
+            str(data),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     mbpp, mtpb = res["mbpp"]["by_temperature"]["0.0"], res["mtpb"]["by_temperature"]["0.0"]
@@ -106,6 +141,7 @@ def test_cli_run_mbpp_and_mtpb(tiny_hf_dir, tmp_path, capsys):
     shutil.copy(data / "mbpp.jsonl", empty / "mbpp.jsonl")
     lines = (data / "mtpb.jsonl").read_text().splitlines()
     (empty / "mtpb.jsonl").write_text("\n".join([lines[0], lines[1].replace('"inputs"', '"inputz"')]) + "\n")
-    assert main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp,mtpb",
-                 "--data-dir", str(empty)]) == 2
+    assert (
+        main(["eval", "run", "--checkpoint", str(tiny_hf_dir), "--suite", "mbpp,mtpb", "--data-dir", str(empty)]) == 2
+    )
     assert f"{empty / 'mtpb.jsonl'}:2: MTPB record has no 'inputs' field" in capsys.readouterr().err

@@ -41,13 +41,16 @@ def test_problems_are_the_164_shipped():
     assert list(problems)[0] == "HumanEval/0" and list(problems)[-1] == "HumanEval/163"
 
 
-@pytest.mark.parametrize("completion, want", [
-    ("    return 1\n\ndef g():\n    pass", "    return 1\n"),
-    ("    return 1\nif __name__ == '__main__':\n    f()", "    return 1"),
-    ("    x = 1\n# comment\n", "    x = 1"),
-    ("    return 2\nprint(f())\nclass A: pass", "    return 2"),
-    ("    if x:\n        return 1\n", "    if x:\n        return 1\n"),  # indented stops are not stops
-])
+@pytest.mark.parametrize(
+    "completion, want",
+    [
+        ("    return 1\n\ndef g():\n    pass", "    return 1\n"),
+        ("    return 1\nif __name__ == '__main__':\n    f()", "    return 1"),
+        ("    x = 1\n# comment\n", "    x = 1"),
+        ("    return 2\nprint(f())\nclass A: pass", "    return 2"),
+        ("    if x:\n        return 1\n", "    if x:\n        return 1\n"),  # indented stops are not stops
+    ],
+)
 def test_truncate(completion, want):
     assert he.truncate(completion) == want
 
@@ -92,8 +95,11 @@ def test_evaluate_samples_file_and_cli(tmp_path, capsys):
 def test_pass_at_k_reports_status_counts_and_isolation():
     problems = {t: p for t, p in he.load_problems().items() if t in ("HumanEval/0", "HumanEval/2")}
     loop = "    while True:\n        pass\n"
-    samples = [{"task_id": t, "completion": c} for t in problems
-               for c in (problems[t]["canonical_solution"], "    return None\n", loop)]
+    samples = [
+        {"task_id": t, "completion": c}
+        for t in problems
+        for c in (problems[t]["canonical_solution"], "    return None\n", loop)
+    ]
     res = he.evaluate(samples, problems, limits=Limits(timeout_s=8))
     assert res["pass@1"] == pytest.approx(1 / 3)
     assert res["statuses"] == {"passed": 2, "failed": 2, "timed_out": 2, "sandbox_error": 0}

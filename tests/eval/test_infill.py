@@ -45,7 +45,8 @@ def test_prompt_format_and_middle_extraction(problems):
 def test_canonical_middles_pass_and_wrong_middles_fail(problems):
     rng = random.Random(0)
     tasks = rng.sample(infill.derive_tasks(problems, "single"), 24) + rng.sample(
-        infill.derive_tasks(problems, "multi"), 24)
+        infill.derive_tasks(problems, "multi"), 24
+    )
     good = infill.score_middles(tasks, [[t.middle] for t in tasks], problems)
     assert good["pass@1"] == 1.0 and good["n_tasks"] == 48
     broken = infill.score_middles(tasks, [["    raise RuntimeError('wrong')\n"] for t in tasks], problems)
@@ -57,10 +58,11 @@ def test_scores_report_status_counts_and_isolation(problems):
     from cglab.eval.sandbox import Limits, isolation_mode
 
     task = infill.derive_tasks({"HumanEval/0": problems["HumanEval/0"]}, "single")[0]
-    indent = task.middle[:len(task.middle) - len(task.middle.lstrip())]
+    indent = task.middle[: len(task.middle) - len(task.middle.lstrip())]
     loop = f"{indent}while True:\n{indent}    pass\n" + task.middle  # runs forever before the right line
-    res = infill.score_middles([task], [[task.middle, f"{indent}raise RuntimeError('wrong')\n", loop]],
-                               problems, limits=Limits(timeout_s=8))
+    res = infill.score_middles(
+        [task], [[task.middle, f"{indent}raise RuntimeError('wrong')\n", loop]], problems, limits=Limits(timeout_s=8)
+    )
     assert res["pass@1"] == pytest.approx(1 / 3)
     assert res["statuses"] == {"passed": 1, "failed": 1, "timed_out": 1, "sandbox_error": 0}
     assert res["isolation"] == isolation_mode()
@@ -86,7 +88,8 @@ def test_tokenizer_without_sentinels_is_rejected(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["def f(): pass"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    model = CodeGenForCausalLM(CodeGenConfig(vocab_size=300, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                                             rotary_dim=4))
+    model = CodeGenForCausalLM(
+        CodeGenConfig(vocab_size=300, n_positions=64, n_embd=16, n_layer=1, n_head=2, rotary_dim=4)
+    )
     with pytest.raises(ValueError, match="<mask_1>"):
         infill.evaluate(HFGenerator(model, fast), "single", limit=1)

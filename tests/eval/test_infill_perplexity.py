@@ -1,4 +1,5 @@
 """Evaluation pieces on a tiny random HF CodeGen model with a real byte-level BPE (no downloads)."""
+
 import math
 
 import pytest
@@ -8,8 +9,12 @@ from hypothesis import strategies as st
 from cglab.eval.infill import EOM, EOS, MASK, SEP, InfillExample, infill_examples, infill_ids, infill_perplexity
 
 SPECIALS = [EOS, SEP, EOM] + [f"<mask_{i}>" for i in range(1, 5)]
-CODE = ["def f(x):\n    y = x + 1\n\n    return y * 2\n", "import os\n\n\nclass A:\n    a = 1\n    b = 2\n",
-        "x = 1\n", "for i in range(3):\n    print(i)\n    print(i * i)\n    continue\n"]
+CODE = [
+    "def f(x):\n    y = x + 1\n\n    return y * 2\n",
+    "import os\n\n\nclass A:\n    a = 1\n    b = 2\n",
+    "x = 1\n",
+    "for i in range(3):\n    print(i)\n    print(i * i)\n    continue\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +28,27 @@ def generator():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CODE * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   additional_special_tokens=SPECIALS[1:])
+    tok.train_from_iterator(
+        CODE * 10,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, additional_special_tokens=SPECIALS[1:]
+    )
     torch.manual_seed(0)
-    cfg = CodeGenConfig(vocab_size=fast.vocab_size, n_positions=64, n_ctx=64, n_embd=16, n_layer=1, n_head=2,
-                        rotary_dim=4, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    cfg = CodeGenConfig(
+        vocab_size=fast.vocab_size,
+        n_positions=64,
+        n_ctx=64,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        rotary_dim=4,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     return HFGenerator(CodeGenForCausalLM(cfg), fast, device="cpu")
 
 
@@ -53,7 +72,7 @@ def test_infill_ids_follow_the_codegen2_prompt_and_fit(generator):
     assert prompt[-3:] == [ids[EOS], ids[SEP], ids[MASK]] and prompt.count(ids[MASK]) == 2
     assert target[-1] == ids[EOM] and tok.decode(target[:-1]) == ex.middle
     # prefix kept from its end, suffix from its start
-    before = prompt[:prompt.index(ids[MASK])]
+    before = prompt[: prompt.index(ids[MASK])]
     assert tok.decode(before).endswith("def f(x):\n") and len(before) > 0
 
 
@@ -67,7 +86,7 @@ def test_infill_perplexity_matches_one_example_at_a_time(generator):
         p, t = infill_ids(generator.tok, ex, 64)
         with torch.no_grad():
             logits = generator.model(input_ids=torch.tensor([p + t])).logits[0]
-        lp = torch.log_softmax(logits.float(), -1)[len(p) - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1)[len(p) - 1 : -1]
         nll -= float(lp[torch.arange(len(t)), torch.tensor(t)].sum())
         n += len(t)
     assert got["tokens"] == n and got["examples"] == len(exs)
@@ -92,14 +111,40 @@ def test_prefix_lm_infill_perplexity_reads_like_the_training_model(generator):
     # weights, so that how the prompt is read shows in the score.
     torch.manual_seed(0)
     tok = generator.tok
-    generator = HFGenerator(CodeGenForCausalLM(CodeGenConfig(
-        vocab_size=tok.vocab_size, n_positions=64, n_ctx=64, n_embd=16, n_layer=2, n_head=4, rotary_dim=4,
-        initializer_range=0.5, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)), tok, device="cpu")
+    generator = HFGenerator(
+        CodeGenForCausalLM(
+            CodeGenConfig(
+                vocab_size=tok.vocab_size,
+                n_positions=64,
+                n_ctx=64,
+                n_embd=16,
+                n_layer=2,
+                n_head=4,
+                rotary_dim=4,
+                initializer_range=0.5,
+                bos_token_id=tok.eos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ),
+        tok,
+        device="cpu",
+    )
     c = generator.model.config
-    cfg = from_dict({}, ["model.preset=tiny", f"model.num_layers={c.n_layer}", f"model.hidden_size={c.n_embd}",
-                         f"model.num_attention_heads={c.n_head}", f"model.rotary_dim={c.rotary_dim}",
-                         f"model.vocab_size={c.vocab_size}", f"model.max_position_embeddings={c.n_positions}",
-                         "data.seq_length=64", "model.architecture=prefix_lm", "model.document_masking=false"])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            f"model.num_layers={c.n_layer}",
+            f"model.hidden_size={c.n_embd}",
+            f"model.num_attention_heads={c.n_head}",
+            f"model.rotary_dim={c.rotary_dim}",
+            f"model.vocab_size={c.vocab_size}",
+            f"model.max_position_embeddings={c.n_positions}",
+            "data.seq_length=64",
+            "model.architecture=prefix_lm",
+            "model.document_masking=false",
+        ],
+    )
     init_parallel(1, 1)
     try:
         ours = build_model(cfg.model, cfg.parallel).eval()
@@ -111,9 +156,10 @@ def test_prefix_lm_infill_perplexity_reads_like_the_training_model(generator):
             p, t = infill_ids(generator.tok, ex, 64)
             with torch.no_grad():
                 # the training form: every token of the one document carries its prefix end (through <sep>)
-                logits = forward_logits(ours, cfg.model, torch.tensor([p + t]),
-                                        prefix_end=torch.full((1, len(p) + len(t)), len(p) - 1))[0]
-            lp = torch.log_softmax(logits.float(), -1)[len(p) - 1:-1]
+                logits = forward_logits(
+                    ours, cfg.model, torch.tensor([p + t]), prefix_end=torch.full((1, len(p) + len(t)), len(p) - 1)
+                )[0]
+            lp = torch.log_softmax(logits.float(), -1)[len(p) - 1 : -1]
             nll -= float(lp[torch.arange(len(t)), torch.tensor(t)].sum())
             n += len(t)
     finally:

@@ -2,6 +2,7 @@
 
 tests/eval/data/mbpp.jsonl is a small file written for these tests in the published format (few-shot tasks 2-4,
 test tasks 11-13, one validation task 600 that must not be scored)."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,20 @@ def test_load_tasks_and_splits():
     assert tasks[13]["challenge_test_list"] == ['assert count_vowels("AEIOU") == 5']
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"task_id": 5, "text": "x"', "not JSON"),
-    ('[1, 2]', "JSON object"),
-    ('{"task_id": 5, "text": "x", "code": "", "test_setup_code": ""}', "no 'test_list' field"),
-    ('{"task_id": "5", "text": "x", "code": "", "test_list": [], "test_setup_code": ""}', "'task_id' should be int"),
-    ('{"task_id": 5, "text": "x", "code": "", "test_list": [1], "test_setup_code": ""}', "list of strings"),
-    ('{"task_id": 2, "text": "x", "code": "", "test_list": [], "test_setup_code": ""}', "duplicate task_id 2"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"task_id": 5, "text": "x"', "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"task_id": 5, "text": "x", "code": "", "test_setup_code": ""}', "no 'test_list' field"),
+        (
+            '{"task_id": "5", "text": "x", "code": "", "test_list": [], "test_setup_code": ""}',
+            "'task_id' should be int",
+        ),
+        ('{"task_id": 5, "text": "x", "code": "", "test_list": [1], "test_setup_code": ""}', "list of strings"),
+        ('{"task_id": 2, "text": "x", "code": "", "test_list": [], "test_setup_code": ""}', "duplicate task_id 2"),
+    ],
+)
 def test_malformed_record_names_file_and_line(tmp_path, line, message):
     bad = tmp_path / "mbpp.jsonl"
     lines = DATA.read_text().splitlines()
@@ -135,8 +142,12 @@ def test_cli_scores_a_samples_file(tmp_path, capsys):
     from cglab.cli import main
 
     samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"task_id": 11, "completion": "def largest(xs):\n  return max(xs)"}) + "\n"
-                       + json.dumps({"task_id": 12, "completion": "def rect_area(r):\n  return 0"}) + "\n")
+    samples.write_text(
+        json.dumps({"task_id": 11, "completion": "def largest(xs):\n  return max(xs)"})
+        + "\n"
+        + json.dumps({"task_id": 12, "completion": "def rect_area(r):\n  return 0"})
+        + "\n"
+    )
     assert main(["eval", "mbpp", "--samples", str(samples), "--data-dir", str(DATA.parent)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["pass@1"] == 0.5 and res["statuses"]["passed"] == 1 and res["statuses"]["failed"] == 1

@@ -3,6 +3,7 @@
 tests/eval/data/mtpb.jsonl is a small file written for these tests in the published format: problem 1 (string,
 placeholder in the first turn), 2 (a list of tuples expected as a list of lists), 3 (a float, no print turn, an
 escaped `{{float}}` in a prompt, no max_gen_length)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ REFERENCE = {
     'Print "loud".': "print(loud)",
     'Assign the list [1, 2] to a variable named "nums".': "nums = [1, 2]",
     'Assign the list [] to a variable named "nums".': "nums = []",
-    'Pair each number in "nums" with its square as a tuple, in a list named "pairs".':
-        "pairs = [(x, x * x) for x in nums]",
+    'Pair each number in "nums" with its square as a tuple, in a list named "pairs".': "pairs = [(x, x * x) for x in nums]",  # noqa: E501
     'Print "pairs".': "print(pairs)",
     'Define a list named "xs" with the values [1, 2, 3].': "xs = [1, 2, 3]",
     'Define a list named "xs" with the values [0.1, 0.2].': "xs = [0.1, 0.2]",
@@ -60,16 +60,21 @@ def test_load_problems():
     assert mtpb.turns(problems[2], 1)[1] == 'Compute the mean of "xs" as "m" (a {float}).'  # {{ }}: literal
 
 
-@pytest.mark.parametrize("record, message", [
-    ('{"id": "9", "prompts": ["x"]', "not JSON"),
-    ('{"id": "9", "prompts": ["x"], "inputs": [{}]}', "no 'outputs' field"),
-    ('{"id": "9", "prompts": [], "inputs": [], "outputs": []}', "non-empty list of strings"),
-    ('{"id": "9", "prompts": ["x"], "inputs": [{}, {}], "outputs": [1]}', "one expected result per input"),
-    ('{"id": "9", "prompts": ["Use {A} and {B}."], "inputs": [{"A": 1}], "outputs": [1]}',
-     r"inputs\[0\] has no value for placeholder 'B'"),
-    ('{"id": "9", "prompts": ["Use {A."], "inputs": [{"A": 1}], "outputs": [1]}', "not a valid"),
-    ('{"id": "1", "prompts": ["x"], "inputs": [], "outputs": []}', "duplicate id 1"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('{"id": "9", "prompts": ["x"]', "not JSON"),
+        ('{"id": "9", "prompts": ["x"], "inputs": [{}]}', "no 'outputs' field"),
+        ('{"id": "9", "prompts": [], "inputs": [], "outputs": []}', "non-empty list of strings"),
+        ('{"id": "9", "prompts": ["x"], "inputs": [{}, {}], "outputs": [1]}', "one expected result per input"),
+        (
+            '{"id": "9", "prompts": ["Use {A} and {B}."], "inputs": [{"A": 1}], "outputs": [1]}',
+            r"inputs\[0\] has no value for placeholder 'B'",
+        ),
+        ('{"id": "9", "prompts": ["Use {A."], "inputs": [{"A": 1}], "outputs": [1]}', "not a valid"),
+        ('{"id": "1", "prompts": ["x"], "inputs": [], "outputs": []}', "duplicate id 1"),
+    ],
+)
 def test_malformed_record_names_file_and_line(tmp_path, record, message):
     bad = tmp_path / "mtpb.jsonl"
     lines = DATA.read_text().splitlines()
@@ -98,61 +103,70 @@ def test_multi_turn_prompts_carry_earlier_turns_and_own_code():
     assert model.budgets[-1] == 7
 
 
-@pytest.mark.parametrize("text, want", [
-    ("x = 1\n# next turn\ny = 2", "x = 1\n"),
-    ("#x = 1", ""),
-    ("x = 1\n\n\n\ny = 2", "x = 1"),
-    ('x = 1\n"""doc', "x = 1\n"),
-    ("print(1)\nprint(2)\n", "print(1)\n"),  # a second top-level print starts the next turn's work
-    ("def f():\n    return 1\ndef g():\n    pass", "def f():\n    return 1\n"),
-    ("x = 1<|endoftext|>junk", "x = 1"),
-    ("if a:\n    # inside\n    b = 1\n", "if a:\n    # inside\n    b = 1\n"),  # only line-start #
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("x = 1\n# next turn\ny = 2", "x = 1\n"),
+        ("#x = 1", ""),
+        ("x = 1\n\n\n\ny = 2", "x = 1"),
+        ('x = 1\n"""doc', "x = 1\n"),
+        ("print(1)\nprint(2)\n", "print(1)\n"),  # a second top-level print starts the next turn's work
+        ("def f():\n    return 1\ndef g():\n    pass", "def f():\n    return 1\n"),
+        ("x = 1<|endoftext|>junk", "x = 1"),
+        ("if a:\n    # inside\n    b = 1\n", "if a:\n    # inside\n    b = 1\n"),  # only line-start #
+    ],
+)
 def test_truncate(text, want):
     assert mtpb.truncate(text) == want
 
 
-@pytest.mark.parametrize("code, want", [
-    ("def f(a):\n    return a ** 2\nf(2)", "def f(a):\n    return a ** 2\nprint(f(2))"),  # the released test
-    ("df.groupby('g')['a'].value_counts()", "print(df.groupby('g')['a'].value_counts())"),
-    ("x = 1\ny = x + 1", "x = 1\ny = x + 1\nprint(y)"),
-    ("total = 0\ntotal += 5", "total = 0\ntotal += 5\nprint(total)"),
-    ("a, b = 1, 2", "a, b = (1, 2)\nprint((a, b))"),
-    ("z: int = 3", "z: int = 3\nprint(z)"),
-    ("x = 1\nprint(x)", "x = 1\nprint(x)"),  # already prints: untouched
-    ("for i in range(3):\n    print(i)", "for i in range(3):\n    print(i)"),  # not an expression: untouched
-    ("d['k'] = 1", "d['k'] = 1"),  # not a name: untouched
-    ("def f(:\n", "def f(:\n"),  # does not parse: runs (and fails) as it is
-])
+@pytest.mark.parametrize(
+    "code, want",
+    [
+        ("def f(a):\n    return a ** 2\nf(2)", "def f(a):\n    return a ** 2\nprint(f(2))"),  # the released test
+        ("df.groupby('g')['a'].value_counts()", "print(df.groupby('g')['a'].value_counts())"),
+        ("x = 1\ny = x + 1", "x = 1\ny = x + 1\nprint(y)"),
+        ("total = 0\ntotal += 5", "total = 0\ntotal += 5\nprint(total)"),
+        ("a, b = 1, 2", "a, b = (1, 2)\nprint((a, b))"),
+        ("z: int = 3", "z: int = 3\nprint(z)"),
+        ("x = 1\nprint(x)", "x = 1\nprint(x)"),  # already prints: untouched
+        ("for i in range(3):\n    print(i)", "for i in range(3):\n    print(i)"),  # not an expression: untouched
+        ("d['k'] = 1", "d['k'] = 1"),  # not a name: untouched
+        ("def f(:\n", "def f(:\n"),  # does not parse: runs (and fails) as it is
+    ],
+)
 def test_inject_print(code, want):
     assert mtpb.inject_print(code) == want
 
 
-@pytest.mark.parametrize("actual, expected, same", [
-    ((1, 2), [1, 2], True),
-    ([(1, 1), (2, 4)], [[1, 1], [2, 4]], True),  # list/tuple at any depth
-    ([1, 2], [2, 1], False),
-    ([1, 2], [1, 2, 3], False),
-    (0.15000000000000002, 0.15, True),
-    (2.0 + 5e-7, 2, True),  # within 1e-6
-    (2.0 + 5e-6, 2, False),
-    (3.7, 3, False),  # no truncating cast to the expected int
-    ([0.1 + 0.2], [0.3], True),
-    (np.array([1.0, 2.0]), [1, 2], True),
-    (np.int64(5), 5, True),
-    (np.float32(0.5), 0.5, True),
-    (5, "5", True),  # read as the expected type, as the released scorer did
-    ("3.14", 3.14, True),
-    ("abc", 3, False),
-    ("False", False, True),
-    (0, False, False),  # bools compare as text: bool("False") would be True
-    ({1: ["a"]}, {"1": ["a"]}, True),  # JSON keys are strings
-    ({1: ["a"]}, {"2": ["a"]}, False),
-    ("None", None, True),
-    (None, None, True),
-    ("ab", ["a", "b"], False),
-    (float("inf"), 2.0, False),
-])
+@pytest.mark.parametrize(
+    "actual, expected, same",
+    [
+        ((1, 2), [1, 2], True),
+        ([(1, 1), (2, 4)], [[1, 1], [2, 4]], True),  # list/tuple at any depth
+        ([1, 2], [2, 1], False),
+        ([1, 2], [1, 2, 3], False),
+        (0.15000000000000002, 0.15, True),
+        (2.0 + 5e-7, 2, True),  # within 1e-6
+        (2.0 + 5e-6, 2, False),
+        (3.7, 3, False),  # no truncating cast to the expected int
+        ([0.1 + 0.2], [0.3], True),
+        (np.array([1.0, 2.0]), [1, 2], True),
+        (np.int64(5), 5, True),
+        (np.float32(0.5), 0.5, True),
+        (5, "5", True),  # read as the expected type, as the released scorer did
+        ("3.14", 3.14, True),
+        ("abc", 3, False),
+        ("False", False, True),
+        (0, False, False),  # bools compare as text: bool("False") would be True
+        ({1: ["a"]}, {"1": ["a"]}, True),  # JSON keys are strings
+        ({1: ["a"]}, {"2": ["a"]}, False),
+        ("None", None, True),
+        (None, None, True),
+        ("ab", ["a", "b"], False),
+        (float("inf"), 2.0, False),
+    ],
+)
 def test_equivalent(actual, expected, same):
     assert mtpb.equivalent(actual, expected) is same
 
@@ -211,8 +225,12 @@ def test_cli_scores_a_samples_file(tmp_path, capsys):
     assert "samples.jsonl:1" in capsys.readouterr().err
 
 
-@given(st.lists(st.sampled_from(["x = 1", "\n", "#", "print(x)", "def f():", "    ", "'''", '"""', "<|endoftext|>",
-                                 "y"]), max_size=30).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(["x = 1", "\n", "#", "print(x)", "def f():", "    ", "'''", '"""', "<|endoftext|>", "y"]),
+        max_size=30,
+    ).map("".join)
+)
 @settings(max_examples=300, deadline=None)
 def test_stopping_early_at_the_stops_keeps_what_truncate_keeps(text):
     # Generation stops at STOPS; truncate must give the same code as on the whole budget's text.

@@ -46,8 +46,10 @@ def test_lambada_examples_are_paragraph_last_words(doc):
 
 
 def test_lambada_requires_sentence_end_and_word_target():
-    doc = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-           "upsilon phi chi\n\nno sentence end here\n\nthe number is 42.")
+    doc = (
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+        "upsilon phi chi\n\nno sentence end here\n\nthe number is 42."
+    )
     ex = nl.lambada_examples([doc], min_context_words=3)
     assert ex == []
 

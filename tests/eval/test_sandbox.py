@@ -1,4 +1,5 @@
 """The sandbox really contains hostile programs on this machine, and the host is left unchanged."""
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,9 @@ def test_isolation_mode_reported():
 def test_env_is_scrubbed_and_cwd_private():
     os.environ["CGLAB_SECRET_TEST"] = "leak"
     try:
-        res = run_program("import os, sys; print(sorted(os.environ)); print(os.getcwd()); print(os.getuid())",
-                          Limits(timeout_s=20))
+        res = run_program(
+            "import os, sys; print(sorted(os.environ)); print(os.getcwd()); print(os.getuid())", Limits(timeout_s=20)
+        )
     finally:
         del os.environ["CGLAB_SECRET_TEST"]
     assert res.passed, res.stderr
@@ -144,8 +146,9 @@ def test_hostile_programs_are_contained_and_host_unchanged(canary, tmp_path):
     programs["daemon"] = DAEMON
     programs["benign"] = "assert sum(range(10)) == 45\n"
     try:
-        results = dict(zip(programs, run_programs(list(programs.values()),
-                                                  Limits(timeout_s=4, memory_bytes=512 << 20), workers=2)))
+        results = dict(
+            zip(programs, run_programs(list(programs.values()), Limits(timeout_s=4, memory_bytes=512 << 20), workers=2))
+        )
     finally:
         stop.set()
         t.join()
@@ -176,10 +179,14 @@ def test_user_namespace_mode_contains_writes_and_network(canary):
         pytest.skip("unprivileged user namespaces not available")
     uid = sandbox._uid_for_slot(0)
     write = sandbox._run_one(f"open({str(canary)!r}, 'w').write('pwned')", limits, "user-namespaces", uid)
-    net = sandbox._run_one("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n", limits,
-                           "user-namespaces", uid)
-    remount = sandbox._run_one("import subprocess, sys\n"
-                               "sys.exit(subprocess.call(['mount', '-o', 'remount,rw', '/']))\n",
-                               limits, "user-namespaces", uid)
+    net = sandbox._run_one(
+        "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n", limits, "user-namespaces", uid
+    )
+    remount = sandbox._run_one(
+        "import subprocess, sys\nsys.exit(subprocess.call(['mount', '-o', 'remount,rw', '/']))\n",
+        limits,
+        "user-namespaces",
+        uid,
+    )
     assert not write.passed and not net.passed and not remount.passed
     assert canary.read_text() == "untouched"

@@ -1,4 +1,5 @@
 """Runs in spawned processes: one forward/backward of the tiny model at a given TP x PP, results to a file."""
+
 import torch
 import torch.distributed as dist
 
@@ -11,9 +12,17 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
     from cglab.model.hf_convert import load_into, model_state, shard, unshard
     from cglab.train.step import build_train_state, forward_backward, reduce_stats
 
-    cfg = from_dict({}, ["model.preset=tiny", f"parallel.tensor_model_parallel_size={tp}",
-                         f"parallel.pipeline_model_parallel_size={pp}", "train.micro_batch_size=2",
-                         "train.global_batch_size=4", *overrides])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            *overrides,
+        ],
+    )
     init_parallel(tp, pp)
     state = build_train_state(cfg)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -29,6 +38,9 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
         w = unshard({k: v for k, _, v in everything}, cfg.model)
         # which block the config built, so a test comparing two configs can check they really differ
         layer = inner.decoder.layers[0]
-        built = {"attention": type(layer.self_attention).__name__, "fused_residual": layer.fused_residual,
-                 "compile_loss": inner.compile_loss}
+        built = {
+            "attention": type(layer.self_attention).__name__,
+            "fused_residual": layer.fused_residual,
+            "compile_loss": inner.compile_loss,
+        }
         torch.save({"loss": loss, "grads": g, "weights": w, "built": built}, out_path)

@@ -7,10 +7,21 @@ from cglab.config import from_dict
 
 def tiny_hf(m, seed=0):
     torch.manual_seed(seed)
-    cfg = CodeGenConfig(vocab_size=m.vocab_size, n_positions=m.max_position_embeddings,
-                        n_ctx=m.max_position_embeddings, n_embd=m.hidden_size, n_layer=m.num_layers,
-                        n_head=m.num_attention_heads, rotary_dim=m.rotary_dim, tie_word_embeddings=False,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = CodeGenConfig(
+        vocab_size=m.vocab_size,
+        n_positions=m.max_position_embeddings,
+        n_ctx=m.max_position_embeddings,
+        n_embd=m.hidden_size,
+        n_layer=m.num_layers,
+        n_head=m.num_attention_heads,
+        rotary_dim=m.rotary_dim,
+        tie_word_embeddings=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = CodeGenForCausalLM(cfg).eval()
     # Random LayerNorm/bias values too, so a swapped or dropped parameter cannot hide behind ones and zeros.
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """model.sdpa_kernel reaches every layer's core attention and only reorders SDPA's kernels: the maths is unchanged."""
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
@@ -10,8 +11,11 @@ from cglab.model.codegen import build_model, forward_logits
 
 @pytest.mark.parametrize("kernel", sorted(KERNEL_PRIORITY))
 def test_kernel_choice_is_first_in_priority_inside_attend(kernel):
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
+    first = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[kernel]
     before = torch._C._get_sdp_priority_order()
     cfg = from_dict({}, ["model.preset=tiny"]).model
     attn = SDPAttention(_tc(cfg), 1, None, "self", kernel=kernel)
@@ -23,8 +27,9 @@ def test_kernel_choice_is_first_in_priority_inside_attend(kernel):
 
 
 def _tc(m):
-    from cglab.model.codegen import transformer_config
     from cglab.config import ParallelConfig
+    from cglab.model.codegen import transformer_config
+
     return transformer_config(m, ParallelConfig())
 
 
@@ -41,14 +46,21 @@ def test_every_layer_gets_the_kernel_and_logits_are_unchanged(single_rank, arch,
     tok = torch.randint(0, auto.vocab_size, (2, 32))
     seg = torch.arange(32).div(10, rounding_mode="floor").expand(2, 32)
     pre = torch.tensor([5, 12])
-    torch.testing.assert_close(forward_logits(c, cudnn, tok, seg, pre), forward_logits(a, auto, tok, seg, pre),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        forward_logits(c, cudnn, tok, seg, pre), forward_logits(a, auto, tok, seg, pre), rtol=0, atol=0
+    )
 
 
-@pytest.mark.parametrize("cuda, te, dropout, want", [
-    (False, False, 0.0, "sdpa"), (True, False, 0.0, "flex"), (True, False, 0.1, "sdpa"),
-    (True, True, 0.0, "flex"),  # Transformer Engine installed (the GPU images): auto still never picks it
-    (True, True, 0.1, "sdpa")])
+@pytest.mark.parametrize(
+    "cuda, te, dropout, want",
+    [
+        (False, False, 0.0, "sdpa"),
+        (True, False, 0.0, "flex"),
+        (True, False, 0.1, "sdpa"),
+        (True, True, 0.0, "flex"),  # Transformer Engine installed (the GPU images): auto still never picks it
+        (True, True, 0.1, "sdpa"),
+    ],
+)
 def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
     from cglab import decisions as spec
     from cglab.compat import flags
@@ -59,17 +71,23 @@ def test_auto_backend_resolution(monkeypatch, cuda, te, dropout, want):
     assert spec.resolve_backend("sdpa", dropout) == "sdpa"  # an explicit choice is kept
 
 
-@pytest.mark.parametrize("overrides", [
-    [],  # document masking is on by default
-    ["model.document_masking=false", "model.architecture=prefix_lm"],
-    ["model.document_masking=true", "model.architecture=causal"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # document masking is on by default
+        ["model.document_masking=false", "model.architecture=prefix_lm"],
+        ["model.document_masking=true", "model.architecture=causal"],
+    ],
+)
 def test_te_with_a_mask_it_would_ignore_is_a_config_error(overrides):
     """TE's DotProductAttention ignores a dense mask for the causal mask type: refused, naming both fields."""
     from cglab.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model\.attention_backend: 'te'.*model\.document_masking.*"
-                                          r"model\.architecture"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.attention_backend: 'te'.*model\.document_masking.*"
+        r"model\.architecture",
+    ):
         from_dict({}, ["model.preset=tiny", "model.attention_backend=te", *overrides])
     # plain causal without packed-document masks is what TE's causal kernel does correctly: allowed
     from_dict({}, ["model.preset=tiny", "model.attention_backend=te", "model.document_masking=false"])

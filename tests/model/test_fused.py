@@ -1,7 +1,9 @@
 """The fused qkv + rotary + layout function computes exactly what Megatron's split, rotary and permute compute,
 forward and backward, eagerly and compiled."""
+
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from cglab.model import fused
@@ -22,8 +24,14 @@ def _megatron(mixed, freqs, heads, head_dim):
 
 
 @settings(max_examples=25, deadline=None)
-@given(s=st.integers(1, 9), b=st.integers(1, 3), heads=st.integers(1, 3), half=st.integers(1, 4),
-       extra=st.sampled_from([0, 2, 6]), seed=st.integers(0, 2**16))
+@given(
+    s=st.integers(1, 9),
+    b=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    half=st.integers(1, 4),
+    extra=st.sampled_from([0, 2, 6]),
+    seed=st.integers(0, 2**16),
+)
 def test_forward_and_backward_equal_megatron(s, b, heads, half, extra, seed):
     rot, head_dim = 2 * half, 2 * half + extra  # partial rotary when extra > 0
     g = torch.Generator().manual_seed(seed)

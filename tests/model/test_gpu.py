@@ -1,4 +1,5 @@
 """GPU path: bf16 through Float16Module, SDPA attention, the codegen2-1B preset. Skipped without CUDA."""
+
 import pytest
 import torch
 
@@ -10,15 +11,29 @@ def test_bf16_sdpa_step_codegen2_1b():
     from cglab.distributed import destroy_parallel, init_parallel
     from cglab.train.step import build_train_state, train_step
 
-    cfg = from_dict({}, ["model.preset=codegen2-1B", "parallel.use_gpu=true", "train.precision=bf16",
-                         "data.seq_length=2048", "train.micro_batch_size=2", "train.global_batch_size=2",
-                         "model.attention_backend=sdpa", "objective.kind=clm"])  # synthetic batch: no sentinels
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=codegen2-1B",
+            "parallel.use_gpu=true",
+            "train.precision=bf16",
+            "data.seq_length=2048",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            "model.attention_backend=sdpa",
+            "objective.kind=clm",
+        ],
+    )  # synthetic batch: no sentinels
     init_parallel(1, 1)
     try:
         state = build_train_state(cfg)
         tok = torch.randint(0, 51200, (2, 2048))
-        b = {"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(2, 2048),
-             "segment_ids": torch.zeros(2, 2048, dtype=torch.long)}
+        b = {
+            "tokens": tok,
+            "labels": torch.roll(tok, -1, 1),
+            "loss_mask": torch.ones(2, 2048),
+            "segment_ids": torch.zeros(2, 2048, dtype=torch.long),
+        }
         first = train_step(state, cfg, [b])
         for _ in range(3):
             last = train_step(state, cfg, [b])
@@ -63,8 +78,10 @@ def test_compile_fusions_match_unfused_bf16():
     try:
         logits = []
         for fused in (False, True):
-            m = from_dict({}, ["model.preset=small", "model.attention_backend=sdpa",
-                               f"model.compile_fusions={str(fused).lower()}"]).model
+            m = from_dict(
+                {},
+                ["model.preset=small", "model.attention_backend=sdpa", f"model.compile_fusions={str(fused).lower()}"],
+            ).model
             model = build_model(m, from_dict({}, []).parallel, seed=3).eval()
             tok = torch.randint(0, m.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -78,7 +95,6 @@ def test_compile_fusions_match_unfused_bf16():
 def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     """FlexAttention (compiled, Triton) with the document + prefix block mask vs SDPA with the dense mask."""
     import torch.nn.functional as F
-
     from torch.nn.attention.flex_attention import flex_attention
 
     from cglab.model.fused import compiled
@@ -93,12 +109,14 @@ def test_flex_block_mask_matches_dense_mask_forward_and_backward():
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     pre = torch.where(starts, idx, 0).cummax(1).values + 40
     pre[1] = 0
-    qkv = [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-           for _ in range(3)]
+    qkv = [
+        torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    ]
     ref_in = [t.detach().clone().requires_grad_() for t in qkv]
     got = compiled(flex_attention)(*qkv, block_mask=block_mask(seg, pre, seq_len=s, batch=b, device="cuda"))
-    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=~attention_mask(seg, pre, seq_len=s, batch=b,
-                                                                           device="cuda"))
+    ref = F.scaled_dot_product_attention(
+        *ref_in, attn_mask=~attention_mask(seg, pre, seq_len=s, batch=b, device="cuda")
+    )
     up = torch.randn_like(ref)
     got.backward(up)
     ref.backward(up)
@@ -121,8 +139,9 @@ def test_sdpa_kernel_choice_runs_that_kernel_with_the_same_result(kernel, marker
     tc = transformer_config(cfg.model, cfg.parallel)
     b, h, s, d = 2, 16, 1024, 128  # the codegen2-1B head shape
     g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = [torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-           for _ in range(3)]
+    qkv = [
+        torch.randn(b, h, s, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    ]
     ref_in = [t.detach().clone().requires_grad_() for t in qkv]
     attn = SDPAttention(tc, 1, None, "self", kernel=kernel)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -139,9 +158,14 @@ def test_sdpa_kernel_choice_runs_that_kernel_with_the_same_result(kernel, marker
         torch.testing.assert_close(a.grad, r.grad, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("variant", [["model.compile_fusions=true", "model.wgrad_fusion=false"],
-                                     ["model.compile_fusions=false", "model.wgrad_fusion=true"],
-                                     ["model.compile_fusions=true", "model.wgrad_fusion=true"]])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["model.compile_fusions=true", "model.wgrad_fusion=false"],
+        ["model.compile_fusions=false", "model.wgrad_fusion=true"],
+        ["model.compile_fusions=true", "model.wgrad_fusion=true"],
+    ],
+)
 def test_fused_train_step_matches_unfused_loss_and_main_grads(variant):
     """Compiled loss (TP=1) and wgrad-into-main_grad accumulation: the same loss and fp32 main grads as the plain
     bf16 step, through Megatron DDP, over two micro-batches (so the accumulation adds to a non-zero main_grad)."""
@@ -153,14 +177,30 @@ def test_fused_train_step_matches_unfused_loss_and_main_grads(variant):
     batches = []
     for _ in range(2):
         tok = torch.randint(0, 1024, (2, 256), generator=g)
-        batches.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(2, 256),
-                        "segment_ids": torch.zeros(2, 256, dtype=torch.long),
-                        "objective": torch.zeros(2, dtype=torch.long)})
+        batches.append(
+            {
+                "tokens": tok,
+                "labels": torch.roll(tok, -1, 1),
+                "loss_mask": torch.ones(2, 256),
+                "segment_ids": torch.zeros(2, 256, dtype=torch.long),
+                "objective": torch.zeros(2, dtype=torch.long),
+            }
+        )
     results = []
     for ov in (["model.compile_fusions=false", "model.wgrad_fusion=false"], variant):
-        cfg = from_dict({}, ["model.preset=small", "parallel.use_gpu=true", "train.precision=bf16",
-                             "data.seq_length=256", "train.micro_batch_size=2", "train.global_batch_size=4",
-                             "model.document_masking=false", *ov])
+        cfg = from_dict(
+            {},
+            [
+                "model.preset=small",
+                "parallel.use_gpu=true",
+                "train.precision=bf16",
+                "data.seq_length=256",
+                "train.micro_batch_size=2",
+                "train.global_batch_size=4",
+                "model.document_masking=false",
+                *ov,
+            ],
+        )
         init_parallel(1, 1)
         try:
             state = st.build_train_state(cfg)
@@ -185,14 +225,30 @@ def test_fold_grad_scale_bf16_matches_megatron_step():
     batches = []
     for _ in range(4):
         tok = torch.randint(0, 1024, (2, 256), generator=g)
-        batches.append({"tokens": tok, "labels": torch.roll(tok, -1, 1),
-                        "loss_mask": (torch.rand(2, 256, generator=g) > 0.3).float(),
-                        "segment_ids": torch.zeros(2, 256, dtype=torch.long)})
+        batches.append(
+            {
+                "tokens": tok,
+                "labels": torch.roll(tok, -1, 1),
+                "loss_mask": (torch.rand(2, 256, generator=g) > 0.3).float(),
+                "segment_ids": torch.zeros(2, 256, dtype=torch.long),
+            }
+        )
     results = []
     for ov in (["train.fold_grad_scale=false"], []):
-        cfg = from_dict({}, ["model.preset=small", "parallel.use_gpu=true", "train.precision=bf16",
-                             "data.seq_length=256", "train.micro_batch_size=2", "train.global_batch_size=4",
-                             "train.grad_clip=0.5", "train.warmup_steps=0", *ov])
+        cfg = from_dict(
+            {},
+            [
+                "model.preset=small",
+                "parallel.use_gpu=true",
+                "train.precision=bf16",
+                "data.seq_length=256",
+                "train.micro_batch_size=2",
+                "train.global_batch_size=4",
+                "train.grad_clip=0.5",
+                "train.warmup_steps=0",
+                *ov,
+            ],
+        )
         init_parallel(1, 1)
         try:
             state = st.build_train_state(cfg)

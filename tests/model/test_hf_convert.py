@@ -1,4 +1,5 @@
 """Fidelity with HF CodeGen: converted weights give the same logits, the round trip is exact, export loads."""
+
 import pytest
 import torch
 from transformers import CodeGenForCausalLM
@@ -10,8 +11,13 @@ from tests.model.conftest import tiny_hf
 
 @pytest.mark.parametrize("backend", ["sdpa", "local", "sdpa+fused"])
 def test_converted_logits_match_hf(single_rank, tiny_cfg, backend):
-    m = tiny_cfg.model.model_copy(update={"attention_backend": backend.split("+")[0], "document_masking": False,
-                                          "compile_fusions": backend.endswith("+fused")})
+    m = tiny_cfg.model.model_copy(
+        update={
+            "attention_backend": backend.split("+")[0],
+            "document_masking": False,
+            "compile_fusions": backend.endswith("+fused"),
+        }
+    )
     hf = tiny_hf(m)
     ours = build_model(m, tiny_cfg.parallel).eval()
     load_into(ours, hf_to_cglab(hf.state_dict(), m))
@@ -36,8 +42,9 @@ def test_rotary_permutation_is_not_identity(tiny_cfg):
     m = tiny_cfg.model
     hf_sd = tiny_hf(m).state_dict()
     ours = hf_to_cglab(hf_sd, m)
-    assert not torch.equal(ours["decoder.layers.0.self_attention.linear_qkv.weight"],
-                           hf_sd["transformer.h.0.attn.qkv_proj.weight"])
+    assert not torch.equal(
+        ours["decoder.layers.0.self_attention.linear_qkv.weight"], hf_sd["transformer.h.0.attn.qkv_proj.weight"]
+    )
 
 
 def test_export_loads_in_transformers(single_rank, tiny_cfg, tmp_path):
@@ -47,5 +54,6 @@ def test_export_loads_in_transformers(single_rank, tiny_cfg, tmp_path):
     hf = CodeGenForCausalLM.from_pretrained(out).eval()
     tokens = torch.randint(0, m.vocab_size, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(forward_logits(ours, m, tokens, torch.zeros_like(tokens)),
-                                   hf(input_ids=tokens).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            forward_logits(ours, m, tokens, torch.zeros_like(tokens)), hf(input_ids=tokens).logits, atol=1e-4, rtol=0
+        )

@@ -1,4 +1,5 @@
 """Attention masks: prefix-LM opens exactly the prefix block; documents never see each other."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -70,8 +71,13 @@ def test_document_masking_changes_model_output(single_rank, tiny_cfg):
 
 
 @settings(max_examples=20, deadline=None)
-@given(data=st.data(), b=st.integers(1, 3), s=st.integers(2, 40), with_docs=st.booleans(),
-       with_prefix=st.sampled_from([None, "row", "token"]))
+@given(
+    data=st.data(),
+    b=st.integers(1, 3),
+    s=st.integers(2, 40),
+    with_docs=st.booleans(),
+    with_prefix=st.sampled_from([None, "row", "token"]),
+)
 def test_flex_block_mask_attends_like_the_dense_mask(data, b, s, with_docs, with_prefix):
     """FlexAttention with `block_mask` gives SDPA-with-`attention_mask` outputs for documents and prefixes (one
     prefix_end per row, as the evaluation passes it, or one per token, as the data does)."""
@@ -126,8 +132,13 @@ def test_compiled_flex_attention_is_traced_once_per_mask_kind():
 
 
 @settings(max_examples=30, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40), min_size=2, max_size=6), span_max=st.integers(1, 6),
-       ratio=st.floats(0.05, 0.5), seed=st.integers(0, 2**31), document_masking=st.booleans())
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=2, max_size=6),
+    span_max=st.integers(1, 6),
+    ratio=st.floats(0.05, 0.5),
+    seed=st.integers(0, 2**31),
+    document_masking=st.booleans(),
+)
 def test_every_packed_document_is_its_own_prefix_lm(lengths, span_max, ratio, seed, document_masking):
     """File-level span corruption of a packed window, through the mask the model gets: each document's prefix
     (corrupted input + <sep>) is bidirectional, its targets are causal, and nothing reaches a later document (nor,
@@ -144,11 +155,16 @@ def test_every_packed_document_is_its_own_prefix_lm(lengths, span_max, ratio, se
     sp, S = Specials.contiguous(1000, 128), 256  # sentinels for the most spans a unit can need at S
     rng = np.random.default_rng(seed)
     docs = [np.append(rng.integers(0, 1000, n), sp.eot).astype(np.int32) for n in lengths]
-    cfg = ObjectiveConfig(kind="span_corruption", corruption="file_level", mask_ratio_min=ratio,
-                          mask_ratio_max=ratio, span_len_min=1, span_len_max=span_max)
+    cfg = ObjectiveConfig(
+        kind="span_corruption",
+        corruption="file_level",
+        mask_ratio_min=ratio,
+        mask_ratio_max=ratio,
+        span_len_min=1,
+        span_len_max=span_max,
+    )
     windows, wsegs = pack_documents(docs, S, sp, O.packing_reserve(cfg))
-    out = O.apply_objective_batch(windows, wsegs, cfg, sp, [O.sample_rng(seed, 0, i) for i in range(len(windows))],
-                                  S)
+    out = O.apply_objective_batch(windows, wsegs, cfg, sp, [O.sample_rng(seed, 0, i) for i in range(len(windows))], S)
     W = len(windows)
     seg, pre = torch.from_numpy(out["segment_ids"]).long(), torch.from_numpy(out["prefix_end"]).long()
     m = ModelConfig(architecture="prefix_lm", document_masking=document_masking, attention_backend="sdpa")
@@ -158,8 +174,12 @@ def test_every_packed_document_is_its_own_prefix_lm(lengths, span_max, ratio, se
 
     # the block mask the flex backend builds on GPU: its mask_mod on the full index grid, and its kept blocks
     bm = block_mask(seg if document_masking else None, pre, seq_len=S, batch=W)
-    grid = bm.mask_mod(torch.arange(W).view(W, 1, 1), torch.zeros((), dtype=torch.long),
-                       torch.arange(S).view(1, S, 1), torch.arange(S).view(1, 1, S))
+    grid = bm.mask_mod(
+        torch.arange(W).view(W, 1, 1),
+        torch.zeros((), dtype=torch.long),
+        torch.arange(S).view(1, S, 1),
+        torch.arange(S).view(1, 1, S),
+    )
     assert torch.equal(grid.expand(W, S, S), ok)
     bq, bk = bm.BLOCK_SIZE
     kept = bm.to_dense()[:, 0].bool().repeat_interleave(bq, 1).repeat_interleave(bk, 2)[:, :S, :S]
@@ -173,7 +193,7 @@ def test_every_packed_document_is_its_own_prefix_lm(lengths, span_max, ratio, se
             a, e = int(where[0]), int(where[-1]) + 1
             sep = a + int(np.flatnonzero(out["tokens"][w][a:e] == sp.sep)[0])
             own = ok[w, a:e, a:e]
-            prefix = own[:sep + 1 - a, :sep + 1 - a]
+            prefix = own[: sep + 1 - a, : sep + 1 - a]
             assert prefix.all(), f"window {w} document {s}: its prefix [{a}, {sep}] is not bidirectional"
             q, k = idx[a:e, None], idx[None, a:e]
             in_prefix = (q <= sep) & (k <= sep)

@@ -1,4 +1,5 @@
 """TP=2 and PP=2 on CPU (gloo, real processes) give the loss and gradients of TP=1/PP=1 (fp32)."""
+
 import pytest
 import torch
 from transformers import CodeGenConfig, CodeGenForCausalLM
@@ -17,12 +18,20 @@ def _batches(vocab, n_micro=2, b=2, s=32, seed=0):
     for _ in range(n_micro):
         tokens = torch.randint(0, vocab, (b, s), generator=g)
         seg = torch.zeros(b, s, dtype=torch.long)
-        seg[:, s // 2:] = 1  # two documents per row: exercises document masking
+        seg[:, s // 2 :] = 1  # two documents per row: exercises document masking
         loss_mask = (torch.rand(b, s, generator=g) > 0.2).float()
         pre = torch.zeros(b, s, dtype=torch.long)  # per token: each document's own prefix (row 1: only the first)
-        pre[0, :s // 2], pre[0, s // 2:], pre[1, :s // 2] = 5, s // 2 + 4, 9
-        out.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": loss_mask,
-                    "segment_ids": seg, "prefix_end": pre, "objective": torch.tensor([0, 1])})
+        pre[0, : s // 2], pre[0, s // 2 :], pre[1, : s // 2] = 5, s // 2 + 4, 9
+        out.append(
+            {
+                "tokens": tokens,
+                "labels": torch.roll(tokens, -1, 1),
+                "loss_mask": loss_mask,
+                "segment_ids": seg,
+                "prefix_end": pre,
+                "objective": torch.tensor([0, 1]),
+            }
+        )
     return out
 
 
@@ -31,9 +40,18 @@ def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("par")
     m = from_dict({}, ["model.preset=tiny"]).model
     torch.manual_seed(0)
-    hf = CodeGenForCausalLM(CodeGenConfig(vocab_size=m.vocab_size, n_positions=256, n_ctx=256, n_embd=m.hidden_size,
-                                          n_layer=m.num_layers, n_head=m.num_attention_heads,
-                                          rotary_dim=m.rotary_dim, tie_word_embeddings=False))
+    hf = CodeGenForCausalLM(
+        CodeGenConfig(
+            vocab_size=m.vocab_size,
+            n_positions=256,
+            n_ctx=256,
+            n_embd=m.hidden_size,
+            n_layer=m.num_layers,
+            n_head=m.num_attention_heads,
+            rotary_dim=m.rotary_dim,
+            tie_word_embeddings=False,
+        )
+    )
     torch.save(hf_to_cglab(hf.state_dict(), m), d / "full.pt")
     torch.save(_batches(m.vocab_size), d / "batches.pt")
     return d
@@ -66,12 +84,19 @@ def test_fused_block_matches_unfused_single_rank(inputs, arch):
     a = f"model.architecture={arch}"
     # Both sides name compile_fusions: its default (None) is "on wherever it applies", so a reference left at the
     # default would be the fused model compared with itself.
-    ref = _run(inputs, 1, 1, 1, f"ref-unfused-{arch}",
-               ["model.attention_backend=sdpa", "model.compile_fusions=false", a])
+    ref = _run(
+        inputs, 1, 1, 1, f"ref-unfused-{arch}", ["model.attention_backend=sdpa", "model.compile_fusions=false", a]
+    )
     assert ref["built"] == {"attention": "NoBiasSelfAttention", "fused_residual": False, "compile_loss": False}
     for world, tp in ((1, 1), (2, 2)):
-        got = _run(inputs, world, tp, 1, f"fused-tp{tp}-{arch}",
-                   ["model.attention_backend=sdpa", "model.compile_fusions=true", a])
+        got = _run(
+            inputs,
+            world,
+            tp,
+            1,
+            f"fused-tp{tp}-{arch}",
+            ["model.attention_backend=sdpa", "model.compile_fusions=true", a],
+        )
         # the compiled loss applies at TP=1 only (Megatron's vocab-parallel loss otherwise)
         assert got["built"] == {"attention": "FusedSelfAttention", "fused_residual": True, "compile_loss": tp == 1}
         assert abs(got["loss"]["loss"] - ref["loss"]["loss"]) < 1e-5, tp
@@ -88,13 +113,20 @@ def _init_worker(rank, tp, pp, out_path):
     from cglab.model.codegen import build_model
     from cglab.model.hf_convert import model_state, unshard
 
-    cfg = from_dict({}, ["model.preset=tiny", f"parallel.tensor_model_parallel_size={tp}",
-                         f"parallel.pipeline_model_parallel_size={pp}"])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}",
+        ],
+    )
     init_parallel(tp, pp, seed=rank * 17)  # a different global RNG state per rank must not matter
     model = build_model(cfg.model, cfg.parallel, seed=7)
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, ((ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
-                                   model_state(model)))
+    dist.all_gather_object(
+        parts, ((ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()), model_state(model))
+    )
     if rank == 0:
         torch.save(unshard(dict(parts), cfg.model), out_path)
 

@@ -4,6 +4,7 @@ The live test starts a Ray head (`ray start`, metrics export on a free port), ru
 it (RAY_ADDRESS), scrapes /metrics while it runs and checks that every series the Grafana dashboard queries is there,
 with the values the run must have produced.
 """
+
 from __future__ import annotations
 
 import io
@@ -110,13 +111,25 @@ def test_every_dashboard_metric_is_scraped_from_a_live_training_run():
         corpus = _corpus_with_a_bad_record(tmp / "corpus")
         env = head_env(tmp)
         with ray_head(tmp, env) as head:
-            cmd = [str(BIN / "cglab"), "train", "--name", TRIAL, "--storage", str(tmp / "runs"), str(CONFIG),
-                   f"train.train_steps={STEPS}", f"data.seq_length={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}",
-                   f"track.experiment={EXPERIMENT}",
-                   f"data.sources.0.paths=[{corpus / 'stack'}]", f"data.sources.1.paths=[{corpus / 'pile'}]"]
+            cmd = [
+                str(BIN / "cglab"),
+                "train",
+                "--name",
+                TRIAL,
+                "--storage",
+                str(tmp / "runs"),
+                str(CONFIG),
+                f"train.train_steps={STEPS}",
+                f"data.seq_length={SEQ}",
+                f"train.global_batch_size={GLOBAL_BATCH}",
+                f"track.experiment={EXPERIMENT}",
+                f"data.sources.0.paths=[{corpus / 'stack'}]",
+                f"data.sources.1.paths=[{corpus / 'pile'}]",
+            ]
             log = open(tmp / "train.log", "w+")
-            proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": head.gcs}, cwd=tmp, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, env={**env, "RAY_ADDRESS": head.gcs}, cwd=tmp, stdout=log, stderr=subprocess.STDOUT
+            )
             # Workers push metrics to the node's agent every few seconds and the run is short: scrape while it
             # runs and keep the latest value of every series, until the final step's values are in.
             seen: dict[tuple, float] = {}
@@ -132,8 +145,13 @@ def test_every_dashboard_metric_is_scraped_from_a_live_training_run():
                 seen.update(_scrape(head.metrics_port))
                 done = proc.poll() is not None
                 # The counter moves last in TrainMetrics.report: its final value means the last step's gauges are in.
-                if done and (proc.returncode != 0 or (wanted <= {n for n, _ in seen} and values(
-                        "ray_cglab_tokens_total", **tags) == [STEPS * GLOBAL_BATCH * SEQ])):
+                if done and (
+                    proc.returncode != 0
+                    or (
+                        wanted <= {n for n, _ in seen}
+                        and values("ray_cglab_tokens_total", **tags) == [STEPS * GLOBAL_BATCH * SEQ]
+                    )
+                ):
                     break
                 if done and deadline is None:
                     deadline = time.monotonic() + 60  # Ray's export interval is ~10 s
@@ -165,8 +183,12 @@ def test_every_dashboard_metric_is_scraped_from_a_live_training_run():
 
         # Data side: counted by the stream's read tasks, per source (the config's source names). Each task's process
         # exports its own series (Ray adds a WorkerId label); the dashboard sums them, and so do we.
-        assert sum(values("ray_cglab_samples_skipped_total", experiment=EXPERIMENT, source="pile",
-                          reason="malformed_json")) == 1
+        assert (
+            sum(
+                values("ray_cglab_samples_skipped_total", experiment=EXPERIMENT, source="pile", reason="malformed_json")
+            )
+            == 1
+        )
         for source in ("stack", "pile"):
             assert sum(values("ray_cglab_samples_kept_total", experiment=EXPERIMENT, source=source)) > 0
     finally:

@@ -1,4 +1,5 @@
 """The rank-zero logger against a real MLflow server that goes away in the middle of training."""
+
 import json
 
 import pytest
@@ -27,8 +28,15 @@ def test_training_continues_through_a_server_outage(mlflow_server):
     client = MlflowClient(mlflow_server.uri)
     exp = client.create_experiment("codegen2/test-outage")
     run_id = client.create_run(exp).info.run_id
-    ctx = MlflowContext(mlflow_server.uri, run_id, system_metrics=True, system_metrics_interval_s=1,
-                        max_backlog=3, retry_s=0.2, request_timeout_s=2)
+    ctx = MlflowContext(
+        mlflow_server.uri,
+        run_id,
+        system_metrics=True,
+        system_metrics_interval_s=1,
+        max_backlog=3,
+        retry_s=0.2,
+        request_timeout_s=2,
+    )
     logger = RankZeroLogger.from_context(ctx, rank=0)
 
     torch.manual_seed(0)

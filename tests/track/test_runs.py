@@ -1,5 +1,6 @@
 """Every MLflow run cglab makes (sweep parent, trial, single `cglab train` run) comes from SweepTracker, created
 once and found again by its tags."""
+
 import pytest
 
 from cglab.track.mlflow_logger import TAG_RUN, TAG_SWEEP, SweepTracker
@@ -12,8 +13,12 @@ def test_runs_are_created_once_with_params_and_config(mlflow_server, tmp_path):
 
     client = MlflowClient(mlflow_server.uri)
     single = SweepTracker(mlflow_server.uri, "test/runs", sweep="one-run")
-    rid = single.named_run("one-run", tags={"owner": "me"}, params={"train.lr": 0.001, "data.sources": [1, 2]},
-                           config_yaml="train:\n  lr: 0.001\n")
+    rid = single.named_run(
+        "one-run",
+        tags={"owner": "me"},
+        params={"train.lr": 0.001, "data.sources": [1, 2]},
+        config_yaml="train:\n  lr: 0.001\n",
+    )
     again = SweepTracker(mlflow_server.uri, "test/runs", sweep="one-run")
     assert again.named_run("one-run", tags={}, params={}, config_yaml="") == rid  # found, not made twice
     run = client.get_run(rid)

@@ -1,4 +1,5 @@
 """Runs in spawned processes: a run's first training step from `model.init_from`, at a given TP x PP."""
+
 import torch
 
 
@@ -11,9 +12,17 @@ def first_losses(rank, tp, pp, sources, batches_path, out_path):
     init_parallel(tp, pp)
     losses = {}
     for src in sources:
-        cfg = from_dict({}, ["model.preset=tiny", f"parallel.tensor_model_parallel_size={tp}",
-                             f"parallel.pipeline_model_parallel_size={pp}", "train.micro_batch_size=2",
-                             "train.global_batch_size=4", f"model.init_from={src}"])
+        cfg = from_dict(
+            {},
+            [
+                "model.preset=tiny",
+                f"parallel.tensor_model_parallel_size={tp}",
+                f"parallel.pipeline_model_parallel_size={pp}",
+                "train.micro_batch_size=2",
+                "train.global_batch_size=4",
+                f"model.init_from={src}",
+            ],
+        )
         losses[src] = train_step(build_train_state(cfg), cfg, torch.load(batches_path))["loss"]
     if rank == 0:
         torch.save(losses, out_path)

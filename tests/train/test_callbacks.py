@@ -1,5 +1,6 @@
 """The training loop's fixed shape and its callbacks, without Ray workers: hook order, teardown on failure, the
 fault hook, throughput/MFU, and the Ray Train report that hands over (and deletes) each staged checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,18 @@ def test_each_hook_runs_on_every_callback_in_order_and_checkpoints_come_before_l
     calls = cb.Callbacks([Recorder("a", events, checkpoint_at=2), Recorder("b", events)])
     calls.step_end(cb.StepEnd(1, {"loss": 1.0}, 0.0, 1.0))
     calls.step_end(cb.StepEnd(2, {"loss": 0.5}, 0.0, 1.0))
-    assert [e[:3] for e in events] == [("a", "step_end", 1), ("b", "step_end", 1), ("a", "log", 1), ("b", "log", 1),
-                                       ("a", "step_end", 2), ("b", "step_end", 2), ("a", "checkpoint", 2),
-                                       ("b", "checkpoint", 2), ("a", "log", 2), ("b", "log", 2)]
+    assert [e[:3] for e in events] == [
+        ("a", "step_end", 1),
+        ("b", "step_end", 1),
+        ("a", "log", 1),
+        ("b", "log", 1),
+        ("a", "step_end", 2),
+        ("b", "step_end", 2),
+        ("a", "checkpoint", 2),
+        ("b", "checkpoint", 2),
+        ("a", "log", 2),
+        ("b", "log", 2),
+    ]
 
 
 def test_every_on_end_runs_even_when_one_fails():
@@ -108,7 +118,8 @@ def test_fault_injection_fails_once_at_its_step_and_rank(tmp_path, monkeypatch):
     assert marker.read_text() == "3"
     hook.on_step_end(cb.StepEnd(3, {}, 0.0, 1.0))  # the restarted worker trains on
     cb.FaultInjection(cb.Fault(step=4, marker=str(tmp_path / "other"), rank=0, mode="raise")).on_step_end(
-        cb.StepEnd(4, {}, 0.0, 1.0))  # another rank's fault
+        cb.StepEnd(4, {}, 0.0, 1.0)
+    )  # another rank's fault
 
 
 def test_throughput_and_mfu_per_device(monkeypatch):
@@ -130,8 +141,13 @@ def test_throughput_and_mfu_per_device(monkeypatch):
 
 def test_ray_report_hands_over_each_checkpoint_then_deletes_the_staged_copy(tmp_path, monkeypatch):
     reports = []
-    monkeypatch.setattr(cb.ray.train, "report", lambda metrics, checkpoint=None: reports.append(
-        (metrics["step"], checkpoint is not None and (tmp_path / "staged" / "f").exists())))
+    monkeypatch.setattr(
+        cb.ray.train,
+        "report",
+        lambda metrics, checkpoint=None: reports.append(
+            (metrics["step"], checkpoint is not None and (tmp_path / "staged" / "f").exists())
+        ),
+    )
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "f").write_text("x")
@@ -145,6 +161,7 @@ def test_ray_report_hands_over_each_checkpoint_then_deletes_the_staged_copy(tmp_
 def test_the_workers_callbacks_and_their_order(tmp_path, monkeypatch):
     """Fault injection first, then throughput, the checkpoint, the sinks, and the Ray Train report last; the
     metrics history only on rank 0 with a run directory it can see. The checkpointer's staging goes at the end."""
+
     class Plan:
         tokenizer_json = "{}"
 
@@ -155,8 +172,15 @@ def test_the_workers_callbacks_and_their_order(tmp_path, monkeypatch):
         monkeypatch.setattr(dist, "get_rank", lambda: rank)
         calls = loop._callbacks(inp, state=None, feed=None)
         kinds = [type(c) for c in calls.items]
-        assert kinds == [cb.FaultInjection, cb.Throughput, cb.Checkpointer, cb.MlflowMetrics,
-                         *([cb.History] if history else []), cb.Prometheus, cb.RayReport]
+        assert kinds == [
+            cb.FaultInjection,
+            cb.Throughput,
+            cb.Checkpointer,
+            cb.MlflowMetrics,
+            *([cb.History] if history else []),
+            cb.Prometheus,
+            cb.RayReport,
+        ]
         staging = next(c for c in calls.items if isinstance(c, cb.Checkpointer)).staging
         assert staging.is_dir()
         calls.end()
@@ -172,5 +196,7 @@ def test_history_appends_one_json_line_per_step(tmp_path):
     hook = cb.History(path)
     hook.on_log(cb.StepEnd(1, {"step": 1, "loss": 2.5}, 0.0, 1.0))
     hook.on_log(cb.StepEnd(2, {"step": 2, "loss": 2.0}, 0.0, 1.0))
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 2.5},
-                                                                            {"step": 2, "loss": 2.0}]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.0},
+    ]

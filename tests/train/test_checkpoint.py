@@ -1,4 +1,5 @@
 """Checkpoints: complete ones load back exactly; interrupted ones are refused; export to HF is faithful."""
+
 import json
 
 import pytest
@@ -15,22 +16,35 @@ def trained(tmp_path_factory, micro_tokenizer):
     from cglab.distributed import destroy_parallel, init_parallel
     from cglab.train.step import build_train_state, train_step
 
-    cfg = from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=2",
-                         "train.train_steps=10"])
+    cfg = from_dict(
+        {}, ["model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=2", "train.train_steps=10"]
+    )
     init_parallel(1, 1, seed=3)
     state = build_train_state(cfg)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(6):
         tok = torch.randint(0, 1000, (2, 32), generator=g)
-        batches.append({"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(2, 32),
-                        "segment_ids": torch.zeros(2, 32, dtype=torch.long)})
+        batches.append(
+            {
+                "tokens": tok,
+                "labels": torch.roll(tok, -1, 1),
+                "loss_mask": torch.ones(2, 32),
+                "segment_ids": torch.zeros(2, 32, dtype=torch.long),
+            }
+        )
     for b in batches[:3]:
         train_step(state, cfg, [b])
     d = tmp_path_factory.mktemp("ckpt") / "c"
     tok_json = (micro_tokenizer.path / "tokenizer.json").read_text()
-    checkpoint.save(d, state, 3, DataPosition(0, 6), extra={"config": cfg.model_dump(mode="json")},
-                    files={"tokenizer/tokenizer.json": tok_json})
+    checkpoint.save(
+        d,
+        state,
+        3,
+        DataPosition(0, 6),
+        extra={"config": cfg.model_dump(mode="json")},
+        files={"tokenizer/tokenizer.json": tok_json},
+    )
     later = [train_step(state, cfg, [b])["loss"] for b in batches[3:]]
     yield cfg, d, batches, later
     destroy_parallel()
@@ -95,8 +109,9 @@ def test_export_gives_the_same_greedy_tokens(trained, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     prompts = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        cached = hf.generate(prompts, max_new_tokens=16, do_sample=False, pad_token_id=0,
-                             attention_mask=torch.ones_like(prompts))[:, 12:]
+        cached = hf.generate(
+            prompts, max_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts)
+        )[:, 12:]
         seq = prompts
         for _ in range(16):
             nxt = forward_logits(ours, m, seq, torch.zeros_like(seq))[:, -1].argmax(-1, keepdim=True)

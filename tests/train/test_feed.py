@@ -1,6 +1,7 @@
 """The training feed over the real Ray Data stream: an epoch ends only where train.epochs puts it, a stream that
 runs dry before then stops the run with the numbers (never a silent second pass), and each step reports what it
 read: tokens per source (passes) and the masked fraction per objective."""
+
 import numpy as np
 import pytest
 
@@ -25,10 +26,18 @@ def _cfg(micro_sources, tokenizer_dir, *overrides):
     pile = next(s for s in micro_sources if s["kind"] == "pile")
     shard = resolve_files([SourceConfig(**pile)])[0].files[0]
     one_file = [dict(pile, paths=[shard])]  # a single small Pile shard
-    return from_dict({"data": {"sources": one_file, "seq_length": SEQ, "tokenizer": {"path": str(tokenizer_dir)}}},
-                     ["model.preset=tiny", "model.max_position_embeddings=64", "train.micro_batch_size=2",
-                      f"train.global_batch_size={GLOBAL}", "train.warmup_steps=1", "data.filters.dedup=false",
-                      *overrides])
+    return from_dict(
+        {"data": {"sources": one_file, "seq_length": SEQ, "tokenizer": {"path": str(tokenizer_dir)}}},
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.micro_batch_size=2",
+            f"train.global_batch_size={GLOBAL}",
+            "train.warmup_steps=1",
+            "data.filters.dedup=false",
+            *overrides,
+        ],
+    )
 
 
 def _feed(cfg, tmp_path):
@@ -44,7 +53,8 @@ def _feed(cfg, tmp_path):
 
 
 def test_a_stream_that_runs_dry_stops_the_run_instead_of_starting_a_second_pass(
-        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path
+):
     cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=100000", "objective.kind=codegen2")
     feed, run_plan = _feed(cfg, tmp_path)
     assert any("would run dry" in e for e in run_plan["errors"])  # the plan saw it coming
@@ -67,7 +77,8 @@ def test_a_stream_that_runs_dry_stops_the_run_instead_of_starting_a_second_pass(
 
 
 def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
-        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path
+):
     cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6", "train.epochs=3")
     feed, _ = _feed(cfg, tmp_path)
     epochs, passes = [], []
@@ -82,7 +93,8 @@ def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
 
 
 def test_a_resumed_feed_continues_exactly_and_refuses_another_dp_size(
-        ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path):
+    ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path
+):
     from cglab.config import ConfigError
     from cglab.train.checkpoint import DataPosition
     from cglab.train.feed import DataFeed

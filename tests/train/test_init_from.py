@@ -1,6 +1,7 @@
 """`model.init_from`: a random HF CodeGen saved to disk starts a TP=2 x PP=2 run and a TP=1 run (and a TP=1 run from
 the TP=2 x PP=2 run's checkpoint) with HF's own loss on the first batch; the tokenizer comes with the weights; a
 vocabulary or shape mismatch is refused on the driver, before any worker starts."""
+
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,8 @@ from cglab.config import ConfigError, from_dict
 from cglab.distributed import spawn
 from cglab.model import hf_convert
 from cglab.train import pretrained
-from tests.train._init_from_worker import first_losses
 from tests.model.conftest import tiny_hf
+from tests.train._init_from_worker import first_losses
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4  # fp32
@@ -47,8 +48,15 @@ def released(tmp_path_factory):
     d = _hf_dir(root / "hf", m, train_tokenizer(_texts(), 400, 16, 32))
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, m.vocab_size, (2, 2, 33), generator=g)
-    batches = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": torch.ones(2, 32),
-                "segment_ids": torch.zeros(2, 32, dtype=torch.long)} for s in seq]
+    batches = [
+        {
+            "tokens": s[:, :-1],
+            "labels": s[:, 1:],
+            "loss_mask": torch.ones(2, 32),
+            "segment_ids": torch.zeros(2, 32, dtype=torch.long),
+        }
+        for s in seq
+    ]
     torch.save(batches, root / "batches.pt")
     hf = CodeGenForCausalLM.from_pretrained(d).eval()  # HF's loss of the model as saved and loaded back
     with torch.no_grad():
@@ -70,8 +78,14 @@ def _first_loss(init_from, batches_path, save_to=None) -> float:
     cfg = _cfg(*([f"model.init_from={init_from}"] if init_from else []))
     state = build_train_state(cfg)
     if save_to is not None:
-        checkpoint.save(save_to, state, 0, checkpoint.DataPosition(), extra={"config": cfg.model_dump(mode="json")},
-                        files={"tokenizer/tokenizer.json": (Path(init_from) / "tokenizer.json").read_text()})
+        checkpoint.save(
+            save_to,
+            state,
+            0,
+            checkpoint.DataPosition(),
+            extra={"config": cfg.model_dump(mode="json")},
+            files={"tokenizer/tokenizer.json": (Path(init_from) / "tokenizer.json").read_text()},
+        )
     return train_step(state, cfg, torch.load(batches_path))["loss"]
 
 
@@ -87,8 +101,7 @@ def test_tp1_and_tp2_pp2_start_with_hf_s_own_loss(released, single_rank, tmp_pat
     assert abs(losses[str(d)] - ref) < TOL and abs(losses[str(ckpt)] - ref) < TOL, (losses, ref)
 
 
-def test_the_loss_comparison_sees_missing_weights_and_a_skipped_rotary_permutation(released, single_rank,
-                                                                                 monkeypatch):
+def test_the_loss_comparison_sees_missing_weights_and_a_skipped_rotary_permutation(released, single_rank, monkeypatch):
     """Guards the test above: a random init, or HF's rotary layout left in place, gives another first loss."""
     d, batches, ref = released
     assert abs(_first_loss(None, batches) - ref) > 100 * TOL
@@ -109,8 +122,10 @@ def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_
     assert "random initialisation" in plan_run(_cfg())["init_from"]["weights"]
     # a tokenizer short of what the data contract needs gets the tokens added, and the plan says so
     more = plan_run(_cfg(f"model.init_from={d}", "data.num_sentinels=20"))
-    assert any(w.startswith("model.init_from: 4 tokens added to the weights' tokenizer") and "'<mask_17>'" in w
-               for w in more["warnings"]), more["warnings"]
+    assert any(
+        w.startswith("model.init_from: 4 tokens added to the weights' tokenizer") and "'<mask_17>'" in w
+        for w in more["warnings"]
+    ), more["warnings"]
     # pytorch_model.bin, as older releases ship it (transformers 5 writes only safetensors), and a checkpoint split
     # over several files, as the larger releases are, read the same tensors
     from safetensors.torch import load_file
@@ -153,8 +168,9 @@ def small_vocab(released, tmp_path_factory):
     return _hf_dir(tmp_path_factory.mktemp("small") / "hf", _cfg("model.vocab_size=384").model, CGTokenizer.load(d))
 
 
-def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, small_vocab, micro_sources, tmp_path,
-                                                             monkeypatch):
+def test_a_vocabulary_mismatch_fails_before_any_worker_starts(
+    released, small_vocab, micro_sources, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
 
     from cglab.train.cli import mlflow_run
@@ -168,15 +184,25 @@ def test_a_vocabulary_mismatch_fails_before_any_worker_starts(released, small_vo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _cfg(f"model.init_from={d}", "model.vocab_size=2048", f"track.mlflow_uri={uri}", *data)
     ctx = mlflow_run(cfg, "refused")
-    _refused_before_any_worker(cfg, tmp_path, monkeypatch, r"model\.vocab_size: 2048 in this config, but the "
-                               r"weights of model\.init_from=.* have 1024 \(config\.json vocab_size\)", ctx)
+    _refused_before_any_worker(
+        cfg,
+        tmp_path,
+        monkeypatch,
+        r"model\.vocab_size: 2048 in this config, but the "
+        r"weights of model\.init_from=.* have 1024 \(config\.json vocab_size\)",
+        ctx,
+    )
     run = MlflowClient(uri).get_run(ctx.run_id)
     assert run.data.params["model.init_from"] == str(d)
     assert run.data.tags["model.init_from"] == f"HF CodeGen {d} (model.safetensors)"
     # weights of 384 tokens whose tokenizer has 400
-    _refused_before_any_worker(_cfg(f"model.init_from={small_vocab}", "model.vocab_size=384", *data), tmp_path,
-                               monkeypatch, r"model\.init_from: the tokenizer .* has 400 tokens, more than "
-                                            r"model\.vocab_size=384, the vocabulary of the weights")
+    _refused_before_any_worker(
+        _cfg(f"model.init_from={small_vocab}", "model.vocab_size=384", *data),
+        tmp_path,
+        monkeypatch,
+        r"model\.init_from: the tokenizer .* has 400 tokens, more than "
+        r"model\.vocab_size=384, the vocabulary of the weights",
+    )
 
 
 def test_every_shape_field_that_differs_is_named(released):
@@ -184,8 +210,12 @@ def test_every_shape_field_that_differs_is_named(released):
     src = pretrained.inspect(d)
     m = _cfg("model.num_layers=4", "model.hidden_size=128", "model.rotary_dim=16").model
     errors = pretrained.shape_errors(m, src)
-    assert [e.split(":")[0] for e in errors] == ["model.num_layers", "model.hidden_size", "model.rotary_dim",
-                                                 "model.ffn_hidden_size"]
+    assert [e.split(":")[0] for e in errors] == [
+        "model.num_layers",
+        "model.hidden_size",
+        "model.rotary_dim",
+        "model.ffn_hidden_size",
+    ]
     assert "set model.num_layers=2" in errors[0]
     with pytest.raises(ConfigError, match="model.init_from: .* neither a HF CodeGen directory"):
         pretrained.inspect(d.parent)
@@ -197,8 +227,7 @@ def test_every_shape_field_that_differs_is_named(released):
         pretrained.load_tokenizer(_cfg(f"model.init_from={no_tok}"))
 
 
-def test_a_lesson_sweep_starts_every_trial_from_the_weights_or_names_what_differs(released, small_vocab,
-                                                                                 micro_sources):
+def test_a_lesson_sweep_starts_every_trial_from_the_weights_or_names_what_differs(released, small_vocab, micro_sources):
     """The sweep's preflight (every trial's plan, before any trial starts) with init_from among the overrides."""
     from cglab.tune.lessons import get_lesson
     from cglab.tune.presets import base_config, get_preset

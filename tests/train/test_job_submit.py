@@ -2,6 +2,7 @@
 runs it, with real processes: a Ray head started by `ray start` with clusters/local.sh's flags (127.0.0.1, token
 auth, free ports, private temp dir), an MLflow server on a SQL store, the micro corpus, Ray's own job CLI. The job
 must succeed and its per-step metrics must be in MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -64,15 +65,42 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
         with local_server(tmp / "mlflow") as mlflow, ray_head(tmp, env) as head:
             # .rayignore keeps `.cglab` out of the upload, so on one machine the job reads the corpus by absolute
             # path (on a cluster: s3:// or a shared filesystem).
-            entry = ["python", "jobs/pretrain.py", "--name", RUN_NAME, "jobs/configs/tiny_cpu.yaml",
-                     f"train.train_steps={STEPS}", f"track.experiment={EXPERIMENT}",
-                     f"data.sources.0.paths=[{corpus / 'stack'}]", f"data.sources.1.paths=[{corpus / 'pile'}]"]
+            entry = [
+                "python",
+                "jobs/pretrain.py",
+                "--name",
+                RUN_NAME,
+                "jobs/configs/tiny_cpu.yaml",
+                f"train.train_steps={STEPS}",
+                f"track.experiment={EXPERIMENT}",
+                f"data.sources.0.paths=[{corpus / 'stack'}]",
+                f"data.sources.1.paths=[{corpus / 'pile'}]",
+            ]
             sid = "cglab-pretrain-test"
             renv = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow.uri}}
-            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.address, "--no-wait",
-                                "--submission-id", sid, "--working-dir", str(wd),
-                                "--runtime-env-json", json.dumps(renv), "--", *entry],
-                               env=env, cwd=wd, capture_output=True, text=True, timeout=300)
+            r = subprocess.run(
+                [
+                    str(BIN / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    head.address,
+                    "--no-wait",
+                    "--submission-id",
+                    sid,
+                    "--working-dir",
+                    str(wd),
+                    "--runtime-env-json",
+                    json.dumps(renv),
+                    "--",
+                    *entry,
+                ],
+                env=env,
+                cwd=wd,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert r.returncode == 0, r.stdout + r.stderr
             status, logs = _wait_for_job(head.address, auth_headers(env), sid)
             assert status == JobStatus.SUCCEEDED, f"job {sid} ended {status}; log tail:\n{logs[-5000:]}"

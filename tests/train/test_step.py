@@ -1,5 +1,6 @@
 """One training step leaves nothing behind that changes the next one: the gradients of a step depend only on the
 weights and the batch (what a checkpoint restores), not on whether an optimizer step ran in this process before."""
+
 import pytest
 import torch
 
@@ -10,8 +11,12 @@ pytestmark = pytest.mark.slow
 
 def _micro(g, mb=2, s=32, vocab=1024):
     tok = torch.randint(0, vocab, (mb, s), generator=g)
-    return {"tokens": tok, "labels": torch.roll(tok, -1, 1), "loss_mask": torch.ones(mb, s),
-            "segment_ids": torch.zeros(mb, s, dtype=torch.long)}
+    return {
+        "tokens": tok,
+        "labels": torch.roll(tok, -1, 1),
+        "loss_mask": torch.ones(mb, s),
+        "segment_ids": torch.zeros(mb, s, dtype=torch.long),
+    }
 
 
 @pytest.mark.parametrize("micro", [1, 2])
@@ -21,8 +26,15 @@ def test_the_gradients_after_an_optimizer_step_are_the_batch_s_alone(single_rank
     training used 2 g1 + g2, and a run resumed from a checkpoint (no alias yet) took another update."""
     from cglab.train.step import build_train_state, forward_backward, train_step
 
-    cfg = from_dict({}, ["model.preset=tiny", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro}",
-                         "train.warmup_steps=0"])
+    cfg = from_dict(
+        {},
+        [
+            "model.preset=tiny",
+            "train.micro_batch_size=2",
+            f"train.global_batch_size={2 * micro}",
+            "train.warmup_steps=0",
+        ],
+    )
     g = torch.Generator().manual_seed(0)
     batches = [[_micro(g) for _ in range(micro)] for _ in range(2)]
     state = build_train_state(cfg)

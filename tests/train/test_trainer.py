@@ -1,5 +1,6 @@
 """Training through Ray Train on CPU: TP/PP layouts agree, a killed worker resumes exactly, a failing worker
 fails the whole group instead of hanging it."""
+
 import pytest
 
 from cglab.config import from_dict
@@ -17,11 +18,19 @@ def ray_local():
 
 
 def _cfg(micro_sources, tokenizer_dir, *overrides):
-    return from_dict({"data": {"sources": micro_sources, "seq_length": 64,
-                               "tokenizer": {"path": str(tokenizer_dir)}}},
-                     ["model.preset=tiny", "model.max_position_embeddings=64", "train.micro_batch_size=2",
-                      "train.global_batch_size=4", "train.warmup_steps=1", "train.lr=1e-3", "data.filters.dedup=false",
-                      *overrides])
+    return from_dict(
+        {"data": {"sources": micro_sources, "seq_length": 64, "tokenizer": {"path": str(tokenizer_dir)}}},
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            "train.warmup_steps=1",
+            "train.lr=1e-3",
+            "data.filters.dedup=false",
+            *overrides,
+        ],
+    )
 
 
 def _losses(out):
@@ -32,18 +41,26 @@ def test_tp2_and_pp2_reach_the_losses_of_tp1(ray_local, micro_sources, micro_tok
     base = ["train.train_steps=3"]
     ref = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base), storage_path=str(tmp_path), name="tp1"))
     assert sorted(ref) == [1, 2, 3] and all(5.0 < v < 8.0 for v in ref.values())  # ~ln(1024) at init
-    for name, ov in (("tp2", ["parallel.tensor_model_parallel_size=2"]),
-                     ("pp2", ["parallel.pipeline_model_parallel_size=2"]),
-                     # the GPU default's gradient fold (1/tokens and the clip inside fused AdamW), across TP and PP
-                     ("tp2pp2-fold", ["parallel.tensor_model_parallel_size=2",
-                                      "parallel.pipeline_model_parallel_size=2", "train.fold_grad_scale=true"])):
-        got = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base, *ov), storage_path=str(tmp_path),
-                          name=name))
+    for name, ov in (
+        ("tp2", ["parallel.tensor_model_parallel_size=2"]),
+        ("pp2", ["parallel.pipeline_model_parallel_size=2"]),
+        # the GPU default's gradient fold (1/tokens and the clip inside fused AdamW), across TP and PP
+        (
+            "tp2pp2-fold",
+            [
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.pipeline_model_parallel_size=2",
+                "train.fold_grad_scale=true",
+            ],
+        ),
+    ):
+        got = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base, *ov), storage_path=str(tmp_path), name=name))
         assert got == pytest.approx(ref, abs=1e-4), name
 
 
-def test_killed_worker_resumes_from_checkpoint_with_identical_losses(ray_local, micro_sources, micro_tokenizer,
-                                                                     tmp_path):
+def test_killed_worker_resumes_from_checkpoint_with_identical_losses(
+    ray_local, micro_sources, micro_tokenizer, tmp_path
+):
     ov = ["train.train_steps=6", "train.checkpoint_every=2", "parallel.data_parallel_size=2", "train.max_failures=1"]
     cfg = _cfg(micro_sources, micro_tokenizer.path, *ov)
     clean = _losses(fit(cfg, storage_path=str(tmp_path), name="clean"))

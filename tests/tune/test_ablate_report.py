@@ -1,6 +1,7 @@
 """The README's order for a newcomer: `cglab ablate 3 --preset laptop`, then `cglab report --lesson 3`, with no
 tracking URI anywhere. Real processes: ablate starts its own Ray and MLflow server on a SQLite store under
 .cglab/mlflow and stops them; report must find that store by itself."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 def _cglab(args, cwd, timeout):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return subprocess.run([sys.executable, "-m", "cglab.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cglab.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
@@ -25,9 +27,25 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
 
     # Smallest real sweep: two variants on either side of the paper's claim, one seed, a few steps.
     # (overrides before --variants: its nargs="+" would take them as variant names)
-    ablate = _cglab(["ablate", "3", f"data.sources={json.dumps(micro_sources)}", "train.train_steps=4",
-                     "train.warmup_steps=1", "train.log_every=2", "eval.limit=2", "track.system_metrics=false",
-                     "--preset", "laptop", "--variants", "clm", "span_corruption-file_level"], tmp_path, 540)
+    ablate = _cglab(
+        [
+            "ablate",
+            "3",
+            f"data.sources={json.dumps(micro_sources)}",
+            "train.train_steps=4",
+            "train.warmup_steps=1",
+            "train.log_every=2",
+            "eval.limit=2",
+            "track.system_metrics=false",
+            "--preset",
+            "laptop",
+            "--variants",
+            "clm",
+            "span_corruption-file_level",
+        ],
+        tmp_path,
+        540,
+    )
     assert ablate.returncode == 0, ablate.stdout[-3000:] + ablate.stderr[-3000:]
     assert (tmp_path / ".cglab/mlflow/mlflow.db").is_file()
 

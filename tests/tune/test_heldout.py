@@ -13,8 +13,11 @@ def test_last_file_of_each_source_is_held_out_and_never_trained_on(micro_sources
 
     train, held = split_sources(micro_sources, tmp_path)
     for src, orig in zip(train, micro_sources):
-        assert src["name"] == orig["name"] and len(src["paths"]) == 1 and src["paths"][0].endswith("00" + (
-            ".jsonl.zst" if src["kind"] == "pile" else ".parquet"))
+        assert (
+            src["name"] == orig["name"]
+            and len(src["paths"]) == 1
+            and src["paths"][0].endswith("00" + (".jsonl.zst" if src["kind"] == "pile" else ".parquet"))
+        )
     nl = [json.loads(line)["text"] for line in open(held.nl_path)]
     code = [json.loads(line)["text"] for line in open(held.code_path)]
     assert len(nl) == held.counts["nl"] > 0 and len(code) == held.counts["code"] > 0
@@ -27,8 +30,10 @@ def test_last_file_of_each_source_is_held_out_and_never_trained_on(micro_sources
 
 
 def test_single_file_sources_cannot_be_split(micro_sources, tmp_path):
-    one = [dict(s, paths=[s["paths"][0] + ("/00.jsonl.zst" if s["kind"] == "pile" else "/00.parquet")])
-           for s in micro_sources]
+    one = [
+        dict(s, paths=[s["paths"][0] + ("/00.jsonl.zst" if s["kind"] == "pile" else "/00.parquet")])
+        for s in micro_sources
+    ]
     with pytest.raises(ConfigError, match="no source has two or more files"):
         split_sources(one, tmp_path)
 
@@ -48,8 +53,11 @@ def _base(sources, *overrides):
 def test_sweep_without_heldout_split_refuses_before_any_work(micro_sources, tmp_path):
     from cglab.tune.sweep import prepare_base
 
-    with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out nl or code documents.*"
-                                          r"no source has two or more files"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval\.allow_builtin_texts: no held-out nl or code documents.*"
+        r"no source has two or more files",
+    ):
         prepare_base(_base(_one_file(micro_sources)), tmp_path)
     assert not (tmp_path / "tokenizer").exists()  # refused before the tokenizer was trained
     with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out nl or code .*holdout=False"):
@@ -69,12 +77,18 @@ def test_builtin_texts_only_when_allowed_and_named(micro_sources, micro_tokenize
         _, nl, code = prepare_base(_base(partial, "eval.allow_builtin_texts=true", tok), tmp_path / "allowed")
     assert nl is None and code is not None
     assert "scoring nl on cglab.eval.nl.builtin_texts" in caplog.text
-    assert text_tags(text_sources(nl, code, True)) == {"eval.texts": "partial",
-                                                       "eval.heldout": "nl:builtin,code:heldout"}
-    assert text_tags(text_sources(None, None, True)) == {"eval.texts": "builtin",
-                                                         "eval.heldout": "nl:builtin,code:builtin"}
+    assert text_tags(text_sources(nl, code, True)) == {
+        "eval.texts": "partial",
+        "eval.heldout": "nl:builtin,code:heldout",
+    }
+    assert text_tags(text_sources(None, None, True)) == {
+        "eval.texts": "builtin",
+        "eval.heldout": "nl:builtin,code:builtin",
+    }
     assert text_tags(text_sources("nl.jsonl", "code.jsonl", False)) == {
-        "eval.texts": "heldout", "eval.heldout": "nl:heldout,code:heldout"}
+        "eval.texts": "heldout",
+        "eval.heldout": "nl:heldout,code:heldout",
+    }
 
 
 def test_evaluate_checkpoint_refuses_builtin_texts_unless_allowed(micro_sources):

@@ -41,15 +41,21 @@ def test_every_variant_validates_and_compute_is_equal(preset, number):
 
 def test_variant_grids_match_the_design():
     assert [v.name for v in LESSONS[1].variants] == [
-        "causal-codegen2", "causal-ul2", "prefix_lm-codegen2", "prefix_lm-ul2"]
+        "causal-codegen2",
+        "causal-ul2",
+        "prefix_lm-codegen2",
+        "prefix_lm-ul2",
+    ]
     base = base_config("laptop")
     c = LESSONS[1].config_for("prefix_lm-ul2", base)
     assert (c.model.architecture, c.objective.kind) == ("prefix_lm", "ul2")
     c = LESSONS[3].config_for("codegen2-sequence_level", base)
-    assert (c.objective.kind, c.objective.causal_prob, c.objective.corruption) == (
-        "codegen2", 0.5, "sequence_level")
+    assert (c.objective.kind, c.objective.causal_prob, c.objective.corruption) == ("codegen2", 0.5, "sequence_level")
     assert {LESSONS[4].config_for(v.name, base).data.mixture for v in LESSONS[4].variants} == {
-        "pl_only", "nl_only", "mix"}
+        "pl_only",
+        "nl_only",
+        "mix",
+    }
     assert get_lesson(2, infill_rate=0.25).config_for("infill-r0.25", base).objective.infill_rate == 0.25
 
 
@@ -77,8 +83,15 @@ def test_bad_inputs_name_the_problem():
 
 
 def _two_variant(goal="min", paper_best=("a",)):
-    return Lesson(7, "t", "?", (Variant("a", ()), Variant("b", ()), Variant("c", ())), (),
-                  (Metric("m", goal, paper_best), Metric("missing", "min", ("a",))), "a wins")
+    return Lesson(
+        7,
+        "t",
+        "?",
+        (Variant("a", ()), Variant("b", ()), Variant("c", ())),
+        (),
+        (Metric("m", goal, paper_best), Metric("missing", "min", ("a",))),
+        "a wins",
+    )
 
 
 def _one(lesson, samples, key="m"):
@@ -150,7 +163,7 @@ def test_no_decision_metric_names_every_variant_as_the_papers_best():
 def test_t_interval_matches_the_textbook():
     assert t975(2) == pytest.approx(4.3027) and t975(60) == pytest.approx(2.0003, abs=2e-4)
     iv = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: half width t(0.975, 2) / sqrt(3)
-    assert (iv.mean, iv.half) == (2.0, pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4))
+    assert (iv.mean, iv.half) == (2.0, pytest.approx(4.3027 / 3**0.5, rel=1e-4))
     d, paired = diff_ci({1: 1.0, 2: 2.0}, {3: 1.0, 4: 2.0})
     assert not paired and d.mean == 0 and d.covers_zero()
 

@@ -1,4 +1,5 @@
 """The report reads a sweep back from a real MLflow server (runs logged the way the sweep logs them)."""
+
 import pytest
 
 from cglab import cli
@@ -25,11 +26,16 @@ def _log_sweep(uri, name, code, nl):
     parent = tracker.parent_run()
     client = MlflowClient(uri)
     for v in code:
-        for i, seed in enumerate(SEEDS[:len(code[v])]):
+        for i, seed in enumerate(SEEDS[: len(code[v])]):
             cfg = lesson.config_for(v, base, seed)
-            rid, resumed = tracker.trial_run(parent, f"{v}-{seed}", f"{v}-seed{seed}",
-                                             {"variant": v, "seed": str(seed), "lesson": "4"},
-                                             flatten(cfg), dump_config(cfg))
+            rid, resumed = tracker.trial_run(
+                parent,
+                f"{v}-{seed}",
+                f"{v}-seed{seed}",
+                {"variant": v, "seed": str(seed), "lesson": "4"},
+                flatten(cfg),
+                dump_config(cfg),
+            )
             assert not resumed
             client.log_batch(rid, metrics=[Metric("loss", 5.0 - s / 10, 0, s) for s in range(1, 6)])
             tracker.finish_run(rid, {"eval/code_ppl": code[v][i], "eval/nl_ppl": nl[v][i]})
@@ -87,8 +93,9 @@ def test_report_table_intervals_curves_and_verdict(tmp_path, mlflow_server):
 def test_one_seed_report_says_no_verdict(mlflow_server):
     _log_sweep(mlflow_server.uri, "one-seed", {"pl_only": [3.0], "mix": [9.0]}, {"pl_only": [8.0], "mix": [5.0]})
     lines = verdict_lines(collect(4, mlflow_server.uri, "one-seed"))
-    assert lines[0] == ("eval/code_ppl: inconclusive (one seed, no verdict): pl_only 3 vs mix 9, "
-                        "difference -6; paper expects pl_only")
+    assert lines[0] == (
+        "eval/code_ppl: inconclusive (one seed, no verdict): pl_only 3 vs mix 9, difference -6; paper expects pl_only"
+    )
 
 
 @pytest.mark.timeout(60)  # a hang (MLflow's client retries for minutes) fails here, not at the suite's 600 s

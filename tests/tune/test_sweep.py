@@ -1,6 +1,7 @@
 """A lesson grid through Ray Tune -> Ray Train (the real Megatron trainer) -> evaluation -> a real MLflow
 server, interrupted and restored. One sweep (lesson 2: clm, infill) serves every test here: its infill trial
 fails once before training, the sweep is restored, and then both variants have trained and been evaluated."""
+
 import json
 from pathlib import Path
 
@@ -16,9 +17,16 @@ HE_LIMIT = 3  # HumanEval problems per trial: enough to see pass@1 logged with i
 
 
 def _base(sources):
-    return base_config("laptop", overrides=[f"data.sources={json.dumps(sources)}", f"train.train_steps={STEPS}",
-                                            "train.warmup_steps=2", "eval.suites=[nl,humaneval]",
-                                            f"eval.limit={HE_LIMIT}"])
+    return base_config(
+        "laptop",
+        overrides=[
+            f"data.sources={json.dumps(sources)}",
+            f"train.train_steps={STEPS}",
+            "train.warmup_steps=2",
+            "eval.suites=[nl,humaneval]",
+            f"eval.limit={HE_LIMIT}",
+        ],
+    )
 
 
 def _recording_fit(calls: Path, fail_once: str):
@@ -52,9 +60,17 @@ def sweep(tmp_path_factory, micro_sources, mlflow_server, ray_local):
     tmp = tmp_path_factory.mktemp("sweep")
     calls = tmp / "calls"
     calls.mkdir()
-    kw = dict(preset="laptop", base=_base(micro_sources), storage_path=str(tmp / "tune"), name="resume-me",
-              tracking_uri=mlflow_server.uri, train_fn=_recording_fit(calls, fail_once="infill"),
-              trial_max_failures=0, system_metrics_interval_s=1, verbose=0)
+    kw = dict(
+        preset="laptop",
+        base=_base(micro_sources),
+        storage_path=str(tmp / "tune"),
+        name="resume-me",
+        tracking_uri=mlflow_server.uri,
+        train_fn=_recording_fit(calls, fail_once="infill"),
+        trial_max_failures=0,
+        system_metrics_interval_s=1,
+        verbose=0,
+    )
     first = run_lesson(2, **kw)
     second = run_lesson(2, **kw)
     return dict(first=first, second=second, calls=calls, uri=mlflow_server.uri, sources=micro_sources)
@@ -102,8 +118,7 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
         assert _calls(sweep["calls"], expected.objective.kind)[-1]["run_id"] == child.info.run_id
     by_variant = {r["variant"]: r for r in res.results}
     assert set(by_variant) == {"clm", "infill-r0.5"}
-    assert all(r["eval.texts"] == "heldout" and r["eval/humaneval_isolation"] == isolation_mode()
-               for r in res.results)
+    assert all(r["eval.texts"] == "heldout" and r["eval/humaneval_isolation"] == isolation_mode() for r in res.results)
 
 
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):

@@ -14,12 +14,12 @@ device="cuda" factory modules matches a scan of Megatron-Core's sources.
 Optional libraries are flags (`HAVE_TE`, `HAVE_APEX`), as in Megatron-Core; each patch leaves an installed
 library's own kernels alone.
 """
+
 from __future__ import annotations
 
 from cglab.compat import adam, cpu, foreach, gradscale, wgrad
 from cglab.compat.flags import HAVE_APEX, HAVE_TE
-from cglab.compat.registry import (ALLOW_ENV, PATCHES, TESTED, UntestedVersionError, check_versions,
-                                   installed_versions)
+from cglab.compat.registry import ALLOW_ENV, PATCHES, TESTED, UntestedVersionError, check_versions, installed_versions
 
 # name -> the function that applies it; each returns True when the patch is in effect
 _APPLY = {"cpu": cpu.apply, "foreach": foreach.apply, "wgrad": wgrad.apply}
@@ -36,8 +36,9 @@ def apply(*names: str, allow_untested: bool | None = None) -> dict[str, bool]:
     return {n: _APPLY[n]() for n in names}
 
 
-def apply_to_optimizer(model_chunks, optimizer, *, fused_adam: bool, fold: bool,
-                       allow_untested: bool | None = None) -> gradscale.GradFold | None:
+def apply_to_optimizer(
+    model_chunks, optimizer, *, fused_adam: bool, fold: bool, allow_untested: bool | None = None
+) -> gradscale.GradFold | None:
     """The per-optimizer patches of a built Megatron optimizer: torch's fused AdamW kernel (`fused_adam`), then the
     grad-scale fold (`fold`), whose deferred factor is returned (None without it)."""
     check_versions(allow_untested)
@@ -46,5 +47,15 @@ def apply_to_optimizer(model_chunks, optimizer, *, fused_adam: bool, fold: bool,
     return gradscale.install(model_chunks, optimizer) if fold else None
 
 
-__all__ = ["ALLOW_ENV", "HAVE_APEX", "HAVE_TE", "PATCHES", "TESTED", "UntestedVersionError", "apply",
-           "apply_to_optimizer", "check_versions", "installed_versions"]
+__all__ = [
+    "ALLOW_ENV",
+    "HAVE_APEX",
+    "HAVE_TE",
+    "PATCHES",
+    "TESTED",
+    "UntestedVersionError",
+    "apply",
+    "apply_to_optimizer",
+    "check_versions",
+    "installed_versions",
+]

@@ -5,6 +5,7 @@ FusedAdam when TE imports, else Apex's, else torch's AdamW, which it builds in f
 the param groups of a built torch AdamW to the fused CUDA kernel (one launch per step, and the only kernel that
 takes the grad scale cglab.compat.gradscale folds into it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,11 @@ def megatron_adam_impl() -> str:
 
 def built_adam(optimizer) -> str:
     """The implementation of the Adam Megatron actually built (what the fold decision must rest on)."""
-    impls = {_adam_impl(type(opt.optimizer)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-             if getattr(opt, "optimizer", None) is not None}
+    impls = {
+        _adam_impl(type(opt.optimizer))
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if getattr(opt, "optimizer", None) is not None
+    }
     return "torch" if impls <= {"torch"} else sorted(impls - {"torch"})[0]
 
 

@@ -4,6 +4,7 @@ Megatron-Core assumes CUDA in a handful of places: the current device, the CUDA 
 and tensors created with device="cuda" in the pipeline schedules and p2p code. `apply()` redirects exactly those to
 the CPU. It is idempotent and does nothing when CUDA is available, so a GPU process is never touched.
 """
+
 from __future__ import annotations
 
 import types
@@ -35,12 +36,13 @@ GPU_ONLY_CUDA_FACTORIES = {
     "megatron.core.pipeline_parallel.hybrid_cp_schedule": "hybrid context parallelism; cglab has no CP",
     "megatron.core.rerun_state_machine": "_reduce_any runs only with the rerun state machine enabled (default off)",
     "megatron.core.tensor_parallel.data": "broadcast_data, Megatron's own data loader; cglab feeds every rank",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver:verify_global_md_reuse":
-        "runs only with a cached checkpoint structure (loaded_all_plans); cglab.train.checkpoint.save passes none",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver:verify_global_md_reuse": (
+        "runs only with a cached checkpoint structure (loaded_all_plans); cglab.train.checkpoint.save passes none"
+    ),
     "megatron.core.dist_checkpointing.exchange_utils": "shard exchange of the fully-parallel save/load wrappers "
-                                                      "and TensorAwareStateDict; cglab.train.checkpoint uses neither",
+    "and TensorAwareStateDict; cglab.train.checkpoint uses neither",
     "megatron.core.transformer.utils": "the default causal mask of the fused softmax; cglab's 'local' backend "
-                                       "always hands DotProductAttention a dense mask (cglab.model.codegen.batch_mask)",
+    "always hands DotProductAttention a dense mask (cglab.model.codegen.batch_mask)",
 }
 
 
@@ -92,8 +94,9 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if grads and clip_coeff < 1.0:
         dummy_overflow_buf = torch.zeros(1, dtype=torch.int)
-        clip_grads.multi_tensor_applier(clip_grads.multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads],
-                                        clip_coeff)
+        clip_grads.multi_tensor_applier(
+            clip_grads.multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads], clip_coeff
+        )
 
 
 def apply() -> bool:

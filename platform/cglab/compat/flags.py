@@ -3,6 +3,7 @@
 Found by module search, not by import: importing Transformer Engine initialises CUDA libraries, which a light
 command (`cglab plan`) and a CPU machine should not pay for. Megatron imports them itself where it uses them.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -6,6 +6,7 @@ sync per parameter, every step — and the main→model parameter copy materiali
 The foreach kernels do the same arithmetic in a handful of launches with no sync. `apply()` swaps them in only
 where Megatron chose its local fallback, so an Apex or TE installation keeps its own kernels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,11 @@ def apply() -> bool:
     from megatron.core.optimizer import clip_grads, optimizer
 
     swapped = False
-    for mod, name, local, ours in ((clip_grads, "l2_norm_impl", mutils.local_multi_tensor_l2_norm, l2_norm),
-                                   (clip_grads, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, scale),
-                                   (optimizer, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, scale)):
+    for mod, name, local, ours in (
+        (clip_grads, "l2_norm_impl", mutils.local_multi_tensor_l2_norm, l2_norm),
+        (clip_grads, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, scale),
+        (optimizer, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale, scale),
+    ):
         current = getattr(mod, name)
         if current is local or current is ours:
             setattr(mod, name, ours)

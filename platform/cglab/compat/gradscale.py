@@ -7,6 +7,7 @@ per step, and fused AdamW already takes one: `grad_scale`, by which the kernel d
 optimizer step with the norm taken on the raw grads, rescaled, and both factors handed to the kernel. The
 update, the returned grad norm and the grads left behind equal Megatron's own (up to fp32 rounding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,10 +37,13 @@ def install(model_chunks, optimizer) -> GradFold:
     fused=True (the only kernel that takes a grad scale)."""
     for opt in _sub_optimizers(optimizer):
         inner = opt.optimizer
-        if not (isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
-                and all(g.get("fused") for g in inner.param_groups)):
-            raise ValueError(f"train.fold_grad_scale: needs torch's fused Adam/AdamW, got {type(inner).__name__} "
-                             f"(fused={[g.get('fused') for g in inner.param_groups]})")
+        if not (
+            isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
+        ):
+            raise ValueError(
+                f"train.fold_grad_scale: needs torch's fused Adam/AdamW, got {type(inner).__name__} "
+                f"(fused={[g.get('fused') for g in inner.param_groups]})"
+            )
     fold = GradFold()
     for chunk in model_chunks:
         chunk.scale_gradients = fold.defer  # instance attribute: shadows the method for this chunk only

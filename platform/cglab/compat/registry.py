@@ -7,6 +7,7 @@ allow_untested=True), and tests/compat/test_registry.py resolves every target be
 A target is "module:attr.path" (an attribute that must exist) or "module:#text" (text the module's source must
 contain: instance attributes, keyword arguments and thread names that exist only at run time).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,75 +36,132 @@ _CLIP = "megatron.core.optimizer.clip_grads"
 _OPT = "megatron.core.optimizer.optimizer"
 
 PATCHES: tuple[Patch, ...] = (
-    Patch("cpu", "cglab.compat.cpu",
-          ("torch.cuda:current_device", "torch.cuda:get_rng_state", "torch.cuda:set_rng_state",
-           "torch.cuda.random:get_rng_state", "torch.cuda.random:set_rng_state", "torch.cuda:manual_seed",
-           "torch.cuda:manual_seed_all", "torch.cuda:synchronize",
-           "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
-           "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
-           *(f"{m}:torch" for m in ("megatron.core.pipeline_parallel.schedules", _OPT, _CLIP,
-                                    "megatron.core.optimizer.grad_scaler",
-                                    "megatron.core.distributed.param_and_grad_buffer", "megatron.core.utils")),
-           f"{_CLIP}:clip_grad_by_total_norm_fp32", f"{_OPT}:clip_grad_by_total_norm_fp32",
-           f"{_CLIP}:multi_tensor_applier", f"{_CLIP}:multi_tensor_scale_impl"),
-          "no CUDA (called by cglab.distributed.init_parallel; a GPU process is never touched)",
-          "Megatron-Core assumes CUDA for the current device, its RNG tracker's state and the device=\"cuda\" "
-          "bookkeeping tensors of its schedules and optimizer; development machines and CI have no GPU",
-          "none in-process: the patches stay for the life of the process (a fresh process is unpatched)"),
-    Patch("foreach", "cglab.compat.foreach",
-          (f"{_CLIP}:l2_norm_impl", f"{_CLIP}:multi_tensor_scale_impl", f"{_OPT}:multi_tensor_scale_impl",
-           "megatron.core.utils:local_multi_tensor_l2_norm", "megatron.core.utils:local_multi_tensor_scale"),
-          "neither Apex nor Transformer Engine installed (Megatron chose its local per-tensor fallbacks)",
-          "the local fallbacks sync the device once per parameter per step; torch's foreach kernels do not",
-          "set the three *_impl names back to megatron.core.utils.local_multi_tensor_l2_norm / _scale"),
-    Patch("wgrad", "cglab.compat.wgrad",
-          ("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
-           "megatron.core.tensor_parallel.layers:#fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32",
-           "megatron.core.tensor_parallel.layers:#fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16",
-           "torch:addmm"),
-          "model.wgrad_fusion on CUDA, Apex's fused_weight_gradient_mlp_cuda absent",
-          "gradient_accumulation_fusion needs Apex's extension; cuBLAS addmm with out_dtype=float32 does the same",
-          "delete layers.fused_weight_gradient_mlp_cuda and set layers._grad_accum_fusion_available = False"),
-    Patch("gradscale", "cglab.compat.gradscale",
-          ("megatron.core.distributed:DistributedDataParallel.scale_gradients",
-           "megatron.core.optimizer:MegatronOptimizer.prepare_grads",
-           "megatron.core.optimizer:MegatronOptimizer.get_grad_norm",
-           "megatron.core.optimizer:MegatronOptimizer.step_with_ready_grads",
-           "megatron.core.optimizer:MegatronOptimizer.get_parameters",
-           f"{_OPT}:#self.optimizer = optimizer", f"{_OPT}:#self.chained_optimizers = ",
-           "torch.optim.adam:#getattr(self, \"grad_scale\", None)"),
-          "train.fold_grad_scale in effect (per model chunk and optimizer, from cglab.compat.apply_to_optimizer)",
-          "the per-token 1/num_tokens factor and the clip are two passes over the fp32 grads each step; fused "
-          "AdamW takes one scalar grad scale for free",
-          "delete the chunks' scale_gradients instance attribute and call optimizer.step() instead of "
-          "cglab.compat.gradscale.step"),
-    Patch("fused_adam", "cglab.compat.adam",
-          ("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", "megatron.core.optimizer:Adam",
-           "torch.optim.adam:#fused", "torch.optim.adam:#foreach"),
-          "the run's Adam is torch's AdamW and train.fused_adam applies (cglab.decisions)",
-          "Megatron builds torch AdamW in foreach mode; the fused kernel is one launch and takes a grad scale",
-          "set each param group's \"fused\" to False and \"foreach\" to True"),
+    Patch(
+        "cpu",
+        "cglab.compat.cpu",
+        (
+            "torch.cuda:current_device",
+            "torch.cuda:get_rng_state",
+            "torch.cuda:set_rng_state",
+            "torch.cuda.random:get_rng_state",
+            "torch.cuda.random:set_rng_state",
+            "torch.cuda:manual_seed",
+            "torch.cuda:manual_seed_all",
+            "torch.cuda:synchronize",
+            "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+            "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+            *(
+                f"{m}:torch"
+                for m in (
+                    "megatron.core.pipeline_parallel.schedules",
+                    _OPT,
+                    _CLIP,
+                    "megatron.core.optimizer.grad_scaler",
+                    "megatron.core.distributed.param_and_grad_buffer",
+                    "megatron.core.utils",
+                )
+            ),
+            f"{_CLIP}:clip_grad_by_total_norm_fp32",
+            f"{_OPT}:clip_grad_by_total_norm_fp32",
+            f"{_CLIP}:multi_tensor_applier",
+            f"{_CLIP}:multi_tensor_scale_impl",
+        ),
+        "no CUDA (called by cglab.distributed.init_parallel; a GPU process is never touched)",
+        'Megatron-Core assumes CUDA for the current device, its RNG tracker\'s state and the device="cuda" '
+        "bookkeeping tensors of its schedules and optimizer; development machines and CI have no GPU",
+        "none in-process: the patches stay for the life of the process (a fresh process is unpatched)",
+    ),
+    Patch(
+        "foreach",
+        "cglab.compat.foreach",
+        (
+            f"{_CLIP}:l2_norm_impl",
+            f"{_CLIP}:multi_tensor_scale_impl",
+            f"{_OPT}:multi_tensor_scale_impl",
+            "megatron.core.utils:local_multi_tensor_l2_norm",
+            "megatron.core.utils:local_multi_tensor_scale",
+        ),
+        "neither Apex nor Transformer Engine installed (Megatron chose its local per-tensor fallbacks)",
+        "the local fallbacks sync the device once per parameter per step; torch's foreach kernels do not",
+        "set the three *_impl names back to megatron.core.utils.local_multi_tensor_l2_norm / _scale",
+    ),
+    Patch(
+        "wgrad",
+        "cglab.compat.wgrad",
+        (
+            "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
+            "megatron.core.tensor_parallel.layers:#fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32",
+            "megatron.core.tensor_parallel.layers:#fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16",
+            "torch:addmm",
+        ),
+        "model.wgrad_fusion on CUDA, Apex's fused_weight_gradient_mlp_cuda absent",
+        "gradient_accumulation_fusion needs Apex's extension; cuBLAS addmm with out_dtype=float32 does the same",
+        "delete layers.fused_weight_gradient_mlp_cuda and set layers._grad_accum_fusion_available = False",
+    ),
+    Patch(
+        "gradscale",
+        "cglab.compat.gradscale",
+        (
+            "megatron.core.distributed:DistributedDataParallel.scale_gradients",
+            "megatron.core.optimizer:MegatronOptimizer.prepare_grads",
+            "megatron.core.optimizer:MegatronOptimizer.get_grad_norm",
+            "megatron.core.optimizer:MegatronOptimizer.step_with_ready_grads",
+            "megatron.core.optimizer:MegatronOptimizer.get_parameters",
+            f"{_OPT}:#self.optimizer = optimizer",
+            f"{_OPT}:#self.chained_optimizers = ",
+            'torch.optim.adam:#getattr(self, "grad_scale", None)',
+        ),
+        "train.fold_grad_scale in effect (per model chunk and optimizer, from cglab.compat.apply_to_optimizer)",
+        "the per-token 1/num_tokens factor and the clip are two passes over the fp32 grads each step; fused "
+        "AdamW takes one scalar grad scale for free",
+        "delete the chunks' scale_gradients instance attribute and call optimizer.step() instead of "
+        "cglab.compat.gradscale.step",
+    ),
+    Patch(
+        "fused_adam",
+        "cglab.compat.adam",
+        (
+            "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER",
+            "megatron.core.optimizer:Adam",
+            "torch.optim.adam:#fused",
+            "torch.optim.adam:#foreach",
+        ),
+        "the run's Adam is torch's AdamW and train.fused_adam applies (cglab.decisions)",
+        "Megatron builds torch AdamW in foreach mode; the fused kernel is one launch and takes a grad scale",
+        'set each param group\'s "fused" to False and "foreach" to True',
+    ),
     # Read, not patched: private names other modules of cglab rely on.
-    Patch("", "cglab.track.mlflow_logger",
-          ("mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor",
-           "mlflow.system_metrics.system_metrics_monitor:#self._logging_step",
-           "mlflow.system_metrics.system_metrics_monitor:#self._shutdown_event",
-           "mlflow.system_metrics.system_metrics_monitor:#self._process",
-           "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.collect_metrics",
-           "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.aggregate_metrics",
-           "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.publish_metrics"),
-          "track.system_metrics on",
-          "SystemMetricsMonitor.finish() joins without a timeout and retries for minutes when the server is away",
-          "call monitor.finish() instead"),
-    Patch("", "cglab.raylocal",
-          ("ray:init", "ray._private.worker:#kwargs.pop(\"_temp_dir\"",
-           "ray.data._internal.execution.streaming_executor:#f\"StreamingExecutor-",
-           "ray.data._internal.block_batching.util:#name=\"iter_threaded\"",
-           "ray.data._internal.util:#name=f\"map_tp_"),
-          "a private local Ray (tests, cglab demo, cglab data inspect)",
-          "ray.shutdown() under a live Ray Data thread ends the process with _Exit(1); these thread names are "
-          "what raylocal.quiesce waits for",
-          "drop the wait (and _temp_dir: Ray's default temp dir)"),
+    Patch(
+        "",
+        "cglab.track.mlflow_logger",
+        (
+            "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor",
+            "mlflow.system_metrics.system_metrics_monitor:#self._logging_step",
+            "mlflow.system_metrics.system_metrics_monitor:#self._shutdown_event",
+            "mlflow.system_metrics.system_metrics_monitor:#self._process",
+            "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.collect_metrics",
+            "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.aggregate_metrics",
+            "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor.publish_metrics",
+        ),
+        "track.system_metrics on",
+        "SystemMetricsMonitor.finish() joins without a timeout and retries for minutes when the server is away",
+        "call monitor.finish() instead",
+    ),
+    Patch(
+        "",
+        "cglab.raylocal",
+        (
+            "ray:init",
+            'ray._private.worker:#kwargs.pop("_temp_dir"',
+            'ray.data._internal.execution.streaming_executor:#f"StreamingExecutor-',
+            'ray.data._internal.block_batching.util:#name="iter_threaded"',
+            'ray.data._internal.util:#name=f"map_tp_',
+        ),
+        "a private local Ray (tests, cglab demo, cglab data inspect)",
+        "ray.shutdown() under a live Ray Data thread ends the process with _Exit(1); these thread names are "
+        "what raylocal.quiesce waits for",
+        "drop the wait (and _temp_dir: Ray's default temp dir)",
+    ),
 )
 
 
@@ -132,7 +190,8 @@ def check_versions(allow_untested: bool | None = None) -> dict[str, str]:
         raise UntestedVersionError(
             f"cglab.compat: untested versions: {what}. cglab patches these libraries' internals "
             f"(cglab/compat/registry.py); run tests/compat against this version, then add it to TESTED, or set "
-            f"{ALLOW_ENV}=1 to run anyway")
+            f"{ALLOW_ENV}=1 to run anyway"
+        )
     key = tuple(sorted(off.items()))
     if key not in _WARNED:
         _WARNED.add(key)

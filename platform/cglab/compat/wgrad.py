@@ -8,6 +8,7 @@ with the fp32 main_grad and writes the sum (one extra pass over 12 bytes per par
 `torch.addmm(..., out_dtype=torch.float32)`, which reads bf16 operands and accumulates into an fp32 output. An Apex
 installation keeps its own kernel.
 """
+
 from __future__ import annotations
 
 import types
@@ -29,7 +30,9 @@ def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, 
             return
         except (RuntimeError, TypeError) as e:  # an older torch: keep training, unfused
             _IN_PLACE_OK = False
-            warnings.warn(f"cglab.compat.wgrad: fp32 in-place addmm unavailable ({e}); accumulating unfused")
+            warnings.warn(
+                f"cglab.compat.wgrad: fp32 in-place addmm unavailable ({e}); accumulating unfused", stacklevel=2
+            )
     if low:
         main_grad.add_(grad_output.t().matmul(total_input))
     else:
@@ -41,8 +44,7 @@ def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, 
     main_grad.addmm_(grad_output.t(), total_input)
 
 
-SHIM = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32,
-                             wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
+SHIM = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
 
 
 def apply() -> bool:

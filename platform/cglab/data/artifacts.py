@@ -14,6 +14,7 @@ read task fetches its own files' part with a key-range filter (parquet row-group
 drops by key, without hashing at training time and without a Python dict shipped to every worker. On a
 multi-node cluster data.cache_path must be storage every node reads (shared filesystem or object store).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,8 +99,13 @@ def build_drops(sources, fcfg) -> np.ndarray:
         dup = (batch["sha"] != "") & duplicate_mask(batch["sha"].tolist(), batch["key"].tolist(), survivors)
         return {"key": batch["key"][dup].astype(np.int64)}
 
-    keys = [b["key"] for b in scan.map_batches(later_copies, batch_format="numpy", fn_kwargs=dict(
-        survivors=survivors)).iter_batches(batch_size=None, batch_format="numpy") if len(b["key"])]
+    keys = [
+        b["key"]
+        for b in scan.map_batches(later_copies, batch_format="numpy", fn_kwargs=dict(survivors=survivors)).iter_batches(
+            batch_size=None, batch_format="numpy"
+        )
+        if len(b["key"])
+    ]
     return np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
 
@@ -117,16 +123,19 @@ def dedup_drops(sources, fcfg, root: str) -> dict:
     d = _join(root, f"dedup-{fingerprint(sources, settings)}")
     if _complete(d):
         meta = json.loads(_read(_join(d, META)))
-        return {"path": _join(d, DROPS), "built": False, "seconds": 0.0,
-                "documents_dropped": meta["documents_dropped"]}
+        return {"path": _join(d, DROPS), "built": False, "seconds": 0.0, "documents_dropped": meta["documents_dropped"]}
     t0 = time.perf_counter()
     keys = build_drops(sources, fcfg)
     buf = io.BytesIO()
     pq.write_table(pa.table({"key": pa.array(keys, pa.int64())}), buf, row_group_size=_ROW_GROUP)
     _write(_join(d, DROPS), buf.getvalue())
     seconds = time.perf_counter() - t0
-    meta = {"documents_dropped": int(len(keys)), "build_seconds": seconds,
-            "sources": [s.name for s in sources], "files": sum(len(s.files) for s in sources)}
+    meta = {
+        "documents_dropped": int(len(keys)),
+        "build_seconds": seconds,
+        "sources": [s.name for s in sources],
+        "files": sum(len(s.files) for s in sources),
+    }
     _write(_join(d, META), json.dumps(meta, indent=1).encode())
     _write(_join(d, MARKER), b"")
     return {"path": _join(d, DROPS), "built": True, "seconds": seconds, "documents_dropped": int(len(keys))}
@@ -150,16 +159,19 @@ def trained_tokenizer(dcfg, sources, root: str):
     from cglab.data.tokenizer import CGTokenizer, train_tokenizer
 
     tc = dcfg.tokenizer
-    settings = {"kind": "tokenizer", "tokenizer": tc.model_dump(mode="json", exclude={"path"}),
-                "num_sentinels": dcfg.num_sentinels, "filters": dcfg.filters.model_dump(mode="json")}
+    settings = {
+        "kind": "tokenizer",
+        "tokenizer": tc.model_dump(mode="json", exclude={"path"}),
+        "num_sentinels": dcfg.num_sentinels,
+        "filters": dcfg.filters.model_dump(mode="json"),
+    }
     d = _join(root, f"tokenizer-{fingerprint(sources, settings)}")
     path = _join(d, "tokenizer.json")
     if _complete(d):
         tok = CGTokenizer.from_str(_read(path).decode(), dcfg.num_sentinels, tc.max_whitespace_run)
         return tok, {"path": path, "built": False, "seconds": 0.0}
     t0 = time.perf_counter()
-    tok = train_tokenizer(sample_texts(dcfg, tc.train_docs), tc.vocab_size, dcfg.num_sentinels,
-                          tc.max_whitespace_run)
+    tok = train_tokenizer(sample_texts(dcfg, tc.train_docs), tc.vocab_size, dcfg.num_sentinels, tc.max_whitespace_run)
     _write(path, tok.to_str().encode())
     _write(_join(d, MARKER), b"")
     return tok, {"path": path, "built": True, "seconds": time.perf_counter() - t0}

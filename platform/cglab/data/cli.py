@@ -1,4 +1,5 @@
 """`cglab corpus build` and `cglab data inspect`. Heavy imports stay inside the handlers."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,15 @@ def _corpus_build(args) -> int:
     from cglab.data.corpus import build_corpus, build_package_corpus, train_corpus_tokenizer
 
     if args.source == "packages":
-        split = (lambda x: [p for p in x.split(",") if p] if x else None)
-        summary = build_package_corpus(args.out, split(args.packages), heldout=split(args.heldout_packages),
-                                       code_bytes=int(args.code_mb * (1 << 20)),
-                                       nl_chars=int(args.nl_mb * (1 << 20)), shards=args.shards)
+        split = lambda x: [p for p in x.split(",") if p] if x else None
+        summary = build_package_corpus(
+            args.out,
+            split(args.packages),
+            heldout=split(args.heldout_packages),
+            code_bytes=int(args.code_mb * (1 << 20)),
+            nl_chars=int(args.nl_mb * (1 << 20)),
+            shards=args.shards,
+        )
     else:
         summary = build_corpus(args.out, shards=args.shards)
     if args.tokenizer:
@@ -34,8 +40,11 @@ def _sources_from_args(args):
         kind, _, path = item.partition(":") if item.split(":", 1)[0] in ("pile", "stack") else ("", "", item)
         if not kind:
             p = path.rstrip("/")
-            kind = "stack" if p.endswith(".parquet") or p.endswith("stack") else (
-                "pile" if ".json" in p or p.endswith("pile") else "")
+            kind = (
+                "stack"
+                if p.endswith(".parquet") or p.endswith("stack")
+                else ("pile" if ".json" in p or p.endswith("pile") else "")
+            )
         if not kind:
             raise ConfigError(f"SOURCE[{i}] {item!r}: cannot tell pile from stack; write pile:PATH or stack:PATH")
         subsets = args.subsets.split(",") if args.subsets else None
@@ -55,8 +64,13 @@ def _data_inspect(args) -> int:
     sources = resolve_files(_sources_from_args(args), field="SOURCE")  # fails before Ray starts
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address or "local", num_cpus=args.num_cpus if not args.address else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=args.address or "local",
+            num_cpus=args.num_cpus if not args.address else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     try:
         from ray.data import DataContext
 
@@ -80,8 +94,13 @@ def _corpus_prepare(args) -> int:
     cfg = load_config(args.config, args.overrides)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address or "local", num_cpus=args.num_cpus if not args.address else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=args.address or "local",
+            num_cpus=args.num_cpus if not args.address else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     try:
         from ray.data import DataContext
 
@@ -100,19 +119,29 @@ def register(subparsers) -> None:
     b = csub.add_parser("build", help="write a micro Pile (jsonl.zst) and micro Stack (parquet) from this Python")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--shards", type=int, default=4)
-    b.add_argument("--source", choices=("micro", "packages"), default="micro",
-                   help="micro: a few MB from the standard library (the demo's default); packages: the installed "
-                        "distributions' code and docs, held out by package (the last shard)")
+    b.add_argument(
+        "--source",
+        choices=("micro", "packages"),
+        default="micro",
+        help="micro: a few MB from the standard library (the demo's default); packages: the installed "
+        "distributions' code and docs, held out by package (the last shard)",
+    )
     b.add_argument("--packages", default=None, help="packages source: comma-separated names (default: all)")
-    b.add_argument("--heldout-packages", default=None,
-                   help="packages source: comma-separated held-out names (default: ~10%% chosen by name hash)")
+    b.add_argument(
+        "--heldout-packages",
+        default=None,
+        help="packages source: comma-separated held-out names (default: ~10%% chosen by name hash)",
+    )
     b.add_argument("--code-mb", type=float, default=200.0, help="packages source: code budget (MiB)")
     b.add_argument("--nl-mb", type=float, default=50.0, help="packages source: NL budget (MiB of characters)")
     b.add_argument("--tokenizer", action="store_true", help="also train a byte-level BPE into OUT/tokenizer")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.set_defaults(func=_corpus_build)
-    pr = csub.add_parser("prepare", help="build the config's dedup drop list and tokenizer once, under "
-                                         "data.cache_path, for every later run and trial to reuse")
+    pr = csub.add_parser(
+        "prepare",
+        help="build the config's dedup drop list and tokenizer once, under "
+        "data.cache_path, for every later run and trial to reuse",
+    )
     pr.add_argument("config")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
     pr.add_argument("--address", help="Ray cluster address (default: a private local one)")
@@ -121,9 +150,12 @@ def register(subparsers) -> None:
 
     data = subparsers.add_parser("data", help="inspect training data")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    i = dsub.add_parser("inspect", help="read sources through the training readers/filters/dedup; print JSON counts",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="SOURCE: a config YAML (its data.sources), or [pile:|stack:]PATH (file, dir, glob, URL)")
+    i = dsub.add_parser(
+        "inspect",
+        help="read sources through the training readers/filters/dedup; print JSON counts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="SOURCE: a config YAML (its data.sources), or [pile:|stack:]PATH (file, dir, glob, URL)",
+    )
     i.add_argument("sources", nargs="+", metavar="SOURCE")
     i.add_argument("--config", help="take data.filters from this config")
     i.add_argument("--subsets", help="comma-separated pile_set_name / lang values to keep")

@@ -17,6 +17,7 @@ A sample, one row of `seq_len` tokens:
     n_masked      int32      tokens hidden in spans, and the maskable tokens of the sample's units:
     n_maskable    int32      the realised mask fraction (0/0 when nothing is corrupted)
 """
+
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------------- sample fields

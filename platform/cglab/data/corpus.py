@@ -8,6 +8,7 @@
 
 Deterministic: the same interpreter gives byte-identical files (sorted walks, no timestamps).
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,18 @@ import os
 import sysconfig
 from pathlib import Path
 
-LANGS = {".py": "Python", ".c": "C", ".h": "C", ".sh": "Shell", ".json": "JSON", ".toml": "TOML",
-         ".html": "HTML", ".css": "CSS", ".js": "JavaScript", ".f90": "FORTRAN"}
+LANGS = {
+    ".py": "Python",
+    ".c": "C",
+    ".h": "C",
+    ".sh": "Shell",
+    ".json": "JSON",
+    ".toml": "TOML",
+    ".html": "HTML",
+    ".css": "CSS",
+    ".js": "JavaScript",
+    ".f90": "FORTRAN",
+}
 
 
 def _stdlib_files() -> list[Path]:
@@ -35,6 +46,7 @@ def _docs(files: list[Path], budget: int) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
     try:
         from pydoc_data.topics import topics
+
         for k in sorted(topics):  # at most a third of the budget, so docstrings are always in the mix
             if sum(len(t) for _, t in docs) < budget // 3:
                 docs.append(("Python Help Topics", topics[k]))
@@ -84,15 +96,22 @@ def _code(files: list[Path], budget: int) -> list[dict]:
         except UnicodeDecodeError:
             continue
         rel = f.relative_to(root).as_posix()
-        rows.append(dict(content=text, lang=LANGS[f.suffix], max_stars_repo_path=f"cpython/Lib/{rel}",
-                         max_stars_repo_name="python/cpython", size=len(raw), ext=f.suffix.lstrip("."),
-                         hexsha=hashlib.sha1(raw).hexdigest()))
+        rows.append(
+            dict(
+                content=text,
+                lang=LANGS[f.suffix],
+                max_stars_repo_path=f"cpython/Lib/{rel}",
+                max_stars_repo_name="python/cpython",
+                size=len(raw),
+                ext=f.suffix.lstrip("."),
+                hexsha=hashlib.sha1(raw).hexdigest(),
+            )
+        )
         total += len(raw)
     return rows
 
 
-def build_corpus(out_dir: str | Path, nl_chars: int = 1_500_000, code_bytes: int = 3_000_000,
-                 shards: int = 4) -> dict:
+def build_corpus(out_dir: str | Path, nl_chars: int = 1_500_000, code_bytes: int = 3_000_000, shards: int = 4) -> dict:
     """Write `out_dir/pile/*.jsonl.zst` and `out_dir/stack/*.parquet`; return a summary (paths, counts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -122,28 +141,40 @@ def build_corpus(out_dir: str | Path, nl_chars: int = 1_500_000, code_bytes: int
         p = out / "stack" / f"{s:02d}.parquet"
         pq.write_table(table, p, row_group_size=256)
         stack_files.append(str(p))
-    return dict(out=str(out), pile=dict(files=pile_files, documents=len(docs)),
-                stack=dict(files=stack_files, documents=len(rows)))
+    return dict(
+        out=str(out),
+        pile=dict(files=pile_files, documents=len(docs)),
+        stack=dict(files=stack_files, documents=len(rows)),
+    )
 
 
 def corpus_sources(corpus_dir: str | Path) -> list[dict]:
     """SourceConfig dicts for a built micro corpus (for configs, demos and tests)."""
     d = Path(corpus_dir)
-    return [dict(name="pile", kind="pile", paths=[str(d / "pile")]),
-            dict(name="stack", kind="stack", paths=[str(d / "stack")])]
+    return [
+        dict(name="pile", kind="pile", paths=[str(d / "pile")]),
+        dict(name="stack", kind="stack", paths=[str(d / "stack")]),
+    ]
 
 
-def train_corpus_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int = 1024,
-                           num_sentinels: int = 16, max_whitespace_run: int = 32, train_docs: int = 2000):
+def train_corpus_tokenizer(
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    vocab_size: int = 1024,
+    num_sentinels: int = 16,
+    max_whitespace_run: int = 32,
+    train_docs: int = 2000,
+):
     """Train the byte-level BPE on a sample of a built micro corpus and save it to out_dir."""
     from cglab.config import DataConfig, SourceConfig, TokenizerConfig
     from cglab.data.pipeline import sample_texts
     from cglab.data.tokenizer import train_tokenizer
 
-    dcfg = DataConfig(sources=[SourceConfig(**s) for s in corpus_sources(corpus_dir)],
-                      tokenizer=TokenizerConfig(vocab_size=vocab_size, train_docs=train_docs,
-                                                max_whitespace_run=max_whitespace_run),
-                      num_sentinels=num_sentinels)
+    dcfg = DataConfig(
+        sources=[SourceConfig(**s) for s in corpus_sources(corpus_dir)],
+        tokenizer=TokenizerConfig(vocab_size=vocab_size, train_docs=train_docs, max_whitespace_run=max_whitespace_run),
+        num_sentinels=num_sentinels,
+    )
     tok = train_tokenizer(sample_texts(dcfg, train_docs), vocab_size, num_sentinels, max_whitespace_run)
     tok.save(out_dir)
     return tok
@@ -224,9 +255,19 @@ def _package_code(dist, name: str, license_: str) -> list[dict]:
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        rows.append(dict(content=text, lang="Python", max_stars_repo_path=f"{name}/{f.as_posix()}",
-                         max_stars_repo_name=name, size=len(raw), ext="py", hexsha=hashlib.sha1(raw).hexdigest(),
-                         package=name, license=license_))
+        rows.append(
+            dict(
+                content=text,
+                lang="Python",
+                max_stars_repo_path=f"{name}/{f.as_posix()}",
+                max_stars_repo_name=name,
+                size=len(raw),
+                ext="py",
+                hexsha=hashlib.sha1(raw).hexdigest(),
+                package=name,
+                license=license_,
+            )
+        )
     return rows
 
 
@@ -235,10 +276,17 @@ def is_heldout_package(name: str, fraction: float = 0.1) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None, *,
-                         heldout: list[str] | None = None, heldout_fraction: float = 0.1,
-                         code_bytes: int = 200 << 20, nl_chars: int = 50 << 20, shards: int = 8,
-                         filters=None) -> dict:
+def build_package_corpus(
+    out_dir: str | Path,
+    packages: list[str] | None = None,
+    *,
+    heldout: list[str] | None = None,
+    heldout_fraction: float = 0.1,
+    code_bytes: int = 200 << 20,
+    nl_chars: int = 50 << 20,
+    shards: int = 8,
+    filters=None,
+) -> dict:
     """Write `out_dir/stack/NN.parquet` (one row per .py file; columns as the micro Stack plus `package` and
     `license`) and `out_dir/pile/NN.jsonl.zst` (meta: pile_set_name and package) from installed distributions.
 
@@ -268,25 +316,37 @@ def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None,
     missing = [p for p in names if p not in dists]
     if missing:
         raise ConfigError(f"corpus: packages not installed here: {missing}")
-    held = ({p.lower().replace("_", "-") for p in heldout} if heldout is not None
-            else {p for p in names if is_heldout_package(p, heldout_fraction)})
+    held = (
+        {p.lower().replace("_", "-") for p in heldout}
+        if heldout is not None
+        else {p for p in names if is_heldout_package(p, heldout_fraction)}
+    )
     if not held & set(names) or not set(names) - held:
         raise ConfigError(f"corpus: need packages on both sides of the held-out split (held out: {sorted(held)})")
     dropped: Counter = Counter()
     seen: set[str] = set()  # content hashes kept so far (code); training first, then held out
     seen_nl: set[str] = set()
     splits = {"train": {"code": [], "nl": []}, "heldout": {"code": [], "nl": []}}
-    budgets = {"train": {"code": code_bytes, "nl": nl_chars},
-               "heldout": {"code": code_bytes // 10, "nl": nl_chars // 10}}
+    budgets = {
+        "train": {"code": code_bytes, "nl": nl_chars},
+        "heldout": {"code": code_bytes // 10, "nl": nl_chars // 10},
+    }
     # Training packages first, so a held-out document can be checked against every training hash.
     for split, pkgs in (("train", [p for p in names if p not in held]), ("heldout", [p for p in names if p in held])):
         for name in pkgs:
             dist = dists[name]
             # Lazily: once a budget is spent, the remaining packages are not read (or parsed) for it.
             for kind, read, key, seen_set in (
-                    ("code", lambda: _package_code(dist, name, _license(dist.metadata)), "content", seen),
-                    ("nl", lambda: [dict(text=t, meta=dict(pile_set_name=s, package=name))
-                                    for s, t in _package_docs(dist, name)], "text", seen_nl)):
+                ("code", lambda: _package_code(dist, name, _license(dist.metadata)), "content", seen),
+                (
+                    "nl",
+                    lambda: [
+                        dict(text=t, meta=dict(pile_set_name=s, package=name)) for s, t in _package_docs(dist, name)
+                    ],
+                    "text",
+                    seen_nl,
+                ),
+            ):
                 left = budgets[split][kind] - sum(len(x[key]) for x in splits[split][kind])
                 if left <= 0:
                     continue
@@ -311,7 +371,7 @@ def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None,
     files: dict[str, list[str]] = {"pile": [], "stack": []}
     for s in range(shards):
         split = "heldout" if s == shards - 1 else "train"
-        part_of = (lambda xs: xs[s::shards - 1]) if split == "train" else (lambda xs: xs)
+        part_of = (lambda xs: xs[s :: shards - 1]) if split == "train" else (lambda xs: xs)
         docs = part_of(splits[split]["nl"])
         p = out / "pile" / f"{s:02d}.jsonl.zst"
         p.write_bytes(cctx.compress("".join(json.dumps(d) + "\n" for d in docs).encode("utf-8")))
@@ -325,13 +385,25 @@ def build_package_corpus(out_dir: str | Path, packages: list[str] | None = None,
     tok = re.compile(TOKEN_RE)
 
     def stats(xs, key):
-        return dict(documents=len(xs), bytes=sum(len(x[key].encode("utf-8")) for x in xs),
-                    pretokens=sum(len(tok.findall(x[key])) for x in xs))
+        return dict(
+            documents=len(xs),
+            bytes=sum(len(x[key].encode("utf-8")) for x in xs),
+            pretokens=sum(len(tok.findall(x[key])) for x in xs),
+        )
 
-    return dict(out=str(out), source="packages",
-                packages=dict(train=[p for p in names if p not in held], heldout=sorted(held & set(names))),
-                pile=dict(files=files["pile"], documents=sum(len(splits[k]["nl"]) for k in splits),
-                          **{k: stats(splits[k]["nl"], "text") for k in splits}),
-                stack=dict(files=files["stack"], documents=sum(len(splits[k]["code"]) for k in splits),
-                           **{k: stats(splits[k]["code"], "content") for k in splits}),
-                dropped=dict(sorted(dropped.items())))
+    return dict(
+        out=str(out),
+        source="packages",
+        packages=dict(train=[p for p in names if p not in held], heldout=sorted(held & set(names))),
+        pile=dict(
+            files=files["pile"],
+            documents=sum(len(splits[k]["nl"]) for k in splits),
+            **{k: stats(splits[k]["nl"], "text") for k in splits},
+        ),
+        stack=dict(
+            files=files["stack"],
+            documents=sum(len(splits[k]["code"]) for k in splits),
+            **{k: stats(splits[k]["code"], "content") for k in splits},
+        ),
+        dropped=dict(sorted(dropped.items())),
+    )

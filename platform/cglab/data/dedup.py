@@ -9,6 +9,7 @@ Two passes, because a streaming pass cannot know whether a later block holds an 
    block layout or the number of workers. Training does not ship this table: data/artifacts.py turns it into a
    drop list of record keys, stored once per corpus, that each read task reads for its own files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,8 @@ def duplicate_mask(shas, keys, survivors: dict[str, int]) -> np.ndarray:
 
 
 def find_survivors(ds, rows: int | None = None) -> dict[str, int]:
-    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`; sha "" = not a kept document).
+    """{sha: smallest key} for every hash that occurs more than once in `ds` (columns `sha`, `key`;
+    sha "" = not a kept document).
 
     `rows` (when known, e.g. of a materialized scan) sizes the hash shuffle: about a million rows per partition
     instead of Ray's default 200 partitions, whose fixed cost dominates below a few million documents.

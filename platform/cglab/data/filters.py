@@ -4,6 +4,7 @@ A document is dropped when it is empty, shorter than `min_chars` or longer than 
 average line length exceeds `max_avg_line_length`, its longest line exceeds `max_line_length`, or more than
 `max_digit_fraction` of its characters are decimal/hex digits (minified data, hashes, embedded blobs).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def document_stats(texts: pa.Array) -> dict[str, np.ndarray]:
     avg_line = (chars - (n_lines - 1)) / eff_lines  # characters on lines (newlines excluded) per line
     with np.errstate(divide="ignore", invalid="ignore"):
         digit_frac = np.where(chars > 0, hexdig / np.maximum(chars, 1), 0.0)
-    return dict(chars=chars, nonblank=nonblank, lines=eff_lines, avg_line=avg_line, max_line=max_line,
-                digit_frac=digit_frac)
+    return dict(
+        chars=chars, nonblank=nonblank, lines=eff_lines, avg_line=avg_line, max_line=max_line, digit_frac=digit_frac
+    )
 
 
 def filter_reasons(texts, cfg) -> np.ndarray:

@@ -4,6 +4,7 @@ Runs the same code as training (`pipeline.scan_dataset` → readers + filters, `
 here is a count of what a run would skip. Output, per source and in total:
 `{"read": N, "kept": K, "skipped": {"malformed_json": a, "duplicate": b, ...}, "subsets": {...}}`.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -16,8 +17,9 @@ def _block_counts(batch: dict) -> dict:
     src, reason = batch["source"], batch["reason"].astype(object)
     keys = [f"{s}\t{r}" for s, r in zip(src.tolist(), reason.tolist())]
     c = Counter(keys)
-    subs = Counter(f"{s}\t{sub}" for s, sub, r in zip(src.tolist(), batch["subset"].tolist(), reason.tolist())
-                   if r == "")
+    subs = Counter(
+        f"{s}\t{sub}" for s, sub, r in zip(src.tolist(), batch["subset"].tolist(), reason.tolist()) if r == ""
+    )
     names = list(c) + [f"subset\t{k}" for k in subs]
     return {"name": np.array(names, dtype=object), "n": np.array(list(c.values()) + list(subs.values()), np.int64)}
 
@@ -50,9 +52,14 @@ def inspect_sources(sources, fcfg, dedup: bool = True) -> dict:
     for src in sources:
         per = {r: n for (s, r), n in totals.items() if s == src.index}
         kept = per.pop("", 0)
-        entry = {"kind": src.kind, "files": len(src.files), "read": kept + sum(per.values()), "kept": kept,
-                 "skipped": dict(sorted(per.items())),
-                 "subsets": dict(sorted((sub, n) for (s, sub), n in subsets.items() if s == src.index))}
+        entry = {
+            "kind": src.kind,
+            "files": len(src.files),
+            "read": kept + sum(per.values()),
+            "kept": kept,
+            "skipped": dict(sorted(per.items())),
+            "subsets": dict(sorted((sub, n) for (s, sub), n in subsets.items() if s == src.index)),
+        }
         out["sources"][src.name] = entry
         out["total"]["read"] += entry["read"]
         out["total"]["kept"] += kept

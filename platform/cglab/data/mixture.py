@@ -9,6 +9,7 @@
 the same in every run and exact in expectation. The stream ends when a source with positive weight runs dry:
 continuing with the others would silently change the ratio the ablation is about.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence, TypeVar
@@ -37,13 +38,15 @@ def source_weights(mixture: str, kinds: Sequence[str], weights: Sequence[float])
         raise ConfigError(f"data.mixture: unknown mixture {mixture!r}")
     if w.sum() <= 0:
         need = {"pl_only": "a stack", "nl_only": "a pile"}.get(mixture, "a")
-        raise ConfigError(f"data.mixture: {mixture!r} leaves no source; need {need} source with positive weight "
-                          f"in data.sources")
+        raise ConfigError(
+            f"data.mixture: {mixture!r} leaves no source; need {need} source with positive weight in data.sources"
+        )
     return w / w.sum()
 
 
-def interleave(streams: Sequence[Iterator[T]], weights: np.ndarray, rng: np.random.Generator,
-               draw: int = 4096) -> Iterator[tuple[int, T]]:
+def interleave(
+    streams: Sequence[Iterator[T]], weights: np.ndarray, rng: np.random.Generator, draw: int = 4096
+) -> Iterator[tuple[int, T]]:
     """(source index, item) in a weighted random order; stops when a positive-weight stream is exhausted."""
     live = np.flatnonzero(np.asarray(weights) > 0)
     p = np.asarray(weights)[live] / np.asarray(weights)[live].sum()

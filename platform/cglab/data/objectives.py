@@ -52,6 +52,7 @@ Implementation: every output row is a list of *pieces* (copy a range of the wind
 pieces of all windows are turned into one gather index with a cumsum, so the per-token work is a handful of
 vectorised passes and only the random draws loop over windows.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -93,33 +94,48 @@ def packing_reserve(cfg) -> Reserve:
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def apply_objective(window_tokens: np.ndarray, window_segments: np.ndarray, cfg, specials: Specials,
-                    rng: np.random.Generator, seq_len: int) -> dict:
+def apply_objective(
+    window_tokens: np.ndarray,
+    window_segments: np.ndarray,
+    cfg,
+    specials: Specials,
+    rng: np.random.Generator,
+    seq_len: int,
+) -> dict:
     """One window -> one sample dict (arrays of length seq_len, scalar objective)."""
-    out = apply_objective_batch(np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg,
-                                specials, [rng], seq_len)
+    out = apply_objective_batch(
+        np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg, specials, [rng], seq_len
+    )
     return {k: v[0] for k, v in out.items()}
 
 
-def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, specials: Specials,
-                          rngs: Sequence[np.random.Generator], seq_len: int) -> dict[str, np.ndarray]:
+def apply_objective_batch(
+    tokens: np.ndarray, segments: np.ndarray, cfg, specials: Specials, rngs: Sequence[np.random.Generator], seq_len: int
+) -> dict[str, np.ndarray]:
     """Windows int32[W, S_in] -> batch dict; window w uses only rngs[w] (one draw picks the objective first)."""
     tokens, segments = _check(tokens, segments, cfg, specials, rngs, seq_len)
     W = tokens.shape[0]
     u = np.array([rng.random() for rng in rngs]) if W else np.zeros(0)
     kind, file_level = cfg.kind, cfg.corruption == "file_level"
-    span = dict(ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max), span_len=(cfg.span_len_min, cfg.span_len_max),
-                file_level=file_level)
+    span = dict(
+        ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max),
+        span_len=(cfg.span_len_min, cfg.span_len_max),
+        file_level=file_level,
+    )
     if kind == "clm":
         groups = [(np.ones(W, bool), lambda t, s, r: causal_lm(t, s, specials, seq_len))]
     elif kind == "span_corruption":
         groups = [(np.ones(W, bool), lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span))]
     elif kind == "codegen2":
-        groups = [(u < cfg.causal_prob, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
-                  (u >= cfg.causal_prob, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span))]
+        groups = [
+            (u < cfg.causal_prob, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
+            (u >= cfg.causal_prob, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
+        ]
     elif kind == "infill":
-        groups = [(u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
-                  (u >= cfg.infill_rate, lambda t, s, r: causal_lm(t, s, specials, seq_len))]
+        groups = [
+            (u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
+            (u >= cfg.infill_rate, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
+        ]
     elif kind == "ul2":
         dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
         edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
@@ -129,9 +145,21 @@ def apply_objective_batch(tokens: np.ndarray, segments: np.ndarray, cfg, special
             if d.kind == "prefix":
                 fn = lambda t, s, r: prefix_lm(t, s, specials, r, seq_len)  # noqa: E731
             else:
-                fn = (lambda d: lambda t, s, r: span_corruption(
-                    t, s, specials, r, seq_len, ratio=tuple(d.ratio), span_len=tuple(d.span_len),
-                    file_level=file_level, objective=UL2))(d)
+                fn = (
+                    lambda d: (
+                        lambda t, s, r: span_corruption(
+                            t,
+                            s,
+                            specials,
+                            r,
+                            seq_len,
+                            ratio=tuple(d.ratio),
+                            span_len=tuple(d.span_len),
+                            file_level=file_level,
+                            objective=UL2,
+                        )
+                    )
+                )(d)
             groups.append((pick == i, fn))
     else:
         raise ValueError(f"objective.kind: unknown {kind!r}; choose one of {KINDS}")
@@ -175,15 +203,26 @@ def _segment_ends(seg: np.ndarray) -> np.ndarray:
     return np.searchsorted(flat, flat, side="right").reshape(W, S) - np.arange(W)[:, None] * S
 
 
-def span_corruption(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int, *,
-                    ratio: tuple[float, float], span_len: tuple[int, int],
-                    file_level: bool = True, objective: int = SPAN) -> dict:
+def span_corruption(
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    specials: Specials,
+    rngs,
+    seq_len: int,
+    *,
+    ratio: tuple[float, float],
+    span_len: tuple[int, int],
+    file_level: bool = True,
+    objective: int = SPAN,
+) -> dict:
     """CodeGen2 span corruption of each window (layout and placement rule in the module docstring)."""
     need = spans_needed(ratio[1], span_len, seq_len)
     if need > len(specials.masks):  # the tokenizer may hold fewer sentinels than the config asked for
-        raise ValueError(f"data.num_sentinels: the tokenizer has {len(specials.masks)} <mask_k> sentinels but a "
-                         f"unit can need {need} spans at data.seq_length={seq_len} (ratio up to {ratio[1]:g}, "
-                         f"spans {span_len[0]}-{span_len[1]})")
+        raise ValueError(
+            f"data.num_sentinels: the tokenizer has {len(specials.masks)} <mask_k> sentinels but a "
+            f"unit can need {need} spans at data.seq_length={seq_len} (ratio up to {ratio[1]:g}, "
+            f"spans {span_len[0]}-{span_len[1]})"
+        )
     W = len(rngs)
     base, n_total, win, useg = _units(tokens, segments, file_level)
     n = n_total - (tokens.ravel()[base + n_total - 1] == specials.eot)  # the final eot is never masked
@@ -217,15 +256,15 @@ def span_corruption(tokens: np.ndarray, segments: np.ndarray, specials: Specials
     flag[q] = flag[q + 1] = flag[q + 2] = True
     out_len = n_total + 1 + 3 * k
     first_input = n_total - m + k + 1  # corrupted input + <sep>: the prefix-LM prefix
-    out = _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, out_len, first_input, objective,
-                    unit_pieces=pieces)
+    out = _assemble(
+        tokens, specials, seq_len, src, ln, flag, useg, win, out_len, first_input, objective, unit_pieces=pieces
+    )
     out["n_masked"] = np.bincount(win, weights=m, minlength=W).astype(np.int32)
     out["n_maskable"] = np.bincount(win, weights=n, minlength=W).astype(np.int32)
     return out
 
 
-def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int,
-           spm_prob: float) -> dict:
+def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int, spm_prob: float) -> dict:
     """FIM every document piece of the window, PSM or SPM (prob spm_prob) each; objective 2."""
     base, n_total, win, useg = _units(tokens, segments, file_level=True)
     n = n_total - (tokens.ravel()[base + n_total - 1] == specials.eot)
@@ -237,13 +276,24 @@ def infill(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, s
     sp0 = _specials_at(tokens, seq_len)
     mask1, sep, eom = sp0 + MASK0, sp0 + SEP, sp0 + EOM
     # [prefix if PSM][<mask_1>][suffix+eot][<sep>][prefix if SPM][<mask_1>][middle][<eom>]
-    src = np.stack([base, np.full(U, mask1), base + b, np.full(U, sep), base, np.full(U, mask1), base + a,
-                    np.full(U, eom)], 1)
-    ln = np.stack([a * ~spm, np.ones(U, np.int64), n_total - b, np.ones(U, np.int64), a * spm,
-                   np.ones(U, np.int64), b - a, np.ones(U, np.int64)], 1)
+    src = np.stack(
+        [base, np.full(U, mask1), base + b, np.full(U, sep), base, np.full(U, mask1), base + a, np.full(U, eom)], 1
+    )
+    ln = np.stack(
+        [
+            a * ~spm,
+            np.ones(U, np.int64),
+            n_total - b,
+            np.ones(U, np.int64),
+            a * spm,
+            np.ones(U, np.int64),
+            b - a,
+            np.ones(U, np.int64),
+        ],
+        1,
+    )
     flag = np.ones_like(ln, bool)
-    return _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, n_total + 4,
-                     np.zeros(U, np.int64), INFILL)
+    return _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, n_total + 4, np.zeros(U, np.int64), INFILL)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -312,8 +362,9 @@ def _draws(rngs, units_per_window: np.ndarray, per_unit: int) -> np.ndarray:
     return flat.reshape(-1, per_unit)
 
 
-def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, unit_prefix, objective,
-              unit_pieces=None) -> dict:
+def _assemble(
+    tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, unit_prefix, objective, unit_pieces=None
+) -> dict:
     """Pieces [U, C] (source offset, length, loss flag) of units in order -> padded [W, S] sample batch.
 
     With unit_pieces[U] the pieces are flat instead, unit u holding the next unit_pieces[u] of them (span
@@ -328,8 +379,10 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, uni
     out_len = np.bincount(win, weights=unit_len, minlength=W).astype(np.int64)
     if (out_len > S).any():
         w = int(np.argmax(out_len > S))
-        raise ValueError(f"window {w} needs {out_len[w]} tokens > data.seq_length={S}: it was packed without "
-                         f"the objective's reserve (use objectives.packing_reserve(cfg) for the Packer)")
+        raise ValueError(
+            f"window {w} needs {out_len[w]} tokens > data.seq_length={S}: it was packed without "
+            f"the objective's reserve (use objectives.packing_reserve(cfg) for the Packer)"
+        )
     C = np.full(len(useg), ln.shape[1]) if unit_pieces is None else np.asarray(unit_pieces, np.int64)
     # insert each window's pad piece after its last unit
     at = np.rint(np.cumsum(np.bincount(win, weights=C, minlength=W))).astype(np.int64)
@@ -348,8 +401,9 @@ def _assemble(tokens, specials, seq_len, src, ln, flag, useg, win, unit_len, uni
     step = np.ones(W * S, np.int64)
     step[pos[1:]] = src[1:] - (src[:-1] + ln[:-1] - 1)
     step[0] = src[0]
-    source = np.concatenate([tokens.ravel().astype(np.int32, copy=False),
-                             np.full(S - 1, specials.pad, np.int32), specials.table()])
+    source = np.concatenate(
+        [tokens.ravel().astype(np.int32, copy=False), np.full(S - 1, specials.pad, np.int32), specials.table()]
+    )
     tok = source[np.cumsum(step)].reshape(W, S)
     seg_t = np.repeat(seg.astype(np.int32), ln).reshape(W, S)
     flag_t = np.repeat(flag, ln).reshape(W, S)
@@ -383,17 +437,29 @@ def _finish(tok, seg, flag, prefix_end, objective, specials) -> dict:
     labels[:, :-1] = np.where(same, tok[:, 1:], np.int32(specials.pad))
     loss = np.zeros((W, S), np.float32)
     loss[:, :-1] = same & flag[:, 1:]
-    return dict(tokens=tok.astype(np.int32, copy=False), labels=labels, loss_mask=loss,
-                segment_ids=seg.astype(np.int32, copy=False), prefix_end=prefix_end.astype(np.int32),
-                objective=np.full(W, objective, np.int8), n_masked=np.zeros(W, np.int32),
-                n_maskable=np.zeros(W, np.int32))
+    return dict(
+        tokens=tok.astype(np.int32, copy=False),
+        labels=labels,
+        loss_mask=loss,
+        segment_ids=seg.astype(np.int32, copy=False),
+        prefix_end=prefix_end.astype(np.int32),
+        objective=np.full(W, objective, np.int8),
+        n_masked=np.zeros(W, np.int32),
+        n_maskable=np.zeros(W, np.int32),
+    )
 
 
 def _empty(W: int, S: int) -> dict:
-    return dict(tokens=np.zeros((W, S), np.int32), labels=np.zeros((W, S), np.int32),
-                loss_mask=np.zeros((W, S), np.float32), segment_ids=np.full((W, S), -1, np.int32),
-                prefix_end=np.zeros((W, S), np.int32), objective=np.zeros(W, np.int8),
-                n_masked=np.zeros(W, np.int32), n_maskable=np.zeros(W, np.int32))
+    return dict(
+        tokens=np.zeros((W, S), np.int32),
+        labels=np.zeros((W, S), np.int32),
+        loss_mask=np.zeros((W, S), np.float32),
+        segment_ids=np.full((W, S), -1, np.int32),
+        prefix_end=np.zeros((W, S), np.int32),
+        objective=np.zeros(W, np.int8),
+        n_masked=np.zeros(W, np.int32),
+        n_maskable=np.zeros(W, np.int32),
+    )
 
 
 def _check(tokens, segments, cfg, specials, rngs, seq_len):
@@ -405,8 +471,11 @@ def _check(tokens, segments, cfg, specials, rngs, seq_len):
     valid = segments >= 0
     if tokens.shape[1] and tokens.shape[0]:
         step = np.diff(segments, axis=1)
-        ok = ((valid[:, 1:] <= valid[:, :-1]).all() and (segments[:, 0] <= 0).all()
-              and ((step >= 0) & (step <= 1) | ~valid[:, 1:]).all())
+        ok = (
+            (valid[:, 1:] <= valid[:, :-1]).all()
+            and (segments[:, 0] <= 0).all()
+            and ((step >= 0) & (step <= 1) | ~valid[:, 1:]).all()
+        )
         if not ok:
             raise ValueError("windows: segment_ids must be 0,1,2,… non-decreasing from position 0, then -1")
     return tokens.astype(np.int32, copy=False), segments.astype(np.int32, copy=False)
@@ -430,7 +499,7 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
     seps = np.flatnonzero(unit == sp.sep)
     if seps.size == 0:
         return unit.copy()
-    inp, tgt = unit[:seps[0]], unit[seps[0] + 1:]
+    inp, tgt = unit[: seps[0]], unit[seps[0] + 1 :]
     lead, fills = [], {}
     for chunk in np.split(tgt, np.flatnonzero(tgt == sp.eom) + 1):
         if chunk.size == 0:
@@ -439,7 +508,7 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
             raise ValueError("reconstruct: target chunk does not end with <eom>")
         q = int(np.flatnonzero(np.isin(chunk, sp.masks))[0])
         lead.append(chunk[:q])  # SPM puts the prefix before its <mask_1>
-        fills[int(chunk[q])] = chunk[q + 1:-1]
+        fills[int(chunk[q])] = chunk[q + 1 : -1]
     parts = list(lead)
     holes = np.flatnonzero(np.isin(inp, sp.masks))
     prev = 0
@@ -451,9 +520,16 @@ def _decode_unit(unit: np.ndarray, sp: Specials) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def span_corruption_reference(tokens: list[list[int]], segments: list[list[int]], specials: Specials,
-                              rngs, seq_len: int, *, ratio: tuple[float, float],
-                              span_len: tuple[int, int]) -> list[list[int]]:
+def span_corruption_reference(
+    tokens: list[list[int]],
+    segments: list[list[int]],
+    specials: Specials,
+    rngs,
+    seq_len: int,
+    *,
+    ratio: tuple[float, float],
+    span_len: tuple[int, int],
+) -> list[list[int]]:
     """File-level span corruption in plain Python loops, same draws as `span_corruption`.
 
     The oracle for tests (identical tokens) and the baseline in benchmarks/bench_objectives.py; it spells the
@@ -484,7 +560,7 @@ def span_corruption_reference(tokens: list[list[int]], segments: list[list[int]]
         sample: list[int] = []
         for di, doc in enumerate(docs):
             n, total, k = ns[di], ms[di], ks[di]
-            d = flat[2 * sum(ks[:di]):2 * sum(ks[:di + 1])]
+            d = flat[2 * sum(ks[:di]) : 2 * sum(ks[: di + 1])]
             weights = [lo + min(int(x * (hi - lo + 1)), hi - lo) - lo + 1 for x in d[:k]]
             base = min(lo, total // k) if k else 0
             extra = total - k * base
@@ -500,14 +576,14 @@ def span_corruption_reference(tokens: list[list[int]], segments: list[list[int]]
                 before += lengths[j]
             pos = 0
             for j in range(k):
-                sample += doc[pos:starts[j]]
+                sample += doc[pos : starts[j]]
                 sample.append(specials.masks[j])
                 pos = starts[j] + lengths[j]
             sample += doc[pos:]
             sample.append(specials.sep)
             for j in range(k):
                 sample.append(specials.masks[j])
-                sample += doc[starts[j]:starts[j] + lengths[j]]
+                sample += doc[starts[j] : starts[j] + lengths[j]]
                 sample.append(specials.eom)
         if len(sample) > seq_len:
             raise ValueError("reference: window overflows seq_len")

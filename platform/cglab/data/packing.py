@@ -18,6 +18,7 @@ reserve), the rest starts the next window; every piece is its own segment. Only 
 with eot. Packing is greedy and deterministic: the same document stream gives the same windows however it is cut
 into `add` batches (the unfinished last window is carried to the next call).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ class Packer:
         # the same float expression as _cut's cost of a one-piece window, so an accepted reserve always packs
         first = (1 + self.reserve.per_token) * self.min_piece + self.reserve.per_doc
         if first > self.seq_len - self.reserve.per_window or self.min_piece < 1:
-            raise ValueError(f"data.seq_length: {self.seq_len} leaves {room} tokens per window after the "
-                             f"objective's reserve {self.reserve}; need at least min_piece={self.min_piece}")
+            raise ValueError(
+                f"data.seq_length: {self.seq_len} leaves {room} tokens per window after the "
+                f"objective's reserve {self.reserve}; need at least min_piece={self.min_piece}"
+            )
         self._carry = np.zeros(0, np.int32)
         self._carry_ends = np.zeros(0, np.int64)  # piece ends (exclusive) inside the carry
 
@@ -92,7 +95,7 @@ class Packer:
         cuts, rest = self._cut(ends, final=False)
         out = self._windows(flat, ends, cuts)
         self._carry = flat[rest:]
-        self._carry_ends = ends[np.searchsorted(ends, rest, side="right"):] - rest
+        self._carry_ends = ends[np.searchsorted(ends, rest, side="right") :] - rest
         return out
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
@@ -173,8 +176,9 @@ class Packer:
         return tokens, segs
 
 
-def pack_documents(docs: Iterable[np.ndarray], seq_len: int, specials: Specials,
-                   reserve: Reserve = Reserve(), min_piece: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def pack_documents(
+    docs: Iterable[np.ndarray], seq_len: int, specials: Specials, reserve: Reserve = Reserve(), min_piece: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """All windows (the last one partial) of a finite document list: (tokens, segment_ids), int32[W, S]."""
     packer = Packer(seq_len, specials, reserve, min_piece)
     a_tok, a_seg = packer.add(docs)

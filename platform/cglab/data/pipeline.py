@@ -40,6 +40,7 @@ a corpus needs at least dp_size files per source (a clear error otherwise); more
 Ranks hold different numbers of samples: the training feed steps in lockstep, so an epoch is what every rank can
 fill and the longer ranks' tails are dropped (train/feed.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,9 @@ def _chunks(it, n):
         yield chunk
 
 
-def _kept_documents(src: readers.SourceFiles, files, fcfg, dedup_path: str, max_bytes,
-                    metrics=None) -> Iterator[tuple[int, str]]:
+def _kept_documents(
+    src: readers.SourceFiles, files, fcfg, dedup_path: str, max_bytes, metrics=None
+) -> Iterator[tuple[int, str]]:
     """(key, text) of the documents of `files` that pass reading, filters and dedup (the drop list at
     `dedup_path`, "" = none), in record order.
 
@@ -217,7 +219,7 @@ def scan_dataset(sources, fcfg):
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
 
     def read(task, spec):
-        (src, files), = spec
+        ((src, files),) = spec
         for chunk in _chunks(readers.read_file(src, files[0], max_bytes), 4096):
             reasons = np.array([r.reason for r in chunk], dtype=object)
             ok = np.flatnonzero(reasons == "")
@@ -226,14 +228,16 @@ def scan_dataset(sources, fcfg):
             kept = ok[reasons[ok] == ""]
             sha = np.full(len(chunk), "", dtype=object)
             sha[kept] = content_hashes([chunk[i].text for i in kept])
-            yield pa.table({
-                "source": pa.array(np.full(len(chunk), src.index, np.int32)),
-                "key": pa.array(np.fromiter((r.key for r in chunk), np.int64, len(chunk))),
-                "subset": pa.array([r.subset for r in chunk], pa.string()),
-                "reason": pa.array(reasons.tolist(), pa.string()),
-                "sha": pa.array(sha.tolist(), pa.string()),
-                "chars": pa.array(np.fromiter((len(r.text) for r in chunk), np.int64, len(chunk))),
-            })
+            yield pa.table(
+                {
+                    "source": pa.array(np.full(len(chunk), src.index, np.int32)),
+                    "key": pa.array(np.fromiter((r.key for r in chunk), np.int64, len(chunk))),
+                    "subset": pa.array([r.subset for r in chunk], pa.string()),
+                    "reason": pa.array(reasons.tolist(), pa.string()),
+                    "sha": pa.array(sha.tolist(), pa.string()),
+                    "chars": pa.array(np.fromiter((len(r.text) for r in chunk), np.int64, len(chunk))),
+                }
+            )
 
     specs = [[(src, [f])] for src in sources for f in range(len(src.files))]
 
@@ -244,16 +248,17 @@ def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int
     """Read-task layout: task t gets the t-th contiguous slice of every active source's files."""
     active = [s for s in sources if weights[s.index] > 0]
     m = min(len(s.files) for s in active)
-    return [[(s, [int(i) for i in np.array_split(np.arange(len(s.files)), m)[t]]) for s in active]
-            for t in range(m)]
+    return [[(s, [int(i) for i in np.array_split(np.arange(len(s.files)), m)[t]]) for s in active] for t in range(m)]
 
 
 def unit_sizes(plan: DataPlan) -> tuple[int, ...]:
     """Bytes of each unit of work (mix read task): the plan's, or measured (one size query per file)."""
     if plan.unit_bytes:
         return plan.unit_bytes
-    return tuple(sum(_size(src.files[f]) or 0 for src, files in spec for f in files) or 1
-                 for spec in mix_specs(plan.sources, plan.weights))
+    return tuple(
+        sum(_size(src.files[f]) or 0 for src, files in spec for f in files) or 1
+        for spec in mix_specs(plan.sources, plan.weights)
+    )
 
 
 def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list[int]:
@@ -270,9 +275,11 @@ def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
     sizes = unit_sizes(plan)
     if len(sizes) < dp_size:
-        raise ConfigError(f"parallel.data_parallel_size={dp_size}: the data has only {len(sizes)} units of work "
-                          f"(one per file of the active source with the fewest files), each rank needs one; split "
-                          f"data.sources into at least {dp_size} files per source")
+        raise ConfigError(
+            f"parallel.data_parallel_size={dp_size}: the data has only {len(sizes)} units of work "
+            f"(one per file of the active source with the fewest files), each rank needs one; split "
+            f"data.sources into at least {dp_size} files per source"
+        )
     load, owner = [0] * dp_size, [0] * len(sizes)
     for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
         r = min(range(dp_size), key=lambda r: (load[r], r))
@@ -280,8 +287,14 @@ def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list
     return [u for u in range(len(sizes)) if owner[u] == dp_rank]
 
 
-def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None, units: list[int] | None = None,
-                trace_dir: str | None = None):
+def mix_dataset(
+    plan: DataPlan,
+    fcfg,
+    seed: int,
+    count_as: str | None = None,
+    units: list[int] | None = None,
+    trace_dir: str | None = None,
+):
     """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text, unit).
 
     `units`: only these units of work (ids into `mix_specs`), in this order; default all. With `count_as` (an
@@ -299,12 +312,14 @@ def mix_dataset(plan: DataPlan, fcfg, seed: int, count_as: str | None = None, un
     dedup_path = plan.dedup_path
 
     def table(rows, unit):
-        return pa.table({
-            "key": pa.array([r[1][0] for r in rows], pa.int64()),
-            "source": pa.array([r[0] for r in rows], pa.int32()),
-            "text": pa.array([r[1][1] for r in rows], pa.large_string()),
-            "unit": pa.array(np.full(len(rows), unit, np.int32)),
-        })
+        return pa.table(
+            {
+                "key": pa.array([r[1][0] for r in rows], pa.int64()),
+                "source": pa.array([r[0] for r in rows], pa.int32()),
+                "text": pa.array([r[1][1] for r in rows], pa.large_string()),
+                "unit": pa.array(np.full(len(rows), unit, np.int32)),
+            }
+        )
 
     def read(task, spec):
         if trace_dir is not None:
@@ -344,8 +359,9 @@ def tokenize_block(block, plan: DataPlan):
     tok = plan.tokenizer()
     flat, offsets = tok.encode_batch(block.column("text").to_pylist())
     ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32()))
-    return pa.table({"key": block.column("key"), "source": block.column("source"), "ids": ids,
-                     "unit": block.column("unit")})
+    return pa.table(
+        {"key": block.column("key"), "source": block.column("source"), "ids": ids, "unit": block.column("unit")}
+    )
 
 
 def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
@@ -360,9 +376,16 @@ def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.nda
     tokens, segs = pack_documents(docs, seq_len, sp, reserve)
     first = block.column("key")[0].as_py() if block.num_rows else 0
     unit = block.column("unit")[0].as_py() if block.num_rows else -1
-    return {"unit": np.full(len(tokens), unit, np.int32), "tokens": tokens, "segment_ids": segs, "source_tokens": _source_tokens(
-                block.column("source").to_numpy(), np.diff(offsets), (segs >= 0).sum(1), len(plan.sources)),
-            "block_key": np.full(len(tokens), first, np.int64), "window": np.arange(len(tokens), dtype=np.int64)}
+    return {
+        "unit": np.full(len(tokens), unit, np.int32),
+        "tokens": tokens,
+        "segment_ids": segs,
+        "source_tokens": _source_tokens(
+            block.column("source").to_numpy(), np.diff(offsets), (segs >= 0).sum(1), len(plan.sources)
+        ),
+        "block_key": np.full(len(tokens), first, np.int64),
+        "window": np.arange(len(tokens), dtype=np.int64),
+    }
 
 
 def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.ndarray, n_sources: int):
@@ -380,12 +403,12 @@ def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.n
     return out
 
 
-def corrupt_block(batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int,
-                  seq_len: int) -> dict[str, np.ndarray]:
+def corrupt_block(
+    batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int, seq_len: int
+) -> dict[str, np.ndarray]:
     """Apply the objective to each window with its own (seed, epoch, identity) generator."""
     sp = plan.tokenizer().specials
-    rngs = [np.random.default_rng([seed, epoch, int(k), int(w)])
-            for k, w in zip(batch["block_key"], batch["window"])]
+    rngs = [np.random.default_rng([seed, epoch, int(k), int(w)]) for k, w in zip(batch["block_key"], batch["window"])]
     out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
@@ -418,14 +441,21 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         if tokenizer is None:
             tokenizer, built["tokenizer"] = artifacts.trained_tokenizer(d, sources, root)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "
-                          f"model.vocab_size={cfg.model.vocab_size}")
+        raise ConfigError(
+            f"data.tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+            f"model.vocab_size={cfg.model.vocab_size}"
+        )
     if len(tokenizer.specials.masks) < d.num_sentinels:
         raise ConfigError(f"data.num_sentinels: tokenizer has only {len(tokenizer.specials.masks)} <mask_k> tokens")
     if run_dir is not None:
         tokenizer.save(Path(run_dir) / "tokenizer")
-    plan = DataPlan(tuple(sources), tuple(float(w) for w in weights), tokenizer.to_str(), d.num_sentinels,
-                    tokenizer.max_whitespace_run)
+    plan = DataPlan(
+        tuple(sources),
+        tuple(float(w) for w in weights),
+        tokenizer.to_str(),
+        d.num_sentinels,
+        tokenizer.max_whitespace_run,
+    )
     plan.unit_bytes = unit_sizes(plan)  # once, on the driver: every worker balances by the same numbers
     if d.filters.dedup if dedup is None else dedup:
         active = [s for s in sources if weights[s.index] > 0]
@@ -443,8 +473,14 @@ def _ordered():
     return ctx
 
 
-def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents: bool = False,
-                  units: list[int] | None = None, trace_dir: str | None = None):
+def build_dataset(
+    cfg,
+    epoch: int,
+    plan: DataPlan | None = None,
+    count_documents: bool = False,
+    units: list[int] | None = None,
+    trace_dir: str | None = None,
+):
     """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window, unit).
 
     `units`: only these units of work, in this order (default all: the dp=1 stream). `count_documents`: export
@@ -454,13 +490,24 @@ def build_dataset(cfg, epoch: int, plan: DataPlan | None = None, count_documents
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
     reserve = objectives.packing_reserve(cfg.objective)
-    ds = mix_dataset(plan, d.filters, d.seed, count_as=cfg.track.experiment if count_documents else None,
-                     units=units, trace_dir=trace_dir)
+    ds = mix_dataset(
+        plan,
+        d.filters,
+        d.seed,
+        count_as=cfg.track.experiment if count_documents else None,
+        units=units,
+        trace_dir=trace_dir,
+    )
     ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))
-    ds = ds.map_batches(pack_block, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve))
-    ds = ds.map_batches(corrupt_block, batch_size=None, batch_format="numpy",
-                        fn_kwargs=dict(plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S))
+    ds = ds.map_batches(
+        pack_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve)
+    )
+    ds = ds.map_batches(
+        corrupt_block,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs=dict(plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S),
+    )
     return ds
 
 
@@ -476,9 +523,17 @@ def unit_indices(units: np.ndarray, current: int, count: int) -> tuple[np.ndarra
     return out, current, count
 
 
-def iter_train_batches(cfg, epoch: int, dp_rank: int, dp_size: int, start: tuple[int, int] = (0, 0),
-                       batch_size: int = 1, plan: DataPlan | None = None, drop_last: bool = True,
-                       trace_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+def iter_train_batches(
+    cfg,
+    epoch: int,
+    dp_rank: int,
+    dp_size: int,
+    start: tuple[int, int] = (0, 0),
+    batch_size: int = 1,
+    plan: DataPlan | None = None,
+    drop_last: bool = True,
+    trace_dir: str | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches of DP rank `dp_rank`'s samples: its units of work (`assign_units`) only, from `start` on.
 
     `start = (k, offset)`: begin at sample `offset` of the rank's k-th unit; units before k are not read, and of

@@ -7,9 +7,10 @@ too large to hold). Skips are counted, not raised: one bad line in a 30 GB shard
 `key` orders every record of the dataset: source index, file index (paths sorted), record index inside the file, packed
 into one int64. Dedup keeps the copy with the smallest key, so which copy survives never depends on Ray's block layout.
 
-Files are opened through pyarrow's filesystems (local paths, `s3://`, `gs://`, `abfs://`, ...), the same layer Ray Data's
-own readers use; `resolve_files` checks every configured path on the driver before any Ray task starts.
+Files are opened through pyarrow's filesystems (local paths, `s3://`, `gs://`, `abfs://`, ...), the same layer
+Ray Data's own readers use; `resolve_files` checks every configured path on the driver before any Ray task starts.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -41,8 +42,11 @@ def make_key(source: int, file: int, record: int) -> int:
 
 
 def split_key(key: int) -> tuple[int, int, int]:
-    return (key >> (_FILE_BITS + _RECORD_BITS), (key >> _RECORD_BITS) & ((1 << _FILE_BITS) - 1),
-            key & ((1 << _RECORD_BITS) - 1))
+    return (
+        key >> (_FILE_BITS + _RECORD_BITS),
+        (key >> _RECORD_BITS) & ((1 << _FILE_BITS) - 1),
+        key & ((1 << _RECORD_BITS) - 1),
+    )
 
 
 class Record(NamedTuple):
@@ -90,14 +94,14 @@ def _expand_one(pattern: str, exts: tuple[str, ...]) -> list[str]:
             elif os.path.isfile(h):
                 out.append(h)
         return sorted(out)
-    fs, path = pafs.FileSystem.from_uri(pattern.split("*")[0].rsplit("/", 1)[0] + "/"
-                                        if glob.has_magic(pattern) else pattern)
+    fs, path = pafs.FileSystem.from_uri(
+        pattern.split("*")[0].rsplit("/", 1)[0] + "/" if glob.has_magic(pattern) else pattern
+    )
     scheme = pattern.split("://", 1)[0] + "://"
     if glob.has_magic(pattern):
         infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True))
         want = pattern.split("://", 1)[1]
-        return sorted(scheme + i.path for i in infos
-                      if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, want))
+        return sorted(scheme + i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, want))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [pattern]
@@ -125,14 +129,17 @@ def resolve_files(sources, field: str = "data.sources") -> list[SourceFiles]:
             except (OSError, ValueError) as err:
                 raise ConfigError(f"{field}[{i}].paths[{j}]: cannot list {p!r} ({err})") from None
             if not hit:
-                raise ConfigError(f"{field}[{i}].paths[{j}]: {p!r} does not exist or holds no "
-                                  f"{'/'.join(exts)} files (source {src.name!r})")
+                raise ConfigError(
+                    f"{field}[{i}].paths[{j}]: {p!r} does not exist or holds no "
+                    f"{'/'.join(exts)} files (source {src.name!r})"
+                )
             files += hit
         files = sorted(dict.fromkeys(files))
         if len(files) >= 1 << _FILE_BITS:
             raise ConfigError(f"{field}[{i}].paths: {len(files)} files is more than one source can index")
-        out.append(SourceFiles(i, src.name, src.kind, tuple(files),
-                               tuple(src.subsets) if src.subsets is not None else None))
+        out.append(
+            SourceFiles(i, src.name, src.kind, tuple(files), tuple(src.subsets) if src.subsets is not None else None)
+        )
     if len(out) >= 1 << _SOURCE_BITS:
         raise ConfigError(f"{field}: at most {(1 << _SOURCE_BITS) - 1} sources")
     return out
@@ -212,8 +219,9 @@ def parse_pile_line(line: bytes) -> tuple[str, str, str]:
     return text, "", subset if isinstance(subset, str) else ""
 
 
-def read_pile_file(path: str, source: int, file: int, subsets: tuple[str, ...] | None,
-                   max_line_bytes: int) -> Iterator[Record]:
+def read_pile_file(
+    path: str, source: int, file: int, subsets: tuple[str, ...] | None, max_line_bytes: int
+) -> Iterator[Record]:
     chunks = _raw_chunks(path)
     if path.endswith(".zst"):
         chunks = _zstd_chunks(chunks)
@@ -244,8 +252,9 @@ def read_pile_file(path: str, source: int, file: int, subsets: tuple[str, ...] |
 
 
 # ---------------------------------------------------------------------------------------------- stack
-def read_stack_file(path: str, source: int, file: int, subsets: tuple[str, ...] | None,
-                    max_line_bytes: int) -> Iterator[Record]:
+def read_stack_file(
+    path: str, source: int, file: int, subsets: tuple[str, ...] | None, max_line_bytes: int
+) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

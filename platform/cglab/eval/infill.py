@@ -14,6 +14,7 @@ HumanEval's tests, runs clean in the sandbox.
 The same prompt scores held-out code without sampling (`infill_perplexity`, a lesson trial's `eval/infill_ppl`):
 a block of lines of each document is the middle, and the score is the perplexity of `middle <eom>` given it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,16 +52,21 @@ def derive_tasks(problems: Mapping[str, Mapping], mode: str) -> list[InfillTask]
     for pid, p in problems.items():
         lines = p["canonical_solution"].splitlines(keepends=True)
         nonblank = [i for i, line in enumerate(lines) if line.strip()]
-        spans = ([(i, i) for i in nonblank] if mode == "single"
-                 else [(i, j) for a, i in enumerate(nonblank) for j in nonblank[a:]])
+        spans = (
+            [(i, i) for i in nonblank]
+            if mode == "single"
+            else [(i, j) for a, i in enumerate(nonblank) for j in nonblank[a:]]
+        )
         for i, j in spans:
-            tasks.append(InfillTask(
-                task_id=f"{pid}/{mode}/{i}" if mode == "single" else f"{pid}/{mode}/{i}-{j}",
-                problem_id=pid,
-                prefix=p["prompt"] + "".join(lines[:i]),
-                middle="".join(lines[i:j + 1]),
-                suffix="".join(lines[j + 1:]),
-            ))
+            tasks.append(
+                InfillTask(
+                    task_id=f"{pid}/{mode}/{i}" if mode == "single" else f"{pid}/{mode}/{i}-{j}",
+                    problem_id=pid,
+                    prefix=p["prompt"] + "".join(lines[:i]),
+                    middle="".join(lines[i : j + 1]),
+                    suffix="".join(lines[j + 1 :]),
+                )
+            )
     return tasks
 
 
@@ -76,29 +82,41 @@ def extract_middle(generated: str) -> str:
 
 
 def program(task: InfillTask, middle: str, problem: Mapping) -> str:
-    return (task.prefix + middle + task.suffix + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    return task.prefix + middle + task.suffix + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
 
 
-def score_middles(tasks: Sequence[InfillTask], middles: Sequence[Sequence[str]],
-                  problems: Mapping[str, Mapping] | None = None, *, limits: Limits | None = None,
-                  workers: int | None = None) -> dict:
+def score_middles(
+    tasks: Sequence[InfillTask],
+    middles: Sequence[Sequence[str]],
+    problems: Mapping[str, Mapping] | None = None,
+    *,
+    limits: Limits | None = None,
+    workers: int | None = None,
+) -> dict:
     """Run every (task, middle) in the sandbox; middles[i] are the samples for tasks[i]. Like
     `humaneval.evaluate`, the result carries `isolation` and `statuses` (passed / failed / timed_out /
     sandbox_error) beside pass@k."""
     problems = problems if problems is not None else load_problems()
     flat = [(t, m) for t, ms in zip(tasks, middles) for m in ms]
-    results = run_programs([program(t, m, problems[t.problem_id]) for t, m in flat],
-                           limits or Limits(timeout_s=10.0), workers=workers)
+    results = run_programs(
+        [program(t, m, problems[t.problem_id]) for t, m in flat], limits or Limits(timeout_s=10.0), workers=workers
+    )
     per_task: dict[str, list[bool]] = defaultdict(list)
     for (t, _), r in zip(flat, results):
         per_task[t.task_id].append(r.passed)
     n_min = min((len(v) for v in per_task.values()), default=0)
-    out = {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
-           for k in (1, 10, 100) if 0 < k <= n_min}
-    out.update(n_tasks=len(per_task), n_samples=len(flat), statuses=status_counts(results),
-               isolation=results[0].isolation if results else isolation_mode(),
-               tasks={t: {"n": len(v), "passed": sum(v)} for t, v in per_task.items()})
+    out = {
+        f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+        for k in (1, 10, 100)
+        if 0 < k <= n_min
+    }
+    out.update(
+        n_tasks=len(per_task),
+        n_samples=len(flat),
+        statuses=status_counts(results),
+        isolation=results[0].isolation if results else isolation_mode(),
+        tasks={t: {"n": len(v), "passed": sum(v)} for t, v in per_task.items()},
+    )
     return out
 
 
@@ -109,21 +127,38 @@ def _check_sentinels(generator) -> None:
         return
     split = [s for s in (MASK, SEP, EOM, EOS) if len(tok(s, add_special_tokens=False)["input_ids"]) != 1]
     if split:
-        raise ValueError(f"infill: tokenizer has no single token for {split}; it cannot express the CodeGen2 "
-                         f"infill format")
+        raise ValueError(
+            f"infill: tokenizer has no single token for {split}; it cannot express the CodeGen2 infill format"
+        )
 
 
-def evaluate(generator, mode: str = "single", *, limit: int | None = None, n: int = 1,
-             temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 128,
-             limits: Limits | None = None, workers: int | None = None) -> dict:
+def evaluate(
+    generator,
+    mode: str = "single",
+    *,
+    limit: int | None = None,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    limits: Limits | None = None,
+    workers: int | None = None,
+) -> dict:
     """Generate middles for HumanEval-Infill `mode` (first `limit` tasks) and score them."""
     _check_sentinels(generator)
     problems = load_problems()
     tasks = derive_tasks(problems, mode)[:limit]
-    outs = generator.generate([infill_prompt(t) for t in tasks], n=n, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, stop=(EOM, EOS))
-    result = score_middles(tasks, [[extract_middle(o) for o in os_] for os_ in outs], problems,
-                           limits=limits, workers=workers)
+    outs = generator.generate(
+        [infill_prompt(t) for t in tasks],
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        stop=(EOM, EOS),
+    )
+    result = score_middles(
+        tasks, [[extract_middle(o) for o in os_] for os_ in outs], problems, limits=limits, workers=workers
+    )
     result["mode"] = mode
     return result
 
@@ -136,8 +171,9 @@ class InfillExample:
     suffix: str
 
 
-def infill_examples(texts: Sequence[str], seed: int = 0, max_lines: int = 3, context_lines: int = 12
-                    ) -> list[InfillExample]:
+def infill_examples(
+    texts: Sequence[str], seed: int = 0, max_lines: int = 3, context_lines: int = 12
+) -> list[InfillExample]:
     """One example per document: a block of 1..max_lines non-blank lines is the middle, with up to
     `context_lines` lines on each side as prefix and suffix. Deterministic for (texts, seed)."""
     rng = np.random.default_rng(seed)
@@ -152,7 +188,7 @@ def infill_examples(texts: Sequence[str], seed: int = 0, max_lines: int = 3, con
         i, j = nonblank[a], nonblank[b]
         start = min(max(0, i - context_lines), nonblank[a - 1])
         stop = max(j + 1 + context_lines, nonblank[b + 1] + 1)
-        out.append(InfillExample("".join(lines[start:i]), "".join(lines[i:j + 1]), "".join(lines[j + 1:stop])))
+        out.append(InfillExample("".join(lines[start:i]), "".join(lines[i : j + 1]), "".join(lines[j + 1 : stop])))
     return out
 
 
@@ -166,7 +202,7 @@ def infill_ids(tok, ex: InfillExample, max_len: int, max_middle: int = 32) -> tu
     pre, suf = enc(ex.prefix), enc(ex.suffix)
     keep_suf = min(len(suf), max(room // 2, room - len(pre)))
     keep_pre = min(len(pre), room - keep_suf)
-    return contract_prompt(pre[len(pre) - keep_pre:], suf[:keep_suf], sp[MASK], sp[EOS], sp[SEP]), target
+    return contract_prompt(pre[len(pre) - keep_pre :], suf[:keep_suf], sp[MASK], sp[EOS], sp[SEP]), target
 
 
 def prefix_lm_mask(prefix_lens: Sequence[int], seq_len: int, dtype):
@@ -177,8 +213,9 @@ def prefix_lm_mask(prefix_lens: Sequence[int], seq_len: int, dtype):
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)
 
 
-def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int, batch: int = 16,
-                      prefix_lm: bool = False) -> dict:
+def infill_perplexity(
+    generator, examples: Sequence[InfillExample], max_len: int, batch: int = 16, prefix_lm: bool = False
+) -> dict:
     """Perplexity of the middles (and their <eom>) given the infill prompts. prefix_lm: the prompt up to and
     including <sep> is the bidirectional prefix (span corruption's prefix in training: corrupted input + <sep>)."""
     if not examples:
@@ -188,17 +225,18 @@ def infill_perplexity(generator, examples: Sequence[InfillExample], max_len: int
     nll, n = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(pairs), batch):
-            chunk = pairs[b:b + batch]
+            chunk = pairs[b : b + batch]
             # Right padding to one fixed width: a causal model's earlier positions never see it, and one
             # shape per batch is much faster on CPU than a new shape per example.
             ids = torch.full((len(chunk), max_len), pad, dtype=torch.long)
             for r, (p, t) in enumerate(chunk):
-                ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+                ids[r, : len(p) + len(t)] = torch.tensor(p + t)
             kwargs = {}
             if prefix_lm:  # the last prompt token (<mask_1>) opens the answer: it stays causal
                 dtype = next(generator.model.parameters()).dtype
-                kwargs["attention_mask"] = prefix_lm_mask([len(p) - 1 for p, _ in chunk], max_len,
-                                                          dtype).to(generator.device)
+                kwargs["attention_mask"] = prefix_lm_mask([len(p) - 1 for p, _ in chunk], max_len, dtype).to(
+                    generator.device
+                )
             logits = generator.model(input_ids=ids.to(generator.device), **kwargs).logits
             logp = torch.log_softmax(logits.float(), -1)
             for r, (p, t) in enumerate(chunk):

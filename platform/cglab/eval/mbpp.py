@@ -17,6 +17,7 @@ Scoring: `test_setup_code` + completion + the task's asserts (and a last line th
 reached, see `sandbox.require_end`) run in `cglab.eval.sandbox`; the task passes when the program exits 0.
 pass@k is the unbiased estimator, reported with the isolation mode and status counts like `humaneval.evaluate`.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -46,8 +47,9 @@ def load_tasks(path: str | Path) -> dict[int, dict]:
                 raise ValueError(f"{where}: MBPP record has no {name!r} field")
             # bool is an int subclass: a task_id of true is still malformed
             if not isinstance(task[name], kind) or isinstance(task[name], bool):
-                raise ValueError(f"{where}: MBPP field {name!r} should be {kind.__name__}, "
-                                 f"got {type(task[name]).__name__}")
+                raise ValueError(
+                    f"{where}: MBPP field {name!r} should be {kind.__name__}, got {type(task[name]).__name__}"
+                )
         for name in ("test_list", "challenge_test_list"):
             tests = task.get(name, [])
             if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
@@ -60,8 +62,10 @@ def load_tasks(path: str | Path) -> dict[int, dict]:
 
 def block(task: Mapping, *, with_code: bool) -> str:
     """One task in the paper's format; with its reference code (a few-shot example) or open after [BEGIN]."""
-    head = (f"You are an expert Python programmer, and here is your task: {task['text']} "
-            f"Your code should pass these tests:\n\n" + "\n".join(task["test_list"]) + f"\n{BEGIN}\n")
+    head = (
+        f"You are an expert Python programmer, and here is your task: {task['text']} "
+        f"Your code should pass these tests:\n\n" + "\n".join(task["test_list"]) + f"\n{BEGIN}\n"
+    )
     return head + f"{task['code']}\n{DONE}" if with_code else head
 
 
@@ -73,8 +77,10 @@ def prompt(task: Mapping, shots: Sequence[Mapping]) -> str:
 def fewshot(tasks: Mapping[int, Mapping], path: str | Path = FILE_NAME) -> list[Mapping]:
     missing = [i for i in FEWSHOT_IDS if i not in tasks]
     if missing:
-        raise ValueError(f"{path}: the few-shot tasks {list(FEWSHOT_IDS)} are the prompt's examples; "
-                         f"task_id(s) {missing} are not in the file")
+        raise ValueError(
+            f"{path}: the few-shot tasks {list(FEWSHOT_IDS)} are the prompt's examples; "
+            f"task_id(s) {missing} are not in the file"
+        )
     return [tasks[i] for i in FEWSHOT_IDS]
 
 
@@ -91,18 +97,34 @@ def extract(generated: str) -> str:
 
 def program(task: Mapping, completion: str, *, challenge: bool = False, marker: str = "") -> str:
     tests = task["test_list"] + (task.get("challenge_test_list") or [] if challenge else [])
-    return (task["test_setup_code"] + "\n" + completion + "\n\n" + "\n".join(tests) + "\n"
-            + (program_end(marker) if marker else ""))
+    return (
+        task["test_setup_code"]
+        + "\n"
+        + completion
+        + "\n\n"
+        + "\n".join(tests)
+        + "\n"
+        + (program_end(marker) if marker else "")
+    )
 
 
 def read_samples(path: str | Path) -> list[dict]:
     """Samples JSONL of `{"task_id": int, "completion": str}`; a malformed line names the file and line."""
-    return read_jsonl(path, lambda s: {"task_id": int(s["task_id"]), "completion": str(s["completion"])},
-                      "a {'task_id', 'completion'} object")
+    return read_jsonl(
+        path,
+        lambda s: {"task_id": int(s["task_id"]), "completion": str(s["completion"])},
+        "a {'task_id', 'completion'} object",
+    )
 
 
-def evaluate(samples: Sequence[Mapping], tasks: Mapping[int, Mapping], *, limits: Limits | None = None,
-             workers: int | None = None, challenge: bool = False) -> dict:
+def evaluate(
+    samples: Sequence[Mapping],
+    tasks: Mapping[int, Mapping],
+    *,
+    limits: Limits | None = None,
+    workers: int | None = None,
+    challenge: bool = False,
+) -> dict:
     """Score `{"task_id", "completion"}` samples (completions already cut at [DONE]):
     {"pass@k", "n_tasks", "n_samples", "statuses", "isolation", "tasks"}, as `humaneval.evaluate` reports."""
     unknown = sorted({s["task_id"] for s in samples} - set(tasks))
@@ -118,30 +140,59 @@ def evaluate(samples: Sequence[Mapping], tasks: Mapping[int, Mapping], *, limits
         details[s["task_id"]].append({"status": r.status, "error": r.stderr[-300:] if not r.passed else ""})
     out: dict = aggregate(per_task)
     # As for HumanEval: a sandbox error scores as not passing; only the status counts tell it from a wrong program.
-    out.update(n_tasks=len(per_task), n_samples=len(samples), statuses=status_counts(results),
-               isolation=results[0].isolation if results else isolation_mode(), challenge_tests=challenge)
+    out.update(
+        n_tasks=len(per_task),
+        n_samples=len(samples),
+        statuses=status_counts(results),
+        isolation=results[0].isolation if results else isolation_mode(),
+        challenge_tests=challenge,
+    )
     out["tasks"] = {str(t): {"n": len(v), "passed": sum(v), "results": details[t]} for t, v in per_task.items()}
     return out
 
 
-def generate_samples(generator, tasks: Mapping[int, Mapping], shots: Sequence[Mapping], *, n: int = 1,
-                     temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 512) -> list[dict]:
+def generate_samples(
+    generator,
+    tasks: Mapping[int, Mapping],
+    shots: Sequence[Mapping],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+) -> list[dict]:
     """n completions per task with a `cglab.eval.generate.Generator`, cut at [DONE]."""
     ids = list(tasks)
-    outs = generator.generate([prompt(tasks[t], shots) for t in ids], n=n, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, stop=STOP)
+    outs = generator.generate(
+        [prompt(tasks[t], shots) for t in ids],
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        stop=STOP,
+    )
     return [{"task_id": t, "completion": extract(c)} for t, cs in zip(ids, outs) for c in cs]
 
 
-def run(generator, path: str | Path, *, limit: int | None = None, temperature: float = 0.0, n: int = 1,
-        top_p: float = 0.95, max_new_tokens: int = 512, limits: Limits | None = None,
-        workers: int | None = None) -> dict:
+def run(
+    generator,
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    temperature: float = 0.0,
+    n: int = 1,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    limits: Limits | None = None,
+    workers: int | None = None,
+) -> dict:
     """Generate and score the test split of the MBPP file at `path` (its first `limit` test tasks)."""
     tasks = load_tasks(path)
     shots = fewshot(tasks, path)
     chosen = test_tasks(tasks, limit)
     if not chosen:
         raise ValueError(f"{path}: no test tasks (task_ids {TEST_IDS.start}-{TEST_IDS.stop - 1})")
-    samples = generate_samples(generator, chosen, shots, n=n, temperature=temperature, top_p=top_p,
-                               max_new_tokens=max_new_tokens)
+    samples = generate_samples(
+        generator, chosen, shots, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+    )
     return evaluate(samples, chosen, limits=limits, workers=workers)

@@ -25,6 +25,7 @@ problem's pass rate is the fraction of its (test case, sample) programs that pas
 per test case with n samples, averaged per problem, then over problems. Every result carries the isolation mode
 and the status counts, like `humaneval.evaluate`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -68,8 +69,9 @@ def load_problems(path: str | Path) -> list[dict]:
         # More outputs than inputs is tolerated: the published file's problem 57 has six outputs for five
         # inputs, and the released sampler zips the two lists, ignoring the extra one. We do the same.
         if not isinstance(p["outputs"], list) or len(p["outputs"]) < len(p["inputs"]):
-            raise ValueError(f"{where}: 'outputs' should be a list with one expected result per input "
-                             f"({len(p['inputs'])} inputs)")
+            raise ValueError(
+                f"{where}: 'outputs' should be a list with one expected result per input ({len(p['inputs'])} inputs)"
+            )
         for case, inputs in enumerate(p["inputs"]):
             try:
                 [t.format(**inputs) for t in p["prompts"]]
@@ -84,7 +86,7 @@ def load_problems(path: str | Path) -> list[dict]:
         if pid in seen:
             raise ValueError(f"{where}: duplicate id {pid}")
         seen.add(pid)
-        problems.append({**p, "id": pid, "max_gen_length": gen_len, "outputs": p["outputs"][:len(p["inputs"])]})
+        problems.append({**p, "id": pid, "max_gen_length": gen_len, "outputs": p["outputs"][: len(p["inputs"])]})
     return problems
 
 
@@ -104,24 +106,42 @@ def truncate(completion: str) -> str:
     first line starting with `#`, `'''` or `\"\"\"`, at EOS, or at two blank lines."""
     prints = list(re.finditer("^print", completion, re.MULTILINE))
     if len(prints) > 1:
-        completion = completion[:prints[1].start()]
+        completion = completion[: prints[1].start()]
     defs = list(re.finditer("^def", completion, re.MULTILINE))
     if len(defs) > 1:
-        completion = completion[:defs[1].start()]
+        completion = completion[: defs[1].start()]
     terminals = [re.compile(r, re.MULTILINE) for r in ("^#", re.escape("<|endoftext|>"), "^'''", '^"""', "\n\n\n")]
     cuts = [m.start() for t in terminals if (m := t.search(completion))]
-    return completion[:min(cuts)] if cuts else completion
+    return completion[: min(cuts)] if cuts else completion
 
 
-def generate_samples(generator, problems: Sequence[Mapping], *, n: int = 1, temperature: float = 0.0,
-                     top_p: float = 0.95, max_new_tokens: int | None = None) -> list[dict]:
+def generate_samples(
+    generator,
+    problems: Sequence[Mapping],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int | None = None,
+) -> list[dict]:
     """Run the multi-turn protocol: for every problem, test case and sample, turn by turn, the model continues
     the history (earlier turn comments and its own earlier code). Samples are `{"id", "case", "sample",
     "program", "turns"}` with `turns` the code written at each turn. Turn i of every dialogue is generated in
     one batched call (per token budget: the problem's `max_gen_length`, unless `max_new_tokens` overrides it)."""
-    dialogues = [{"id": p["id"], "case": c, "sample": s, "turns_text": turns(p, c), "history": PREFIX,
-                  "turns": [], "budget": max_new_tokens or p["max_gen_length"]}
-                 for p in problems for c in range(len(p["inputs"])) for s in range(n)]
+    dialogues = [
+        {
+            "id": p["id"],
+            "case": c,
+            "sample": s,
+            "turns_text": turns(p, c),
+            "history": PREFIX,
+            "turns": [],
+            "budget": max_new_tokens or p["max_gen_length"],
+        }
+        for p in problems
+        for c in range(len(p["inputs"]))
+        for s in range(n)
+    ]
     for i in range(max((len(d["turns_text"]) for d in dialogues), default=0)):
         active = [d for d in dialogues if i < len(d["turns_text"])]
         for d in active:
@@ -130,20 +150,32 @@ def generate_samples(generator, problems: Sequence[Mapping], *, n: int = 1, temp
         for d in active:
             by_budget[d["budget"]].append(d)
         for budget, group in by_budget.items():
-            outs = generator.generate([d["history"] for d in group], n=1, temperature=temperature, top_p=top_p,
-                                      max_new_tokens=budget, stop=STOPS)
+            outs = generator.generate(
+                [d["history"] for d in group],
+                n=1,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=budget,
+                stop=STOPS,
+            )
             for d, out in zip(group, outs):
                 code = truncate(out[0])
                 d["turns"].append(code)
                 d["history"] += code + "\n\n"
-    return [{"id": d["id"], "case": d["case"], "sample": d["sample"], "program": d["history"], "turns": d["turns"]}
-            for d in dialogues]
+    return [
+        {"id": d["id"], "case": d["case"], "sample": d["sample"], "program": d["history"], "turns": d["turns"]}
+        for d in dialogues
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- scoring
 def _is_print(stmt: ast.stmt) -> bool:
-    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
-            and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == "print")
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Call)
+        and isinstance(stmt.value.func, ast.Name)
+        and stmt.value.func.id == "print"
+    )
 
 
 def _print_of(value: ast.expr) -> ast.stmt:
@@ -224,14 +256,15 @@ def equivalent(actual, expected, tol=1e-6):
         if not hasattr(actual, "items"):
             return False
         actual = {str(k): v for k, v in actual.items()}
-        return (set(actual) == {str(k) for k in expected}
-                and all(equivalent(actual[str(k)], v, tol) for k, v in expected.items()))
+        return set(actual) == {str(k) for k in expected} and all(
+            equivalent(actual[str(k)], v, tol) for k, v in expected.items()
+        )
     return actual == expected
 
 
 # Runs in the sandbox around the candidate program: `print` is recorded (in the program's own globals, as the
 # released scorer did) and the last print's first argument is compared with the expected output.
-_HARNESS = '''import json, sys
+_HARNESS = """import json, sys
 
 {equivalent}
 
@@ -256,24 +289,33 @@ if not _printed:
 _expected = json.loads({expected!r})
 if not equivalent(_printed[-1], _expected):
     sys.exit("mtpb: last printed value " + repr(_printed[-1])[:200] + " != expected " + repr(_expected)[:200])
-'''
+"""
 
 
 def program(code: str, expected, marker: str = "") -> str:
     """The sandbox program that scores one test case's final program against its expected output."""
-    return (_HARNESS.format(equivalent=inspect.getsource(equivalent), program=inject_print(code),
-                            expected=json.dumps(expected))
-            + (program_end(marker) if marker else ""))
+    return _HARNESS.format(
+        equivalent=inspect.getsource(equivalent), program=inject_print(code), expected=json.dumps(expected)
+    ) + (program_end(marker) if marker else "")
 
 
 def read_samples(path: str | Path) -> list[dict]:
     """Samples JSONL of `{"id", "case", "program"}` (what `generate_samples` writes, `turns` optional)."""
-    return read_jsonl(path, lambda s: {**s, "id": str(s["id"]), "case": int(s["case"]), "program": str(s["program"])},
-                      "an {'id', 'case', 'program'} object")
+    return read_jsonl(
+        path,
+        lambda s: {**s, "id": str(s["id"]), "case": int(s["case"]), "program": str(s["program"])},
+        "an {'id', 'case', 'program'} object",
+    )
 
 
-def evaluate(samples: Sequence[Mapping], problems: Sequence[Mapping], *, limits: Limits | None = None,
-             workers: int | None = None, ks: Sequence[int] = KS) -> dict:
+def evaluate(
+    samples: Sequence[Mapping],
+    problems: Sequence[Mapping],
+    *,
+    limits: Limits | None = None,
+    workers: int | None = None,
+    ks: Sequence[int] = KS,
+) -> dict:
     """Score `{"id", "case", "program"}` samples: {"pass_rate", "pass@k", "n_problems", "n_samples",
     "statuses", "isolation", "problems": {id: {"pass_rate", "cases": [...]}}}."""
     by_id = {p["id"]: p for p in problems}
@@ -293,24 +335,46 @@ def evaluate(samples: Sequence[Mapping], problems: Sequence[Mapping], *, limits:
     n_min = min((len(v) for cases in per_case.values() for v in cases.values()), default=0)
     for k in ks:
         if 0 < k <= n_min:
-            out[f"pass@{k}"] = float(np.mean([np.mean([pass_at_k(len(v), sum(v), k) for v in cases.values()])
-                                              for cases in per_case.values()]))
-    out.update(n_problems=len(per_case), n_samples=len(samples), statuses=status_counts(results),
-               isolation=results[0].isolation if results else isolation_mode())
-    out["problems"] = {pid: {"pass_rate": rates[pid],
-                             "cases": [{"case": c, "n": len(v), "passed": sum(v), "results": details[pid][c]}
-                                       for c, v in sorted(cases.items())]}
-                       for pid, cases in per_case.items()}
+            out[f"pass@{k}"] = float(
+                np.mean(
+                    [np.mean([pass_at_k(len(v), sum(v), k) for v in cases.values()]) for cases in per_case.values()]
+                )
+            )
+    out.update(
+        n_problems=len(per_case),
+        n_samples=len(samples),
+        statuses=status_counts(results),
+        isolation=results[0].isolation if results else isolation_mode(),
+    )
+    out["problems"] = {
+        pid: {
+            "pass_rate": rates[pid],
+            "cases": [
+                {"case": c, "n": len(v), "passed": sum(v), "results": details[pid][c]} for c, v in sorted(cases.items())
+            ],
+        }
+        for pid, cases in per_case.items()
+    }
     return out
 
 
-def run(generator, path: str | Path, *, limit: int | None = None, temperature: float = 0.0, n: int = 1,
-        top_p: float = 0.95, max_new_tokens: int | None = None, limits: Limits | None = None,
-        workers: int | None = None) -> dict:
+def run(
+    generator,
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    temperature: float = 0.0,
+    n: int = 1,
+    top_p: float = 0.95,
+    max_new_tokens: int | None = None,
+    limits: Limits | None = None,
+    workers: int | None = None,
+) -> dict:
     """Generate with the multi-turn protocol and score the first `limit` problems of the MTPB file at `path`."""
     problems = load_problems(path)[:limit]
     if not problems:
         raise ValueError(f"{path}: no MTPB problems")
-    samples = generate_samples(generator, problems, n=n, temperature=temperature, top_p=top_p,
-                               max_new_tokens=max_new_tokens)
+    samples = generate_samples(
+        generator, problems, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+    )
     return evaluate(samples, problems, limits=limits, workers=workers)

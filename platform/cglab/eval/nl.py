@@ -4,6 +4,7 @@ Scoring goes through a function `score(texts) -> [per-token natural-log probs]` 
 token of a text is predicted, the first one from EOS. Bits-per-byte divides the total NLL, in bits, by the
 UTF-8 byte count, so models with different tokenizers compare fairly; perplexity is per token.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,12 +33,19 @@ def lm_metrics(score: ScoreFn, texts: Sequence[str]) -> dict:
     nll = -float(sum(float(np.sum(lp, dtype=np.float64)) for lp in logps))
     tokens = sum(len(lp) for lp in logps)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"perplexity": math.exp(nll / tokens), "bits_per_byte": nll / math.log(2) / nbytes,
-            "nll_per_token": nll / tokens, "tokens": tokens, "bytes": nbytes, "docs": len(texts)}
+    return {
+        "perplexity": math.exp(nll / tokens),
+        "bits_per_byte": nll / math.log(2) / nbytes,
+        "nll_per_token": nll / tokens,
+        "tokens": tokens,
+        "bytes": nbytes,
+        "docs": len(texts),
+    }
 
 
-def lambada_examples(docs: Iterable[str], *, min_context_words: int = 20,
-                     max_context_chars: int = 2000) -> list[tuple[str, str]]:
+def lambada_examples(
+    docs: Iterable[str], *, min_context_words: int = 20, max_context_chars: int = 2000
+) -> list[tuple[str, str]]:
     """(context, target) pairs: the last word of each paragraph, with the text before it as context.
 
     A paragraph ends at a blank line or the end of the document, and must end a sentence (. ! ?); its last
@@ -55,11 +63,11 @@ def lambada_examples(docs: Iterable[str], *, min_context_words: int = 20,
             while start > para.start() and not doc[start - 1].isspace():
                 start -= 1
             target = doc[start:end]
-            if not any(ch in ".!?" for ch in doc[end:para.end()]):
+            if not any(ch in ".!?" for ch in doc[end : para.end()]):
                 continue  # LAMBADA targets end a sentence
             if not _WORD.fullmatch(target) or start == 0 or doc[start - 1] != " ":
                 continue
-            context = doc[:start - 1]
+            context = doc[: start - 1]
             if len(context.split()) < min_context_words:
                 continue
             examples.append((context[-max_context_chars:], target))
@@ -75,8 +83,9 @@ def lambada_accuracy(generator, examples: Sequence[tuple[str, str]], *, max_new_
     """Greedy-decode each context; correct when the first word produced equals the target exactly."""
     if not examples:
         raise ValueError("lambada_accuracy: no examples (documents too short or no paragraph ends in a word)")
-    outs = generator.generate([c for c, _ in examples], n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                              stop=("\n",))
+    outs = generator.generate(
+        [c for c, _ in examples], n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",)
+    )
     hits = [first_word(o[0]) == t for o, (_, t) in zip(outs, examples)]
     return {"accuracy": float(np.mean(hits)), "examples": len(examples)}
 

@@ -17,6 +17,7 @@ program finished) or is killed (timeout: the host SIGKILLs the launcher's proces
 everything left in the namespace. The network namespace has only a downed loopback, so sockets open but
 connect nowhere. Stdout/stderr go to files capped by RLIMIT_FSIZE; we keep their tails.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -146,8 +147,13 @@ def _run_one(program: str, limits: Limits, mode: str, uid: int) -> Result:
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 [os.path.realpath(sys.executable), "-I", "-S", str(_JAIL), json.dumps(spec)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=str(workdir),
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True, close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=str(workdir),
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                start_new_session=True,
+                close_fds=True,
             )
             try:
                 rc = proc.wait(timeout=limits.timeout_s)
@@ -199,8 +205,9 @@ def run_program(program: str, limits: Limits | None = None) -> Result:
     return run_programs([program], limits, workers=1)[0]
 
 
-def run_programs(programs: Sequence[str] | Iterable[str], limits: Limits | None = None,
-                 workers: int | None = None) -> list[Result]:
+def run_programs(
+    programs: Sequence[str] | Iterable[str], limits: Limits | None = None, workers: int | None = None
+) -> list[Result]:
     """Run programs in parallel (one sandbox each, `workers` at a time); results in input order."""
     programs = list(programs)
     limits = limits or Limits()
@@ -236,6 +243,9 @@ def require_end(results: Sequence[Result], marker: str) -> list[Result]:
     """Exit status 0 is not enough: a completion that calls `sys.exit(0)` or `os._exit(0)` before the tests
     would pass them unread. A program passes only if it also printed `marker` (its last line, `program_end`);
     otherwise its status becomes "failed"."""
-    return [dataclasses.replace(r, status="failed",
-                                stderr=r.stderr + "\n(exited 0 before the end of the tests)")
-            if r.passed and marker not in r.stdout else r for r in results]
+    return [
+        dataclasses.replace(r, status="failed", stderr=r.stderr + "\n(exited 0 before the end of the tests)")
+        if r.passed and marker not in r.stdout
+        else r
+        for r in results
+    ]

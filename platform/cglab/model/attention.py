@@ -4,6 +4,7 @@ A drop-in for Megatron's DotProductAttention in a layer spec: same constructor a
 [s, b, heads_per_partition, head_dim], output [s, b, heads_per_partition * head_dim]. `attend` takes q, k, v already
 in SDPA's [b, heads, s, head_dim] layout (the fused qkv + rotary path produces them that way).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,19 +16,32 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from cglab.model.fused import on_device
 
-
 # model.sdpa_kernel -> SDPA backends in priority order: the named one first, then the rest; every backend stays
 # enabled, so a kernel that cannot take a call (a head size, a mask) falls through to the next instead of failing
 _ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-KERNEL_PRIORITY = {name: [first] + [b for b in _ORDER if b != first] for name, first in
-                   (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                    ("efficient", SDPBackend.EFFICIENT_ATTENTION))}
+KERNEL_PRIORITY = {
+    name: [first] + [b for b in _ORDER if b != first]
+    for name, first in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    )
+}
 
 
 class SDPAttention(MegatronModule):
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type=None, pg_collection=None, kernel: str = "auto"):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type=None,
+        pg_collection=None,
+        kernel: str = "auto",
+    ):
         super().__init__(config=config)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), as CodeGen
@@ -36,8 +50,9 @@ class SDPAttention(MegatronModule):
     def _kernels(self):
         return sdpa_kernel(self.priority, set_priority=True) if self.priority else contextlib.nullcontext()
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         assert packed_seq_params is None and attention_bias is None
         return self.attend(*(t.permute(1, 2, 0, 3) for t in (query, key, value)), attention_mask)
 
@@ -53,7 +68,8 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.softmax_scale)
         else:
             with self._kernels():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
-                                                     scale=self.softmax_scale)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=~attention_mask, dropout_p=p, scale=self.softmax_scale
+                )
         b, np_, sq, hn = out.shape
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -1,4 +1,5 @@
 """The CodeGen2 model on Megatron-Core: config translation, construction, and the attention mask it is fed."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False,
-                       decisions: ModelDecisions | None = None) -> TransformerConfig:
+def transformer_config(
+    m: ModelConfig, p: ParallelConfig, bf16: bool = False, decisions: ModelDecisions | None = None
+) -> TransformerConfig:
     """decisions: the run's (None: resolved for m on this machine)."""
     d = decisions or ModelDecisions.resolve(m, p)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -30,20 +32,34 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, bf16: bool = False,
     # (CodeGen's gelu_new) and is selected by activation_func == F.gelu, so F.gelu here still means gelu_tanh.
     fuse = d.fused_kernels
     return TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim, layernorm_epsilon=m.layernorm_epsilon,
-        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
-        activation_func=F.gelu if fuse else gelu_tanh, bias_activation_fusion=fuse,
-        cross_entropy_loss_fusion=fuse, cross_entropy_fusion_impl="native",
-        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_size,
+        kv_channels=m.head_dim,
+        layernorm_epsilon=m.layernorm_epsilon,
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu if fuse else gelu_tanh,
+        bias_activation_fusion=fuse,
+        cross_entropy_loss_fusion=fuse,
+        cross_entropy_fusion_impl="native",
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # cglab.model.init does it, independently of the parallel layout
         # Fusions need CUDA kernels (and apex); the parallel-residual layer does its own bias/dropout/add.
-        masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
         gradient_accumulation_fusion=d.wgrad_fusion,
         rotary_interleaved=False,
     )
@@ -54,15 +70,23 @@ class CodeGenModel(GPTModel):
     per-token loss through cglab.model.fused.cross_entropy (compiled on GPU) instead of Megatron's. `decisions`:
     what it was built with, so that what feeds it (forward_logits) masks for the backend it really has."""
 
-    def __init__(self, config: TransformerConfig, compile_loss: bool = False,
-                 decisions: ModelDecisions | None = None, **kwargs):
+    def __init__(
+        self, config: TransformerConfig, compile_loss: bool = False, decisions: ModelDecisions | None = None, **kwargs
+    ):
         super().__init__(config, **kwargs)
         self.decisions = decisions
         self.compile_loss = compile_loss and config.tensor_model_parallel_size == 1
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, self.vocab_size, config=config, init_method=config.init_method, bias=True,
-                skip_bias_add=False, gather_output=not self.parallel_output, tp_group=self.pg_collection.tp)
+                config.hidden_size,
+                self.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=True,
+                skip_bias_add=False,
+                gather_output=not self.parallel_output,
+                tp_group=self.pg_collection.tp,
+            )
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.compile_loss:
@@ -70,9 +94,16 @@ class CodeGenModel(GPTModel):
         return super().compute_language_model_loss(labels, logits)
 
 
-def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_process: bool | None = None,
-                post_process: bool | None = None, seed: int = 1234,
-                decisions: ModelDecisions | None = None) -> CodeGenModel:
+def build_model(
+    m: ModelConfig,
+    p: ParallelConfig,
+    *,
+    bf16: bool = False,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    seed: int = 1234,
+    decisions: ModelDecisions | None = None,
+) -> CodeGenModel:
     """One pipeline stage of the model for this rank (parallel_state must be initialised), initialised from `seed`
     identically whatever the TP x PP layout. decisions: the run's (None: resolved for m on this machine)."""
     d = decisions or ModelDecisions.resolve(m, p)
@@ -84,20 +115,37 @@ def build_model(m: ModelConfig, p: ParallelConfig, *, bf16: bool = False, pre_pr
     if cfg.gradient_accumulation_fusion:
         compat.apply("wgrad")  # before the linear layers check for Apex's extension
     model = CodeGenModel(
-        cfg, compile_loss=d.compile_loss, decisions=d,
+        cfg,
+        compile_loss=d.compile_loss,
+        decisions=d,
         transformer_layer_spec=codegen_layer_spec(d.attention_backend, d.fuse_attention, m.sdpa_kernel),
-        vocab_size=m.vocab_size, max_sequence_length=m.max_position_embeddings, pre_process=pre_process,
-        post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=False,
-        position_embedding_type="rope", rotary_percent=m.rotary_dim / m.head_dim, rotary_base=10000)
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=m.rotary_dim / m.head_dim,
+        rotary_base=10000,
+    )
     if torch.cuda.is_available():
         model = model.cuda()
-    init_weights(model, m, seed, parallel_state.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size,
-                 parallel_state.get_pipeline_model_parallel_rank(), p.pipeline_model_parallel_size)
+    init_weights(
+        model,
+        m,
+        seed,
+        parallel_state.get_tensor_model_parallel_rank(),
+        p.tensor_model_parallel_size,
+        parallel_state.get_pipeline_model_parallel_rank(),
+        p.pipeline_model_parallel_size,
+    )
     return model
 
 
-def batch_mask(m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_end=None, device=None,
-               backend: str | None = None):
+def batch_mask(
+    m: ModelConfig, shape: tuple[int, int], segment_ids=None, prefix_end=None, device=None, backend: str | None = None
+):
     """The attention mask the config asks for a [b, s] batch (a dense bool mask or a FlexAttention BlockMask), or
     None for plain causal on a backend that does it natively. prefix_end: [b, s] per token (the data's field) or
     [b] per row (see `cglab.model.masks.allowed`). backend: the model's resolved attention backend (None: resolve
@@ -119,4 +167,3 @@ def forward_logits(model, m: ModelConfig, tokens: torch.Tensor, segment_ids=None
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     backend = model.decisions.attention_backend
     return model(tokens, pos, batch_mask(m, tuple(tokens.shape), segment_ids, prefix_end, tokens.device, backend))
-

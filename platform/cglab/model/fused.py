@@ -8,6 +8,7 @@ q, k, v (and one kernel back in the backward); `residual_sum` is one pass; `cros
 one pass over the logits each way, where Megatron's fused cross-entropy makes several fp32 passes. On CPU they run
 eagerly (same maths).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,13 +40,15 @@ def cross_entropy_eager(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     Compiled, the fp32 logits are never stored: one pass reads the bf16 logits for the log-sum-exp, and the backward
     writes (softmax - onehot) in one more."""
     s, b, v = logits.shape
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(s * b, v), labels.t().reshape(s * b),
-                                             reduction="none")
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(s * b, v), labels.t().reshape(s * b), reduction="none"
+    )
     return loss.view(s, b).t().contiguous()
 
 
-def residual_sum_eager(hidden: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
-                       mlp_bias: torch.Tensor | None) -> torch.Tensor:
+def residual_sum_eager(
+    hidden: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, mlp_bias: torch.Tensor | None
+) -> torch.Tensor:
     out = hidden + attn + mlp
     return out if mlp_bias is None else out + mlp_bias
 

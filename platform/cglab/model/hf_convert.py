@@ -7,6 +7,7 @@ Two layout differences are undone here, both pure permutations, so a round trip 
   half layout (pairs i, i + rotary_dim/2), which has fused kernels. Permuting those q/k rows the same way in q and
   k leaves every attention score unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ def cglab_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.
 
 
 # ------------------------------------------------------------------------------------------ TP / PP sharding
-_COLUMN = re.compile(r"(word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|"
-                     r"output_layer\.(weight|bias))$")
+_COLUMN = re.compile(
+    r"(word_embeddings\.weight|linear_qkv\.(weight|bias)|linear_fc1\.(weight|bias)|"
+    r"output_layer\.(weight|bias))$"
+)
 _ROW = re.compile(r"(linear_proj\.weight|linear_fc2\.weight)$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -95,8 +98,9 @@ def _split_dim(name: str) -> int | None:
     return None
 
 
-def shard(full: dict[str, torch.Tensor], m: ModelConfig, tp_rank: int, tp_size: int, pp_rank: int = 0,
-          pp_size: int = 1) -> dict[str, torch.Tensor]:
+def shard(
+    full: dict[str, torch.Tensor], m: ModelConfig, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1
+) -> dict[str, torch.Tensor]:
     """This rank's slice of a full state dict, with Megatron's stage-local layer numbering."""
     per_stage = m.num_layers // pp_size
     first, last = pp_rank == 0, pp_rank == pp_size - 1
@@ -149,8 +153,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's parameters on the CPU, without `_extra_state` (unwraps DDP / Float16Module)."""
     while hasattr(model, "module"):
         model = model.module
-    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()
-            if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+    return {
+        k: v.detach().float().cpu()
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)
+    }
 
 
 # ------------------------------------------------------------------------------------------ HF export
@@ -158,16 +165,32 @@ def hf_config(m: ModelConfig, eos_token_id: int | None = None, bos_token_id: int
     from transformers import CodeGenConfig  # transformers (seconds to import): only for an export
 
     return CodeGenConfig(
-        vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_ctx=m.max_position_embeddings,
-        n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads, rotary_dim=m.rotary_dim,
-        n_inner=m.ffn_size, activation_function="gelu_new", layer_norm_epsilon=m.layernorm_epsilon,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        vocab_size=m.vocab_size,
+        n_positions=m.max_position_embeddings,
+        n_ctx=m.max_position_embeddings,
+        n_embd=m.hidden_size,
+        n_layer=m.num_layers,
+        n_head=m.num_attention_heads,
+        rotary_dim=m.rotary_dim,
+        n_inner=m.ffn_size,
+        activation_function="gelu_new",
+        layer_norm_epsilon=m.layernorm_epsilon,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
 
 
-def export_hf(full: dict[str, torch.Tensor], m: ModelConfig, out_dir: str | Path,
-              tokenizer_dir: str | Path | None = None,
-              eos_token_id: int | None = None) -> Path:
+def export_hf(
+    full: dict[str, torch.Tensor],
+    m: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    eos_token_id: int | None = None,
+) -> Path:
     """Write a HF model directory that `CodeGenForCausalLM.from_pretrained(out_dir)` loads."""
     from transformers import CodeGenForCausalLM  # transformers (seconds to import): only for an export
 

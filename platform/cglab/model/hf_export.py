@@ -4,6 +4,7 @@ The checkpoint's own format (the COMPLETE marker, the manifest, which file holds
 `cglab.train.checkpoint`, which checks a directory and then calls `export_checkpoint` here; this module only
 reads Megatron's tensors and converts them (`cglab.model.hf_convert`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,7 @@ def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
             continue
         k = k.removeprefix("model.")
         if k.startswith(_STACKED):  # layers are saved stacked along a leading layer axis
-            rest = k[len(_STACKED):]
+            rest = k[len(_STACKED) :]
             for i in range(v.shape[0]):
                 full[f"{_STACKED}{i}.{rest}"] = v[i].float().clone()
         else:
@@ -46,8 +47,9 @@ def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     return full
 
 
-def export_checkpoint(directory: str | Path, m: ModelConfig, out_dir: str | Path,
-                      tokenizer_dir: str | Path | None = None) -> Path:
+def export_checkpoint(
+    directory: str | Path, m: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None
+) -> Path:
     """Write the checkpoint's model as a HF directory, with the tokenizer in `tokenizer_dir` when it has one."""
     full = full_state_dict(directory)
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None

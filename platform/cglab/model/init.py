@@ -5,6 +5,7 @@ rank keeps its slice. So a TP=2 or PP=2 run starts from exactly the weights of t
 change the layout change nothing else. Init rules follow Megatron/GPT-2: normal(0, std) for weights, std/sqrt(2L) for
 the projections that write into the residual stream, ones and zeros for LayerNorm, zeros for biases.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def _global_name(local: str, pp_rank: int, per_stage: int) -> str:
 
 
 @torch.no_grad()
-def init_weights(model: torch.nn.Module, m: ModelConfig, seed: int, tp_rank: int, tp_size: int, pp_rank: int,
-                 pp_size: int) -> None:
+def init_weights(
+    model: torch.nn.Module, m: ModelConfig, seed: int, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int
+) -> None:
     per_stage = m.num_layers // pp_size
     for local, p in model.named_parameters():
         name = _global_name(local, pp_rank, per_stage)

@@ -6,15 +6,16 @@ Attention projections carry no bias (as in CodeGen); the MLP does. Everything el
 core attention) comes from Megatron through the spec. `FusedSelfAttention` and `fused_residual=True` swap the
 elementwise glue for the compiled kernels of `cglab.model.fused`; the GEMMs and their parallelism are unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import NamedTuple
 
 import torch.nn.functional as F
-from torch import Tensor
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import Tensor
 
 from cglab.model import fused
 
@@ -29,8 +30,16 @@ class NoBiasSelfAttention(SelfAttention):
 
 
 # Arguments that take Megatron's general path (inference, packed sequences, precomputed cos/sin, biases).
-_GENERAL_PATH_ARGS = ("key_value_states", "inference_context", "inference_params", "packed_seq_params",
-                      "attention_bias", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")
+_GENERAL_PATH_ARGS = (
+    "key_value_states",
+    "inference_context",
+    "inference_params",
+    "packed_seq_params",
+    "attention_bias",
+    "rotary_pos_cos",
+    "rotary_pos_sin",
+    "rotary_pos_cos_sin",
+)
 
 
 class FusedSelfAttention(NoBiasSelfAttention):
@@ -49,8 +58,9 @@ class FusedSelfAttention(NoBiasSelfAttention):
         if isinstance(freqs, tuple):  # (query, key) frequencies: the same tensor for self-attention
             freqs = freqs[0]
         mixed, _ = self.linear_qkv(hidden_states)
-        q, k, v = fused.qkv_rope(mixed, freqs, self.num_attention_heads_per_partition,
-                                 self.hidden_size_per_attention_head)
+        q, k, v = fused.qkv_rope(
+            mixed, freqs, self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
+        )
         return self.linear_proj(self.core_attention.attend(q, k, v, attention_mask))
 
 
@@ -73,28 +83,55 @@ class ParallelResidualLayer(TransformerLayer):
         super().__init__(*args, **kwargs)
         self.fused_residual = fused_residual
 
-    def _forward_attention(self, hidden_states, attention_mask=None, context=None, context_mask=None,
-                           rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
-                           attention_bias=None, inference_context=None, packed_seq_params=None,
-                           sequence_len_offset=None, padding_mask=None, *, inference_params=None, **kwargs):
+    def _forward_attention(
+        self,
+        hidden_states,
+        attention_mask=None,
+        context=None,
+        context_mask=None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        attention_bias=None,
+        inference_context=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        padding_mask=None,
+        *,
+        inference_params=None,
+        **kwargs,
+    ):
         # Megatron's signature (0.16.1), so its forward's positional arguments land where they do there. Its block
         # and callers pass more than this layer implements (padding_mask for MoE routing, rotary_pos_cos_sin for
         # fused inference rotary, the deprecated inference_params, cross-attention's context_mask, ...). None, the
         # training default, is harmless; a value would be dropped without a word and the layer would compute
         # something else than asked, so it is refused by name.
-        unused = {"context_mask": context_mask, "rotary_pos_cos_sin": rotary_pos_cos_sin,
-                  "padding_mask": padding_mask, "inference_params": inference_params}
+        unused = {
+            "context_mask": context_mask,
+            "rotary_pos_cos_sin": rotary_pos_cos_sin,
+            "padding_mask": padding_mask,
+            "inference_params": inference_params,
+        }
         unhandled = sorted(k for k, v in {**kwargs, **unused}.items() if v is not None)
         if unhandled:
-            raise TypeError(f"ParallelResidualLayer.forward does not implement {', '.join(unhandled)} (got a "
-                            "non-None value); it takes hidden_states, attention_mask, rotary_pos_emb/cos/sin, "
-                            "attention_bias, inference_context, packed_seq_params and sequence_len_offset")
+            raise TypeError(
+                f"ParallelResidualLayer.forward does not implement {', '.join(unhandled)} (got a "
+                "non-None value); it takes hidden_states, attention_mask, rotary_pos_emb/cos/sin, "
+                "attention_bias, inference_context, packed_seq_params and sequence_len_offset"
+            )
         ln = self.input_layernorm(hidden_states)
         attn, attn_bias = self.self_attention(
-            ln, attention_mask=attention_mask, inference_context=inference_context,
-            rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
-            attention_bias=attention_bias, packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset)
+            ln,
+            attention_mask=attention_mask,
+            inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset,
+        )
         return _Branches(hidden_states, ln, attn, attn_bias), context
 
     def _forward_mlp(self, branches: _Branches, inference_context=None, padding_mask=None):

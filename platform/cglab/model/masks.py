@@ -2,6 +2,7 @@
 
 Convention (Megatron's): a boolean tensor [b, 1, s, s] where True means "may NOT attend".
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def prefix_ends(prefix_end: torch.Tensor, batch: int, seq_len: int, device=None)
     return pre
 
 
-def allowed(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, seq_len: int,
-            batch: int, device=None) -> torch.Tensor:
+def allowed(
+    segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, seq_len: int, batch: int, device=None
+) -> torch.Tensor:
     """Boolean [b, s, s], True where query q may attend key k.
 
     Causal everywhere; keys k < prefix_end[q] are visible to query q as well. The data sets prefix_end, for every
@@ -39,8 +41,9 @@ def allowed(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, s
     return ok
 
 
-def block_mask(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, *, seq_len: int, batch: int,
-               device=None):
+def block_mask(
+    segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None, *, seq_len: int, batch: int, device=None
+):
     """The pairs of `allowed` as a FlexAttention BlockMask: no dense [s, s] tensor reaches the kernel, and blocks
     with nothing visible (other documents, the future) are skipped rather than computed and masked."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -61,7 +64,13 @@ def block_mask(segment_ids: torch.Tensor | None, prefix_end: torch.Tensor | None
     return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
-def attention_mask(segment_ids: torch.Tensor | None = None, prefix_end: torch.Tensor | None = None, *,
-                   seq_len: int, batch: int, device=None) -> torch.Tensor:
+def attention_mask(
+    segment_ids: torch.Tensor | None = None,
+    prefix_end: torch.Tensor | None = None,
+    *,
+    seq_len: int,
+    batch: int,
+    device=None,
+) -> torch.Tensor:
     """Megatron-style mask [b, 1, s, s], True = masked out."""
     return ~allowed(segment_ids, prefix_end, seq_len, batch, device).unsqueeze(1)

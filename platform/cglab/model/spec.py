@@ -1,11 +1,12 @@
 """Layer specs for the CodeGen block, one per attention backend. Extending the model means editing a spec, not
 Megatron."""
+
 from __future__ import annotations
 
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
@@ -17,19 +18,28 @@ def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel:
     compile_fusions: with the sdpa or flex backend, the fused qkv + rotary attention and the one-pass residual sum
     (cglab.model.fused); TE brings its own fusions. sdpa_kernel: the SDPA kernel tried first (sdpa and flex)."""
     if backend not in ("local", "sdpa", "flex", "te"):
-        raise ValueError(f"codegen_layer_spec: {backend!r} is not a resolved attention backend "
-                         "(cglab.decisions.ModelDecisions resolves model.attention_backend)")
+        raise ValueError(
+            f"codegen_layer_spec: {backend!r} is not a resolved attention backend "
+            "(cglab.decisions.ModelDecisions resolves model.attention_backend)"
+        )
     fuse = compile_fusions and backend in ("sdpa", "flex")
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear)
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
         norm, col, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
         norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
         if backend in ("sdpa", "flex"):  # flex: the same module, handed FlexAttention block masks
             from cglab.model.attention import SDPAttention
+
             core = ModuleSpec(module=SDPAttention, params={"kernel": sdpa_kernel})
         else:
             from megatron.core.transformer.dot_product_attention import DotProductAttention as core
@@ -41,8 +51,9 @@ def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel:
             self_attention=ModuleSpec(
                 module=FusedSelfAttention if fuse else NoBiasSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(linear_qkv=col, core_attention=core, linear_proj=row,
-                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=col, core_attention=core, linear_proj=row, q_layernorm=IdentityOp, k_layernorm=IdentityOp
+                ),
             ),
             pre_mlp_layernorm=IdentityOp,  # the single input_layernorm feeds the MLP too
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),

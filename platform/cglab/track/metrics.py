@@ -15,6 +15,7 @@ Usage, from inside a Ray worker (a Train worker, a Data task or actor):
 Outside a Ray worker or driver (no `ray.init`), recording is a silent no-op in Ray, so library code can call these
 freely.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,26 +46,43 @@ TRAIN_GAUGES: dict[str, MetricSpec] = {
     "loss": MetricSpec("cglab_loss", "gauge", "Training loss of the last step.", TRAIN_TAG_KEYS),
     # Throughput and token counts are the whole job's (global batch), so every rank reports the same value and
     # panels take max over ranks, never sum.
-    "tokens_per_s": MetricSpec("cglab_tokens_per_second", "gauge",
-                               "Training throughput of the last step, tokens/s of the whole job.", TRAIN_TAG_KEYS),
-    "mfu": MetricSpec("cglab_mfu", "gauge", "Model FLOPs utilization of the last step against the GPU's datasheet "
-                      "dense bf16 peak (cglab.train.flops.mfu), 0..1.", TRAIN_TAG_KEYS),
+    "tokens_per_s": MetricSpec(
+        "cglab_tokens_per_second",
+        "gauge",
+        "Training throughput of the last step, tokens/s of the whole job.",
+        TRAIN_TAG_KEYS,
+    ),
+    "mfu": MetricSpec(
+        "cglab_mfu",
+        "gauge",
+        "Model FLOPs utilization of the last step against the GPU's datasheet "
+        "dense bf16 peak (cglab.train.flops.mfu), 0..1.",
+        TRAIN_TAG_KEYS,
+    ),
     "step_time_s": MetricSpec("cglab_step_time_seconds", "gauge", "Wall time of the last step.", TRAIN_TAG_KEYS),
-    "data_wait_s": MetricSpec("cglab_data_wait_seconds", "gauge",
-                              "Time the last step waited for its batch.", TRAIN_TAG_KEYS),
-    "checkpoint_s": MetricSpec("cglab_checkpoint_seconds", "gauge",
-                               "Wall time of the last checkpoint save.", TRAIN_TAG_KEYS),
+    "data_wait_s": MetricSpec(
+        "cglab_data_wait_seconds", "gauge", "Time the last step waited for its batch.", TRAIN_TAG_KEYS
+    ),
+    "checkpoint_s": MetricSpec(
+        "cglab_checkpoint_seconds", "gauge", "Wall time of the last checkpoint save.", TRAIN_TAG_KEYS
+    ),
     "lr": MetricSpec("cglab_learning_rate", "gauge", "Learning rate of the last step.", TRAIN_TAG_KEYS),
     "grad_norm": MetricSpec("cglab_grad_norm", "gauge", "Gradient norm before clipping.", TRAIN_TAG_KEYS),
 }
 # Ray's OpenTelemetry histogram approximates `_sum` by bucket midpoints, so use it for quantiles only; the gauges
 # above carry exact values.
-STEP_DURATION = MetricSpec("cglab_step_duration_seconds", "histogram",
-                           "Distribution of step wall time.", TRAIN_TAG_KEYS)
-TOKENS = MetricSpec("cglab_tokens", "counter", "Tokens the whole job trained on (rate() gives throughput).",
-                    TRAIN_TAG_KEYS)
-SKIPPED = MetricSpec("cglab_samples_skipped", "counter", "Documents dropped by the data pipeline, by reason.",
-                     DATA_TAG_KEYS + ("reason",))
+STEP_DURATION = MetricSpec(
+    "cglab_step_duration_seconds", "histogram", "Distribution of step wall time.", TRAIN_TAG_KEYS
+)
+TOKENS = MetricSpec(
+    "cglab_tokens", "counter", "Tokens the whole job trained on (rate() gives throughput).", TRAIN_TAG_KEYS
+)
+SKIPPED = MetricSpec(
+    "cglab_samples_skipped",
+    "counter",
+    "Documents dropped by the data pipeline, by reason.",
+    DATA_TAG_KEYS + ("reason",),
+)
 KEPT = MetricSpec("cglab_samples_kept", "counter", "Documents that passed every filter.", DATA_TAG_KEYS)
 
 ALL_SPECS: tuple[MetricSpec, ...] = (*TRAIN_GAUGES.values(), STEP_DURATION, TOKENS, SKIPPED, KEPT)

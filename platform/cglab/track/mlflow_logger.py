@@ -10,6 +10,7 @@ Who does what:
 Runs are found again by tags (`cglab.sweep`, `cglab.trial_id`), so a restored sweep reuses both its parent
 run and every trial's run id without any state file beside the checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,12 +74,14 @@ class _Sender:
     def log_batch(self, run_id: str, metrics=(), tags: Mapping[str, str] | None = None) -> None:
         from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-        body = {"run_id": run_id,
-                "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                            for m in metrics],
-                "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
-        resp = http_request(self.creds, self.ENDPOINT, "POST", max_retries=0, backoff_factor=0,
-                            timeout=self.timeout_s, json=body)
+        body = {
+            "run_id": run_id,
+            "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics],
+            "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()],
+        }
+        resp = http_request(
+            self.creds, self.ENDPOINT, "POST", max_retries=0, backoff_factor=0, timeout=self.timeout_s, json=body
+        )
         verify_rest_response(resp, self.ENDPOINT)
 
 
@@ -197,9 +200,13 @@ class RankZeroLogger:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return {"sent_points": self.sent_points, "late_points": self._late_points,
-                "unlogged_points": self._lost_points, "unlogged_steps": _step_ranges(self._lost_steps),
-                "failed_sends": self._failures}
+        return {
+            "sent_points": self.sent_points,
+            "late_points": self._late_points,
+            "unlogged_points": self._lost_points,
+            "unlogged_steps": _step_ranges(self._lost_steps),
+            "failed_sends": self._failures,
+        }
 
     def __enter__(self) -> RankZeroLogger:
         return self
@@ -215,8 +222,10 @@ class RankZeroLogger:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: (self._stop or self._flush_req > self._flush_done
-                                           or len(self._queue) >= BATCH), timeout=self._flush_every_s)
+                self._cv.wait_for(
+                    lambda: self._stop or self._flush_req > self._flush_done or len(self._queue) >= BATCH,
+                    timeout=self._flush_every_s,
+                )
                 if self._stop:
                     return
                 req = self._flush_req
@@ -254,12 +263,11 @@ class RankZeroLogger:
     def _send(self, batch: list) -> tuple[bool, list]:
         for i in range(0, len(batch), BATCH):
             try:
-                self._sender.log_batch(self.ctx.run_id, metrics=batch[i:i + BATCH])
+                self._sender.log_batch(self.ctx.run_id, metrics=batch[i : i + BATCH])
             except Exception as err:
-                log.warning("MLflow unreachable (%s); %d metric points held back", type(err).__name__,
-                            len(batch) - i)
+                log.warning("MLflow unreachable (%s); %d metric points held back", type(err).__name__, len(batch) - i)
                 return False, batch[i:]
-            self.sent_points += len(batch[i:i + BATCH])
+            self.sent_points += len(batch[i : i + BATCH])
         return True, []
 
     def _on_reachable(self) -> None:
@@ -298,8 +306,11 @@ class RankZeroLogger:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(
-                self.ctx.run_id, sampling_interval=self.ctx.system_metrics_interval_s,
-                resume_logging=True, tracking_uri=self.ctx.tracking_uri)
+                self.ctx.run_id,
+                sampling_interval=self.ctx.system_metrics_interval_s,
+                resume_logging=True,
+                tracking_uri=self.ctx.tracking_uri,
+            )
             self._monitor_first_step = self._monitor._logging_step
             self._monitor.start()
         except Exception as err:
@@ -310,14 +321,21 @@ class RankZeroLogger:
         try:
             from mlflow.entities import Metric
 
-            tag = json.dumps({"points": s["unlogged_points"], "steps": s["unlogged_steps"],
-                              "late_points": s["late_points"], "failed_sends": s["failed_sends"]})
+            tag = json.dumps(
+                {
+                    "points": s["unlogged_points"],
+                    "steps": s["unlogged_steps"],
+                    "late_points": s["late_points"],
+                    "failed_sends": s["failed_sends"],
+                }
+            )
             point = Metric("mlflow/unlogged_points", s["unlogged_points"], int(time.time() * 1000), 0)
             self._sender.log_batch(self.ctx.run_id, metrics=[point], tags={TAG_UNLOGGED: tag})
             self._summary_logged = True
         except Exception as err:
-            log.warning("could not record the MLflow outage summary on run %s: %s (%s)",
-                        self.ctx.run_id, err, json.dumps(s))
+            log.warning(
+                "could not record the MLflow outage summary on run %s: %s (%s)", self.ctx.run_id, err, json.dumps(s)
+            )
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -341,7 +359,8 @@ class SweepTracker:
 
             try:
                 self.experiment_id = self.client.create_experiment(
-                    self.experiment, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+                    self.experiment, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+                )
             except MlflowException:  # created meanwhile by another driver
                 self.experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
         else:
@@ -366,15 +385,27 @@ class SweepTracker:
             return rid
         return self._create_run(self.sweep, {TAG_SWEEP: self.sweep, "cglab.role": "sweep", **(tags or {})})
 
-    def trial_run(self, parent_run_id: str, trial_id: str, run_name: str, tags: Mapping[str, str],
-                  params: Mapping[str, Any], config_yaml: str) -> tuple[str, bool]:
+    def trial_run(
+        self,
+        parent_run_id: str,
+        trial_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        config_yaml: str,
+    ) -> tuple[str, bool]:
         """(run id, resumed). A trial that ran before (same sweep, same Tune trial id) gets its old run."""
         rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
         if rid:
             self.client.update_run(rid, status="RUNNING")
             return rid, True
-        all_tags = {TAG_PARENT: parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id,
-                    "cglab.role": "trial", **{k: str(v) for k, v in tags.items()}}
+        all_tags = {
+            TAG_PARENT: parent_run_id,
+            TAG_SWEEP: self.sweep,
+            TAG_TRIAL: trial_id,
+            "cglab.role": "trial",
+            **{k: str(v) for k, v in tags.items()},
+        }
         return self._create_run(run_name, all_tags, params, config_yaml), False
 
     def named_run(self, name: str, tags: Mapping[str, str], params: Mapping[str, Any], config_yaml: str) -> str:
@@ -384,31 +415,47 @@ class SweepTracker:
         rid = self._find(f"tags.`{TAG_RUN}` = '{name}'")
         return rid or self._create_run(name, {TAG_RUN: name, **tags}, params, config_yaml)
 
-    def _create_run(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any] | None = None,
-                    config_yaml: str | None = None) -> str:
+    def _create_run(
+        self,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        config_yaml: str | None = None,
+    ) -> str:
         """The one place cglab creates an MLflow run: tags at creation, then the params and the resolved config."""
         from mlflow.entities import Param
 
         rid = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
         items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         for i in range(0, len(items), 100):  # log_batch accepts 100 params per call
-            self.client.log_batch(rid, params=items[i:i + 100])
+            self.client.log_batch(rid, params=items[i : i + 100])
         if config_yaml is not None:
             self.client.log_text(rid, config_yaml, "config.yaml")
         return rid
 
     def context(self, run_id: str, **kwargs) -> MlflowContext:
-        return MlflowContext(tracking_uri=self.tracking_uri, run_id=run_id, experiment_id=self.experiment_id,
-                             system_metrics=self.system_metrics, **kwargs)
+        return MlflowContext(
+            tracking_uri=self.tracking_uri,
+            run_id=run_id,
+            experiment_id=self.experiment_id,
+            system_metrics=self.system_metrics,
+            **kwargs,
+        )
 
-    def finish_run(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,
-                   status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+    def finish_run(
+        self,
+        run_id: str,
+        metrics: Mapping[str, Any] | None = None,
+        step: int = 0,
+        status: str = "FINISHED",
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items() if _is_number(v)]
         for i in range(0, len(points), BATCH):
-            self.client.log_batch(run_id, metrics=points[i:i + BATCH])
+            self.client.log_batch(run_id, metrics=points[i : i + BATCH])
         if tags:  # conditions of the metrics (e.g. which texts, which sandbox): strings, so tags
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status=status)
@@ -416,7 +463,7 @@ class SweepTracker:
 
 def _param_value(v: Any) -> str:
     s = "None" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-    return s if len(s) <= MAX_PARAM_LEN else s[:MAX_PARAM_LEN - 3] + "..."
+    return s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
 
 
 def _is_number(v: Any) -> bool:

@@ -5,6 +5,7 @@ demo and stops it on exit. The store is a SQLite file by default (switched to WA
 not block its writer); any SQLAlchemy URI such as postgresql://... works the same. Artifacts are served by
 the server itself (proxied), so clients on other nodes never need the artifact directory mounted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,13 +53,25 @@ def enable_wal(backend_store_uri: str) -> None:
         raise RuntimeError(f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a network filesystem?")
 
 
-def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int,
-                   workers: int = 1) -> list[str]:
+def server_command(
+    backend_store_uri: str, artifacts_destination: str, host: str, port: int, workers: int = 1
+) -> list[str]:
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    return [mlflow, "server", "--host", host, "--port", str(port),
-            "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", artifacts_destination,
-            "--serve-artifacts", "--workers", str(workers)]
+    return [
+        mlflow,
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--workers",
+        str(workers),
+    ]
 
 
 def wait_healthy(uri: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
@@ -101,8 +114,7 @@ class MlflowServer:
         Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         self.log_path = self.root / f"server-{self.port}.log"
         self._log = open(self.log_path, "ab")
-        cmd = server_command(self.backend_store_uri, self.artifacts_destination, self.host, self.port,
-                             self.workers)
+        cmd = server_command(self.backend_store_uri, self.artifacts_destination, self.host, self.port, self.workers)
         # Own process group: stop() must reach the uvicorn/gunicorn workers, not only the CLI wrapper.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -133,16 +145,25 @@ class MlflowServer:
         return self.start(timeout_s)
 
 
-def make_server(root: str | Path = DEFAULT_ROOT, *, host: str = "127.0.0.1", port: int | None = None,
-                backend_store_uri: str | None = None, artifacts_destination: str | None = None,
-                workers: int = 1) -> MlflowServer:
+def make_server(
+    root: str | Path = DEFAULT_ROOT,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    workers: int = 1,
+) -> MlflowServer:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return MlflowServer(
         root=root,
         backend_store_uri=backend_store_uri or sqlite_uri(root / "mlflow.db"),
         artifacts_destination=artifacts_destination or str(root / "artifacts"),
-        host=host, port=port or free_port(host), workers=workers)
+        host=host,
+        port=port or free_port(host),
+        workers=workers,
+    )
 
 
 @contextlib.contextmanager
@@ -181,4 +202,5 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingUnavailable(
             f"the MLflow server at {uri} does not answer ({reason}); start it (`cglab mlflow up`), or leave out "
             f"--tracking-uri and unset MLFLOW_TRACKING_URI to read the local store that `cglab ablate` wrote "
-            f"under .cglab/mlflow") from None
+            f"under .cglab/mlflow"
+        ) from None

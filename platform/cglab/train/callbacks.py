@@ -11,6 +11,7 @@ the list's order (train/loop.py sets that order once):
 
 Models: OLMo-core's Trainer callbacks (speed monitor, checkpointer, metric sinks), torchtitan's Trainer.train().
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -136,8 +137,12 @@ class Throughput(Callback):
 
     def on_step_end(self, s: StepEnd) -> None:
         m = s.metrics
-        m.update(tokens_seen=s.step * self.tokens_per_step, data_wait_s=s.data_wait_s, step_time_s=s.step_time_s,
-                 tokens_per_s=self.tokens_per_step / s.step_time_s)
+        m.update(
+            tokens_seen=s.step * self.tokens_per_step,
+            data_wait_s=s.data_wait_s,
+            step_time_s=s.step_time_s,
+            tokens_per_s=self.tokens_per_step / s.step_time_s,
+        )
         if self.peak is not None:
             m["tflops"] = m["tokens_per_s"] * self.flops_per_token / 1e12 / self.world
             m["mfu"] = mfu(m["tokens_per_s"], self.model, self.seq, self.world, self.peak)
@@ -158,9 +163,14 @@ class Checkpointer(Callback):
         if not (s.step == t.train_steps or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
             return
         c0 = time.perf_counter()
-        s.checkpoint = checkpoint.save(checkpoint.local_dir(self.staging, s.step), self.state, s.step,
-                                       self.feed.pos, extra={"config": self.cfg.model_dump(mode="json")},
-                                       files={"tokenizer/tokenizer.json": self.tokenizer_json})
+        s.checkpoint = checkpoint.save(
+            checkpoint.local_dir(self.staging, s.step),
+            self.state,
+            s.step,
+            self.feed.pos,
+            extra={"config": self.cfg.model_dump(mode="json")},
+            files={"tokenizer/tokenizer.json": self.tokenizer_json},
+        )
         s.metrics["checkpoint_s"] = time.perf_counter() - c0
 
     def on_end(self) -> None:

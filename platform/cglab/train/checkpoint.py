@@ -6,6 +6,7 @@ persistent storage. Rank 0 writes `manifest.json` (every file of every rank, wit
 after a barrier that every rank reaches only once its files are written. `verify` refuses a directory whose
 manifest or files don't add up, so a checkpoint cut off mid-write is never taken for a good one.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,14 @@ def _sharded(state, is_loading: bool) -> dict:
     return {"model": msd, "optimizer": state.optimizer.sharded_state_dict(msd, is_loading=is_loading)}
 
 
-def save(directory: str | Path, state, step: int, data: DataPosition, extra: dict | None = None,
-         files: dict[str, str] | None = None) -> Path:
+def save(
+    directory: str | Path,
+    state,
+    step: int,
+    data: DataPosition,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
     """Collective: every rank calls it with its own (empty or new) local directory. `files` (relative path ->
     text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained."""
     from megatron.core import dist_checkpointing
@@ -126,8 +133,9 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     d = Path(directory)
     manifest = verify(d)
     if manifest["world_size"] != dist.get_world_size():
-        raise IncompleteCheckpoint(f"{d}: written by {manifest['world_size']} ranks, loading with "
-                                   f"{dist.get_world_size()}")
+        raise IncompleteCheckpoint(
+            f"{d}: written by {manifest['world_size']} ranks, loading with {dist.get_world_size()}"
+        )
     loaded = dist_checkpointing.load(_sharded(state, is_loading=True), str(d))
     _unwrap(state.model[0]).load_state_dict(loaded["model"])
     state.optimizer.load_state_dict(loaded["optimizer"])
@@ -135,10 +143,13 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     state.scheduler.load_state_dict(doc["scheduler"])
     _set_rng_state(torch.load(d / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     data = doc["data"]
-    return int(doc["step"]), DataPosition(int(data["epoch"]), int(data["index"]),
-                                          tuple(int(n) for n in data.get("source_tokens", ())),
-                                          int(data.get("dp_size", 0)),
-                                          tuple((int(k), int(o)) for k, o in data.get("shards", ())))
+    return int(doc["step"]), DataPosition(
+        int(data["epoch"]),
+        int(data["index"]),
+        tuple(int(n) for n in data.get("source_tokens", ())),
+        int(data.get("dp_size", 0)),
+        tuple((int(k), int(o)) for k, o in data.get("shards", ())),
+    )
 
 
 def newest_complete(*places: str | Path | None) -> str | None:

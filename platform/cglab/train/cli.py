@@ -1,4 +1,5 @@
 """`cglab train CONFIG [key=value ...]`: one training run on the current Ray cluster (or a local one)."""
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ see identical batches at no extra read. The data position (epoch, samples used, 
 lives in the checkpoint; on resume each rank rebuilds its stream from its own unit, skipping the units before it
 unread (Ray Data iterators cannot resume mid-epoch; `streaming_split` would give TP peers different data).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,18 @@ class DataFeed:
         self.n_sources = len(plan.sources)
         tokens = tuple(pos.source_tokens) or (0,) * self.n_sources
         if pos.index and not pos.shards:
-            raise RuntimeError(f"data: the checkpoint's data position (epoch {pos.epoch}, sample {pos.index}) has "
-                               f"no per-rank positions (written before sharded reading); restart the epoch "
-                               f"from a new run")
+            raise RuntimeError(
+                f"data: the checkpoint's data position (epoch {pos.epoch}, sample {pos.index}) has "
+                f"no per-rank positions (written before sharded reading); restart the epoch "
+                f"from a new run"
+            )
         if pos.shards and pos.dp_size != self.dp_size:
-            raise ConfigError(f"parallel.data_parallel_size: the checkpoint was written with "
-                              f"data_parallel_size={pos.dp_size}, this run has {self.dp_size}; each rank's data "
-                              f"position is a place in its own units of work, which are assigned per DP size, so "
-                              f"it cannot be remapped: resume with data_parallel_size={pos.dp_size}")
+            raise ConfigError(
+                f"parallel.data_parallel_size: the checkpoint was written with "
+                f"data_parallel_size={pos.dp_size}, this run has {self.dp_size}; each rank's data "
+                f"position is a place in its own units of work, which are assigned per DP size, so "
+                f"it cannot be remapped: resume with data_parallel_size={pos.dp_size}"
+            )
         self.pos = DataPosition(pos.epoch, pos.index, tokens, pos.dp_size, tuple(pos.shards))
         self.step_stats: dict[str, float] = {}
         self._it = None
@@ -63,8 +68,9 @@ class DataFeed:
     def _fetch(self) -> list[dict] | None:
         if self._it is None:
             start = self.pos.shards[self.dp_rank] if self.pos.shards else (0, 0)
-            self._it = iter_train_batches(self.cfg, self.pos.epoch, self.dp_rank, self.dp_size, start,
-                                          self.mb, self.plan)
+            self._it = iter_train_batches(
+                self.cfg, self.pos.epoch, self.dp_rank, self.dp_size, start, self.mb, self.plan
+            )
         micro = []
         for _ in range(self.n_micro):
             b = next(self._it, None)
@@ -76,8 +82,10 @@ class DataFeed:
     def next_step(self) -> list[dict]:
         if self.pos.index + self.global_batch > self.per_epoch:  # this epoch's share of the budget is used
             if self.pos.epoch + 1 >= self.cfg.train.epochs:
-                raise RuntimeError(f"data: all train.epochs={self.cfg.train.epochs} epochs of "
-                                   f"{self.per_epoch} samples are used; train.train_steps asks for more")
+                raise RuntimeError(
+                    f"data: all train.epochs={self.cfg.train.epochs} epochs of "
+                    f"{self.per_epoch} samples are used; train.train_steps asks for more"
+                )
             self.pos, self._it = DataPosition(self.pos.epoch + 1, 0, self.pos.source_tokens), None
         micro = self._fetch() if self.reader else []
         stats = self._stats(micro)
@@ -98,34 +106,37 @@ class DataFeed:
         elif micro:
             last = micro[-1]
             at = 1 + 2 * n_obj + self.n_sources + 2 * self.dp_rank
-            out[at:at + 2] = int(last["unit_ordinal"][-1]), int(last["unit_index"][-1]) + 1
+            out[at : at + 2] = int(last["unit_ordinal"][-1]), int(last["unit_index"][-1]) + 1
         for b in micro or ():
             code = np.asarray(b["objective"], np.int64)
-            out[1:1 + n_obj] += np.bincount(code, np.asarray(b["n_masked"], np.float64), n_obj)
-            out[1 + n_obj:1 + 2 * n_obj] += np.bincount(code, np.asarray(b["n_maskable"], np.float64), n_obj)
-            out[1 + 2 * n_obj:1 + 2 * n_obj + self.n_sources] += np.asarray(b["source_tokens"], np.float64).sum(0)
+            out[1 : 1 + n_obj] += np.bincount(code, np.asarray(b["n_masked"], np.float64), n_obj)
+            out[1 + n_obj : 1 + 2 * n_obj] += np.bincount(code, np.asarray(b["n_maskable"], np.float64), n_obj)
+            out[1 + 2 * n_obj : 1 + 2 * n_obj + self.n_sources] += np.asarray(b["source_tokens"], np.float64).sum(0)
         return torch.from_numpy(out).to(self.device)
 
     def _record(self, stats: torch.Tensor) -> None:
         v = stats.cpu().numpy()
         n_obj = len(OBJECTIVES)
         end = 1 + 2 * n_obj + self.n_sources
-        masked, maskable, src = v[1:1 + n_obj], v[1 + n_obj:1 + 2 * n_obj], v[1 + 2 * n_obj:end]
+        masked, maskable, src = v[1 : 1 + n_obj], v[1 + n_obj : 1 + 2 * n_obj], v[1 + 2 * n_obj : end]
         tokens = tuple(int(a + b) for a, b in zip(self.pos.source_tokens, src))
         shards = tuple((int(v[end + 2 * r]), int(v[end + 2 * r + 1])) for r in range(self.dp_size))
         self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch, tokens, self.dp_size, shards)
-        self.step_stats = {f"mask_fraction/{name}": masked[i] / maskable[i]
-                           for i, name in enumerate(OBJECTIVES) if maskable[i] > 0}
+        self.step_stats = {
+            f"mask_fraction/{name}": masked[i] / maskable[i] for i, name in enumerate(OBJECTIVES) if maskable[i] > 0
+        }
         self.step_stats.update(passes(self.plan, tokens))
 
     def _dry_message(self) -> str:
         t, S = self.cfg.train, self.cfg.data.seq_length
-        return (f"data: epoch {self.pos.epoch} of the stream ran dry after {self.pos.index} samples "
-                f"({self.pos.index // self.global_batch} steps of train.global_batch_size={self.global_batch}); "
-                f"train.train_steps={t.train_steps} over train.epochs={t.epochs} needs {self.per_epoch} samples "
-                f"({self.per_epoch * S:,} tokens at data.seq_length={S}) of unique data per epoch. Add data to "
-                f"data.sources, lower train.train_steps, or raise train.epochs to repeat the data on purpose "
-                f"(`cglab plan` shows the data available against what a run needs)")
+        return (
+            f"data: epoch {self.pos.epoch} of the stream ran dry after {self.pos.index} samples "
+            f"({self.pos.index // self.global_batch} steps of train.global_batch_size={self.global_batch}); "
+            f"train.train_steps={t.train_steps} over train.epochs={t.epochs} needs {self.per_epoch} samples "
+            f"({self.per_epoch * S:,} tokens at data.seq_length={S}) of unique data per epoch. Add data to "
+            f"data.sources, lower train.train_steps, or raise train.epochs to repeat the data on purpose "
+            f"(`cglab plan` shows the data available against what a run needs)"
+        )
 
     def _broadcast(self, micro: list[dict]) -> list[dict]:
         n, b, s = self.n_micro, self.mb, self.cfg.data.seq_length
@@ -147,5 +158,4 @@ class DataFeed:
 def passes(plan, source_tokens) -> dict[str, float]:
     """`data/passes/<source>`: tokens read from each source so far over the tokens the source holds (the run
     plan's count, DataPlan.tokens_available; sources without a count are left out)."""
-    return {f"data/passes/{s.name}": n / a
-            for s, n, a in zip(plan.sources, source_tokens, plan.tokens_available) if a}
+    return {f"data/passes/{s.name}": n / a for s, n, a in zip(plan.sources, source_tokens, plan.tokens_available) if a}

@@ -1,4 +1,5 @@
 """Model FLOPs and MFU, by the same formula as design.md §3 (and the benchmarks)."""
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def model_tflops(tokens_per_s: float, m: ModelConfig, seq_len: int, num_gpus: in
     return tokens_per_s * flops_per_token(m, seq_len) / num_gpus / 1e12
 
 
-def mfu(tokens_per_s: float, m: ModelConfig, seq_len: int, num_gpus: int = 1,
-        peak_tflops: float | None = None) -> float | None:
+def mfu(
+    tokens_per_s: float, m: ModelConfig, seq_len: int, num_gpus: int = 1, peak_tflops: float | None = None
+) -> float | None:
     """Model FLOPs utilisation, cglab's one definition (the live `mfu` metric, the benchmark tables, the README):
     model FLOP/s per GPU (`flops_per_token`, design.md §3) over the datasheet dense bf16 tensor-core peak
     (`PEAK_BF16_TFLOPS`: 989 TFLOP/s on an H100 SXM), as Megatron and torchtitan report it. peak_tflops: the

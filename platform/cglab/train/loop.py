@@ -6,6 +6,7 @@ The loop is fixed; everything around a step (throughput and MFU, checkpoints, th
 for tests) is a callback (train/callbacks.py), in the order `_callbacks` sets. The data each step trains on comes
 from the feed (train/feed.py): identical on every model-parallel peer, its position part of the checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,12 @@ class WorkerInputs:
 def worker_loop(inp: WorkerInputs) -> None:
     """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps."""
     cfg, t, p = inp.cfg, inp.cfg.train, inp.cfg.parallel
-    init_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed,
-                  device=ray.train.torch.get_device().index if p.use_gpu else None)
+    init_parallel(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        seed=t.seed,
+        device=ray.train.torch.get_device().index if p.use_gpu else None,
+    )
     state = build_train_state(cfg, lr_decay_steps=t.train_steps)  # decay over the whole budget (lesson 5)
     step, pos, resumed_from = _resume(state, inp.run_dir)
     feed = DataFeed(cfg, inp.plan, pos)
@@ -71,7 +76,7 @@ def _resume(state: TrainState, run_dir: str | None) -> tuple[int, DataPosition, 
     """Load the newest complete checkpoint, from Ray Train's or the run directory's (a worker killed right after
     reporting can leave one Ray does not hand back); (0, start of the data, None) when there is none."""
     ckpt = ray.train.get_checkpoint()
-    with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as d:
+    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
         good = checkpoint.newest_complete(d, run_dir)
         if good is None:
             return 0, DataPosition(), None
@@ -84,12 +89,18 @@ def _callbacks(inp: WorkerInputs, state: TrainState, feed: DataFeed) -> cb.Callb
     checkpoint (its time is a metric), then the sinks; the Ray Train report, which takes the checkpoint, last."""
     cfg, rank = inp.cfg, dist.get_rank()
     run_dir = Path(inp.run_dir) if inp.run_dir else None
-    return cb.Callbacks([
-        *([cb.FaultInjection(inp.fault)] if inp.fault else []),
-        cb.Throughput(cfg),
-        cb.Checkpointer(cfg, state, feed, inp.plan.tokenizer_json),
-        cb.MlflowMetrics(inp.mlflow, rank),
-        *([cb.History(run_dir / "metrics.jsonl")] if rank == 0 and run_dir is not None and run_dir.is_dir() else []),
-        cb.Prometheus(cfg, inp.name, rank),
-        cb.RayReport(cfg.train.log_every),
-    ])
+    return cb.Callbacks(
+        [
+            *([cb.FaultInjection(inp.fault)] if inp.fault else []),
+            cb.Throughput(cfg),
+            cb.Checkpointer(cfg, state, feed, inp.plan.tokenizer_json),
+            cb.MlflowMetrics(inp.mlflow, rank),
+            *(
+                [cb.History(run_dir / "metrics.jsonl")]
+                if rank == 0 and run_dir is not None and run_dir.is_dir()
+                else []
+            ),
+            cb.Prometheus(cfg, inp.name, rank),
+            cb.RayReport(cfg.train.log_every),
+        ]
+    )

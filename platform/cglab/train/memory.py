@@ -15,6 +15,7 @@ What Megatron-Core holds on the busiest rank of a TP x PP x DP run as cglab buil
   loss (10 bytes per element at bf16).
 Not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, torch.compile workspaces.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,17 +62,26 @@ def memory_gib(cfg: CGLabConfig, attention_backend: str) -> dict:
         n = params[stage]
         opt = n * (12 if bf16 else 8) / (dp if p.distributed_optimizer else 1)
         acts = layers * per_layer * (in_flight if stage == "first" else 1)
-        parts = {"weights": n * (2 if bf16 else 4), "grads": n * 4, "optimizer": opt, "activations": acts,
-                 "logits": logits if stage == "last" else 0.0}
+        parts = {
+            "weights": n * (2 if bf16 else 4),
+            "grads": n * 4,
+            "optimizer": opt,
+            "activations": acts,
+            "logits": logits if stage == "last" else 0.0,
+        }
         return {k: v / GIB for k, v in parts.items()}
 
     stages = {k: total_for(k) for k in ("first", "last")}
     busiest = max(stages, key=lambda k: sum(stages[k].values()))
     out = {k: round(v, 3) for k, v in stages[busiest].items()}
     out["total"] = round(sum(stages[busiest].values()), 3)
-    out.update(unit="GiB", stage=busiest if pp > 1 else "only", params_per_gpu=params[busiest],
-               micro_batches_in_flight=in_flight if busiest == "first" else 1,
-               method="Megatron-Core states (bf16 weights, fp32 main grads, fp32 Adam + main params, ZeRO-1 with "
-                      "the distributed optimizer) + activations by Korthikanti et al. 2022; excludes the CUDA "
-                      "context and allocator slack")
+    out.update(
+        unit="GiB",
+        stage=busiest if pp > 1 else "only",
+        params_per_gpu=params[busiest],
+        micro_batches_in_flight=in_flight if busiest == "first" else 1,
+        method="Megatron-Core states (bf16 weights, fp32 main grads, fp32 Adam + main params, ZeRO-1 with "
+        "the distributed optimizer) + activations by Korthikanti et al. 2022; excludes the CUDA "
+        "context and allocator slack",
+    )
     return out

@@ -13,6 +13,7 @@ should know about; `errors` are what a run refuses. The attention, fusion and Ad
 trial run `plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as
 `plan.json`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,10 @@ def max_concurrent(per_trial: dict[str, float], cluster: dict[str, float], n_tri
             continue
         have = cluster.get(k, 0.0)
         if have + 1e-9 < need:
-            raise ConfigError(f"one trial needs {need:g} {k} (parallel.* x workers + driver) but the Ray "
-                              f"cluster has {have:g}; use a smaller preset or a bigger cluster")
+            raise ConfigError(
+                f"one trial needs {need:g} {k} (parallel.* x workers + driver) but the Ray "
+                f"cluster has {have:g}; use a smaller preset or a bigger cluster"
+            )
         fits.append(int((have + 1e-9) // need))
     return max(1, min([n_trials, *fits]))
 
@@ -115,7 +118,7 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
         read = Counter()
         kept: list[str] = []
         n_files = 0
-        for i, f in enumerate(src.files):
+        for i in range(len(src.files)):
             if n_files and (len(kept) >= max_docs or sum(sizes[:i]) >= max_bytes):
                 break
             n_files += 1
@@ -130,16 +133,30 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
         scale = sum(sizes) / scanned if scanned else 1.0
         exact = n_files == len(src.files)
         dup = len(kept) - len(set(content_hashes(kept)))
-        entries.append({
-            "name": src.name, "kind": src.kind, "files": len(src.files), "bytes": sum(sizes),
-            "scanned": {"files": n_files, "bytes": scanned, "kept": len(kept), "skipped": dict(read),
-                        "exact_duplicates": dup},
-            "documents": round(len(kept) * scale), "tokens": round(int(flat.size) * scale),
-            "tokens_per_document": round(flat.size / len(kept), 1) if kept else 0.0,
-            "method": ("exact: every file read through the training readers and filters" if exact else
-                       f"extrapolated by file size from the first {n_files} of {len(src.files)} files "
-                       f"({scanned:,} of {sum(sizes):,} bytes) read through the training readers and filters"),
-        })
+        entries.append(
+            {
+                "name": src.name,
+                "kind": src.kind,
+                "files": len(src.files),
+                "bytes": sum(sizes),
+                "scanned": {
+                    "files": n_files,
+                    "bytes": scanned,
+                    "kept": len(kept),
+                    "skipped": dict(read),
+                    "exact_duplicates": dup,
+                },
+                "documents": round(len(kept) * scale),
+                "tokens": round(int(flat.size) * scale),
+                "tokens_per_document": round(flat.size / len(kept), 1) if kept else 0.0,
+                "method": (
+                    "exact: every file read through the training readers and filters"
+                    if exact
+                    else f"extrapolated by file size from the first {n_files} of {len(src.files)} files "
+                    f"({scanned:,} of {sum(sizes):,} bytes) read through the training readers and filters"
+                ),
+            }
+        )
         docs.append(ids)
     return Scan(entries, docs, tok)
 
@@ -203,20 +220,37 @@ def _mask_fractions(cfg: CGLabConfig, scan: Scan, windows, warnings: list[str]) 
     sp = scan.tokenizer.specials
     for c in settings:
         if c.spans_needed(S) > len(sp.masks):
-            out.append({"objective": c.name, "target": round(c.mean_ratio, 4), "realised": None,
-                        "note": "not measured: too few sentinels (see errors)"})
+            out.append(
+                {
+                    "objective": c.name,
+                    "target": round(c.mean_ratio, 4),
+                    "realised": None,
+                    "note": "not measured: too few sentinels (see errors)",
+                }
+            )
             continue
         rngs = [np.random.default_rng([cfg.data.seed, 0, i]) for i in range(len(tok))]
-        res = objectives.span_corruption(tok, seg, sp, rngs, S, ratio=c.ratio, span_len=c.span_len,
-                                         file_level=o.corruption == "file_level")
+        res = objectives.span_corruption(
+            tok, seg, sp, rngs, S, ratio=c.ratio, span_len=c.span_len, file_level=o.corruption == "file_level"
+        )
         realised = float(res["n_masked"].sum() / max(1, res["n_maskable"].sum()))
         ok = abs(realised - c.mean_ratio) <= MASK_TOLERANCE * c.mean_ratio
-        out.append({"objective": c.name, "label": c.label, "corruption": o.corruption,
-                    "target": round(c.mean_ratio, 4), "realised": round(realised, 4), "within_10pct": ok,
-                    "windows": int(len(tok))})
+        out.append(
+            {
+                "objective": c.name,
+                "label": c.label,
+                "corruption": o.corruption,
+                "target": round(c.mean_ratio, 4),
+                "realised": round(realised, 4),
+                "within_10pct": ok,
+                "windows": int(len(tok)),
+            }
+        )
         if not ok:
-            warnings.append(f"mask_fraction: {c.label} realises {realised:.3f} of the tokens, its mean drawn "
-                            f"ratio is {c.mean_ratio:.3f} (data.seq_length={S})")
+            warnings.append(
+                f"mask_fraction: {c.label} realises {realised:.3f} of the tokens, its mean drawn "
+                f"ratio is {c.mean_ratio:.3f} (data.seq_length={S})"
+            )
     return out
 
 
@@ -232,10 +266,13 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
     w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
     tpd = np.array([e["tokens_per_document"] for e in scan.entries], float)
     share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
-    needed = {"sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
-              "samples_per_epoch": per_epoch, "epochs": t.epochs,
-              "raw_tokens_per_window": round(fill, 1),
-              "unique_tokens_per_epoch": round(raw_per_epoch)}
+    needed = {
+        "sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
+        "samples_per_epoch": per_epoch,
+        "epochs": t.epochs,
+        "raw_tokens_per_window": round(fill, 1),
+        "unique_tokens_per_epoch": round(raw_per_epoch),
+    }
     passes = {}
     for e, s in zip(scan.entries, share):
         if s <= 0:
@@ -243,10 +280,12 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
         need_s = raw_per_epoch * s
         passes[e["name"]] = round(t.epochs * need_s / e["tokens"], 3) if e["tokens"] else math.inf
         if need_s > e["tokens"]:
-            errors.append(f"data: an epoch of train.train_steps={t.train_steps} / train.epochs={t.epochs} reads "
-                          f"~{need_s:,.0f} tokens of source {e['name']!r}, which holds ~{e['tokens']:,} after "
-                          f"filters ({e['method'].split(':')[0]}); the stream would run dry. Add data, lower "
-                          f"train.train_steps, or raise train.epochs to repeat it on purpose")
+            errors.append(
+                f"data: an epoch of train.train_steps={t.train_steps} / train.epochs={t.epochs} reads "
+                f"~{need_s:,.0f} tokens of source {e['name']!r}, which holds ~{e['tokens']:,} after "
+                f"filters ({e['method'].split(':')[0]}); the stream would run dry. Add data, lower "
+                f"train.train_steps, or raise train.epochs to repeat it on purpose"
+            )
     if t.epochs == 1 and any(v > 0.999 for v in passes.values()) and not errors:
         warnings.append("data: the run reads nearly all of a source once; dedup or filters may leave too little")
     return {"sources": scan.entries}, needed, passes
@@ -256,13 +295,25 @@ def _sentinels(cfg: CGLabConfig, scan: Scan | None, errors: list[str]) -> dict:
     S = cfg.data.seq_length
     need = {c.name: c.spans_needed(S) for c in cfg.objective.corrupting()}
     have = len(scan.tokenizer.specials.masks) if scan is not None else cfg.data.num_sentinels
-    return {"needed": max(need.values(), default=0), "per_objective": need, "available": have,
-            "configured": cfg.data.num_sentinels}
+    return {
+        "needed": max(need.values(), default=0),
+        "per_objective": need,
+        "available": have,
+        "configured": cfg.data.num_sentinels,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- assembly
-def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan | None = None,
-             driver_cpus: float = 0.0, data_cpus: float = 0.0, n_trials: int = 1) -> dict:
+def plan_run(
+    cfg: CGLabConfig,
+    *,
+    tokenizer=None,
+    te: str = "auto",
+    scan: Scan | None = None,
+    driver_cpus: float = 0.0,
+    data_cpus: float = 0.0,
+    n_trials: int = 1,
+) -> dict:
     """Everything the run `cfg` decides at start, with its warnings and errors (cross-field config errors too)."""
     from cglab.decisions import Machine, RunDecisions  # imports torch: kept off `cglab --help`'s path
     from cglab.train import pretrained
@@ -278,16 +329,22 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
     sections = decisions.plan_sections(cfg)
     att = sections["attention_backend"]
     if att["backend"] == "te":
-        warnings.append("attention_backend: Transformer Engine has never been measured here (no TE run in "
-                        "benchmarks/results); its numbers and masks are unverified")
+        warnings.append(
+            "attention_backend: Transformer Engine has never been measured here (no TE run in "
+            "benchmarks/results); its numbers and masks are unverified"
+        )
     out: dict[str, Any] = {
         "init_from": pretrained.plan_entry(cfg, errors, warnings),  # where the weights come from
         **sections,
         "precision": cfg.train.precision,
-        "parallel": {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
-                     "dp": cfg.parallel.data_parallel_size, "world_size": cfg.world_size,
-                     "micro_batches_per_step": cfg.train.global_batch_size // (
-                         cfg.train.micro_batch_size * cfg.parallel.data_parallel_size)},
+        "parallel": {
+            "tp": cfg.parallel.tensor_model_parallel_size,
+            "pp": cfg.parallel.pipeline_model_parallel_size,
+            "dp": cfg.parallel.data_parallel_size,
+            "world_size": cfg.world_size,
+            "micro_batches_per_step": cfg.train.global_batch_size
+            // (cfg.train.micro_batch_size * cfg.parallel.data_parallel_size),
+        },
         "resources": _resources(cfg, driver_cpus, data_cpus, n_trials),
     }
     if scan is None and cfg.data.sources:
@@ -298,11 +355,15 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
     if scan is not None:
         vocab = scan.tokenizer.vocab_size
         if vocab > cfg.model.vocab_size:
-            errors.append(f"data.tokenizer.vocab_size: the tokenizer has {vocab} tokens, more than "
-                          f"model.vocab_size={cfg.model.vocab_size}")
+            errors.append(
+                f"data.tokenizer.vocab_size: the tokenizer has {vocab} tokens, more than "
+                f"model.vocab_size={cfg.model.vocab_size}"
+            )
         elif vocab < 0.9 * cfg.model.vocab_size:
-            warnings.append(f"data.tokenizer: {vocab} tokens for model.vocab_size={cfg.model.vocab_size}: "
-                            f"{cfg.model.vocab_size - vocab} embedding rows are never trained")
+            warnings.append(
+                f"data.tokenizer: {vocab} tokens for model.vocab_size={cfg.model.vocab_size}: "
+                f"{cfg.model.vocab_size - vocab} embedding rows are never trained"
+            )
         windows = _windows(cfg, scan, MASK_WINDOWS)
         out["data"], out["tokens_needed"], out["passes"] = _data(cfg, scan, windows, errors, warnings)
         out["mask_fraction"] = _mask_fractions(cfg, scan, windows, warnings)
@@ -312,8 +373,10 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
     out["sentinels"] = _sentinels(cfg, scan, errors)
     out["memory_gb"] = memory_gib(cfg, att["backend"])
     if target.cuda and out["memory_gb"]["total"] > GPU_MEMORY_GIB:
-        warnings.append(f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
-                        f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size or raise TP/PP")
+        warnings.append(
+            f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
+            f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size or raise TP/PP"
+        )
     out["warnings"], out["errors"] = warnings, errors
     return out
 
@@ -321,19 +384,23 @@ def plan_run(cfg: CGLabConfig, *, tokenizer=None, te: str = "auto", scan: Scan |
 def refuse(plan: dict, what: str = "run") -> None:
     """Raise ConfigError listing the plan's errors (what a run refuses), if any."""
     if plan["errors"]:
-        raise ConfigError(f"the {what} would be refused (`cglab plan` shows the whole plan):\n  "
-                          + "\n  ".join(plan["errors"]))
+        raise ConfigError(
+            f"the {what} would be refused (`cglab plan` shows the whole plan):\n  " + "\n  ".join(plan["errors"])
+        )
 
 
 # ---------------------------------------------------------------------------------------------- printing
 def text(plan: dict) -> str:
     """A plan as an indented table a person reads top to bottom."""
     if "trials" in plan:
-        head = [f"lesson {plan['lesson']} ({plan['experiment']}), preset {plan['preset']}: "
-                f"{len(plan['trials'])} trials"]
-        body = [f"\n== {t['variant']} seed {t['seed']}\n" + text({k: v for k, v in t.items()
-                                                                  if k not in ("variant", "seed")})
-                for t in plan["trials"]]
+        head = [
+            f"lesson {plan['lesson']} ({plan['experiment']}), preset {plan['preset']}: {len(plan['trials'])} trials"
+        ]
+        body = [
+            f"\n== {t['variant']} seed {t['seed']}\n"
+            + text({k: v for k, v in t.items() if k not in ("variant", "seed")})
+            for t in plan["trials"]
+        ]
         return "\n".join(head + body)
     lines = []
     for key, value in plan.items():

@@ -15,6 +15,7 @@ the released weights, not the whole model. A cglab checkpoint is read with Megat
 run's own sharded state dict, which reshards any TP x PP layout the checkpoint was written with; only the model is
 read, so the optimizer, the LR schedule and the data position start fresh.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,32 @@ from typing import Any
 import torch
 
 from cglab.config import CGLabConfig, ConfigError, ModelConfig
+
 # The tokenizer that comes with the weights is a data concern (prepare_data loads it): defined in data.tokenizer.
-from cglab.data.tokenizer import (CKPT_STATE, HF_CONFIG, INIT_FROM, added_tokens, load_tokenizer,  # noqa: F401
-                                  tokenizer_file, weights_tokenizer)
+from cglab.data.tokenizer import (
+    CKPT_STATE,
+    HF_CONFIG,
+    INIT_FROM,
+    added_tokens,
+    load_tokenizer,  # noqa: F401
+    some_tokens,
+    tokenizer_file,
+    weights_tokenizer,
+)
 
 FIELD = INIT_FROM
 # In the order transformers prefers them; the index files name the shards of a split checkpoint.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The ModelConfig fields the weights fix, with HF CodeGen's config.json name for each.
-SHAPE = {"num_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head", "rotary_dim": "rotary_dim",
-         "vocab_size": "vocab_size", "ffn_hidden_size": "n_inner", "layernorm_epsilon": "layer_norm_epsilon"}
+SHAPE = {
+    "num_layers": "n_layer",
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "rotary_dim": "rotary_dim",
+    "vocab_size": "vocab_size",
+    "ffn_hidden_size": "n_inner",
+    "layernorm_epsilon": "layer_norm_epsilon",
+}
 
 
 @dataclass(frozen=True)
@@ -63,8 +80,10 @@ def inspect(path: str | Path) -> Source:
         return _inspect_cglab(d)
     if (d / HF_CONFIG).is_file():
         return _inspect_hf(d)
-    raise ConfigError(f"{FIELD}: {d} is neither a HF CodeGen directory ({HF_CONFIG} + weights) nor a cglab "
-                      f"checkpoint ({CKPT_STATE}); for a run directory, name one of its checkpoint_* directories")
+    raise ConfigError(
+        f"{FIELD}: {d} is neither a HF CodeGen directory ({HF_CONFIG} + weights) nor a cglab "
+        f"checkpoint ({CKPT_STATE}); for a run directory, name one of its checkpoint_* directories"
+    )
 
 
 def _inspect_hf(d: Path) -> Source:
@@ -73,14 +92,20 @@ def _inspect_hf(d: Path) -> Source:
     except ValueError as err:
         raise ConfigError(f"{FIELD}: {d / HF_CONFIG} is not valid JSON ({err})") from None
     if hc.get("model_type") != "codegen":
-        raise ConfigError(f"{FIELD}: {d / HF_CONFIG} has model_type={hc.get('model_type')!r}; only HF CodeGen "
-                          f"(CodeGenForCausalLM, model_type 'codegen') weights can be converted")
+        raise ConfigError(
+            f"{FIELD}: {d / HF_CONFIG} has model_type={hc.get('model_type')!r}; only HF CodeGen "
+            f"(CodeGenForCausalLM, model_type 'codegen') weights can be converted"
+        )
     if hc.get("activation_function", "gelu_new") != "gelu_new":
-        raise ConfigError(f"{FIELD}: {d / HF_CONFIG} has activation_function={hc['activation_function']!r}; "
-                          f"cglab's CodeGen block is gelu_new (tanh)")
+        raise ConfigError(
+            f"{FIELD}: {d / HF_CONFIG} has activation_function={hc['activation_function']!r}; "
+            f"cglab's CodeGen block is gelu_new (tanh)"
+        )
     if hc.get("rotary_dim") is None:
-        raise ConfigError(f"{FIELD}: {d / HF_CONFIG} has no rotary_dim (HF then rotates all of n_embd); "
-                          f"cglab supports partial rotary within a head only")
+        raise ConfigError(
+            f"{FIELD}: {d / HF_CONFIG} has no rotary_dim (HF then rotates all of n_embd); "
+            f"cglab supports partial rotary within a head only"
+        )
     files = [f for f in HF_WEIGHTS if (d / f).is_file()]
     if not files:
         raise ConfigError(f"{FIELD}: {d} has {HF_CONFIG} but no weights (looked for {', '.join(HF_WEIGHTS)})")
@@ -88,8 +113,7 @@ def _inspect_hf(d: Path) -> Source:
     shape["ffn_hidden_size"] = shape["ffn_hidden_size"] or 4 * shape["hidden_size"]
     shape["layernorm_epsilon"] = shape["layernorm_epsilon"] if shape["layernorm_epsilon"] is not None else 1e-5
     tok = weights_tokenizer(d)
-    return Source(d, "hf", files[0], shape, tok if tok.is_file() else None,
-                  bool(hc.get("tie_word_embeddings", False)))
+    return Source(d, "hf", files[0], shape, tok if tok.is_file() else None, bool(hc.get("tie_word_embeddings", False)))
 
 
 def _inspect_cglab(d: Path) -> Source:
@@ -106,8 +130,10 @@ def _inspect_cglab(d: Path) -> Source:
         raise ConfigError(f"{FIELD}: {d / CKPT_STATE} has no readable model config ({err})") from None
     shape = {k: getattr(m, k) for k in SHAPE}
     shape["ffn_hidden_size"] = m.ffn_size
-    layout = (f"step {doc.get('step')}, written at TP{par.get('tensor_model_parallel_size', 1)} x "
-              f"PP{par.get('pipeline_model_parallel_size', 1)} by {manifest['world_size']} ranks")
+    layout = (
+        f"step {doc.get('step')}, written at TP{par.get('tensor_model_parallel_size', 1)} x "
+        f"PP{par.get('pipeline_model_parallel_size', 1)} by {manifest['world_size']} ranks"
+    )
     tok = weights_tokenizer(d)
     return Source(d, "cglab", layout, shape, tok if tok.is_file() else None)
 
@@ -122,11 +148,15 @@ def shape_errors(m: ModelConfig, src: Source) -> list[str]:
     for field, theirs in src.shape.items():
         if ours[field] != theirs:
             where = f"{HF_CONFIG} {SHAPE[field]}" if src.kind == "hf" else CKPT_STATE
-            errors.append(f"model.{field}: {ours[field]} in this config, but the weights of {FIELD}={src.path} have "
-                          f"{theirs} ({where}); set model.{field}={theirs}")
+            errors.append(
+                f"model.{field}: {ours[field]} in this config, but the weights of {FIELD}={src.path} have "
+                f"{theirs} ({where}); set model.{field}={theirs}"
+            )
     if src.kind == "hf" and m.num_attention_heads % MP_NUM:
-        errors.append(f"model.num_attention_heads: {m.num_attention_heads}; HF CodeGen's qkv_proj layout needs a "
-                      f"multiple of {MP_NUM}")
+        errors.append(
+            f"model.num_attention_heads: {m.num_attention_heads}; HF CodeGen's qkv_proj layout needs a "
+            f"multiple of {MP_NUM}"
+        )
     return errors
 
 
@@ -142,11 +172,13 @@ def plan_entry(cfg: CGLabConfig, errors: list[str], warnings: list[str]) -> dict
         return {"weights": f"{cfg.model.init_from} (unreadable, see errors)"}
     errors += shape_errors(cfg.model, src)
     p = cfg.parallel
-    out = {"weights": src.describe(),
-           "into": f"TP{p.tensor_model_parallel_size} x PP{p.pipeline_model_parallel_size}, "
-                   + ("converted from HF's layout and " if src.kind == "hf" else "")
-                   + "sharded as each worker builds its model",
-           "fresh": "optimizer state, LR schedule (warmup from 0), data position (step 0)"}
+    out = {
+        "weights": src.describe(),
+        "into": f"TP{p.tensor_model_parallel_size} x PP{p.pipeline_model_parallel_size}, "
+        + ("converted from HF's layout and " if src.kind == "hf" else "")
+        + "sharded as each worker builds its model",
+        "fresh": "optimizer state, LR schedule (warmup from 0), data position (step 0)",
+    }
     try:
         found, tok = tokenizer_file(cfg), load_tokenizer(cfg)
     except ConfigError:
@@ -154,8 +186,10 @@ def plan_entry(cfg: CGLabConfig, errors: list[str], warnings: list[str]) -> dict
     out["tokenizer"] = f"{found[1]} ({found[0]})"
     added = added_tokens(found[1], tok) if found[0] == FIELD else []
     if added:
-        warnings.append(f"{FIELD}: {len(added)} tokens added to the weights' tokenizer for cglab's data contract "
-                        f"({_some(added)}); their embedding rows were not trained for them")
+        warnings.append(
+            f"{FIELD}: {len(added)} tokens added to the weights' tokenizer for cglab's data contract "
+            f"({some_tokens(added)}); their embedding rows were not trained for them"
+        )
     return out
 
 
@@ -203,12 +237,12 @@ def _hf_local(src: Source, m: ModelConfig, model: torch.nn.Module) -> dict[str, 
 class _StageView:
     """HF keys with the layers renumbered: transformer.h.i here is transformer.h.(first + i) in the weights."""
 
-    def __init__(self, tensors: "HFTensors", first: int):
+    def __init__(self, tensors: HFTensors, first: int):
         self.tensors, self.first = tensors, first
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key.startswith("transformer.h."):
-            i, rest = key[len("transformer.h."):].split(".", 1)
+            i, rest = key[len("transformer.h.") :].split(".", 1)
             key = f"transformer.h.{int(i) + self.first}.{rest}"
         return self.tensors[key]
 

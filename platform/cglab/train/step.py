@@ -5,6 +5,7 @@ Losses are summed per token (`calculate_per_token_loss`) and Megatron's `finaliz
 gradients by the number of loss tokens of the whole global batch, so TP, PP, DP and gradient accumulation all give
 the loss of the same token-weighted mean.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cglab import compat
 from cglab.compat.adam import built_adam
-from cglab.compat.gradscale import GradFold, step as folded_step
+from cglab.compat.gradscale import GradFold
+from cglab.compat.gradscale import step as folded_step
 from cglab.config import CGLabConfig, ModelConfig
 from cglab.data.contract import OBJECTIVES  # index = a sample's `objective` code
 from cglab.decisions import RunDecisions
-from cglab.train import pretrained
 from cglab.model.codegen import batch_mask, build_model
+from cglab.train import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,9 @@ class TrainState:
     grad_fold: GradFold | None = None  # train.fold_grad_scale: the deferred 1/tokens factor
 
 
-def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None,
-                      decisions: RunDecisions | None = None) -> TrainState:
+def build_train_state(
+    cfg: CGLabConfig, lr_decay_steps: int | None = None, decisions: RunDecisions | None = None
+) -> TrainState:
     """decisions: the run's, resolved once (None: for cfg on this machine, here); a refused one raises ConfigError
     before anything is built."""
     d = (decisions or RunDecisions.resolve(cfg)).require()
@@ -58,28 +61,48 @@ def build_train_state(cfg: CGLabConfig, lr_decay_steps: int | None = None,
 
         model = Float16Module(tc, model)
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
     model = DistributedDataParallel(tc, ddp_cfg, model)
     t = cfg.train
     opt_cfg = OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2, clip_grad=t.grad_clip, bf16=bf16, params_dtype=tc.params_dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.grad_clip,
+        bf16=bf16,
+        params_dtype=tc.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
     compat.apply("foreach")  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
     plan = d.adam
     built = built_adam(optimizer)
     if built != plan.impl:  # the fold decision rests on the Adam Megatron builds; it must be the one decided on
-        raise RuntimeError(f"Megatron-Core built {built}'s Adam, the run decided for {plan.impl}'s "
-                           "(cglab.compat.adam.megatron_adam_impl no longer predicts it)")
-    fold = compat.apply_to_optimizer([model], optimizer, fused_adam=plan.fused and plan.impl == "torch",
-                                     fold=plan.fold)
+        raise RuntimeError(
+            f"Megatron-Core built {built}'s Adam, the run decided for {plan.impl}'s "
+            "(cglab.compat.adam.megatron_adam_impl no longer predicts it)"
+        )
+    fold = compat.apply_to_optimizer([model], optimizer, fused_adam=plan.fused and plan.impl == "torch", fold=plan.fold)
     decay = lr_decay_steps or t.train_steps
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(decay, t.warmup_steps + 1), lr_decay_style="cosine",
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0 if t.warmup_steps else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=max(decay, t.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
     return TrainState([model], optimizer, scheduler, d, fold)
 
 
@@ -147,9 +170,16 @@ def forward_backward(state: TrainState, cfg: CGLabConfig, micro_batches: list[di
     # autograd would then add the next step's first micro-batch into it before DDP's hook adds it again (2 g1 + g2).
     state.optimizer.zero_grad()
     backend = state.decisions.model.attention_backend
-    return fb(forward_step_func=partial(_forward_step, m, backend), data_iterator=iter(stage), model=state.model,
-              num_microbatches=len(stage), seq_length=s, micro_batch_size=bsz, decoder_seq_length=s,
-              forward_only=forward_only)
+    return fb(
+        forward_step_func=partial(_forward_step, m, backend),
+        data_iterator=iter(stage),
+        model=state.model,
+        num_microbatches=len(stage),
+        seq_length=s,
+        micro_batch_size=bsz,
+        decoder_seq_length=s,
+        forward_only=forward_only,
+    )
 
 
 def reduce_stats(stats: list[dict]) -> dict[str, float]:

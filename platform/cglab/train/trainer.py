@@ -2,6 +2,7 @@
 
 `fit(cfg, ...)` is what `cglab train`, `jobs/pretrain.py` and every Tune trial call.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,15 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     start_local(max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab-train", mlflow=None,
-        fault: dict | None = None, run_plan: dict | None = None) -> dict:
+def fit(
+    cfg: CGLabConfig,
+    *,
+    storage_path: str | None = None,
+    name: str = "cglab-train",
+    mlflow=None,
+    fault: dict | None = None,
+    run_plan: dict | None = None,
+) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
     Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.train.plan.plan_run` (or
@@ -44,9 +52,9 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
-    from cglab.train.plan import plan_run, refuse, write_json
     from cglab.train.callbacks import Fault
     from cglab.train.loop import WorkerInputs, worker_loop
+    from cglab.train.plan import plan_run, refuse, write_json
 
     storage = str(Path(storage_path or ".cglab/runs").resolve())
     run_dir = Path(storage) / name
@@ -65,13 +73,17 @@ def fit(cfg: CGLabConfig, *, storage_path: str | None = None, name: str = "cglab
     per_worker = {"CPU": p.cpus_per_worker}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config=WorkerInputs(cfg=cfg, plan=plan, run_dir=str(run_dir), mlflow=mlflow, name=name,
-                                       fault=Fault(**fault) if fault else None),
+        train_loop_config=WorkerInputs(
+            cfg=cfg, plan=plan, run_dir=str(run_dir), mlflow=mlflow, name=name, fault=Fault(**fault) if fault else None
+        ),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
+        ),
     )
     result = trainer.fit()
     out = dict(result.metrics or {})

@@ -24,6 +24,7 @@ prefix-LM included: only the infill score reads its prompt as a prefix.
 Scoring windows are `data.seq_length` long: the model never saw positions beyond it in training, and every
 variant of a lesson is scored the same way.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -51,8 +52,7 @@ class CheckpointEval:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool, why: str = ""
-                 ) -> dict[str, str]:
+def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool, why: str = "") -> dict[str, str]:
     """Which texts each kind is scored on: {"nl": "heldout" | "builtin", "code": ...}. A kind without held-out
     documents falls back to `cglab.eval.nl.builtin_texts` only when `allow_builtin` (eval.allow_builtin_texts):
     those texts may be in the training data, and a lesson would rank its variants on memorised text.
@@ -65,7 +65,8 @@ def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool
             f"{f' ({why})' if why else ''}. They come from the last file of each data source with two or more "
             f"files (pile sources give NL, stack sources code); add such sources, or set "
             f"eval.allow_builtin_texts=true to score {' and '.join(missing)} on cglab.eval.nl.builtin_texts "
-            f"(stdlib docstrings, HumanEval solutions: possibly in the training data)")
+            f"(stdlib docstrings, HumanEval solutions: possibly in the training data)"
+        )
     return used
 
 
@@ -73,20 +74,25 @@ def text_tags(used: Mapping[str, str]) -> dict[str, str]:
     """Tags saying which texts a run was scored on: eval.texts (heldout | builtin | partial) and eval.heldout
     (per kind, e.g. "nl:heldout,code:builtin")."""
     kinds = set(used.values())
-    return {"eval.texts": kinds.pop() if len(kinds) == 1 else "partial",
-            "eval.heldout": ",".join(f"{k}:{v}" for k, v in used.items())}
+    return {
+        "eval.texts": kinds.pop() if len(kinds) == 1 else "partial",
+        "eval.heldout": ",".join(f"{k}:{v}" for k, v in used.items()),
+    }
 
 
 def sandbox_conditions(suite: str, result: Mapping) -> CheckpointEval:
     """The conditions of one pass@k result (`humaneval.evaluate`, `infill.evaluate`): programs per sandbox
     status as metrics eval/<suite>_{passed,failed,timed_out,sandbox_error}, the isolation mode as the tag
     eval/<suite>_isolation."""
-    return CheckpointEval({f"eval/{suite}_{status}": float(n) for status, n in result["statuses"].items()},
-                          {f"eval/{suite}_isolation": str(result["isolation"])})
+    return CheckpointEval(
+        {f"eval/{suite}_{status}": float(n) for status, n in result["statuses"].items()},
+        {f"eval/{suite}_isolation": str(result["isolation"])},
+    )
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str | None,
-                        code_path: str | None) -> CheckpointEval:
+def evaluate_checkpoint(
+    checkpoint: str | Path, cfg: CGLabConfig, nl_path: str | None, code_path: str | None
+) -> CheckpointEval:
     """Metrics of one trained checkpoint (a cglab checkpoint dir), keyed as the lessons expect, and the tags of
     their conditions (texts used per kind, sandbox isolation). A kind whose held-out path is None is scored on
     the built-in texts only if cfg.eval.allow_builtin_texts (else ConfigError, before any work)."""
@@ -107,19 +113,38 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: CGLabConfig, nl_path: str |
         for name, texts in (("nl", nl_texts), ("code", code_texts)):
             m = nl.lm_metrics(gen.score, texts)
             out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]
-        out["eval/infill_ppl"] = infill_perplexity(gen, infill_examples(code_texts, seed=cfg.data.seed), S,
-                                                   prefix_lm=cfg.model.architecture == "prefix_lm")["perplexity"]
+        out["eval/infill_ppl"] = infill_perplexity(
+            gen, infill_examples(code_texts, seed=cfg.data.seed), S, prefix_lm=cfg.model.architecture == "prefix_lm"
+        )["perplexity"]
         limits = Limits(timeout_s=ev.timeout_s)
         scored: list[tuple[str, dict]] = []
         if "humaneval" in ev.suites:
-            problems = dict(list(humaneval.load_problems().items())[:ev.limit])
-            samples = humaneval.generate_samples(gen, problems, n=ev.n_samples, temperature=ev.temperature,
-                                                 top_p=ev.top_p, max_new_tokens=ev.max_new_tokens)
+            problems = dict(list(humaneval.load_problems().items())[: ev.limit])
+            samples = humaneval.generate_samples(
+                gen,
+                problems,
+                n=ev.n_samples,
+                temperature=ev.temperature,
+                top_p=ev.top_p,
+                max_new_tokens=ev.max_new_tokens,
+            )
             scored.append(("humaneval", humaneval.evaluate(samples, problems, limits=limits)))
         if "infill" in ev.suites:
-            scored.append(("humaneval_infill", infill.evaluate(
-                gen, "single", limit=ev.limit, n=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
-                max_new_tokens=ev.max_new_tokens, limits=limits)))
+            scored.append(
+                (
+                    "humaneval_infill",
+                    infill.evaluate(
+                        gen,
+                        "single",
+                        limit=ev.limit,
+                        n=ev.n_samples,
+                        temperature=ev.temperature,
+                        top_p=ev.top_p,
+                        max_new_tokens=ev.max_new_tokens,
+                        limits=limits,
+                    ),
+                )
+            )
         for suite, r in scored:
             out[f"eval/{suite}_pass_at_1"] = r["pass@1"]
             cond = sandbox_conditions(suite, r)

@@ -7,6 +7,7 @@ paths, so the training stream never reads them) and writes `out_dir/nl.jsonl` (f
 whose content is byte-identical to a training document is dropped (the stdlib has many identical files), so
 the perplexities are really out-of-sample.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ def _docs(src, files: list[int], fcfg: FilterConfig):
                 yield r.text
 
 
-def split_sources(sources: list[dict[str, Any]] | list[SourceConfig], out_dir: str | Path, *,
-                  filters: FilterConfig | None = None, max_docs: int = 64) -> tuple[list[dict], HeldOut]:
+def split_sources(
+    sources: list[dict[str, Any]] | list[SourceConfig],
+    out_dir: str | Path,
+    *,
+    filters: FilterConfig | None = None,
+    max_docs: int = 64,
+) -> tuple[list[dict], HeldOut]:
     """(training sources as dicts, held-out files). Raises ConfigError when no source has two files."""
     cfgs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
     fcfg = filters or FilterConfig()

@@ -5,6 +5,7 @@ Each `Lesson` says what it varies, what it holds fixed, which metrics decide it 
 Unless the lesson is about compute (lesson 5), every variant of a lesson trains the same number of steps at
 the same global batch and sequence length, so compute (and tokens seen) is equal across variants.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,11 +62,11 @@ class Lesson:
         for v in self.variants:
             if v.name == name:
                 return v
-        raise KeyError(f"lesson {self.number} has no variant {name!r}; "
-                       f"choose one of {[v.name for v in self.variants]}")
+        raise KeyError(f"lesson {self.number} has no variant {name!r}; choose one of {[v.name for v in self.variants]}")
 
-    def config_for(self, variant: str, base: CGLabConfig, seed: int | None = None,
-                   cross_field: bool = True) -> CGLabConfig:
+    def config_for(
+        self, variant: str, base: CGLabConfig, seed: int | None = None, cross_field: bool = True
+    ) -> CGLabConfig:
         """The base config with the variant's overrides (and seed) applied, validated (cross-field constraints
         too unless cross_field=False)."""
         v = self.variant(variant)
@@ -79,11 +80,11 @@ class Lesson:
         except ConfigError as err:
             raise ConfigError(f"lesson {self.number} variant {variant!r}: {err}") from None
 
-    def configs(self, base: CGLabConfig, seeds: tuple[int, ...] | None = None) -> dict[tuple[str, int | None],
-                                                                                         CGLabConfig]:
+    def configs(
+        self, base: CGLabConfig, seeds: tuple[int, ...] | None = None
+    ) -> dict[tuple[str, int | None], CGLabConfig]:
         """Every (variant, seed) config, validated up front so a bad one fails before any trial starts."""
-        return {(v.name, s): self.config_for(v.name, base, s)
-                for v in self.variants for s in (seeds or (None,))}
+        return {(v.name, s): self.config_for(v.name, base, s) for v in self.variants for s in (seeds or (None,))}
 
 
 _FIXED_COMPUTE = ("train.train_steps", "train.global_batch_size", "data.seq_length", "model.*", "train.lr")
@@ -95,63 +96,99 @@ def build_lessons(infill_rate: float = 0.5) -> dict[int, Lesson]:
         "ul2": ("objective.kind=ul2",),
     }
     lesson1 = Lesson(
-        1, "prefix-lm", "Does a prefix-LM beat a causal decoder?",
+        1,
+        "prefix-lm",
+        "Does a prefix-LM beat a causal decoder?",
         variants=tuple(
             Variant(f"{arch}-{obj}", (f"model.architecture={arch}", *objectives[obj]))
-            for arch in ("causal", "prefix_lm") for obj in ("codegen2", "ul2")),
+            for arch in ("causal", "prefix_lm")
+            for obj in ("codegen2", "ul2")
+        ),
         fixed=_FIXED_COMPUTE + ("data.mixture", "objective.corruption"),
-        metrics=(Metric(CODE_PPL, "min", ("causal-codegen2", "causal-ul2")),
-                 Metric(PASS_AT_1, "max", ("causal-codegen2", "causal-ul2")),
-                 # The paper finds no consistent difference on infill: every variant would be "its best", a
-                 # verdict that could never disagree. Reported, not decided.
-                 Metric(INFILL_PPL, "min")),
+        metrics=(
+            Metric(CODE_PPL, "min", ("causal-codegen2", "causal-ul2")),
+            Metric(PASS_AT_1, "max", ("causal-codegen2", "causal-ul2")),
+            # The paper finds no consistent difference on infill: every variant would be "its best", a
+            # verdict that could never disagree. Reported, not decided.
+            Metric(INFILL_PPL, "min"),
+        ),
         finding="The prefix-LM gave no consistent gain over a causal decoder on left-to-right code "
-                "generation or infill, so the simpler causal decoder is kept.")
+        "generation or infill, so the simpler causal decoder is kept.",
+    )
     lesson2 = Lesson(
-        2, "infill", "Is infill a free lunch?",
-        variants=(Variant("clm", ("objective.kind=clm",)),
-                  Variant(f"infill-r{infill_rate:g}", ("objective.kind=infill",
-                                                       f"objective.infill_rate={infill_rate}"))),
+        2,
+        "infill",
+        "Is infill a free lunch?",
+        variants=(
+            Variant("clm", ("objective.kind=clm",)),
+            Variant(f"infill-r{infill_rate:g}", ("objective.kind=infill", f"objective.infill_rate={infill_rate}")),
+        ),
         fixed=_FIXED_COMPUTE + ("data.mixture", "model.architecture"),
-        metrics=(Metric(CODE_PPL, "min", ("clm",)),
-                 Metric(PASS_AT_1, "max", ("clm",)),
-                 Metric(INFILL_PPL, "min", (f"infill-r{infill_rate:g}",))),
+        metrics=(
+            Metric(CODE_PPL, "min", ("clm",)),
+            Metric(PASS_AT_1, "max", ("clm",)),
+            Metric(INFILL_PPL, "min", (f"infill-r{infill_rate:g}",)),
+        ),
         finding="Infill training is not a free lunch: at equal compute it costs some left-to-right "
-                "quality compared with pure causal LM, in exchange for the infill ability.")
+        "quality compared with pure causal LM, in exchange for the infill ability.",
+    )
     lesson3 = Lesson(
-        3, "objective", "Simple but carefully chosen objective",
+        3,
+        "objective",
+        "Simple but carefully chosen objective",
         # CLM corrupts nothing, so file- vs sequence-level corruption would give two identical runs.
-        variants=(Variant("clm", ("objective.kind=clm",)),) + tuple(
+        variants=(Variant("clm", ("objective.kind=clm",)),)
+        + tuple(
             Variant(f"{name}-{corr}", (*ovr, f"objective.corruption={corr}"))
-            for name, ovr in (("span_corruption", ("objective.kind=span_corruption",)),
-                              ("codegen2", objectives["codegen2"]))
-            for corr in ("file_level", "sequence_level")),
+            for name, ovr in (
+                ("span_corruption", ("objective.kind=span_corruption",)),
+                ("codegen2", objectives["codegen2"]),
+            )
+            for corr in ("file_level", "sequence_level")
+        ),
         fixed=_FIXED_COMPUTE + ("data.mixture", "model.architecture", "objective.mask_ratio_*"),
-        metrics=(Metric(CODE_PPL, "min", ("clm", "codegen2-file_level")),
-                 Metric(PASS_AT_1, "max", ("clm", "codegen2-file_level")),
-                 Metric(INFILL_PPL, "min", ("codegen2-file_level", "span_corruption-file_level"))),
+        metrics=(
+            Metric(CODE_PPL, "min", ("clm", "codegen2-file_level")),
+            Metric(PASS_AT_1, "max", ("clm", "codegen2-file_level")),
+            Metric(INFILL_PPL, "min", ("codegen2-file_level", "span_corruption-file_level")),
+        ),
         finding="Mixing causal LM (p=0.5) with file-level span corruption keeps left-to-right quality "
-                "competitive with pure causal LM while adding infill; file-level beats sequence-level.")
+        "competitive with pure causal LM while adding infill; file-level beats sequence-level.",
+    )
     lesson4 = Lesson(
-        4, "nl-pl-mix", "Mixing natural and programming language",
+        4,
+        "nl-pl-mix",
+        "Mixing natural and programming language",
         variants=tuple(Variant(m, (f"data.mixture={m}",)) for m in ("pl_only", "nl_only", "mix")),
         fixed=_FIXED_COMPUTE + ("objective.kind", "model.architecture"),
-        metrics=(Metric(CODE_PPL, "min", ("pl_only",)),
-                 Metric(NL_PPL, "min", ("nl_only",)),
-                 Metric(PASS_AT_1, "max", ("pl_only",))),
+        metrics=(
+            Metric(CODE_PPL, "min", ("pl_only",)),
+            Metric(NL_PPL, "min", ("nl_only",)),
+            Metric(PASS_AT_1, "max", ("pl_only",)),
+        ),
         finding="At equal compute a 50/50 NL+PL mixture is competitive on both domains but does not beat "
-                "the domain-specific model on its own domain.")
+        "the domain-specific model on its own domain.",
+    )
     lesson5 = Lesson(
-        5, "multi-epoch", "Multi-epoch training",
+        5,
+        "multi-epoch",
+        "Multi-epoch training",
         variants=tuple(Variant(f"epochs-{e}", (f"train.epochs={e}",), steps_multiplier=e) for e in (1, 2, 5)),
         # Unique tokens = base train_steps x global batch x seq; LR decays over all epochs' steps.
-        fixed=("data.sources", "data.mixture", "train.global_batch_size", "data.seq_length", "model.*",
-               "objective.kind", "train.lr (decay horizon = train.train_steps of the variant)"),
-        metrics=(Metric(CODE_PPL, "min", ("epochs-5",)),
-                 Metric(PASS_AT_1, "max", ("epochs-5",))),
+        fixed=(
+            "data.sources",
+            "data.mixture",
+            "train.global_batch_size",
+            "data.seq_length",
+            "model.*",
+            "objective.kind",
+            "train.lr (decay horizon = train.train_steps of the variant)",
+        ),
+        metrics=(Metric(CODE_PPL, "min", ("epochs-5",)), Metric(PASS_AT_1, "max", ("epochs-5",))),
         finding="Several epochs over the same data, with span corruption re-sampled each epoch and the LR "
-                "decayed over the whole budget, keep improving the model (CodeGen2.5 trains 5 epochs).",
-        equal_compute=False)
+        "decayed over the whole budget, keep improving the model (CodeGen2.5 trains 5 epochs).",
+        equal_compute=False,
+    )
     return {les.number: les for les in (lesson1, lesson2, lesson3, lesson4, lesson5)}
 
 
@@ -171,14 +208,48 @@ def get_lesson(number: int | str, **options) -> Lesson:
 # two seeds" (note ONE_SEED), so a one-seed run never reads as evidence; `descriptive` is no verdict at all (a
 # metric the paper's finding does not rank variants on).
 AGREES, DISAGREES, INCONCLUSIVE, NOT_MEASURED, DESCRIPTIVE = (
-    "agrees", "disagrees", "inconclusive", "not measured", "descriptive")
+    "agrees",
+    "disagrees",
+    "inconclusive",
+    "not measured",
+    "descriptive",
+)
 ONE_SEED = "one seed, no verdict"
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30 (scipy.stats.t.ppf; the table keeps scipy,
 # which only arrives with mlflow's extras, out of the dependencies).
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.306, 2.2622, 2.2281, 2.201, 2.1788, 2.1604,
-         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.093, 2.086, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-         2.0518, 2.0484, 2.0452, 2.0423)
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.306,
+    2.2622,
+    2.2281,
+    2.201,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.093,
+    2.086,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+)
 
 
 def t975(df: float) -> float:
@@ -189,7 +260,7 @@ def t975(df: float) -> float:
     if d <= len(_T975):
         return _T975[d - 1]
     z = 1.959964  # Cornish-Fisher expansion around the normal quantile: within 1e-4 of t for df > 30
-    return z + (z ** 3 + z) / (4 * d) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * d * d)
+    return z + (z**3 + z) / (4 * d) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * d * d)
 
 
 @dataclass(frozen=True)
@@ -235,7 +306,7 @@ def diff_ci(a: Mapping[Any, float], b: Mapping[Any, float]) -> tuple[Interval, b
     vb = sum((x - ib.mean) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
     if va + vb == 0.0:  # no spread on either side: the difference is exact
         return Interval(d, d, d, min(ia.n, ib.n)), False
-    df = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
     h = t975(df) * math.sqrt(va + vb)
     return Interval(d, d - h, d + h, min(ia.n, ib.n)), False
 
@@ -302,10 +373,24 @@ def verdict(lesson: Lesson, samples: Samples) -> list[Outcome]:
         else:
             rival = next((v for v in order[1:] if (v in m.paper_best) != (win in m.paper_best)), None)
         if rival is None:
-            note = ("descriptive: the paper's finding does not rank the variants on it" if not m.decides
-                    else f"no variant on the other side of the paper's claim measured (only {', '.join(order)})")
-            out.append(Outcome(m.key, DESCRIPTIVE if not m.decides else INCONCLUSIVE, m.paper_best, win, None,
-                               None, False, note, ivs))
+            note = (
+                "descriptive: the paper's finding does not rank the variants on it"
+                if not m.decides
+                else f"no variant on the other side of the paper's claim measured (only {', '.join(order)})"
+            )
+            out.append(
+                Outcome(
+                    m.key,
+                    DESCRIPTIVE if not m.decides else INCONCLUSIVE,
+                    m.paper_best,
+                    win,
+                    None,
+                    None,
+                    False,
+                    note,
+                    ivs,
+                )
+            )
             continue
         diff, paired = diff_ci(seeds[win], seeds[rival])
         if not m.decides:

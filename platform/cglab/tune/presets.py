@@ -1,6 +1,7 @@
 """Scales at which a lesson runs: laptop (minutes on 2 CPU cores), 1gpu (hours on one H100), cluster
 (codegen2-1B, TP=2 x DP=4 = 8 GPUs per trial). A preset is config overrides plus what each trial's Tune
 driver function asks for; the Train workers' resources follow from the config's parallel section."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,51 +37,100 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "laptop": Preset(
-        "laptop", "tiny model, 1 CPU worker per trial, one lesson in minutes on 2 cores",
-        _shape("tiny") + (
-            "data.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "laptop",
+        "tiny model, 1 CPU worker per trial, one lesson in minutes on 2 cores",
+        _shape("tiny")
+        + (
+            "data.seq_length=128",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=8",
             # A step takes ~0.04 s here; a trial's cost is start-up and evaluation, so 100 steps are cheap.
-            "train.train_steps=100", "train.warmup_steps=10", "train.lr=2e-3", "train.min_lr=2e-4",
+            "train.train_steps=100",
+            "train.warmup_steps=10",
+            "train.lr=2e-3",
+            "train.min_lr=2e-4",
             # The dedup table is a Ray Data shuffle per trial, longer than the training itself at this scale;
             # the held-out split is still deduplicated against the training files (cglab.tune.heldout).
             "data.filters.dedup=false",
             # ray.train.report costs ~2 s a call on CPU here; MLflow still gets every step from rank 0.
-            "train.log_every=50", "train.precision=fp32",
-            "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-            "parallel.data_parallel_size=1", "parallel.use_gpu=false", "parallel.cpus_per_worker=1",
-            "eval.suites=[nl]", "eval.limit=8", "eval.max_new_tokens=32",
-            "track.system_metrics=true"),
+            "train.log_every=50",
+            "train.precision=fp32",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=1",
+            "parallel.use_gpu=false",
+            "parallel.cpus_per_worker=1",
+            "eval.suites=[nl]",
+            "eval.limit=8",
+            "eval.max_new_tokens=32",
+            "track.system_metrics=true",
+        ),
         driver_cpus=0.5,
         # One seed: `make demo` stays at about 95 s on 2 cores, and its verdicts say "one seed, no verdict".
         # `cglab ablate N --seeds 1 2 3` buys the intervals (three times the trials).
-        seeds=(1234,)),
+        seeds=(1234,),
+    ),
     "1gpu": Preset(
-        "1gpu", "CodeGen 350M shape (d1024 L20), seq 2048, bf16, one GPU per trial, ~130M tokens",
-        ("model.num_layers=20", "model.hidden_size=1024", "model.num_attention_heads=16",
-         "model.rotary_dim=32", "model.vocab_size=51200", "model.max_position_embeddings=2048",
-         "data.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=32",
-         # Sentinels for the most spans a 2048-token unit can need: UL2's X_dense (50%, mean span 3) 227 (lesson 1),
-         # codegen2 75 (ratio <= 0.35, mean span 8.5); the laptop's 128 tokens need 14, within the default 16.
-         "data.num_sentinels=256",
-         "train.train_steps=2000", "train.warmup_steps=100", "train.lr=3e-4", "train.min_lr=3e-5",
-         "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
-         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-         "parallel.data_parallel_size=1", "parallel.use_gpu=true", "parallel.cpus_per_worker=4",
-         "eval.suites=[nl,humaneval,infill]", "eval.limit=164"),
+        "1gpu",
+        "CodeGen 350M shape (d1024 L20), seq 2048, bf16, one GPU per trial, ~130M tokens",
+        (
+            "model.num_layers=20",
+            "model.hidden_size=1024",
+            "model.num_attention_heads=16",
+            "model.rotary_dim=32",
+            "model.vocab_size=51200",
+            "model.max_position_embeddings=2048",
+            "data.seq_length=2048",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=32",
+            # Sentinels for the most spans a 2048-token unit can need: UL2's X_dense (50%, mean span 3) 227 (lesson 1),
+            # codegen2 75 (ratio <= 0.35, mean span 8.5); the laptop's 128 tokens need 14, within the default 16.
+            "data.num_sentinels=256",
+            "train.train_steps=2000",
+            "train.warmup_steps=100",
+            "train.lr=3e-4",
+            "train.min_lr=3e-5",
+            "train.log_every=10",
+            "train.precision=bf16",
+            "train.checkpoint_every=500",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=1",
+            "parallel.use_gpu=true",
+            "parallel.cpus_per_worker=4",
+            "eval.suites=[nl,humaneval,infill]",
+            "eval.limit=164",
+        ),
         seeds=(1234, 1235, 1236),  # three: the fewest for a t-interval that can settle a verdict
-        trial_max_failures=2),
+        trial_max_failures=2,
+    ),
     "cluster": Preset(
-        "cluster", "codegen2-1B, TP=2 x DP=4 over 8 GPUs per trial, seq 2048, bf16, ~2.6B tokens",
-        _shape("codegen2-1B") + (
-            "data.seq_length=2048", "data.num_sentinels=256",  # as 1gpu: UL2's X_dense needs 227 at 2048
-            "train.micro_batch_size=4", "train.global_batch_size=256",
-            "train.train_steps=5000", "train.warmup_steps=200", "train.lr=3e-4", "train.min_lr=3e-5",
-            "train.log_every=10", "train.precision=bf16", "train.checkpoint_every=500",
-            "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1",
-            "parallel.data_parallel_size=4", "parallel.use_gpu=true", "parallel.cpus_per_worker=8",
-            "parallel.distributed_optimizer=true", "eval.suites=[nl,humaneval,infill]"),
+        "cluster",
+        "codegen2-1B, TP=2 x DP=4 over 8 GPUs per trial, seq 2048, bf16, ~2.6B tokens",
+        _shape("codegen2-1B")
+        + (
+            "data.seq_length=2048",
+            "data.num_sentinels=256",  # as 1gpu: UL2's X_dense needs 227 at 2048
+            "train.micro_batch_size=4",
+            "train.global_batch_size=256",
+            "train.train_steps=5000",
+            "train.warmup_steps=200",
+            "train.lr=3e-4",
+            "train.min_lr=3e-5",
+            "train.log_every=10",
+            "train.precision=bf16",
+            "train.checkpoint_every=500",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=4",
+            "parallel.use_gpu=true",
+            "parallel.cpus_per_worker=8",
+            "parallel.distributed_optimizer=true",
+            "eval.suites=[nl,humaneval,infill]",
+        ),
         seeds=(1234, 1235, 1236),  # as 1gpu: a one-seed sweep at this cost could not give a verdict
-        trial_max_failures=3),
+        trial_max_failures=3,
+    ),
 }
 
 
@@ -98,8 +148,12 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def base_config(preset: str | Preset, config_path: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = (), cross_field: bool = True) -> CGLabConfig:
+def base_config(
+    preset: str | Preset,
+    config_path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    cross_field: bool = True,
+) -> CGLabConfig:
     """User YAML (data sources etc.), then the preset, then the user's overrides; validated (cross-field
     constraints too unless cross_field=False, for `cglab plan`, which lists them as errors)."""
     p = get_preset(preset) if isinstance(preset, str) else preset

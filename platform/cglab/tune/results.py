@@ -1,6 +1,7 @@
 """A lesson's sweep read back from MLflow: its finished trials grouped by variant (metrics per seed, the loss
 curve), and the verdict per metric recorded on the sweep's parent run. The sweep records the verdict when it
 ends; `cglab report` renders the same numbers."""
+
 from __future__ import annotations
 
 import math
@@ -48,17 +49,19 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(les.experiment)
     if exp is None:
-        raise LookupError(f"no MLflow experiment {les.experiment!r} at {tracking_uri}; run `cglab ablate "
-                          f"{les.number}` first")
+        raise LookupError(
+            f"no MLflow experiment {les.experiment!r} at {tracking_uri}; run `cglab ablate {les.number}` first"
+        )
     flt = "tags.`cglab.role` = 'sweep'" + (f" and tags.`cglab.sweep` = '{sweep}'" if sweep else "")
-    parents = client.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                                 max_results=1)
+    parents = client.search_runs(
+        [exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not parents:
         raise LookupError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in {les.experiment!r}")
     parent = parents[0]
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  max_results=1000)
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000
+    )
     samples: dict[str, dict[str, dict[str, float]]] = {}
     seeds: dict[str, list[str]] = {}
     status: dict[str, list[str]] = {}
@@ -78,9 +81,18 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
             curves[v] = _curve(client, run)
     means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
     order = [x.name for x in les.variants if x.name in means or x.name in status]
-    return LessonRuns(les, parent.data.tags.get("cglab.sweep", parent.info.run_name), exp.experiment_id,
-                      parent.info.run_id, {v: means.get(v, {}) for v in order}, seeds, curves, status,
-                      {v: samples.get(v, {}) for v in order}, [r for v in order for r in finished.get(v, [])])
+    return LessonRuns(
+        les,
+        parent.data.tags.get("cglab.sweep", parent.info.run_name),
+        exp.experiment_id,
+        parent.info.run_id,
+        {v: means.get(v, {}) for v in order},
+        seeds,
+        curves,
+        status,
+        {v: samples.get(v, {}) for v in order},
+        [r for v in order for r in finished.get(v, [])],
+    )
 
 
 def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
@@ -104,8 +116,9 @@ def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
             for name, x in (("diff", o.diff.mean), ("diff_lo", o.diff.lo), ("diff_hi", o.diff.hi)):
                 if x is not None and math.isfinite(x):
                     points.append(Metric(f"verdict/{o.metric}/{name}", x, ts, 0))
-    MlflowClient(tracking_uri).log_batch(runs.parent_run_id, metrics=points,
-                                         tags=[RunTag(k, v) for k, v in tags.items()])
+    MlflowClient(tracking_uri).log_batch(
+        runs.parent_run_id, metrics=points, tags=[RunTag(k, v) for k, v in tags.items()]
+    )
     return tags
 
 

@@ -20,6 +20,7 @@ restores it (`Tuner.restore`): finished trials are kept, errored and unfinished 
 keeps its Tune trial id, hence its Train run name (Train resumes from the trial's last checkpoint) and its
 MLflow run (found by tag).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ from typing import Any, Callable
 from cglab import raylocal
 from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict
 from cglab.data import artifacts, readers
-from cglab.train.plan import plan_run, scan_sources
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
+from cglab.train.plan import plan_run, scan_sources
 from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
 from cglab.tune.heldout import split_sources
 from cglab.tune.lessons import Lesson, get_lesson
@@ -80,8 +81,12 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
     import ray  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(num_cpus=0, num_gpus=num_gpus, max_retries=0,
-                      scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(fn)
+    task = ray.remote(
+        num_cpus=0,
+        num_gpus=num_gpus,
+        max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )(fn)
     return ray.get(task.remote(*args, **kwargs))
 
 
@@ -94,20 +99,37 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
     ctx: MlflowContext | None = None
     tracker = None
     if spec.tracking_uri:
-        tracker = SweepTracker(spec.tracking_uri, spec.lesson.experiment, spec.sweep,
-                               system_metrics=cfg.track.system_metrics)
+        tracker = SweepTracker(
+            spec.tracking_uri, spec.lesson.experiment, spec.sweep, system_metrics=cfg.track.system_metrics
+        )
         tracker.experiment_id = spec.experiment_id
         run_id, _ = tracker.trial_run(
-            spec.parent_run_id, trial_id, run_name=f"{variant}-seed{seed}",
-            tags={"lesson": str(spec.lesson.number), "variant": variant, "seed": str(seed),
-                  "preset": spec.preset, **cfg.track.tags},
-            params=flatten(cfg), config_yaml=dump_config(cfg))
+            spec.parent_run_id,
+            trial_id,
+            run_name=f"{variant}-seed{seed}",
+            tags={
+                "lesson": str(spec.lesson.number),
+                "variant": variant,
+                "seed": str(seed),
+                "preset": spec.preset,
+                **cfg.track.tags,
+            },
+            params=flatten(cfg),
+            config_yaml=dump_config(cfg),
+        )
         ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
     try:
-        metrics = _outside_trial(spec.train_fn, cfg, storage_path=spec.train_storage,
-                                 name=f"{spec.sweep}-{trial_id}", mlflow=ctx)
-        ev = _outside_trial(evaluate_checkpoint, metrics.get("checkpoint"), cfg, spec.heldout_nl,
-                            spec.heldout_code, num_gpus=1 if cfg.parallel.use_gpu else 0)
+        metrics = _outside_trial(
+            spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}", mlflow=ctx
+        )
+        ev = _outside_trial(
+            evaluate_checkpoint,
+            metrics.get("checkpoint"),
+            cfg,
+            spec.heldout_nl,
+            spec.heldout_code,
+            num_gpus=1 if cfg.parallel.use_gpu else 0,
+        )
         metrics.update(ev.metrics)
     except BaseException:
         if tracker is not None:
@@ -149,8 +171,9 @@ class SweepResult:
         return [r for r in self.results if r.get("error")]
 
 
-def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
-                 ) -> tuple[CGLabConfig, str | None, str | None]:
+def prepare_base(
+    base: CGLabConfig, workdir: str | Path, holdout: bool = True
+) -> tuple[CGLabConfig, str | None, str | None]:
     """The sweep's shared inputs, settled once on the driver: held-out files split off the training sources
     (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path or model.init_from brings one).
     Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
@@ -158,8 +181,9 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     is a ConfigError naming eval.allow_builtin_texts unless that is set; raised before the tokenizer is trained,
     so a sweep that would score on built-in texts stops before spending anything."""
     if not base.data.sources:
-        raise ConfigError("data.sources: no sources configured (pass --config, or use the laptop preset's "
-                          "micro corpus)")
+        raise ConfigError(
+            "data.sources: no sources configured (pass --config, or use the laptop preset's micro corpus)"
+        )
     work = Path(workdir)
     overrides: list[str] = []
     nl = code = None
@@ -178,13 +202,19 @@ def prepare_base(base: CGLabConfig, workdir: str | Path, holdout: bool = True
     used = text_sources(nl, code, base.eval.allow_builtin_texts, why)
     fell_back = [k for k, v in used.items() if v == "builtin"]
     if fell_back:
-        log.warning("eval.allow_builtin_texts: scoring %s on cglab.eval.nl.builtin_texts, not held out (%s); "
-                    "runs are tagged %s", " and ".join(fell_back), why, text_tags(used))
+        log.warning(
+            "eval.allow_builtin_texts: scoring %s on cglab.eval.nl.builtin_texts, not held out (%s); "
+            "runs are tagged %s",
+            " and ".join(fell_back),
+            why,
+            text_tags(used),
+        )
     if not base.data.tokenizer.path and not base.model.init_from:  # init_from's weights bring their tokenizer
         cfg = from_dict(base.model_dump(mode="json"), overrides)
         # the corpus's tokenizer: trained once per (training files, settings), reused by every sweep over them
-        tok, _ = artifacts.trained_tokenizer(cfg.data, readers.resolve_files(cfg.data.sources),
-                                             artifacts.cache_root(cfg.data))
+        tok, _ = artifacts.trained_tokenizer(
+            cfg.data, readers.resolve_files(cfg.data.sources), artifacts.cache_root(cfg.data)
+        )
         tok.save(work / "tokenizer")
         overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
     return from_dict(base.model_dump(mode="json"), overrides), nl, code
@@ -195,12 +225,16 @@ def preflight(lesson: Lesson, base: CGLabConfig, trials: list[tuple[str, int]], 
     ConfigError listing what any trial would refuse. Each trial's `fit` checks its own plan again."""
     cfgs = {k: lesson.config_for(k[0], base, k[1]) for k in trials}
     scan = scan_sources(next(iter(cfgs.values())))  # variants differ in weights, never in which files exist
-    plans = [plan_run(c, scan=scan, driver_cpus=preset.driver_cpus, data_cpus=preset.data_cpus,
-                      n_trials=len(cfgs)) for c in cfgs.values()]
+    plans = [
+        plan_run(c, scan=scan, driver_cpus=preset.driver_cpus, data_cpus=preset.data_cpus, n_trials=len(cfgs))
+        for c in cfgs.values()
+    ]
     errors = [f"{v} seed {s}: {e}" for (v, s), p in zip(cfgs, plans) for e in p["errors"]]
     if errors:
-        raise ConfigError(f"lesson {lesson.number}: trials would be refused (`cglab plan --lesson "
-                          f"{lesson.number} --preset {preset.name}` shows the plans):\n  " + "\n  ".join(errors))
+        raise ConfigError(
+            f"lesson {lesson.number}: trials would be refused (`cglab plan --lesson "
+            f"{lesson.number} --preset {preset.name}` shows the plans):\n  " + "\n  ".join(errors)
+        )
     return plans
 
 
@@ -219,12 +253,24 @@ def ensure_local_ray(per_trial: dict[str, float]) -> None:
     raylocal.start_local(max(os.cpu_count() or 1, need), num_gpus=per_trial.get("GPU"))
 
 
-def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: CGLabConfig | None = None,
-               seeds: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
-               storage_path: str = ".cglab/tune", name: str | None = None, tracking_uri: str | None = None,
-               train_fn: TrainFn | None = None, max_concurrent_trials: int | None = None,
-               trial_max_failures: int | None = None, resume: bool = True, holdout: bool = True,
-               system_metrics_interval_s: float = 10.0, verbose: int = 1) -> SweepResult:
+def run_lesson(
+    lesson: int | Lesson,
+    *,
+    preset: str | Preset = "laptop",
+    base: CGLabConfig | None = None,
+    seeds: tuple[int, ...] | None = None,
+    variants: tuple[str, ...] | None = None,
+    storage_path: str = ".cglab/tune",
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    train_fn: TrainFn | None = None,
+    max_concurrent_trials: int | None = None,
+    trial_max_failures: int | None = None,
+    resume: bool = True,
+    holdout: bool = True,
+    system_metrics_interval_s: float = 10.0,
+    verbose: int = 1,
+) -> SweepResult:
     """Run (or resume) a lesson's grid on the connected Ray cluster (a private local one if none): split the
     held-out documents, train the tokenizer once, then one trial per (variant, seed) = train + evaluate.
     Validates every variant's config before starting anything."""
@@ -256,12 +302,29 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
         tracker = SweepTracker(tracking_uri, les.experiment, name)
         experiment_id = tracker.ensure_experiment()  # on the driver, before any trial can race for it
         eval_tags = text_tags(text_sources(heldout_nl, heldout_code, base.eval.allow_builtin_texts))
-        parent = tracker.parent_run(tags={"lesson": str(les.number), "preset": pre.name,
-                                          "variants": ",".join(names), "seeds": ",".join(map(str, seeds)),
-                                          **eval_tags})
-    spec = TrialSpec(les, base, name, f"{storage_path.rstrip('/')}/{name}-train", tracking_uri, experiment_id,
-                     parent, train_fn or default_train_fn(), pre.name, system_metrics_interval_s,
-                     heldout_nl, heldout_code)
+        parent = tracker.parent_run(
+            tags={
+                "lesson": str(les.number),
+                "preset": pre.name,
+                "variants": ",".join(names),
+                "seeds": ",".join(map(str, seeds)),
+                **eval_tags,
+            }
+        )
+    spec = TrialSpec(
+        les,
+        base,
+        name,
+        f"{storage_path.rstrip('/')}/{name}-train",
+        tracking_uri,
+        experiment_id,
+        parent,
+        train_fn or default_train_fn(),
+        pre.name,
+        system_metrics_interval_s,
+        heldout_nl,
+        heldout_code,
+    )
     trainable = make_trainable(spec, pre.driver_cpus)
 
     restored = resume and tune.Tuner.can_restore(exp_path)
@@ -273,17 +336,30 @@ def run_lesson(lesson: int | Lesson, *, preset: str | Preset = "laptop", base: C
             param_space={"variant": tune.grid_search(list(names)), "seed": tune.grid_search(list(seeds))},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, verbose=verbose,
+                name=name,
+                storage_path=storage_path,
+                verbose=verbose,
                 failure_config=tune.FailureConfig(
-                    max_failures=pre.trial_max_failures if trial_max_failures is None else trial_max_failures)),
+                    max_failures=pre.trial_max_failures if trial_max_failures is None else trial_max_failures
+                ),
+            ),
         )
     grid = tuner.fit()
     results = []
     for r in grid:
-        row = {"variant": r.config.get("variant"), "seed": r.config.get("seed"), "path": r.path,
-               "error": repr(r.error) if r.error else None}
-        row.update({k: v for k, v in (r.metrics or {}).items()
-                    if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"})
+        row = {
+            "variant": r.config.get("variant"),
+            "seed": r.config.get("seed"),
+            "path": r.path,
+            "error": repr(r.error) if r.error else None,
+        }
+        row.update(
+            {
+                k: v
+                for k, v in (r.metrics or {}).items()
+                if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"
+            }
+        )
         results.append(row)
     if tracking_uri:
         # The verdict per metric lives on the parent run (tags `verdict/<metric>`), from the same numbers the
