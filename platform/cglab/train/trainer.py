@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def fit(
     mlflow=None,
     fault: dict | None = None,
     run_plan: dict | None = None,
+    preemptible: bool = False,
 ) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
@@ -47,11 +49,17 @@ def fit(
     run_dir/plan.json and the MLflow run's `plan.json`. Re-running with the same storage_path and name resumes
     from the latest complete checkpoint. `fault` is the test hook `cglab.train.callbacks.Fault` as a dict (step,
     marker, rank, mode).
+
+    `preemptible` (`cglab train`): a SIGTERM to this driver or to any worker stops the run at the next step
+    boundary with a complete checkpoint (cglab.train.preemption); the result then has `preempted` True and the
+    same call resumes. Off for Tune trials: a trial that stopped early must not count as done, and a preempted
+    sweep resumes with `Tuner.restore` from its trials' last checkpoints.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
+    from cglab.train import preemption
     from cglab.train.callbacks import Fault
     from cglab.train.loop import WorkerInputs, worker_loop
     from cglab.train.plan import plan_run, refuse, write_json
@@ -71,13 +79,26 @@ def fit(
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
     p, t = cfg.parallel, cfg.train
     per_worker = {"CPU": p.cpus_per_worker}
+    backend = "nccl" if p.use_gpu else "gloo"
+    stop_flag = preemption.StopFlag.remote() if preemptible else None
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=WorkerInputs(
-            cfg=cfg, plan=plan, run_dir=str(run_dir), mlflow=mlflow, name=name, fault=Fault(**fault) if fault else None
+            cfg=cfg,
+            plan=plan,
+            run_dir=str(run_dir),
+            mlflow=mlflow,
+            name=name,
+            fault=Fault(**fault) if fault else None,
+            preemptible=preemptible,
+            stop_flag=stop_flag,
         ),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
+        torch_config=(
+            preemption.PreemptibleTorchConfig(backend=backend, timeout_s=600, grace_s=t.preempt_grace_s)
+            if preemptible
+            else TorchConfig(backend=backend, timeout_s=600)
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -85,8 +106,10 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
         ),
     )
-    result = trainer.fit()
+    with preemption.on_sigterm(stop_flag, t.preempt_grace_s) if preemptible else contextlib.nullcontext():
+        result = trainer.fit()
     out = dict(result.metrics or {})
+    out["preempted"] = bool(out.get("preempted"))
     if mlflow is not None:
         _tag_passes(mlflow, out)
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
