@@ -99,14 +99,13 @@ class Callbacks:
 # ---------------------------------------------------------------------------------------------- step events
 @dataclass(frozen=True)
 class Fault:
-    """Test hook: at `step`, kill rank `rank`'s worker process (mode "kill"), raise in it (mode "raise") or send
-    it SIGTERM (mode "term", a preemption), once: the marker file it leaves stops the restarted worker from failing
-    again."""
+    """Test hook: at `step`, kill rank `rank`'s worker process (mode "kill") or raise in it (mode "raise"), once:
+    the marker file it leaves stops the restarted worker from failing again."""
 
     step: int
     marker: str
     rank: int = 0
-    mode: Literal["kill", "raise", "term"] = "kill"
+    mode: Literal["kill", "raise"] = "kill"
 
 
 class FaultInjection(Callback):
@@ -126,7 +125,7 @@ class FaultInjection(Callback):
         marker.write_text(str(s.step))
         if f.mode == "raise":
             raise RuntimeError(f"injected failure at step {s.step}")
-        os.kill(os.getpid(), signal.SIGTERM if f.mode == "term" else signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Preemption(Callback):
