@@ -6,18 +6,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
 from cglab.config import CGLabConfig, dump_config
+from cglab.raylocal import quiesce_at_exit, start_local
 
 
 def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     """Connect to the running cluster (RAY_ADDRESS or one started with `ray start`), else start a local one
     bound to 127.0.0.1."""
-    import ray
-
-    from cglab.raylocal import quiesce_at_exit, start_local
+    import ray  # heavy: only when a run starts
 
     quiesce_at_exit()
     if ray.is_initialized():
@@ -55,6 +55,7 @@ def fit(
     same call resumes. Off for Tune trials: a trial that stopped early must not count as done, and a preempted
     sweep resumes with `Tuner.restore` from its trials' last checkpoints.
     """
+    # Ray Train, torch and Megatron (seconds to import): only when a run starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -119,7 +120,7 @@ def fit(
 
 
 def _log_plan(ctx, run_plan: dict) -> None:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # seconds to import: only when tracking
 
     client = MlflowClient(ctx.tracking_uri)
     client.log_dict(ctx.run_id, run_plan, "plan.json")
@@ -128,7 +129,7 @@ def _log_plan(ctx, run_plan: dict) -> None:
 
 def _tag_passes(ctx, metrics: dict) -> None:
     """Run tags `data.passes` (passes over each source, e.g. `pile=0.004021,stack=0.0132`) and `data.epochs`."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # seconds to import: only when tracking
 
     passes = {k.removeprefix("data/passes/"): v for k, v in metrics.items() if k.startswith("data/passes/")}
     client = MlflowClient(ctx.tracking_uri)
@@ -140,8 +141,6 @@ def _tag_passes(ctx, metrics: dict) -> None:
 
 def history(run_dir: str | Path) -> dict[int, dict]:
     """Per-step metrics a run recorded in run_dir/metrics.jsonl; a step re-run after a failure keeps its last record."""
-    import json
-
     steps: dict[int, dict] = {}
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
