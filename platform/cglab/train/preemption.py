@@ -35,6 +35,7 @@ EXIT_PREEMPTED = 75
 EXIT_GRACE_EXPIRED = 128 + signal.SIGTERM  # what a plain SIGTERM death would have returned
 
 _signalled = threading.Event()  # this worker process got SIGTERM
+_over = threading.Event()  # training ended here: SIGTERM has Ray's meaning again (the worker exits)
 _timer: threading.Timer | None = None
 
 
@@ -52,8 +53,9 @@ def _arm_hard_exit(grace_s: float, who: str) -> None:
 
 
 def disarm() -> None:
-    """The run stopped (or finished) in time: no hard exit."""
+    """The run stopped (or finished) in time: no hard exit, and a later SIGTERM (Ray ending the worker) is Ray's."""
     global _timer
+    _over.set()
     if _timer is not None:
         _timer.cancel()
         _timer = None
@@ -66,9 +68,13 @@ def worker_signalled() -> bool:
 
 def _install_worker_handler(grace_s: float) -> None:
     """Runs on a worker actor's main thread (Backend.on_training_start)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    _over.clear()
 
     def handler(signum, frame) -> None:
-        if not _signalled.is_set():
+        if _over.is_set() and callable(previous):
+            previous(signum, frame)
+        elif not _signalled.is_set():
             log.warning("SIGTERM: checkpointing at the next step boundary, then stopping (grace %gs)", grace_s)
             _signalled.set()
             _arm_hard_exit(grace_s, "worker")
