@@ -347,6 +347,11 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)  # Ray Train reports (a sync point, ~seconds each); MLflow gets every step
     max_failures: int = Field(0, ge=0)
+    # Seconds from a SIGTERM (to the driver or any worker of `cglab train`) to a checkpoint at the next step
+    # boundary (train/preemption.py); past it the process exits hard and the run resumes from the previous complete
+    # checkpoint. Set it below the scheduler's own grace (Kubernetes terminationGracePeriodSeconds, 30 s by default;
+    # 120 s on a GCP spot VM, the 2-minute AWS spot notice) minus a checkpoint's time.
+    preempt_grace_s: float = Field(25.0, gt=0.0)
 
 
 class TrackingConfig(_Section):

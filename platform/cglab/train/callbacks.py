@@ -4,7 +4,8 @@ Each callback is one concern and overrides the hooks it needs; `Callbacks` calls
 the list's order (train/loop.py sets that order once):
 
     on_start(step, resumed_from)  once, after the resume (step: where this attempt starts)
-    on_step_end(s)                after each step: add to s.metrics, or save a checkpoint (s.checkpoint)
+    on_step_end(s)                after each step: add to s.metrics, save a checkpoint (s.checkpoint), or stop
+                                  the loop after this step (s.stop; the Checkpointer then saves it)
     on_checkpoint(s)              then, when the step saved a checkpoint
     on_log(s)                     then: the step's metrics are final, send them somewhere
     on_end()                      always, also when a step raised (the loop calls it from `finally`)
@@ -25,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import ray
 import ray.train
+import torch
 import torch.distributed as dist
 
 from cglab.config import CGLabConfig
 from cglab.track.metrics import TrainMetrics
 from cglab.track.mlflow_logger import MlflowContext, RankZeroLogger
-from cglab.train import checkpoint
+from cglab.train import checkpoint, preemption
 from cglab.train.feed import DataFeed
 from cglab.train.flops import device_peak_tflops, flops_per_token, mfu
 
@@ -45,6 +48,7 @@ class StepEnd:
     data_wait_s: float  # waiting for the feed
     step_time_s: float  # feed + forward/backward + optimizer step
     checkpoint: Path | None = None  # this rank's staged checkpoint, when the step saved one
+    stop: bool = False  # the loop ends after this step (set on every rank alike: the Preemption callback)
 
 
 class Callback:
@@ -124,6 +128,29 @@ class FaultInjection(Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Preemption(Callback):
+    """Stops the run at this step when any worker got SIGTERM or the driver did (its StopFlag, read by rank 0):
+    one all-reduce of the flag per step, so every TP/PP/DP peer stops at the same step; the Checkpointer then saves
+    it and the metric `preempted` tells the driver (train/preemption.py)."""
+
+    def __init__(self, cfg: CGLabConfig, stop_flag, rank: int):
+        self.train_steps, self.stop_flag, self.rank = cfg.train.train_steps, stop_flag, rank
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+    def on_step_end(self, s: StepEnd) -> None:
+        asked = preemption.worker_signalled()
+        if self.rank == 0 and self.stop_flag is not None and not asked:
+            asked = ray.get(self.stop_flag.is_set.remote())
+        flag = torch.tensor([float(asked)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and s.step < self.train_steps:  # at the last step the run is complete anyway
+            s.stop = True
+            s.metrics["preempted"] = 1.0
+
+    def on_end(self) -> None:
+        preemption.disarm()
+
+
 class Throughput(Callback):
     """tokens_seen, data_wait_s, step_time_s, tokens_per_s (global) and, on a device whose peak is known, tflops
     and mfu per device (cglab.train.flops: model FLOPs per token over the datasheet peak)."""
@@ -149,10 +176,10 @@ class Throughput(Callback):
 
 
 class Checkpointer(Callback):
-    """Every train.checkpoint_every steps and at the last one, saves model, optimizer, scheduler, RNG and the
-    feed's data position (train/checkpoint.py) into a staging directory, with the config and the tokenizer, and
-    times it (`checkpoint_s`). RayReport hands each checkpoint to Ray Train; on_end removes the staging
-    directory."""
+    """Every train.checkpoint_every steps, at the last one and where the loop stops early (s.stop), saves model,
+    optimizer, scheduler, RNG and the feed's data position (train/checkpoint.py) into a staging directory, with
+    the config and the tokenizer, and times it (`checkpoint_s`). RayReport hands each checkpoint to Ray Train;
+    on_end removes the staging directory."""
 
     def __init__(self, cfg: CGLabConfig, state, feed: DataFeed, tokenizer_json: str):
         self.cfg, self.state, self.feed, self.tokenizer_json = cfg, state, feed, tokenizer_json
@@ -160,7 +187,7 @@ class Checkpointer(Callback):
 
     def on_step_end(self, s: StepEnd) -> None:
         t = self.cfg.train
-        if not (s.step == t.train_steps or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
+        if not (s.step == t.train_steps or s.stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
             return
         c0 = time.perf_counter()
         s.checkpoint = checkpoint.save(

@@ -2,17 +2,20 @@
 
     parallel state -> model/optimizer -> resume -> [feed -> forward/backward + optimizer step -> callbacks]*
 
-The loop is fixed; everything around a step (throughput and MFU, checkpoints, the metric sinks, fault injection
-for tests) is a callback (train/callbacks.py), in the order `_callbacks` sets. The data each step trains on comes
-from the feed (train/feed.py): identical on every model-parallel peer, its position part of the checkpoint.
+The loop is fixed; everything around a step (throughput and MFU, checkpoints, the metric sinks, stopping on
+preemption, fault injection for tests) is a callback (train/callbacks.py), in the order `_callbacks` sets; a
+callback ends the loop early by setting `StepEnd.stop`. The data each step trains on comes from the feed
+(train/feed.py): identical on every model-parallel peer, its position part of the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray.train
 import torch
@@ -28,6 +31,8 @@ from cglab.train.checkpoint import DataPosition
 from cglab.train.feed import DataFeed
 from cglab.train.step import TrainState, build_train_state, train_step
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class WorkerInputs:
@@ -39,6 +44,9 @@ class WorkerInputs:
     mlflow: MlflowContext | None = None  # the MLflow run to log into
     name: str = ""  # the run's (trial's) name, a Prometheus tag
     fault: cb.Fault | None = None  # test hook: fail once at a step
+    # SIGTERM stops the run at a step boundary with a checkpoint (train/preemption.py); the driver's flag, when set
+    preemptible: bool = False
+    stop_flag: Any = None  # train.preemption.StopFlag actor handle
 
 
 def worker_loop(inp: WorkerInputs) -> None:
@@ -67,7 +75,11 @@ def worker_loop(inp: WorkerInputs) -> None:
             t2 = time.perf_counter()
             step += 1
             metrics = {**out, "step": step, "epoch": feed.pos.epoch, "started_at_step": start, **feed.step_stats}
-            callbacks.step_end(cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0))
+            s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0)
+            callbacks.step_end(s)
+            if s.stop:
+                log.warning("preempted: stopped at step %d with a checkpoint; the same command resumes", step)
+                break
     finally:
         callbacks.end()
 
@@ -85,13 +97,15 @@ def _resume(state: TrainState, run_dir: str | None) -> tuple[int, DataPosition, 
 
 
 def _callbacks(inp: WorkerInputs, state: TrainState, feed: DataFeed) -> cb.Callbacks:
-    """In order: fault injection first (a failing step neither checkpoints nor reports), the step's metrics, the
-    checkpoint (its time is a metric), then the sinks; the Ray Train report, which takes the checkpoint, last."""
+    """In order: fault injection first (a failing step neither checkpoints nor reports), preemption (it decides
+    whether this step checkpoints), the step's metrics, the checkpoint (its time is a metric), then the sinks; the
+    Ray Train report, which takes the checkpoint, last."""
     cfg, rank = inp.cfg, dist.get_rank()
     run_dir = Path(inp.run_dir) if inp.run_dir else None
     return cb.Callbacks(
         [
             *([cb.FaultInjection(inp.fault)] if inp.fault else []),
+            *([cb.Preemption(cfg, inp.stop_flag, rank)] if inp.preemptible else []),
             cb.Throughput(cfg),
             cb.Checkpointer(cfg, state, feed, inp.plan.tokenizer_json),
             cb.MlflowMetrics(inp.mlflow, rank),

@@ -5,18 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
 from cglab.config import CGLabConfig, dump_config
+from cglab.raylocal import quiesce_at_exit, start_local
 
 
 def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     """Connect to the running cluster (RAY_ADDRESS or one started with `ray start`), else start a local one
     bound to 127.0.0.1."""
-    import ray
-
-    from cglab.raylocal import quiesce_at_exit, start_local
+    import ray  # heavy: only when a run starts
 
     quiesce_at_exit()
     if ray.is_initialized():
@@ -39,6 +40,7 @@ def fit(
     mlflow=None,
     fault: dict | None = None,
     run_plan: dict | None = None,
+    preemptible: bool = False,
 ) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
@@ -47,11 +49,18 @@ def fit(
     run_dir/plan.json and the MLflow run's `plan.json`. Re-running with the same storage_path and name resumes
     from the latest complete checkpoint. `fault` is the test hook `cglab.train.callbacks.Fault` as a dict (step,
     marker, rank, mode).
+
+    `preemptible` (`cglab train`): a SIGTERM to this driver or to any worker stops the run at the next step
+    boundary with a complete checkpoint (cglab.train.preemption); the result then has `preempted` True and the
+    same call resumes. Off for Tune trials: a trial that stopped early must not count as done, and a preempted
+    sweep resumes with `Tuner.restore` from its trials' last checkpoints.
     """
+    # Ray Train, torch and Megatron (seconds to import): only when a run starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
+    from cglab.train import preemption
     from cglab.train.callbacks import Fault
     from cglab.train.loop import WorkerInputs, worker_loop
     from cglab.train.plan import plan_run, refuse, write_json
@@ -71,13 +80,26 @@ def fit(
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
     p, t = cfg.parallel, cfg.train
     per_worker = {"CPU": p.cpus_per_worker}
+    backend = "nccl" if p.use_gpu else "gloo"
+    stop_flag = preemption.StopFlag.remote() if preemptible else None
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=WorkerInputs(
-            cfg=cfg, plan=plan, run_dir=str(run_dir), mlflow=mlflow, name=name, fault=Fault(**fault) if fault else None
+            cfg=cfg,
+            plan=plan,
+            run_dir=str(run_dir),
+            mlflow=mlflow,
+            name=name,
+            fault=Fault(**fault) if fault else None,
+            preemptible=preemptible,
+            stop_flag=stop_flag,
         ),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo", timeout_s=600),
+        torch_config=(
+            preemption.PreemptibleTorchConfig(backend=backend, timeout_s=600, grace_s=t.preempt_grace_s)
+            if preemptible
+            else TorchConfig(backend=backend, timeout_s=600)
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -85,8 +107,10 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
         ),
     )
-    result = trainer.fit()
+    with preemption.on_sigterm(stop_flag, t.preempt_grace_s) if preemptible else contextlib.nullcontext():
+        result = trainer.fit()
     out = dict(result.metrics or {})
+    out["preempted"] = bool(out.get("preempted"))
     if mlflow is not None:
         _tag_passes(mlflow, out)
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
@@ -96,7 +120,7 @@ def fit(
 
 
 def _log_plan(ctx, run_plan: dict) -> None:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # seconds to import: only when tracking
 
     client = MlflowClient(ctx.tracking_uri)
     client.log_dict(ctx.run_id, run_plan, "plan.json")
@@ -105,7 +129,7 @@ def _log_plan(ctx, run_plan: dict) -> None:
 
 def _tag_passes(ctx, metrics: dict) -> None:
     """Run tags `data.passes` (passes over each source, e.g. `pile=0.004021,stack=0.0132`) and `data.epochs`."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # seconds to import: only when tracking
 
     passes = {k.removeprefix("data/passes/"): v for k, v in metrics.items() if k.startswith("data/passes/")}
     client = MlflowClient(ctx.tracking_uri)
@@ -117,8 +141,6 @@ def _tag_passes(ctx, metrics: dict) -> None:
 
 def history(run_dir: str | Path) -> dict[int, dict]:
     """Per-step metrics a run recorded in run_dir/metrics.jsonl; a step re-run after a failure keeps its last record."""
-    import json
-
     steps: dict[int, dict] = {}
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():

@@ -1,0 +1,149 @@
+"""Preemption with real signals: a SIGTERM to the driver of a real `cglab train` (jobs/pretrain.py in a subprocess),
+and then to one of its Ray Train worker processes, stops the run at a step boundary with a checkpoint and exit code
+75; the MLflow run is KILLED and tagged `preempted`; the same command resumes it, with the losses of a run that was
+never interrupted. One run preempted twice: each attempt is a whole Ray Train job, the cost of this test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cglab.config import dump_config, from_dict
+from cglab.train.preemption import EXIT_PREEMPTED
+from cglab.train.trainer import fit, history
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 120  # steps of ~30 ms on CPU: the signal must land before the run ends by itself
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from cglab.raylocal import local_ray
+
+    with local_ray(6, log_to_driver=True, configure_logging=True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def cfg(micro_sources, micro_tokenizer):
+    return from_dict(
+        {"data": {"sources": micro_sources, "seq_length": 64, "tokenizer": {"path": str(micro_tokenizer.path)}}},
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            "train.warmup_steps=1",
+            "train.lr=1e-3",
+            f"train.train_steps={STEPS}",
+            "parallel.data_parallel_size=2",  # two workers: the one not signalled must stop at the same step
+            "data.filters.dedup=false",
+            "track.system_metrics=false",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local, cfg, tmp_path_factory):
+    """Losses of the uninterrupted run."""
+    out = fit(cfg, storage_path=str(tmp_path_factory.mktemp("clean")), name="clean")
+    return {s: r["loss"] for s, r in history(out["run_dir"]).items()}
+
+
+def _wait_for_steps(run_dir: Path, more_than: int, proc: subprocess.Popen, timeout_s: float = 240) -> None:
+    """Until run_dir/metrics.jsonl holds more than `more_than` records: the workers are training."""
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) > more_than:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no training step within {timeout_s}s (exit code {proc.poll()})")
+
+
+def _train_worker(driver: subprocess.Popen) -> psutil.Process:
+    """One Ray Train worker process of `driver`'s run: under the raylet this test started (never another session's),
+    started after the driver."""
+    since = psutil.Process(driver.pid).create_time()
+    workers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert workers, "no Ray Train worker process found"
+    return workers[0]
+
+
+def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resumes(cfg, clean, tmp_path):
+    import ray
+    from mlflow import MlflowClient
+
+    from cglab.track.server import local_server
+
+    (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "pretrain.py"),
+        str(tmp_path / "tiny.yaml"),
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "preempt",
+        "track.experiment=test/preempt",
+    ]
+    run_dir = tmp_path / "runs" / "preempt"
+
+    def preempted_attempt(kill, log: Path) -> int:
+        """Run the command, SIGTERM what `kill` returns once it trains; the step it stopped at."""
+        done = len((run_dir / "metrics.jsonl").read_text().splitlines()) if run_dir.exists() else 0
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+            try:
+                _wait_for_steps(run_dir, done, proc)
+                kill(proc).send_signal(signal.SIGTERM)
+                rc = proc.wait(timeout=120)
+            finally:
+                proc.kill()
+        assert rc == EXIT_PREEMPTED, log.read_text()[-5000:]
+        assert "preempted at step" in log.read_text()
+        stopped = max(history(run_dir))
+        assert stopped < STEPS
+        run = client.get_run(run_id()) if run_id() else None
+        assert run is not None and run.info.status == "KILLED"
+        assert run.data.tags["preempted"] == "true" and run.data.tags["preempted_at_step"] == str(stopped)
+        return stopped
+
+    def run_id() -> str | None:
+        exp = client.get_experiment_by_name("test/preempt")
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.`cglab.run` = 'preempt'") if exp else []
+        assert len(runs) <= 1  # resumed attempts log into the same run
+        return runs[0].info.run_id if runs else None
+
+    with local_server(tmp_path / "mlflow") as mlflow:
+        client = MlflowClient(mlflow.uri)
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow.uri}
+        # 1. the driver (the process a scheduler or Kubernetes signals)
+        first = preempted_attempt(lambda proc: proc, tmp_path / "driver.log")
+        # 2. one of the two training workers (the other must stop at the same step: the flag is all-reduced)
+        second = preempted_attempt(_train_worker, tmp_path / "worker.log")
+        assert first < second
+        h = history(run_dir)
+        assert h[first + 1]["started_at_step"] == first  # resumed from the first preemption's checkpoint
+        # 3. the same command once more finishes the run, in the same MLflow run
+        last = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
+        run = client.get_run(run_id())
+        assert run.info.status == "FINISHED" and run.data.tags["preempted"] == "false"
+    h = history(run_dir)
+    assert sorted(h) == list(range(1, STEPS + 1))
+    assert h[second + 1]["started_at_step"] == second
+    for step in range(1, STEPS + 1):
+        assert h[step]["loss"] == pytest.approx(clean[step], abs=1e-5), step
