@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from cglab.config import ModelConfig
+from cglab.data.contract import EOT, PAD
 
 MARKER, MANIFEST, STATE = "COMPLETE", "manifest.json", "trainer_state.json"
 
@@ -205,4 +206,5 @@ def checkpoint_to_hf(directory: str | Path, out_dir: str | Path) -> Path:
     from cglab.model import hf_export  # Megatron's loader: kept off the paths that only read MARKER
 
     m = model_config(directory)
-    return hf_export.export_checkpoint(directory, m, out_dir, tokenizer_dir=Path(directory) / "tokenizer")
+    tok = Path(directory) / "tokenizer"
+    return hf_export.export_checkpoint(directory, m, out_dir, tokenizer_dir=tok, specials=(EOT, PAD))
