@@ -91,7 +91,7 @@ def build_drops(sources, fcfg) -> np.ndarray:
     One scan of every file (Ray Data, one task per file) keeps only (sha, key); the groupby of dedup.find_survivors
     finds each repeated hash's first key; a map over the same materialized projection lists the other copies.
     """
-    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path
+    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path; and the pipeline imports this module
     from cglab.data.pipeline import scan_dataset
 
     scan = scan_dataset(sources, fcfg).select_columns(["sha", "key"]).materialize()
@@ -159,7 +159,7 @@ def file_drops(path: str, source: int, file: int) -> np.ndarray:
 def trained_tokenizer(dcfg, sources, root: str):
     """(CGTokenizer, info) for data.tokenizer with no path: the stored one of this corpus and these settings, or
     one trained now (on `pipeline.sample_texts`) and stored."""
-    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path
+    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path; and the pipeline imports this module
     from cglab.data.pipeline import sample_texts
 
     tc = dcfg.tokenizer

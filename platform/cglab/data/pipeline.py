@@ -57,7 +57,6 @@ import pyarrow as pa
 
 from cglab.config import ConfigError
 from cglab.data import artifacts, objectives, readers
-from cglab.data.artifacts import file_drops
 from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
@@ -120,7 +119,7 @@ def _kept_documents(
     `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
     """
     for f in files:
-        drops = file_drops(dedup_path, src.index, f) if dedup_path else None
+        drops = artifacts.file_drops(dedup_path, src.index, f) if dedup_path else None
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
             skipped = Counter(r.reason for r in chunk if r.reason)
@@ -327,7 +326,6 @@ def mix_dataset(
         def counter(src):
             if count_as is None:
                 return None
-
             return DataMetrics(experiment=count_as, source=src.name)
 
         streams = [_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)) for src, files in spec]
