@@ -10,6 +10,7 @@ import sys
 import time
 
 from cglab.config import ConfigError
+from cglab.report import collect, text_table, verdict_lines, write_report
 from cglab.track.server import make_server
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
 
 def ablate(args: argparse.Namespace) -> int:
     # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
-    from cglab.report import collect, text_table, verdict_lines, write_report
+    # torch and pyarrow (the sweep): kept off `cglab --help`'s path
     from cglab.tune.sweep import run_lesson
 
     t0 = time.monotonic()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cglab import raylocal
 from cglab.data.corpus import build_corpus, corpus_sources
+from cglab.report import collect, text_table, verdict_lines, write_report
 from cglab.track.server import make_server
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
@@ -36,7 +37,7 @@ def _step(msg: str, t0: float) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
-    from cglab.report import collect, text_table, verdict_lines, write_report
+    # torch and pyarrow (the sweep): kept off `cglab --help`'s path
     from cglab.tune.sweep import run_lesson
 
     t0 = time.monotonic()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from cglab import compat
 
@@ -13,9 +17,6 @@ from cglab import compat
 def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | None = None) -> None:
     """Initialise torch.distributed (from the env: RANK, WORLD_SIZE, MASTER_ADDR/PORT, or a single process) and
     Megatron's TP x PP x DP groups. Safe to call when a process group already exists (Ray Train creates one)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     compat.apply("cpu")  # no CUDA: Megatron-Core on the CPU (a GPU process is left alone)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -34,8 +35,6 @@ def init_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, device: int | N
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -43,8 +42,6 @@ def destroy_parallel() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,8 +60,6 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
 def spawn(fn, world_size: int, *args) -> None:
     """Run fn(rank, *args) in world_size fresh processes wired as one gloo/NCCL group on 127.0.0.1.
     fn must be importable (module-level). Raises if any process fails."""
-    import torch.multiprocessing as mp
-
     mp.start_processes(
         _spawn_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn", join=True
     )

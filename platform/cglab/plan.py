@@ -8,6 +8,7 @@ is spent.
 from __future__ import annotations
 
 import json
+import warnings
 
 from cglab.config import CGLabConfig, ConfigError, from_dict, load_config
 
@@ -99,8 +100,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import warnings
-
     # Megatron-Core warns at import that TE/Apex are missing; the plan itself says which Adam and kernels run.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*")
     if args.lesson is not None:

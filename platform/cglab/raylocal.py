@@ -48,7 +48,7 @@ def quiesce(timeout: float = 30.0) -> list[str]:
 
 def shutdown(timeout: float = 30.0) -> None:
     """`ray.shutdown()` once the driver's Ray Data threads have ended (or `timeout` s passed, with a warning)."""
-    import ray
+    import ray  # Ray: kept off `cglab --help`'s path (see above)
 
     if not ray.is_initialized():
         return
@@ -70,7 +70,7 @@ def quiesce_at_exit() -> None:
 def start_local(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> None:
     """The one place cglab starts a private local Ray: `num_cpus` logical CPUs, no dashboard, worker logs not
     forwarded (unless `init_kwargs` say otherwise), and the exit hook that waits for Ray Data threads."""
-    import ray
+    import ray  # Ray: kept off `cglab --help`'s path (see above)
 
     quiesce_at_exit()
     kw = dict(include_dashboard=False, log_to_driver=False)
@@ -83,7 +83,7 @@ def start_local(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> No
 @contextlib.contextmanager
 def local_ray(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> Iterator[None]:
     """A private local Ray (no dashboard, worker logs not forwarded, Ray Data progress bars off) for the block."""
-    from ray.data import DataContext
+    from ray.data import DataContext  # Ray: kept off `cglab --help`'s path (see above)
 
     start_local(num_cpus, temp_dir, **{"configure_logging": False, **init_kwargs})
     try:

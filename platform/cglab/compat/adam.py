@@ -13,6 +13,7 @@ import torch
 
 def megatron_adam_impl() -> str:
     """The Adam Megatron-Core 0.16.1 will build in this process: "te", "apex" or "torch" (AdamW)."""
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     from megatron.core import optimizer as mo
 
     if mo.USING_PYTORCH_OPTIMIZER:

@@ -7,6 +7,7 @@ the CPU. It is idempotent and does nothing when CUDA is available, so a GPU proc
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import torch
@@ -87,6 +88,7 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
     """Megatron's clip_grad_by_total_norm_fp32 minus its assertion that grads live on CUDA. The scale still goes
     through clip_grads.multi_tensor_scale_impl, looked up at call time as Megatron does, so a CPU run clips with the
     op a GPU run uses (cglab.compat.foreach.scale once installed) and tests on CPU exercise it."""
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     from megatron.core.optimizer import clip_grads
 
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
@@ -117,12 +119,11 @@ def apply() -> bool:
     torch.cuda.manual_seed_all = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
 
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._get_cuda_rng_state = _cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
-
-    import importlib
 
     cpu_torch = _CpuTorch()
     for name in CUDA_FACTORY_MODULES:

@@ -39,6 +39,7 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
 def apply() -> bool:
     """Replace Megatron's local multi-tensor fallbacks with the foreach versions. Idempotent; returns True when
     the fallbacks were in use (no Apex, no TE)."""
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     from megatron.core import utils as mutils
     from megatron.core.optimizer import clip_grads, optimizer
 

@@ -14,6 +14,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 TESTED = {"megatron-core": "0.16.1", "torch": "2.13.0"}
 ALLOW_ENV = "CGLAB_ALLOW_UNTESTED_VERSIONS"
 
@@ -167,8 +169,8 @@ PATCHES: tuple[Patch, ...] = (
 
 def installed_versions() -> dict[str, str]:
     """The release versions of the patched libraries in this process ("2.13.0+cu130" -> "2.13.0")."""
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     import megatron.core
-    import torch
 
     return {"megatron-core": megatron.core.__version__, "torch": torch.__version__.split("+")[0]}
 

@@ -50,6 +50,7 @@ SHIM = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32, wgrad_
 def apply() -> bool:
     """Let Megatron's linear layers take gradient_accumulation_fusion=True on these entry points. Call before
     building the model. Idempotent; returns True when the shim is in use (no Apex extension)."""
+    # Megatron (seconds to import): loaded when a patch runs, not when cglab.decisions imports compat
     from megatron.core.tensor_parallel import layers
 
     current = getattr(layers, "fused_weight_gradient_mlp_cuda", None)

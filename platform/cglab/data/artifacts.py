@@ -18,6 +18,7 @@ multi-node cluster data.cache_path must be storage every node reads (shared file
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -26,6 +27,8 @@ import uuid
 import numpy as np
 
 from cglab.data import readers
+from cglab.data.dedup import duplicate_mask, find_survivors
+from cglab.data.tokenizer import CGTokenizer, train_tokenizer
 
 VERSION = 1
 DROPS, MARKER, META = "drops.parquet", "COMPLETE", "meta.json"
@@ -58,6 +61,7 @@ def _join(root: str, *parts: str) -> str:
 
 
 def _complete(d: str) -> bool:
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow.fs as pafs
 
     fs, p = readers._filesystem(_join(d, MARKER))
@@ -87,7 +91,7 @@ def build_drops(sources, fcfg) -> np.ndarray:
     One scan of every file (Ray Data, one task per file) keeps only (sha, key); the groupby of dedup.find_survivors
     finds each repeated hash's first key; a map over the same materialized projection lists the other copies.
     """
-    from cglab.data.dedup import duplicate_mask, find_survivors
+    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path; and the pipeline imports this module
     from cglab.data.pipeline import scan_dataset
 
     scan = scan_dataset(sources, fcfg).select_columns(["sha", "key"]).materialize()
@@ -114,8 +118,7 @@ def dedup_drops(sources, fcfg, root: str) -> dict:
 
     Returns {"path": .../drops.parquet, "built": bool, "seconds": float, "documents_dropped": int}.
     """
-    import io
-
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -143,6 +146,7 @@ def dedup_drops(sources, fcfg, root: str) -> dict:
 
 def file_drops(path: str, source: int, file: int) -> np.ndarray:
     """Sorted keys to drop from one file: its key range of the drop list (row groups outside it are not read)."""
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
 
     lo, hi = readers.make_key(source, file, 0), readers.make_key(source, file, 0) + (1 << readers._RECORD_BITS)
@@ -155,8 +159,8 @@ def file_drops(path: str, source: int, file: int) -> np.ndarray:
 def trained_tokenizer(dcfg, sources, root: str):
     """(CGTokenizer, info) for data.tokenizer with no path: the stored one of this corpus and these settings, or
     one trained now (on `pipeline.sample_texts`) and stored."""
+    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path; and the pipeline imports this module
     from cglab.data.pipeline import sample_texts
-    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
 
     tc = dcfg.tokenizer
     settings = {

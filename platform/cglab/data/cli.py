@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from typing import Iterator
+
+from cglab import raylocal
+from cglab.config import ConfigError, FilterConfig, SourceConfig, load_config
+from cglab.data.corpus import build_corpus, build_package_corpus, train_corpus_tokenizer
+from cglab.data.inspect import inspect_sources
+from cglab.data.readers import resolve_files
 
 
 def _corpus_build(args) -> int:
-    from cglab.data.corpus import build_corpus, build_package_corpus, train_corpus_tokenizer
-
     if args.source == "packages":
         split = lambda x: [p for p in x.split(",") if p] if x else None
         summary = build_package_corpus(
@@ -30,8 +36,6 @@ def _corpus_build(args) -> int:
 
 def _sources_from_args(args):
     """SOURCE arguments -> SourceConfigs: a config file's data.sources, or `[kind:]path` (kind from the suffix)."""
-    from cglab.config import ConfigError, SourceConfig, load_config
-
     out = []
     for i, item in enumerate(args.sources):
         if item.endswith((".yaml", ".yml")):
@@ -52,63 +56,42 @@ def _sources_from_args(args):
     return out
 
 
-def _data_inspect(args) -> int:
-    import ray
+@contextlib.contextmanager
+def _ray(args) -> Iterator[None]:
+    """Ray for one data command, Ray Data progress bars off: the cluster at --address, else a private local one
+    of --num-cpus CPUs; one already running in this process is used as it is (and left running)."""
+    import ray  # Ray: kept off `cglab --help`'s path
+    from ray.data import DataContext
 
-    from cglab import raylocal
-    from cglab.config import FilterConfig, load_config
-    from cglab.data.inspect import inspect_sources
-    from cglab.data.readers import resolve_files
-
-    fcfg = load_config(args.config).data.filters if args.config else FilterConfig()
-    sources = resolve_files(_sources_from_args(args), field="SOURCE")  # fails before Ray starts
     started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=args.address or "local",
-            num_cpus=args.num_cpus if not args.address else None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    if started and args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    elif started:
+        raylocal.start_local(args.num_cpus, configure_logging=False)
     try:
-        from ray.data import DataContext
-
         DataContext.get_current().enable_progress_bars = False
-        report = inspect_sources(sources, fcfg, dedup=fcfg.dedup and not args.no_dedup)
+        yield
     finally:
         if started:
             raylocal.shutdown()
+
+
+def _data_inspect(args) -> int:
+    fcfg = load_config(args.config).data.filters if args.config else FilterConfig()
+    sources = resolve_files(_sources_from_args(args), field="SOURCE")  # fails before Ray starts
+    with _ray(args):
+        report = inspect_sources(sources, fcfg, dedup=fcfg.dedup and not args.no_dedup)
     print(json.dumps(report, indent=1))
     return 0
 
 
 def _corpus_prepare(args) -> int:
     """Build (or find) the corpus's dedup drop list and tokenizer under data.cache_path, ahead of a sweep."""
-    import ray
-
-    from cglab import raylocal
-    from cglab.config import load_config
-    from cglab.data.pipeline import prepare_data
+    from cglab.data.pipeline import prepare_data  # pyarrow: kept off `cglab --help`'s path
 
     cfg = load_config(args.config, args.overrides)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=args.address or "local",
-            num_cpus=args.num_cpus if not args.address else None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
+    with _ray(args):
         plan = prepare_data(cfg)
-    finally:
-        if started:
-            raylocal.shutdown()
     print(json.dumps({"cache_path": cfg.data.cache_path or "(default)", **plan.artifacts}, indent=1))
     return 0
 

@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata as md
 import json
 import os
+import re
 import sysconfig
+from collections import Counter
 from pathlib import Path
+
+from cglab.config import ConfigError, DataConfig, FilterConfig, SourceConfig, TokenizerConfig
+from cglab.data.dedup import content_hashes
+from cglab.data.tokenizer import train_tokenizer
+
+try:
+    from pydoc_data.topics import topics as HELP_TOPICS
+except ImportError:  # some Python builds ship without pydoc_data: the docstrings alone then
+    HELP_TOPICS = {}
 
 LANGS = {
     ".py": "Python",
@@ -41,34 +53,37 @@ def _stdlib_files() -> list[Path]:
     return out
 
 
+def _docstrings(source: str, module_set: str, def_set: str) -> list[tuple[str, str]]:
+    """(pile_set_name, text) of a Python source's docstrings: the module's (over 80 characters) under
+    `module_set`, each class's and function's (over 120, headed by its name) under `def_set`."""
+    tree = ast.parse(source)
+    docs = []
+    mod = ast.get_docstring(tree)
+    if mod and len(mod) > 80:
+        docs.append((module_set, mod))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) > 120:
+                docs.append((def_set, f"{node.name}\n\n{d}"))
+    return docs
+
+
 def _docs(files: list[Path], budget: int) -> list[tuple[str, str]]:
     """(pile_set_name, text) documents, at most `budget` characters in all."""
     docs: list[tuple[str, str]] = []
-    try:
-        from pydoc_data.topics import topics
-
-        for k in sorted(topics):  # at most a third of the budget, so docstrings are always in the mix
-            if sum(len(t) for _, t in docs) < budget // 3:
-                docs.append(("Python Help Topics", topics[k]))
-    except ImportError:
-        pass
+    for k in sorted(HELP_TOPICS):  # at most a third of the budget, so docstrings are always in the mix
+        if sum(len(t) for _, t in docs) < budget // 3:
+            docs.append(("Python Help Topics", HELP_TOPICS[k]))
     for f in files:
         if sum(len(t) for _, t in docs) >= budget:
             break
         if f.suffix != ".py":
             continue
         try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
+            docs += _docstrings(f.read_text(encoding="utf-8"), "Python Module Docs", "Python Docstrings")
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        mod = ast.get_docstring(tree)
-        if mod and len(mod) > 80:
-            docs.append(("Python Module Docs", mod))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                d = ast.get_docstring(node)
-                if d and len(d) > 120:
-                    docs.append(("Python Docstrings", f"{node.name}\n\n{d}"))
     out, total = [], 0
     for d in docs:
         if total >= budget:
@@ -113,7 +128,7 @@ def _code(files: list[Path], budget: int) -> list[dict]:
 
 def build_corpus(out_dir: str | Path, nl_chars: int = 1_500_000, code_bytes: int = 3_000_000, shards: int = 4) -> dict:
     """Write `out_dir/pile/*.jsonl.zst` and `out_dir/stack/*.parquet`; return a summary (paths, counts)."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow and zstandard: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
     import zstandard
 
@@ -166,9 +181,7 @@ def train_corpus_tokenizer(
     train_docs: int = 2000,
 ):
     """Train the byte-level BPE on a sample of a built micro corpus and save it to out_dir."""
-    from cglab.config import DataConfig, SourceConfig, TokenizerConfig
-    from cglab.data.pipeline import sample_texts
-    from cglab.data.tokenizer import train_tokenizer
+    from cglab.data.pipeline import sample_texts  # pyarrow: kept off `cglab --help`'s path
 
     dcfg = DataConfig(
         sources=[SourceConfig(**s) for s in corpus_sources(corpus_dir)],
@@ -203,8 +216,6 @@ def _license(meta) -> str:
 
 def installed_packages() -> dict[str, object]:
     """Normalised distribution name -> importlib.metadata Distribution, one per name, sorted."""
-    import importlib.metadata as md
-
     out: dict[str, object] = {}
     for d in md.distributions():
         name = (d.metadata.get("Name") or "").lower().replace("_", "-")
@@ -231,17 +242,9 @@ def _package_docs(dist, name: str) -> list[tuple[str, str]]:
                 docs.append(("Package Docs", text))
         elif f.suffix == ".py":
             try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
+                docs += _docstrings(path.read_text(encoding="utf-8"), "Package Docstrings", "Package Docstrings")
             except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            mod = ast.get_docstring(tree)
-            if mod and len(mod) > 80:
-                docs.append(("Package Docstrings", mod))
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    d = ast.get_docstring(node)
-                    if d and len(d) > 120:
-                        docs.append(("Package Docstrings", f"{node.name}\n\n{d}"))
     return docs
 
 
@@ -297,15 +300,10 @@ def build_package_corpus(
     a held-out document whose content also occurs in training is dropped. Budgets fill package by package in
     name order (held-out packages take at most a tenth of each). Returns a summary with documents, bytes and
     pre-tokens (TOKEN_RE pieces) per source and split, and documents dropped by reason."""
-    import re
-    from collections import Counter
-
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow and zstandard: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
     import zstandard
 
-    from cglab.config import ConfigError, FilterConfig
-    from cglab.data.dedup import content_hashes
     from cglab.data.filters import filter_reasons
 
     if shards < 2:

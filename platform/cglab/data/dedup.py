@@ -38,6 +38,7 @@ def find_survivors(ds, rows: int | None = None) -> dict[str, int]:
     `rows` (when known, e.g. of a materialized scan) sizes the hash shuffle: about a million rows per partition
     instead of Ray's default 200 partitions, whose fixed cost dominates below a few million documents.
     """
+    # Ray: kept off `cglab --help`'s path
     from ray.data.aggregate import Count, Min
 
     parts = None if rows is None else max(2, min(200, rows // 1_000_000 + 1))

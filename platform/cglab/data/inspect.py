@@ -11,6 +11,8 @@ from collections import Counter
 
 import numpy as np
 
+from cglab.data.dedup import DUPLICATE, duplicate_mask, find_survivors
+
 
 def _block_counts(batch: dict) -> dict:
     """Per block: (source, reason) counts, duplicates already marked. Tiny rows that the driver adds up."""
@@ -26,7 +28,7 @@ def _block_counts(batch: dict) -> dict:
 
 def inspect_sources(sources, fcfg, dedup: bool = True) -> dict:
     """Counts for resolved sources (readers.SourceFiles) under a FilterConfig. Needs Ray (starts a local one)."""
-    from cglab.data.dedup import DUPLICATE, duplicate_mask, find_survivors
+    # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path
     from cglab.data.pipeline import scan_dataset
 
     scan = scan_dataset(sources, fcfg).select_columns(["source", "key", "subset", "reason", "sha"]).materialize()

@@ -16,14 +16,14 @@ from typing import Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from cglab.config import ConfigError
+
 T = TypeVar("T")
 KIND_OF = {"stack": "pl", "pile": "nl"}
 
 
 def source_weights(mixture: str, kinds: Sequence[str], weights: Sequence[float]) -> np.ndarray:
     """Normalised weight per source (0 for sources the mixture leaves out). Raises ConfigError if nothing is left."""
-    from cglab.config import ConfigError
-
     w = np.asarray(weights, np.float64)
     pl = np.array([KIND_OF[k] == "pl" for k in kinds], bool)
     if mixture == "pl_only":

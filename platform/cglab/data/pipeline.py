@@ -45,17 +45,25 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
-from cglab.data import objectives, readers
+from cglab.config import ConfigError
+from cglab.data import artifacts, objectives, readers
 from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
+from cglab.data.mixture import interleave, source_weights
+from cglab.data.packing import pack_documents
+from cglab.data.tokenizer import CGTokenizer, load_tokenizer
+from cglab.track.metrics import DataMetrics
 
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
 _BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
@@ -89,8 +97,6 @@ _TOK_CACHE: dict[str, object] = {}
 
 def _tokenizer(tok_json: str, num_sentinels: int, max_ws: int):
     """One CGTokenizer per process per tokenizer (Ray tasks reuse their worker process)."""
-    from cglab.data.tokenizer import CGTokenizer
-
     h = hashlib.sha256(tok_json.encode()).hexdigest()
     if h not in _TOK_CACHE:
         _TOK_CACHE.clear()
@@ -112,10 +118,8 @@ def _kept_documents(
 
     `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
     """
-    from cglab.data.artifacts import file_drops
-
     for f in files:
-        drops = file_drops(dedup_path, src.index, f) if dedup_path else None
+        drops = artifacts.file_drops(dedup_path, src.index, f) if dedup_path else None
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
             skipped = Counter(r.reason for r in chunk if r.reason)
@@ -159,6 +163,7 @@ def sample_texts(dcfg, n: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- datasources
 def _ray_data():
+    # Ray: kept off the paths that only read files (sample_texts: `cglab corpus build --tokenizer`)
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -176,6 +181,7 @@ def _size(path: str) -> int | None:
 def _read_specs(name: str, specs, fn, ids=None):
     """A Dataset with one read task per spec, fn(id, spec) yielding its blocks (id: `ids[i]`, default i); Ray names
     the stage Read<name>."""
+    # Ray: kept off the paths that only read files (sample_texts: `cglab corpus build --tokenizer`)
     import ray
 
     Datasource, _, _ = _ray_data()
@@ -214,8 +220,6 @@ def scan_dataset(sources, fcfg):
     Columns: source int32, key int64, subset, reason ("" = kept), sha ("" unless kept), chars int64.
     The text itself is dropped after hashing: counting and dedup need only this projection.
     """
-    import pyarrow as pa
-
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
 
     def read(task, spec):
@@ -269,8 +273,6 @@ def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list
     used: keeping a rank's units across epochs keeps which tail a short epoch drops the same, and lesson 5's epochs
     differ by their corruption, not their documents.
     """
-    from cglab.config import ConfigError
-
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
     sizes = unit_sizes(plan)
@@ -302,10 +304,6 @@ def mix_dataset(
     (cglab.track.metrics.DataMetrics). `trace_dir`: each read task leaves a file `unit<id>-*` there when it starts
     (tests count which units were opened).
     """
-    import pyarrow as pa
-
-    from cglab.data.mixture import interleave
-
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     specs = mix_specs(plan.sources, plan.weights)
     units = list(range(len(specs))) if units is None else list(units)
@@ -323,16 +321,11 @@ def mix_dataset(
 
     def read(task, spec):
         if trace_dir is not None:
-            import os
-            import uuid
-
             Path(trace_dir, f"unit{task}-{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
 
         def counter(src):
             if count_as is None:
                 return None
-            from cglab.track.metrics import DataMetrics
-
             return DataMetrics(experiment=count_as, source=src.name)
 
         streams = [_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)) for src, files in spec]
@@ -354,8 +347,6 @@ def mix_dataset(
 # ---------------------------------------------------------------------------------------------- stages
 def tokenize_block(block, plan: DataPlan):
     """text -> ids (each document followed by <|endoftext|>), as an Arrow list column."""
-    import pyarrow as pa
-
     tok = plan.tokenizer()
     flat, offsets = tok.encode_batch(block.column("text").to_pylist())
     ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32()))
@@ -366,8 +357,6 @@ def tokenize_block(block, plan: DataPlan):
 
 def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
     """All documents of the block into windows (the last one padded); window identity for the seeds."""
-    from cglab.data.packing import pack_documents
-
     sp = plan.tokenizer().specials
     ids = block.column("ids").combine_chunks()
     offsets = ids.offsets.to_numpy()
@@ -424,11 +413,6 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
     Raises ConfigError naming the config field before any Ray work when a path or the tokenizer is wrong.
     `plan.artifacts` says which artifacts were reused and which built (`cglab corpus prepare` prints it).
     """
-    from cglab.config import ConfigError
-    from cglab.data import artifacts
-    from cglab.data.mixture import source_weights
-    from cglab.data.tokenizer import load_tokenizer
-
     d = cfg.data
     if not d.sources:
         raise ConfigError("data.sources: no sources configured (see `cglab corpus build`)")
@@ -466,6 +450,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
 
 
 def _ordered():
+    # Ray: kept off the paths that only read files (sample_texts: `cglab corpus build --tokenizer`)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+from cglab.config import ConfigError
+
 # Skip reasons. One vocabulary for readers, filters and dedup so `cglab data inspect` prints one table.
 MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
@@ -73,6 +75,7 @@ def _is_url(path: str) -> bool:
 
 
 def _filesystem(path: str):
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow.fs as pafs
 
     if _is_url(path):
@@ -82,6 +85,7 @@ def _filesystem(path: str):
 
 def _expand_one(pattern: str, exts: tuple[str, ...]) -> list[str]:
     """Files under a path: the file itself, a directory's matching files (recursive), or a glob's matches."""
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow.fs as pafs
 
     if not _is_url(pattern):
@@ -117,8 +121,6 @@ STACK_EXTS = (".parquet",)
 
 def resolve_files(sources, field: str = "data.sources") -> list[SourceFiles]:
     """Expand each SourceConfig's paths; raise ConfigError naming `data.sources[i].paths` for any that match nothing."""
-    from cglab.config import ConfigError
-
     out = []
     for i, src in enumerate(sources):
         exts = PILE_EXTS if src.kind == "pile" else STACK_EXTS
@@ -155,6 +157,7 @@ def _raw_chunks(path: str) -> Iterator[bytes]:
 
 def _zstd_chunks(raw: Iterator[bytes]) -> Iterator[bytes]:
     """Decompress a (multi-frame) zstd stream; raise EOFError if it stops mid-frame."""
+    # zstandard: kept off `cglab --help`'s path
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
@@ -243,6 +246,7 @@ def read_pile_file(
     except EOFError:
         yield Record(make_key(source, file, rec), "", TRUNCATED_FILE, "")
     except Exception as err:  # zstd/IO errors: the rest of this file is unreadable, the run goes on
+        # zstandard: kept off `cglab --help`'s path
         import zstandard
 
         if isinstance(err, (zstandard.ZstdError, OSError)):
@@ -255,6 +259,7 @@ def read_pile_file(
 def read_stack_file(
     path: str, source: int, file: int, subsets: tuple[str, ...] | None, max_line_bytes: int
 ) -> Iterator[Record]:
+    # pyarrow: kept off `cglab --help`'s path
     import pyarrow as pa
     import pyarrow.parquet as pq
 

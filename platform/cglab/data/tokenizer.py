@@ -34,6 +34,7 @@ class CGTokenizer:
     """A `tokenizers.Tokenizer` with the contract's specials guaranteed; thin, picklable (as JSON)."""
 
     def __init__(self, tok, num_sentinels: int, max_whitespace_run: int):
+        # tokenizers: kept off `cglab --help`'s path
         from tokenizers import AddedToken
 
         self.num_sentinels, self.max_whitespace_run = num_sentinels, max_whitespace_run
@@ -126,6 +127,7 @@ class CGTokenizer:
     def load(
         cls, directory: str | Path, num_sentinels: int | None = None, max_whitespace_run: int | None = None
     ) -> CGTokenizer:
+        # tokenizers: kept off `cglab --help`'s path
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -142,6 +144,7 @@ class CGTokenizer:
 
     @classmethod
     def from_str(cls, s: str, num_sentinels: int, max_whitespace_run: int) -> CGTokenizer:
+        # tokenizers: kept off `cglab --help`'s path
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(s), num_sentinels, max_whitespace_run)
@@ -154,6 +157,7 @@ def train_tokenizer(
     texts: Iterable[str], vocab_size: int, num_sentinels: int = 16, max_whitespace_run: int = 32
 ) -> CGTokenizer:
     """Byte-level BPE of exactly `vocab_size` tokens (specials and whitespace runs included)."""
+    # tokenizers: kept off `cglab --help`'s path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     sp = special_tokens(num_sentinels)
@@ -230,6 +234,7 @@ def load_tokenizer(cfg: CGLabConfig):
 
 def added_tokens(path: Path, tok) -> list[str]:
     """The tokens CGTokenizer added to the tokenizer file (specials, sentinels, whitespace runs it lacked)."""
+    # tokenizers: kept off `cglab --help`'s path
     from tokenizers import Tokenizer
 
     f = path / "tokenizer.json" if path.is_dir() else path

@@ -38,6 +38,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cglab.data.contract import EOT as EOS
 from cglab.eval.humaneval import KS, json_records, pass_at_k, read_jsonl
 from cglab.eval.sandbox import Limits, end_marker, isolation_mode, program_end, require_end, run_programs, status_counts
 
@@ -45,7 +46,7 @@ FILE_NAME = "mtpb.jsonl"  # the published name; `cglab eval run --data-dir DIR` 
 N_PROBLEMS = 115
 PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # the released sampler's start of every program
 DEFAULT_GEN_LENGTH = 128  # the value most problems carry in `max_gen_length`
-STOPS = ("\n\n\n", "<|endoftext|>")
+STOPS = ("\n\n\n", EOS)
 TOLERANCE = 1e-6
 
 
@@ -110,7 +111,7 @@ def truncate(completion: str) -> str:
     defs = list(re.finditer("^def", completion, re.MULTILINE))
     if len(defs) > 1:
         completion = completion[: defs[1].start()]
-    terminals = [re.compile(r, re.MULTILINE) for r in ("^#", re.escape("<|endoftext|>"), "^'''", '^"""', "\n\n\n")]
+    terminals = [re.compile(r, re.MULTILINE) for r in ("^#", re.escape(EOS), "^'''", '^"""', "\n\n\n")]
     cuts = [m.start() for t in terminals if (m := t.search(completion))]
     return completion[: min(cuts)] if cuts else completion
 

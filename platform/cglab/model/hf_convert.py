@@ -190,8 +190,13 @@ def export_hf(
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     eos_token_id: int | None = None,
+    specials: tuple[str, str] | None = None,
 ) -> Path:
-    """Write a HF model directory that `CodeGenForCausalLM.from_pretrained(out_dir)` loads."""
+    """Write a HF model directory that `CodeGenForCausalLM.from_pretrained(out_dir)` loads, with the tokenizer in
+    `tokenizer_dir` when given; `specials` names its (eos, pad) tokens (the data contract's, which the model layer
+    does not import: the caller passes them)."""
+    if tokenizer_dir is not None and specials is None:
+        raise ValueError("export_hf: a tokenizer_dir needs its specials (eos, pad)")
     from transformers import CodeGenForCausalLM  # transformers (seconds to import): only for an export
 
     out = Path(out_dir)
@@ -205,7 +210,8 @@ def export_hf(
         from transformers import PreTrainedTokenizerFast  # as above
 
         tok_file = Path(tokenizer_dir) / "tokenizer.json"
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token="<|endoftext|>", pad_token="<pad>")
+        eos, pad = specials
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), eos_token=eos, pad_token=pad)
         tok.save_pretrained(out)
     (out / "cglab_model.json").write_text(json.dumps(m.model_dump(mode="json"), indent=1))
     return out

@@ -19,7 +19,6 @@ from cglab.distributed import _free_port
 from cglab.model.hf_convert import export_hf
 
 _STACKED = "decoder.layers."
-EOS = "<|endoftext|>"
 
 
 def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -48,12 +47,19 @@ def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(
-    directory: str | Path, m: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None
+    directory: str | Path,
+    m: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    specials: tuple[str, str] | None = None,
 ) -> Path:
-    """Write the checkpoint's model as a HF directory, with the tokenizer in `tokenizer_dir` when it has one."""
+    """Write the checkpoint's model as a HF directory, with the tokenizer in `tokenizer_dir` when it has one and
+    it holds `specials` (eos, pad)."""
     full = full_state_dict(directory)
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     eos = None
-    if tok is not None and (tok / "tokenizer.json").is_file():
-        eos = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id(EOS)
-    return export_hf(full, m, out_dir, tokenizer_dir=tok if eos is not None else None, eos_token_id=eos)
+    if tok is not None and specials is not None and (tok / "tokenizer.json").is_file():
+        eos = Tokenizer.from_file(str(tok / "tokenizer.json")).token_to_id(specials[0])
+    if eos is None:
+        tok = None
+    return export_hf(full, m, out_dir, tokenizer_dir=tok, eos_token_id=eos, specials=specials)

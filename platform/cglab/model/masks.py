@@ -6,6 +6,7 @@ Convention (Megatron's): a boolean tensor [b, 1, s, s] where True means "may NOT
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 
 def prefix_ends(prefix_end: torch.Tensor, batch: int, seq_len: int, device=None) -> torch.Tensor:
@@ -46,8 +47,6 @@ def block_mask(
 ):
     """The pairs of `allowed` as a FlexAttention BlockMask: no dense [s, s] tensor reaches the kernel, and blocks
     with nothing visible (other documents, the future) are skipped rather than computed and masked."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     device = torch.device(device or "cpu")
     seg = segment_ids.to(device) if segment_ids is not None else None
     # always per token ([b, s]), so a per-row prefix traces the same mask_mod as the training one

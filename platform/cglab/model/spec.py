@@ -3,13 +3,17 @@ Megatron."""
 
 from __future__ import annotations
 
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from cglab.model.attention import SDPAttention
 from cglab.model.layer import FusedSelfAttention, NoBiasSelfAttention, ParallelResidualLayer
 
 
@@ -24,6 +28,7 @@ def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel:
         )
     fuse = compile_fusions and backend in ("sdpa", "flex")
     if backend == "te":
+        # Transformer Engine: optional (not installed on CPU machines), imported only when its backend is chosen
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
             TEDotProductAttention,
@@ -33,16 +38,11 @@ def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel:
 
         norm, col, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
         if backend in ("sdpa", "flex"):  # flex: the same module, handed FlexAttention block masks
-            from cglab.model.attention import SDPAttention
-
             core = ModuleSpec(module=SDPAttention, params={"kernel": sdpa_kernel})
         else:
-            from megatron.core.transformer.dot_product_attention import DotProductAttention as core
+            core = DotProductAttention
     return ModuleSpec(
         module=ParallelResidualLayer,
         params={"fused_residual": fuse},

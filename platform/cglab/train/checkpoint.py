@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from cglab.config import ModelConfig
+from cglab.data.contract import EOT, PAD
 
 MARKER, MANIFEST, STATE = "COMPLETE", "manifest.json", "trainer_state.json"
 
@@ -55,6 +56,7 @@ def _rng_state() -> dict:
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
+    # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     s["tracker"] = get_cuda_rng_tracker().get_states()
@@ -67,6 +69,7 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and "cuda" in s:
         torch.cuda.set_rng_state(s["cuda"])
+    # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     get_cuda_rng_tracker().set_states(s["tracker"])
@@ -88,6 +91,7 @@ def save(
 ) -> Path:
     """Collective: every rank calls it with its own (empty or new) local directory. `files` (relative path ->
     text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained."""
+    # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
@@ -128,6 +132,7 @@ def verify(directory: str | Path) -> dict:
 
 def load(directory: str | Path, state) -> tuple[int, DataPosition]:
     """Collective: restore model, optimizer, scheduler and this rank's RNG; returns (step, data position)."""
+    # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
@@ -205,4 +210,5 @@ def checkpoint_to_hf(directory: str | Path, out_dir: str | Path) -> Path:
     from cglab.model import hf_export  # Megatron's loader: kept off the paths that only read MARKER
 
     m = model_config(directory)
-    return hf_export.export_checkpoint(directory, m, out_dir, tokenizer_dir=Path(directory) / "tokenizer")
+    tok = Path(directory) / "tokenizer"
+    return hf_export.export_checkpoint(directory, m, out_dir, tokenizer_dir=tok, specials=(EOT, PAD))

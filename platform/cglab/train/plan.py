@@ -27,6 +27,13 @@ from typing import Any
 import numpy as np
 
 from cglab.config import CGLabConfig, ConfigError, cross_field_errors
+from cglab.data import artifacts, objectives, readers
+from cglab.data.dedup import content_hashes
+from cglab.data.mixture import source_weights
+from cglab.data.objectives import packing_reserve
+from cglab.data.packing import pack_documents
+from cglab.data.tokenizer import load_tokenizer
+from cglab.train.memory import memory_gib
 
 # The bounded data scan: per source, files are read in order until either budget is spent.
 SCAN_DOCS, SCAN_BYTES = 4000, 64 << 20
@@ -79,6 +86,7 @@ def _resources(cfg: CGLabConfig, driver_cpus: float = 0.0, data_cpus: float = 0.
 def _connected_cluster() -> dict[str, float] | None:
     """The resources of the Ray cluster this process is connected to, or of RAY_ADDRESS; None when there is none
     (plan never starts Ray)."""
+    # Ray: kept off `cglab --help`'s path
     import ray
 
     if not ray.is_initialized():
@@ -105,8 +113,7 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
     """Read each source's files in order through the training readers and filters until `max_docs` documents or
     `max_bytes` file bytes, tokenize what is kept with the run's tokenizer, and extrapolate documents and tokens
     to all files by file size (exact when every file was read)."""
-    from cglab.data import readers
-    from cglab.data.dedup import content_hashes
+    # pyarrow: kept off `cglab --help`'s path
     from cglab.data.filters import filter_reasons
 
     d = cfg.data
@@ -162,8 +169,6 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
 
 
 def _file_size(path: str) -> int:
-    from cglab.data import readers
-
     fs, p = readers._filesystem(path)
     return int(fs.get_file_info(p).size or 0)
 
@@ -171,9 +176,6 @@ def _file_size(path: str) -> int:
 def _tokenizer(cfg: CGLabConfig):
     """The run's tokenizer: loaded from data.tokenizer.path or model.init_from, else the corpus's (data/artifacts.py:
     reused from data.cache_path, or trained and stored there, as `prepare_data` does)."""
-    from cglab.data import artifacts, readers
-    from cglab.data.tokenizer import load_tokenizer
-
     d = cfg.data
     tok = load_tokenizer(cfg)  # data.tokenizer.path, else the tokenizer that came with model.init_from's weights
     return tok or artifacts.trained_tokenizer(d, readers.resolve_files(d.sources), artifacts.cache_root(d))[0]
@@ -182,10 +184,6 @@ def _tokenizer(cfg: CGLabConfig):
 def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed windows of the scanned documents (sources interleaved by their mixture weights, as the stream
     mixes them), packed with the objective's reserve at data.seq_length."""
-    from cglab.data.mixture import source_weights
-    from cglab.data.objectives import packing_reserve
-    from cglab.data.packing import pack_documents
-
     d = cfg.data
     w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
     rng = np.random.default_rng(d.seed)
@@ -206,8 +204,6 @@ def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.n
 def _mask_fractions(cfg: CGLabConfig, scan: Scan, windows, warnings: list[str]) -> list[dict]:
     """Target (mean drawn ratio) and realised (masked / maskable tokens) of every corrupting setting, measured by
     running cglab.data.objectives.span_corruption on packed windows of the scanned data."""
-    from cglab.data import objectives
-
     o, S = cfg.objective, cfg.data.seq_length
     out = []
     settings = o.corrupting()
@@ -256,8 +252,6 @@ def _mask_fractions(cfg: CGLabConfig, scan: Scan, windows, warnings: list[str]) 
 
 def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: list[str]) -> tuple[dict, dict, dict]:
     """(data, tokens_needed, passes): what the sources hold, what the run reads, and what that implies."""
-    from cglab.data.mixture import source_weights
-
     d, t = cfg.data, cfg.train
     _, seg = windows
     fill = float((seg >= 0).sum(1).mean()) if len(seg) else float(d.seq_length)
@@ -317,7 +311,6 @@ def plan_run(
     """Everything the run `cfg` decides at start, with its warnings and errors (cross-field config errors too)."""
     from cglab.decisions import Machine, RunDecisions  # imports torch: kept off `cglab --help`'s path
     from cglab.train import pretrained
-    from cglab.train.memory import memory_gib
 
     errors, warnings = list(cross_field_errors(cfg)), []
     target = Machine.target(cfg, te)

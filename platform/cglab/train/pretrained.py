@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from cglab.config import CGLabConfig, ConfigError, ModelConfig
 
@@ -38,6 +39,8 @@ from cglab.data.tokenizer import (
     tokenizer_file,
     weights_tokenizer,
 )
+from cglab.model.hf_convert import MP_NUM, hf_to_cglab, load_into, shard
+from cglab.train.checkpoint import IncompleteCheckpoint, verify
 
 FIELD = INIT_FROM
 # In the order transformers prefers them; the index files name the shards of a split checkpoint.
@@ -117,8 +120,6 @@ def _inspect_hf(d: Path) -> Source:
 
 
 def _inspect_cglab(d: Path) -> Source:
-    from cglab.train.checkpoint import IncompleteCheckpoint, verify
-
     try:
         manifest = verify(d)
         doc = json.loads((d / CKPT_STATE).read_text())
@@ -140,8 +141,6 @@ def _inspect_cglab(d: Path) -> Source:
 
 def shape_errors(m: ModelConfig, src: Source) -> list[str]:
     """'model.<field>: ...' for every shape field of the config that differs from the weights'."""
-    from cglab.model.hf_convert import MP_NUM
-
     ours = {k: getattr(m, k) for k in SHAPE}
     ours["ffn_hidden_size"] = m.ffn_size
     errors = []
@@ -199,7 +198,6 @@ def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> None:
     optimizer, so fp32 and bf16 main parameters start from them). Nothing when init_from is unset."""
     if not cfg.model.init_from:
         return
-    from cglab.model.hf_convert import load_into
 
     src = inspect(cfg.model.init_from)
     errors = shape_errors(cfg.model, src)
@@ -211,6 +209,7 @@ def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> None:
 def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's tensors from a cglab checkpoint of any layout: Megatron reshards into our sharded state dict
     (collective: every rank of the run calls it). `_extra_state` objects are left as built."""
+    # Megatron: only to load weights, not to inspect them (`cglab plan`)
     from megatron.core import dist_checkpointing
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
@@ -221,9 +220,8 @@ def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]
 def _hf_local(src: Source, m: ModelConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's slice of a HF CodeGen: its pipeline stage's layers converted (hf_to_cglab on a stage-sized
     config, layers renumbered from 0 as Megatron numbers them per stage), then its TP slice (shard)."""
+    # Megatron: only to load weights, not to inspect them (`cglab plan`)
     from megatron.core import parallel_state as ps
-
-    from cglab.model.hf_convert import hf_to_cglab, shard
 
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     per_stage = m.num_layers // pp
@@ -258,8 +256,6 @@ class HFTensors:
         if src.weights.endswith(".index.json"):
             self.where = {k: d / name for k, name in json.loads(f.read_text())["weight_map"].items()}
         elif src.weights.endswith(".safetensors"):
-            from safetensors import safe_open
-
             with safe_open(str(f), "pt") as sf:
                 self.where = {k: f for k in sf.keys()}
         else:
@@ -280,8 +276,6 @@ class HFTensors:
             raise KeyError(f"{FIELD}: {self.src.path} has no tensor {key!r}")
         f = self.where[key]
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(f), "pt") as sf:
                 return sf.get_tensor(key)
         if f not in self._bins:

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from cglab import compat
 from cglab.compat.adam import built_adam
@@ -57,8 +59,6 @@ def build_train_state(
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads
     if bf16:
-        from megatron.core.transformer.module import Float16Module
-
         model = Float16Module(tc, model)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -184,8 +184,6 @@ def forward_backward(state: TrainState, cfg: CGLabConfig, micro_batches: list[di
 
 def reduce_stats(stats: list[dict]) -> dict[str, float]:
     """Token-weighted loss (and loss per objective) over this step, agreed on by every rank."""
-    import torch.distributed as dist
-
     width = 2 + 2 * len(OBJECTIVES)
     total = torch.zeros(width, dtype=torch.float64, device=_device())
     for st in stats:
