@@ -131,3 +131,11 @@ def test_rankings_follow_the_metrics_goal():
     assert rankings(c, "min") == [("pl_only", "mix"), ("mix", "pl_only")]
     assert rankings(c, "max") == [("mix", "pl_only"), ("pl_only", "mix")]
     assert math.isclose(c.fraction[0], 0.5)
+
+
+def test_a_late_swap_behind_the_winner_still_moves_stable_from():
+    # pl_only wins and the verdict agrees everywhere; mix and nl_only trade places at the last point
+    h = _hist({"pl_only": [3, 3, 3], "nl_only": [5, 5, 7], "mix": [6, 6, 4]}, [100, 200, 400])
+    s = stability(LES, CODE, h)
+    assert {(o.verdict, o.winner) for o in s.outcomes} == {("agrees", "pl_only")}
+    assert s.rankings[1] != s.rankings[2] and s.stable_from == 2 and s.quarter == SAME
