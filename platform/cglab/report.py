@@ -162,9 +162,11 @@ def stability_lines(stab: list[Stability]) -> list[str]:
     return out
 
 
-def plot_eval_curves(runs: LessonRuns, out: Path) -> dict[str, Path]:
+def plot_eval_curves(runs: LessonRuns, out: Path, stab: list[Stability] | None = None) -> dict[str, Path]:
     """Per held-out metric with more than one evaluation: each variant's mean over seeds against tokens seen,
-    its 95% band shaded (none with one seed). One PNG per metric next to `out`: <stem>-curve-<metric>.png."""
+    its 95% band shaded (none with one seed), and where the lesson's ranking and verdict held from. One PNG per
+    metric next to `out`: <stem>-curve-<metric>.png."""
+    stable = {s.metric: s.stable_from_tokens for s in stab or () if s.stable_from is not None}
     keys = [m.key for m in runs.lesson.metrics if m.key in runs.histories]
     keys += [k for k in runs.histories if k not in keys]
     curves = [c for c in (align(k, runs.histories[k], list(runs.metrics)) for k in keys) if c and len(c.fraction) > 1]
@@ -183,6 +185,10 @@ def plot_eval_curves(runs: LessonRuns, out: Path) -> dict[str, Path]:
             ax.fill_between(c.tokens[i], c.lo[i], c.hi[i], color=line.get_color(), alpha=0.2, linewidth=0)
         quarter = QUARTER * float(c.tokens[:, -1].max())
         ax.axvline(quarter, color="grey", linestyle=":", linewidth=1, label="a quarter of the run")
+        if c.metric in stable:
+            ax.axvline(
+                stable[c.metric], color="black", linestyle="--", linewidth=1, label="ranking and verdict stable from"
+            )
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(c.metric)
         ax.set_title(f"Lesson {runs.lesson.number}: {c.metric} (mean and 95% band over seeds)", fontsize=10)
@@ -343,7 +349,7 @@ def write_report(
     png = plot_curves(runs, out.with_suffix(".png"))
     bars = plot_metrics(runs, out.with_name(out.stem + "-metrics.png"))
     stab = runs.stability()
-    curve_pngs = plot_eval_curves(runs, out)
+    curve_pngs = plot_eval_curves(runs, out, stab)
     ui = ui or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI)
     out.write_text(
         render_html(
