@@ -63,7 +63,7 @@ def _step(callback, step):
 
 def test_due_steps_while_one_is_in_flight_are_skipped_and_counted_then_the_end_cancels_it(rig, tmp_path):
     # eval.task_cpus=3 on a 2-CPU cluster: the first task can never start, so it stays in flight for the test
-    cb = _callback(rig, tmp_path, _cfg("eval.code_every=2", "eval.task_cpus=3"), end_wait_s=1.0)
+    cb = _callback(rig, tmp_path, _cfg("eval.code_every=2", "eval.task_cpus=3", "train.train_steps=6"), end_wait_s=1)
     assert _step(cb, 1) == {}  # not due
     first = _step(cb, 2)
     snap = tmp_path / "evals" / "step_000002"
@@ -73,8 +73,18 @@ def test_due_steps_while_one_is_in_flight_are_skipped_and_counted_then_the_end_c
     assert _step(cb, 4) == {"eval/skipped": 1.0}
     assert _step(cb, 6) == {"eval/skipped": 2.0}  # counted, and nothing was queued behind the first
     assert not (tmp_path / "evals" / "step_000004").exists()
-    cb.on_end()  # waits end_wait_s, then cancels the task and removes its snapshot
+    cb.on_end()  # training complete: waits end_wait_s for the last point, then cancels the task
     assert cb.inflight is None and not snap.exists()
+
+
+def test_a_run_stopped_early_cancels_its_task_without_waiting(rig, tmp_path):
+    # as above, but the run stops at step 3 of 10 (preempted): its exit must not wait the hour for the evaluation
+    cb = _callback(rig, tmp_path, _cfg("eval.code_every=2", "eval.task_cpus=3"), end_wait_s=3600)
+    _step(cb, 2)
+    s = StepEnd(3, {}, 0.0, 1.0, stop=True)
+    cb.on_step_end(s)
+    cb.on_end()
+    assert cb.inflight is None and not (tmp_path / "evals" / "step_000002").exists()
 
 
 def test_a_failing_evaluation_is_recorded_and_never_fails_training(rig, tmp_path):
@@ -82,7 +92,8 @@ def test_a_failing_evaluation_is_recorded_and_never_fails_training(rig, tmp_path
 
     # held-out files that are not there: the task converts the snapshot, then fails reading the texts
     missing = str(tmp_path / "missing.jsonl")
-    cb = _callback(rig, tmp_path, _cfg("eval.every=3"), nl_path=missing, code_path=missing)
+    cfg = _cfg("eval.every=3", "train.train_steps=3", "train.warmup_steps=1")
+    cb = _callback(rig, tmp_path, cfg, nl_path=missing, code_path=missing)
     assert "eval/snapshot_s" in _step(cb, 3)
     cb.on_end()  # waits for the task: it failed, and on_end does not raise
     rec = read_evals(tmp_path)[3]

@@ -34,7 +34,8 @@ Never blocking training: the task requests eval.task_cpus CPUs (and uses as many
 placement group. In a Tune trial those CPUs are part of the trial's resources (`cglab.train.plan.trial_resources`),
 so the trials `max_concurrent` runs side by side leave room for each one's task; and nothing waits on the task
 without a bound anyway: while it is pending or running, due steps are skipped, and `on_end` waits at most
-END_WAIT_S for it (so the last point is logged before the run finishes) and then cancels it. A failing task is
+END_WAIT_S for it (so the last point is logged before the run finishes) and then cancels it; a run that stopped
+early (preempted, or a failed step Ray Train restarts from a checkpoint) cancels it without waiting. A failing task is
 logged (a warning, and its error in evals.jsonl) and never fails the training run.
 """
 
@@ -182,6 +183,7 @@ class PeriodicEvalCallback(Callback):
             log.warning("eval.every / eval.code_every: run directory %s not visible here: no evaluation", run_dir)
         self.inflight = None  # (ObjectRef, EvalJob)
         self.skipped = 0
+        self.step, self.stopped = 0, False  # how far this attempt got; stopped early (preemption)
 
     def _due(self, step: int) -> tuple[bool, bool]:
         ev, last = self.cfg.eval, self.cfg.train.train_steps
@@ -190,12 +192,13 @@ class PeriodicEvalCallback(Callback):
         return text, code
 
     def on_step_end(self, s: StepEnd) -> None:
+        self.step, self.stopped = s.step, self.stopped or s.stop
         if self.run_dir is None:
             return
         if self.rank == 0:
-            self._reap(wait_s=0)
+            self._reap(wait_s=0, cancel=False)
         text, code = self._due(s.step)
-        if not (text or code):
+        if not (text or code) or s.stop:  # a preempted run exits within its grace period: no new snapshot
             return
         if self._busy_everywhere():
             self.skipped += 1
@@ -240,8 +243,9 @@ class PeriodicEvalCallback(Callback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def _reap(self, wait_s: float) -> None:
-        """Forget the task once it is done (logging its failure); with wait_s > 0 wait that long, then cancel."""
+    def _reap(self, wait_s: float, cancel: bool) -> None:
+        """Forget the task once it is done (logging its failure); wait up to wait_s for it, then, with `cancel`,
+        cancel it and delete its snapshot."""
         import ray
 
         if self.inflight is None:
@@ -249,7 +253,7 @@ class PeriodicEvalCallback(Callback):
         ref, job = self.inflight
         done, _ = ray.wait([ref], timeout=wait_s)
         if not done:
-            if wait_s <= 0:
+            if not cancel:
                 return
             log.warning("evaluation of step %d still running after %.0f s: cancelled", job.step, wait_s)
             ray.cancel(ref, force=True)
@@ -267,8 +271,12 @@ class PeriodicEvalCallback(Callback):
             log.warning("evaluation of step %d failed: %s", job.step, rec["error"])
 
     def on_end(self) -> None:
+        """Training completed: wait up to end_wait_s for the last task, so its point is logged before the run
+        ends. Stopped early (a preemption, or a step that raised and Ray Train restarts the workers): cancel it
+        at once, a restart or an exit within the grace period must not wait for an evaluation."""
         if self.rank == 0 and self.run_dir is not None:
-            self._reap(wait_s=self.spec.end_wait_s)
+            complete = self.step >= self.cfg.train.train_steps and not self.stopped
+            self._reap(wait_s=self.spec.end_wait_s if complete else 0, cancel=True)
 
 
 def _submit(job: EvalJob):

@@ -63,6 +63,11 @@ PRESETS: dict[str, Preset] = {
             "eval.suites=[nl]",
             "eval.limit=8",
             "eval.max_new_tokens=32",
+            # held-out curves while training (cglab.eval.periodic): due at 25, 50, 75; the final evaluation is the
+            # point at 100. A due step whose previous evaluation still runs is skipped (eval/skipped). Half a CPU
+            # for the task: a trial (0.5 driver + 1 worker + 1 data) with it still fits 3 logical CPUs.
+            "eval.every=25",
+            "eval.task_cpus=0.5",
             "track.system_metrics=true",
         ),
         driver_cpus=0.5,

@@ -143,6 +143,10 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             num_gpus=1 if cfg.parallel.use_gpu else 0,
         )
         metrics.update(ev.metrics)
+        if cfg.eval.every:  # the final evaluation is the last point of the eval.every curves: tokens_seen with it
+            metrics["eval/tokens_seen"] = float(
+                cfg.train.global_batch_size * cfg.data.seq_length * cfg.train.train_steps
+            )
     except BaseException:
         if tracker is not None:
             try:
