@@ -83,7 +83,10 @@ def test_a_run_stopped_early_cancels_its_task_without_waiting(rig, tmp_path):
     _step(cb, 2)
     s = StepEnd(3, {}, 0.0, 1.0, stop=True)
     cb.on_step_end(s)
+    waits, reap = [], cb._reap
+    cb._reap = lambda wait_s, cancel: (waits.append(wait_s), reap(wait_s, cancel))  # what on_end asks for
     cb.on_end()
+    assert waits == [0]  # no wait at all
     assert cb.inflight is None and not (tmp_path / "evals" / "step_000002").exists()
 
 
