@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 from cglab.eval.periodic import PeriodicEval, read_evals
-from cglab.train.trainer import ensure_ray, fit, history
+from cglab.raylocal import local_ray
+from cglab.train.trainer import fit, history
 from cglab.tune.presets import base_config, micro_corpus_sources
 
 
@@ -105,15 +107,18 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/code_eval_cpu.txt")
     args = ap.parse_args()
     sources = micro_corpus_sources()
+    load0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="cglab-bench-eval-") as storage:
         off = _cfg(sources, args.steps, 0, args.limit, args.task_cpus)
         on = _cfg(sources, args.steps, args.every, args.limit, args.task_cpus)
-        ensure_ray(on)  # room for the Train worker, its data tasks and the evaluation task
-        rows = [
-            run_case(off, storage, "code_every=0", ()),
-            run_case(on, storage, f"code_every={args.every}", (PeriodicEval(),)),
-        ]
+        # a private Ray (never a cluster `ray start` left on this machine): the Train worker, its data tasks and
+        # the evaluation task
+        with local_ray(2 + math.ceil(args.task_cpus), f"{storage}/ray", log_to_driver=False):
+            rows = [
+                run_case(off, storage, "code_every=0", ()),
+                run_case(on, storage, f"code_every={args.every}", (PeriodicEval(),)),
+            ]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     import torch
@@ -122,8 +127,9 @@ def main() -> None:
         f"# benchmarks/code_eval_overhead.py, commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"# PYTHONPATH=platform python benchmarks/code_eval_overhead.py --steps {args.steps} --every {args.every} "
         f"--limit {args.limit} --task-cpus {args.task_cpus}",
-        f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU; "
-        f"uptime at the end: {load}",
+        f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
+        f"# uptime at the start: {load0}",
+        f"# uptime at the end:   {load}",
         f"# model d256 L4, seq 128, global batch 8, 1 CPU Train worker; the eval task: {args.task_cpus} CPU, "
         f"first {args.limit} HumanEval + {args.limit} single-line HumanEval-Infill, n=1 greedy, sandboxed",
         "# lost/CPU: (sum of step times with - without) / the evaluation tasks' CPU seconds; <= 1 meets the goal",
