@@ -30,8 +30,8 @@ Metrics (MLflow keys, at the snapshot's step):
     eval/snapshot_s                            (from the training loop) seconds training stopped to write the
                                                snapshot: all the evaluation costs the training loop itself
 
-Never blocking training: the task requests eval.task_cpus CPUs (and uses as many torch threads) outside any
-placement group. In a Tune trial those CPUs are part of the trial's resources (`cglab.train.plan.trial_resources`),
+Never blocking training: the task requests eval.task_cpus CPUs (and uses as many torch threads) and no GPU (the
+GPUs are the Train workers'), outside any placement group. In a Tune trial those CPUs are part of the trial's resources (`cglab.train.plan.trial_resources`),
 so the trials `max_concurrent` runs side by side leave room for each one's task; and nothing waits on the task
 without a bound anyway: while it is pending or running, due steps are skipped, and `on_end` waits at most
 END_WAIT_S for it (so the last point is logged before the run finishes) and then cancels it; a run that stopped
