@@ -67,13 +67,13 @@ def run_case(cfg, storage: str, name: str, callbacks) -> dict:
         median_step_s=statistics.median(step_t),
         sum_step_s=sum(step_t),
         mean_data_wait_s=statistics.fmean(r["data_wait_s"] for r in steps),
-        snapshot_s=sum(r.get("eval/snapshot_s", 0.0) for r in steps),
+        snapshot_s=sum(r.get("eval_task/snapshot_s", 0.0) for r in steps),
         wall_s=wall,
         evals_done=sum(1 for r in evals.values() if "metrics" in r),
         evals_failed=sum(1 for r in evals.values() if "error" in r),
         evals_skipped=int(max([r.get("eval/skipped", 0.0) for r in steps] or [0])),
-        eval_cpu_s=sum(r["metrics"]["eval/task_cpu_s"] for r in evals.values() if "metrics" in r),
-        eval_wall_s=sum(r["metrics"]["eval/task_s"] for r in evals.values() if "metrics" in r),
+        eval_cpu_s=sum(r["metrics"]["eval_task/cpu_s"] for r in evals.values() if "metrics" in r),
+        eval_wall_s=sum(r["metrics"]["eval_task/seconds"] for r in evals.values() if "metrics" in r),
         pass_at_1={
             s: r["metrics"].get("code_eval/humaneval_pass_at_1") for s, r in sorted(evals.items()) if "metrics" in r
         },

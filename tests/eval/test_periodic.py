@@ -67,7 +67,7 @@ def test_due_steps_while_one_is_in_flight_are_skipped_and_counted_then_the_end_c
     assert _step(cb, 1) == {}  # not due
     first = _step(cb, 2)
     snap = tmp_path / "evals" / "step_000002"
-    assert "eval/snapshot_s" in first and (snap / "COMPLETE").is_file()
+    assert "eval_task/snapshot_s" in first and (snap / "COMPLETE").is_file()
     assert json.loads((snap / "manifest.json").read_text())["world_size"] == 1
     assert not any("optimizer" in p.name for p in snap.rglob("*"))  # model only
     assert _step(cb, 4) == {"eval/skipped": 1.0}
@@ -97,7 +97,7 @@ def test_a_failing_evaluation_is_recorded_and_never_fails_training(rig, tmp_path
     missing = str(tmp_path / "missing.jsonl")
     cfg = _cfg("eval.every=3", "train.train_steps=3", "train.warmup_steps=1")
     cb = _callback(rig, tmp_path, cfg, nl_path=missing, code_path=missing)
-    assert "eval/snapshot_s" in _step(cb, 3)
+    assert "eval_task/snapshot_s" in _step(cb, 3)
     cb.on_end()  # waits for the task: it failed, and on_end does not raise
     rec = read_evals(tmp_path)[3]
     assert "FileNotFoundError" in rec["error"] and "metrics" not in rec

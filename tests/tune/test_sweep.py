@@ -173,7 +173,7 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
                 assert sum(n.values()) == CODE_LIMIT and n["sandbox_error"] == 0, (suite, step, n)
                 assert hist(f"code_eval/{suite}_pass_at_1")[step] == pytest.approx(n["passed"] / CODE_LIMIT)
         for step in evaluated:
-            assert hist("code_eval/seconds")[step] > 0 and hist("eval/task_cpu_s")[step] > 0
+            assert hist("code_eval/seconds")[step] > 0 and hist("eval_task/cpu_s")[step] > 0
         # the curves: the periodic point at EVERY, then the final evaluation's at the last step (tokens_seen with
         # each); the fixed-subset pass@1 never lands on the final evaluation's keys
         for key in ("eval/nl_ppl", "eval/nl_bpb", "eval/code_ppl", "eval/code_bpb", "eval/infill_ppl"):

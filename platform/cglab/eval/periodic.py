@@ -22,21 +22,24 @@ Metrics (MLflow keys, at the snapshot's step):
     code_eval/<suite>_{passed,failed,          programs per sandbox status (<suite>: humaneval, humaneval_infill)
       timed_out,sandbox_error}                 and the tag code_eval/<suite>_isolation (the sandbox's isolation)
     code_eval/seconds, code_eval/cpu_s         wall and CPU seconds of the pass@1 part (generation + sandbox)
-    eval/task_s, eval/task_cpu_s               wall and CPU seconds of the whole task (its process and the
+    eval_task/seconds, eval_task/cpu_s         wall and CPU seconds of the whole task (its process and the
                                                sandbox's children): the CPU it took from the machine
+    eval_task/snapshot_s                       (from the training loop) seconds training stopped to write the
+                                               snapshot: all the evaluation costs the training loop itself
     eval/skipped                               (from the training loop) due snapshots skipped so far, because the
                                                previous task was still running: at most one task is in flight per
                                                run, never a queue
-    eval/snapshot_s                            (from the training loop) seconds training stopped to write the
-                                               snapshot: all the evaluation costs the training loop itself
+
+The task's own bookkeeping is under eval_task/, not eval/: a lesson report lists the eval/ metrics as results.
 
 Never blocking training: the task requests eval.task_cpus CPUs (and uses as many torch threads) and no GPU (the
-GPUs are the Train workers'), outside any placement group. In a Tune trial those CPUs are part of the trial's resources (`cglab.train.plan.trial_resources`),
-so the trials `max_concurrent` runs side by side leave room for each one's task; and nothing waits on the task
-without a bound anyway: while it is pending or running, due steps are skipped, and `on_end` waits at most
-END_WAIT_S for it (so the last point is logged before the run finishes) and then cancels it; a run that stopped
-early (preempted, or a failed step Ray Train restarts from a checkpoint) cancels it without waiting. A failing task is
-logged (a warning, and its error in evals.jsonl) and never fails the training run.
+GPUs are the Train workers'), outside any placement group. In a Tune trial those CPUs are part of the trial's
+resources (`cglab.train.plan.trial_resources`), so the trials `max_concurrent` runs side by side leave room for
+each one's task; and nothing waits on the task without a bound anyway: while it is pending or running, due steps
+are skipped, and `on_end` waits at most END_WAIT_S for it (so the last point is logged before the run finishes)
+and then cancels it; a run that stopped early (preempted, or a failed step Ray Train restarts from a checkpoint)
+cancels it without waiting. A failing task is logged (a warning, and its error in evals.jsonl) and never fails
+the training run.
 """
 
 from __future__ import annotations
@@ -112,8 +115,8 @@ def evaluate_snapshot(job: EvalJob) -> dict:
             metrics["code_eval/cpu_s"] = _cpu_s() - pc0
         t = cfg.train
         metrics["eval/tokens_seen"] = float(t.global_batch_size * cfg.data.seq_length * job.step)
-        metrics["eval/task_s"] = time.perf_counter() - t0
-        metrics["eval/task_cpu_s"] = _cpu_s() - c0
+        metrics["eval_task/seconds"] = time.perf_counter() - t0
+        metrics["eval_task/cpu_s"] = _cpu_s() - c0
         rec.update(metrics=metrics, tags=tags)
         if job.mlflow is not None:
             _log_mlflow(job.mlflow, job.step, metrics, tags)
@@ -231,7 +234,7 @@ class PeriodicEvalCallback(Callback):
                 str(self.run_dir / "evals.jsonl"),
             )
             self.inflight = (_submit(job), job)
-        s.metrics["eval/snapshot_s"] = time.perf_counter() - t0
+        s.metrics["eval_task/snapshot_s"] = time.perf_counter() - t0
 
     def _busy_everywhere(self) -> bool:
         """Rank 0's answer (only it holds the task), the same on every rank: they all snapshot, or none."""
