@@ -9,6 +9,9 @@ document, `--files` files per source (the units of work). On a private local Ray
     workers), before and after. Goal: flat in DP (within 10%): each rank reads only its own units.
 (b) time to the first batch after resuming at 10%, 50%, 90% of DP rank 0's epoch (dp=1), against a fresh start.
     The position is (unit, offset); only the partial unit is re-read. Goal: flat in the position, within 2x fresh.
+    Each position `--repeats` times, interleaved in rotating order. The wall column is the median over the
+    measurements during which Ray started no worker process; the note lists the others (a new worker pays its
+    imports before the first batch, at any position: see run_size).
 (c) dedup: time and peak memory (RSS of the driver and everything under it, sampled every 50 ms) of building the
     drop list, per million documents, and the time for a second prepare to find and reuse it.
 
@@ -85,6 +88,30 @@ def _procs():
 
     me = psutil.Process()
     return [me, *me.children(recursive=True)]
+
+
+def _ray_workers() -> set[int]:
+    """PIDs of the Ray worker processes (task and actor workers) under this driver."""
+    out = set()
+    for p in _procs()[1:]:
+        try:
+            cmd = " ".join(p.cmdline())
+            if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                out.add(p.pid)
+        except Exception:  # a process that just ended
+            pass
+    return out
+
+
+def _wait_idle(timeout_s: float = 120.0) -> None:
+    """Until every CPU of the local cluster is free again. A closed iterator's read tasks run on to the end of their
+    block; measured right after, the next first batch would wait for them or start new worker processes (seconds
+    of imports), and the resume rows would time the previous row's leftovers instead of the resume."""
+    import ray
+
+    total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def cpu_seconds() -> float:
@@ -219,28 +246,53 @@ def run_size(n_docs: int, args, tok) -> list[dict]:
         for k, i in zip(b["unit_ordinal"], b["unit_index"])
     ]
 
-    def first_batch(start):
+    def first_batch(start) -> tuple[float, int]:
+        """Seconds to the first batch from `start`, and how many Ray worker processes were started meanwhile."""
+        before = _ray_workers()
         t0 = time.perf_counter()
         it = pipeline.iter_train_batches(cfg, 0, 0, 1, start=start, batch_size=8, plan=plan)
         next(it)
         dt = time.perf_counter() - t0
+        started = len(_ray_workers() - before)
         it.close()
-        return dt
+        _wait_idle()
+        return dt, started
 
     first_batch((0, 0))  # warm the workers (imports, tokenizer) once for every row alike
-    fresh = min(first_batch((0, 0)) for _ in range(2))
-    rows.append(dict(docs=n_docs, what="first batch, fresh start", wall_s=fresh, cpu_s=None, per_million="", note=""))
+    points = {"fresh start": (0, 0)}
     for frac in (0.1, 0.5, 0.9):
-        k, i = full[int(frac * len(full))]
-        dt = min(first_batch((k, i)) for _ in range(2))
+        points[f"resumed at {frac:.0%}"] = full[int(frac * len(full))]
+    # Interleaved, rotating the order each round: a load that drifts over the measurement, or the state one
+    # measurement leaves (idle workers, object store), weighs on every position alike.
+    times: dict[str, list[tuple[float, int]]] = {k: [] for k in points}
+    names = list(points)
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(first_batch(points[name]))
+
+    # The wall column is the median over the measurements that started no Ray worker process: Ray Data cancels a
+    # closed stream's running read tasks, the worker that ran one exits, and the next stream's first task then waits
+    # for a new worker's imports (seconds) - at any position, by timing alone. The note gives every measurement.
+    def warm_median(name: str) -> float:
+        warm = [t for t, n in times[name] if n == 0]
+        return float(np.median(warm or [t for t, _ in times[name]]))
+
+    fresh = warm_median("fresh start")
+    for name, (k, i) in points.items():
+        ts = [t for t, _ in times[name]]
+        cold = [t for t, n in times[name] if n > 0]
+        med = warm_median(name)
+        where = "" if name == "fresh start" else f"unit {k} of {args.files}, offset {i}; "
         rows.append(
             dict(
                 docs=n_docs,
-                what=f"first batch, resumed at {frac:.0%}",
-                wall_s=dt,
+                what=f"first batch, {name}",
+                wall_s=med,
                 cpu_s=None,
                 per_million="",
-                note=f"unit {k} of {args.files}, offset {i}; {dt / fresh:.2f}x fresh",
+                note=f"{where}{med / fresh:.2f}x fresh; {len(ts) - len(cold)} of {len(ts)} with warm workers, "
+                f"min {min(ts):.2f} max {max(ts):.2f}"
+                + (f"; {len(cold)} started Ray workers: {', '.join(f'{t:.2f}' for t in cold)}" if cold else ""),
             )
         )
     print(f"synthetic corpus of {n_docs} docs ({stats}) written in {t_synth:.1f}s", flush=True)
@@ -264,6 +316,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--abba", action="store_true", help="each DP size twice, in the order 1 2 4 8 8 4 2 1")
     ap.add_argument("--no-resume", action="store_true", help="skip (b), the first-batch-after-resume rows")
+    ap.add_argument("--repeats", type=int, default=5, help="(b): first batches per position, interleaved")
     args = ap.parse_args()
 
     import ray

@@ -1,6 +1,9 @@
 """`cglab report --lesson N`: read a lesson's sweep back from MLflow and write one HTML page: the
 variants x metrics table (mean and 95% interval over seeds), the deciding metrics with error bars, loss-vs-tokens
-curves, the verdict per metric against the paper's finding, and links into the MLflow UI.
+curves, the held-out metrics' curves over tokens (mean and band over seeds) with the decision stability per
+metric (from which point on the ranking and verdict held; whether a run 4x shorter agreed), the verdict per
+metric against the paper's finding, and links into the MLflow UI. The stability and the curve plots are also
+recorded on the sweep's parent run (tags `stability/<metric>/...`, artifacts under `report/`).
 
 Where the runs are: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else the local store `cglab ablate` writes when
 it is given no URI (`.cglab/mlflow/mlflow.db`, read directly: no server needs to run). A server that does not
@@ -18,8 +21,9 @@ import urllib.parse
 from pathlib import Path
 
 from cglab.track.server import TrackingUnavailable, check_server, sqlite_uri
-from cglab.tune.lessons import Interval, Lesson, Outcome
-from cglab.tune.results import LessonRuns, collect
+from cglab.tune.curves import QUARTER, Stability, align
+from cglab.tune.lessons import NOT_MEASURED, Interval, Lesson, Outcome
+from cglab.tune.results import LessonRuns, collect, record_stability
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `cglab mlflow up` serves a local store's UI
 
@@ -115,6 +119,89 @@ def _verdict_line(o: Outcome) -> str:
     return f"{head}: {best} vs {o.runner_up} {_fmt_iv(o.intervals[o.runner_up])}, {diff}{expects}"
 
 
+def _tokens(x: float) -> str:
+    """4,096 / 917,504 / 1.23e+09: exact below a million, three digits above."""
+    return f"{x:,.0f}" if x < 1e6 else f"{x:.3g}"
+
+
+def stability_rows(stab: list[Stability]) -> list[list[str]]:
+    """One row per lesson metric: final verdict, stable from (tokens, fraction of the run), 4x-shorter answer."""
+    rows = []
+    for s in stab:
+        if s.curves is None:
+            measured = s.note != NOT_MEASURED
+            rows.append([s.metric, "-" if measured else NOT_MEASURED, "-", "-", s.quarter, s.note if measured else ""])
+            continue
+        f, q = s.final, s.outcomes[s.quarter_point] if s.quarter_point is not None else None
+        at_q = f" ({q.verdict}, best {q.winner} at {s.curves.fraction[s.quarter_point]:.0%})" if q else ""
+        rows.append(
+            [
+                s.metric,
+                f"{f.verdict}, best {f.winner}" if f.winner else f.verdict,
+                _tokens(s.stable_from_tokens),
+                f"{s.stable_from_fraction:.0%}",
+                s.quarter + at_q,
+                s.note,
+            ]
+        )
+    return rows
+
+
+STABILITY_HEAD = ["metric", "final verdict", "stable from (tokens)", "of the run", "4x shorter run", "note"]
+
+
+def stability_lines(stab: list[Stability]) -> list[str]:
+    out = []
+    for r in stability_rows(stab):
+        if r[2] == "-":
+            out.append(f"{r[0]}: {r[5] or r[4]}")
+        else:
+            tail = f" ({r[5]})" if r[5] else ""
+            out.append(f"{r[0]}: ranking and verdict stable from {r[2]} tokens ({r[3]} of the run); "
+                       f"a run 4x shorter: {r[4]}{tail}")  # fmt: skip
+    return out
+
+
+def plot_eval_curves(runs: LessonRuns, out: Path, stab: list[Stability] | None = None) -> dict[str, Path]:
+    """Per held-out metric with more than one evaluation: each variant's mean over seeds against tokens seen,
+    its 95% band shaded (none with one seed), and where the lesson's ranking and verdict held from. One PNG per
+    metric next to `out`: <stem>-curve-<metric>.png."""
+    stable = {s.metric: s.stable_from_tokens for s in stab or () if s.stable_from is not None}
+    keys = [m.key for m in runs.lesson.metrics if m.key in runs.histories]
+    keys += [k for k in runs.histories if k not in keys]
+    curves = [c for c in (align(k, runs.histories[k], list(runs.metrics)) for k in keys) if c and len(c.fraction) > 1]
+    if not curves:
+        return {}
+    import matplotlib  # seconds to import: only when there is something to plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for c in curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, v in enumerate(c.variants):
+            (line,) = ax.plot(c.tokens[i], c.mean[i], marker="o", ms=3, label=f"{v} ({int(c.n[i].max())} seeds)")
+            ax.fill_between(c.tokens[i], c.lo[i], c.hi[i], color=line.get_color(), alpha=0.2, linewidth=0)
+        quarter = QUARTER * float(c.tokens[:, -1].max())
+        ax.axvline(quarter, color="grey", linestyle=":", linewidth=1, label="a quarter of the run")
+        if c.metric in stable:
+            ax.axvline(
+                stable[c.metric], color="black", linestyle="--", linewidth=1, label="ranking and verdict stable from"
+            )
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(c.metric)
+        ax.set_title(f"Lesson {runs.lesson.number}: {c.metric} (mean and 95% band over seeds)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}-curve-{c.metric.replace('/', '_')}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths[c.metric] = path
+    return paths
+
+
 def plot_curves(runs: LessonRuns, path: Path) -> Path | None:
     if not any(runs.curves.values()):
         return None
@@ -164,8 +251,21 @@ def plot_metrics(runs: LessonRuns, path: Path) -> Path | None:
     return path
 
 
-def render_html(runs: LessonRuns, ui: str, png_name: str | None, metrics_png: str | None = None) -> str:
+def render_html(
+    runs: LessonRuns,
+    ui: str,
+    png_name: str | None,
+    metrics_png: str | None = None,
+    stab: list[Stability] | None = None,
+    curve_pngs: dict[str, str] | None = None,
+) -> str:
     les, e = runs.lesson, html.escape
+    stab = runs.stability() if stab is None else stab
+    shead = "".join(f"<th>{e(k)}</th>" for k in STABILITY_HEAD)
+    sbody = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in stability_rows(stab))
+    cimgs = "".join(f'<img src="{e(p)}" alt="{e(k)} vs tokens">' for k, p in (curve_pngs or {}).items()) or (
+        "<p>No held-out metric was evaluated more than once per run (only the final evaluation): no curves.</p>"
+    )
     keys = runs.metric_keys
     head = "".join(f"<th>{e(k)}</th>" for k in ["variant", "seeds", "status", *keys])
     body = "".join(
@@ -216,6 +316,15 @@ Held fixed: {e(fixed)}.</p>
 {bars}
 <h2>Training loss vs tokens</h2>
 {img}
+<h2>Held-out metrics vs tokens, and decision stability</h2>
+{cimgs}
+<p>Each held-out evaluation during training is on the same split as the final one. Per metric: the point
+(tokens seen, and as a fraction of the run) from which the ranking of the variants and the verdict no longer
+changed through the end, and whether a run 4x shorter would have reached the same verdict (the verdict, and the
+variant it favours, at the last evaluation at or before a quarter of the run, against the final one; <i>not
+measured</i> when there is no evaluation there). An early evaluation is not a shorter run (its learning rate has
+not decayed): a lower bound on what a shorter run would say, not a substitute for it.</p>
+<table><tr>{shead}</tr>{sbody}</table>
 <h2>Verdict</h2>
 <p>Per metric, the best variant is compared with the best one on the other side of the paper's claim; the
 verdict is <i>agrees</i> or <i>disagrees</i> only when the 95% interval of that difference (paired by seed where
@@ -232,15 +341,45 @@ def write_report(
     out: str | Path | None = None,
     sweep: str | None = None,
     ui: str | None = None,
+    record: bool = True,
 ) -> tuple[Path, LessonRuns]:
     runs = collect(lesson, tracking_uri, sweep)
     out = Path(out or f"dashboards/lesson-{runs.lesson.number}.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot_curves(runs, out.with_suffix(".png"))
     bars = plot_metrics(runs, out.with_name(out.stem + "-metrics.png"))
+    stab = runs.stability()
+    curve_pngs = plot_eval_curves(runs, out, stab)
     ui = ui or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI)
-    out.write_text(render_html(runs, ui.rstrip("/"), png.name if png else None, bars.name if bars else None))
+    out.write_text(
+        render_html(
+            runs,
+            ui.rstrip("/"),
+            png.name if png else None,
+            bars.name if bars else None,
+            stab,
+            {k: p.name for k, p in curve_pngs.items()},
+        )
+    )
+    if record:
+        _record(runs, tracking_uri, stab, list(curve_pngs.values()))
     return out, runs
+
+
+def _record(runs: LessonRuns, tracking_uri: str, stab: list[Stability], plots: list[Path]) -> None:
+    """The stability tags and the curve plots onto the sweep's parent run. Bookkeeping: a store that cannot
+    take them (a SQLite store read without its server cannot upload to `mlflow-artifacts:`) costs a warning,
+    not the report."""
+    try:
+        record_stability(runs, tracking_uri, stab)
+        if plots:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            for p in plots:
+                client.log_artifact(runs.parent_run_id, str(p), "report")
+    except Exception as err:  # any store failure: the HTML is written, say what was not recorded
+        print(f"cglab report: could not record the stability on the parent run: {err}", file=sys.stderr)
 
 
 def register(subparsers) -> None:
@@ -270,6 +409,8 @@ def _main(args) -> int:
         return 1
     print(text_table(runs))
     print("\n".join(verdict_lines(runs)))
+    print("decision stability:")
+    print("\n".join("  " + line for line in stability_lines(runs.stability())))
     print(f"wrote {out}")
     if uri.startswith("sqlite:"):
         print(f"MLflow UI on these runs: `cglab mlflow up --root {args.mlflow_root} --port 5000`, then")

@@ -37,25 +37,22 @@ def _losses(out):
     return {s: r["loss"] for s, r in history(out["run_dir"]).items()}
 
 
-def test_tp2_and_pp2_reach_the_losses_of_tp1(ray_local, micro_sources, micro_tokenizer, tmp_path):
+def test_tp2_pp2_reaches_the_losses_of_tp1(ray_local, micro_sources, micro_tokenizer, tmp_path):
+    """The whole training path (feed, Megatron TP x PP model, grad reductions, optimizer) at TP=2 x PP=2 with the GPU
+    default's gradient fold (1/tokens and the clip inside fused AdamW) against TP=1 without it. One parallel run: TP
+    and PP alone are matched against a single rank in tests/model/test_parallel.py (forward and grads, in-process),
+    and the fold against the two-pass update in tests/compat/test_gradscale.py; each extra run here costs its four
+    worker processes' start (~30 s of CI)."""
     base = ["train.train_steps=3"]
     ref = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base), storage_path=str(tmp_path), name="tp1"))
     assert sorted(ref) == [1, 2, 3] and all(5.0 < v < 8.0 for v in ref.values())  # ~ln(1024) at init
-    for name, ov in (
-        ("tp2", ["parallel.tensor_model_parallel_size=2"]),
-        ("pp2", ["parallel.pipeline_model_parallel_size=2"]),
-        # the GPU default's gradient fold (1/tokens and the clip inside fused AdamW), across TP and PP
-        (
-            "tp2pp2-fold",
-            [
-                "parallel.tensor_model_parallel_size=2",
-                "parallel.pipeline_model_parallel_size=2",
-                "train.fold_grad_scale=true",
-            ],
-        ),
-    ):
-        got = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base, *ov), storage_path=str(tmp_path), name=name))
-        assert got == pytest.approx(ref, abs=1e-4), name
+    ov = [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        "train.fold_grad_scale=true",
+    ]
+    got = _losses(fit(_cfg(micro_sources, micro_tokenizer.path, *base, *ov), storage_path=str(tmp_path), name="tp2pp2"))
+    assert got == pytest.approx(ref, abs=1e-4)
 
 
 def test_killed_worker_resumes_from_checkpoint_with_identical_losses(

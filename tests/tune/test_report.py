@@ -114,3 +114,102 @@ def test_report_against_a_server_that_does_not_answer_fails_fast_and_says_so(tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(LookupError, match="does not answer"):
         resolve_tracking(None)
+
+
+def _log_curves_sweep(uri, name, code, nl, steps=(2, 4, 6, 8)):
+    """A lesson-4 sweep whose trials evaluated at several steps, as training logs it: the held-out metrics under
+    their final keys at each step, `eval/tokens_seen` with them except at the final step (the report falls back
+    to step x batch x sequence there). code/nl: variant -> per seed, one value per step."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from cglab.config import dump_config, flatten
+
+    lesson, base = get_lesson(4), base_config("laptop")
+    per_step = base.train.global_batch_size * base.data.seq_length
+    tracker = SweepTracker(uri, lesson.experiment, name)
+    tracker.ensure_experiment()
+    parent = tracker.parent_run()
+    client = MlflowClient(uri)
+    for v in code:
+        for i, seed in enumerate(SEEDS[: len(code[v])]):
+            cfg = lesson.config_for(v, base, seed)
+            rid, _ = tracker.trial_run(
+                parent, f"{v}-{seed}", f"{v}-seed{seed}", {"variant": v, "seed": str(seed), "lesson": "4"},
+                flatten(cfg), dump_config(cfg),
+            )  # fmt: skip
+            points = [Metric("eval/tokens_seen", s * per_step, 0, s) for s in steps[:-1]]
+            for k, vals in (("eval/code_ppl", code[v][i]), ("eval/nl_ppl", nl[v][i])):
+                points += [Metric(k, x, 0, s) for s, x in zip(steps[:-1], vals[:-1])]
+            client.log_batch(rid, metrics=points)
+            tracker.finish_run(rid, {"eval/code_ppl": code[v][i][-1], "eval/nl_ppl": nl[v][i][-1]}, step=steps[-1])
+    tracker.finish_run(parent)
+    return parent, per_step
+
+
+def test_report_curves_and_decision_stability(tmp_path, mlflow_server, capsys):
+    from mlflow import MlflowClient
+
+    # code: mix leads at the first evaluation (a quarter of the run), pl_only from the second on (the paper's
+    # answer); nl: nl_only leads throughout. Two seeds, paired offsets: every difference is clear.
+    code = {
+        "pl_only": [[9.0, 5.0, 4.0, 3.0], [9.2, 5.1, 4.1, 3.1]],
+        "nl_only": [[12.0, 11.0, 10.0, 9.0], [12.2, 11.1, 10.1, 9.2]],
+        "mix": [[7.0, 6.0, 5.0, 4.0], [7.2, 6.1, 5.2, 4.1]],
+    }
+    nl = {
+        "pl_only": [[12.0, 10.0, 9.0, 8.0], [12.1, 10.2, 9.1, 8.1]],
+        "nl_only": [[8.0, 6.0, 5.0, 4.0], [8.1, 6.2, 5.1, 4.1]],
+        "mix": [[9.0, 7.0, 6.0, 5.0], [9.1, 7.2, 6.1, 5.1]],
+    }
+    parent, per_step = _log_curves_sweep(mlflow_server.uri, "curves-sweep", code, nl)
+    out, runs = write_report(4, mlflow_server.uri, tmp_path / "lesson-4.html", "curves-sweep")
+    assert runs.histories["eval/code_ppl"]["mix"]["2"] == [
+        (2 * per_step, 7.2), (4 * per_step, 6.1), (6 * per_step, 5.2), (8 * per_step, 4.1),
+    ]  # fmt: skip
+    code_s, nl_s, pass_s = runs.stability()
+    assert [o.verdict for o in code_s.outcomes] == ["disagrees", "agrees", "agrees", "agrees"]
+    assert code_s.final == runs.outcomes()[0]  # the last point is the final report's verdict
+    assert code_s.stable_from_tokens == 4 * per_step and code_s.quarter == "different"
+    assert nl_s.stable_from_tokens == 2 * per_step and nl_s.quarter == "same"
+    assert pass_s.curves is None and pass_s.note == "not measured"
+
+    page = out.read_text()
+    for key in ("eval_code_ppl", "eval_nl_ppl"):
+        png = tmp_path / f"lesson-4-curve-{key}.png"
+        assert png.stat().st_size > 0 and png.name in page
+    assert not list(tmp_path.glob("lesson-4-curve-eval_humaneval*"))
+    assert "<tr><td>eval/humaneval_pass_at_1</td><td>not measured</td><td>-</td><td>-</td><td>not measured</td>" in page
+    tok = f"{4 * per_step:,}"
+    assert (
+        "<tr><td>eval/code_ppl</td><td>agrees, best pl_only</td>"
+        f"<td>{tok}</td><td>50%</td><td>different (disagrees, best mix at 25%)</td><td></td></tr>"
+    ) in page
+    assert (
+        "<td>eval/nl_ppl</td><td>agrees, best nl_only</td>" in page and "<td>same (agrees, best nl_only at 25%)" in page
+    )
+
+    logged = MlflowClient(mlflow_server.uri).get_run(parent).data.tags
+    assert logged["stability/eval/code_ppl/stable_from_tokens"] == str(4 * per_step)
+    assert logged["stability/eval/code_ppl/stable_from_fraction"] == "0.5"
+    assert logged["stability/eval/code_ppl/quarter_run"] == "different"
+    assert logged["stability/eval/nl_ppl/quarter_run"] == "same"
+    assert logged["stability/eval/humaneval_pass_at_1/quarter_run"] == "not measured"
+    arts = {a.path for a in MlflowClient(mlflow_server.uri).list_artifacts(parent, "report")}
+    assert arts == {"report/lesson-4-curve-eval_code_ppl.png", "report/lesson-4-curve-eval_nl_ppl.png"}
+
+    assert cli.main(["report", "--lesson", "4", "--sweep", "curves-sweep", "--tracking-uri", mlflow_server.uri,
+                     "--out", str(tmp_path / "cli.html")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert (
+        f"eval/code_ppl: ranking and verdict stable from {tok} tokens (50% of the run); "
+        "a run 4x shorter: different (disagrees, best mix at 25%)"
+    ) in printed
+
+
+def test_runs_with_only_the_final_evaluation_have_no_curve(tmp_path, mlflow_server):
+    code, nl = {"pl_only": [3.0, 3.1], "mix": [9.0, 9.1]}, {"pl_only": [8.0, 8.1], "mix": [5.0, 5.1]}
+    _log_sweep(mlflow_server.uri, "final-only", code, nl)
+    out, runs = write_report(4, mlflow_server.uri, tmp_path / "l4.html", "final-only")
+    assert [s.note for s in runs.stability()][:2] == ["one evaluation per run (the final one): no curve"] * 2
+    assert "no curves" in out.read_text() and not list(tmp_path.glob("l4-curve-*"))

@@ -187,3 +187,34 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
         records = read_evals(run_dir)
         assert EVERY in records and all("error" not in rec for rec in records.values()), records
         assert list((run_dir / "evals").iterdir()) == []  # every snapshot deleted after its evaluation
+
+
+# Evaluations during training (eval/tokens_seen with the held-out metrics; eval.every in _base) give every run a
+# curve: the point at EVERY and the final evaluation's.
+CURVES_REQUIRED = True
+
+
+def test_sweep_records_decision_stability_and_the_report_draws_the_curves(sweep, tmp_path):
+    from mlflow import MlflowClient
+
+    from cglab.report import write_report
+    from cglab.tune.results import collect
+
+    res = sweep["second"]
+    parent = MlflowClient(sweep["uri"]).get_run(res.parent_run_id).data.tags
+    lesson = get_lesson(2)
+    for m in lesson.metrics:  # written by the sweep itself when it ended
+        assert parent[f"stability/{m.key}/quarter_run"] in ("same", "different", "not measured")
+    runs = collect(lesson, sweep["uri"], res.name)
+    curved = [k for k, h in runs.histories.items() if any(len(p) > 1 for s in h.values() for p in s.values())]
+    assert curved or not CURVES_REQUIRED
+    out, _ = write_report(lesson, sweep["uri"], tmp_path / "lesson-2.html", res.name, record=False)
+    for s in runs.stability():
+        if s.metric in curved:
+            assert s.stable_from is not None and parent[f"stability/{s.metric}/stable_from_tokens"]
+            assert (tmp_path / f"lesson-2-curve-{s.metric.replace('/', '_')}.png").stat().st_size > 0
+            # one seed: a curve, but no verdict at any point
+            assert all(o.verdict in ("inconclusive", "descriptive", "not measured") for o in s.outcomes)
+        elif s.note != "not measured":
+            assert s.note == "one evaluation per run (the final one): no curve"
+    assert ("no curves" in out.read_text()) == (not curved)

@@ -9,7 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 from cglab.track.server import check_server
+from cglab.tune.curves import Stability, stability
 from cglab.tune.lessons import LOSS, Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
+
+TOKENS_SEEN = "eval/tokens_seen"  # logged with every held-out evaluation: global tokens trained at that step
+# eval/ keys that are bookkeeping of the evaluation while training (cglab.eval.periodic), not results
+NOT_RESULTS = (TOKENS_SEEN, "eval/skipped")
 
 
 @dataclass
@@ -24,12 +29,16 @@ class LessonRuns:
     status: dict[str, list[str]] = field(default_factory=dict)
     samples: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> metric -> seed -> x
     run_ids: list[str] = field(default_factory=list)  # finished child runs, in variant order
+    # held-out metric -> variant -> seed -> [(tokens seen, value)], one point per evaluation, the final last
+    histories: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = field(default_factory=dict)
 
     @property
     def metric_keys(self) -> list[str]:
         keys = {k for m in self.metrics.values() for k in m}
         decide = [m.key for m in self.lesson.metrics if m.key in keys]
-        rest = sorted(k for k in keys if k not in decide and (k.startswith("eval/") or k == "loss"))
+        rest = sorted(
+            k for k in keys if k not in decide and k not in NOT_RESULTS and (k.startswith("eval/") or k == "loss")
+        )
         return decide + rest
 
     def interval(self, variant: str, key: str) -> Interval | None:
@@ -38,6 +47,10 @@ class LessonRuns:
 
     def outcomes(self) -> list[Outcome]:
         return verdict(self.lesson, self.samples)
+
+    def stability(self) -> list[Stability]:
+        """Per lesson metric: from which evaluation on the ranking and verdict held (cglab.tune.curves)."""
+        return [stability(self.lesson, m, self.histories.get(m.key, {})) for m in self.lesson.metrics]
 
 
 def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -> LessonRuns:
@@ -67,6 +80,7 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
     status: dict[str, list[str]] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
     finished: dict[str, list[str]] = {}
+    histories: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = {}
     for run in children:
         v = run.data.tags.get("variant", run.info.run_name)
         status.setdefault(v, []).append(run.info.status)
@@ -79,6 +93,8 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
             samples.setdefault(v, {}).setdefault(k, {})[seed] = x
         if v not in curves:  # the first seed's curve stands for the variant
             curves[v] = _curve(client, run)
+        for k, pts in _histories(client, run, les).items():
+            histories.setdefault(k, {}).setdefault(v, {})[seed] = pts
     means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
     order = [x.name for x in les.variants if x.name in means or x.name in status]
     return LessonRuns(
@@ -92,6 +108,7 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
         status,
         {v: samples.get(v, {}) for v in order},
         [r for v in order for r in finished.get(v, [])],
+        histories,
     )
 
 
@@ -120,6 +137,48 @@ def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
         runs.parent_run_id, metrics=points, tags=[RunTag(k, v) for k, v in tags.items()]
     )
     return tags
+
+
+def record_stability(runs: LessonRuns, tracking_uri: str, stab: list[Stability] | None = None) -> dict[str, str]:
+    """Put each lesson metric's decision stability on the sweep's parent run: tags
+    `stability/<metric>/stable_from_tokens`, `.../stable_from_fraction` (of the run), `.../quarter_run` (same,
+    different, not measured: the verdict a run 4x shorter gave against the final one) and `.../note`. Returns
+    the tags."""
+    from mlflow import MlflowClient  # seconds to import: kept off `cglab --help`, which imports cglab.report
+    from mlflow.entities import RunTag
+
+    tags: dict[str, str] = {}
+    for s in runs.stability() if stab is None else stab:
+        pre = f"stability/{s.metric}"
+        tags[f"{pre}/quarter_run"] = s.quarter
+        if s.stable_from is not None:
+            tags[f"{pre}/stable_from_tokens"] = f"{s.stable_from_tokens:.0f}"
+            tags[f"{pre}/stable_from_fraction"] = f"{s.stable_from_fraction:.4g}"
+        if s.note:
+            tags[f"{pre}/note"] = s.note
+    MlflowClient(tracking_uri).log_batch(runs.parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return tags
+
+
+def _histories(client, run, les: Lesson) -> dict[str, list[tuple[float, float]]]:
+    """The held-out metrics' histories of one trial, against tokens seen: the lesson's metrics and every other
+    `eval/` metric it logged. x: `eval/tokens_seen` logged at the same step, else step x global batch x
+    sequence length from the run's params (the final evaluation may log only its step), else the step."""
+    keys = [m.key for m in les.metrics if m.key in run.data.metrics]
+    keys += sorted(k for k in run.data.metrics if k.startswith("eval/") and k not in keys and k not in NOT_RESULTS)
+    if not keys:
+        return {}
+    p = run.data.params
+    try:
+        per_step = int(p["train.global_batch_size"]) * int(p["data.seq_length"])
+    except (KeyError, ValueError):
+        per_step = 1
+    seen = {m.step: m.value for m in client.get_metric_history(run.info.run_id, TOKENS_SEEN)}
+    out = {}
+    for k in keys:
+        pts = {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}  # a step logged twice: last
+        out[k] = sorted((seen.get(step, step * per_step), x) for step, x in pts.items())
+    return out
 
 
 def _curve(client, run) -> list[tuple[float, float]]:

@@ -43,7 +43,7 @@ from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
 from cglab.tune.heldout import split_sources
 from cglab.tune.lessons import Lesson, get_lesson
 from cglab.tune.presets import Preset, base_config, get_preset, max_concurrent, trial_resources
-from cglab.tune.results import collect, record_verdict
+from cglab.tune.results import collect, record_stability, record_verdict
 
 log = logging.getLogger(__name__)
 
@@ -378,10 +378,13 @@ def run_lesson(
         )
         results.append(row)
     if tracking_uri:
-        # The verdict per metric lives on the parent run (tags `verdict/<metric>`), from the same numbers the
-        # report reads back; a bookkeeping failure here must not lose the sweep's result.
+        # The verdict per metric lives on the parent run (tags `verdict/<metric>`, and `stability/<metric>/...`
+        # from the metric's curves), from the same numbers the report reads back; a bookkeeping failure here
+        # must not lose the sweep's result.
         try:
-            record_verdict(collect(les, tracking_uri, name), tracking_uri)
+            runs = collect(les, tracking_uri, name)
+            record_verdict(runs, tracking_uri)
+            record_stability(runs, tracking_uri)
         except Exception as err:
             log.warning("could not record the verdict on the parent run %s: %s", parent, err)
         status = "FAILED" if any(r["error"] for r in results) else "FINISHED"
