@@ -492,7 +492,7 @@ def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
 def worker_fit_fault(cfg_path: str, storage: str, name: str, kill: str, marker: str) -> dict:
     """fit() as `cglab train` calls it (its MLflow run too), with the worker SIGKILLed once after step `kill`."""
     from cglab.config import load_config
-    from cglab.train.cli import mlflow_run
+    from cglab.pretrain import mlflow_run
     from cglab.train.trainer import fit
 
     cfg = load_config(cfg_path)

@@ -11,7 +11,7 @@ from cglab.config import ConfigError
 # area module -> it defines register(subparsers). Order is the order in --help.
 AREAS = [
     "cglab.data.cli",
-    "cglab.train.cli",
+    "cglab.pretrain",
     "cglab.ablate",
     "cglab.track.cli",
     "cglab.report",

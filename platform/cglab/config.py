@@ -374,6 +374,20 @@ class EvalConfig(_Section):
     # back to cglab.eval.nl.builtin_texts (stdlib docstrings, HumanEval solutions), which can be in the training
     # data and then rank variants on memorised text. Only with this set; the runs are tagged eval.texts.
     allow_builtin_texts: bool = False
+    # While training (cglab.eval.periodic): a model-only snapshot is evaluated in a Ray task of its own, so
+    # training does not wait for it. `every`: held-out text metrics (eval/nl_ppl ... eval/infill_ppl) every N
+    # steps, the curve whose last point the final evaluation is; `code_every`: pass@1 in the sandbox on a fixed
+    # subset (the first `code_limit` HumanEval problems and single-line HumanEval-Infill tasks) every N steps,
+    # as code_eval/*. 0: off. `task_cpus`: the logical CPUs the evaluation task requests (and its torch threads).
+    every: int = Field(0, ge=0)
+    code_every: int = Field(0, ge=0)
+    code_limit: int = Field(8, ge=1)
+    task_cpus: float = Field(1.0, gt=0.0)
+
+    @property
+    def periodic(self) -> bool:
+        """Whether anything is evaluated while training."""
+        return bool(self.every or self.code_every)
 
 
 class CGLabConfig(_Section):

@@ -200,3 +200,24 @@ def test_history_appends_one_json_line_per_step(tmp_path):
         {"step": 1, "loss": 2.5},
         {"step": 2, "loss": 2.0},
     ]
+
+
+def test_extra_callbacks_from_above_run_after_the_checkpoint_and_before_the_sinks(tmp_path, monkeypatch):
+    """`fit(callbacks=...)`: each factory is called with the worker's inputs, state and feed; what it adds to a
+    step's metrics is logged with the step."""
+
+    class Plan:
+        tokenizer_json = "{}"
+
+    class Extra(cb.Callback):
+        def __init__(self, inp, state, feed):
+            self.got = (inp.name, state, feed)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    inp = loop.WorkerInputs(cfg=CGLabConfig(), plan=Plan(), name="n", extra_callbacks=(Extra,))
+    calls = loop._callbacks(inp, state="s", feed="f")
+    kinds = [type(c) for c in calls.items]
+    assert kinds[kinds.index(cb.Checkpointer) + 1 : kinds.index(cb.MlflowMetrics)] == [Extra]
+    assert next(c for c in calls.items if isinstance(c, Extra)).got == ("n", "s", "f")
+    calls.end()

@@ -173,7 +173,7 @@ def test_a_vocabulary_mismatch_fails_before_any_worker_starts(
 ):
     from mlflow import MlflowClient
 
-    from cglab.train.cli import mlflow_run
+    from cglab.pretrain import mlflow_run
 
     d, _, _ = released
     data = [f"data.sources={json.dumps(micro_sources)}", "data.filters.dedup=false"]

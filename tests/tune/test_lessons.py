@@ -178,8 +178,11 @@ def test_concurrency_follows_the_scarcest_resource():
         max_concurrent(need, {"CPU": 1024, "GPU": 4}, n_trials=4)
     lp = PRESETS["laptop"]
     laptop = trial_resources(base_config("laptop"), lp.driver_cpus, lp.data_cpus)
-    assert laptop == {"CPU": 2.5}  # Tune driver 0.5 + Train worker 1 + headroom for its Ray Data tasks
+    # Tune driver 0.5 + Train worker 1 + headroom for its Ray Data tasks + the eval.every task's eval.task_cpus
+    assert laptop == {"CPU": 3.0}
     assert max_concurrent(laptop, {"CPU": 3.0}, n_trials=2) == 1
-    assert max_concurrent(laptop, {"CPU": 5.0}, n_trials=2) == 2
-    with pytest.raises(ConfigError, match="needs 2.5 CPU"):
-        max_concurrent(laptop, {"CPU": 2.0}, n_trials=2)  # would wait forever for its own data tasks
+    assert max_concurrent(laptop, {"CPU": 6.0}, n_trials=2) == 2
+    with pytest.raises(ConfigError, match="needs 3 CPU"):
+        max_concurrent(laptop, {"CPU": 2.5}, n_trials=2)  # would wait forever for its own data tasks
+    off = base_config("laptop", overrides=["eval.every=0"])
+    assert trial_resources(off, lp.driver_cpus, lp.data_cpus) == {"CPU": 2.5}  # no task, no CPUs for it

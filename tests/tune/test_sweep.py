@@ -14,6 +14,7 @@ from cglab.tune.presets import base_config
 pytestmark = pytest.mark.slow
 STEPS = 8
 HE_LIMIT = 3  # HumanEval problems per trial: enough to see pass@1 logged with its sandbox conditions
+EVERY, CODE_LIMIT = 4, 2  # evaluation while training (cglab.eval.periodic): due at steps 4 and 8
 
 
 def _base(sources):
@@ -25,6 +26,10 @@ def _base(sources):
             "train.warmup_steps=2",
             "eval.suites=[nl,humaneval]",
             f"eval.limit={HE_LIMIT}",
+            # evaluation while training: text curves every EVERY steps, pass@1 on CODE_LIMIT tasks per suite
+            f"eval.every={EVERY}",
+            f"eval.code_every={EVERY}",
+            f"eval.code_limit={CODE_LIMIT}",
         ],
     )
 
@@ -33,7 +38,7 @@ def _recording_fit(calls: Path, fail_once: str):
     """The real trainer, noting each call (MLflow run id, Train run name); the first call of one objective
     fails before training, as an interrupted trial would."""
 
-    def fit(cfg, *, storage_path, name, mlflow=None):
+    def fit(cfg, *, storage_path, name, mlflow=None, **kw):
         from cglab.train.trainer import fit as real_fit
 
         kind = cfg.objective.kind
@@ -43,7 +48,7 @@ def _recording_fit(calls: Path, fail_once: str):
             f.write(json.dumps({"run_id": mlflow.run_id if mlflow else None, "name": name}) + "\n")
         if kind == fail_once and first:
             raise RuntimeError("injected failure: first attempt of " + kind)
-        return real_fit(cfg, storage_path=storage_path, name=name, mlflow=mlflow)
+        return real_fit(cfg, storage_path=storage_path, name=name, mlflow=mlflow, **kw)
 
     return fit
 
@@ -73,7 +78,7 @@ def sweep(tmp_path_factory, micro_sources, mlflow_server, ray_local):
     )
     first = run_lesson(2, **kw)
     second = run_lesson(2, **kw)
-    return dict(first=first, second=second, calls=calls, uri=mlflow_server.uri, sources=micro_sources)
+    return dict(first=first, second=second, calls=calls, uri=mlflow_server.uri, sources=micro_sources, tmp=tmp)
 
 
 def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
@@ -138,9 +143,55 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):
     assert run.info.status == "FINISHED" and "eval/infill_ppl" in run.data.metrics
 
 
-# Evaluations during training (eval/tokens_seen with the held-out metrics) turn this on; until the trainer logs
-# them, every run has only its final evaluation and the report says "no curve".
-CURVES_REQUIRED = False
+def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(sweep):
+    """eval.every / eval.code_every in a real trial: the Ray task's metrics land in the trial's MLflow run at the
+    steps their snapshots were taken, the text metrics' history is the curve ending in the final evaluation, and
+    every snapshot is deleted."""
+    from mlflow import MlflowClient
+
+    from cglab.eval.periodic import read_evals
+
+    res = sweep["second"]
+    client = MlflowClient(sweep["uri"])
+    tokens_per_step = 8 * 128  # the laptop preset's global batch x sequence length
+    for r in res.results:
+        rid = r["mlflow_run_id"]
+
+        def hist(key):
+            return {m.step: m.value for m in client.get_metric_history(rid, key)}
+
+        evaluated, skipped = set(hist("code_eval/humaneval_pass_at_1")), set(hist("eval/skipped"))
+        # the first due step always has its task; a later one is evaluated or, while that task runs, skipped
+        assert EVERY in evaluated and evaluated | skipped == {EVERY, STEPS} and not evaluated & skipped
+        tags = client.get_run(rid).data.tags
+        for suite in ("humaneval", "humaneval_infill"):
+            assert tags[f"code_eval/{suite}_isolation"] == isolation_mode()
+            for step in evaluated:
+                n = {
+                    s: hist(f"code_eval/{suite}_{s}")[step] for s in ("passed", "failed", "timed_out", "sandbox_error")
+                }
+                assert sum(n.values()) == CODE_LIMIT and n["sandbox_error"] == 0, (suite, step, n)
+                assert hist(f"code_eval/{suite}_pass_at_1")[step] == pytest.approx(n["passed"] / CODE_LIMIT)
+        for step in evaluated:
+            assert hist("code_eval/seconds")[step] > 0 and hist("eval_task/cpu_s")[step] > 0
+        # the curves: the periodic point at EVERY, then the final evaluation's at the last step (tokens_seen with
+        # each); the fixed-subset pass@1 never lands on the final evaluation's keys
+        for key in ("eval/nl_ppl", "eval/nl_bpb", "eval/code_ppl", "eval/code_bpb", "eval/infill_ppl"):
+            assert sorted(hist(key)) == [EVERY, STEPS], key
+        tokens = hist("eval/tokens_seen")
+        assert {EVERY, STEPS} <= set(tokens) and all(tokens[s] == s * tokens_per_step for s in tokens)
+        assert sorted(hist("eval/humaneval_pass_at_1")) == [STEPS]
+    train_runs = sorted((sweep["tmp"] / "tune" / "resume-me-train").iterdir())
+    assert len(train_runs) == 2
+    for run_dir in train_runs:
+        records = read_evals(run_dir)
+        assert EVERY in records and all("error" not in rec for rec in records.values()), records
+        assert list((run_dir / "evals").iterdir()) == []  # every snapshot deleted after its evaluation
+
+
+# Evaluations during training (eval/tokens_seen with the held-out metrics; eval.every in _base) give every run a
+# curve: the point at EVERY and the final evaluation's.
+CURVES_REQUIRED = True
 
 
 def test_sweep_records_decision_stability_and_the_report_draws_the_curves(sweep, tmp_path):

@@ -75,9 +75,11 @@ def _set_rng_state(s: dict) -> None:
     get_cuda_rng_tracker().set_states(s["tracker"])
 
 
-def _sharded(state, is_loading: bool) -> dict:
+def _sharded(state, is_loading: bool, model_only: bool = False) -> dict:
     model = _unwrap(state.model[0])
     msd = model.sharded_state_dict()
+    if model_only:
+        return {"model": msd}
     return {"model": msd, "optimizer": state.optimizer.sharded_state_dict(msd, is_loading=is_loading)}
 
 
@@ -111,6 +113,34 @@ def save(
     if rank == 0:
         manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
         (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (d / MARKER).write_text(str(step))
+    return d
+
+
+def save_model(directory: str | Path, state, step: int, extra: dict | None = None, files: dict | None = None) -> Path:
+    """Collective: the model's weights only (no optimizer, scheduler or RNG: a 1B model's Adam state is 16 GB),
+    in the checkpoint's TP x PP sharded format with its manifest and COMPLETE marker, so `checkpoint_to_hf`
+    converts it; it cannot be resumed from (`load` needs the optimizer). Unlike `save`, every rank writes into
+    the same `directory`, which every rank and the reader must see (a snapshot for cglab.eval.periodic)."""
+    # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
+    from megatron.core import dist_checkpointing
+
+    d = Path(directory)
+    rank = dist.get_rank()
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the directory exists for every rank
+    dist_checkpointing.save(_sharded(state, is_loading=False, model_only=True), str(d))
+    if rank == 0:
+        doc = {"step": step, "model_only": True, **(extra or {})}
+        (d / STATE).write_text(json.dumps(doc, indent=1))
+        for rel, text in (files or {}).items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+    dist.barrier()  # every rank has finished writing: rank 0 lists the shared directory once
+    if rank == 0:
+        listed = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+        (d / MANIFEST).write_text(json.dumps({"world_size": dist.get_world_size(), "files": listed}, indent=1))
         (d / MARKER).write_text(str(step))
     return d
 

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 import torch
@@ -47,6 +47,9 @@ class WorkerInputs:
     # SIGTERM stops the run at a step boundary with a checkpoint (train/preemption.py); the driver's flag, when set
     preemptible: bool = False
     stop_flag: Any = None  # train.preemption.StopFlag actor handle
+    # Callbacks from the layers above train (e.g. cglab.eval.periodic): picklable factories, each called on every
+    # worker as factory(inp, state, feed) -> Callback; `_callbacks` says where they run
+    extra_callbacks: tuple[Callable[..., cb.Callback], ...] = ()
 
 
 def worker_loop(inp: WorkerInputs) -> None:
@@ -98,8 +101,10 @@ def _resume(state: TrainState, run_dir: str | None) -> tuple[int, DataPosition, 
 
 def _callbacks(inp: WorkerInputs, state: TrainState, feed: DataFeed) -> cb.Callbacks:
     """In order: fault injection first (a failing step neither checkpoints nor reports), preemption (it decides
-    whether this step checkpoints), the step's metrics, the checkpoint (its time is a metric), then the sinks; the
-    Ray Train report, which takes the checkpoint, last."""
+    whether this step checkpoints), the step's metrics, the checkpoint (its time is a metric), the extra
+    callbacks (`WorkerInputs.extra_callbacks`, in their order: after the checkpoint, before the sinks, so what
+    they add to a step's metrics is logged with it), then the sinks; the Ray Train report, which takes the
+    checkpoint, last."""
     cfg, rank = inp.cfg, dist.get_rank()
     run_dir = Path(inp.run_dir) if inp.run_dir else None
     return cb.Callbacks(
@@ -108,6 +113,7 @@ def _callbacks(inp: WorkerInputs, state: TrainState, feed: DataFeed) -> cb.Callb
             *([cb.Preemption(cfg, inp.stop_flag, rank)] if inp.preemptible else []),
             cb.Throughput(cfg),
             cb.Checkpointer(cfg, state, feed, inp.plan.tokenizer_json),
+            *(make(inp, state, feed) for make in inp.extra_callbacks),
             cb.MlflowMetrics(inp.mlflow, rank),
             *(
                 [cb.History(run_dir / "metrics.jsonl")]

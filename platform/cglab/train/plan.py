@@ -44,10 +44,13 @@ GPU_MEMORY_GIB = 80.0  # H100 80GB, the smallest GPU the GPU presets are sized f
 
 # ---------------------------------------------------------------------------------------------- resources
 def trial_resources(cfg: CGLabConfig, driver_cpus: float, data_cpus: float = 0.0) -> dict[str, float]:
-    """Logical resources one trial needs while it trains: its Train workers, its driver function and the
-    headroom its Ray Data tasks run in."""
+    """Logical resources one trial needs while it trains: its Train workers, its driver function, the
+    headroom its Ray Data tasks run in and, when it evaluates while training (eval.every, eval.code_every), the
+    evaluation task's eval.task_cpus: counted here, so the trials `max_concurrent` lets run side by side leave
+    room for each one's task."""
     n = cfg.world_size
-    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus + data_cpus}
+    task = cfg.eval.task_cpus if cfg.eval.periodic else 0.0
+    res = {"CPU": n * cfg.parallel.cpus_per_worker + driver_cpus + data_cpus + task}
     if cfg.parallel.use_gpu:
         res["GPU"] = float(n)
     return res

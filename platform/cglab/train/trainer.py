@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     except ConnectionError:
         pass
     need = (cfg.world_size * cfg.parallel.cpus_per_worker if cfg else 1) + 2  # + Ray Data tasks
+    if cfg is not None and cfg.eval.periodic:  # + the evaluation task's own CPUs (cglab.eval.periodic)
+        need += math.ceil(cfg.eval.task_cpus)
     # Logical CPUs may exceed cores: Megatron workers mostly wait on each other, data tasks are light.
     start_local(max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", log_to_driver=True)
 
@@ -41,6 +44,7 @@ def fit(
     fault: dict | None = None,
     run_plan: dict | None = None,
     preemptible: bool = False,
+    callbacks: tuple | list = (),
 ) -> dict:
     """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
 
@@ -54,6 +58,10 @@ def fit(
     boundary with a complete checkpoint (cglab.train.preemption); the result then has `preempted` True and the
     same call resumes. Off for Tune trials: a trial that stopped early must not count as done, and a preempted
     sweep resumes with `Tuner.restore` from its trials' last checkpoints.
+
+    `callbacks`: picklable factories of training callbacks from the layers above (the periodic evaluation,
+    cglab.eval.periodic), called on every worker as factory(inputs, state, feed); train.loop._callbacks says
+    where in the order they run.
     """
     # Ray Train, torch and Megatron (seconds to import): only when a run starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -93,6 +101,7 @@ def fit(
             fault=Fault(**fault) if fault else None,
             preemptible=preemptible,
             stop_flag=stop_flag,
+            extra_callbacks=tuple(callbacks),
         ),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
         torch_config=(

@@ -1,155 +1,18 @@
 """The last step of every trial: evaluate the trained checkpoint and return the metrics the lessons decide on.
 
-    eval/nl_ppl, eval/nl_bpb       held-out natural language (perplexity per token, bits per UTF-8 byte)
-    eval/code_ppl, eval/code_bpb   held-out code
-    eval/infill_ppl                perplexity of `middle <eom>` given the CodeGen2 infill prompt on held-out
-                                   code (`cglab.eval.infill.infill_perplexity`); a prefix-LM (lesson 1) reads
-                                   the prompt through `<sep>` bidirectionally, as its span-corruption samples
-                                   were read in training
-    eval/humaneval_pass_at_1       pass@1, when "humaneval" is in eval.suites (first eval.limit problems)
-    eval/humaneval_infill_pass_at_1
-                                   pass@1, when "infill" is in eval.suites (single-line HumanEval-Infill)
-                                   ("_at_": MLflow rejects "@" in a metric name, and the whole batch with it)
-
-Every pass@k comes with its conditions: `eval/<suite>_passed`, `_failed`, `_timed_out`, `_sandbox_error`
-(programs per sandbox status; <suite> is humaneval or humaneval_infill) and the tag `eval/<suite>_isolation`
-(`cglab.eval.sandbox.isolation_mode()`). Every evaluation is tagged with the texts it scored: `eval.texts`
-(heldout | builtin | partial) and `eval.heldout` (e.g. `nl:heldout,code:builtin`). Built-in texts
-(`cglab.eval.nl.builtin_texts`, possibly in the training data) are used for a kind only when it has no held-out
-documents and `eval.allow_builtin_texts` is set; otherwise that is a ConfigError.
-
-The sampling suites (HumanEval, HumanEval-Infill) decode left-to-right with HF's KV cache for every variant,
-prefix-LM included: only the infill score reads its prompt as a prefix.
-
-Scoring windows are `data.seq_length` long: the model never saw positions beyond it in training, and every
-variant of a lesson is scored the same way.
+The evaluation itself lives in the eval layer (`cglab.eval.checkpoint_eval`, whose docstring lists the metric
+keys and tags), shared with the periodic evaluation while training (`cglab.eval.periodic`); this module is the
+sweep's name for it.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Mapping
-
-from cglab.config import CGLabConfig, ConfigError
-from cglab.eval import humaneval, infill, nl
-from cglab.eval.generate import load_generator
-from cglab.eval.infill import infill_examples, infill_perplexity
-from cglab.eval.sandbox import Limits
-from cglab.train.checkpoint import checkpoint_to_hf
-
-MAX_DOCS, MAX_DOC_CHARS = 32, 3000  # per kind: enough to rank laptop variants, seconds to score on a CPU
-
-
-@dataclass
-class CheckpointEval:
-    """What `evaluate_checkpoint` measured (numbers, for metrics) and under which conditions (strings, for tags):
-    the texts each kind was scored on, and the sandbox isolation behind each pass@k."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool, why: str = "") -> dict[str, str]:
-    """Which texts each kind is scored on: {"nl": "heldout" | "builtin", "code": ...}. A kind without held-out
-    documents falls back to `cglab.eval.nl.builtin_texts` only when `allow_builtin` (eval.allow_builtin_texts):
-    those texts may be in the training data, and a lesson would rank its variants on memorised text.
-    `why`: what kept the held-out documents away, for the error message."""
-    used = {"nl": "heldout" if nl_path else "builtin", "code": "heldout" if code_path else "builtin"}
-    missing = [k for k, v in used.items() if v == "builtin"]
-    if missing and not allow_builtin:
-        raise ConfigError(
-            f"eval.allow_builtin_texts: no held-out {' or '.join(missing)} documents to evaluate on"
-            f"{f' ({why})' if why else ''}. They come from the last file of each data source with two or more "
-            f"files (pile sources give NL, stack sources code); add such sources, or set "
-            f"eval.allow_builtin_texts=true to score {' and '.join(missing)} on cglab.eval.nl.builtin_texts "
-            f"(stdlib docstrings, HumanEval solutions: possibly in the training data)"
-        )
-    return used
-
-
-def text_tags(used: Mapping[str, str]) -> dict[str, str]:
-    """Tags saying which texts a run was scored on: eval.texts (heldout | builtin | partial) and eval.heldout
-    (per kind, e.g. "nl:heldout,code:builtin")."""
-    kinds = set(used.values())
-    return {
-        "eval.texts": kinds.pop() if len(kinds) == 1 else "partial",
-        "eval.heldout": ",".join(f"{k}:{v}" for k, v in used.items()),
-    }
-
-
-def sandbox_conditions(suite: str, result: Mapping) -> CheckpointEval:
-    """The conditions of one pass@k result (`humaneval.evaluate`, `infill.evaluate`): programs per sandbox
-    status as metrics eval/<suite>_{passed,failed,timed_out,sandbox_error}, the isolation mode as the tag
-    eval/<suite>_isolation."""
-    return CheckpointEval(
-        {f"eval/{suite}_{status}": float(n) for status, n in result["statuses"].items()},
-        {f"eval/{suite}_isolation": str(result["isolation"])},
-    )
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path, cfg: CGLabConfig, nl_path: str | None, code_path: str | None
-) -> CheckpointEval:
-    """Metrics of one trained checkpoint (a cglab checkpoint dir), keyed as the lessons expect, and the tags of
-    their conditions (texts used per kind, sandbox isolation). A kind whose held-out path is None is scored on
-    the built-in texts only if cfg.eval.allow_builtin_texts (else ConfigError, before any work)."""
-    if checkpoint is None:
-        raise ValueError("evaluate_checkpoint: the training run returned no checkpoint")
-    ev, S = cfg.eval, cfg.data.seq_length
-    used = text_sources(nl_path, code_path, ev.allow_builtin_texts)
-    hf_dir = Path(tempfile.mkdtemp(prefix="cglab-eval-hf-"))
-    try:
-        gen = load_generator(checkpoint_to_hf(checkpoint, hf_dir), batch_size=8)
-        gen.max_len = S  # score in windows the model was trained on
-        res = CheckpointEval(tags=text_tags(used))
-        out = res.metrics
-        fallback = nl.builtin_texts(ev.limit or 64) if "builtin" in used.values() else {}
-        nl_texts = nl.read_texts(nl_path) if nl_path else fallback["nl"]
-        code_texts = nl.read_texts(code_path) if code_path else fallback["code"]
-        nl_texts, code_texts = ([t[:MAX_DOC_CHARS] for t in ts[:MAX_DOCS]] for ts in (nl_texts, code_texts))
-        for name, texts in (("nl", nl_texts), ("code", code_texts)):
-            m = nl.lm_metrics(gen.score, texts)
-            out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]
-        out["eval/infill_ppl"] = infill_perplexity(
-            gen, infill_examples(code_texts, seed=cfg.data.seed), S, prefix_lm=cfg.model.architecture == "prefix_lm"
-        )["perplexity"]
-        limits = Limits(timeout_s=ev.timeout_s)
-        scored: list[tuple[str, dict]] = []
-        if "humaneval" in ev.suites:
-            problems = dict(list(humaneval.load_problems().items())[: ev.limit])
-            samples = humaneval.generate_samples(
-                gen,
-                problems,
-                n=ev.n_samples,
-                temperature=ev.temperature,
-                top_p=ev.top_p,
-                max_new_tokens=ev.max_new_tokens,
-            )
-            scored.append(("humaneval", humaneval.evaluate(samples, problems, limits=limits)))
-        if "infill" in ev.suites:
-            scored.append(
-                (
-                    "humaneval_infill",
-                    infill.evaluate(
-                        gen,
-                        "single",
-                        limit=ev.limit,
-                        n=ev.n_samples,
-                        temperature=ev.temperature,
-                        top_p=ev.top_p,
-                        max_new_tokens=ev.max_new_tokens,
-                        limits=limits,
-                    ),
-                )
-            )
-        for suite, r in scored:
-            out[f"eval/{suite}_pass_at_1"] = r["pass@1"]
-            cond = sandbox_conditions(suite, r)
-            out.update(cond.metrics)
-            res.tags.update(cond.tags)
-        return res
-    finally:
-        shutil.rmtree(hf_dir, ignore_errors=True)
+from cglab.eval.checkpoint_eval import (  # noqa: F401  (the sweep's and its tests' names)
+    MAX_DOC_CHARS,
+    MAX_DOCS,
+    CheckpointEval,
+    evaluate_checkpoint,
+    sandbox_conditions,
+    text_sources,
+    text_tags,
+)

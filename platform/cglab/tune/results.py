@@ -13,6 +13,8 @@ from cglab.tune.curves import Stability, stability
 from cglab.tune.lessons import LOSS, Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
 
 TOKENS_SEEN = "eval/tokens_seen"  # logged with every held-out evaluation: global tokens trained at that step
+# eval/ keys that are bookkeeping of the evaluation while training (cglab.eval.periodic), not results
+NOT_RESULTS = (TOKENS_SEEN, "eval/skipped")
 
 
 @dataclass
@@ -34,7 +36,9 @@ class LessonRuns:
     def metric_keys(self) -> list[str]:
         keys = {k for m in self.metrics.values() for k in m}
         decide = [m.key for m in self.lesson.metrics if m.key in keys]
-        rest = sorted(k for k in keys if k not in decide and (k.startswith("eval/") or k == "loss"))
+        rest = sorted(
+            k for k in keys if k not in decide and k not in NOT_RESULTS and (k.startswith("eval/") or k == "loss")
+        )
         return decide + rest
 
     def interval(self, variant: str, key: str) -> Interval | None:
@@ -161,7 +165,7 @@ def _histories(client, run, les: Lesson) -> dict[str, list[tuple[float, float]]]
     `eval/` metric it logged. x: `eval/tokens_seen` logged at the same step, else step x global batch x
     sequence length from the run's params (the final evaluation may log only its step), else the step."""
     keys = [m.key for m in les.metrics if m.key in run.data.metrics]
-    keys += sorted(k for k in run.data.metrics if k.startswith("eval/") and k not in keys and k != TOKENS_SEEN)
+    keys += sorted(k for k in run.data.metrics if k.startswith("eval/") and k not in keys and k not in NOT_RESULTS)
     if not keys:
         return {}
     p = run.data.params

@@ -8,6 +8,9 @@ run as zero-CPU tasks outside the trial's placement group, the Train workers are
 Data tasks) need, which keeps waiting Train runs from piling up. A Train job releases its workers' placement group
 before `fit` returns, so a finished trial's GPUs are free before the next trial's Train job asks for them.
 
+With eval.every / eval.code_every set, the trial also evaluates while it trains (`cglab.eval.periodic`, a Ray
+task of its own whose eval.task_cpus `trial_resources` counts) and the train function gets `callbacks=`.
+
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
 documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
 metrics to the trial's child run and reports them to Tune. The tokenizer is trained once per sweep, on the
@@ -44,7 +47,7 @@ from cglab.tune.results import collect, record_stability, record_verdict
 
 log = logging.getLogger(__name__)
 
-TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow) -> final metrics
+TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow[, callbacks]) -> final metrics
 
 
 def default_train_fn() -> TrainFn:
@@ -93,6 +96,8 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
     from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
+    from cglab.eval.periodic import PeriodicEval  # imports the training callbacks (torch, Ray): same reason
+
     variant, seed = config["variant"], config["seed"]
     cfg = spec.lesson.config_for(variant, spec.base, seed)
     trial_id = tune.get_context().get_trial_id()
@@ -119,8 +124,15 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
         )
         ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
     try:
+        # evaluation while training (eval.every, eval.code_every): on the same held-out documents; the final
+        # evaluation below is the text curves' point at train.train_steps
+        extra = (
+            {"callbacks": (PeriodicEval(spec.heldout_nl, spec.heldout_code, final_text_eval=True),)}
+            if cfg.eval.periodic
+            else {}
+        )
         metrics = _outside_trial(
-            spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}", mlflow=ctx
+            spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}", mlflow=ctx, **extra
         )
         ev = _outside_trial(
             evaluate_checkpoint,
@@ -131,6 +143,10 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             num_gpus=1 if cfg.parallel.use_gpu else 0,
         )
         metrics.update(ev.metrics)
+        if cfg.eval.every:  # the final evaluation is the last point of the eval.every curves: tokens_seen with it
+            metrics["eval/tokens_seen"] = float(
+                cfg.train.global_batch_size * cfg.data.seq_length * cfg.train.train_steps
+            )
     except BaseException:
         if tracker is not None:
             try:

@@ -1,12 +1,20 @@
-"""`cglab train CONFIG [key=value ...]`: one training run on the current Ray cluster (or a local one)."""
+"""`cglab train CONFIG [key=value ...]`: one training run on the current Ray cluster (or a local one).
+
+A top-level command (above eval and tune) because it wires the evaluation while training into the run:
+with eval.code_every set, pass@1 on a fixed HumanEval / HumanEval-Infill subset; with eval.every set, the
+held-out text metrics, for which the last file of each multi-file source is held out of training exactly as a
+lesson sweep does (`cglab.tune.heldout`, written under <storage>/<name>/heldout; the run is tagged eval.texts /
+eval.heldout). See `cglab.eval.periodic`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from pathlib import Path
 
-from cglab.config import CGLabConfig, dump_config, flatten, load_config
+from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict, load_config
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 
 
@@ -31,6 +39,31 @@ def mlflow_run(cfg: CGLabConfig, name: str) -> MlflowContext | None:
     return tracker.context(rid)
 
 
+def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, dict[str, str]]:
+    """(config to train, fit's callbacks, eval tags) for eval.every / eval.code_every: with eval.every the
+    held-out split (deterministic, so the same command resumes on the same sources) and its texts."""
+    from cglab.eval.periodic import PeriodicEval
+    from cglab.tune.evaluate import text_sources, text_tags
+    from cglab.tune.heldout import split_sources
+
+    if not cfg.eval.periodic:
+        return cfg, (), {}
+    nl = code = None
+    why = ""
+    if cfg.eval.every:
+        try:
+            train, held = split_sources(cfg.data.sources, run_dir / "heldout", filters=cfg.data.filters)
+        except ConfigError as err:
+            why = str(err)
+        else:
+            cfg = from_dict(cfg.model_dump(mode="json"), [f"data.sources={json.dumps(train)}"])
+            nl, code = held.nl_path, held.code_path
+            why = f"documents held out per kind: {held.counts}"
+        used = text_sources(nl, code, cfg.eval.allow_builtin_texts, why)  # ConfigError naming the field
+        return cfg, (PeriodicEval(nl, code),), text_tags(used)
+    return cfg, (PeriodicEval(),), {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the run finished; EXIT_PREEMPTED (75) when a SIGTERM stopped it with a checkpoint: the MLflow
     run is then KILLED (it did not reach train.train_steps, and status FINISHED is what filters for complete runs
@@ -41,8 +74,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.track.run_name or os.path.splitext(os.path.basename(args.config))[0]
+    cfg, callbacks, tags = periodic_eval(cfg, Path(args.storage or ".cglab/runs") / name)
     ctx = mlflow_run(cfg, name)
-    out = fit(cfg, storage_path=args.storage, name=name, mlflow=ctx, preemptible=True)
+    if ctx is not None and tags:  # which texts the eval.every curves are scored on
+        client = SweepTracker(ctx.tracking_uri, cfg.track.experiment, sweep=name).client
+        for k, v in tags.items():
+            client.set_tag(ctx.run_id, k, v)
+    out = fit(cfg, storage_path=args.storage, name=name, mlflow=ctx, preemptible=True, callbacks=callbacks)
     step = int(out.get("step", 0))
     if ctx is not None:
         tracker = SweepTracker(ctx.tracking_uri, cfg.track.experiment, sweep=name)
