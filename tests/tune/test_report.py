@@ -13,20 +13,19 @@ pytestmark = pytest.mark.slow
 SEEDS = (1, 2, 3)
 
 
-def _log_sweep(uri, name, code, nl):
-    """A lesson-4 sweep as the sweep logs it: code/nl: variant -> one value per seed in SEEDS."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
+def _trial_runs(uri, name, per_variant):
+    """A lesson-4 sweep's parent and trial runs, created as the sweep creates them: per_variant: variant -> one entry
+    per seed in SEEDS. Returns the tracker, the parent run, the laptop base config and (variant, seed index, run id)
+    per trial."""
     from cglab.config import dump_config, flatten
 
     lesson, base = get_lesson(4), base_config("laptop")
     tracker = SweepTracker(uri, lesson.experiment, name)
     tracker.ensure_experiment()
     parent = tracker.parent_run()
-    client = MlflowClient(uri)
-    for v in code:
-        for i, seed in enumerate(SEEDS[: len(code[v])]):
+    trials = []
+    for v in per_variant:
+        for i, seed in enumerate(SEEDS[: len(per_variant[v])]):
             cfg = lesson.config_for(v, base, seed)
             rid, resumed = tracker.trial_run(
                 parent,
@@ -37,8 +36,20 @@ def _log_sweep(uri, name, code, nl):
                 dump_config(cfg),
             )
             assert not resumed
-            client.log_batch(rid, metrics=[Metric("loss", 5.0 - s / 10, 0, s) for s in range(1, 6)])
-            tracker.finish_run(rid, {"eval/code_ppl": code[v][i], "eval/nl_ppl": nl[v][i]})
+            trials.append((v, i, rid))
+    return tracker, parent, base, trials
+
+
+def _log_sweep(uri, name, code, nl):
+    """A lesson-4 sweep as the sweep logs it: code/nl: variant -> one value per seed in SEEDS."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    tracker, parent, _, trials = _trial_runs(uri, name, code)
+    client = MlflowClient(uri)
+    for v, i, rid in trials:
+        client.log_batch(rid, metrics=[Metric("loss", 5.0 - s / 10, 0, s) for s in range(1, 6)])
+        tracker.finish_run(rid, {"eval/code_ppl": code[v][i], "eval/nl_ppl": nl[v][i]})
     tracker.finish_run(parent)
     return tracker, parent
 
@@ -123,26 +134,15 @@ def _log_curves_sweep(uri, name, code, nl, steps=(2, 4, 6, 8)):
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from cglab.config import dump_config, flatten
-
-    lesson, base = get_lesson(4), base_config("laptop")
+    tracker, parent, base, trials = _trial_runs(uri, name, code)
     per_step = base.train.global_batch_size * base.data.seq_length
-    tracker = SweepTracker(uri, lesson.experiment, name)
-    tracker.ensure_experiment()
-    parent = tracker.parent_run()
     client = MlflowClient(uri)
-    for v in code:
-        for i, seed in enumerate(SEEDS[: len(code[v])]):
-            cfg = lesson.config_for(v, base, seed)
-            rid, _ = tracker.trial_run(
-                parent, f"{v}-{seed}", f"{v}-seed{seed}", {"variant": v, "seed": str(seed), "lesson": "4"},
-                flatten(cfg), dump_config(cfg),
-            )  # fmt: skip
-            points = [Metric("eval/tokens_seen", s * per_step, 0, s) for s in steps[:-1]]
-            for k, vals in (("eval/code_ppl", code[v][i]), ("eval/nl_ppl", nl[v][i])):
-                points += [Metric(k, x, 0, s) for s, x in zip(steps[:-1], vals[:-1])]
-            client.log_batch(rid, metrics=points)
-            tracker.finish_run(rid, {"eval/code_ppl": code[v][i][-1], "eval/nl_ppl": nl[v][i][-1]}, step=steps[-1])
+    for v, i, rid in trials:
+        points = [Metric("eval/tokens_seen", s * per_step, 0, s) for s in steps[:-1]]
+        for k, vals in (("eval/code_ppl", code[v][i]), ("eval/nl_ppl", nl[v][i])):
+            points += [Metric(k, x, 0, s) for s, x in zip(steps[:-1], vals[:-1])]
+        client.log_batch(rid, metrics=points)
+        tracker.finish_run(rid, {"eval/code_ppl": code[v][i][-1], "eval/nl_ppl": nl[v][i][-1]}, step=steps[-1])
     tracker.finish_run(parent)
     return parent, per_step
 
