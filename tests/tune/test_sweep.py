@@ -189,11 +189,6 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
         assert list((run_dir / "evals").iterdir()) == []  # every snapshot deleted after its evaluation
 
 
-# Evaluations during training (eval/tokens_seen with the held-out metrics; eval.every in _base) give every run a
-# curve: the point at EVERY and the final evaluation's.
-CURVES_REQUIRED = True
-
-
 def test_sweep_records_decision_stability_and_the_report_draws_the_curves(sweep, tmp_path):
     from mlflow import MlflowClient
 
@@ -207,7 +202,7 @@ def test_sweep_records_decision_stability_and_the_report_draws_the_curves(sweep,
         assert parent[f"stability/{m.key}/quarter_run"] in ("same", "different", "not measured")
     runs = collect(lesson, sweep["uri"], res.name)
     curved = [k for k, h in runs.histories.items() if any(len(p) > 1 for s in h.values() for p in s.values())]
-    assert curved or not CURVES_REQUIRED
+    assert curved  # eval.every in _base: the point at EVERY and the final evaluation's
     out, _ = write_report(lesson, sweep["uri"], tmp_path / "lesson-2.html", res.name, record=False)
     for s in runs.stability():
         if s.metric in curved:
