@@ -146,13 +146,9 @@ def _log_mlflow(ctx, step: int, metrics: dict[str, float], tags: dict[str, str])
 
 def read_evals(run_dir: str | Path) -> dict[int, dict]:
     """The records of a run's evaluations (run_dir/evals.jsonl) by step; a step evaluated twice keeps its last."""
-    out: dict[int, dict] = {}
-    p = Path(run_dir) / "evals.jsonl"
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            rec = json.loads(line)
-            out[int(rec["step"])] = rec
-    return out
+    from cglab.train.trainer import records_by_step
+
+    return records_by_step(Path(run_dir) / "evals.jsonl")
 
 
 @dataclass(frozen=True)

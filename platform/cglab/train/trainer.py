@@ -150,8 +150,14 @@ def _tag_passes(ctx, metrics: dict) -> None:
 
 def history(run_dir: str | Path) -> dict[int, dict]:
     """Per-step metrics a run recorded in run_dir/metrics.jsonl; a step re-run after a failure keeps its last record."""
+    return records_by_step(Path(run_dir) / "metrics.jsonl")
+
+
+def records_by_step(path: str | Path) -> dict[int, dict]:
+    """A JSON-lines record of a run (one object with a "step" per line) by step; a step written twice keeps its last
+    record (a step re-run after a failure, an evaluation repeated after a restart). {} when the file is absent."""
     steps: dict[int, dict] = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(path)
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
