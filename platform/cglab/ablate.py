@@ -13,13 +13,13 @@ from cglab.config import ConfigError
 from cglab.report import collect, text_table, verdict_lines, write_report
 from cglab.track.server import make_server
 from cglab.tune.lessons import get_lesson
-from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
+from cglab.tune.presets import base_config, get_preset, preset_corpus_sources
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("lesson", type=int, help="1-5 (see cglab.tune.lessons)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every variant, e.g. train.lr=1e-3")
-    p.add_argument("--preset", default="laptop", help="laptop | 1gpu | cluster (default laptop)")
+    p.add_argument("--preset", default="laptop", help="laptop | study | 1gpu | cluster (default laptop)")
     p.add_argument("--config", default=None, help="base YAML (data sources, tokenizer, ...)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="one trial per variant and seed")
     p.add_argument("--variants", nargs="+", default=None, help="subset of the lesson's variants")
@@ -50,14 +50,14 @@ def ablate(args: argparse.Namespace) -> int:
     get_lesson(args.lesson)
     preset = get_preset(args.preset)
     base = base_config(preset, args.config, args.overrides)  # config errors surface before Ray starts
-    if not base.data.sources and preset.name == "laptop":
-        sources = micro_corpus_sources()
-        print(f"data: the micro corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
+    if not base.data.sources and preset.corpus:
+        sources = preset_corpus_sources(preset)
+        print(f"data: the {preset.corpus} corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
         base = base_config(preset, args.config, [f"data.sources={json.dumps(sources)}", *args.overrides])
     if not base.data.sources:
         raise ConfigError(
-            "data.sources: no sources configured; pass --config with data.sources (only the laptop "
-            "preset falls back to the micro corpus)"
+            "data.sources: no sources configured; pass --config with data.sources (only the laptop and study "
+            "presets fall back to a corpus of their own)"
         )
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     with contextlib.ExitStack() as stack:

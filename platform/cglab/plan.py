@@ -15,16 +15,18 @@ from cglab.config import CGLabConfig, ConfigError, from_dict, load_config
 # The run plan itself is train's (fit and every sweep's preflight run it); re-exported for `cglab.plan` users.
 from cglab.train.plan import plan_run, refuse, scan_sources, text, write_json  # noqa: F401
 from cglab.tune.lessons import get_lesson
-from cglab.tune.presets import base_config, get_preset, micro_corpus_sources
+from cglab.tune.presets import Preset, base_config, get_preset, micro_corpus_sources, preset_corpus_sources
 
 
-def with_micro_corpus(cfg: CGLabConfig, warnings: list[str]) -> CGLabConfig:
-    """cfg reading the embedded micro corpus when it has no data sources (built under .cglab/corpus if missing)."""
+def with_default_corpus(cfg: CGLabConfig, warnings: list[str], preset: Preset | None = None) -> CGLabConfig:
+    """cfg reading the preset's own corpus (`Preset.corpus`; the embedded micro corpus for a plain config or a
+    preset without one) when it has no data sources, built under .cglab first if missing."""
     if cfg.data.sources:
         return cfg
-    sources = micro_corpus_sources()
+    corpus = preset.corpus if preset is not None and preset.corpus else "micro"
+    sources = preset_corpus_sources(preset) if corpus != "micro" else micro_corpus_sources()
     warnings.append(
-        f"data: no data.sources configured; measured on the embedded micro corpus "
+        f"data: no data.sources configured; measured on the {'embedded micro' if corpus == 'micro' else corpus} corpus "
         f"({sources[0]['paths'][0]}, {sources[1]['paths'][0]}), not on the data a real run reads"
     )
     return from_dict(cfg.model_dump(mode="json"), [f"data.sources={json.dumps(sources)}"], cross_field=False)
@@ -33,7 +35,7 @@ def with_micro_corpus(cfg: CGLabConfig, warnings: list[str]) -> CGLabConfig:
 def plan_config(path: str | None, overrides: list[str], te: str = "auto") -> dict:
     cfg = load_config(path, overrides, cross_field=False)
     warnings: list[str] = []
-    cfg = with_micro_corpus(cfg, warnings)
+    cfg = with_default_corpus(cfg, warnings)
     out = plan_run(cfg, te=te)
     out["warnings"] = warnings + out["warnings"]
     return out
@@ -50,7 +52,7 @@ def plan_lesson(
     """One plan per trial (variant x seed) of a lesson at a preset; the data is scanned once for all of them."""
     les, pre = get_lesson(lesson), get_preset(preset)
     warnings: list[str] = []
-    base = with_micro_corpus(base_config(pre, config_path, overrides or [], cross_field=False), warnings)
+    base = with_default_corpus(base_config(pre, config_path, overrides or [], cross_field=False), warnings, pre)
     seeds = tuple(seeds or pre.seeds)
     trials, scans = [], {}
     for v in les.variants:

@@ -200,6 +200,7 @@ def train_corpus_tokenizer(
 # layout. The micro corpus above stays the demo's default; this one is `cglab corpus build --source packages`.
 DOC_EXTS = (".md", ".rst", ".txt")
 TOKEN_RE = r"\w+|[^\w\s]"  # a GPT-2-like pre-tokenisation: words and single punctuation marks
+OWN = ("cglab",)  # left out of the default package list
 
 
 def _license(meta) -> str:
@@ -310,7 +311,8 @@ def build_package_corpus(
         raise ConfigError("corpus: the package corpus needs shards >= 2 (the last one is the held-out split)")
     fcfg = filters or FilterConfig()
     dists = installed_packages()
-    names = [p.lower().replace("_", "-") for p in packages] if packages else list(dists)
+    # by default every distribution but this project's own: "code no one here wrote"
+    names = [p.lower().replace("_", "-") for p in packages] if packages else [d for d in dists if d not in OWN]
     missing = [p for p in names if p not in dists]
     if missing:
         raise ConfigError(f"corpus: packages not installed here: {missing}")

@@ -11,7 +11,7 @@ import yaml
 
 from cglab.config import PRESETS as MODEL_SHAPES
 from cglab.config import CGLabConfig, ConfigError, apply_overrides, from_dict
-from cglab.data.corpus import build_corpus, corpus_sources
+from cglab.data.corpus import build_corpus, build_package_corpus, corpus_sources
 from cglab.train.plan import max_concurrent, trial_resources  # noqa: F401  (a preset's trials' resources)
 
 
@@ -33,6 +33,9 @@ class Preset:
     # one, every metric reads "inconclusive (one seed, no verdict)".
     seeds: tuple[int, ...] = (1234,)
     trial_max_failures: int = 0  # Tune-level retries of a whole trial (Train resumes from its checkpoint)
+    # What `cglab ablate` trains on when the config names no data.sources: "micro" (the embedded micro corpus),
+    # "packages" (the installed packages' code and docs, STUDY_CORPUS's budgets), None (the config must say).
+    corpus: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -76,6 +79,46 @@ PRESETS: dict[str, Preset] = {
         # One seed: `make demo` stays at about 95 s on 2 cores, and its verdicts say "one seed, no verdict".
         # `cglab ablate N --seeds 1 2 3` buys the intervals (three times the trials).
         seeds=(1234,),
+        corpus="micro",
+    ),
+    "study": Preset(
+        "study",
+        "small model (d128 L2) on the installed packages' code and docs, 3 seeds; a lesson in <= 30 min on 2 cores",
+        (
+            # Sized on this 2-core machine (benchmarks/lessons_study.py): a trial costs ~40 s of start-up and
+            # evaluation plus its steps (~0.17 s each with a periodic evaluation beside them), so 240 steps keep
+            # the costliest lesson (5: 3 seeds x 1+2+5 epochs) under 30 minutes.
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "model.num_attention_heads=4",
+            "model.rotary_dim=16",
+            "model.vocab_size=1024",
+            "model.max_position_embeddings=256",
+            "data.seq_length=128",
+            "train.micro_batch_size=8",
+            "train.global_batch_size=16",
+            "train.train_steps=240",
+            "train.warmup_steps=24",
+            "train.lr=2e-3",
+            "train.min_lr=2e-4",
+            "data.filters.dedup=false",  # as laptop: the held-out split is still deduplicated against training
+            "train.log_every=120",
+            "train.precision=fp32",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "parallel.data_parallel_size=1",
+            "parallel.use_gpu=false",
+            "parallel.cpus_per_worker=1",
+            "eval.suites=[nl]",  # pass@1 is 0 for every variant at this scale: not run, "not measured"
+            "eval.limit=8",
+            "eval.max_new_tokens=32",
+            "eval.every=60",  # curve points at 60, 120, 180 and the final 240: the 4x-shorter run is the first
+            "eval.task_cpus=0.5",
+            "track.system_metrics=false",
+        ),
+        driver_cpus=0.5,
+        seeds=(1, 2, 3),
+        corpus="packages",
     ),
     "1gpu": Preset(
         "1gpu",
@@ -147,6 +190,29 @@ def micro_corpus_sources(root: str | Path = ".cglab/corpus") -> list[dict]:
     if not all((root / k).is_dir() and any((root / k).iterdir()) for k in ("pile", "stack")):
         build_corpus(root)
     return corpus_sources(root)
+
+
+# The study preset's corpus: code and docs of the installed distributions (cglab.data.corpus), small enough that
+# lesson 5's epochs repeat it (base run: 300 steps x 16 x 128 tokens = 0.6M tokens; this is ~9M code tokens).
+STUDY_CORPUS = dict(code_bytes=24 << 20, nl_chars=8 << 20)
+
+
+def package_corpus_sources(root: str | Path = ".cglab/pkgcorpus") -> list[dict]:
+    """data.sources for the installed packages' corpus under root (STUDY_CORPUS's budgets), built there first if
+    missing (~40 s)."""
+    root = Path(root).resolve()
+    if not all((root / k).is_dir() and any((root / k).iterdir()) for k in ("pile", "stack")):
+        build_package_corpus(root, **STUDY_CORPUS)
+    return corpus_sources(root)
+
+
+def preset_corpus_sources(preset: Preset) -> list[dict]:
+    """The corpus a preset falls back to when the config names no data.sources ([] when it has none)."""
+    if preset.corpus == "micro":
+        return micro_corpus_sources()
+    if preset.corpus == "packages":
+        return package_corpus_sources()
+    return []
 
 
 def get_preset(name: str) -> Preset:
