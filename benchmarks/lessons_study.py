@@ -8,8 +8,9 @@ verdict per metric, the decision stability, the curves and the wall time.
 Each lesson is `cglab ablate N --preset study` (the same `run_lesson`, on one local Ray and one MLflow server on a
 SQLite store under WORKDIR/mlflow), then `cglab report` of that sweep. A lesson whose sweep already finished under
 WORKDIR is resumed (nothing re-runs) and keeps its first wall time (WORKDIR/walls.json). The plots go next to OUT
-(OUT's stem as folder). What is written by hand after a run (the "Reading" paragraph per lesson) sits between
-`<!-- reading N -->` and `<!-- /reading N -->` and survives regeneration; it says which commit it was written for.
+(OUT's stem as folder). What is written by hand after a run (N=0: how to read the study; N: a paragraph on lesson N)
+sits between `<!-- reading N -->` and `<!-- /reading N -->` and survives regeneration; it names the commit it was
+written for.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from cglab.config import ConfigError
 from cglab.data.corpus import build_package_corpus, corpus_sources
 from cglab.raylocal import shutdown
 from cglab.report import stability_lines, text_table, verdict_lines, write_report
-from cglab.track.server import make_server
+from cglab.track.server import make_server, sqlite_uri
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import STUDY_CORPUS, base_config, get_preset
 from cglab.tune.sweep import run_lesson
@@ -85,7 +86,7 @@ def lesson_section(n: int, report_md: dict, reading: str) -> list[str]:
         f"Paper: {les.finding}",
         "",
         f"Variants: {', '.join(v.name for v in les.variants)}; seeds {r['seeds']}; "
-        f"wall time **{r['wall_s'] / 60:.1f} min** for {r['trials']} trials"
+        f"wall time **{r['wall_s'] / 60:.1f} min** for {r['trials']} trials, run at commit {r['commit']}"
         + (" (resumed: the wall time of the run that did the work)" if r.get("resumed") else "")
         + ".",
         "",
@@ -106,12 +107,27 @@ def lesson_section(n: int, report_md: dict, reading: str) -> list[str]:
         "",
         *[f"![{Path(p).stem}]({p})" for p in r["plots"]],
         "",
-        f"<!-- reading {n} -->",
-        reading.strip() + "\n" if reading.strip() else "_Reading: not written yet._\n",
-        f"<!-- /reading {n} -->",
+        *reading_block(n, reading),
         "",
     ]
     return out
+
+
+def reading_block(n: int, reading: str) -> list[str]:
+    """What is written by hand (0: the whole study's caveats; N: lesson N), kept when the file is regenerated."""
+    return [f"<!-- reading {n} -->", reading.strip() or "_Reading: not written yet._", f"<!-- /reading {n} -->"]
+
+
+def run(n: int, name: str, pre, base, seeds, work: Path, uri: str, sha: str, walls: dict) -> None:
+    """Lesson n's sweep (resumed if it exists); its wall time and commit into walls unless it only resumed."""
+    t0 = time.monotonic()
+    res = run_lesson(
+        n, preset=pre, base=base, seeds=seeds, storage_path=str(work / "tune"), name=name, tracking_uri=uri, verbose=0
+    )
+    if res.errors:
+        raise RuntimeError(f"lesson {n}: {len(res.errors)} trials failed: {res.errors}")
+    if name not in walls or not res.restored:
+        walls[name] = dict(wall_s=time.monotonic() - t0, resumed=res.restored, commit=sha)
 
 
 def main() -> int:
@@ -120,9 +136,15 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the study preset's")
     p.add_argument("--workdir", default=".cglab/study")
     p.add_argument("--out", default="benchmarks/results/lessons_study.md")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite OUT from the sweeps already finished under WORKDIR (their store read in place), running nothing",
+    )
     args = p.parse_args()
 
-    at = f"commit {commit()}, started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"  # before any edit
+    sha = commit()  # before any edit: the code the trials run
+    at = f"commit {sha}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -136,38 +158,29 @@ def main() -> int:
     seeds = tuple(args.seeds or pre.seeds)
     sources, summary = corpus(work / "pkgcorpus")
     base = base_config(pre, None, [f"data.sources={json.dumps(sources)}"])
-    server = make_server(work / "mlflow").start()
+    server = None if args.report_only else make_server(work / "mlflow").start()
+    uri = server.uri if server else sqlite_uri(work / "mlflow" / "mlflow.db")
     sections: dict[int, dict] = {}
     try:
         for n in args.lessons:
             name = f"study-lesson-{n}-seeds-{'-'.join(map(str, seeds))}"
-            t0 = time.monotonic()
-            res = run_lesson(
-                n,
-                preset=pre,
-                base=base,
-                seeds=seeds,
-                storage_path=str(work / "tune"),
-                name=name,
-                tracking_uri=server.uri,
-                verbose=0,
-            )
-            wall = time.monotonic() - t0
-            if res.errors:
-                raise RuntimeError(f"lesson {n}: {len(res.errors)} trials failed: {res.errors}")
-            if name not in walls or not res.restored:
-                walls[name] = dict(wall_s=wall, resumed=res.restored)
+            if args.report_only:
+                if name not in walls:
+                    raise ConfigError(f"lesson {n}: no finished sweep {name} under {work}; run without --report-only")
+            else:
+                run(n, name, pre, base, seeds, work, uri, sha, walls)
                 walls_path.write_text(json.dumps(walls, indent=1))
-            html, runs = write_report(n, server.uri, work / "reports" / f"lesson-{n}.html", name, record=True)
+            html, runs = write_report(n, uri, work / "reports" / f"lesson-{n}.html", name, record=server is not None)
             plots = []
             for png in sorted(html.parent.glob(f"lesson-{n}*.png")):
                 shutil.copy(png, plots_dir / png.name)
                 plots.append(f"{plots_dir.name}/{png.name}")
             sections[n] = dict(
                 seeds=", ".join(map(str, seeds)),
-                trials=len(res.results),
+                trials=len(runs.run_ids),
                 wall_s=walls[name]["wall_s"],
                 resumed=walls[name]["resumed"],
+                commit=walls[name].get("commit", "?"),
                 table=text_table(runs),
                 verdicts=verdict_lines(runs),
                 stability=stability_lines(runs.stability()),
@@ -176,8 +189,9 @@ def main() -> int:
             )
             print(f"lesson {n}: {walls[name]['wall_s'] / 60:.1f} min", flush=True)
     finally:
-        server.stop()
-        shutdown()
+        if server is not None:
+            server.stop()
+            shutdown()
 
     cmd = "PYTHONPATH=platform python benchmarks/lessons_study.py " + " ".join(
         ["--lessons", *map(str, args.lessons), "--seeds", *map(str, seeds)]
@@ -185,7 +199,7 @@ def main() -> int:
     lines = [
         "# The five CodeGen2 lessons at CPU study scale",
         "",
-        f"Generated by `{cmd}` (benchmarks/lessons_study.py) at {at}, on {machine()}.",
+        f"Generated by `{cmd}` (benchmarks/lessons_study.py); written at {at}, on {machine()}.",
         "",
         f"Preset `study`: {pre.description}. Every trial: {', '.join(pre.overrides)}.",
         "",
@@ -204,7 +218,7 @@ def main() -> int:
                 if i == 0
                 else f"| | {metric} | {verdict} | |"
             )
-    lines.append("")
+    lines += ["", "### How to read it", "", *reading_block(0, readings.get(0, "")), ""]
     for n, s in sections.items():
         lines += lesson_section(n, s, readings.get(n, ""))
     out.write_text("\n".join(lines))

@@ -59,8 +59,8 @@ stop() {
     [ -s "$STATE/$name.pid" ] || continue
     pid=$(cat "$STATE/$name.pid")
     kill -TERM -- "-$pid" 2>/dev/null || true  # the process group `start` created, nothing else
-    # Ray's head takes ~30 s to shut its processes down; wait for it, then insist.
-    for _ in $(seq 60); do ps -o stat= -s "$pid" | grep -qv '^Z' || break; sleep 1; done
+    # Ray's head takes ~30 s to shut its processes down; wait for it (STOP_WAIT_S, default 60), then insist.
+    for _ in $(seq "${STOP_WAIT_S:-60}"); do ps -o stat= -s "$pid" | grep -qv '^Z' || break; sleep 1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
     rm -f "$STATE/$name.pid"
   done

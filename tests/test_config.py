@@ -137,7 +137,7 @@ def test_spans_needed_is_the_largest_count_of_a_unit_that_fits():
         assert k == max(span_count(round(ratio_max * n), mean) for n in sizes)
 
 
-@pytest.mark.parametrize("preset", ["laptop", "1gpu", "cluster"])
+@pytest.mark.parametrize("preset", ["laptop", "study", "1gpu", "cluster"])
 def test_every_lesson_variant_validates_at_every_preset(preset):
     from cglab.tune.lessons import LESSONS, get_lesson
     from cglab.tune.presets import base_config

@@ -72,7 +72,7 @@ def test_every_shipped_config_plans_with_what_it_will_really_do(config, in_corpu
         assert plan["errors"] == [] and plan["attention_backend"]["backend"] == "sdpa"
 
 
-@pytest.mark.parametrize("preset", ["laptop", "1gpu", "cluster"])
+@pytest.mark.parametrize("preset", ["laptop", "study", "1gpu", "cluster"])
 def test_every_lesson_plans_at_every_preset(preset, micro_sources, tmp_path, capsys):
     """Each trial's corrupting objectives realise their drawn ratio within 10% on real data at the preset's
     sequence length (2048 for the GPU presets), with enough sentinels; what remains refused is the micro
@@ -155,3 +155,22 @@ def test_a_run_the_plan_refuses_never_starts_a_worker(micro_sources, micro_token
     run_dir = tmp_path / "too-long"
     assert json.loads((run_dir / "plan.json").read_text())["errors"]
     assert not (run_dir / "metrics.jsonl").exists() and not list(run_dir.glob("TorchTrainer*"))
+
+
+def test_the_plan_shows_each_sources_share_of_tokens_and_warns_when_mix_is_not_half_nl(micro_sources, tmp_path, capsys):
+    """data.mixture weighs documents; the plan converts that into tokens (weight x tokens per document, normalised)
+    and says so when lesson 4's `mix` (half the documents from each kind) is far from half NL by tokens."""
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"data": {"sources": micro_sources}}))
+    mix = _plan(capsys, str(base), "data.mixture=mix", "train.train_steps=2")
+    tpd = {e["name"]: e["tokens_per_document"] for e in mix["data"]["sources"]}
+    share = mix["tokens_needed"]["token_share"]
+    assert share["pile"] == pytest.approx(tpd["pile"] / (tpd["pile"] + tpd["stack"]), abs=1e-4)
+    warned = any(w.startswith("data.mixture: 'mix' takes half the documents") for w in mix["warnings"])
+    assert warned == (not 0.25 <= share["pile"] <= 0.75), (share, mix["warnings"])
+    # weights in the inverse ratio of the document lengths: half the tokens from each
+    weights = [{**s, "weight": 1.0 / tpd[s["kind"]]} for s in micro_sources]
+    base.write_text(json.dumps({"data": {"sources": weights}}))
+    even = _plan(capsys, str(base), "data.mixture=weights", "train.train_steps=2")
+    assert even["tokens_needed"]["token_share"] == pytest.approx({"pile": 0.5, "stack": 0.5}, abs=0.02)
+    assert not any(w.startswith("data.mixture:") for w in even["warnings"])

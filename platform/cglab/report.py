@@ -20,6 +20,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
+
 from cglab.track.server import TrackingUnavailable, check_server, sqlite_uri
 from cglab.tune.curves import QUARTER, Stability, align
 from cglab.tune.lessons import NOT_MEASURED, Interval, Lesson, Outcome
@@ -181,8 +183,12 @@ def plot_eval_curves(runs: LessonRuns, out: Path, stab: list[Stability] | None =
     for c in curves:
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, v in enumerate(c.variants):
-            (line,) = ax.plot(c.tokens[i], c.mean[i], marker="o", ms=3, label=f"{v} ({int(c.n[i].max())} seeds)")
-            ax.fill_between(c.tokens[i], c.lo[i], c.hi[i], color=line.get_color(), alpha=0.2, linewidth=0)
+            # only the variant's own points: where it has none (lesson 5's variants evaluate on different budgets,
+            # so the aligned points are the union of their schedules) a NaN would break its line into dots
+            ok = ~np.isnan(c.mean[i])
+            x = c.tokens[i][ok]
+            (line,) = ax.plot(x, c.mean[i][ok], marker="o", ms=3, label=f"{v} ({int(c.n[i].max())} seeds)")
+            ax.fill_between(x, c.lo[i][ok], c.hi[i][ok], color=line.get_color(), alpha=0.2, linewidth=0)
         quarter = QUARTER * float(c.tokens[:, -1].max())
         ax.axvline(quarter, color="grey", linestyle=":", linewidth=1, label="a quarter of the run")
         if c.metric in stable:

@@ -86,6 +86,8 @@ def ray_head():
         "METRICS_PORT": str(metrics),
         "CLIENT_PORT": str(client),
         "MLFLOW_PORT": str(mlflow),
+        # the teardown kills this private head after 3 s instead of waiting out Ray's ~30 s graceful stop (CI time)
+        "STOP_WAIT_S": "3",
         "RAY_START_ARGS": f"--num-cpus=1 --num-gpus=0 --temp-dir={tmp}/ray --dashboard-agent-listen-port="
         f"{agent_http} --dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port="
         f"{rt_agent} --object-manager-port={om} --node-manager-port={nm}",

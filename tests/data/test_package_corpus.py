@@ -88,3 +88,13 @@ def test_filters_drop_and_count(tmp_path):
     assert s["dropped"]["code:max_line_length"] > 0
     kept = _stack(s["stack"]["files"][0]) + _stack(s["stack"]["files"][1])
     assert kept and max(len(line) for r in kept for line in r["content"].splitlines()) <= 60
+
+
+def test_the_default_package_list_leaves_this_project_out():
+    """`--source packages` with no list reads every installed distribution but cglab itself (installed editable
+    here): the corpus is code no one here wrote."""
+    from cglab.data.corpus import default_packages, installed_packages
+
+    assert "cglab" in installed_packages() and "torch" in installed_packages()
+    names = default_packages()
+    assert "cglab" not in names and "torch" in names and len(names) == len(installed_packages()) - 1

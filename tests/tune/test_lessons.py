@@ -186,3 +186,22 @@ def test_concurrency_follows_the_scarcest_resource():
         max_concurrent(laptop, {"CPU": 2.5}, n_trials=2)  # would wait forever for its own data tasks
     off = base_config("laptop", overrides=["eval.every=0"])
     assert trial_resources(off, lp.driver_cpus, lp.data_cpus) == {"CPU": 2.5}  # no task, no CPUs for it
+
+
+def test_presets_name_the_corpus_they_fall_back_to(monkeypatch):
+    """Without data.sources, `cglab ablate` trains the laptop preset on the micro corpus and the study preset on
+    the installed packages' corpus (built under .cglab/pkgcorpus with the study budgets); the GPU presets on
+    nothing: the config must name its data."""
+    from cglab.tune import presets
+
+    built = []
+    monkeypatch.setattr(presets, "build_package_corpus", lambda root, **kw: built.append((root, kw)))
+    monkeypatch.setattr(presets, "corpus_sources", lambda root: [{"paths": [str(root)]}])
+    assert presets.preset_corpus_sources(PRESETS["1gpu"]) == [] and PRESETS["cluster"].corpus is None
+    assert PRESETS["laptop"].corpus == "micro"
+    out = presets.preset_corpus_sources(PRESETS["study"])
+    assert out[0]["paths"][0].endswith(".cglab/pkgcorpus") and built[0][1] == presets.STUDY_CORPUS
+    # every study trial: 3 default seeds, and lesson 5's five epochs repeat its base run's unique tokens
+    study = base_config("study")
+    assert len(PRESETS["study"].seeds) >= 3
+    assert get_lesson(5).config_for("epochs-5", study).train.train_steps == 5 * study.train.train_steps

@@ -1,20 +1,23 @@
 """A lesson grid through Ray Tune -> Ray Train (the real Megatron trainer) -> evaluation -> a real MLflow
-server, interrupted and restored. One sweep (lesson 2: clm, infill) serves every test here: its infill trial
-fails once before training, the sweep is restored, and then both variants have trained and been evaluated."""
+server, interrupted and restored, then `cglab report`. One sweep (lesson 2: clm, infill, two seeds each) serves every
+test here: its first infill trial fails once before training, the sweep is restored, and then every trial has
+trained and been evaluated."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cglab.eval.sandbox import isolation_mode
-from cglab.tune.lessons import get_lesson
+from cglab.tune.lessons import ONE_SEED, get_lesson
 from cglab.tune.presets import base_config
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 HE_LIMIT = 3  # HumanEval problems per trial: enough to see pass@1 logged with its sandbox conditions
 EVERY, CODE_LIMIT = 4, 2  # evaluation while training (cglab.eval.periodic): due at steps 4 and 8
+SEEDS = (1, 2)  # the fewest that give intervals and a verdict (the laptop preset's default is one seed)
 
 
 def _base(sources):
@@ -70,6 +73,7 @@ def sweep(tmp_path_factory, micro_sources, mlflow_server, ray_local):
         base=_base(micro_sources),
         storage_path=str(tmp / "tune"),
         name="resume-me",
+        seeds=SEEDS,
         tracking_uri=mlflow_server.uri,
         train_fn=_recording_fit(calls, fail_once="infill"),
         trial_max_failures=0,
@@ -95,12 +99,15 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     heldout = {"eval.texts": "heldout", "eval.heldout": "nl:heldout,code:heldout"}
     assert parent[0].data.tags == {**parent[0].data.tags, **heldout}
-    assert sorted(c.data.tags["variant"] for c in children) == sorted(v.name for v in lesson.variants)
+    assert sorted((c.data.tags["variant"], c.data.tags["seed"]) for c in children) == sorted(
+        (v.name, str(s)) for v in lesson.variants for s in SEEDS
+    )
     for child in children:
         tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
         assert child.info.status == "FINISHED"
-        assert tags["lesson"] == "2" and tags["seed"] == "1234" and tags["preset"] == "laptop"
-        expected = lesson.config_for(tags["variant"], _base(sweep["sources"]), 1234)
+        assert tags["lesson"] == "2" and int(tags["seed"]) in SEEDS and tags["preset"] == "laptop"
+        expected = lesson.config_for(tags["variant"], _base(sweep["sources"]), int(tags["seed"]))
+        assert params["train.seed"] == params["data.seed"] == tags["seed"]
         assert params["objective.kind"] == expected.objective.kind
         assert params["train.train_steps"] == str(STEPS) and params["model.hidden_size"] == "64"
         # trained on all but the held-out last shard of each source, with the sweep's one tokenizer
@@ -120,9 +127,11 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
         assert any(k.startswith("system/") for k in metrics)
         assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["config.yaml", "plan.json"]
         # the Tune result points at the run the training job logged into
-        assert _calls(sweep["calls"], expected.objective.kind)[-1]["run_id"] == child.info.run_id
-    by_variant = {r["variant"]: r for r in res.results}
-    assert set(by_variant) == {"clm", "infill-r0.5"}
+        assert child.info.run_id in {c["run_id"] for c in _calls(sweep["calls"], expected.objective.kind)}
+    assert sorted((r["variant"], r["seed"]) for r in res.results) == sorted(
+        (v, s) for v in ("clm", "infill-r0.5") for s in SEEDS
+    )
+    assert sorted(r["mlflow_run_id"] for r in res.results) == sorted(c.info.run_id for c in children)
     assert all(r["eval.texts"] == "heldout" and r["eval/humaneval_isolation"] == isolation_mode() for r in res.results)
 
 
@@ -133,13 +142,14 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):
     assert not first.restored
     assert [r["variant"] for r in first.errors] == ["infill-r0.5"]
     assert second.restored and not second.errors
-    assert len(_calls(calls, "clm")) == 1  # finished trial not re-run
+    assert len(_calls(calls, "clm")) == len(SEEDS)  # finished trials not re-run
     infill = _calls(calls, "infill")
-    assert len(infill) == 2
-    assert infill[0]["run_id"] == infill[1]["run_id"]  # the retried trial kept its MLflow run
-    assert infill[0]["name"] == infill[1]["name"]  # ... and its Train run name (so its checkpoints)
+    assert len(infill) == len(SEEDS) + 1  # the failed one, the other seed's, the failed one again
+    retried = [c for c in infill[1:] if c["run_id"] == infill[0]["run_id"]]
+    assert len(retried) == 1  # the retried trial kept its MLflow run
+    assert retried[0]["name"] == infill[0]["name"]  # ... and its Train run name (so its checkpoints)
     assert second.parent_run_id == first.parent_run_id
-    run = MlflowClient(sweep["uri"]).get_run(infill[1]["run_id"])
+    run = MlflowClient(sweep["uri"]).get_run(retried[0]["run_id"])
     assert run.info.status == "FINISHED" and "eval/infill_ppl" in run.data.metrics
 
 
@@ -182,34 +192,53 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
         assert {EVERY, STEPS} <= set(tokens) and all(tokens[s] == s * tokens_per_step for s in tokens)
         assert sorted(hist("eval/humaneval_pass_at_1")) == [STEPS]
     train_runs = sorted((sweep["tmp"] / "tune" / "resume-me-train").iterdir())
-    assert len(train_runs) == 2
+    assert len(train_runs) == 2 * len(SEEDS)
     for run_dir in train_runs:
         records = read_evals(run_dir)
         assert EVERY in records and all("error" not in rec for rec in records.values()), records
         assert list((run_dir / "evals").iterdir()) == []  # every snapshot deleted after its evaluation
 
 
-def test_sweep_records_decision_stability_and_the_report_draws_the_curves(sweep, tmp_path):
+def test_report_of_the_two_seed_sweep_shows_intervals_verdicts_and_curves(sweep, tmp_path):
+    """`cglab report --lesson 2` (the real command, in a subprocess) on the sweep: every value a mean over the two
+    seeds with its interval, a verdict per deciding metric (not "one seed"), the held-out curves with their
+    seed bands drawn, and the decision stability, also recorded on the sweep's parent run."""
+    import subprocess
+    import sys
+
     from mlflow import MlflowClient
 
-    from cglab.report import write_report
     from cglab.tune.results import collect
 
-    res = sweep["second"]
-    parent = MlflowClient(sweep["uri"]).get_run(res.parent_run_id).data.tags
-    lesson = get_lesson(2)
-    for m in lesson.metrics:  # written by the sweep itself when it ended
-        assert parent[f"stability/{m.key}/quarter_run"] in ("same", "different", "not measured")
+    res, lesson = sweep["second"], get_lesson(2)
+    out = tmp_path / "lesson-2.html"
+    cmd = [sys.executable, "-m", "cglab.cli", "report", "--lesson", "2", "--tracking-uri", sweep["uri"]]
+    r = subprocess.run([*cmd, "--sweep", res.name, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["variant", "seeds", "eval/code_ppl"]
+    for v in ("clm", "infill-r0.5"):
+        row = next(line for line in lines if line.startswith(v + " "))
+        assert row.split()[1] == str(len(SEEDS)) and row.count("±") >= 3, row  # code, NL and infill ppl at least
+    for m in lesson.metrics:
+        line = next(line for line in lines if line.startswith(m.key + ": "))
+        assert line.split()[1].rstrip(":") in ("agrees", "disagrees", "inconclusive") and "one seed" not in line, line
+        assert f"paired over {len(SEEDS)} seeds" in line, line  # variants of a lesson share each seed's data order
+    assert "decision stability:" in lines
+
     runs = collect(lesson, sweep["uri"], res.name)
-    curved = [k for k, h in runs.histories.items() if any(len(p) > 1 for s in h.values() for p in s.values())]
-    assert curved  # eval.every in _base: the point at EVERY and the final evaluation's
-    out, _ = write_report(lesson, sweep["uri"], tmp_path / "lesson-2.html", res.name, record=False)
+    parent = MlflowClient(sweep["uri"]).get_run(res.parent_run_id).data.tags
+    curved = 0
     for s in runs.stability():
-        if s.metric in curved:
-            assert s.stable_from is not None and parent[f"stability/{s.metric}/stable_from_tokens"]
-            assert (tmp_path / f"lesson-2-curve-{s.metric.replace('/', '_')}.png").stat().st_size > 0
-            # one seed: a curve, but no verdict at any point
-            assert all(o.verdict in ("inconclusive", "descriptive", "not measured") for o in s.outcomes)
-        elif s.note != "not measured":
-            assert s.note == "one evaluation per run (the final one): no curve"
-    assert ("no curves" in out.read_text()) == (not curved)
+        assert parent[f"stability/{s.metric}/quarter_run"] in ("same", "different", "not measured")
+        if s.curves is None:
+            assert s.note in ("not measured", "one evaluation per run (the final one): no curve"), s
+            continue
+        curved += 1
+        # the point at EVERY and the final evaluation's, both seeds at each: a mean with its band
+        assert s.curves.fraction.tolist() == [EVERY / STEPS, 1.0] and (s.curves.n == len(SEEDS)).all()
+        assert not np.isnan(s.curves.lo).any() and (s.curves.lo <= s.curves.mean).all()
+        assert s.stable_from is not None and float(parent[f"stability/{s.metric}/stable_from_tokens"]) > 0
+        assert (tmp_path / f"lesson-2-curve-{s.metric.replace('/', '_')}.png").stat().st_size > 0
+        assert all(o.note != ONE_SEED for o in s.outcomes)  # a verdict at every point, not only at the end
+    assert curved >= 2  # code and infill perplexity (pass@1 is only evaluated at the end)

@@ -225,6 +225,11 @@ def installed_packages() -> dict[str, object]:
     return dict(sorted(out.items()))
 
 
+def default_packages(dists: dict[str, object] | None = None) -> list[str]:
+    """Every installed distribution but this project's own (OWN): code no one here wrote."""
+    return [d for d in (installed_packages() if dists is None else dists) if d not in OWN]
+
+
 def _package_docs(dist, name: str) -> list[tuple[str, str]]:
     """(pile_set_name, text) prose of one distribution: its long description, shipped .md/.rst/.txt files,
     module and class/function docstrings."""
@@ -311,8 +316,7 @@ def build_package_corpus(
         raise ConfigError("corpus: the package corpus needs shards >= 2 (the last one is the held-out split)")
     fcfg = filters or FilterConfig()
     dists = installed_packages()
-    # by default every distribution but this project's own: "code no one here wrote"
-    names = [p.lower().replace("_", "-") for p in packages] if packages else [d for d in dists if d not in OWN]
+    names = [p.lower().replace("_", "-") for p in packages] if packages else default_packages(dists)
     missing = [p for p in names if p not in dists]
     if missing:
         raise ConfigError(f"corpus: packages not installed here: {missing}")

@@ -269,7 +269,17 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
         "epochs": t.epochs,
         "raw_tokens_per_window": round(fill, 1),
         "unique_tokens_per_epoch": round(raw_per_epoch),
+        # data.mixture weighs documents; what the model trains on is tokens: each source's share of them
+        "token_share": {e["name"]: round(float(x), 4) for e, x in zip(scan.entries, share)},
     }
+    nl = sum(float(x) for e, x in zip(scan.entries, share) if e["kind"] == "pile")
+    if d.mixture == "mix" and not 0.25 <= nl <= 0.75:
+        per_doc = ", ".join(f"{e['name']} ~{e['tokens_per_document']:,.0f}" for e in scan.entries)
+        warnings.append(
+            f"data.mixture: 'mix' takes half the documents from each kind, which is {nl:.0%} natural language by "
+            f"tokens with these sources' document lengths ({per_doc} tokens per document); the paper's 50/50 "
+            f"is by tokens: use data.mixture=weights with source weights in the inverse ratio of those lengths"
+        )
     passes = {}
     for e, s in zip(scan.entries, share):
         if s <= 0:
