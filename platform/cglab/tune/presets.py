@@ -20,6 +20,17 @@ def _shape(name: str) -> tuple[str, ...]:
     return tuple(f"model.{k}={v}" for k, v in MODEL_SHAPES[name].items())
 
 
+# A trial of the CPU presets: one Ray Train worker on one CPU, fp32, no model parallelism.
+_ONE_CPU_WORKER = (
+    "train.precision=fp32",
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.pipeline_model_parallel_size=1",
+    "parallel.data_parallel_size=1",
+    "parallel.use_gpu=false",
+    "parallel.cpus_per_worker=1",
+)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -57,12 +68,7 @@ PRESETS: dict[str, Preset] = {
             "data.filters.dedup=false",
             # ray.train.report costs ~2 s a call on CPU here; MLflow still gets every step from rank 0.
             "train.log_every=50",
-            "train.precision=fp32",
-            "parallel.tensor_model_parallel_size=1",
-            "parallel.pipeline_model_parallel_size=1",
-            "parallel.data_parallel_size=1",
-            "parallel.use_gpu=false",
-            "parallel.cpus_per_worker=1",
+            *_ONE_CPU_WORKER,
             "eval.suites=[nl]",
             "eval.limit=8",
             "eval.max_new_tokens=32",
@@ -103,12 +109,7 @@ PRESETS: dict[str, Preset] = {
             "train.min_lr=2e-4",
             "data.filters.dedup=false",  # as laptop: the held-out split is still deduplicated against training
             "train.log_every=120",
-            "train.precision=fp32",
-            "parallel.tensor_model_parallel_size=1",
-            "parallel.pipeline_model_parallel_size=1",
-            "parallel.data_parallel_size=1",
-            "parallel.use_gpu=false",
-            "parallel.cpus_per_worker=1",
+            *_ONE_CPU_WORKER,
             "eval.suites=[nl]",  # no HumanEval: pass@1 of a model this small would be 0 everywhere ("not measured")
             "eval.limit=8",
             "eval.max_new_tokens=32",
