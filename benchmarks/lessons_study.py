@@ -26,24 +26,21 @@ import time
 from pathlib import Path
 
 from cglab.config import ConfigError
-from cglab.data.corpus import build_package_corpus, corpus_sources
+from cglab.data.corpus import SUMMARY
 from cglab.raylocal import shutdown
 from cglab.report import stability_lines, text_table, verdict_lines, write_report
 from cglab.track.server import make_server, sqlite_uri
 from cglab.tune.lessons import get_lesson
-from cglab.tune.presets import STUDY_CORPUS, base_config, get_preset
+from cglab.tune.presets import base_config, get_preset, package_corpus_sources
 from cglab.tune.sweep import run_lesson
 
 READING = re.compile(r"<!-- reading (\d) -->\n(.*?)<!-- /reading \1 -->", re.S)
 
 
 def corpus(root: Path) -> tuple[list[dict], dict]:
-    """The study corpus's sources and its build summary (built once under root)."""
-    summary_path = root / "summary.json"
-    if not summary_path.is_file():
-        summary = build_package_corpus(root, **STUDY_CORPUS)
-        summary_path.write_text(json.dumps(summary, indent=1))
-    return corpus_sources(root), json.loads(summary_path.read_text())
+    """The study corpus's sources (the preset's own corpus, built under root if missing) and its build summary."""
+    sources = package_corpus_sources(root)
+    return sources, json.loads((root / SUMMARY).read_text())
 
 
 def machine() -> str:

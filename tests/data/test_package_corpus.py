@@ -56,6 +56,7 @@ def test_package_corpus_holds_out_whole_packages_filtered_and_deduplicated(tmp_p
         == 0
     )
     summary = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary  # kept with the corpus (the study reads it)
     assert summary["packages"] == {"train": ["pip", "rich", "iniconfig"], "heldout": ["idna", "pluggy"]}
     stack = [_stack(f) for f in summary["stack"]["files"]]
     pile = [_pile(f) for f in summary["pile"]["files"]]

@@ -201,6 +201,7 @@ def train_corpus_tokenizer(
 DOC_EXTS = (".md", ".rst", ".txt")
 TOKEN_RE = r"\w+|[^\w\s]"  # a GPT-2-like pre-tokenisation: words and single punctuation marks
 OWN = ("cglab",)  # left out of the default package list
+SUMMARY = "summary.json"  # the build's summary, written next to pile/ and stack/
 
 
 def _license(meta) -> str:
@@ -305,7 +306,8 @@ def build_package_corpus(
     (`filters`: a FilterConfig, default CodeGen's), then exact dedup by SHA-256: a training copy survives once;
     a held-out document whose content also occurs in training is dropped. Budgets fill package by package in
     name order (held-out packages take at most a tenth of each). Returns a summary with documents, bytes and
-    pre-tokens (TOKEN_RE pieces) per source and split, and documents dropped by reason."""
+    pre-tokens (TOKEN_RE pieces) per source and split, and documents dropped by reason (also written to
+    `out_dir/summary.json`)."""
     import pyarrow as pa  # pyarrow and zstandard: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
     import zstandard
@@ -395,7 +397,7 @@ def build_package_corpus(
             pretokens=sum(len(tok.findall(x[key])) for x in xs),
         )
 
-    return dict(
+    summary = dict(
         out=str(out),
         source="packages",
         packages=dict(train=[p for p in names if p not in held], heldout=sorted(held & set(names))),
@@ -411,3 +413,5 @@ def build_package_corpus(
         ),
         dropped=dict(sorted(dropped.items())),
     )
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))  # what the corpus holds, kept with it
+    return summary
