@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q pip==26.3  # pinned like everything else: a test must not see the registry drift
 
 # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
