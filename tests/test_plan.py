@@ -157,20 +157,54 @@ def test_a_run_the_plan_refuses_never_starts_a_worker(micro_sources, micro_token
     assert not (run_dir / "metrics.jsonl").exists() and not list(run_dir.glob("TorchTrainer*"))
 
 
-def test_the_plan_shows_each_sources_share_of_tokens_and_warns_when_mix_is_not_half_nl(micro_sources, tmp_path, capsys):
-    """data.mixture weighs documents; the plan converts that into tokens (weight x tokens per document, normalised)
-    and says so when lesson 4's `mix` (half the documents from each kind) is far from half NL by tokens."""
+def test_the_plan_shows_each_sources_share_of_tokens_and_warns_when_mixed_by_documents(micro_sources, tmp_path, capsys):
+    """data.mixture's weights are shares of tokens (data.mix_by=tokens, the default): lesson 4's `mix` is half the
+    tokens from each kind. By documents (data.mix_by=documents) the plan converts the weights into tokens (weight x
+    tokens per document, normalised) and says so when `mix` is far from half NL by tokens."""
     base = tmp_path / "base.yaml"
     base.write_text(json.dumps({"data": {"sources": micro_sources}}))
-    mix = _plan(capsys, str(base), "data.mixture=mix", "train.train_steps=2")
-    tpd = {e["name"]: e["tokens_per_document"] for e in mix["data"]["sources"]}
-    share = mix["tokens_needed"]["token_share"]
+    mix = _plan(capsys, str(base), "data.mixture=mix", "train.train_steps=4")
+    assert mix["tokens_needed"]["mix_by"] == "tokens"
+    assert mix["tokens_needed"]["token_share"] == {"pile": 0.5, "stack": 0.5}
+    assert not any(w.startswith("data.mixture:") for w in mix["warnings"])
+    docs = _plan(capsys, str(base), "data.mixture=mix", "data.mix_by=documents", "train.train_steps=4")
+    tpd = {e["name"]: e["tokens_per_document"] for e in docs["data"]["sources"]}
+    share = docs["tokens_needed"]["token_share"]
     assert share["pile"] == pytest.approx(tpd["pile"] / (tpd["pile"] + tpd["stack"]), abs=1e-4)
-    warned = any(w.startswith("data.mixture: 'mix' takes half the documents") for w in mix["warnings"])
-    assert warned == (not 0.25 <= share["pile"] <= 0.75), (share, mix["warnings"])
-    # weights in the inverse ratio of the document lengths: half the tokens from each
-    weights = [{**s, "weight": 1.0 / tpd[s["kind"]]} for s in micro_sources]
-    base.write_text(json.dumps({"data": {"sources": weights}}))
-    even = _plan(capsys, str(base), "data.mixture=weights", "train.train_steps=2")
-    assert even["tokens_needed"]["token_share"] == pytest.approx({"pile": 0.5, "stack": 0.5}, abs=0.02)
-    assert not any(w.startswith("data.mixture:") for w in even["warnings"])
+    warned = any(w.startswith("data.mixture: 'mix' takes half the documents") for w in docs["warnings"])
+    assert warned == (not 0.25 <= share["pile"] <= 0.75), (share, docs["warnings"])
+
+
+def _uneven_pile(micro_corpus, out):
+    """A Pile of two files, the second three times the first (zstd frames concatenate): DP=2 ranks get one each."""
+    pile = sorted((Path(micro_corpus["out"]) / "pile").glob("*.jsonl.zst"))
+    (out / "pile").mkdir(parents=True)
+    (out / "pile" / "a.jsonl.zst").write_bytes(pile[0].read_bytes())
+    (out / "pile" / "b.jsonl.zst").write_bytes(b"".join(p.read_bytes() for p in pile[1:]))
+    return [{"name": "pile", "kind": "pile", "paths": [str(out / "pile")]}]
+
+
+def test_the_plan_refuses_dp_beyond_the_units_and_an_epoch_the_slowest_rank_cannot_fill(tmp_path, capsys, monkeypatch):
+    """An epoch lasts as long as the DP rank with the least data (the feed steps in lockstep), and a rank needs a
+    unit of work: the plan computes both from the same rules as the stream and refuses before a worker starts."""
+    from cglab.data.corpus import build_corpus
+
+    monkeypatch.chdir(tmp_path)
+    corpus = build_corpus(tmp_path / "c", nl_chars=200_000, code_bytes=50_000, shards=4)
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"data": {"sources": _uneven_pile(corpus, tmp_path / "u")}}))
+    common = ["train.global_batch_size=8", "train.micro_batch_size=1", "train.warmup_steps=0"]
+    one = _plan(capsys, str(base), *common, "train.train_steps=2")
+    tokens = one["data"]["sources"][0]["tokens"]
+    fill = one["tokens_needed"]["raw_tokens_per_window"]
+    assert one["tokens_needed"]["epoch_reads"]["share_read"] == {"pile": 1.0}
+    steps = f"train.train_steps={math.ceil(0.8 * tokens / (8 * fill))}"  # 80% of the data in one epoch
+    assert not _plan(capsys, str(base), *common, steps)["errors"]  # one rank reads it all
+    two = _plan(capsys, str(base), *common, steps, "parallel.data_parallel_size=2")
+    reads = two["tokens_needed"]["epoch_reads"]
+    a, b = ((tmp_path / "u" / "pile" / f).stat().st_size for f in ("a.jsonl.zst", "b.jsonl.zst"))
+    assert reads["units"] == 2 and reads["lockstep_fraction"] == pytest.approx(2 * a / (a + b), abs=1e-3)
+    assert reads["lockstep_fraction"] < 0.8
+    assert any("would run dry" in e and "parallel.data_parallel_size=2" in e for e in two["errors"]), two["errors"]
+    three = _plan(capsys, str(base), *common, "train.train_steps=2", "parallel.data_parallel_size=3")
+    assert any(e.startswith("parallel.data_parallel_size=3: the data has only 2 units") for e in three["errors"])

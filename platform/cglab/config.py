@@ -184,8 +184,11 @@ class DataConfig(_Section):
     seq_length: int = Field(256, ge=8)
     num_sentinels: int = Field(16, ge=1)
     seed: int = 1234
-    # Mixture by examples; lesson 4 sets weights to {pl_only, nl_only, 50/50}.
+    # Which sources, with what weights; lesson 4 sets {pl_only, nl_only, mix (50/50)}.
     mixture: Literal["weights", "pl_only", "nl_only", "mix"] = "weights"
+    # What a weight is a share of: the training tokens (the paper's "examples sampled equally", Megatron's
+    # blending) or the documents (cglab's meaning before: 50/50 by documents is ~5% NL by tokens). data/mixture.py
+    mix_by: Literal["tokens", "documents"] = "tokens"
     # Where the corpus's dedup drop list and trained tokenizer are kept and found again (data/artifacts.py):
     # a local directory or a pyarrow filesystem URL (s3://...); "" = ~/.cache/cglab/corpus. Multi-node: shared.
     cache_path: str = ""

@@ -110,3 +110,28 @@ def test_a_resumed_feed_continues_exactly_and_refuses_another_dp_size(
         assert all((a[k] == b[k]).all() for k in a)
     with pytest.raises(ConfigError, match=r"parallel\.data_parallel_size.*written with data_parallel_size=2"):
         DataFeed(cfg, feed.plan, DataPosition(0, 8, (), 2, ((0, 4), (0, 4))))
+
+
+def test_each_step_logs_the_token_share_of_each_source_as_planned(
+    ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path
+):
+    """data.mixture=mix is half the tokens from each kind (data.mix_by=tokens): what the feed reads matches the
+    plan's token_share, logged per step as data/token_share/<source>, though a micro Stack file holds several times
+    the tokens of a micro Pile document."""
+    cfg = from_dict(
+        _cfg(micro_sources, micro_tokenizer.path).model_dump()
+        | {
+            "data": _cfg(micro_sources, micro_tokenizer.path).data.model_dump()
+            | {"sources": micro_sources, "mixture": "mix"}
+        },
+        ["train.train_steps=120", "train.global_batch_size=16"],
+    )
+    feed, run_plan = _feed(cfg, tmp_path)
+    assert run_plan["tokens_needed"]["token_share"] == {"pile": 0.5, "stack": 0.5}
+    for _ in range(100):  # ~100k tokens
+        feed.next_step()
+    share = {k.removeprefix("data/token_share/"): v for k, v in feed.step_stats.items() if "token_share" in k}
+    assert set(share) == {"pile", "stack"} and sum(share.values()) == pytest.approx(1.0)
+    # exact to within one document per unit of work: a micro corpus unit holds 70-140k tokens and ends when its
+    # Pile runs dry, up to one code file (~8k tokens) behind; by documents the Pile would be ~20% of the tokens
+    assert share["pile"] == pytest.approx(0.5, abs=0.05), share

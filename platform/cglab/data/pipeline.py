@@ -5,11 +5,12 @@
     for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, (k, offset), batch_size, plan): ...
 
 How the stages map onto Ray Data:
-- read+filter+dedup+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a contiguous
-  slice of every source's files, applies the filters and the dedup table, and interleaves the surviving documents
-  by the mixture weights with a seeded generator. Doing the mixing inside the read keeps it exact (ratios count
-  documents that are actually trained on) and streaming (no barrier, no shuffle).
-- tokenize, pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window
+- read+filter+dedup+tokenize+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a
+  contiguous slice of every source's files, applies the filters and the dedup table, tokenizes the surviving
+  documents and interleaves them by the mixture weights (cglab.data.mixture: shares of tokens by default, of
+  documents with data.mix_by=documents). Doing the mixing inside the read keeps it exact (ratios count tokens that
+  are actually trained on) and streaming (no barrier).
+- pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window
   boundaries depend only on the block, which the read task cuts deterministically. Ray fuses them with the read.
 - `DataContext.execution_options.preserve_order = True`: the stream order is the order of the read tasks and of the
   blocks inside them, whatever finishes first. So (seed, epoch) fixes the whole sequence of samples.
@@ -66,7 +67,7 @@ from cglab.data.tokenizer import CGTokenizer, load_tokenizer
 from cglab.track.metrics import DataMetrics
 
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
-_BLOCK_DOCS, _BLOCK_CHARS, _CHUNK_DOCS = 2048, 4_000_000, 256
+_BLOCK_DOCS, _BLOCK_TOKENS, _CHUNK_DOCS = 2048, 1_000_000, 256
 
 
 @dataclass
@@ -86,6 +87,7 @@ class DataPlan:
     # bytes of each unit of work (mix read task), the balance weights of `assign_units`; () = measure on demand
     unit_bytes: tuple[int, ...] = ()
     artifacts: dict = field(default_factory=dict)  # what prepare_data reused or built (path, built, seconds)
+    mix_by: str = "tokens"  # what a mixture weight is a share of (data.mix_by; cglab.data.mixture)
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -289,6 +291,16 @@ def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list
     return [u for u in range(len(sizes)) if owner[u] == dp_rank]
 
 
+def _tokenized(docs: Iterator[tuple[int, str]], plan: DataPlan) -> Iterator[tuple[int, np.ndarray]]:
+    """(key, token ids ending with <|endoftext|>) of each document, tokenized a chunk at a time (the Rust
+    tokenizer's batch call), lazily: a source is read only as far as the mixture takes it."""
+    tok = plan.tokenizer()
+    for chunk in _chunks(docs, _CHUNK_DOCS):
+        flat, offsets = tok.encode_batch([t for _, t in chunk])
+        for (key, _), a, b in zip(chunk, offsets[:-1], offsets[1:]):
+            yield key, flat[a:b]
+
+
 def mix_dataset(
     plan: DataPlan,
     fcfg,
@@ -297,24 +309,31 @@ def mix_dataset(
     units: list[int] | None = None,
     trace_dir: str | None = None,
 ):
-    """Filtered, deduplicated documents of every source, interleaved by the mixture weights (key, source, text, unit).
+    """Filtered, deduplicated, tokenized documents of every source, interleaved by the mixture weights
+    (key, source, ids, unit).
 
-    `units`: only these units of work (ids into `mix_specs`), in this order; default all. With `count_as` (an
-    experiment name) the read tasks export kept/skipped document counts per source to Prometheus
-    (cglab.track.metrics.DataMetrics). `trace_dir`: each read task leaves a file `unit<id>-*` there when it starts
-    (tests count which units were opened).
+    Tokenizing inside the read is what lets the mixture count tokens (plan.mix_by="tokens": each source's share of
+    the tokens is its weight to within one document, in every unit, so on every DP rank). `units`: only these units
+    of work (ids into `mix_specs`), in this order; default all. With `count_as` (an experiment name) the read
+    tasks export kept/skipped document counts per source to Prometheus (cglab.track.metrics.DataMetrics).
+    `trace_dir`: each read task leaves a file `unit<id>-*` there when it starts (tests count which units were
+    opened).
     """
     max_bytes = readers.max_record_bytes(fcfg.max_chars)
     specs = mix_specs(plan.sources, plan.weights)
     units = list(range(len(specs))) if units is None else list(units)
     dedup_path = plan.dedup_path
+    by_tokens = plan.mix_by == "tokens"
 
     def table(rows, unit):
+        lens = np.fromiter((r[1][1].size for r in rows), np.int64, len(rows))
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+        flat = np.concatenate([r[1][1] for r in rows]) if rows else np.zeros(0, np.int32)
         return pa.table(
             {
                 "key": pa.array([r[1][0] for r in rows], pa.int64()),
                 "source": pa.array([r[0] for r in rows], pa.int32()),
-                "text": pa.array([r[1][1] for r in rows], pa.large_string()),
+                "ids": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32())),
                 "unit": pa.array(np.full(len(rows), unit, np.int32)),
             }
         )
@@ -328,16 +347,20 @@ def mix_dataset(
                 return None
             return DataMetrics(experiment=count_as, source=src.name)
 
-        streams = [_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)) for src, files in spec]
+        streams = [
+            _tokenized(_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)), plan)
+            for src, files in spec
+        ]
         w = np.array([plan.weights[src.index] for src, _ in spec])
         rng = np.random.default_rng([seed, task, _MIX_TAG])  # the unit's id: the same mix on whichever rank
-        rows, chars = [], 0
-        for s, doc in interleave(streams, w, rng):
+        size = (lambda doc: doc[1].size) if by_tokens else None
+        rows, tokens = [], 0
+        for s, doc in interleave(streams, w, rng, size=size):
             rows.append((spec[s][0].index, doc))
-            chars += len(doc[1])
-            if len(rows) >= _BLOCK_DOCS or chars >= _BLOCK_CHARS:
+            tokens += doc[1].size
+            if len(rows) >= _BLOCK_DOCS or tokens >= _BLOCK_TOKENS:
                 yield table(rows, task)
-                rows, chars = [], 0
+                rows, tokens = [], 0
         if rows:
             yield table(rows, task)
 
@@ -345,16 +368,6 @@ def mix_dataset(
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def tokenize_block(block, plan: DataPlan):
-    """text -> ids (each document followed by <|endoftext|>), as an Arrow list column."""
-    tok = plan.tokenizer()
-    flat, offsets = tok.encode_batch(block.column("text").to_pylist())
-    ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32()))
-    return pa.table(
-        {"key": block.column("key"), "source": block.column("source"), "ids": ids, "unit": block.column("unit")}
-    )
-
-
 def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
     """All documents of the block into windows (the last one padded); window identity for the seeds."""
     sp = plan.tokenizer().specials
@@ -439,6 +452,7 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         tokenizer.to_str(),
         d.num_sentinels,
         tokenizer.max_whitespace_run,
+        mix_by=d.mix_by,
     )
     plan.unit_bytes = unit_sizes(plan)  # once, on the driver: every worker balances by the same numbers
     if d.filters.dedup if dedup is None else dedup:
@@ -483,7 +497,6 @@ def build_dataset(
         units=units,
         trace_dir=trace_dir,
     )
-    ds = ds.map_batches(tokenize_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan))
     ds = ds.map_batches(
         pack_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve)
     )

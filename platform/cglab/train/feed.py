@@ -126,6 +126,7 @@ class DataFeed:
             f"mask_fraction/{name}": masked[i] / maskable[i] for i, name in enumerate(OBJECTIVES) if maskable[i] > 0
         }
         self.step_stats.update(passes(self.plan, tokens))
+        self.step_stats.update(token_shares(self.plan, tokens))
 
     def _dry_message(self) -> str:
         t, S = self.cfg.train, self.cfg.data.seq_length
@@ -159,3 +160,10 @@ def passes(plan, source_tokens) -> dict[str, float]:
     """`data/passes/<source>`: tokens read from each source so far over the tokens the source holds (the run
     plan's count, DataPlan.tokens_available; sources without a count are left out)."""
     return {f"data/passes/{s.name}": n / a for s, n, a in zip(plan.sources, source_tokens, plan.tokens_available) if a}
+
+
+def token_shares(plan, source_tokens) -> dict[str, float]:
+    """`data/token_share/<source>`: each source's share of the tokens read so far (over every DP shard), to set
+    beside the planned share (`cglab plan`'s tokens_needed.token_share, the mixture weights with data.mix_by=tokens)."""
+    total = sum(source_tokens)
+    return {f"data/token_share/{s.name}": n / total for s, n in zip(plan.sources, source_tokens)} if total else {}

@@ -29,7 +29,7 @@ import numpy as np
 from cglab.config import CGLabConfig, ConfigError, cross_field_errors
 from cglab.data import artifacts, objectives, readers
 from cglab.data.dedup import content_hashes
-from cglab.data.mixture import source_weights
+from cglab.data.mixture import interleave, source_weights
 from cglab.data.objectives import packing_reserve
 from cglab.data.packing import pack_documents
 from cglab.data.tokenizer import load_tokenizer
@@ -110,6 +110,7 @@ class Scan:
     entries: list[dict]
     docs: list[list[np.ndarray]]  # per source: the kept documents' token ids (each ends with <|endoftext|>)
     tokenizer: Any
+    file_bytes: list[list[int]] = dataclasses.field(default_factory=list)  # per source: each file's size
 
 
 def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, max_bytes: int = SCAN_BYTES) -> Scan:
@@ -122,9 +123,10 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
     d = cfg.data
     tok = tokenizer or _tokenizer(cfg)
     limit = readers.max_record_bytes(d.filters.max_chars)
-    entries, docs = [], []
+    entries, docs, file_bytes = [], [], []
     for src in readers.resolve_files(d.sources):
         sizes = [_file_size(f) for f in src.files]
+        file_bytes.append(sizes)
         read = Counter()
         kept: list[str] = []
         n_files = 0
@@ -168,7 +170,7 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
             }
         )
         docs.append(ids)
-    return Scan(entries, docs, tok)
+    return Scan(entries, docs, tok, file_bytes)
 
 
 def _file_size(path: str) -> int:
@@ -185,21 +187,17 @@ def _tokenizer(cfg: CGLabConfig):
 
 
 def _windows(cfg: CGLabConfig, scan: Scan, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Packed windows of the scanned documents (sources interleaved by their mixture weights, as the stream
-    mixes them), packed with the objective's reserve at data.seq_length."""
+    """Packed windows of the scanned documents (sources interleaved by their mixture weights with the stream's own
+    `interleave`), packed with the objective's reserve at data.seq_length."""
     d = cfg.data
     w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
-    rng = np.random.default_rng(d.seed)
-    pools = [list(reversed(x)) for x in scan.docs]
+    size = (lambda doc: doc.size) if d.mix_by == "tokens" else None
     stream, need = [], limit * d.seq_length
-    live = [i for i in range(len(pools)) if w[i] > 0 and pools[i]]
-    while live and need > 0:
-        p = w[live] / w[live].sum()
-        i = live[int(rng.choice(len(live), p=p))]
-        doc = pools[i].pop()
+    for _, doc in interleave([iter(x) for x in scan.docs], w, np.random.default_rng(d.seed), size=size):
         stream.append(doc)
         need -= doc.size
-        live = [j for j in live if pools[j]]
+        if need <= 0:
+            break
     tok, seg = pack_documents(stream, d.seq_length, scan.tokenizer.specials, packing_reserve(cfg.objective))
     return tok[:limit], seg[:limit]
 
@@ -262,40 +260,102 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
     raw_per_epoch = per_epoch * fill
     w = source_weights(d.mixture, [s.kind for s in d.sources], [s.weight for s in d.sources])
     tpd = np.array([e["tokens_per_document"] for e in scan.entries], float)
-    share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
+    if d.mix_by == "documents":  # a weight is a share of documents: the token share follows their lengths
+        share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
+    else:
+        share = w
     needed = {
         "sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
         "samples_per_epoch": per_epoch,
         "epochs": t.epochs,
         "raw_tokens_per_window": round(fill, 1),
         "unique_tokens_per_epoch": round(raw_per_epoch),
-        # data.mixture weighs documents; what the model trains on is tokens: each source's share of them
+        # each source's share of the tokens the model trains on (data.mix_by: the weights, or by documents)
+        "mix_by": d.mix_by,
         "token_share": {e["name"]: round(float(x), 4) for e, x in zip(scan.entries, share)},
     }
     nl = sum(float(x) for e, x in zip(scan.entries, share) if e["kind"] == "pile")
-    if d.mixture == "mix" and not 0.25 <= nl <= 0.75:
+    if d.mixture == "mix" and d.mix_by == "documents" and not 0.25 <= nl <= 0.75:
         per_doc = ", ".join(f"{e['name']} ~{e['tokens_per_document']:,.0f}" for e in scan.entries)
         warnings.append(
             f"data.mixture: 'mix' takes half the documents from each kind, which is {nl:.0%} natural language by "
             f"tokens with these sources' document lengths ({per_doc} tokens per document); the paper's 50/50 "
-            f"is by tokens: use data.mixture=weights with source weights in the inverse ratio of those lengths"
+            f"is by tokens: data.mix_by=tokens (the default)"
         )
+    epoch = _epoch_reads(cfg, scan, w, share, errors)
+    needed["epoch_reads"] = epoch
     passes = {}
     for e, s in zip(scan.entries, share):
         if s <= 0:
             continue
         need_s = raw_per_epoch * s
+        can = e["tokens"] * epoch["share_read"].get(e["name"], 1.0)  # what an epoch can serve of this source
         passes[e["name"]] = round(t.epochs * need_s / e["tokens"], 3) if e["tokens"] else math.inf
-        if need_s > e["tokens"]:
+        if need_s > can:
             errors.append(
                 f"data: an epoch of train.train_steps={t.train_steps} / train.epochs={t.epochs} reads "
                 f"~{need_s:,.0f} tokens of source {e['name']!r}, which holds ~{e['tokens']:,} after "
-                f"filters ({e['method'].split(':')[0]}); the stream would run dry. Add data, lower "
-                f"train.train_steps, or raise train.epochs to repeat it on purpose"
+                f"filters ({e['method'].split(':')[0]}), of which an epoch at "
+                f"parallel.data_parallel_size={cfg.parallel.data_parallel_size} can serve ~{can:,.0f} "
+                f"(epoch_reads); the stream would run dry. Add data, lower train.train_steps, or raise "
+                f"train.epochs to repeat it on purpose"
             )
     if t.epochs == 1 and any(v > 0.999 for v in passes.values()) and not errors:
         warnings.append("data: the run reads nearly all of a source once; dedup or filters may leave too little")
     return {"sources": scan.entries}, needed, passes
+
+
+def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray, errors: list[str]) -> dict:
+    """How much of each source one epoch really reads, at the configured DP size.
+
+    Two things leave data unread (cglab.data.pipeline): a unit of work (the u-th slice of every active source's
+    files) ends when its first source runs dry, which keeps the mixture's ratio; and the feed steps every DP rank
+    in lockstep, so an epoch lasts as long as the rank with the least data (units are balanced by bytes,
+    `assign_units`). Both are computed here from the same rules on the scan's counts (tokens spread over a
+    source's files by size), so a run that would run dry is refused before any worker starts."""
+    dp = cfg.parallel.data_parallel_size
+    active = [i for i in range(len(scan.entries)) if w[i] > 0]
+    if not active:
+        return {"units": 0, "dp_size": dp, "share_read": {}}
+    n_units = min(len(scan.file_bytes[i]) for i in active)
+    if dp > n_units:
+        errors.append(
+            f"parallel.data_parallel_size={dp}: the data has only {n_units} units of work (one per file of the "
+            f"active source with the fewest files), each DP rank needs one; split data.sources into at least "
+            f"{dp} files per source"
+        )
+    # per unit: each active source's tokens (its files' bytes x the source's tokens per byte) and bytes
+    unit_tokens = np.zeros((n_units, len(scan.entries)))
+    unit_bytes = np.zeros(n_units)
+    for i in active:
+        sizes = np.asarray(scan.file_bytes[i], float)
+        per_byte = scan.entries[i]["tokens"] / sizes.sum() if sizes.sum() else 0.0
+        for u, files in enumerate(np.array_split(np.arange(len(sizes)), n_units)):
+            unit_tokens[u, i] = sizes[files].sum() * per_byte
+            unit_bytes[u] += sizes[files].sum()
+    # a unit's stream: sources in proportion `share` until the first runs dry
+    sh = np.asarray(share, float)
+    length = np.min(unit_tokens[:, active] / sh[active], axis=1)  # tokens each unit emits
+    read = length[:, None] * sh[None, :]  # tokens of each source each unit emits
+    # lockstep DP ranks: longest-first units onto the least-loaded rank (by bytes, as assign_units), the epoch
+    # is dp x the shortest rank's tokens
+    ranks = np.zeros(max(1, min(dp, n_units)))
+    owner = np.zeros(n_units, int)
+    for u in sorted(range(n_units), key=lambda u: (-unit_bytes[u], u)):
+        r = int(np.argmin(ranks))
+        owner[u], ranks[r] = r, ranks[r] + unit_bytes[u]
+    per_rank = np.bincount(owner, weights=length, minlength=len(ranks))
+    lockstep = float(len(ranks) * per_rank.min() / per_rank.sum()) if per_rank.sum() else 0.0
+    total = unit_tokens.sum(0)
+    return {
+        "units": n_units,
+        "dp_size": dp,
+        "lockstep_fraction": round(lockstep, 4),
+        "share_read": {
+            scan.entries[i]["name"]: round(float(read[:, i].sum() / total[i] * lockstep), 4) if total[i] else 0.0
+            for i in active
+        },
+    }
 
 
 def _sentinels(cfg: CGLabConfig, scan: Scan | None, errors: list[str]) -> dict:
