@@ -189,6 +189,14 @@ class DataConfig(_Section):
     # What a weight is a share of: the training tokens (the paper's "examples sampled equally", Megatron's
     # blending) or the documents (cglab's meaning before: 50/50 by documents is ~5% NL by tokens). data/mixture.py
     mix_by: Literal["tokens", "documents"] = "tokens"
+    # The prepared corpus (cglab.data.prepared) cuts each file into pieces of at most this many tokens: what the
+    # stream shuffles. Smaller pieces mix files more finely (and make more units of work); larger ones read faster.
+    chunk_tokens: int = Field(1 << 20, ge=256)
+    # Documents each unit of work holds per source in its shuffle buffer (memory: this x a document's tokens).
+    shuffle_docs: int = Field(1024, ge=1)
+    # The tokens a unit of work aims at (a DP rank reads whole units; a resume re-reads at most one): an epoch has
+    # max(64, tokens / unit_tokens) units, at most one per piece of the scarcest source (cglab.data.pipeline).
+    unit_tokens: int = Field(1 << 26, ge=1024)
     # Where the corpus's dedup drop list and trained tokenizer are kept and found again (data/artifacts.py):
     # a local directory or a pyarrow filesystem URL (s3://...); "" = ~/.cache/cglab/corpus. Multi-node: shared.
     cache_path: str = ""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cglab.config import ConfigError, from_dict
-from cglab.data import contract, pipeline
+from cglab.data import contract, pipeline, prepared
 
 pytestmark = pytest.mark.slow
 S = 128
@@ -68,16 +68,20 @@ def test_same_seed_same_stream_and_new_epoch_new_corruption(cfg, plan, micro_sou
         assert np.array_equal(a[k], again[k]), k
     e1 = _take(cfg, plan, 1)
     assert not np.array_equal(a["tokens"], e1["tokens"])
-    # Under plain CLM (no randomness) two epochs are identical: only the corruption is re-drawn.
-    clm = make_cfg(micro_sources, micro_tokenizer, kind="clm")
-    c0, c1 = _take(clm, plan, 0), _take(clm, plan, 1)
-    assert np.array_equal(c0["tokens"], c1["tokens"])
+    # one source: every epoch reads all its documents, each once, in a new order (the pieces and the in-unit
+    # buffer are shuffled with (data.seed, epoch))
+    pl = from_dict(cfg.model_dump() | {"data": cfg.data.model_dump() | {"mixture": "pl_only"}})
+    pl_plan = pipeline.prepare_data(pl, tokenizer=plan.tokenizer())
+    k0, k1 = ([r["key"] for r in pipeline.mix_dataset(pl_plan, e).take_all()] for e in (0, 1))
+    held = prepared.load_index(pl_plan.prepared)
+    assert len(k0) == int(held.documents[held.source == 1].sum()) == len(set(k0))
+    assert sorted(k0) == sorted(k1) and k0 != k1
 
 
 def test_dp_one_rank_reads_every_unit_and_resumes_inside_a_unit(cfg, plan):
     full = _take(cfg, plan, 0, n=60, batch_size=12)
     assert full["sample_index"].tolist() == list(range(60))
-    assert set(full["unit"].tolist()) <= set(range(len(pipeline.mix_specs(plan.sources, plan.weights))))
+    assert set(full["unit"].tolist()) <= set(range(len(pipeline.epoch_units(plan, 0)[0])))
     # resume at sample 41 of the stream: its (unit ordinal, offset) is all the position needs
     k, off = int(full["unit_ordinal"][41]), int(full["unit_index"][41])
     resumed = _take(cfg, plan, 0, n=10, start=(k, off), batch_size=5)
@@ -89,11 +93,11 @@ def test_mixture_changes_the_stream_and_mix_is_half_the_tokens(cfg, plan, micro_
     pl = from_dict(cfg.model_dump() | {"data": cfg.data.model_dump() | {"mixture": "pl_only"}})
     pl_plan = pipeline.prepare_data(pl, dedup=False, tokenizer=plan.tokenizer())
     assert pl_plan.weights == (0.0, 1.0)
-    ds = pipeline.mix_dataset(pl_plan, pl.data.filters, pl.data.seed)
+    ds = pipeline.mix_dataset(pl_plan, 0)
     assert set(ds.unique("source")) == {1}
     # lesson 4's `mix` is half the tokens from each kind (data.mix_by=tokens), on the real stream, though a micro
     # Stack file holds several times the tokens of a micro Pile document
-    rows = pipeline.mix_dataset(plan, cfg.data.filters, cfg.data.seed, units=[0]).take(1500)
+    rows = pipeline.mix_dataset(plan, 0, units=[0]).take(1500)
     src = np.array([r["source"] for r in rows])
     tok = np.array([len(r["ids"]) for r in rows], float)
     assert tok[src == 1].mean() > 3 * tok[src == 0].mean()
@@ -101,7 +105,7 @@ def test_mixture_changes_the_stream_and_mix_is_half_the_tokens(cfg, plan, micro_
     # by documents (the old meaning, still there by name): half the documents, far from half the tokens
     docs = from_dict(cfg.model_dump() | {"data": cfg.data.model_dump() | {"mix_by": "documents"}})
     d_plan = pipeline.prepare_data(docs, dedup=False, tokenizer=plan.tokenizer())
-    rows = pipeline.mix_dataset(d_plan, docs.data.filters, docs.data.seed, units=[0]).take(1500)
+    rows = pipeline.mix_dataset(d_plan, 0, units=[0]).take(1500)
     src = np.array([r["source"] for r in rows])
     tok = np.array([len(r["ids"]) for r in rows], float)
     assert abs(np.mean(src == 0) - 0.5) < 0.15 and tok[src == 0].sum() / tok.sum() < 0.35  # ~100 documents drawn

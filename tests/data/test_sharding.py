@@ -16,26 +16,20 @@ S = 64
 UNITS = 6  # files per source in this module's corpus: six units of work
 
 
-def _plan_of(sizes):
-    return pipeline.DataPlan(
-        sources=(), weights=(), tokenizer_json="", num_sentinels=0, max_whitespace_run=0, unit_bytes=tuple(sizes)
-    )
-
-
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 10**9), min_size=1, max_size=40), st.integers(1, 12), st.integers(0, 5))
-def test_assign_units_is_a_balanced_partition(sizes, dp, epoch):
+@given(st.lists(st.integers(1, 10**9), min_size=1, max_size=40), st.integers(1, 12))
+def test_balance_is_a_balanced_partition(sizes, dp):
     if len(sizes) < dp:
         with pytest.raises(ConfigError, match="parallel.data_parallel_size"):
-            pipeline.assign_units(_plan_of(sizes), epoch, 0, dp)
+            pipeline.balance(sizes, 0, dp)
         return
-    shares = [pipeline.assign_units(_plan_of(sizes), epoch, r, dp) for r in range(dp)]
+    shares = [pipeline.balance(sizes, r, dp) for r in range(dp)]
     flat = [u for s in shares for u in s]
     assert sorted(flat) == list(range(len(sizes)))  # every unit exactly once
     assert all(s == sorted(s) and s for s in shares)  # stream order inside a rank; nobody empty
     loads = [sum(sizes[u] for u in s) for s in shares]
     assert max(loads) - min(loads) <= max(sizes)  # longest-first: within one unit of even
-    assert shares == [pipeline.assign_units(_plan_of(sizes), epoch, r, dp) for r in range(dp)]  # pure
+    assert shares == [pipeline.balance(sizes, r, dp) for r in range(dp)]  # pure
 
 
 @given(st.lists(st.integers(0, 3), max_size=60), st.integers(1, 7))
@@ -78,7 +72,7 @@ def cfg(corpus, micro_tokenizer):
 @pytest.fixture(scope="module")
 def plan(ray_local, cfg):
     p = pipeline.prepare_data(cfg)
-    assert len(p.unit_bytes) == UNITS
+    assert len(pipeline.epoch_units(p, 0)[0]) == UNITS  # each file is one piece (data.chunk_tokens)
     return p
 
 
@@ -106,9 +100,10 @@ def test_ranks_partition_the_stream_for_dp_1_to_4(cfg, plan):
                 assert np.array_equal(got[k], ref[k][rows]), (dp, r, k)
             seen += ids
         assert sorted(seen) == sorted(ident), dp  # nothing lost, nothing twice
-    # another epoch: the same samples (units, indices), corruption drawn afresh
+    # another epoch: units of other pieces, each sample once, corruption drawn afresh
     e1 = _all(cfg, plan, 1, 0, 1)
-    assert np.array_equal(e1["unit_index"], ref["unit_index"]) and not np.array_equal(e1["tokens"], ref["tokens"])
+    ids1 = list(zip(e1["unit"].tolist(), e1["unit_index"].tolist()))
+    assert len(set(ids1)) == len(ids1) and not np.array_equal(e1["tokens"][:50], ref["tokens"][:50])
 
 
 @pytest.mark.slow

@@ -87,7 +87,8 @@ def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
         epochs.append(feed.pos.epoch)
         passes.append(feed.step_stats["data/passes/pile"])
     assert epochs == [0, 0, 1, 1, 2, 2]  # two steps per epoch: ceil(6 / 3)
-    assert passes[3] == pytest.approx(2 * passes[1]) and passes[5] == pytest.approx(3 * passes[1])
+    # each epoch reads as much again (in its own shuffled order: the windows' padding differs by a few tokens)
+    assert passes[3] == pytest.approx(2 * passes[1], rel=0.01) and passes[5] == pytest.approx(3 * passes[1], rel=0.01)
     with pytest.raises(RuntimeError, match="all train.epochs=3 epochs"):
         feed.next_step()
 

@@ -96,6 +96,18 @@ def _corpus_prepare(args) -> int:
     return 0
 
 
+def _data_stream(args) -> int:
+    """What a run will read, sample by sample (cglab.data.stream)."""
+    from cglab.data import stream  # pyarrow, Ray: kept off `cglab --help`'s path
+    from cglab.data.pipeline import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    with _ray(args):
+        report = stream.stream_samples(cfg, prepare_data(cfg), args.samples, rank=args.rank, epoch=args.epoch)
+    print(json.dumps(report, indent=1) if args.json else stream.text(report))
+    return 0
+
+
 def register(subparsers) -> None:
     corpus = subparsers.add_parser("corpus", help="the embedded micro corpus")
     csub = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -146,3 +158,16 @@ def register(subparsers) -> None:
     i.add_argument("--address", help="Ray cluster address (default: a private local one)")
     i.add_argument("--num-cpus", type=int, default=2)
     i.set_defaults(func=_data_inspect)
+    st = dsub.add_parser(
+        "stream",
+        help="what a run will read, sample by sample (source, file, documents, epoch, tokens), and a summary",
+    )
+    st.add_argument("config")
+    st.add_argument("overrides", nargs="*", metavar="key=value")
+    st.add_argument("--samples", type=int, default=32)
+    st.add_argument("--rank", type=int, default=0, help="DP rank of parallel.data_parallel_size (default 0)")
+    st.add_argument("--epoch", type=int, default=0)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--address", help="Ray cluster address (default: a private local one)")
+    st.add_argument("--num-cpus", type=int, default=2)
+    st.set_defaults(func=_data_stream)

@@ -44,8 +44,11 @@ fill and the longer ranks' tails are dropped (train/feed.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import itertools
+import math
 import os
 import uuid
 from collections import Counter
@@ -57,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 
 from cglab.config import ConfigError
-from cglab.data import artifacts, objectives, readers
+from cglab.data import artifacts, objectives, prepared, readers
 from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import DUPLICATE, content_hashes
 from cglab.data.filters import filter_reasons
@@ -67,6 +70,7 @@ from cglab.data.tokenizer import CGTokenizer, load_tokenizer
 from cglab.track.metrics import DataMetrics
 
 _MIX_TAG = 0x6D6978  # "mix": keeps the mixture's stream apart from any other use of the seed
+_UNIT_TAG, _BUF_TAG = 0x756E6974, 0x627566  # "unit", "buf": the pieces' shuffle, the in-unit shuffle
 _BLOCK_DOCS, _BLOCK_TOKENS, _CHUNK_DOCS = 2048, 1_000_000, 256
 
 
@@ -84,10 +88,12 @@ class DataPlan:
     dedup_path: str = ""
     # tokens each source holds after filters (the run plan's count, by source index): passes per source
     tokens_available: tuple[float, ...] = ()
-    # bytes of each unit of work (mix read task), the balance weights of `assign_units`; () = measure on demand
-    unit_bytes: tuple[int, ...] = ()
     artifacts: dict = field(default_factory=dict)  # what prepare_data reused or built (path, built, seconds)
     mix_by: str = "tokens"  # what a mixture weight is a share of (data.mix_by; cglab.data.mixture)
+    prepared: str = ""  # the prepared corpus's directory (cglab.data.prepared), what the stream reads
+    seed: int = 0  # data.seed: the pieces' shuffle, the in-unit shuffle and the mixture
+    shuffle_docs: int = 1024  # data.shuffle_docs: the in-unit shuffle buffer, per source
+    unit_tokens: int = 1 << 26  # data.unit_tokens: the size a unit of work aims at (compose_units)
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -180,9 +186,9 @@ def _size(path: str) -> int | None:
         return None
 
 
-def _read_specs(name: str, specs, fn, ids=None):
+def _read_specs(name: str, specs, fn, ids=None, paths_of=None):
     """A Dataset with one read task per spec, fn(id, spec) yielding its blocks (id: `ids[i]`, default i); Ray names
-    the stage Read<name>."""
+    the stage Read<name>. `paths_of(spec)`: the files a spec reads (Ray's metadata; default: a [(src, files)] spec)."""
     # Ray: kept off the paths that only read files (sample_texts: `cglab corpus build --tokenizer`)
     import ray
 
@@ -196,7 +202,7 @@ def _read_specs(name: str, specs, fn, ids=None):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(specs, fn, ids)
+            return _make_read_tasks(specs, fn, ids, paths_of)
 
     # One output block stream per read task, never split: with fewer read tasks than Ray's target parallelism (a
     # DP rank's share, or a resumed tail) Ray would otherwise add SplitBlocks(k), and block boundaries, hence
@@ -204,12 +210,13 @@ def _read_specs(name: str, specs, fn, ids=None):
     return ray.data.read_datasource(SpecDatasource(), override_num_blocks=max(1, len(specs)))
 
 
-def _make_read_tasks(specs, fn, ids=None):
+def _make_read_tasks(specs, fn, ids=None, paths_of=None):
     _, ReadTask, BlockMetadata = _ray_data()
     tasks = []
     ids = list(range(len(specs))) if ids is None else list(ids)
+    paths_of = paths_of or (lambda spec: [src.files[f] for src, files in spec for f in files])
     for uid, spec in zip(ids, specs):
-        paths = [src.files[f] for src, files in spec for f in files]
+        paths = paths_of(spec)
         size = sum(s or 0 for s in map(_size, paths)) or None
         meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=paths)
         tasks.append(ReadTask(lambda t=uid, spec=spec: fn(t, spec), meta))
@@ -250,51 +257,101 @@ def scan_dataset(sources, fcfg):
     return _read_specs("Scan", specs, read)
 
 
-def mix_specs(sources, weights) -> list[list[tuple[readers.SourceFiles, list[int]]]]:
-    """Read-task layout: task t gets the t-th contiguous slice of every active source's files."""
-    active = [s for s in sources if weights[s.index] > 0]
-    m = min(len(s.files) for s in active)
-    return [[(s, [int(i) for i in np.array_split(np.arange(len(s.files)), m)[t]]) for s in active] for t in range(m)]
+MIN_UNITS = 64  # units of work an epoch has at least, where the pieces allow: DP up to 64 on any corpus
 
 
-def unit_sizes(plan: DataPlan) -> tuple[int, ...]:
-    """Bytes of each unit of work (mix read task): the plan's, or measured (one size query per file)."""
-    if plan.unit_bytes:
-        return plan.unit_bytes
-    return tuple(
-        sum(_size(src.files[f]) or 0 for src, files in spec for f in files) or 1
-        for spec in mix_specs(plan.sources, plan.weights)
-    )
+def compose_units(
+    source: np.ndarray, tokens: np.ndarray, weights, seed: int, epoch: int, unit_tokens: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The epoch's units of work from pieces (`source` and `tokens` per piece): (each unit's piece ids, each unit's
+    yield in tokens).
 
-
-def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list[int]:
-    """The units of work (ids into `mix_specs`) DP rank `dp_rank` reads, in stream order.
-
-    Longest first onto the least-loaded rank (ties: lowest rank), by bytes: a pure function of the plan and the
-    layout, so every process computes the same partition without talking. `epoch` is part of the contract but not
-    used: keeping a rank's units across epochs keeps which tail a short epoch drops the same, and lesson 5's epochs
-    differ by their corruption, not their documents.
+    U = max(MIN_UNITS, the active sources' tokens / `unit_tokens`), at most the pieces of the active source with
+    the fewest (every unit needs a piece of every source); U does not depend on the DP size, so every DP layout
+    reads the same units. Each active source's pieces are shuffled with (seed, epoch, source) and dealt in that
+    order, each to the unit with the fewest of that source's tokens so far: every unit holds a random,
+    token-balanced share of every source's pieces, and any stretch of the epoch draws from all files. A unit's
+    yield is what its mixture emits before its first source runs dry (min over sources of tokens / weight), the
+    measure DP ranks are balanced by. Pure: every process computes the same units without talking.
     """
+    w = np.asarray(weights, np.float64)
+    active = [s for s in range(len(w)) if w[s] > 0]
+    order = []
+    for s in active:
+        rows = np.flatnonzero(source == s)
+        order.append(rows[np.random.default_rng([seed, epoch, s, _UNIT_TAG]).permutation(len(rows))])
+    total = sum(float(tokens[r].sum()) for r in order)
+    n_units = min(min((len(r) for r in order), default=0), max(MIN_UNITS, math.ceil(total / unit_tokens)))
+    members: list[list[int]] = [[] for _ in range(n_units)]
+    have = np.zeros((n_units, len(w)), np.float64)
+    for s, rows in zip(active, order):
+        heap = [(0, u) for u in range(n_units)]  # (this source's tokens so far, unit): least loaded first
+        for r in rows.tolist():
+            load, u = heapq.heappop(heap)
+            members[u].append(r)
+            have[u, s] += tokens[r]
+            heapq.heappush(heap, (load + int(tokens[r]), u))
+    yields = (have[:, active] / w[active]).min(1) if n_units else np.zeros(0)
+    return [np.asarray(m, np.int64) for m in members], yields
+
+
+def epoch_units(plan: DataPlan, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """`compose_units` over the plan's prepared corpus (cached per process: every rank and step asks again)."""
+    return _epoch_units(plan.prepared, plan.weights, plan.seed, epoch, plan.unit_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_units(path: str, weights: tuple, seed: int, epoch: int, unit_tokens: int):
+    idx = prepared.load_index(path)
+    return compose_units(idx.source, idx.tokens, weights, seed, epoch, unit_tokens)
+
+
+def balance(sizes, dp_rank: int, dp_size: int) -> list[int]:
+    """The units (ids) DP rank `dp_rank` reads, in stream order: longest first onto the least-loaded rank (ties:
+    lowest rank). Pure, so every process computes the same partition without talking; ranks end within one unit's
+    size of each other."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    sizes = unit_sizes(plan)
     if len(sizes) < dp_size:
         raise ConfigError(
             f"parallel.data_parallel_size={dp_size}: the data has only {len(sizes)} units of work "
-            f"(one per file of the active source with the fewest files), each rank needs one; split "
-            f"data.sources into at least {dp_size} files per source"
+            f"(data.unit_tokens, at most one per piece of the active source with the fewest pieces), each rank "
+            f"needs one; lower data.unit_tokens, or data.chunk_tokens for more pieces"
         )
-    load, owner = [0] * dp_size, [0] * len(sizes)
+    load, owner = [0.0] * dp_size, [0] * len(sizes)
     for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
         r = min(range(dp_size), key=lambda r: (load[r], r))
         owner[u], load[r] = r, load[r] + sizes[u]
     return [u for u in range(len(sizes)) if owner[u] == dp_rank]
 
 
-def _tokenized(docs: Iterator[tuple[int, str]], plan: DataPlan) -> Iterator[tuple[int, np.ndarray]]:
+def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The units of work (ids into `epoch_units`) DP rank `dp_rank` reads in `epoch`, balanced by their yield."""
+    return balance(epoch_units(plan, epoch)[1].tolist(), dp_rank, dp_size)
+
+
+def _piece_documents(plan: DataPlan, pieces: np.ndarray, rng: np.random.Generator, opened: dict):
+    """(key, ids) of the documents of `pieces` (one source's, in the unit's shuffled order) through a shuffle
+    buffer of plan.shuffle_docs documents: a bounded, seeded in-unit shuffle."""
+    idx = prepared.load_index(plan.prepared)
+    buf: list[tuple[int, np.ndarray]] = []
+    for r in pieces.tolist():
+        keys, ids = prepared.read_piece(
+            opened, plan.prepared, int(idx.source[r]), int(idx.file[r]), int(idx.row_group[r])
+        )
+        for doc in zip(keys.tolist(), ids):
+            buf.append(doc)
+            if len(buf) >= plan.shuffle_docs:
+                j = int(rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
+
+
+def tokenized(docs: Iterator[tuple[int, str]], tok) -> Iterator[tuple[int, np.ndarray]]:
     """(key, token ids ending with <|endoftext|>) of each document, tokenized a chunk at a time (the Rust
-    tokenizer's batch call), lazily: a source is read only as far as the mixture takes it."""
-    tok = plan.tokenizer()
+    tokenizer's batch call), lazily."""
     for chunk in _chunks(docs, _CHUNK_DOCS):
         flat, offsets = tok.encode_batch([t for _, t in chunk])
         for (key, _), a, b in zip(chunk, offsets[:-1], offsets[1:]):
@@ -303,29 +360,25 @@ def _tokenized(docs: Iterator[tuple[int, str]], plan: DataPlan) -> Iterator[tupl
 
 def mix_dataset(
     plan: DataPlan,
-    fcfg,
-    seed: int,
+    epoch: int,
     count_as: str | None = None,
     units: list[int] | None = None,
     trace_dir: str | None = None,
 ):
-    """Filtered, deduplicated, tokenized documents of every source, interleaved by the mixture weights
-    (key, source, ids, unit).
+    """The epoch's documents of every source (key, source, ids, unit), unit by unit (`epoch_units`), each unit's
+    sources shuffled in a bounded buffer and interleaved by the mixture weights (cglab.data.mixture).
 
-    Tokenizing inside the read is what lets the mixture count tokens (plan.mix_by="tokens": each source's share of
-    the tokens is its weight to within one document, in every unit, so on every DP rank). `units`: only these units
-    of work (ids into `mix_specs`), in this order; default all. With `count_as` (an experiment name) the read
-    tasks export kept/skipped document counts per source to Prometheus (cglab.track.metrics.DataMetrics).
-    `trace_dir`: each read task leaves a file `unit<id>-*` there when it starts (tests count which units were
-    opened).
+    `units`: only these units of work, in this order; default all (the dp=1 stream). With `count_as` (an experiment
+    name) the read tasks export the documents they stream per source to Prometheus (cglab.track.metrics.DataMetrics;
+    what was skipped is counted once, when the corpus is prepared). `trace_dir`: each read task leaves a file
+    `unit<id>-*` there when it starts (tests count which units were opened).
     """
-    max_bytes = readers.max_record_bytes(fcfg.max_chars)
-    specs = mix_specs(plan.sources, plan.weights)
-    units = list(range(len(specs))) if units is None else list(units)
-    dedup_path = plan.dedup_path
+    members, _ = epoch_units(plan, epoch)
+    units = list(range(len(members))) if units is None else list(units)
+    idx = prepared.load_index(plan.prepared)
     by_tokens = plan.mix_by == "tokens"
 
-    def table(rows, unit):
+    def table(rows, unit, first):
         lens = np.fromiter((r[1][1].size for r in rows), np.int64, len(rows))
         offsets = np.concatenate([[0], np.cumsum(lens)])
         flat = np.concatenate([r[1][1] for r in rows]) if rows else np.zeros(0, np.int32)
@@ -335,36 +388,48 @@ def mix_dataset(
                 "source": pa.array([r[0] for r in rows], pa.int32()),
                 "ids": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int32())),
                 "unit": pa.array(np.full(len(rows), unit, np.int32)),
+                "doc": pa.array(np.arange(first, first + len(rows), dtype=np.int64)),  # place in the unit's stream
             }
         )
 
-    def read(task, spec):
+    def read(task, pieces):
         if trace_dir is not None:
             Path(trace_dir, f"unit{task}-{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
-
-        def counter(src):
-            if count_as is None:
-                return None
-            return DataMetrics(experiment=count_as, source=src.name)
-
+        index = prepared.load_index(plan.prepared)
+        srcs = sorted(set(index.source[pieces].tolist()))
+        opened: dict = {}
         streams = [
-            _tokenized(_kept_documents(src, files, fcfg, dedup_path, max_bytes, counter(src)), plan)
-            for src, files in spec
+            _piece_documents(
+                plan,
+                pieces[index.source[pieces] == s],
+                np.random.default_rng([plan.seed, epoch, task, s, _BUF_TAG]),
+                opened,
+            )
+            for s in srcs
         ]
-        w = np.array([plan.weights[src.index] for src, _ in spec])
-        rng = np.random.default_rng([seed, task, _MIX_TAG])  # the unit's id: the same mix on whichever rank
+        w = np.array([plan.weights[s] for s in srcs])
+        rng = np.random.default_rng([plan.seed, epoch, task, _MIX_TAG])  # the unit's identity: same on any rank
         size = (lambda doc: doc[1].size) if by_tokens else None
-        rows, tokens = [], 0
-        for s, doc in interleave(streams, w, rng, size=size):
-            rows.append((spec[s][0].index, doc))
+        sent: Counter = Counter()
+        rows, tokens, done = [], 0, 0
+        for i, doc in interleave(streams, w, rng, size=size):
+            rows.append((srcs[i], doc))
             tokens += doc[1].size
             if len(rows) >= _BLOCK_DOCS or tokens >= _BLOCK_TOKENS:
-                yield table(rows, task)
-                rows, tokens = [], 0
+                sent.update(r[0] for r in rows)
+                yield table(rows, task, done)
+                rows, tokens, done = [], 0, done + len(rows)
         if rows:
-            yield table(rows, task)
+            sent.update(r[0] for r in rows)
+            yield table(rows, task, done)
+        if count_as is not None:
+            for s, n in sent.items():
+                DataMetrics(experiment=count_as, source=plan.sources[s].name).kept(n)
 
-    return _read_specs("Mix", [specs[u] for u in units], read, ids=units)
+    def paths(pieces):
+        return sorted({prepared.piece_file(plan.prepared, int(idx.source[r]), int(idx.file[r])) for r in pieces})
+
+    return _read_specs("Mix", [members[u] for u in units], read, ids=units, paths_of=paths)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -378,15 +443,23 @@ def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.nda
     tokens, segs = pack_documents(docs, seq_len, sp, reserve)
     first = block.column("key")[0].as_py() if block.num_rows else 0
     unit = block.column("unit")[0].as_py() if block.num_rows else -1
+    window_len = (segs >= 0).sum(1)
+    # the documents each window holds: the windows are consecutive slices of the block's token stream
+    end = np.cumsum(window_len)
+    doc = block.column("doc").to_numpy()
+    lo = np.searchsorted(offsets, end - window_len, side="right") - 1
+    hi = np.searchsorted(offsets, np.maximum(end - 1, 0), side="right") - 1
     return {
         "unit": np.full(len(tokens), unit, np.int32),
         "tokens": tokens,
         "segment_ids": segs,
         "source_tokens": _source_tokens(
-            block.column("source").to_numpy(), np.diff(offsets), (segs >= 0).sum(1), len(plan.sources)
+            block.column("source").to_numpy(), np.diff(offsets), window_len, len(plan.sources)
         ),
         "block_key": np.full(len(tokens), first, np.int64),
         "window": np.arange(len(tokens), dtype=np.int64),
+        "doc_first": doc[np.clip(lo, 0, max(0, len(doc) - 1))] if len(doc) else lo,
+        "doc_last": doc[np.clip(hi, 0, max(0, len(doc) - 1))] if len(doc) else hi,
     }
 
 
@@ -415,6 +488,7 @@ def corrupt_block(
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
     out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
+    out["doc_first"], out["doc_last"] = batch["doc_first"], batch["doc_last"]
     return out
 
 
@@ -453,12 +527,24 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         d.num_sentinels,
         tokenizer.max_whitespace_run,
         mix_by=d.mix_by,
+        seed=d.seed,
+        shuffle_docs=d.shuffle_docs,
+        unit_tokens=d.unit_tokens,
     )
-    plan.unit_bytes = unit_sizes(plan)  # once, on the driver: every worker balances by the same numbers
+    active = [s for s in sources if weights[s.index] > 0]
     if d.filters.dedup if dedup is None else dedup:
-        active = [s for s in sources if weights[s.index] > 0]
         built["dedup"] = artifacts.dedup_drops(active, d.filters, root)
         plan.dedup_path = built["dedup"]["path"]
+    # the stream reads the prepared corpus: filtered, deduplicated and tokenized once (cglab.data.prepared)
+    built["tokens"] = prepared.prepared_tokens(active, d.filters, tokenizer, plan.dedup_path, root, d.chunk_tokens)
+    plan.prepared = built["tokens"]["path"]
+    have = set(prepared.load_index(plan.prepared).source.tolist())
+    empty = [s for s in active if s.index not in have]
+    if empty:
+        raise ConfigError(
+            f"data.sources[{empty[0].index}]: no document of source {empty[0].name!r} survives the readers, "
+            f"data.filters and dedup, so its weight cannot be met (`cglab data inspect` counts why)"
+        )
     plan.artifacts = built
     return plan
 
@@ -483,7 +569,7 @@ def build_dataset(
     """The epoch's samples as a ray.data.Dataset in a fixed order (contract columns + block_key, window, unit).
 
     `units`: only these units of work, in this order (default all: the dp=1 stream). `count_documents`: export
-    kept/skipped document counts (tagged cfg.track.experiment) while reading.
+    the streamed document counts (tagged cfg.track.experiment) while reading.
     """
     plan = plan or prepare_data(cfg)
     _ordered()
@@ -491,8 +577,7 @@ def build_dataset(
     reserve = objectives.packing_reserve(cfg.objective)
     ds = mix_dataset(
         plan,
-        d.filters,
-        d.seed,
+        epoch,
         count_as=cfg.track.experiment if count_documents else None,
         units=units,
         trace_dir=trace_dir,
@@ -548,7 +633,7 @@ def iter_train_batches(
     ordinal = {u: k for k, u in enumerate(units)}
     # Each rank reads only its own documents, so each rank counts what it reads: each document once per epoch.
     ds = build_dataset(cfg, epoch, plan, count_documents=True, units=units[k0:], trace_dir=trace_dir)
-    keys = SAMPLE_KEYS + ("source_tokens", "unit")
+    keys = SAMPLE_KEYS + ("source_tokens", "unit", "doc_first", "doc_last")
     extra = ("unit_index", "unit_ordinal", "sample_index")
     buf: dict[str, list[np.ndarray]] = {k: [] for k in keys + extra}
     have, base = 0, 0

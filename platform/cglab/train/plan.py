@@ -308,51 +308,44 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
 def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray, errors: list[str]) -> dict:
     """How much of each source one epoch really reads, at the configured DP size.
 
-    Two things leave data unread (cglab.data.pipeline): a unit of work (the u-th slice of every active source's
-    files) ends when its first source runs dry, which keeps the mixture's ratio; and the feed steps every DP rank
-    in lockstep, so an epoch lasts as long as the rank with the least data (units are balanced by bytes,
-    `assign_units`). Both are computed here from the same rules on the scan's counts (tokens spread over a
-    source's files by size), so a run that would run dry is refused before any worker starts."""
-    dp = cfg.parallel.data_parallel_size
-    active = [i for i in range(len(scan.entries)) if w[i] > 0]
-    if not active:
-        return {"units": 0, "dp_size": dp, "share_read": {}}
-    n_units = min(len(scan.file_bytes[i]) for i in active)
-    if dp > n_units:
-        errors.append(
-            f"parallel.data_parallel_size={dp}: the data has only {n_units} units of work (one per file of the "
-            f"active source with the fewest files), each DP rank needs one; split data.sources into at least "
-            f"{dp} files per source"
-        )
-    # per unit: each active source's tokens (its files' bytes x the source's tokens per byte) and bytes
-    unit_tokens = np.zeros((n_units, len(scan.entries)))
-    unit_bytes = np.zeros(n_units)
+    Two things leave data unread (cglab.data.pipeline): a unit of work ends when its first source runs dry, which
+    keeps the mixture's ratio; and the feed steps every DP rank in lockstep, so an epoch lasts as long as the rank
+    with the least data. Both are computed with the stream's own functions (`compose_units`, `balance`) on the
+    pieces the prepared corpus will have (each file's tokens, from its size and the source's tokens per byte, cut
+    into pieces of data.chunk_tokens), so a run that would run dry is refused before any worker starts."""
+    from cglab.data.pipeline import balance, compose_units
+
+    dp, chunk = cfg.parallel.data_parallel_size, cfg.data.chunk_tokens
+    active = [i for i in range(len(scan.entries)) if share[i] > 0]
+    source, tokens = [], []
     for i in active:
         sizes = np.asarray(scan.file_bytes[i], float)
         per_byte = scan.entries[i]["tokens"] / sizes.sum() if sizes.sum() else 0.0
-        for u, files in enumerate(np.array_split(np.arange(len(sizes)), n_units)):
-            unit_tokens[u, i] = sizes[files].sum() * per_byte
-            unit_bytes[u] += sizes[files].sum()
-    # a unit's stream: sources in proportion `share` until the first runs dry
-    sh = np.asarray(share, float)
-    length = np.min(unit_tokens[:, active] / sh[active], axis=1)  # tokens each unit emits
-    read = length[:, None] * sh[None, :]  # tokens of each source each unit emits
-    # lockstep DP ranks: longest-first units onto the least-loaded rank (by bytes, as assign_units), the epoch
-    # is dp x the shortest rank's tokens
-    ranks = np.zeros(max(1, min(dp, n_units)))
-    owner = np.zeros(n_units, int)
-    for u in sorted(range(n_units), key=lambda u: (-unit_bytes[u], u)):
-        r = int(np.argmin(ranks))
-        owner[u], ranks[r] = r, ranks[r] + unit_bytes[u]
-    per_rank = np.bincount(owner, weights=length, minlength=len(ranks))
-    lockstep = float(len(ranks) * per_rank.min() / per_rank.sum()) if per_rank.sum() else 0.0
-    total = unit_tokens.sum(0)
+        for t in sizes * per_byte:
+            n = max(1, math.ceil(t / chunk))
+            source += [i] * n
+            tokens += [t / n] * n
+    members, yields = compose_units(
+        np.asarray(source, np.int64), np.asarray(tokens), share, cfg.data.seed, 0, cfg.data.unit_tokens
+    )
+    n_units = len(members)
+    if dp > n_units:
+        errors.append(
+            f"parallel.data_parallel_size={dp}: the data has only {n_units} units of work (data.unit_tokens, at "
+            f"most one per piece of the active source with the fewest pieces), each DP rank needs one; lower "
+            f"data.unit_tokens, or data.chunk_tokens for more pieces"
+        )
+        return {"units": n_units, "dp_size": dp, "share_read": {}}
+    per_rank = [sum(yields[u] for u in balance(yields.tolist(), r, dp)) for r in range(dp)]
+    lockstep = float(dp * min(per_rank) / sum(per_rank)) if sum(per_rank) else 0.0
+    total = {i: scan.entries[i]["tokens"] for i in active}
     return {
         "units": n_units,
         "dp_size": dp,
         "lockstep_fraction": round(lockstep, 4),
+        # a unit emits `yield` tokens, share[i] of them from source i, before its first source runs dry
         "share_read": {
-            scan.entries[i]["name"]: round(float(read[:, i].sum() / total[i] * lockstep), 4) if total[i] else 0.0
+            scan.entries[i]["name"]: round(float(yields.sum() * share[i] / total[i] * lockstep), 4) if total[i] else 0.0
             for i in active
         },
     }
