@@ -57,6 +57,7 @@ _pp4 = ["parallel.pipeline_model_parallel_size=4"]
         (["model.num_layers=3", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto"], _FIRST),
         (["model.recompute=selective", "model.recompute_num_layers=2"], "model.recompute_num_layers"),
         (["model.recompute_method=block"], "model.recompute_method"),
+        (["model.num_layers=3", "model.recompute=full", "model.recompute_num_layers=2"], "model.recompute_num_layers"),
         (["model.recompute=bogus"], "model.recompute"),
         (
             ["model.recompute=full", "model.attention_backend=flex", "parallel.use_gpu=true"],

@@ -551,6 +551,18 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
     for field in ("recompute_method", "recompute_num_layers"):
         if getattr(m, field) is not None and m.recompute != "full":
             e.append(f"model.{field}: only with model.recompute=full (it is {m.recompute!r})")
+    k = m.recompute_num_layers
+    if m.recompute == "full" and (m.recompute_method or "uniform") == "uniform" and k is not None:
+        try:
+            stages = pipeline_stages(m.num_layers, p)
+        except ValueError:
+            stages = ()  # reported above
+        if any(n % k for n in stages):
+            # Megatron's uniform method walks each stage in steps of k and would index past its last layer
+            e.append(
+                f"model.recompute_num_layers: {k} does not divide the layers of every pipeline stage {list(stages)} "
+                f"(model.recompute_method=uniform); pick a divisor or model.recompute_method=block"
+            )
     if p.use_gpu and m.attention_backend == "flex" and recompute_saves_mask(m):
         e.append(
             f"model.attention_backend: 'flex' block masks cannot pass through Megatron's recomputation "
