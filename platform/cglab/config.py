@@ -169,7 +169,15 @@ class ParallelConfig(_Section):
     world_size: int | None = None  # if given, must equal TP x PP x DP
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    distributed_optimizer: bool = False
+    # Megatron's distributed optimizer (ZeRO-1): Adam's state and the fp32 main params split over the DP ranks, the
+    # same update. None: on where DP > 1 on GPU, off elsewhere (`use_distributed_optimizer`); true/false: as set.
+    distributed_optimizer: bool | None = None
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        if self.distributed_optimizer is not None:
+            return self.distributed_optimizer
+        return self.use_gpu and self.data_parallel_size > 1
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -587,8 +595,11 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.precision == "bf16" and not p.use_gpu:
         e.append("train.precision: bf16 needs parallel.use_gpu=true (CPU runs are fp32)")
-    if t.fold_grad_scale and p.distributed_optimizer:
-        e.append("train.fold_grad_scale: not available with parallel.distributed_optimizer=true (untested there)")
+    if t.fold_grad_scale and p.use_distributed_optimizer:
+        e.append(
+            "train.fold_grad_scale: not available with the distributed optimizer (untested there; "
+            "parallel.distributed_optimizer is on by default where DP > 1 on GPU: set it to false to fold)"
+        )
     if t.fold_grad_scale and not t.fused_adam:
         e.append("train.fold_grad_scale: needs torch's fused AdamW, but train.fused_adam is false")
     if t.warmup_steps >= t.train_steps and t.train_steps > 1:

@@ -176,8 +176,18 @@ def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
         return AdamPlan(impl, True, False)
     fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
     if t.fold_grad_scale is None:
-        return AdamPlan(impl, fused, fused and not cfg.parallel.distributed_optimizer)
+        return AdamPlan(impl, fused, fused and not cfg.parallel.use_distributed_optimizer)
     return AdamPlan(impl, fused, t.fold_grad_scale)
+
+
+def _optimizer_state(p: ParallelConfig) -> str:
+    """Where Adam's state lives, and why (parallel.distributed_optimizer)."""
+    why = "parallel.distributed_optimizer" if p.distributed_optimizer is not None else "the default where DP > 1 on GPU"
+    if p.use_distributed_optimizer:
+        return f"split over DP={p.data_parallel_size} (distributed optimizer, ZeRO-1: {why})"
+    if p.distributed_optimizer is None:
+        return "whole on every rank (the distributed optimizer is the default only where DP > 1 on GPU)"
+    return "whole on every rank (parallel.distributed_optimizer=false)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +246,8 @@ class RunDecisions:
             adam_out = {
                 "implementation": name,
                 "fold_grad_scale": self.adam.fold,
-                "distributed_optimizer": cfg.parallel.distributed_optimizer,
+                "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+                "optimizer_state": _optimizer_state(cfg.parallel),
             }
         return {
             "attention_backend": {

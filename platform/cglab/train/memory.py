@@ -98,7 +98,7 @@ def memory_gib(cfg: CGLabConfig, attention_backend: str, recompute: Recompute | 
         parts = {
             "weights": n * (2 if bf16 else 4),
             "grads": n * 4,
-            "optimizer": n * (12 if bf16 else 8) / (dp if p.distributed_optimizer else 1),
+            "optimizer": n * (12 if bf16 else 8) / (dp if p.use_distributed_optimizer else 1),
             "activations": activation_bytes(cfg, rc, stages[i], min(pp - i, n_micro), attention_backend),
             "logits": logits if i == pp - 1 else 0.0,
         }
