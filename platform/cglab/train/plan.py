@@ -382,7 +382,7 @@ def plan_run(
     if target.cuda and out["memory_gb"]["total"] > GPU_MEMORY_GIB:
         warnings.append(
             f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
-            f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size or raise TP/PP"
+            f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size, raise TP/PP, or set model.recompute=full"
         )
     out["warnings"], out["errors"] = warnings, errors
     return out
