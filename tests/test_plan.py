@@ -9,6 +9,7 @@ import pytest
 
 from cglab.cli import main
 from cglab.config import from_dict
+from tests.train.test_memory import AUTO_STAGES, CODEGEN2_16B_64GPUS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -136,27 +137,14 @@ def test_codegen2_16b_over_pp4_needs_its_uneven_stages_named():
     the memory of the busiest stage: tests/train/test_memory.py) once they are `auto`."""
     from cglab.plan import plan_run
 
-    base = [
-        "model.preset=codegen2-16B",
-        "parallel.tensor_model_parallel_size=8",
-        "parallel.pipeline_model_parallel_size=4",
-        "parallel.data_parallel_size=2",
-        "parallel.use_gpu=true",
-        "parallel.distributed_optimizer=true",
-        "train.precision=bf16",
-        "data.seq_length=2048",
-        "data.num_sentinels=256",
-        "train.micro_batch_size=1",
-        "train.global_batch_size=64",
-    ]
+    base = CODEGEN2_16B_64GPUS
     even = plan_run(from_dict({}, base, cross_field=False))
     assert [e for e in even["errors"] if "pipeline" in e] == [
         "parallel.pipeline_model_parallel_size: 4 does not divide model.num_layers=34 (for uneven stages set "
         "parallel.num_layers_in_first_pipeline_stage and parallel.num_layers_in_last_pipeline_stage, or both to "
         "'auto')"
     ]
-    auto = ["parallel.num_layers_in_first_pipeline_stage=auto", "parallel.num_layers_in_last_pipeline_stage=auto"]
-    plan = plan_run(from_dict({}, base + auto))
+    plan = plan_run(from_dict({}, base + AUTO_STAGES))
     assert plan["errors"] == [] and plan["parallel"]["pipeline_stages"] == [8, 9, 9, 8]
     assert plan["memory_gb"]["layers"] in (8, 9) and 10 < plan["memory_gb"]["total"] < 80
 

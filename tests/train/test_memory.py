@@ -13,7 +13,8 @@ from cglab.train.memory import activation_bytes, memory_gib
 GIB = 2**30
 D16, L16, V = 6144, 34, 51200
 LAYER16 = 12 * D16 * D16 + 7 * D16  # one CodeGen block: 4d^2 attention + 8d^2 MLP, 7d of biases and LayerNorm
-_16B = [
+# TP=8 x PP=4 x DP=2 (64 GPUs), bf16, distributed optimizer, seq 2048, micro-batch 1 (tests/test_plan.py too)
+CODEGEN2_16B_64GPUS = [
     "model.preset=codegen2-16B",
     "parallel.tensor_model_parallel_size=8",
     "parallel.pipeline_model_parallel_size=4",
@@ -26,12 +27,12 @@ _16B = [
     "train.micro_batch_size=1",
     "train.global_batch_size=64",
 ]
-_AUTO = ["parallel.num_layers_in_first_pipeline_stage=auto", "parallel.num_layers_in_last_pipeline_stage=auto"]
+AUTO_STAGES = ["parallel.num_layers_in_first_pipeline_stage=auto", "parallel.num_layers_in_last_pipeline_stage=auto"]
 
 
 def test_codegen2_16b_on_64_gpus_with_uneven_stages():
     """TP=8 x PP=4 x DP=2, 34 layers as 8/9/9/8: every stage by the formulas, the busiest reported."""
-    cfg = from_dict({}, _16B + _AUTO)
+    cfg = from_dict({}, CODEGEN2_16B_64GPUS + AUTO_STAGES)
     assert cfg.pipeline_stages == (8, 9, 9, 8)
     assert L16 * LAYER16 + 2 * V * D16 + V + 2 * D16 == pytest.approx(16.0e9, rel=0.01)  # it is the 16B model
     act_layer = 2048 * 1 * D16 * (10 + 24 / 8)  # bytes, bf16
@@ -55,7 +56,7 @@ def test_codegen2_16b_on_64_gpus_with_uneven_stages():
 
 def test_an_unsplittable_layout_is_still_estimated_at_ceil_layers_per_stage():
     """PP=4 with no first/last counts: refused by the config check, estimated with 9 layers on every stage."""
-    cfg = from_dict({}, _16B, cross_field=False)
+    cfg = from_dict({}, CODEGEN2_16B_64GPUS, cross_field=False)
     mem = memory_gib(cfg, "flex")
     assert mem["layers"] == 9 and mem["stage"] == "first"
     assert mem["params_per_gpu"] == 9 * LAYER16 // 8 + V * D16 // 8
