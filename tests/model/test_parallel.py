@@ -7,6 +7,7 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 from cglab.config import from_dict
 from cglab.distributed import spawn
 from cglab.model.hf_convert import hf_to_cglab
+from cglab.model.hf_export import full_state_dict
 from tests.model._parallel_worker import fwd_bwd  # noqa: E402
 from tests.model.conftest import tiny_hf
 
@@ -90,9 +91,11 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
 def test_uneven_pp4_matches_single_rank_and_its_checkpoint_loads_at_tp2(inputs, tmp_path):
     """10 layers over PP=4 as 2/3/3/2 (Megatron's first/last-stage counts): the loss and every gradient of the
     single-rank model; the weights it saves as a checkpoint (dist_checkpointing, uneven stages) start a TP=2 x PP=1
-    run (model.init_from, Megatron resharding) with that same loss and gradients."""
+    run (model.init_from, Megatron resharding) with that same loss and gradients, and read back whole in one process
+    (the HF export's reader) they are the weights loaded."""
     m = from_dict({}, ["model.preset=tiny", "model.num_layers=10"]).model
-    torch.save(hf_to_cglab(tiny_hf(m).state_dict(), m), inputs / "full10.pt")
+    full = hf_to_cglab(tiny_hf(m).state_dict(), m)
+    torch.save(full, inputs / "full10.pt")
     ten = ["model.num_layers=10"]
     ref = _run(inputs, 1, 1, 1, "ref-10", ten, full="full10.pt")
     ends = ["parallel.num_layers_in_first_pipeline_stage=2", "parallel.num_layers_in_last_pipeline_stage=2"]
@@ -104,6 +107,8 @@ def test_uneven_pp4_matches_single_rank_and_its_checkpoint_loads_at_tp2(inputs, 
     _same(again, ref, "TP2 from the PP4 2/3/3/2 checkpoint")
     for k, w in ref["weights"].items():
         torch.testing.assert_close(again["weights"][k], w, atol=0, rtol=0, msg=k)
+    exported = full_state_dict(ckpt)  # the one-process reader behind checkpoint_to_hf and `cglab eval`
+    assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
 
 
 @pytest.mark.parametrize("arch", ["causal", "prefix_lm"])
