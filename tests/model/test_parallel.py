@@ -89,18 +89,21 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
 
 
 def test_uneven_pp4_matches_single_rank_and_its_checkpoint_loads_at_tp2(inputs, tmp_path):
-    """10 layers over PP=4 as 2/3/3/2 (Megatron's first/last-stage counts): the loss and every gradient of the
-    single-rank model; the weights it saves as a checkpoint (dist_checkpointing, uneven stages) start a TP=2 x PP=1
-    run (model.init_from, Megatron resharding) with that same loss and gradients, and read back whole in one process
-    (the HF export's reader) they are the weights loaded."""
+    """10 layers over PP=4 as 2/3/3/2 (Megatron's first/last-stage counts), started from a HF directory: the loss
+    and every gradient of the single-rank model; the weights it saves as a checkpoint (dist_checkpointing, uneven
+    stages) start a TP=2 x PP=1 run (model.init_from, Megatron resharding) with that same loss and gradients, and
+    read back whole in one process (the HF export's reader) they are the weights loaded."""
     m = from_dict({}, ["model.preset=tiny", "model.num_layers=10"]).model
-    full = hf_to_cglab(tiny_hf(m).state_dict(), m)
+    hf = tiny_hf(m)
+    hf.save_pretrained(tmp_path / "hf")
+    full = hf_to_cglab(hf.state_dict(), m)
     torch.save(full, inputs / "full10.pt")
     ten = ["model.num_layers=10"]
     ref = _run(inputs, 1, 1, 1, "ref-10", ten, full="full10.pt")
     ends = ["parallel.num_layers_in_first_pipeline_stage=2", "parallel.num_layers_in_last_pipeline_stage=2"]
     ckpt = tmp_path / "uneven"
-    got = _run(inputs, 4, 1, 4, "pp4-uneven", ten + ends, full="full10.pt", save_to=str(ckpt))
+    # the uneven run starts from the HF directory: each stage converts its own layers (model.init_from)
+    got = _run(inputs, 4, 1, 4, "pp4-uneven", [*ten, *ends, f"model.init_from={tmp_path / 'hf'}"], None, str(ckpt))
     assert got["stages"] == [2, 3, 3, 2]
     _same(got, ref, "PP4 2/3/3/2")
     again = _run(inputs, 2, 2, 1, "tp2-from-uneven", [*ten, f"model.init_from={ckpt}"], full=None)
