@@ -19,6 +19,10 @@ def test_overrides_are_typed_and_win_over_presets():
     assert c.model.num_layers == 4 and c.train.lr == 3e-4 and c.model.document_masking is False
 
 
+_FIRST, _LAST = "parallel.num_layers_in_first_pipeline_stage", "parallel.num_layers_in_last_pipeline_stage"
+_pp4 = ["parallel.pipeline_model_parallel_size=4"]
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -44,12 +48,51 @@ def test_overrides_are_typed_and_win_over_presets():
         (["model.sdpa_kernel=fa9"], "model.sdpa_kernel"),
         (["train.fold_grad_scale=true", "parallel.distributed_optimizer=true"], "train.fold_grad_scale"),
         (["train.fold_grad_scale=true", "train.fused_adam=false"], "train.fold_grad_scale"),
+        # uneven pipeline stages whose middle stages do not split evenly, or that leave a stage empty
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=2"], _FIRST),
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=4", f"{_LAST}=3"], _FIRST),
+        (["model.num_layers=10", "parallel.pipeline_model_parallel_size=2", f"{_LAST}=10"], _LAST),
+        (["model.num_layers=10", f"{_LAST}=3"], _LAST),  # PP=1
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=auto"], _FIRST),  # auto on one end only
+        (["model.num_layers=3", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto"], _FIRST),
+        (["model.recompute=selective", "model.recompute_num_layers=2"], "model.recompute_num_layers"),
+        (["model.recompute_method=block"], "model.recompute_method"),
+        (["model.num_layers=3", "model.recompute=full", "model.recompute_num_layers=2"], "model.recompute_num_layers"),
+        (["model.recompute=bogus"], "model.recompute"),
+        (
+            ["model.recompute=full", "model.attention_backend=flex", "parallel.use_gpu=true"],
+            "model.attention_backend",
+        ),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         from_dict({}, ["model.preset=tiny", *overrides])
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, stages",
+    [
+        (["model.num_layers=8", *_pp4], (2, 2, 2, 2)),
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=2", f"{_LAST}=2"], (2, 3, 3, 2)),
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=1"], (1, 3, 3, 3)),  # the last is one of the even rest
+        (["model.num_layers=10", *_pp4, f"{_LAST}=4"], (2, 2, 2, 4)),
+        (["model.num_layers=10", "parallel.pipeline_model_parallel_size=2", f"{_LAST}=3"], (7, 3)),
+        (["model.num_layers=10", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto"], (2, 3, 3, 2)),
+        (["model.num_layers=8", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto"], (2, 2, 2, 2)),  # even when it divides
+        (["model.num_layers=5", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto"], (1, 1, 1, 2)),
+        (["model.num_layers=7", "parallel.pipeline_model_parallel_size=2", f"{_FIRST}=auto", f"{_LAST}=auto"], (3, 4)),
+        (
+            ["model.preset=codegen2-16B", *_pp4, f"{_FIRST}=auto", f"{_LAST}=auto", "data.num_sentinels=64"],
+            (8, 9, 9, 8),
+        ),
+    ],
+)
+def test_pipeline_stages_even_uneven_and_auto(overrides, stages):
+    """The layers on each stage, as Megatron-Core splits them from the first/last-stage counts (the stages between
+    split the rest evenly); the parallel tests check Megatron builds these."""
+    assert from_dict({}, ["model.preset=tiny", *overrides]).pipeline_stages == stages
 
 
 def test_valid_defaults_do_not_raise():

@@ -89,3 +89,41 @@ def test_the_layer_spec_takes_only_a_resolved_backend():
 
     with pytest.raises(ValueError, match="not a resolved attention backend"):
         codegen_layer_spec("auto")
+
+
+@pytest.mark.parametrize(
+    "overrides, on",
+    [
+        (["parallel.use_gpu=true", "parallel.data_parallel_size=4"], True),  # the default where DP > 1 on GPU
+        (["parallel.use_gpu=true"], False),  # DP=1: nothing to split
+        (["parallel.data_parallel_size=4"], False),  # CPU: off unless asked for
+        (["parallel.use_gpu=true", "parallel.data_parallel_size=4", "parallel.distributed_optimizer=false"], False),
+        (["parallel.data_parallel_size=4", "parallel.distributed_optimizer=true"], True),
+    ],
+)
+def test_the_distributed_optimizer_is_the_default_where_dp_exceeds_one_on_gpu(overrides, on):
+    """The plan shows where Adam's state lives and why; the memory plan splits it over DP exactly when it is on."""
+    from cglab.train.memory import memory_gib
+
+    cfg = from_dict({}, ["model.preset=codegen2-1B", "train.global_batch_size=8", *overrides])
+    assert cfg.parallel.use_distributed_optimizer is on
+    adam = decisions.RunDecisions.resolve(cfg, decisions.Machine.target(cfg)).plan_sections(cfg)["adam"]
+    assert adam["distributed_optimizer"] is on
+    assert adam["optimizer_state"].startswith("split over DP=4" if on else "whole on every rank")
+    mem = memory_gib(cfg, "sdpa")
+    per_param = (mem["optimizer"] * 2**30) / mem["params_per_gpu"]
+    assert per_param == pytest.approx(8 / (4 if on else 1), rel=1e-3)  # fp32: Adam's two moments
+
+
+def test_fold_grad_scale_names_the_default_distributed_optimizer():
+    from cglab.config import ConfigError
+
+    gpu_dp = [
+        "model.preset=tiny",
+        "parallel.use_gpu=true",
+        "parallel.data_parallel_size=2",
+        "train.fold_grad_scale=true",
+    ]
+    with pytest.raises(ConfigError, match="train.fold_grad_scale: not available with the distributed optimizer"):
+        from_dict({}, gpu_dp)
+    assert not from_dict({}, [*gpu_dp, "parallel.distributed_optimizer=false"]).parallel.use_distributed_optimizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -121,6 +121,17 @@ class ModelConfig(_Section):
     # set. The shape fields above must equal the weights' (`cglab plan` and every run check it on the driver, before
     # any worker starts; cglab.train.pretrained). A path every worker can read (local or shared filesystem).
     init_from: str | None = None
+    # Activation recomputation (Megatron-Core's recompute_granularity, recompute_method, recompute_num_layers):
+    # none keeps every layer's activations for backward; selective recomputes the core attention in backward
+    # (Megatron's "core_attn": it drops the s^2 scores the `local` backend keeps; sdpa/flex/te never keep them, so it
+    # saves little there); full keeps only each recompute unit's input and reruns its layers' forward in backward
+    # (about a third more compute). `cglab plan` shows the choice and its activation memory (cglab.train.memory).
+    recompute: Literal["none", "selective", "full"] = "none"
+    # full only. uniform: units of recompute_num_layers consecutive layers (default 1) across each stage, each
+    # keeping only its input; block: the first recompute_num_layers layers of each stage (default: all of them)
+    # recomputed one by one, the rest keep their activations.
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -141,14 +152,32 @@ class ModelConfig(_Section):
         return self.ffn_hidden_size or 4 * self.hidden_size
 
 
+_StageLayers = Annotated[int, Field(ge=1)] | Literal["auto"] | None
+
+
 class ParallelConfig(_Section):
     tensor_model_parallel_size: int = Field(1, ge=1)
     pipeline_model_parallel_size: int = Field(1, ge=1)
+    # Uneven pipeline stages (Megatron-Core's fields of the same names): the layers on the first and on the last
+    # stage; the stages between split the rest evenly (a field left None is one of them). None and None: PP must
+    # divide model.num_layers. "auto" on both: ceil(layers / PP) on each middle stage and the rest split between the
+    # ends, the first (which holds PP micro-batches' activations under 1F1B) taking no more than the last: 34 layers
+    # over PP=4 as 8/9/9/8, 10 as 2/3/3/2. `pipeline_stages` resolves them; `cglab plan` prints the split.
+    num_layers_in_first_pipeline_stage: _StageLayers = None
+    num_layers_in_last_pipeline_stage: _StageLayers = None
     data_parallel_size: int = Field(1, ge=1)
     world_size: int | None = None  # if given, must equal TP x PP x DP
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    distributed_optimizer: bool = False
+    # Megatron's distributed optimizer (ZeRO-1): Adam's state and the fp32 main params split over the DP ranks, the
+    # same update. None: on where DP > 1 on GPU, off elsewhere (`use_distributed_optimizer`); true/false: as set.
+    distributed_optimizer: bool | None = None
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        if self.distributed_optimizer is not None:
+            return self.distributed_optimizer
+        return self.use_gpu and self.data_parallel_size > 1
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -424,6 +453,73 @@ class CGLabConfig(_Section):
         p = self.parallel
         return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.data_parallel_size
 
+    @property
+    def pipeline_stages(self) -> tuple[int, ...]:
+        """Layers on each pipeline stage (ConfigError naming the field when they cannot be split)."""
+        try:
+            return pipeline_stages(self.model.num_layers, self.parallel)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+_FIRST, _LAST = "parallel.num_layers_in_first_pipeline_stage", "parallel.num_layers_in_last_pipeline_stage"
+
+
+def pipeline_stages(num_layers: int, p: ParallelConfig) -> tuple[int, ...]:
+    """The layers on each of the PP stages, as Megatron-Core builds them from num_layers_in_first/last_pipeline_stage
+    (`get_num_layers_to_build`): the given ends, the stages between (or after a given first) split the rest evenly.
+    ValueError naming the field when they do not split."""
+    pp, first, last = (
+        p.pipeline_model_parallel_size,
+        p.num_layers_in_first_pipeline_stage,
+        p.num_layers_in_last_pipeline_stage,
+    )
+    if "auto" in (first, last):
+        if first != last:
+            raise ValueError(f"{_FIRST}: 'auto' is chosen for both ends or neither (got {first!r} and {last!r})")
+        return _auto_stages(num_layers, pp)
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ValueError(
+                f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers={num_layers} (for "
+                f"uneven stages set {_FIRST} and {_LAST}, or both to 'auto')"
+            )
+        return (num_layers // pp,) * pp
+    field = _FIRST if first is not None else _LAST
+    if pp == 1:
+        raise ValueError(f"{field}: needs parallel.pipeline_model_parallel_size > 1 (it is 1)")
+    rest, middle = num_layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
+    if rest < middle or (middle == 0 and rest) or (middle and rest % middle):
+        other = _LAST if field == _FIRST else _FIRST
+        raise ValueError(
+            f"{field}: {first if field == _FIRST else last} with {other}={last if field == _FIRST else first} "
+            f"leaves {rest} of model.num_layers={num_layers} for the {middle} other stage(s) of "
+            f"parallel.pipeline_model_parallel_size={pp}, which must each get the same number, at least 1"
+        )
+    each = rest // middle if middle else 0
+    return (first or each,) + (each,) * (pp - 2) + (last or each,)
+
+
+def _auto_stages(num_layers: int, pp: int) -> tuple[int, ...]:
+    if num_layers < pp:
+        raise ValueError(f"{_FIRST}: 'auto' cannot place model.num_layers={num_layers} on {pp} pipeline stages")
+    if pp == 1:
+        return (num_layers,)
+    for each in range(-(-num_layers // pp), 0, -1):  # the fewest layers per middle stage, from ceil(L / PP) down
+        ends = num_layers - (pp - 2) * each
+        if ends >= 2:
+            return (ends // 2,) + (each,) * (pp - 2) + (ends - ends // 2,)
+    raise AssertionError("unreachable: each=1 leaves num_layers - pp + 2 >= 2 layers for the ends")
+
+
+def recompute_saves_mask(m: ModelConfig) -> bool:
+    """Whether Megatron's recomputation would save a non-causal attention mask among its checkpoint's inputs: full
+    recompute hands every layer the mask as an argument, and so does selective on Megatron's own attention path
+    (cglab's fused attention keeps the mask in a closure). Its checkpoint saves tensors only, which a FlexAttention
+    BlockMask is not."""
+    masked = m.document_masking or m.architecture == "prefix_lm"
+    return masked and (m.recompute == "full" or (m.recompute == "selective" and m.compile_fusions is False))
+
 
 def cross_field_errors(c: CGLabConfig) -> list[str]:
     """Every constraint that spans sections, as 'dotted.field: why' strings."""
@@ -443,8 +539,10 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide the MLP width {m.ffn_size}")
     if m.vocab_size % tp:
         e.append(f"parallel.tensor_model_parallel_size: {tp} does not divide model.vocab_size={m.vocab_size}")
-    if m.num_layers % pp:
-        e.append(f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers={m.num_layers}")
+    try:
+        pipeline_stages(m.num_layers, p)
+    except ValueError as err:
+        e.append(str(err))
     if p.world_size is not None and p.world_size != tp * pp * dp:
         e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
     if d.seq_length > m.max_position_embeddings:
@@ -469,6 +567,26 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
             f"{str(m.document_masking).lower()} and model.architecture={m.architecture!r} need; use flex or "
             f"sdpa, or set model.document_masking=false with model.architecture=causal"
         )
+    for field in ("recompute_method", "recompute_num_layers"):
+        if getattr(m, field) is not None and m.recompute != "full":
+            e.append(f"model.{field}: only with model.recompute=full (it is {m.recompute!r})")
+    k = m.recompute_num_layers
+    if m.recompute == "full" and (m.recompute_method or "uniform") == "uniform" and k is not None:
+        try:
+            stages = pipeline_stages(m.num_layers, p)
+        except ValueError:
+            stages = ()  # reported above
+        if any(n % k for n in stages):
+            # Megatron's uniform method walks each stage in steps of k and would index past its last layer
+            e.append(
+                f"model.recompute_num_layers: {k} does not divide the layers of every pipeline stage {list(stages)} "
+                f"(model.recompute_method=uniform); pick a divisor or model.recompute_method=block"
+            )
+    if p.use_gpu and m.attention_backend == "flex" and recompute_saves_mask(m):
+        e.append(
+            f"model.attention_backend: 'flex' block masks cannot pass through Megatron's recomputation "
+            f"(model.recompute={m.recompute!r} saves its inputs as tensors); use sdpa (auto picks it there)"
+        )
     if m.attention_backend == "flex" and m.attention_dropout > 0:
         e.append(f"model.attention_dropout: {m.attention_dropout} is not supported by model.attention_backend=flex")
     for cor in o.corrupting():
@@ -488,8 +606,11 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")
     if t.precision == "bf16" and not p.use_gpu:
         e.append("train.precision: bf16 needs parallel.use_gpu=true (CPU runs are fp32)")
-    if t.fold_grad_scale and p.distributed_optimizer:
-        e.append("train.fold_grad_scale: not available with parallel.distributed_optimizer=true (untested there)")
+    if t.fold_grad_scale and p.use_distributed_optimizer:
+        e.append(
+            "train.fold_grad_scale: not available with the distributed optimizer (untested there; "
+            "parallel.distributed_optimizer is on by default where DP > 1 on GPU: set it to false to fold)"
+        )
     if t.fold_grad_scale and not t.fused_adam:
         e.append("train.fold_grad_scale: needs torch's fused AdamW, but train.fused_adam is false")
     if t.warmup_steps >= t.train_steps and t.train_steps > 1:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from cglab.compat import adam, flags
-from cglab.config import CGLabConfig, ConfigError, ModelConfig, ParallelConfig
+from cglab.config import CGLabConfig, ConfigError, ModelConfig, ParallelConfig, pipeline_stages, recompute_saves_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,9 @@ class Machine:
         return cls(cuda, has_te, impl, note)
 
 
-def choose_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> tuple[str, str]:
+def choose_backend(
+    backend: str, attention_dropout: float = 0.0, cuda: bool | None = None, recompute_masks: bool = False
+) -> tuple[str, str]:
     """(backend, why) for `model.attention_backend` on a machine with or without CUDA (None: this one).
 
     auto never picks Transformer Engine, even where the GPU image installs it: TE's DotProductAttention ignores a
@@ -74,6 +76,11 @@ def choose_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | No
         cuda = torch.cuda.is_available()
     if not cuda:
         return "sdpa", "auto on CPU: SDPA with dense masks (FlexAttention has no CPU backward)"
+    if recompute_masks:  # the config check refuses an explicit flex here (cglab.config.cross_field_errors)
+        return "sdpa", (
+            "auto on GPU where Megatron's recomputation takes the mask as an input (cglab.config."
+            "recompute_saves_mask): SDPA with dense masks, since a FlexAttention BlockMask is not a tensor"
+        )
     if attention_dropout == 0:
         return "flex", "auto on GPU: FlexAttention block masks (measured; Transformer Engine is never chosen by auto)"
     return "sdpa", "auto on GPU with model.attention_dropout > 0, which FlexAttention lacks: SDPA with dense masks"
@@ -82,6 +89,34 @@ def choose_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | No
 def resolve_backend(backend: str, attention_dropout: float = 0.0, cuda: bool | None = None) -> str:
     """auto -> flex (GPU, no attention dropout) | sdpa (otherwise); see choose_backend."""
     return choose_backend(backend, attention_dropout, cuda)[0]
+
+
+class Recompute(NamedTuple):
+    """Megatron-Core's activation recomputation settings (TransformerConfig fields of the same names)."""
+
+    granularity: str | None  # None | "selective" | "full"
+    method: str | None  # full: "uniform" | "block"
+    num_layers: int | None  # full: layers per uniform unit, or recomputed per stage (block)
+    modules: tuple[str, ...] = ()  # selective: Megatron's recompute_modules
+
+    @classmethod
+    def resolve(cls, m: ModelConfig, stage_layers: int) -> Recompute:
+        """stage_layers: the most layers on one pipeline stage (block's default recomputes all of them)."""
+        if m.recompute == "none":
+            return cls(None, None, None)
+        if m.recompute == "selective":
+            return cls("selective", None, None, ("core_attn",))
+        method = m.recompute_method or "uniform"
+        return cls("full", method, m.recompute_num_layers or (1 if method == "uniform" else stage_layers))
+
+    def describe(self) -> str:
+        if self.granularity is None:
+            return "none: every layer keeps its activations for backward"
+        if self.granularity == "selective":
+            return "selective: the core attention is recomputed in backward (Megatron's core_attn)"
+        if self.method == "uniform":
+            return f"full, uniform: each unit of {self.num_layers} layer(s) keeps only its input and reruns in backward"
+        return f"full, block: the first {self.num_layers} layer(s) of each stage keep only their input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +130,16 @@ class ModelDecisions:
     compile_loss: bool  # the LM loss through cglab.model.fused.cross_entropy (TP=1)
     fused_kernels: bool  # Megatron's fused bias-gelu and cross-entropy (CUDA)
     wgrad_fusion: bool  # gradient_accumulation_fusion (CUDA; cglab.compat.wgrad without Apex)
+    recompute: Recompute = Recompute(None, None, None)
 
     @classmethod
     def resolve(cls, m: ModelConfig, p: ParallelConfig | None = None, cuda: bool | None = None) -> ModelDecisions:
         cuda = torch.cuda.is_available() if cuda is None else cuda
-        backend, why = choose_backend(m.attention_backend, m.attention_dropout, cuda)
+        backend, why = choose_backend(m.attention_backend, m.attention_dropout, cuda, recompute_saves_mask(m))
+        try:
+            stage_layers = max(pipeline_stages(m.num_layers, p)) if p is not None else m.num_layers
+        except ValueError:  # an unsplittable layout: the config check reports it; plan on an even estimate
+            stage_layers = -(-m.num_layers // p.pipeline_model_parallel_size)
         fuse = m.compile_fusions is not False  # None: wherever it applies
         tp = p.tensor_model_parallel_size if p is not None else 1
         return cls(
@@ -110,6 +150,7 @@ class ModelDecisions:
             fuse and tp == 1,
             cuda and m.fused_kernels,
             cuda and m.wgrad_fusion,
+            Recompute.resolve(m, stage_layers),
         )
 
 
@@ -135,8 +176,18 @@ def adam_plan(cfg: CGLabConfig, cuda: bool, impl: str = "torch") -> AdamPlan:
         return AdamPlan(impl, True, False)
     fused = t.fused_adam and (cuda or t.fold_grad_scale is True)
     if t.fold_grad_scale is None:
-        return AdamPlan(impl, fused, fused and not cfg.parallel.distributed_optimizer)
+        return AdamPlan(impl, fused, fused and not cfg.parallel.use_distributed_optimizer)
     return AdamPlan(impl, fused, t.fold_grad_scale)
+
+
+def _optimizer_state(p: ParallelConfig) -> str:
+    """Where Adam's state lives, and why (parallel.distributed_optimizer)."""
+    why = "parallel.distributed_optimizer" if p.distributed_optimizer is not None else "the default where DP > 1 on GPU"
+    if p.use_distributed_optimizer:
+        return f"split over DP={p.data_parallel_size} (distributed optimizer, ZeRO-1: {why})"
+    if p.distributed_optimizer is None:
+        return "whole on every rank (the distributed optimizer is the default only where DP > 1 on GPU)"
+    return "whole on every rank (parallel.distributed_optimizer=false)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +235,7 @@ class RunDecisions:
             "bias_gelu_and_cross_entropy": "on (Megatron's fused kernels)" if md.fused_kernels else "off",
             "wgrad_fusion": "on (fp32 main grad accumulated in the GEMM)" if md.wgrad_fusion else "off",
         }
+        rc = md.recompute
         impl = self.machine.adam_impl
         if self.adam is None:
             adam_out = {"implementation": f"{impl.upper()} FusedAdam", "fold_grad_scale": "refused"}
@@ -194,7 +246,8 @@ class RunDecisions:
             adam_out = {
                 "implementation": name,
                 "fold_grad_scale": self.adam.fold,
-                "distributed_optimizer": cfg.parallel.distributed_optimizer,
+                "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+                "optimizer_state": _optimizer_state(cfg.parallel),
             }
         return {
             "attention_backend": {
@@ -204,5 +257,11 @@ class RunDecisions:
                 "mask_kind": kind,
             },
             "fusions": fusions,
+            "recompute": {
+                "granularity": rc.granularity or "none",
+                "method": rc.method,
+                "num_layers": rc.num_layers,
+                "what": rc.describe(),
+            },
             "adam": adam_out,
         }

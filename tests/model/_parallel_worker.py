@@ -4,7 +4,9 @@ import torch
 import torch.distributed as dist
 
 
-def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
+def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides, save_to=None):
+    """full_path: a full state dict to shard in (None: the weights the config builds, e.g. model.init_from's);
+    save_to: a directory every rank can reach, to write the loaded weights as a cglab checkpoint (model only)."""
     from megatron.core import parallel_state as ps
 
     from cglab.config import from_dict
@@ -27,15 +29,22 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
     state = build_train_state(cfg)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     inner = state.model[0].module
-    load_into(inner, shard(torch.load(full_path), cfg.model, tp_rank, tp, pp_rank, pp))
+    if full_path is not None:
+        load_into(inner, shard(torch.load(full_path), cfg.model, tp_rank, tp, pp_rank, cfg.pipeline_stages))
+    if save_to is not None:
+        from cglab.train import checkpoint
+
+        checkpoint.save_model(save_to, state, 0, extra={"config": cfg.model_dump(mode="json")})
     stats = forward_backward(state, cfg, torch.load(batches_path))
     loss = reduce_stats(stats)
     grads = {n: p.main_grad.detach().float().clone() for n, p in inner.named_parameters()}
+    everything_layers = [None] * dist.get_world_size()  # (pp rank, layers Megatron built there)
+    dist.all_gather_object(everything_layers, (pp_rank, len(inner.decoder.layers)))
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, ((tp_rank, pp_rank), grads, model_state(inner)))
     if rank == 0:
-        g = unshard({k: v for k, v, _ in everything}, cfg.model)
-        w = unshard({k: v for k, _, v in everything}, cfg.model)
+        g = unshard({k: v for k, v, _ in everything})
+        w = unshard({k: v for k, _, v in everything})
         # which block the config built, so a test comparing two configs can check they really differ
         layer = inner.decoder.layers[0]
         built = {
@@ -43,4 +52,5 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides):
             "fused_residual": layer.fused_residual,
             "compile_loss": inner.compile_loss,
         }
-        torch.save({"loss": loss, "grads": g, "weights": w, "built": built}, out_path)
+        stages = [n for _, n in sorted(dict(everything_layers).items())]  # the layers Megatron built per stage
+        torch.save({"loss": loss, "grads": g, "weights": w, "built": built, "stages": stages}, out_path)

@@ -57,3 +57,28 @@ def test_export_loads_in_transformers(single_rank, tiny_cfg, tmp_path):
         torch.testing.assert_close(
             forward_logits(ours, m, tokens, torch.zeros_like(tokens)), hf(input_ids=tokens).logits, atol=1e-4, rtol=0
         )
+
+
+@pytest.mark.parametrize("stages", [(2, 3, 3, 2), (5, 5), (1, 3, 3, 3), (10,)])
+def test_shard_and_unshard_follow_uneven_stages(stages):
+    """A full 10-layer state dict cut into TP=2 x the given pipeline stages and merged back is what it was; each
+    stage holds its own layers, numbered from 0 as Megatron numbers them, and only the ends hold the embedding and
+    the head."""
+    from cglab.config import from_dict
+    from cglab.model.hf_convert import shard, unshard
+
+    m = from_dict({}, ["model.preset=tiny", "model.num_layers=10"]).model
+    full = hf_to_cglab(tiny_hf(m).state_dict(), m)
+    parts = {(tp, pp): shard(full, m, tp, 2, pp, stages) for tp in range(2) for pp in range(len(stages))}
+    for pp, n in enumerate(stages):
+        local = parts[(0, pp)]
+        assert {int(k.split(".")[2]) for k in local if k.startswith("decoder.layers.")} == set(range(n))
+        first = sum(stages[:pp])  # the stage's layer 0 is this global layer
+        name = "self_attention.linear_proj.weight"
+        assert torch.equal(local[f"decoder.layers.0.{name}"], full[f"decoder.layers.{first}.{name}"].chunk(2, 1)[0])
+        assert ("embedding.word_embeddings.weight" in local) == (pp == 0)
+        assert ("output_layer.bias" in local) == (pp == len(stages) - 1)
+    back = unshard(parts)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    with pytest.raises(ValueError, match="do not add up to model.num_layers=10"):
+        shard(full, m, 0, 2, 0, (2, 3, 3, 3))

@@ -7,7 +7,9 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 from cglab.config import from_dict
 from cglab.distributed import spawn
 from cglab.model.hf_convert import hf_to_cglab
+from cglab.model.hf_export import full_state_dict
 from tests.model._parallel_worker import fwd_bwd  # noqa: E402
+from tests.model.conftest import tiny_hf
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +59,19 @@ def inputs(tmp_path_factory):
     return d
 
 
-def _run(inputs, world, tp, pp, name, overrides=()):
+def _run(inputs, world, tp, pp, name, overrides=(), full="full.pt", save_to=None):
     out = inputs / f"{name}.pt"
-    spawn(fwd_bwd, world, tp, pp, str(inputs / "full.pt"), str(inputs / "batches.pt"), str(out), list(overrides))
+    full = str(inputs / full) if full else None
+    spawn(fwd_bwd, world, tp, pp, full, str(inputs / "batches.pt"), str(out), list(overrides), save_to)
     return torch.load(out)
+
+
+def _same(got, ref, what):
+    assert abs(got["loss"]["loss"] - ref["loss"]["loss"]) < 1e-5, what
+    assert got["grads"].keys() == ref["grads"].keys()
+    for k, g in ref["grads"].items():
+        assert g.abs().sum() > 0 or "bias" in k, k
+        torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} at {what}")
 
 
 @pytest.mark.parametrize("arch", ["causal", "prefix_lm"])
@@ -75,6 +86,32 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
         for k, g in ref["grads"].items():
             assert g.abs().sum() > 0 or "bias" in k, k
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} at TP{tp} PP{pp}")
+
+
+def test_uneven_pp4_matches_single_rank_and_its_checkpoint_loads_at_tp2(inputs, tmp_path):
+    """10 layers over PP=4 as 2/3/3/2 (Megatron's first/last-stage counts), started from a HF directory: the loss
+    and every gradient of the single-rank model; the weights it saves as a checkpoint (dist_checkpointing, uneven
+    stages) start a TP=2 x PP=1 run (model.init_from, Megatron resharding) with that same loss and gradients, and
+    read back whole in one process (the HF export's reader) they are the weights loaded."""
+    m = from_dict({}, ["model.preset=tiny", "model.num_layers=10"]).model
+    hf = tiny_hf(m)
+    hf.save_pretrained(tmp_path / "hf")
+    full = hf_to_cglab(hf.state_dict(), m)
+    torch.save(full, inputs / "full10.pt")
+    ten = ["model.num_layers=10"]
+    ref = _run(inputs, 1, 1, 1, "ref-10", ten, full="full10.pt")
+    ends = ["parallel.num_layers_in_first_pipeline_stage=2", "parallel.num_layers_in_last_pipeline_stage=2"]
+    ckpt = tmp_path / "uneven"
+    # the uneven run starts from the HF directory: each stage converts its own layers (model.init_from)
+    got = _run(inputs, 4, 1, 4, "pp4-uneven", [*ten, *ends, f"model.init_from={tmp_path / 'hf'}"], None, str(ckpt))
+    assert got["stages"] == [2, 3, 3, 2]
+    _same(got, ref, "PP4 2/3/3/2")
+    again = _run(inputs, 2, 2, 1, "tp2-from-uneven", [*ten, f"model.init_from={ckpt}"], full=None)
+    _same(again, ref, "TP2 from the PP4 2/3/3/2 checkpoint")
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(again["weights"][k], w, atol=0, rtol=0, msg=k)
+    exported = full_state_dict(ckpt)  # the one-process reader behind checkpoint_to_hf and `cglab eval`
+    assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
 
 
 @pytest.mark.parametrize("arch", ["causal", "prefix_lm"])
@@ -128,7 +165,7 @@ def _init_worker(rank, tp, pp, out_path):
         parts, ((ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()), model_state(model))
     )
     if rank == 0:
-        torch.save(unshard(dict(parts), cfg.model), out_path)
+        torch.save(unshard(dict(parts)), out_path)
 
 
 def test_initialisation_is_layout_independent(tmp_path):

@@ -9,9 +9,10 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cglab import compat
-from cglab.config import ModelConfig, ParallelConfig
+from cglab.config import ModelConfig, ParallelConfig, pipeline_stages
 from cglab.decisions import ModelDecisions
 from cglab.model import fused
+from cglab.model.hf_convert import stage_offsets
 from cglab.model.init import init_weights
 from cglab.model.masks import attention_mask, block_mask
 from cglab.model.spec import codegen_layer_spec
@@ -31,8 +32,12 @@ def transformer_config(
     # On GPU, Megatron's fused bias+gelu and cross-entropy kernels. Its fused "gelu" is the tanh approximation
     # (CodeGen's gelu_new) and is selected by activation_func == F.gelu, so F.gelu here still means gelu_tanh.
     fuse = d.fused_kernels
+    stages = pipeline_stages(m.num_layers, p)
+    uneven = len(set(stages)) > 1  # Megatron's first/last-stage counts; the stages between split the rest evenly
     return TransformerConfig(
         num_layers=m.num_layers,
+        num_layers_in_first_pipeline_stage=stages[0] if uneven else None,
+        num_layers_in_last_pipeline_stage=stages[-1] if uneven else None,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         ffn_hidden_size=m.ffn_size,
@@ -62,6 +67,10 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=d.wgrad_fusion,
         rotary_interleaved=False,
+        recompute_granularity=d.recompute.granularity,
+        recompute_method=d.recompute.method,
+        recompute_num_layers=d.recompute.num_layers,
+        recompute_modules=list(d.recompute.modules) or None,
     )
 
 
@@ -131,15 +140,16 @@ def build_model(
     )
     if torch.cuda.is_available():
         model = model.cuda()
-    init_weights(
-        model,
-        m,
-        seed,
-        parallel_state.get_tensor_model_parallel_rank(),
-        p.tensor_model_parallel_size,
-        parallel_state.get_pipeline_model_parallel_rank(),
-        p.pipeline_model_parallel_size,
-    )
+    stages, pp_rank = pipeline_stages(m.num_layers, p), parallel_state.get_pipeline_model_parallel_rank()
+    offset = stage_offsets(stages)[pp_rank]
+    layers = model.decoder.layers
+    # init, sharding and checkpoints number layers by cglab's split; Megatron must have built the same stage
+    if len(layers) != stages[pp_rank] or layers[0].layer_number != offset + 1:
+        raise RuntimeError(
+            f"pipeline stage {pp_rank}: Megatron-Core built layers {layers[0].layer_number}.."
+            f"{layers[-1].layer_number} (1-based), cglab's split {stages} says {offset + 1}..{offset + stages[pp_rank]}"
+        )
+    init_weights(model, m, seed, parallel_state.get_tensor_model_parallel_rank(), p.tensor_model_parallel_size, offset)
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,20 +99,34 @@ def _split_dim(name: str) -> int | None:
     return None
 
 
+def stage_offsets(stages: Sequence[int]) -> list[int]:
+    """The global index of each pipeline stage's first layer, from the layers on each stage."""
+    return [sum(stages[:i]) for i in range(len(stages))]
+
+
 def shard(
-    full: dict[str, torch.Tensor], m: ModelConfig, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1
+    full: dict[str, torch.Tensor],
+    m: ModelConfig,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int = 0,
+    stages: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """This rank's slice of a full state dict, with Megatron's stage-local layer numbering."""
-    per_stage = m.num_layers // pp_size
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    """This rank's slice of a full state dict, with Megatron's stage-local layer numbering. stages: the layers on
+    each pipeline stage, even or not (`CGLabConfig.pipeline_stages`); None: one stage."""
+    stages = tuple(stages) if stages is not None else (m.num_layers,)
+    if sum(stages) != m.num_layers:
+        raise ValueError(f"shard: stages {stages} do not add up to model.num_layers={m.num_layers}")
+    start = stage_offsets(stages)[pp_rank]
+    first, last = pp_rank == 0, pp_rank == len(stages) - 1
     out = {}
     for name, t in full.items():
         mt = _LAYER.match(name)
         if mt:
             i = int(mt.group(1))
-            if not (pp_rank * per_stage <= i < (pp_rank + 1) * per_stage):
+            if not (start <= i < start + stages[pp_rank]):
                 continue
-            name = f"decoder.layers.{i - pp_rank * per_stage}.{mt.group(2)}"
+            name = f"decoder.layers.{i - start}.{mt.group(2)}"
         elif name.startswith("embedding.") and not first:
             continue
         elif (name.startswith("output_layer.") or name.startswith("decoder.final_layernorm.")) and not last:
@@ -121,11 +136,13 @@ def shard(
     return out
 
 
-def unshard(shards: dict[tuple[int, int], dict[str, torch.Tensor]], m: ModelConfig) -> dict[str, torch.Tensor]:
-    """Merge {(tp_rank, pp_rank): stage-local state dict} back into one full state dict."""
+def unshard(shards: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Merge {(tp_rank, pp_rank): stage-local state dict} back into one full state dict; each stage's layer count
+    is read off its own keys, so even and uneven pipeline stages merge alike."""
     tp_size = 1 + max(t for t, _ in shards)
     pp_size = 1 + max(p for _, p in shards)
-    per_stage = m.num_layers // pp_size
+    stages = [len({mt.group(1) for n in shards[(0, pp)] if (mt := _LAYER.match(n))}) for pp in range(pp_size)]
+    offsets = stage_offsets(stages)
     full = {}
     for pp in range(pp_size):
         for name in shards[(0, pp)]:
@@ -136,7 +153,7 @@ def unshard(shards: dict[tuple[int, int], dict[str, torch.Tensor]], m: ModelConf
             t = torch.cat(parts, dim=dim) if dim is not None else parts[0]
             mt = _LAYER.match(name)
             if mt:
-                name = f"decoder.layers.{int(mt.group(1)) + pp * per_stage}.{mt.group(2)}"
+                name = f"decoder.layers.{int(mt.group(1)) + offsets[pp]}.{mt.group(2)}"
             full[name] = t
     return full
 

@@ -19,18 +19,18 @@ from cglab.model.hf_convert import _LAYER, _split_dim
 _RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _global_name(local: str, pp_rank: int, per_stage: int) -> str:
+def _global_name(local: str, layer_offset: int) -> str:
     mt = _LAYER.match(local)
-    return f"decoder.layers.{int(mt.group(1)) + pp_rank * per_stage}.{mt.group(2)}" if mt else local
+    return f"decoder.layers.{int(mt.group(1)) + layer_offset}.{mt.group(2)}" if mt else local
 
 
 @torch.no_grad()
 def init_weights(
-    model: torch.nn.Module, m: ModelConfig, seed: int, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int
+    model: torch.nn.Module, m: ModelConfig, seed: int, tp_rank: int, tp_size: int, layer_offset: int = 0
 ) -> None:
-    per_stage = m.num_layers // pp_size
+    """layer_offset: the global index of this pipeline stage's first layer (`hf_convert.stage_offsets`)."""
     for local, p in model.named_parameters():
-        name = _global_name(local, pp_rank, per_stage)
+        name = _global_name(local, layer_offset)
         dim = _split_dim(name)
         shape = list(p.shape)
         if dim is not None:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import NamedTuple
 
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
@@ -61,6 +62,11 @@ class FusedSelfAttention(NoBiasSelfAttention):
         q, k, v = fused.qkv_rope(
             mixed, freqs, self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
         )
+        if self.checkpoint_core_attention and self.training:  # selective recompute, as Megatron's own path does
+            # the mask rides in the closure: Megatron's checkpoint saves its arguments as tensors, which a
+            # FlexAttention BlockMask is not
+            attend = lambda q, k, v: self.core_attention.attend(q, k, v, attention_mask)  # noqa: E731
+            return self.linear_proj(tensor_parallel.checkpoint(attend, False, q, k, v))
         return self.linear_proj(self.core_attention.attend(q, k, v, attention_mask))
 
 

@@ -8,9 +8,12 @@ What Megatron-Core holds on the busiest rank of a TP x PP x DP run as cglab buil
 - optimizer: Adam's fp32 exp_avg and exp_avg_sq, plus fp32 main params under bf16 (12 or 8 bytes per parameter),
   divided by DP with the distributed optimizer (ZeRO-1);
 - activations: per layer and micro-batch s*b*h*(10 + 24/t) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", Table 2, no sequence parallelism, no recomputation), plus
-  5*a*s^2*b/t where attention scores are materialised (Megatron's unfused `local` attention); the first pipeline
-  stage holds min(PP, micro-batches per step) micro-batches in flight under 1F1B;
+  Activation Recomputation in Large Transformer Models", Table 2, no sequence parallelism), plus 5*a*s^2*b/t where
+  attention scores are materialised (Megatron's unfused `local` attention) unless selective recompute drops them;
+  with full recompute a layer keeps only its input, 2*s*b*h bytes (uniform: one per unit of recompute_num_layers
+  layers; block: on the first recompute_num_layers layers of the stage), plus the working set of the one unit being
+  recomputed in backward. Pipeline stage i (of PP) holds min(PP - i, micro-batches per step) micro-batches in flight
+  under 1F1B; every stage is counted with its own layers (uneven stages included) and the busiest is reported;
 - logits: s*b*V/t on the last stage, kept in the compute dtype plus an fp32 copy and its fp32 gradient for the
   loss (10 bytes per element at bf16).
 Not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, torch.compile workspaces.
@@ -18,9 +21,12 @@ Not counted: the CUDA context and allocator slack (~1-3 GB), communication buffe
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-from cglab.config import CGLabConfig
+from cglab.config import CGLabConfig, ConfigError
+
+if TYPE_CHECKING:
+    from cglab.decisions import Recompute
 
 GIB = float(1 << 30)
 
@@ -30,58 +36,89 @@ def layer_params(d: int, ffn: int) -> int:
     return 2 * d + 4 * d * d + 2 * d * ffn + ffn + d
 
 
-def stage_params(cfg: CGLabConfig) -> dict[str, int]:
-    """Parameters on one rank of the first and of the last pipeline stage (TP-sharded)."""
-    m, p = cfg.model, cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+def stage_params(cfg: CGLabConfig, stages: tuple[int, ...]) -> list[int]:
+    """Parameters on one rank of each pipeline stage (TP-sharded), for the layers on each stage."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     d, V = m.hidden_size, m.vocab_size
-    per_stage = math.ceil(m.num_layers / pp) * layer_params(d, m.ffn_size) // tp
     embed, head = V * d // tp, (V * d + V) // tp + 2 * d  # the final LayerNorm sits with the head
-    if pp == 1:
-        return {"first": per_stage + embed + head, "last": per_stage + embed + head}
-    return {"first": per_stage + embed, "last": per_stage + head}
+    layer = layer_params(d, m.ffn_size)
+    last = len(stages) - 1
+    return [n * layer // tp + (embed if i == 0 else 0) + (head if i == last else 0) for i, n in enumerate(stages)]
 
 
-def memory_gib(cfg: CGLabConfig, attention_backend: str) -> dict:
-    """Estimated GiB on the busiest rank, by component, and the total (see the module docstring)."""
+def planned_stages(cfg: CGLabConfig) -> tuple[int, ...]:
+    """The layers on each pipeline stage; for a layout the config check refuses, ceil(layers / PP) on each, so the
+    plan still estimates (and lists the error)."""
+    try:
+        return cfg.pipeline_stages
+    except ConfigError:
+        pp = cfg.parallel.pipeline_model_parallel_size
+        return (-(-cfg.model.num_layers // pp),) * pp
+
+
+def activation_bytes(cfg: CGLabConfig, rc: Recompute, layers: int, in_flight: int, attention_backend: str) -> float:
+    """Activations one pipeline stage of `layers` layers keeps with `in_flight` micro-batches (see the module
+    docstring), for the recomputation `rc`."""
+    m, t = cfg.model, cfg.train
+    tp = cfg.parallel.tensor_model_parallel_size
+    s, b, h, a = cfg.data.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
+    unit = 2 if t.precision == "bf16" else 4  # bytes per element; Korthikanti's counts are at 2
+    full = s * b * h * (10 + 24 / tp) * unit / 2
+    if attention_backend == "local" and rc.granularity != "selective":
+        full += 5 * a * s * s * b / tp * unit / 2
+    if rc.granularity != "full":
+        return layers * full * in_flight
+    kept_input = s * b * h * unit
+    if rc.method == "uniform":
+        k = min(rc.num_layers, layers)
+        return -(-layers // k) * kept_input * in_flight + k * full
+    r = min(rc.num_layers, layers)
+    return (r * kept_input + (layers - r) * full) * in_flight + (full if r else 0.0)
+
+
+def memory_gib(cfg: CGLabConfig, attention_backend: str, recompute: Recompute | None = None) -> dict:
+    """Estimated GiB on the busiest rank, by component, and the total (see the module docstring). recompute: the
+    run's decision (None: as the config resolves it)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, dp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size
-    s, b, h, a, V = cfg.data.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads, m.vocab_size
+    s, b, V = cfg.data.seq_length, t.micro_batch_size, m.vocab_size
     bf16 = t.precision == "bf16"
-    act_bytes = 2 if bf16 else 4
-    params = stage_params(cfg)
-    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    layers = math.ceil(m.num_layers / pp)
-    per_layer = s * b * h * (10 + 24 / tp) * act_bytes / 2
-    if attention_backend == "local":
-        per_layer += 5 * a * s * s * b / tp * act_bytes / 2
-    in_flight = min(pp, n_micro)
-    logits = s * b * V / tp * (act_bytes + 8)
+    stages = planned_stages(cfg)
+    if recompute is None:
+        from cglab.decisions import Recompute  # imports torch: kept off `cglab --help`'s path (cglab.train.plan)
 
-    def total_for(stage: str) -> dict[str, float]:
-        n = params[stage]
-        opt = n * (12 if bf16 else 8) / (dp if p.distributed_optimizer else 1)
-        acts = layers * per_layer * (in_flight if stage == "first" else 1)
+        recompute = Recompute.resolve(m, max(stages))
+    rc = recompute
+    params = stage_params(cfg, stages)
+    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    logits = s * b * V / tp * ((2 if bf16 else 4) + 8)
+
+    def stage_gib(i: int) -> dict[str, float]:
+        n = params[i]
         parts = {
             "weights": n * (2 if bf16 else 4),
             "grads": n * 4,
-            "optimizer": opt,
-            "activations": acts,
-            "logits": logits if stage == "last" else 0.0,
+            "optimizer": n * (12 if bf16 else 8) / (dp if p.use_distributed_optimizer else 1),
+            "activations": activation_bytes(cfg, rc, stages[i], min(pp - i, n_micro), attention_backend),
+            "logits": logits if i == pp - 1 else 0.0,
         }
         return {k: v / GIB for k, v in parts.items()}
 
-    stages = {k: total_for(k) for k in ("first", "last")}
-    busiest = max(stages, key=lambda k: sum(stages[k].values()))
-    out = {k: round(v, 3) for k, v in stages[busiest].items()}
-    out["total"] = round(sum(stages[busiest].values()), 3)
+    per_stage = [stage_gib(i) for i in range(pp)]
+    busiest = max(range(pp), key=lambda i: sum(per_stage[i].values()))
+    out = {k: round(v, 3) for k, v in per_stage[busiest].items()}
+    out["total"] = round(sum(per_stage[busiest].values()), 3)
     out.update(
         unit="GiB",
-        stage=busiest if pp > 1 else "only",
+        stage="only" if pp == 1 else "first" if busiest == 0 else "last" if busiest == pp - 1 else "middle",
+        pp_rank=busiest,
+        layers=stages[busiest],
         params_per_gpu=params[busiest],
-        micro_batches_in_flight=in_flight if busiest == "first" else 1,
+        micro_batches_in_flight=min(pp - busiest, n_micro),
+        recompute=rc.granularity or "none",
+        per_stage_total=[round(sum(x.values()), 3) for x in per_stage],
         method="Megatron-Core states (bf16 weights, fp32 main grads, fp32 Adam + main params, ZeRO-1 with "
-        "the distributed optimizer) + activations by Korthikanti et al. 2022; excludes the CUDA "
-        "context and allocator slack",
+        "the distributed optimizer) + activations by Korthikanti et al. 2022 for the recomputation chosen; "
+        "excludes the CUDA context and allocator slack",
     )
     return out

@@ -33,7 +33,7 @@ from cglab.data.mixture import interleave, source_weights
 from cglab.data.objectives import packing_reserve
 from cglab.data.packing import pack_documents
 from cglab.data.tokenizer import load_tokenizer
-from cglab.train.memory import memory_gib
+from cglab.train.memory import memory_gib, planned_stages
 
 # The bounded data scan: per source, files are read in order until either budget is spent.
 SCAN_DOCS, SCAN_BYTES = 4000, 64 << 20
@@ -401,6 +401,7 @@ def plan_run(
             "pp": cfg.parallel.pipeline_model_parallel_size,
             "dp": cfg.parallel.data_parallel_size,
             "world_size": cfg.world_size,
+            "pipeline_stages": list(planned_stages(cfg)),  # layers on each stage
             "micro_batches_per_step": cfg.train.global_batch_size
             // (cfg.train.micro_batch_size * cfg.parallel.data_parallel_size),
         },
@@ -430,11 +431,11 @@ def plan_run(
         out["data"], out["tokens_needed"], out["passes"], out["mask_fraction"] = None, None, None, None
         warnings.append("data: no data.sources configured; nothing to scan")
     out["sentinels"] = _sentinels(cfg, scan, errors)
-    out["memory_gb"] = memory_gib(cfg, att["backend"])
+    out["memory_gb"] = memory_gib(cfg, att["backend"], decisions.model.recompute)
     if target.cuda and out["memory_gb"]["total"] > GPU_MEMORY_GIB:
         warnings.append(
             f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
-            f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size or raise TP/PP"
+            f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size, raise TP/PP, or set model.recompute=full"
         )
     out["warnings"], out["errors"] = warnings, errors
     return out

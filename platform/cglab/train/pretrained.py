@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from cglab.config import CGLabConfig, ConfigError, ModelConfig
+from cglab.config import CGLabConfig, ConfigError, ModelConfig, ParallelConfig, pipeline_stages
 
 # The tokenizer that comes with the weights is a data concern (prepare_data loads it): defined in data.tokenizer.
 from cglab.data.tokenizer import (
@@ -39,7 +39,7 @@ from cglab.data.tokenizer import (
     tokenizer_file,
     weights_tokenizer,
 )
-from cglab.model.hf_convert import MP_NUM, hf_to_cglab, load_into, shard
+from cglab.model.hf_convert import MP_NUM, hf_to_cglab, load_into, shard, stage_offsets
 from cglab.train.checkpoint import IncompleteCheckpoint, verify
 
 FIELD = INIT_FROM
@@ -203,7 +203,7 @@ def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> None:
     errors = shape_errors(cfg.model, src)
     if errors:  # the driver's plan refuses these first; a direct caller gets the same words
         raise ConfigError("; ".join(errors))
-    load_into(model, _hf_local(src, cfg.model, model) if src.kind == "hf" else _cglab_local(src, model))
+    load_into(model, _hf_local(src, cfg.model, cfg.parallel, model) if src.kind == "hf" else _cglab_local(src, model))
 
 
 def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -217,16 +217,16 @@ def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]
     return {k: loaded[k] for k in sharded}  # the checkpoint's common state (the optimizer's) comes back too
 
 
-def _hf_local(src: Source, m: ModelConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _hf_local(src: Source, m: ModelConfig, p: ParallelConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's slice of a HF CodeGen: its pipeline stage's layers converted (hf_to_cglab on a stage-sized
     config, layers renumbered from 0 as Megatron numbers them per stage), then its TP slice (shard)."""
     # Megatron: only to load weights, not to inspect them (`cglab plan`)
     from megatron.core import parallel_state as ps
 
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    per_stage = m.num_layers // pp
-    stage = m.model_copy(update={"num_layers": per_stage})
-    full = hf_to_cglab(_StageView(HFTensors(src), pp_rank * per_stage), stage)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    stages = pipeline_stages(m.num_layers, p)  # even or uneven, as build_model split them
+    stage = m.model_copy(update={"num_layers": stages[pp_rank]})
+    full = hf_to_cglab(_StageView(HFTensors(src), stage_offsets(stages)[pp_rank]), stage)
     local = shard(full, stage, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
     want = model.state_dict().keys()  # the first stage has the embedding, the last the head; load_into checks
     return {k: v for k, v in local.items() if k in want}

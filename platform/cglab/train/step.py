@@ -63,7 +63,7 @@ def build_train_state(
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     model = DistributedDataParallel(tc, ddp_cfg, model)
     t = cfg.train
@@ -77,7 +77,7 @@ def build_train_state(
         clip_grad=t.grad_clip,
         bf16=bf16,
         params_dtype=tc.params_dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     compat.apply("foreach")  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
