@@ -178,6 +178,44 @@ def test_a_bf16_checkpoint_gives_its_optimizer_s_fp32_copy_not_its_bf16_weights(
     assert all(torch.equal(full[n], p.float()) for n, p in params.items())
 
 
+def _mains_are(state, want):
+    """Every bf16 param's fp32 main param (Megatron's handle `main_param`; with the distributed optimizer at DP=1
+    the whole param, flattened) equals want[name] bit for bit."""
+    from cglab.train.checkpoint import _unwrap
+
+    for name, p in _unwrap(state.model[0]).named_parameters():
+        assert p.dtype == torch.bfloat16, name
+        assert torch.equal(p.main_param.detach().cpu().reshape(-1), want[name].float().cpu().reshape(-1)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Megatron's bf16 optimizers refuse CPU tensors")
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_bf16_run_s_main_params_start_from_the_fp32_source(released, single_rank, tmp_path, distributed):
+    """The whole path on a GPU: build_train_state seeds the optimizer's fp32 copy from the HF file's values, and a
+    run from that run's checkpoint (after a step) from its optimizer's fp32 copy."""
+    from safetensors.torch import load_file
+
+    from cglab.train import checkpoint
+    from cglab.train.step import build_train_state, train_step
+
+    d, batches, _ = released
+    gpu = [
+        "parallel.use_gpu=true",
+        "train.precision=bf16",
+        f"parallel.distributed_optimizer={str(distributed).lower()}",
+    ]
+    cfg = _cfg(f"model.init_from={d}", *gpu)
+    state = build_train_state(cfg)
+    _mains_are(state, hf_convert.hf_to_cglab(load_file(d / "model.safetensors"), cfg.model))
+    train_step(state, cfg, torch.load(batches))
+    stepped = {n: p.main_param.detach().clone() for n, p in checkpoint._unwrap(state.model[0]).named_parameters()}
+    ckpt = checkpoint.save(
+        tmp_path / "ckpt", state, 1, checkpoint.DataPosition(), extra={"config": cfg.model_dump(mode="json")}
+    )
+    _mains_are(build_train_state(_cfg(f"model.init_from={ckpt}", *gpu)), stepped)
+
+
 def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_from(released, tmp_path):
     from cglab.plan import plan_run, text
 

@@ -19,8 +19,8 @@ library's own kernels alone.
 from __future__ import annotations
 
 from cglab.compat import adam, cpu, foreach, gradscale, wgrad
-from cglab.compat.mainparams import seed as seed_main_params
 from cglab.compat.flags import HAVE_APEX, HAVE_TE
+from cglab.compat.mainparams import seed as seed_main_params
 from cglab.compat.registry import ALLOW_ENV, PATCHES, TESTED, UntestedVersionError, check_versions, installed_versions
 
 # name -> the function that applies it; each returns True when the patch is in effect
