@@ -1,10 +1,10 @@
-"""Entry point for `ray job submit -- python jobs/ablate.py --lesson N [--preset cluster]`.
+"""Entry point for `ray job submit -- python jobs/ablate.py --lesson N [--preset P] [--config YAML]`; on a cluster
+`--preset cluster --config jobs/configs/cluster_data.yaml` (the data in object storage; that preset has no corpus).
 
 Connects to the cluster named by RAY_ADDRESS (set by `ray job submit`) and runs the same code as
 `cglab ablate`; MLflow comes from $MLFLOW_TRACKING_URI or --tracking-uri.
 """
 
-import argparse
 import os
 import sys
 
@@ -14,8 +14,4 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from cglab.ablate import main  # noqa: E402
 
 if __name__ == "__main__":
-    # Accept `--lesson N` as well as the positional form of `cglab ablate N`.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--lesson", default=None)
-    known, rest = pre.parse_known_args(sys.argv[1:])
-    sys.exit(main(([known.lesson] if known.lesson else []) + rest))
+    sys.exit(main())  # `--lesson N` as well as the positional form of `cglab ablate N` (cglab.ablate.parse)

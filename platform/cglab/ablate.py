@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from cglab.config import ConfigError
+from cglab.config import CGLabConfig, ConfigError
 from cglab.report import collect, text_table, verdict_lines, write_report
 from cglab.track.server import make_server
 from cglab.tune.lessons import get_lesson
@@ -41,24 +41,34 @@ def register(subparsers) -> None:
     p.set_defaults(func=ablate)
 
 
-def ablate(args: argparse.Namespace) -> int:
-    # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
-    # torch and pyarrow (the sweep): kept off `cglab --help`'s path
-    from cglab.tune.sweep import run_lesson
-
-    t0 = time.monotonic()
+def base_of(args: argparse.Namespace) -> CGLabConfig:
+    """The sweep's base config from the command line: the lesson and preset checked, the config and overrides
+    applied, the preset's own corpus when the config names no data; a ConfigError naming what to pass when there
+    is no data at all. Before Ray starts."""
     get_lesson(args.lesson)
     preset = get_preset(args.preset)
-    base = base_config(preset, args.config, args.overrides)  # config errors surface before Ray starts
+    base = base_config(preset, args.config, args.overrides)
     if not base.data.sources and preset.corpus:
         sources = preset_corpus_sources(preset)
         print(f"data: the {preset.corpus} corpus ({sources[0]['paths'][0]}, {sources[1]['paths'][0]})")
         base = base_config(preset, args.config, [f"data.sources={json.dumps(sources)}", *args.overrides])
     if not base.data.sources:
         raise ConfigError(
-            "data.sources: no sources configured; pass --config with data.sources (only the laptop and study "
-            "presets fall back to a corpus of their own)"
+            f"data.sources: no sources configured for --preset {preset.name}; pass --config with data.sources "
+            "(on a cluster: --config jobs/configs/cluster_data.yaml, its bucket filled in); only the laptop and "
+            "study presets fall back to a corpus of their own"
         )
+    return base
+
+
+def ablate(args: argparse.Namespace) -> int:
+    # the sweep (Ray, torch) and the report (mlflow, matplotlib): seconds to import, kept off `cglab --help`
+    # torch and pyarrow (the sweep): kept off `cglab --help`'s path
+    from cglab.tune.sweep import run_lesson
+
+    t0 = time.monotonic()
+    preset = get_preset(args.preset)
+    base = base_of(args)  # config errors surface before Ray starts
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     with contextlib.ExitStack() as stack:
         if not uri:
@@ -95,11 +105,19 @@ def ablate(args: argparse.Namespace) -> int:
     return 1 if res.errors else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """`jobs/ablate.py`'s command line: `cglab ablate`'s, with `--lesson N` accepted for the positional lesson."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--lesson", default=None)
+    known, rest = pre.parse_known_args(argv)
     p = argparse.ArgumentParser(prog="ablate", description=__doc__)
     add_arguments(p)
+    return p.parse_args(([known.lesson] if known.lesson else []) + rest)
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        return ablate(p.parse_args(argv))
+        return ablate(parse(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:
         print(f"ablate: {err}", file=sys.stderr)
         return 2

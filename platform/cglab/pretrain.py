@@ -3,8 +3,9 @@
 A top-level command (above eval and tune) because it wires the evaluation while training into the run:
 with eval.code_every set, pass@1 on a fixed HumanEval / HumanEval-Infill subset; with eval.every set, the
 held-out text metrics, for which the last file of each multi-file source is held out of training exactly as a
-lesson sweep does (`cglab.tune.heldout`, written under <storage>/<name>/heldout; the run is tagged eval.texts /
-eval.heldout). See `cglab.eval.periodic`.
+lesson sweep does (`cglab.tune.heldout`, written under the run's directory, <storage>/<name>/heldout, or its local
+stand-in when the storage is a URI (`cglab.storage.local_dir`); the run is tagged eval.texts / eval.heldout). See
+`cglab.eval.periodic`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a CodeGen model (Megatron-Core under Ray Train)")
     p.add_argument("config", help="YAML under jobs/configs/ (or any path)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
-    p.add_argument("--storage", default=None, help="Ray Train storage path (default .cglab/runs)")
+    p.add_argument(
+        "--storage", default=None, help="Ray Train storage: a local directory (default .cglab/runs) or a URI (s3://...)"
+    )
     p.add_argument("--name", default=None, help="run name; the same name resumes from its last checkpoint")
     p.set_defaults(func=run)
 
@@ -70,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
     select) with the tags `preempted=true` and `preempted_at_step`, and the same command resumes it."""
     # Ray and Megatron: kept off `cglab --help`
     from cglab.train.preemption import EXIT_PREEMPTED
-    from cglab.train.trainer import fit
+    from cglab.train.trainer import fit, run_paths
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.track.run_name or os.path.splitext(os.path.basename(args.config))[0]
-    cfg, callbacks, tags = periodic_eval(cfg, Path(args.storage or ".cglab/runs") / name)
+    cfg, callbacks, tags = periodic_eval(cfg, run_paths(args.storage, name)[1])
     ctx = mlflow_run(cfg, name)
     if ctx is not None and tags:  # which texts the eval.every curves are scored on
         client = SweepTracker(ctx.tracking_uri, cfg.track.experiment, sweep=name).client

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cglab import submit as S
+from cglab.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
@@ -21,7 +22,7 @@ LAUNCHER_CONFIGS = sorted(CLUSTERS.glob("*.yaml"))  # Ray cluster-launcher confi
 RAYCLUSTER = CLUSTERS / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTERS / "kuberay" / "rayjob-ablate.yaml"
 MLFLOW = CLUSTERS / "kuberay" / "mlflow.yaml"
-ABLATION = "python jobs/ablate.py --lesson 3 --preset cluster"
+ABLATION = "python jobs/ablate.py --lesson 3 --preset cluster --config jobs/configs/cluster_data.yaml"
 NCCL_EFA = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}
 
 
@@ -168,6 +169,25 @@ def test_rayjob_runs_the_ablation_on_the_cluster():
     RuntimeEnv(**{**renv, "working_dir": str(REPO)})  # Ray's own validation of every other field
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert env_of(submitter)["RAY_AUTH_MODE"] == "token"
+
+
+def test_the_rayjob_s_ablation_has_data_every_node_can_read(monkeypatch):
+    """The RayJob's entrypoint, read by jobs/ablate.py's own parser and config code in the job's working directory,
+    passes the check that stopped it at once ("data.sources: no sources configured"): its config names the data,
+    in object storage, since the head and the GPU nodes do not share a file system."""
+    import shlex
+
+    from cglab import ablate, storage
+
+    argv = shlex.split(ABLATION)
+    assert argv[:2] == ["python", "jobs/ablate.py"] and (REPO / argv[1]).is_file()
+    monkeypatch.chdir(REPO)  # the job's working_dir is the checkout
+    base = ablate.base_of(ablate.parse(argv[2:]))
+    assert base.parallel.use_gpu and base.model.vocab_size == base.data.tokenizer.vocab_size == 51200
+    paths = [p for s in base.data.sources for p in s.paths]
+    assert {s.kind for s in base.data.sources} == {"pile", "stack"} and all(storage.is_uri(p) for p in paths)
+    with pytest.raises(ConfigError, match=r"no sources configured for --preset cluster; .*cluster_data\.yaml"):
+        ablate.base_of(ablate.parse(["--lesson", "3", "--preset", "cluster"]))
 
 
 def test_mlflow_manifest_is_authenticated_and_internal():

@@ -67,6 +67,7 @@ def test_cli_run_all_suites(tiny_hf_dir, tmp_path, capsys):
             "humaneval,infill,nl",
             "--limit",
             "2",
+            "--mtpb-subset",  # the tests' 3-problem file, not the published 115
             "--max-new-tokens",
             "6",
             "--infill-modes",
@@ -116,6 +117,7 @@ def test_cli_run_mbpp_and_mtpb(tiny_hf_dir, tmp_path, capsys):
             str(data),
             "--limit",
             "2",
+            "--mtpb-subset",  # the tests' 3-problem file, not the published 115
             "--max-new-tokens",
             "8",
             "--out",

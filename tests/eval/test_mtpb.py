@@ -2,7 +2,8 @@
 
 tests/eval/data/mtpb.jsonl is a small file written for these tests in the published format: problem 1 (string,
 placeholder in the first turn), 2 (a list of tuples expected as a list of lists), 3 (a float, no print turn, an
-escaped `{{float}}` in a prompt, no max_gen_length)."""
+escaped `{{float}}` in a prompt, no max_gen_length); being 3 of the published 115 problems, it is loaded as a
+deliberate subset."""
 
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ class _ScriptedModel:
 
 
 def test_load_problems():
-    problems = mtpb.load_problems(DATA)
+    problems = mtpb.load_problems(DATA, subset=True)
     assert [p["id"] for p in problems] == ["1", "2", "3"]
-    assert [p["max_gen_length"] for p in problems] == [64, 64, 128]  # 128 when the record has none
+    # 256 when the record has none: the released sampler's default (mtpb_sample.py, max_gen_length=256)
+    assert [p["max_gen_length"] for p in problems] == [64, 64, 256]
     assert mtpb.turns(problems[1], 0)[0] == 'Assign the list [1, 2] to a variable named "nums".'  # a list: repr
     assert mtpb.turns(problems[2], 1)[1] == 'Compute the mean of "xs" as "m" (a {float}).'  # {{ }}: literal
 
@@ -84,7 +86,7 @@ def test_malformed_record_names_file_and_line(tmp_path, record, message):
 
 
 def test_multi_turn_prompts_carry_earlier_turns_and_own_code():
-    problems = mtpb.load_problems(DATA)
+    problems = mtpb.load_problems(DATA, subset=True)
     model = _ScriptedModel()
     samples = mtpb.generate_samples(model, problems[:1])
     assert [(s["id"], s["case"]) for s in samples] == [("1", 0), ("1", 1)]
@@ -101,6 +103,25 @@ def test_multi_turn_prompts_carry_earlier_turns_and_own_code():
     assert model.budgets == [64] * 6  # the problem's max_gen_length, per turn
     mtpb.generate_samples(model, problems[:1], max_new_tokens=7)
     assert model.budgets[-1] == 7
+    mtpb.generate_samples(model, problems[2:])  # no max_gen_length: the released sampler's 256 a turn
+    assert model.budgets[-4:] == [256] * 4
+
+
+def _renumbered(count: int) -> str:
+    """An MTPB file of `count` problems: the test file's records, cycled, with fresh ids."""
+    records = [json.loads(line) for line in DATA.read_text().splitlines()]
+    return "".join(json.dumps({**records[i % len(records)], "id": str(i + 1)}) + "\n" for i in range(count))
+
+
+def test_problem_count_is_the_published_115(tmp_path):
+    full = tmp_path / "mtpb.jsonl"
+    full.write_text(_renumbered(mtpb.N_PROBLEMS))
+    assert len(mtpb.load_problems(full)) == 115
+    for count in (114, 116):
+        full.write_text(_renumbered(count))
+        with pytest.raises(ValueError, match=rf"{full}: {count} MTPB problems.*has 115.*--mtpb-subset"):
+            mtpb.load_problems(full)
+        assert len(mtpb.load_problems(full, subset=True)) == count  # a deliberate subset: said so
 
 
 @pytest.mark.parametrize(
@@ -173,7 +194,7 @@ def test_equivalent(actual, expected, same):
 
 @pytest.mark.slow
 def test_reference_dialogues_pass_in_the_sandbox():
-    problems = mtpb.load_problems(DATA)
+    problems = mtpb.load_problems(DATA, subset=True)
     samples = mtpb.generate_samples(_ScriptedModel(), problems, n=2)
     res = mtpb.evaluate(samples, problems)
     assert res["pass_rate"] == 1.0 and res["pass@1"] == 1.0, res["problems"]
@@ -184,7 +205,7 @@ def test_reference_dialogues_pass_in_the_sandbox():
 
 @pytest.mark.slow
 def test_wrong_looping_and_silent_programs_do_not_pass():
-    problems = mtpb.load_problems(DATA)
+    problems = mtpb.load_problems(DATA, subset=True)
     samples = [
         {"id": "1", "case": 0, "program": 's = "abc"\nprint(s.upper())'},
         {"id": "1", "case": 0, "program": 's = "abc"\nprint(s)'},  # wrong output
@@ -209,19 +230,36 @@ def test_wrong_looping_and_silent_programs_do_not_pass():
 
 
 @pytest.mark.slow
+def test_a_bare_print_last_fails_as_in_the_released_scorer():
+    # mtpb_exec.py records every print call and reads print_stack[-1]["args"][0]: a last bare print() raises
+    # IndexError there, a failure; an earlier one is just another call.
+    problems = mtpb.load_problems(DATA, subset=True)
+    samples = [
+        {"id": "1", "case": 0, "program": 'print("ABC")\nprint()'},
+        {"id": "1", "case": 0, "program": 'print()\nprint("ABC")'},
+    ]
+    res = mtpb.evaluate(samples, problems, limits=Limits(timeout_s=5))
+    results = res["problems"]["1"]["cases"][0]["results"]
+    assert [r["status"] for r in results] == ["failed", "passed"]
+    assert "the last print call has no argument (a bare print())" in results[0]["error"]
+
+
+@pytest.mark.slow
 def test_cli_scores_a_samples_file(tmp_path, capsys):
     from cglab.cli import main
 
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"id": "3", "case": 0, "program": "xs = [1, 2, 3]\nsum(xs) / len(xs)"}) + "\n")
-    assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(DATA.parent)]) == 0
+    assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(DATA.parent)]) == 2
+    assert f"{DATA}: 3 MTPB problems" in capsys.readouterr().err  # not the published file, and not said to be
+    assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(DATA.parent), "--mtpb-subset"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["pass_rate"] == 1.0 and res["statuses"]["passed"] == 1
     assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(tmp_path)]) == 2
     assert f"expected {tmp_path / 'mtpb.jsonl'}" in capsys.readouterr().err
     shutil.copy(DATA, tmp_path / "mtpb.jsonl")
     samples.write_text('{"id": "3", "program": "x"}\n')
-    assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(tmp_path)]) == 2
+    assert main(["eval", "mtpb", "--samples", str(samples), "--data-dir", str(tmp_path), "--mtpb-subset"]) == 2
     assert "samples.jsonl:1" in capsys.readouterr().err
 
 

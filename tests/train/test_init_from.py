@@ -109,6 +109,113 @@ def test_the_loss_comparison_sees_missing_weights_and_a_skipped_rotary_permutati
     assert abs(_first_loss(d, batches) - ref) > 10 * TOL
 
 
+def _bf16_from(init_from):
+    """A bf16 model chunk started from init_from, as build_train_state makes it up to the optimizer (Megatron's bf16
+    optimizers need CUDA), and the full-precision values load_weights returns for the optimizer's main params."""
+    from megatron.core.transformer.module import Float16Module
+
+    from cglab.model.codegen import build_model
+
+    cfg = _cfg(f"model.init_from={init_from}")
+    model = build_model(cfg.model, cfg.parallel, bf16=True)
+    full = pretrained.load_weights(model, cfg)
+    Float16Module(model.config, model)  # the layer norms, built in fp32, become bf16 too
+    return model, full
+
+
+def _holds_the_rounding_of(model, full, want):
+    """full == want bit for bit (fp32), the bf16 params their rounding, and the rounding loses something here."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        assert full[name].dtype == torch.float32 and torch.equal(full[name], want[name].float()), name
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want[name].to(torch.bfloat16)), name
+    assert any(not torch.equal(p.float(), full[n]) for n, p in params.items())
+
+
+def test_a_bf16_model_gets_the_hf_weights_fp32_values_for_its_main_params(released, single_rank):
+    from safetensors.torch import load_file
+
+    d, _, _ = released
+    hf = load_file(d / "model.safetensors")
+    model, full = _bf16_from(d)
+    _holds_the_rounding_of(model, full, hf_convert.hf_to_cglab(hf, _cfg().model))
+    assert torch.equal(full["embedding.word_embeddings.weight"], hf["transformer.wte.weight"])  # as in the file
+
+
+def test_a_bf16_checkpoint_gives_its_optimizer_s_fp32_copy_not_its_bf16_weights(released, single_rank, tmp_path):
+    """A checkpoint as a bf16 run writes it: its bf16 weights, and the optimizer's fp32 main params under the keys
+    Megatron's Float16 optimizer gives them (with its own make_sharded_optimizer_tensor and prefix, which
+    tests/compat/test_registry.py finds in Megatron's source). The main params are the HF values plus a change
+    that bf16 cannot hold, as after some steps; the bf16 weights are their rounding."""
+    from types import SimpleNamespace
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    from cglab.train import checkpoint
+
+    d, _, _ = released
+    model, hf_full = _bf16_from(d)
+    params = dict(model.named_parameters())
+    main = {n: hf_full[n] + 1e-3 * torch.randn_like(hf_full[n]) for n in params}
+    for n, p in params.items():
+        p.data.copy_(main[n])  # what Megatron's main -> model copy leaves in the bf16 params
+    msd = model.sharded_state_dict()
+    masters = [make_sharded_optimizer_tensor(msd[n], main[n], pretrained.MASTER_KEY) for n in params]
+    ckpt = tmp_path / "bf16"
+    ckpt.mkdir()
+    dist_checkpointing.save({"model": msd, "optimizer": {"fp32_from_fp16_params": [masters]}}, str(ckpt))
+    (ckpt / checkpoint.STATE).write_text(json.dumps({"step": 3, "config": _cfg().model_dump(mode="json")}))
+    listed = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps({"world_size": 1, "files": listed}))
+    (ckpt / checkpoint.MARKER).write_text("3")
+    started, full = _bf16_from(ckpt)
+    _holds_the_rounding_of(started, full, main)
+    # the same run's weights-only snapshot (checkpoint.save_model) has no fp32 copy: its bf16 weights, exactly
+    snapshot = tmp_path / "snapshot"
+    checkpoint.save_model(snapshot, SimpleNamespace(model=[model]), 3, extra={"config": _cfg().model_dump(mode="json")})
+    _, full = _bf16_from(snapshot)
+    assert all(torch.equal(full[n], p.float()) for n, p in params.items())
+
+
+def _mains_are(state, want):
+    """Every bf16 param's fp32 main param (Megatron's handle `main_param`; with the distributed optimizer at DP=1
+    the whole param, flattened) equals want[name] bit for bit."""
+    from cglab.train.checkpoint import _unwrap
+
+    for name, p in _unwrap(state.model[0]).named_parameters():
+        assert p.dtype == torch.bfloat16, name
+        assert torch.equal(p.main_param.detach().cpu().reshape(-1), want[name].float().cpu().reshape(-1)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Megatron's bf16 optimizers refuse CPU tensors")
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_bf16_run_s_main_params_start_from_the_fp32_source(released, single_rank, tmp_path, distributed):
+    """The whole path on a GPU: build_train_state seeds the optimizer's fp32 copy from the HF file's values, and a
+    run from that run's checkpoint (after a step) from its optimizer's fp32 copy."""
+    from safetensors.torch import load_file
+
+    from cglab.train import checkpoint
+    from cglab.train.step import build_train_state, train_step
+
+    d, batches, _ = released
+    gpu = [
+        "parallel.use_gpu=true",
+        "train.precision=bf16",
+        f"parallel.distributed_optimizer={str(distributed).lower()}",
+    ]
+    cfg = _cfg(f"model.init_from={d}", *gpu)
+    state = build_train_state(cfg)
+    _mains_are(state, hf_convert.hf_to_cglab(load_file(d / "model.safetensors"), cfg.model))
+    train_step(state, cfg, torch.load(batches))
+    stepped = {n: p.main_param.detach().clone() for n, p in checkpoint._unwrap(state.model[0]).named_parameters()}
+    ckpt = checkpoint.save(
+        tmp_path / "ckpt", state, 1, checkpoint.DataPosition(), extra={"config": cfg.model_dump(mode="json")}
+    )
+    _mains_are(build_train_state(_cfg(f"model.init_from={ckpt}", *gpu)), stepped)
+
+
 def test_the_tokenizer_comes_with_the_weights_and_the_plan_says_where_they_came_from(released, tmp_path):
     from cglab.plan import plan_run, text
 

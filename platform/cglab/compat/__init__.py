@@ -3,6 +3,7 @@
     from cglab import compat
     compat.apply("cpu")                         # process-wide patches by name (registry.PATCHES), idempotent
     fold = compat.apply_to_optimizer(chunks, optimizer, fused_adam=True, fold=True)   # per-optimizer ones
+    compat.seed_main_params(optimizer, {param: fp32_value})  # the fp32 main copy from full-precision values
 
 Each patch module says what it replaces and why; `registry.PATCHES` lists every target with the versions it was
 written for (`registry.TESTED`, the pyproject pins), the condition it is active under, the reason and how to undo
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from cglab.compat import adam, cpu, foreach, gradscale, wgrad
 from cglab.compat.flags import HAVE_APEX, HAVE_TE
+from cglab.compat.mainparams import seed as seed_main_params
 from cglab.compat.registry import ALLOW_ENV, PATCHES, TESTED, UntestedVersionError, check_versions, installed_versions
 
 # name -> the function that applies it; each returns True when the patch is in effect
@@ -58,4 +60,5 @@ __all__ = [
     "apply_to_optimizer",
     "check_versions",
     "installed_versions",
+    "seed_main_params",
 ]

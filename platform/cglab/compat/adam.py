@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from cglab.compat.chain import sub_optimizers
+
 
 def megatron_adam_impl() -> str:
     """The Adam Megatron-Core 0.16.1 will build in this process: "te", "apex" or "torch" (AdamW)."""
@@ -25,7 +27,7 @@ def built_adam(optimizer) -> str:
     """The implementation of the Adam Megatron actually built (what the fold decision must rest on)."""
     impls = {
         _adam_impl(type(opt.optimizer))
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        for opt in sub_optimizers(optimizer)
         if getattr(opt, "optimizer", None) is not None
     }
     return "torch" if impls <= {"torch"} else sorted(impls - {"torch"})[0]
@@ -39,7 +41,7 @@ def _adam_impl(cls) -> str:
 def use_fused_adam(optimizer) -> None:
     """Without Apex/TE, Megatron falls back to torch AdamW in its foreach mode; the fused CUDA kernel is one launch.
     Undo: set each param group's "fused" back to False and "foreach" to True."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.AdamW | torch.optim.Adam):
             for group in inner.param_groups:

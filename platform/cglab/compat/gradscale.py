@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from cglab.compat.chain import sub_optimizers
+
 
 class GradFold:
     """The gradient factor Megatron asked for since the last optimizer step (None: none)."""
@@ -28,14 +30,10 @@ class GradFold:
         return 1.0 if factor is None else factor
 
 
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def install(model_chunks, optimizer) -> GradFold:
     """Defer the chunks' gradient scaling to `step`. Every inner optimizer must be torch Adam/AdamW with
     fused=True (the only kernel that takes a grad scale)."""
-    for opt in _sub_optimizers(optimizer):
+    for opt in sub_optimizers(optimizer):
         inner = opt.optimizer
         if not (
             isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
@@ -64,7 +62,7 @@ def step(optimizer, fold: GradFold):
         # Megatron's clip_grad_by_total_norm_fp32: scale by max_norm / (norm + 1e-6) when that is below 1.
         coef = coef * torch.clamp(torch.as_tensor(clip / (grad_norm + 1.0e-6)), max=1.0)
     scale = (1.0 / torch.as_tensor(coef, dtype=torch.float32)).reshape(())  # the kernel divides by it
-    inners = [opt.optimizer for opt in _sub_optimizers(optimizer) if opt.get_parameters()]
+    inners = [opt.optimizer for opt in sub_optimizers(optimizer) if opt.get_parameters()]
     for inner in inners:
         inner.grad_scale = scale.to(inner.param_groups[0]["params"][0].device)  # no copy when already there
     try:

@@ -36,6 +36,7 @@ class Patch:
 
 _CLIP = "megatron.core.optimizer.clip_grads"
 _OPT = "megatron.core.optimizer.optimizer"
+_DOPT = "megatron.core.optimizer.distrib_optimizer"
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -133,6 +134,33 @@ PATCHES: tuple[Patch, ...] = (
         'set each param group\'s "fused" to False and "foreach" to True',
     ),
     # Read, not patched: private names other modules of cglab rely on.
+    Patch(
+        "",
+        "cglab.compat.mainparams",
+        (
+            f"{_OPT}:#self.float16_groups = []",
+            f"{_OPT}:#self.fp32_from_float16_groups = []",
+            f"{_DOPT}:#self.model_float16_groups,",
+            f"{_DOPT}:#self.shard_fp32_from_float16_groups,",
+            f"{_DOPT}:DistributedOptimizer._get_model_param_range_map",
+        ),
+        "model.init_from in a bf16 run (cglab.train.step.build_train_state)",
+        "Megatron builds the fp32 main params from the bf16 ones; the weights' fp32 values are written over them",
+        "drop the seed_main_params call (the main params then start as the bf16 rounding of the weights)",
+    ),
+    Patch(
+        "",
+        "cglab.train.pretrained",
+        (
+            f"{_OPT}:#prefix=f'optimizer.state.fp32_param'",
+            f'{_DOPT}:#tensors["fp32_param"] = tensors.pop("param")',
+            f"{_DOPT}:#prefix = 'optimizer.state'",
+        ),
+        "model.init_from names a checkpoint of a bf16 run",
+        "the fp32 main params are read from the checkpoint's optimizer state, under the key both Megatron "
+        "optimizers (Float16, Distributed in its default fully_sharded_model_space format) write them",
+        "read the checkpoint's model weights only (bf16 there)",
+    ),
     Patch(
         "",
         "cglab.track.mlflow_logger",

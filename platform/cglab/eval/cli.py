@@ -14,6 +14,7 @@ from cglab.eval.sandbox import Limits, isolation_mode
 
 SUITES = ("humaneval", "infill", "nl", "mbpp", "mtpb")
 DATA_SUITES = ("mbpp", "mtpb")  # read from --data-dir: DIR/mbpp.jsonl, DIR/mtpb.jsonl (the published names)
+SUBSET_HELP = "the MTPB file is a deliberate subset: do not require the published 115 problems"
 
 
 def register(subparsers) -> None:
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
         help="directory with mbpp.jsonl / mtpb.jsonl, the published files (needed for "
         "--suite mbpp / mtpb; neither can be downloaded by cglab)",
     )
+    r.add_argument("--mtpb-subset", action="store_true", help=SUBSET_HELP)
     r.add_argument("--nl-file", help="held-out NL documents (.jsonl with text, or .txt)")
     r.add_argument("--code-file", help="held-out code documents (.jsonl with text/content, or .txt)")
     r.add_argument("--batch-size", type=int, default=16)
@@ -64,6 +66,8 @@ def register(subparsers) -> None:
         b.add_argument("--out", help="also write the result JSON here")
         b.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
         b.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+        if name == "mtpb":
+            b.add_argument("--mtpb-subset", action="store_true", help=SUBSET_HELP)
         b.set_defaults(func=_score_samples, suite=name)
 
     s = sub.add_parser("sandbox-info", help="print which isolation the sandbox gets on this machine")
@@ -111,7 +115,8 @@ def _score_samples(args) -> int:
         if args.suite == "mbpp":
             result = mbpp.evaluate(mbpp.read_samples(args.samples), mbpp.load_tasks(path), **kw)
         else:
-            result = mtpb.evaluate(mtpb.read_samples(args.samples), mtpb.load_problems(path), **kw)
+            problems = mtpb.load_problems(path, subset=args.mtpb_subset)
+            result = mtpb.evaluate(mtpb.read_samples(args.samples), problems, **kw)
     except (OSError, ValueError) as err:
         print(f"cglab eval {args.suite}: {err}", file=sys.stderr)
         return 2
@@ -141,7 +146,7 @@ def _run(args) -> int:
         if "mbpp" in data:
             mbpp.fewshot(mbpp.load_tasks(data["mbpp"]), data["mbpp"])
         if "mtpb" in data:
-            mtpb.load_problems(data["mtpb"])
+            mtpb.load_problems(data["mtpb"], subset=args.mtpb_subset)
     except (OSError, ValueError) as err:
         print(f"cglab eval run: {err}", file=sys.stderr)
         return 2
@@ -171,6 +176,7 @@ def _run(args) -> int:
             module = {"mbpp": mbpp, "mtpb": mtpb}[suite]
             # MBPP's solutions are whole functions (512 tokens); MTPB's budget is per turn, per problem.
             budget = args.max_new_tokens or (512 if suite == "mbpp" else None)
+            extra = {"subset": args.mtpb_subset} if suite == "mtpb" else {}
             by_temp = {
                 str(t): module.run(
                     gen,
@@ -181,6 +187,7 @@ def _run(args) -> int:
                     top_p=args.top_p,
                     max_new_tokens=budget,
                     limits=limits,
+                    **extra,
                 )
                 for t in temps
             }

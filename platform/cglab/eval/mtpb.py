@@ -4,7 +4,10 @@ sequence of natural-language turns; the model writes the program turn by turn wi
 Data: the published `mtpb.jsonl` (salesforce/CodeGen, `benchmark/mtpb.jsonl`), one problem per line: `id`, `name`,
 `description`, `prompts` (turn texts with `{A}`-style placeholders, filled by `str.format`, so `{{`/`}}` are
 literal braces), `inputs` (one dict of placeholder values per test case), `outputs` (the expected final result per
-test case), and optionally `category` and `max_gen_length` (tokens per turn). It cannot be downloaded here.
+test case), and optionally `category` and `max_gen_length` (tokens per turn; 256 when absent, the released
+sampler's default: problems 39-45 of the published file have none). The published file holds 115 problems; a file
+with another count is refused (a partial download would otherwise score as the benchmark) unless the caller says
+it is a deliberate subset (`subset=True`, `--mtpb-subset`). It cannot be downloaded here.
 
 Protocol, as the paper's released sampler (`mtpb_sample.py`) runs it. For each test case the prompts are filled
 with its inputs; the history starts as `PREFIX` and for each turn becomes
@@ -21,6 +24,8 @@ Scoring, with the paper's adjustments (its `mtpb_exec.py`): the program runs in 
 recorded; when its last statement is not a print, one is injected after AST analysis (`inject_print`); the
 first argument of the last print call is compared with the expected output by `equivalent` (list and tuple alike,
 numbers within 1e-6, numpy/pandas values as lists and scalars). A test case passes when that comparison holds. A
+bare `print()` is a print call like any other: when it is the last one, there is no first argument and the case
+fails, as in the released scorer (its `print_stack[-1]["args"][0]` raises IndexError, scored as a failure). A
 problem's pass rate is the fraction of its (test case, sample) programs that pass; pass@k is the unbiased estimator
 per test case with n samples, averaged per problem, then over problems. Every result carries the isolation mode
 and the status counts, like `humaneval.evaluate`.
@@ -45,14 +50,16 @@ from cglab.eval.sandbox import Limits, end_marker, isolation_mode, program_end, 
 FILE_NAME = "mtpb.jsonl"  # the published name; `cglab eval run --data-dir DIR` reads DIR/mtpb.jsonl
 N_PROBLEMS = 115
 PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # the released sampler's start of every program
-DEFAULT_GEN_LENGTH = 128  # the value most problems carry in `max_gen_length`
+DEFAULT_GEN_LENGTH = 256  # the released sampler's `max_gen_length` default, for records without one
 STOPS = ("\n\n\n", EOS)
 TOLERANCE = 1e-6
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def load_problems(path: str | Path) -> list[dict]:
-    """The problems, in file order. A malformed record is an error naming the file and line (and the problem)."""
+def load_problems(path: str | Path, *, subset: bool = False) -> list[dict]:
+    """The problems, in file order. A malformed record is an error naming the file and line (and the problem); a
+    file without the published N_PROBLEMS problems is an error naming the file, unless `subset` (a deliberate
+    part of the benchmark, such as the tests' small file)."""
     path = Path(path)
     problems: list[dict] = []
     seen: set[str] = set()
@@ -88,6 +95,12 @@ def load_problems(path: str | Path) -> list[dict]:
             raise ValueError(f"{where}: duplicate id {pid}")
         seen.add(pid)
         problems.append({**p, "id": pid, "max_gen_length": gen_len, "outputs": p["outputs"][: len(p["inputs"])]})
+    if not subset and len(problems) != N_PROBLEMS:
+        raise ValueError(
+            f"{path}: {len(problems)} MTPB problems, the published file (salesforce/CodeGen benchmark/{FILE_NAME}) "
+            f"has {N_PROBLEMS}: a partial or different file; to score a deliberate subset pass --mtpb-subset "
+            "(load_problems(..., subset=True))"
+        )
     return problems
 
 
@@ -263,8 +276,9 @@ def equivalent(actual, expected, tol=1e-6):
     return actual == expected
 
 
-# Runs in the sandbox around the candidate program: `print` is recorded (in the program's own globals, as the
-# released scorer did) and the last print's first argument is compared with the expected output.
+# Runs in the sandbox around the candidate program: every `print` call's arguments are recorded (in the program's
+# own globals, as the released scorer did) and the last call's first argument is compared with the expected
+# output; a last call without arguments (a bare `print()`) fails, as `print_stack[-1]["args"][0]` does there.
 _HARNESS = """import json, sys
 
 {equivalent}
@@ -274,8 +288,7 @@ _real_print = print
 
 
 def _recording_print(*args, **kwargs):
-    if args:
-        _printed.append(args[0])
+    _printed.append(args)
     return _real_print(*args, **kwargs)
 
 
@@ -287,9 +300,11 @@ except SystemExit as exit_:
         raise
 if not _printed:
     sys.exit("mtpb: the program printed nothing")
+if not _printed[-1]:
+    sys.exit("mtpb: the last print call has no argument (a bare print())")
 _expected = json.loads({expected!r})
-if not equivalent(_printed[-1], _expected):
-    sys.exit("mtpb: last printed value " + repr(_printed[-1])[:200] + " != expected " + repr(_expected)[:200])
+if not equivalent(_printed[-1][0], _expected):
+    sys.exit("mtpb: last printed value " + repr(_printed[-1][0])[:200] + " != expected " + repr(_expected)[:200])
 """
 
 
@@ -370,9 +385,11 @@ def run(
     max_new_tokens: int | None = None,
     limits: Limits | None = None,
     workers: int | None = None,
+    subset: bool = False,
 ) -> dict:
-    """Generate with the multi-turn protocol and score the first `limit` problems of the MTPB file at `path`."""
-    problems = load_problems(path)[:limit]
+    """Generate with the multi-turn protocol and score the first `limit` problems of the MTPB file at `path`
+    (`subset`: the file is a deliberate part of the benchmark, see `load_problems`)."""
+    problems = load_problems(path, subset=subset)[:limit]
     if not problems:
         raise ValueError(f"{path}: no MTPB problems")
     samples = generate_samples(

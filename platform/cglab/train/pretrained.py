@@ -12,8 +12,13 @@ trainer_state.json and the tokenizer file.
 A HF directory is converted with cglab.model.hf_convert (qkv block layout, rotary permutation) one pipeline stage at
 a time: tensors are read lazily (safetensors, or a memory-mapped pytorch_model.bin), so a worker holds its stage of
 the released weights, not the whole model. A cglab checkpoint is read with Megatron's dist_checkpointing into this
-run's own sharded state dict, which reshards any TP x PP layout the checkpoint was written with; only the model is
+run's own sharded state dict, which reshards any TP x PP layout the checkpoint was written with; only the weights are
 read, so the optimizer, the LR schedule and the data position start fresh.
+
+Full precision: `load_weights` also returns the weights as the source holds them, in fp32, for the optimizer's main
+params (`cglab.compat.seed_main_params`): a bf16 run's parameters are their rounding, and Megatron would otherwise
+build its fp32 copy from that rounding. A HF directory's values are its tensors'; a bf16 run's checkpoint holds
+the optimizer's fp32 copy (`MASTER_KEY`), which is read instead of its bf16 weights (their rounding).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from cglab.model.hf_convert import MP_NUM, hf_to_cglab, load_into, shard, stage_
 from cglab.train.checkpoint import IncompleteCheckpoint, verify
 
 FIELD = INIT_FROM
+# Where both of Megatron's mixed-precision optimizers save the fp32 main params, keyed by the model's sharded keys.
+MASTER_KEY = "optimizer.state.fp32_param"
 # In the order transformers prefers them; the index files name the shards of a split checkpoint.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The ModelConfig fields the weights fix, with HF CodeGen's config.json name for each.
@@ -193,26 +200,37 @@ def plan_entry(cfg: CGLabConfig, errors: list[str], warnings: list[str]) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- the workers
-def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> None:
+def load_weights(model: torch.nn.Module, cfg: CGLabConfig) -> dict[str, torch.Tensor]:
     """Load model.init_from's weights into this rank's model chunk (built, not yet wrapped in DDP or given to the
-    optimizer, so fp32 and bf16 main parameters start from them). Nothing when init_from is unset."""
+    optimizer); returns them by state-dict name in fp32 as the source holds them, which a bf16 model only rounds,
+    for the optimizer's main params. {} when init_from is unset."""
     if not cfg.model.init_from:
-        return
+        return {}
 
     src = inspect(cfg.model.init_from)
     errors = shape_errors(cfg.model, src)
     if errors:  # the driver's plan refuses these first; a direct caller gets the same words
         raise ConfigError("; ".join(errors))
-    load_into(model, _hf_local(src, cfg.model, cfg.parallel, model) if src.kind == "hf" else _cglab_local(src, model))
+    local = _hf_local(src, cfg.model, cfg.parallel, model) if src.kind == "hf" else _cglab_local(src, model)
+    load_into(model, local)  # copied into the model's dtype: bf16 rounds, the returned values do not
+    return {k: v.float() for k, v in local.items()}
 
 
 def _cglab_local(src: Source, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's tensors from a cglab checkpoint of any layout: Megatron reshards into our sharded state dict
-    (collective: every rank of the run calls it). `_extra_state` objects are left as built."""
+    (collective: every rank of the run calls it). `_extra_state` objects are left as built. From a checkpoint
+    with the optimizer's fp32 main params (a bf16 run's `checkpoint.save`), those; else its weights."""
     # Megatron: only to load weights, not to inspect them (`cglab plan`)
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    saved = dist_checkpointing.load_tensors_metadata(str(src.path))
+    if all(f"{MASTER_KEY}.{v.key}" in saved for v in sharded.values()):
+        sharded = {
+            k: make_sharded_optimizer_tensor(v, torch.empty_like(v.data, dtype=torch.float32), MASTER_KEY)
+            for k, v in sharded.items()
+        }
     loaded = dist_checkpointing.load(sharded, str(src.path))
     return {k: loaded[k] for k in sharded}  # the checkpoint's common state (the optimizer's) comes back too
 

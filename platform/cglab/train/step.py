@@ -54,7 +54,12 @@ def build_train_state(
     log.info("run decisions: %s", d.plan_sections(cfg))
     bf16 = cfg.train.precision == "bf16"
     model = build_model(cfg.model, cfg.parallel, bf16=bf16, seed=cfg.train.seed, decisions=d.model)
-    pretrained.load_weights(model, cfg)  # model.init_from; before the optimizer copies the params into main params
+    # model.init_from, before DDP and the optimizer see the params; in fp32 as the source holds them, which a bf16
+    # run keeps for the optimizer's main params (an fp32 run's params are their own: nothing to keep)
+    full = pretrained.load_weights(model, cfg)
+    if not bf16:
+        full = {}
+    named = dict(model.named_parameters())  # the names load_weights returns, before the wrappers prefix them
     tc = model.config
     tc.calculate_per_token_loss = True
     tc.finalize_model_grads_func = finalize_model_grads
@@ -81,6 +86,9 @@ def build_train_state(
     )
     compat.apply("foreach")  # without Apex/TE, Megatron's per-tensor loops sync the device once per parameter
     optimizer = get_megatron_optimizer(opt_cfg, [model])
+    if full:  # Megatron built the fp32 main params from the bf16 params: start them from the weights' own values
+        compat.seed_main_params(optimizer, {param: full[name] for name, param in named.items()})
+        del full
     plan = d.adam
     built = built_adam(optimizer)
     if built != plan.impl:  # the fold decision rests on the Adam Megatron builds; it must be the one decided on

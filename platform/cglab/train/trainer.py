@@ -11,8 +11,11 @@ import math
 import os
 from pathlib import Path
 
+from cglab import storage
 from cglab.config import CGLabConfig, dump_config
 from cglab.raylocal import quiesce_at_exit, start_local
+
+RUNS = ".cglab/runs"  # the default storage of `cglab train` and jobs/pretrain.py
 
 
 def ensure_ray(cfg: CGLabConfig | None = None) -> None:
@@ -35,6 +38,25 @@ def ensure_ray(cfg: CGLabConfig | None = None) -> None:
     start_local(max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def run_paths(storage_path: str | None, name: str) -> tuple[str, Path]:
+    """(the storage location Ray Train gets: a URI unchanged, a local path absolute; the run's directory on this
+    machine for the files the driver writes: storage/name, or a local stand-in for a URI, `storage.local_dir`)."""
+    where = storage.location(storage_path or RUNS)
+    return where, storage.local_dir(storage.join(where, name))
+
+
+def run_config(cfg: CGLabConfig, storage_path: str, name: str):
+    """Ray Train's RunConfig of a run stored at `storage_path` (see `run_paths`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig  # Ray Train: only when a run starts
+
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+    )
+
+
 def fit(
     cfg: CGLabConfig,
     *,
@@ -46,7 +68,8 @@ def fit(
     preemptible: bool = False,
     callbacks: tuple | list = (),
 ) -> dict:
-    """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`.
+    """Train; returns the last reported metrics plus `checkpoint` (path) and `run_dir`. `storage_path`: a local
+    directory (default .cglab/runs) or an object-store URI, which Ray Train gets unchanged (`run_paths`).
 
     Bad configs and missing data fail here, on the driver, before any worker starts: `cglab.train.plan.plan_run` (or
     the `run_plan` a sweep made for this trial) is checked and the run refused on its errors; the plan is kept as
@@ -64,7 +87,7 @@ def fit(
     where in the order they run.
     """
     # Ray Train, torch and Megatron (seconds to import): only when a run starts
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cglab.data.pipeline import prepare_data
@@ -73,8 +96,7 @@ def fit(
     from cglab.train.loop import WorkerInputs, worker_loop
     from cglab.train.plan import plan_run, refuse, write_json
 
-    storage = str(Path(storage_path or ".cglab/runs").resolve())
-    run_dir = Path(storage) / name
+    storage_path, run_dir = run_paths(storage_path, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
@@ -109,12 +131,7 @@ def fit(
             if preemptible
             else TorchConfig(backend=backend, timeout_s=600)
         ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
-        ),
+        run_config=run_config(cfg, storage_path, name),
     )
     with preemption.on_sigterm(stop_flag, t.preempt_grace_s) if preemptible else contextlib.nullcontext():
         result = trainer.fit()

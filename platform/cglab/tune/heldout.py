@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cglab import storage
 from cglab.config import ConfigError, FilterConfig, SourceConfig
 from cglab.data import readers
 from cglab.data.dedup import content_hashes
@@ -58,7 +59,7 @@ def split_sources(
     for cfg, src in zip(cfgs, resolved):
         d = cfg.model_dump(mode="json")
         # Explicit files, local ones absolute: trials run in other working directories.
-        d["paths"] = [f if "://" in f else str(Path(f).resolve()) for f in src.files]
+        d["paths"] = [storage.location(f) for f in src.files]
         if len(src.files) >= 2:
             d["paths"] = d["paths"][:-1]
             held[src.kind].append((src, len(src.files) - 1))
@@ -68,7 +69,7 @@ def split_sources(
 
     train_srcs = readers.resolve_files([SourceConfig(**d) for d in train])
     files = [f for s in train_srcs for f in s.files]
-    local = not any("://" in f for f in files)
+    local = not any(storage.is_uri(f) for f in files)
     seen: set[str] = set()
     if local and sum(Path(f).stat().st_size for f in files) <= _MAX_DEDUP_BYTES:
         for s in train_srcs:

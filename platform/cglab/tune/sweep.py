@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cglab import raylocal
+from cglab import raylocal, storage
 from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict
 from cglab.data import artifacts, readers
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
@@ -269,6 +269,24 @@ def ensure_local_ray(per_trial: dict[str, float]) -> None:
     raylocal.start_local(max(os.cpu_count() or 1, need), num_gpus=per_trial.get("GPU"))
 
 
+@dataclass(frozen=True)
+class SweepPlaces:
+    """Where a sweep keeps things, for a local or URI storage (`cglab.storage`): the Tune experiment, the trials'
+    training runs (Ray Train storage, passed to `fit`), and the driver's shared inputs (held-out split, tokenizer),
+    local: for a URI storage they stay on the driver's machine, which trials on other nodes cannot read."""
+
+    storage: str  # a URI unchanged, a local path absolute
+    experiment: str
+    trials: str
+    inputs: Path
+
+    @classmethod
+    def of(cls, storage_path: str, name: str) -> SweepPlaces:
+        where = storage.location(storage_path)
+        exp = storage.join(where, name)
+        return cls(where, exp, storage.join(where, f"{name}-train"), storage.local_dir(exp + "-inputs"))
+
+
 def run_lesson(
     lesson: int | Lesson,
     *,
@@ -302,15 +320,14 @@ def run_lesson(
         les.variant(v)  # unknown names fail here, with the valid ones listed
     configs = {k: c for k, c in les.configs(base, seeds).items() if k[0] in names}
     name = name or f"lesson-{les.number}-{les.slug}-{pre.name}"
-    storage_path = str(Path(storage_path).resolve()) if "://" not in storage_path else storage_path
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    places = SweepPlaces.of(storage_path, name)
+    storage_path, exp_path = places.storage, places.experiment
     # The biggest variant sets the pace (variants of a lesson normally share their parallel layout).
     needs = [trial_resources(c, pre.driver_cpus, pre.data_cpus) for c in configs.values()]
     per_trial = {k: max(n.get(k, 0.0) for n in needs) for k in set().union(*needs)}
     ensure_local_ray(per_trial)
     concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
-    shared = Path(exp_path + "-inputs") if "://" not in exp_path else Path(".cglab/tune-inputs") / name
-    base, heldout_nl, heldout_code = prepare_base(base, shared, holdout)
+    base, heldout_nl, heldout_code = prepare_base(base, places.inputs, holdout)
     preflight(les, base, list(configs), pre)  # every trial's plan, before any trial starts
 
     experiment_id = parent = None
@@ -331,7 +348,7 @@ def run_lesson(
         les,
         base,
         name,
-        f"{storage_path.rstrip('/')}/{name}-train",
+        places.trials,
         tracking_uri,
         experiment_id,
         parent,
