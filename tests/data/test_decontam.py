@@ -35,6 +35,8 @@ SOLUTION = _solution()  # 27 words: `for idx, elem in enumerate(numbers): ...`
 HEAD = "import os\n\n\ndef helper(path):\n    return os.path.basename(path)\n\n\ndef has_close(numbers, threshold):\n"
 TAIL = "\n\nif __name__ == '__main__':\n    print(helper('/tmp/x'))\n"
 PLANTED = HEAD + SOLUTION + TAIL
+FILTERED = PLANTED + f"BLOB = '{'ab' * 600}'\n"  # contaminated, but the filters drop it first (a line > 1000)
+CLEAN = 'def area(r):\n    """The area of a circle of radius r, in units of r squared."""\n    return 3.14 * r * r\n'
 
 
 def _shared(k: int) -> str:
@@ -71,6 +73,16 @@ def test_the_index_is_deterministic():
     i = decontam.load_index(DecontamConfig())
     here = f"{i.fingerprint} {hashlib.sha256(i.hashes.tobytes() + i.labels.tobytes()).hexdigest()} {len(i.hashes)}"
     assert runs == {here} and len(i.hashes) > 10_000
+
+
+def test_a_file_check_counts_only_what_the_filters_keep(tmp_path):
+    """A contaminated document the filters drop anyway is theirs to count, not decontamination's."""
+    rows = [CLEAN, FILTERED, PLANTED]
+    pq.write_table(pa.table({"content": rows}), tmp_path / "s.parquet")
+    (src,) = readers.resolve_files([SourceConfig(name="s", kind="stack", paths=[str(tmp_path / "s.parquet")])])
+    fcfg = FilterConfig()
+    keys, reasons = decontam.file_contaminated(src, 0, fcfg, decontam.load_index(fcfg.decontaminate))
+    assert (keys, reasons) == ([make_key(0, 0, 2)], ["contaminated:humaneval"])
 
 
 def test_mbpp_mtpb_and_extra_files_are_indexed(tmp_path):
@@ -115,14 +127,13 @@ def test_package_corpus_drops_and_counts_a_planted_solution(tmp_path, monkeypatc
 
 
 # ---------------------------------------------------------------------------------------------- prepare time
-CLEAN = 'def area(r):\n    """The area of a circle of radius r, in units of r squared."""\n    return 3.14 * r * r\n'
 
 
 @pytest.fixture
 def corpus(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
-    rows = [CLEAN, PLANTED, _shared(12), "x = 1\n", "x = 1\n"]  # the last one a later copy
+    rows = [CLEAN, PLANTED, _shared(12), "x = 1\n", "x = 1\n", FILTERED]  # a later copy at 4
     pq.write_table(pa.table({"content": rows, "lang": ["Python"] * len(rows)}), d / "code.parquet")
     (d / "nl.jsonl").write_text("".join(json.dumps({"text": f"Some prose, number {i}.\n"}) + "\n" for i in range(6)))
     return [
@@ -162,9 +173,10 @@ def test_prepare_drops_and_counts_a_planted_solution_and_inspect_lists_it(
 
     assert main(["data", "inspect", str(tmp_path / "run.yaml")]) == 0
     code = json.loads(capsys.readouterr().out)["sources"]["code"]
-    assert code["skipped"] == {"contaminated:humaneval": 1, "duplicate": 1} and code["kept"] == 3
+    filtered = {"max_line_length": 1, "duplicate": 1}
+    assert code["skipped"] == {"contaminated:humaneval": 1, **filtered} and code["kept"] == 3
     assert main(["data", "inspect", "--no-decontaminate", str(tmp_path / "run.yaml")]) == 0
-    assert json.loads(capsys.readouterr().out)["sources"]["code"]["skipped"] == {"duplicate": 1}
+    assert json.loads(capsys.readouterr().out)["sources"]["code"]["skipped"] == filtered
 
     # another evaluation set is another drop list; the same one is found again without a scan
     srcs = readers.resolve_files(corpus)

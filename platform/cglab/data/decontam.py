@@ -32,7 +32,6 @@ import numpy as np
 
 from cglab.config import ConfigError, SourceConfig
 from cglab.data import readers
-from cglab.data.filters import filter_reasons
 
 VERSION = 1  # of the normalisation and hashing: part of the fingerprint
 PREFIX = "contaminated:"
@@ -119,17 +118,19 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def window_hashes(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hash, valid) of every window of n consecutive ids; valid = no id in it is -1 (a word outside the index's
-    vocabulary, or the separator between two documents)."""
+    """(start, hash) of every window of n consecutive ids that holds no -1 (a word outside the index's
+    vocabulary, or the separator between two documents). Only those are hashed: in real code most windows hold
+    a word no evaluation text has, so this skips most of the work."""
     m = len(ids) - n + 1
     if m <= 0:
-        return np.zeros(0, np.uint64), np.zeros(0, bool)
-    u = ids.astype(np.uint64)  # -1 wraps; its windows are invalid anyway
-    h = np.zeros(m, np.uint64)
-    for j in range(n):  # order matters: each step mixes the previous state with the next word
-        h = _mix(h ^ (u[j : j + m] + np.uint64(1)))
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
     unknown = np.concatenate([[0], np.cumsum(ids < 0)])
-    return h, unknown[n:] == unknown[:m]
+    start = np.flatnonzero(unknown[n:] == unknown[:m])
+    u = ids.astype(np.uint64)
+    h = np.zeros(len(start), np.uint64)
+    for j in range(n):  # order matters: each step mixes the state so far with the next word
+        h = _mix(h ^ (u[start + j] + np.uint64(1)))
+    return start, h
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class NgramIndex:
         vocab = {w: i for i, w in enumerate(sorted({w for ws in split for w in ws}))}
         hs, labels = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint8)]
         for (s, _), ws in zip(texts, split):
-            h, _ = window_hashes(np.fromiter((vocab[w] for w in ws), np.int64, len(ws)), n)
+            _, h = window_hashes(np.fromiter((vocab[w] for w in ws), np.int64, len(ws)), n)
             hs.append(h)
             labels.append(np.full(len(h), suites.index(s), np.uint8))
         h, lab = np.concatenate(hs), np.concatenate(labels)
@@ -172,10 +173,9 @@ class NgramIndex:
             starts[i] = len(ids)
             ids.extend(map(get, words(doc), itertools.repeat(-1)))
             ids.append(-1)
-        h, valid = window_hashes(np.array(ids, np.int64), self.n)
-        pos = np.flatnonzero(valid)
-        at = np.minimum(np.searchsorted(self.hashes, h[pos]), len(self.hashes) - 1)
-        hit = self.hashes[at] == h[pos]
+        pos, h = window_hashes(np.array(ids, np.int64), self.n)
+        at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+        hit = self.hashes[at] == h
         best = np.full(len(docs), 255, np.uint8)
         np.minimum.at(best, np.searchsorted(starts, pos[hit], side="right") - 1, self.labels[at[hit]])
         for i in np.flatnonzero(best < 255):
@@ -194,15 +194,17 @@ def load_index(dc) -> NgramIndex | None:
 # ---------------------------------------------------------------------------------------------- the corpus
 def file_contaminated(src: readers.SourceFiles, file: int, fcfg, index: NgramIndex):
     """(keys, reasons) of the documents of one file that the readers and filters keep and `index` flags."""
+    # pyarrow (cglab.data.filters): kept off `cglab --help`'s path (cglab.data.inspect imports this module)
+    from cglab.data.filters import filter_reasons
+
     keys, reasons = [], []
     records = readers.read_file(src, file, readers.max_record_bytes(fcfg.max_chars))
     while chunk := list(itertools.islice(records, _CHUNK_DOCS)):
         ok = [r for r in chunk if not r.reason]
-        if not ok:
-            continue
-        kept = [r for r, why in zip(ok, filter_reasons([r.text for r in ok], fcfg)) if not why]
-        for r, why in zip(kept, index.reasons([r.text for r in kept])):
-            if why:
+        flagged = [(r, why) for r, why in zip(ok, index.reasons([r.text for r in ok])) if why]
+        # the filters after the index: they cost several times more, and few documents are contaminated
+        for (r, why), dropped in zip(flagged, filter_reasons([r.text for r, _ in flagged], fcfg)):
+            if not dropped:
                 keys.append(r.key)
                 reasons.append(why)
     return keys, reasons
