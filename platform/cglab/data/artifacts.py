@@ -1,5 +1,5 @@
-"""Corpus artifacts built once per corpus and reused by every run and trial: the dedup drop list and the trained
-tokenizer (issue 14).
+"""Corpus artifacts built once per corpus and reused by every run and trial: the drop list (dedup and
+decontamination) and the trained tokenizer (issue 14).
 
 Each artifact lives in `<data.cache_path>/<kind>-<fingerprint>/` (local or any pyarrow filesystem URL, e.g.
 `s3://bucket/cglab-cache`). The fingerprint hashes every file of the sources it depends on (path, size,
@@ -13,6 +13,11 @@ document that is a later copy of another, sorted, in one parquet file. A key hol
 read task fetches its own files' part with a key-range filter (parquet row-group statistics skip the rest) and
 drops by key, without hashing at training time and without a Python dict shipped to every worker. On a
 multi-node cluster data.cache_path must be storage every node reads (shared filesystem or object store).
+
+Decontamination (data/decontam.py) adds the keys of every document that shares an n-gram with an evaluation set
+to the same list, so the stream drops them with the duplicates; its `reason` column says why each key is there
+(`duplicate`, `contaminated:<suite>`). The list is keyed by the evaluation texts too (their content, not their
+paths): another evaluation set, n-gram length or list of extra files rebuilds it.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 
-from cglab.data import readers
-from cglab.data.dedup import duplicate_mask, find_survivors
+from cglab.data import decontam, readers
+from cglab.data.dedup import DUPLICATE, duplicate_mask, find_survivors
 from cglab.data.tokenizer import CGTokenizer, train_tokenizer
 
 VERSION = 1
@@ -114,34 +120,55 @@ def build_drops(sources, fcfg) -> np.ndarray:
 
 
 def dedup_drops(sources, fcfg, root: str) -> dict:
-    """The drop list of these sources under these filters: reused when built before, else built and stored.
+    """The drop list of these sources under these filters (`fcfg.dedup`: later copies; `fcfg.decontaminate`:
+    documents sharing an n-gram with an evaluation set): reused when built before, else built and stored.
 
-    Returns {"path": .../drops.parquet, "built": bool, "seconds": float, "documents_dropped": int}.
+    Returns {"path": .../drops.parquet, "built": bool, "seconds": float, "documents_dropped": int,
+    "dropped": {reason: documents}}.
     """
     # pyarrow: kept off `cglab --help`'s path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    settings = {"kind": "dedup", "filters": fcfg.model_dump(mode="json", exclude={"dedup"})}
-    d = _join(root, f"dedup-{fingerprint(sources, settings)}")
+    index = decontam.load_index(fcfg.decontaminate)  # ConfigError naming the field when an eval file is missing
+    settings = {
+        "kind": "drops",
+        "filters": fcfg.model_dump(mode="json", exclude={"decontaminate"}),
+        "decontaminate": index.fingerprint if index else None,
+    }
+    d = _join(root, f"drops-{fingerprint(sources, settings)}")
     if _complete(d):
         meta = json.loads(_read(_join(d, META)))
-        return {"path": _join(d, DROPS), "built": False, "seconds": 0.0, "documents_dropped": meta["documents_dropped"]}
+        return {"path": _join(d, DROPS), "built": False, "seconds": 0.0, **_counts(meta["dropped"])}
     t0 = time.perf_counter()
-    keys = build_drops(sources, fcfg)
+    keys = build_drops(sources, fcfg) if fcfg.dedup else np.zeros(0, np.int64)
+    reasons = np.full(len(keys), DUPLICATE, object)
+    if index is not None:
+        ckeys, creasons = decontam.contaminated(sources, fcfg, index)
+        dup = ~np.isin(keys, ckeys)  # a contaminated later copy is counted once, as contaminated
+        keys, reasons = np.concatenate([keys[dup], ckeys]), np.concatenate([reasons[dup], creasons])
+        order = np.argsort(keys, kind="stable")
+        keys, reasons = keys[order], reasons[order]
     buf = io.BytesIO()
-    pq.write_table(pa.table({"key": pa.array(keys, pa.int64())}), buf, row_group_size=_ROW_GROUP)
+    table = pa.table({"key": pa.array(keys, pa.int64()), "reason": pa.array(reasons.tolist(), pa.string())})
+    pq.write_table(table, buf, row_group_size=_ROW_GROUP)
     _write(_join(d, DROPS), buf.getvalue())
     seconds = time.perf_counter() - t0
+    dropped = dict(sorted(Counter(reasons.tolist()).items()))
     meta = {
-        "documents_dropped": int(len(keys)),
+        "dropped": dropped,
         "build_seconds": seconds,
         "sources": [s.name for s in sources],
         "files": sum(len(s.files) for s in sources),
+        "decontaminate": {"suites": list(index.suites), "texts": index.texts, "ngram": index.n} if index else None,
     }
     _write(_join(d, META), json.dumps(meta, indent=1).encode())
     _write(_join(d, MARKER), b"")
-    return {"path": _join(d, DROPS), "built": True, "seconds": seconds, "documents_dropped": int(len(keys))}
+    return {"path": _join(d, DROPS), "built": True, "seconds": seconds, **_counts(dropped)}
+
+
+def _counts(dropped: dict) -> dict:
+    return {"documents_dropped": sum(dropped.values()), "dropped": dropped}
 
 
 def file_drops(path: str, source: int, file: int) -> np.ndarray:
@@ -167,7 +194,7 @@ def trained_tokenizer(dcfg, sources, root: str):
         "kind": "tokenizer",
         "tokenizer": tc.model_dump(mode="json", exclude={"path"}),
         "num_sentinels": dcfg.num_sentinels,
-        "filters": dcfg.filters.model_dump(mode="json"),
+        "filters": dcfg.filters.model_dump(mode="json", exclude={"decontaminate"}),
     }
     d = _join(root, f"tokenizer-{fingerprint(sources, settings)}")
     path = _join(d, "tokenizer.json")

@@ -80,13 +80,19 @@ def _data_inspect(args) -> int:
     fcfg = load_config(args.config).data.filters if args.config else FilterConfig()
     sources = resolve_files(_sources_from_args(args), field="SOURCE")  # fails before Ray starts
     with _ray(args):
-        report = inspect_sources(sources, fcfg, dedup=fcfg.dedup and not args.no_dedup)
+        report = inspect_sources(
+            sources,
+            fcfg,
+            dedup=fcfg.dedup and not args.no_dedup,
+            decontaminate=fcfg.decontaminate.enabled and not args.no_decontaminate,
+        )
     print(json.dumps(report, indent=1))
     return 0
 
 
 def _corpus_prepare(args) -> int:
-    """Build (or find) the corpus's dedup drop list and tokenizer under data.cache_path, ahead of a sweep."""
+    """Build (or find) the corpus's drop list (dedup, decontamination) and tokenizer under data.cache_path, ahead
+    of a sweep."""
     from cglab.data.pipeline import prepare_data  # pyarrow: kept off `cglab --help`'s path
 
     cfg = load_config(args.config, args.overrides)
@@ -134,7 +140,7 @@ def register(subparsers) -> None:
     b.set_defaults(func=_corpus_build)
     pr = csub.add_parser(
         "prepare",
-        help="build the config's dedup drop list and tokenizer once, under "
+        help="build the config's drop list (dedup, decontamination) and tokenizer once, under "
         "data.cache_path, for every later run and trial to reuse",
     )
     pr.add_argument("config")
@@ -147,14 +153,19 @@ def register(subparsers) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     i = dsub.add_parser(
         "inspect",
-        help="read sources through the training readers/filters/dedup; print JSON counts",
+        help="read sources through the training readers/filters/dedup/decontamination; print JSON counts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a config YAML (its data.sources), or [pile:|stack:]PATH (file, dir, glob, URL)",
     )
     i.add_argument("sources", nargs="+", metavar="SOURCE")
-    i.add_argument("--config", help="take data.filters from this config")
+    i.add_argument("--config", help="take data.filters (decontaminate included) from this config")
     i.add_argument("--subsets", help="comma-separated pile_set_name / lang values to keep")
     i.add_argument("--no-dedup", action="store_true")
+    i.add_argument(
+        "--no-decontaminate",
+        action="store_true",
+        help="do not count documents sharing an n-gram with the evaluation sets (data.filters.decontaminate)",
+    )
     i.add_argument("--address", help="Ray cluster address (default: a private local one)")
     i.add_argument("--num-cpus", type=int, default=2)
     i.set_defaults(func=_data_inspect)

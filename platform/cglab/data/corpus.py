@@ -303,20 +303,23 @@ def build_package_corpus(
     Held out by package: the last shard of each side holds only the held-out packages (`heldout`, else those
     `is_heldout_package` picks), the other shards only the rest, so the sweep's split (the last file of every
     source, `cglab.tune.heldout`) never has a package on both sides. The CodeGen filters apply to every document
-    (`filters`: a FilterConfig, default CodeGen's), then exact dedup by SHA-256: a training copy survives once;
-    a held-out document whose content also occurs in training is dropped. Budgets fill package by package in
-    name order (held-out packages take at most a tenth of each). Returns a summary with documents, bytes and
-    pre-tokens (TOKEN_RE pieces) per source and split, and documents dropped by reason (also written to
-    `out_dir/summary.json`)."""
+    (`filters`: a FilterConfig, default CodeGen's), then decontamination (`filters.decontaminate`: a document
+    sharing an n-gram with an evaluation set is dropped, `<kind>:contaminated:<suite>`), then exact dedup by
+    SHA-256: a training copy survives once; a held-out document whose content also occurs in training is
+    dropped. Budgets fill package by package in name order (held-out packages take at most a tenth of each).
+    Returns a summary with documents, bytes and pre-tokens (TOKEN_RE pieces) per source and split, and documents
+    dropped by reason (also written to `out_dir/summary.json`)."""
     import pyarrow as pa  # pyarrow and zstandard: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
     import zstandard
 
+    from cglab.data.decontam import load_index
     from cglab.data.filters import filter_reasons
 
     if shards < 2:
         raise ConfigError("corpus: the package corpus needs shards >= 2 (the last one is the held-out split)")
     fcfg = filters or FilterConfig()
+    index = load_index(fcfg.decontaminate)
     dists = installed_packages()
     names = [p.lower().replace("_", "-") for p in packages] if packages else default_packages(dists)
     missing = [p for p in names if p not in dists]
@@ -360,6 +363,9 @@ def build_package_corpus(
                 if not items:
                     continue
                 reasons = filter_reasons([x[key] for x in items], fcfg)
+                if index is not None:
+                    ok = reasons == ""
+                    reasons[ok] = index.reasons([x[key] for x, k in zip(items, ok) if k])
                 for item, reason, sha in zip(items, reasons, content_hashes([x[key] for x in items])):
                     if reason:
                         dropped[f"{kind}:{reason}"] += 1

@@ -1,8 +1,10 @@
-"""`cglab data inspect`: what the training readers, filters and dedup make of some sources, as JSON counts.
+"""`cglab data inspect`: what the training readers, filters, dedup and decontamination make of some sources, as
+JSON counts.
 
-Runs the same code as training (`pipeline.scan_dataset` → readers + filters, `dedup.find_survivors`), so a count
-here is a count of what a run would skip. Output, per source and in total:
-`{"read": N, "kept": K, "skipped": {"malformed_json": a, "duplicate": b, ...}, "subsets": {...}}`.
+Runs the same code as training (`pipeline.scan_dataset` → readers + filters, `dedup.find_survivors`,
+`decontam.contaminated`), so a count here is a count of what a run would skip. Output, per source and in total:
+`{"read": N, "kept": K, "skipped": {"malformed_json": a, "duplicate": b, "contaminated:humaneval": c, ...},
+"subsets": {...}}`. A contaminated later copy counts as contaminated, as in the prepared drop list.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from cglab.data import decontam
 from cglab.data.dedup import DUPLICATE, duplicate_mask, find_survivors
 
 
@@ -26,18 +29,25 @@ def _block_counts(batch: dict) -> dict:
     return {"name": np.array(names, dtype=object), "n": np.array(list(c.values()) + list(subs.values()), np.int64)}
 
 
-def inspect_sources(sources, fcfg, dedup: bool = True) -> dict:
-    """Counts for resolved sources (readers.SourceFiles) under a FilterConfig. Needs Ray (starts a local one)."""
+def inspect_sources(sources, fcfg, dedup: bool = True, decontaminate: bool = True) -> dict:
+    """Counts for resolved sources (readers.SourceFiles) under a FilterConfig (decontamination as its
+    `decontaminate` section says, unless `decontaminate` is False). Needs Ray (starts a local one)."""
     # pyarrow (cglab.data.pipeline): kept off `cglab --help`'s path
     from cglab.data.pipeline import scan_dataset
 
+    index = decontam.load_index(fcfg.decontaminate) if decontaminate else None
     scan = scan_dataset(sources, fcfg).select_columns(["source", "key", "subset", "reason", "sha"]).materialize()
     survivors = find_survivors(scan) if dedup else {}
+    ckeys, creasons = decontam.contaminated(sources, fcfg, index) if index else (np.zeros(0, np.int64), None)
 
     def mark(batch):
         dup = (batch["sha"] != "") & duplicate_mask(batch["sha"].tolist(), batch["key"].tolist(), survivors)
         reason = batch["reason"].astype(object)
         reason[dup] = DUPLICATE
+        if len(ckeys):
+            at = np.minimum(np.searchsorted(ckeys, batch["key"]), len(ckeys) - 1)
+            hit = ckeys[at] == batch["key"]
+            reason[hit] = creasons[at[hit]]
         return _block_counts({**batch, "reason": reason})
 
     totals: Counter = Counter()
