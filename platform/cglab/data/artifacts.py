@@ -173,13 +173,21 @@ def _counts(dropped: dict) -> dict:
 
 def file_drops(path: str, source: int, file: int) -> np.ndarray:
     """Sorted keys to drop from one file: its key range of the drop list (row groups outside it are not read)."""
+    return file_drop_reasons(path, source, file)[0]
+
+
+def file_drop_reasons(path: str, source: int, file: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, their reasons: `duplicate` or `contaminated:<suite>`) to drop from one file."""
     # pyarrow: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
 
     lo, hi = readers.make_key(source, file, 0), readers.make_key(source, file, 0) + (1 << readers._RECORD_BITS)
     fs, p = readers._filesystem(path)
-    t = pq.read_table(p, filesystem=fs, columns=["key"], filters=[("key", ">=", lo), ("key", "<", hi)])
-    return np.sort(t.column("key").to_numpy())
+    t = pq.read_table(p, filesystem=fs, filters=[("key", ">=", lo), ("key", "<", hi)])
+    keys = t.column("key").to_numpy()
+    reasons = np.asarray(t.column("reason").to_pylist() if "reason" in t.column_names else ["duplicate"] * len(keys))
+    order = np.argsort(keys, kind="stable")
+    return keys[order], reasons[order].astype(object)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

@@ -62,7 +62,7 @@ import pyarrow as pa
 from cglab.config import ConfigError
 from cglab.data import artifacts, objectives, prepared, readers
 from cglab.data.contract import SAMPLE_KEYS
-from cglab.data.dedup import DUPLICATE, content_hashes
+from cglab.data.dedup import content_hashes
 from cglab.data.filters import filter_reasons
 from cglab.data.mixture import interleave, source_weights
 from cglab.data.packing import pack_documents
@@ -127,7 +127,7 @@ def _kept_documents(
     `metrics` (a cglab.track.metrics.DataMetrics) counts every record read as kept or skipped by reason.
     """
     for f in files:
-        drops = artifacts.file_drops(dedup_path, src.index, f) if dedup_path else None
+        drops, why = artifacts.file_drop_reasons(dedup_path, src.index, f) if dedup_path else (None, None)
         for chunk in _chunks(readers.read_file(src, f, max_bytes), _CHUNK_DOCS):
             ok = [r for r in chunk if not r.reason]
             skipped = Counter(r.reason for r in chunk if r.reason)
@@ -138,8 +138,9 @@ def _kept_documents(
                 keep = reasons == ""
                 skipped.update(reasons[~keep].tolist())
                 if drops is not None and drops.size:
-                    dup = keep & np.isin(np.fromiter((r.key for r in ok), np.int64, len(ok)), drops)
-                    skipped[DUPLICATE] += int(dup.sum())
+                    keys = np.fromiter((r.key for r in ok), np.int64, len(ok))
+                    dup = keep & np.isin(keys, drops)
+                    skipped.update(why[np.searchsorted(drops, keys[dup])].tolist())  # duplicate, contaminated:...
                     keep &= ~dup
             if metrics is not None:
                 metrics.skipped_counts(skipped)
@@ -532,11 +533,12 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         unit_tokens=d.unit_tokens,
     )
     active = [s for s in sources if weights[s.index] > 0]
-    if d.filters.dedup if dedup is None else dedup:
-        built["dedup"] = artifacts.dedup_drops(active, d.filters, root)
+    fcfg = d.filters if dedup is None else d.filters.model_copy(update={"dedup": dedup})
+    if fcfg.dedup or fcfg.decontaminate.enabled:  # one drop list: later copies, evaluation problems
+        built["dedup"] = artifacts.dedup_drops(active, fcfg, root)
         plan.dedup_path = built["dedup"]["path"]
     # the stream reads the prepared corpus: filtered, deduplicated and tokenized once (cglab.data.prepared)
-    built["tokens"] = prepared.prepared_tokens(active, d.filters, tokenizer, plan.dedup_path, root, d.chunk_tokens)
+    built["tokens"] = prepared.prepared_tokens(active, fcfg, tokenizer, plan.dedup_path, root, d.chunk_tokens)
     plan.prepared = built["tokens"]["path"]
     have = set(prepared.load_index(plan.prepared).source.tolist())
     empty = [s for s in active if s.index not in have]
