@@ -3,6 +3,7 @@ the decisions the issue names, the realised mask fractions measured at the prese
 released sizes' configs at their cluster layouts, within an H100's memory; codegen2-16B's uneven pipeline stages."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
