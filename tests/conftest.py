@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# Fails a test outside the slow tier that starts Ray, an MLflow server or worker processes.
+pytest_plugins = ["tests.tier_guard"]
+
 
 @pytest.fixture(scope="session")
 def micro_corpus(tmp_path_factory):
