@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 # Fails a test outside the slow tier that starts Ray, an MLflow server or worker processes.
-pytest_plugins = ["tests.tier_guard"]
+pytest_plugins = ["tests.tier_guard", "pytester"]
 
 
 @pytest.fixture(scope="session")
