@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-# Fails a test outside the slow tier that starts Ray, an MLflow server or worker processes.
+# tier_guard fails a test outside the slow tier that starts Ray, an MLflow server or worker processes; pytester
+# lets tests/test_tier_guard.py run pytest on a test file of its own.
 pytest_plugins = ["tests.tier_guard", "pytester"]
 
 

@@ -1,0 +1,55 @@
+"""The Ray and the reference run that test_preemption and test_trainer share: one uninterrupted run, trained once,
+whose per-step losses both compare a resumed run against."""
+
+from __future__ import annotations
+
+import pytest
+
+from cglab.config import from_dict
+
+
+@pytest.fixture(scope="package")
+def ray_local():
+    from cglab.raylocal import local_ray
+
+    with local_ray(6, log_to_driver=True, configure_logging=True):
+        yield
+
+
+@pytest.fixture(scope="package")
+def run_cfg(micro_sources, micro_tokenizer):
+    """The tiny model on the micro corpus at sequence length 64, plus dotted overrides."""
+
+    def make(*overrides):
+        return from_dict(
+            {"data": {"sources": micro_sources, "seq_length": 64, "tokenizer": {"path": str(micro_tokenizer.path)}}},
+            [
+                "model.preset=tiny",
+                "model.max_position_embeddings=64",
+                "train.micro_batch_size=2",
+                "train.global_batch_size=4",
+                "train.warmup_steps=1",
+                "train.lr=1e-3",
+                "data.filters.dedup=false",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+@pytest.fixture(scope="package")
+def reference_cfg(run_cfg):
+    """60 steps of ~30-300 ms on CPU (a signal sent once a step is recorded lands long before the end) on two data
+    parallel workers (the one not signalled or killed must stop, and resume, at the same step). Checkpointing and
+    failure settings do not change losses: a test's interrupted run varies them and compares with this one."""
+    return run_cfg("train.train_steps=60", "parallel.data_parallel_size=2", "track.system_metrics=false")
+
+
+@pytest.fixture(scope="package")
+def reference_losses(ray_local, reference_cfg, tmp_path_factory):
+    """Per-step losses of the reference config run once, uninterrupted."""
+    from cglab.train.trainer import fit, history
+
+    out = fit(reference_cfg, storage_path=str(tmp_path_factory.mktemp("reference")), name="reference")
+    return {s: r["loss"] for s, r in history(out["run_dir"]).items()}
