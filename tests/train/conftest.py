@@ -1,5 +1,5 @@
-"""The Ray and the reference run that test_preemption and test_trainer share: one uninterrupted run, trained once,
-whose per-step losses both compare a resumed run against."""
+"""The reference run that test_preemption and test_trainer share: one uninterrupted run, trained once, whose
+per-step losses both compare a resumed run against; and their local Ray."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import pytest
 from cglab.config import from_dict
 
 
-@pytest.fixture(scope="package")
-def ray_local():
+def _local_ray():
     from cglab.raylocal import local_ray
 
-    with local_ray(6, log_to_driver=True, configure_logging=True):
+    return local_ray(6, log_to_driver=True, configure_logging=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Per module, not per package: a module with a Ray of its own (test_feed's, 2 CPUs) must never find this one
+    still up, whatever order the modules run in."""
+    with _local_ray():
         yield
 
 
@@ -47,9 +53,16 @@ def reference_cfg(run_cfg):
 
 
 @pytest.fixture(scope="package")
-def reference_losses(ray_local, reference_cfg, tmp_path_factory):
-    """Per-step losses of the reference config run once, uninterrupted."""
+def reference_losses(reference_cfg, tmp_path_factory):
+    """Per-step losses of the reference config run once, uninterrupted, on a Ray of its own unless one is up (pytest
+    sets up this package-scoped fixture before a module's ray_local; fit() would otherwise start one and leave it
+    up)."""
+    import contextlib
+
+    import ray
+
     from cglab.train.trainer import fit, history
 
-    out = fit(reference_cfg, storage_path=str(tmp_path_factory.mktemp("reference")), name="reference")
+    with contextlib.nullcontext() if ray.is_initialized() else _local_ray():
+        out = fit(reference_cfg, storage_path=str(tmp_path_factory.mktemp("reference")), name="reference")
     return {s: r["loss"] for s, r in history(out["run_dir"]).items()}
