@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install lint bench clean
+.PHONY: test test-fast demo install lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=20 tests
+
+# The unit tier for the inner loop, no lint: what starts Ray, MLflow or worker processes is marked `slow`
+# (tests/tier_guard.py fails an unmarked test that does) and `gpu` needs a CUDA device. `make test` runs all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow and not gpu" tests
 
 demo: $(STAMP)
 	$(BIN)/cglab demo

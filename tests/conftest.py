@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+# tier_guard fails a test outside the slow tier that starts Ray, an MLflow server or worker processes; pytester
+# lets tests/test_tier_guard.py run pytest on a test file of its own.
+pytest_plugins = ["tests.tier_guard", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def micro_corpus(tmp_path_factory):

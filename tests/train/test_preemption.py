@@ -15,48 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cglab.config import dump_config, from_dict
+from cglab.config import dump_config
 from cglab.train.preemption import EXIT_PREEMPTED
-from cglab.train.trainer import fit, history
+from cglab.train.trainer import history
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 60  # steps of ~30-300 ms on CPU: the signal (sent once a step is recorded) lands long before the end
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from cglab.raylocal import local_ray
-
-    with local_ray(6, log_to_driver=True, configure_logging=True):
-        yield
-
-
-@pytest.fixture(scope="module")
-def cfg(micro_sources, micro_tokenizer):
-    return from_dict(
-        {"data": {"sources": micro_sources, "seq_length": 64, "tokenizer": {"path": str(micro_tokenizer.path)}}},
-        [
-            "model.preset=tiny",
-            "model.max_position_embeddings=64",
-            "train.micro_batch_size=2",
-            "train.global_batch_size=4",
-            "train.warmup_steps=1",
-            "train.lr=1e-3",
-            f"train.train_steps={STEPS}",
-            "parallel.data_parallel_size=2",  # two workers: the one not signalled must stop at the same step
-            "data.filters.dedup=false",
-            "track.system_metrics=false",
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def clean(ray_local, cfg, tmp_path_factory):
-    """Losses of the uninterrupted run."""
-    out = fit(cfg, storage_path=str(tmp_path_factory.mktemp("clean")), name="clean")
-    return {s: r["loss"] for s, r in history(out["run_dir"]).items()}
 
 
 def _wait_for_steps(run_dir: Path, more_than: int, proc: subprocess.Popen, timeout_s: float = 240) -> None:
@@ -82,12 +47,16 @@ def _train_worker(driver: subprocess.Popen) -> psutil.Process:
     return workers[0]
 
 
-def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resumes(cfg, clean, tmp_path):
+def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resumes(
+    ray_local, reference_cfg, reference_losses, tmp_path
+):
+    """The reference run (tests/train/conftest.py) preempted twice: it ends with the reference's losses."""
     import ray
     from mlflow import MlflowClient
 
     from cglab.track.server import local_server
 
+    cfg, steps = reference_cfg, reference_cfg.train.train_steps
     (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
     cmd = [
         sys.executable,
@@ -115,7 +84,7 @@ def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resum
         assert rc == EXIT_PREEMPTED, log.read_text()[-5000:]
         assert "preempted at step" in log.read_text()
         stopped = max(history(run_dir))
-        assert stopped < STEPS
+        assert stopped < steps
         run = client.get_run(run_id()) if run_id() else None
         assert run is not None and run.info.status == "KILLED"
         assert run.data.tags["preempted"] == "true" and run.data.tags["preempted_at_step"] == str(stopped)
@@ -143,7 +112,7 @@ def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resum
         run = client.get_run(run_id())
         assert run.info.status == "FINISHED" and run.data.tags["preempted"] == "false"
     h = history(run_dir)
-    assert sorted(h) == list(range(1, STEPS + 1))
+    assert sorted(h) == list(range(1, steps + 1))
     assert h[second + 1]["started_at_step"] == second
-    for step in range(1, STEPS + 1):
-        assert h[step]["loss"] == pytest.approx(clean[step], abs=1e-5), step
+    for step in range(1, steps + 1):
+        assert h[step]["loss"] == pytest.approx(reference_losses[step], abs=1e-5), step

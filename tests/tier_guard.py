@@ -1,0 +1,90 @@
+"""Keeps the fast tier honest: a test not marked `slow` (or `gpu`) fails if it starts Ray, an MLflow server or
+worker processes, so `make test-fast` (-m "not slow and not gpu") cannot silently grow them.
+
+What it sees, from this pytest process: Ray initialised in-process (`ray.init`, `local_ray`), any process started
+through subprocess whose command is Ray's (`ray start`, its GCS or raylet) or `mlflow server`, and processes
+started by torch's launcher (multi-process torch.distributed, which bypasses subprocess). It does not see what a child
+process starts in turn (e.g. `python -m cglab.cli ablate` in a subprocess): such a test is marked by hand.
+Setup and call phases count (a module-scoped fixture starts its server in the first test that uses it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import os
+import sys
+
+import pytest
+
+_seen: list[str] = []  # what the current test started, in order
+_RAY_BEFORE = pytest.StashKey[bool]()
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    return ray is not None and ray.is_initialized()
+
+
+def _heavy_command(argv) -> str | None:
+    words = [argv] if isinstance(argv, (str, bytes)) else list(argv)
+    names = [os.path.basename(os.fsdecode(w)) for w in words]
+    if not names:
+        return None
+    if names[0] in ("raylet", "gcs_server"):
+        return f"Ray's {names[0]}"
+    if names[0] == "ray" and "start" in names:
+        return "a Ray node (ray start)"
+    if "mlflow" in names and "server" in names:
+        return "an MLflow server"
+    return None
+
+
+def _audit(event: str, args) -> None:
+    # An audit hook stays for the life of the interpreter; it only appends to a list the hooks below read.
+    if event == "subprocess.Popen":
+        what = _heavy_command(args[1])
+        if what:
+            _seen.append(what)
+
+
+sys.addaudithook(_audit)
+
+_start = multiprocessing.process.BaseProcess.start
+
+
+def _start_and_record(self):
+    # Only torch's process launcher (`torch.multiprocessing.start_processes`, behind cglab.distributed.spawn): the
+    # helper processes of one checkpoint save (Megatron's async writer and its Manager) are part of a unit test.
+    if getattr(self._target, "__module__", "").startswith("torch.multiprocessing"):
+        _seen.append("torch.distributed worker processes (torch.multiprocessing)")
+    return _start(self)
+
+
+multiprocessing.process.BaseProcess.start = _start_and_record
+
+
+def _watched(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is None and item.get_closest_marker("gpu") is None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    _seen.clear()
+    # Ray already up (an earlier slow test's module fixture, in a full run) cannot be pinned on this test.
+    item.stash[_RAY_BEFORE] = _ray_initialized()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    result = yield
+    started = list(dict.fromkeys(_seen))
+    if not item.stash[_RAY_BEFORE] and _ray_initialized():
+        started.insert(0, "Ray (ray.init)")
+    if started and _watched(item):
+        pytest.fail(
+            f"{item.nodeid} is not marked slow but started {', '.join(started)}: mark it "
+            "@pytest.mark.slow (or the module: pytestmark = pytest.mark.slow) so `make test-fast` stays fast",
+            pytrace=False,
+        )
+    return result
