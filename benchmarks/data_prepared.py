@@ -216,7 +216,39 @@ def prepare_child(args, q) -> None:
     text = sum(os.path.getsize(p) for s in srcs for p in s.files)
     tokens = sum(s["tokens"] for s in meta["sources"].values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    q.put(dict(cpu=cpu, read=read, meta=meta, root=root, text=text, tokens=tokens, per_file=per_file, maxrss=rss))
+    big = big_file(args, fcfg, tok_args) if args.big > 0 else None
+    q.put(
+        dict(cpu=cpu, read=read, meta=meta, root=root, text=text, tokens=tokens, per_file=per_file, maxrss=rss, big=big)
+    )
+
+
+def big_file(args, fcfg, tok_args) -> dict:
+    """How one file's peak RSS grows with what it writes: every Stack row of the corpus `--big` times in one parquet
+    file (row groups of 1,000 rows, so the reader holds little), through `_write_file`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cglab.config import SourceConfig
+    from cglab.data import prepared, readers
+
+    src_dir = Path(args.corpus) / f"big-{args.big}" / "stack"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    path = src_dir / "00.parquet"
+    if not path.exists():
+        t = pa.concat_tables(
+            pq.read_table(p, columns=["content"]) for p in sorted(Path(args.corpus, "stack").iterdir())
+        )
+        pq.write_table(pa.concat_tables([t] * args.big), path, row_group_size=1000)
+    (src,) = readers.resolve_files([SourceConfig(name="stack", kind="stack", paths=[str(src_dir)])])
+    root = str(src_dir.parent / "prepared")
+    before = _rss("VmRSS")
+    _reset_peak()
+    res = prepared._write_file(src, 0, fcfg, tok_args, "", root, args.chunk_small)
+    peak = _rss("VmHWM") - before
+    tokens = sum(t for _, t in res["pieces"])
+    return dict(
+        text=path.stat().st_size, tokens=tokens, out=os.path.getsize(prepared.piece_file(root, 0, 0)), peak=peak
+    )
 
 
 def raw_pass(srcs, fcfg, tok) -> int:
@@ -276,15 +308,21 @@ def prepare_lines(args, prep: dict) -> list[str]:
     docs = sum(s["documents"] for s in prep["meta"]["sources"].values())
     out = sum(o for o, _ in prep["per_file"])
     growth = max(g for _, g in prep["per_file"])
-    per_out = max(g / o for o, g in prep["per_file"])  # RSS growth per byte written, the worst file
+    big = prep["big"]
+    per_out = big["peak"] / big["out"] if big else float("nan")  # RSS growth per byte written, the big file
     total_docs, total_tokens = PILE["docs"] + STACK["docs"], PILE["tokens"] + STACK["tokens"]
     pile_file_out = PILE["tokens"] / PILE["files"] * out / prep["tokens"]
     return [
         f"read {prep['read']:,} documents ({docs:,} kept), {prep['tokens'] / 1e6:.1f} M tokens, "
         f"{prep['text'] / 1e6:.1f} MB of files, {prep['meta']['pieces']} pieces, {out / 1e6:.1f} MB written",
         f"CPU {prep['cpu']:.1f} s: {cpu_m:,.0f} CPU s per million documents, {cpu_bt:,.0f} CPU s per billion tokens",
-        f"RSS: the largest file's peak {growth / 2**20:.0f} MiB over the RSS before it; {per_out:.2f} bytes of RSS "
-        f"per byte written (worst file); the process's ru_maxrss {prep['maxrss'] / 2**20:.0f} MiB",
+        f"RSS: the largest peak of a corpus file {growth / 2**20:.0f} MiB over the RSS before it (the first file of "
+        f"a source pays the imports and the tokenizer); the process's ru_maxrss {prep['maxrss'] / 2**20:.0f} MiB",
+        f"one big file (the Stack rows x {args.big}): {big['tokens'] / 1e6:.0f} M tokens, writes "
+        f"{big['out'] / 1e6:.0f} MB, peak {big['peak'] / 2**20:.0f} MiB over the RSS before it: "
+        f"{per_out:.2f} bytes of RSS per byte written"
+        if big
+        else "no big file (--big 0)",
         f"Pile + Stack-Python ({total_docs / 1e6:.0f} M documents, {total_tokens / 1e9:.0f} B tokens): "
         f"{cpu_m * total_docs / 1e6 / 3600:,.0f} CPU hours by documents, "
         f"{cpu_bt * total_tokens / 1e9 / 3600:,.0f} by tokens; one Pile shard "
@@ -306,6 +344,7 @@ def main():
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--chunk-small", type=int, default=1 << 18, help="(b, c) chunk_tokens of the small corpus")
+    ap.add_argument("--big", type=int, default=4, help="(c) one file of the Stack rows this many times; 0: none")
     ap.add_argument("--skip-measure", action="store_true", help="(a) only")
     args = ap.parse_args()
 
