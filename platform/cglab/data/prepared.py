@@ -123,9 +123,6 @@ def _write_file(src, f: int, fcfg, tok_args: tuple, dedup_path: str, root: str, 
 
 def build(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int) -> dict:
     """Write every file's pieces (one Ray task per file), then the index and meta; returns meta."""
-    # pyarrow: kept off `cglab --help`'s path
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
     write = ray.remote(num_cpus=1)(_write_file)
@@ -135,7 +132,16 @@ def build(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int) -> 
         for src in sources
         for f in range(len(src.files))
     ]
-    rows = sorted(ray.get(refs), key=lambda r: (r["source"], r["file"]))
+    return write_index(sources, ray.get(refs), root, chunk_tokens)
+
+
+def write_index(sources, rows: list[dict], root: str, chunk_tokens: int) -> dict:
+    """The index and meta of the files `_write_file` wrote (its results, any order); returns meta."""
+    # pyarrow: kept off `cglab --help`'s path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows, key=lambda r: (r["source"], r["file"]))
     by_index = {s.index: s for s in sources}
     cols: dict[str, list[int]] = {k: [] for k in ("source", "file", "row_group", "documents", "tokens")}
     per_source: dict[str, dict] = {}
