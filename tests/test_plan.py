@@ -28,6 +28,7 @@ KEYS = {
     "mask_fraction",
     "sentinels",
     "memory_gb",
+    "budget",
     "warnings",
     "errors",
 }
@@ -119,6 +120,45 @@ def test_the_released_sizes_plan_on_h100_nodes(config):
     mem = plan["memory_gb"]
     assert mem["total"] == max(mem["per_stage_total"]) and mem["recompute"] == recompute
     assert mem["total"] + MARGIN_GIB <= GPU_MEMORY_GIB, mem
+
+
+# config -> (layers, hidden, steps, global batch, micro-batches per step, PP, GPUs, full recompute), read off the
+# config and its preset by hand
+BY_HAND = {
+    "codegen2_16b_32gpu.yaml": (34, 6144, 10_000, 256, 128, 4, 32, False),
+    "codegen2_3.7b_1gpu.yaml": (16, 4096, 1000, 64, 32, 1, 1, True),
+}
+
+
+@pytest.mark.parametrize("config", sorted(BY_HAND))
+def test_the_plan_budgets_a_released_run_as_worked_by_hand(config):
+    """Parameters (all weights, and without the embedding and LM head), tokens per parameter and the expected
+    GPU-hours of the run, worked here from the shape and the 1B anchor's measured 85,022 tokens/s on one H100
+    (benchmarks/results/train_throughput_h100.txt), less the pipeline bubble and full recomputation's forward."""
+    from cglab.config import load_config
+    from cglab.plan import plan_run, text
+
+    plan = plan_run(load_config(REPO / "jobs" / "configs" / config))
+    L, d, steps, batch, micro, pp, gpus, full = BY_HAND[config]
+    V, S, peak = 51200, 2048, 989e12
+    block = 2 * d + 4 * d * d + 2 * d * 4 * d + 4 * d + d  # 2 LayerNorm, qkv + out (no bias), MLP (4d) with biases
+    non_embedding = L * block + 2 * d  # + the final LayerNorm
+    total = non_embedding + V * d + V * d + V  # + embedding, untied LM head with its bias
+    tokens = steps * batch * S
+
+    def flops(L, d):
+        return 6 * (12 * L * d * d + V * d) + 12 * L * d * S
+
+    mfu = 85_022 * flops(16, 2048) / peak * micro / (micro + pp - 1) * (6 / 8 if full else 1)
+    gpu_hours = tokens * flops(L, d) / (mfu * peak) / 3600
+    b = plan["budget"]
+    assert b["parameters"] == {"total": total, "non_embedding": non_embedding}
+    assert b["tokens"] == tokens and b["tokens_per_parameter"] == round(tokens / total, 2)
+    assert b["gpu_hours"] == pytest.approx(gpu_hours, abs=0.05) and b["hours"] == pytest.approx(
+        gpu_hours / gpus, abs=0.005
+    )
+    assert b["assumed_mfu"] == round(mfu, 4) and "ESTIMATE" in b["method"] and "53.9%" in b["method"]
+    assert f"  gpu_hours: {b['gpu_hours']}" in text(plan) and "  tokens_per_parameter: " in text(plan)
 
 
 @pytest.mark.parametrize("preset", ["laptop", "study", "1gpu", "cluster"])

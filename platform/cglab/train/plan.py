@@ -7,8 +7,9 @@ machine without one): the attention backend and why, the fusions, the Adam Megat
 grad-scale fold applies, precision, the parallel layout, resources, the data available (a bounded scan through
 the training readers and filters, its method stated) against the data needed, the mask fraction each corrupting
 objective realises on that data at the configured sequence length (the real objective code, run on a sample), the
-sentinels needed and available, and memory per GPU (cglab.train.memory). `warnings` are decisions a researcher
-should know about; `errors` are what a run refuses. The attention, fusion and Adam entries are the run's own
+sentinels needed and available, memory per GPU (cglab.train.memory), and the run's parameters, tokens per parameter
+and expected GPU-hours (cglab.train.budget, an estimate from the measured 1B anchor). `warnings` are decisions a
+researcher should know about; `errors` are what a run refuses. The attention, fusion and Adam entries are the run's own
 `cglab.decisions.RunDecisions`, resolved for the target machine. `cglab train`, `jobs/pretrain.py` and every Tune
 trial run `plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as
 `plan.json`.
@@ -437,6 +438,10 @@ def plan_run(
             f"memory_gb: ~{out['memory_gb']['total']:.0f} GiB per GPU estimated, more than an "
             f"H100's {GPU_MEMORY_GIB:.0f} GB; lower train.micro_batch_size, raise TP/PP, or set model.recompute=full"
         )
+    # imports torch (cglab.train.flops): kept off `cglab --help`'s path
+    from cglab.train.budget import budget
+
+    out["budget"] = budget(cfg, decisions.model.recompute.granularity or "none")
     out["warnings"], out["errors"] = warnings, errors
     return out
 
