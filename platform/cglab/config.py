@@ -244,7 +244,7 @@ class DataConfig(_Section):
     shuffle_docs: int = Field(1024, ge=1)
     # The tokens a unit of work aims at (a DP rank reads whole units; a resume re-reads at most one): an epoch has
     # max(64, tokens / unit_tokens) units, at most one per piece of the scarcest source (cglab.data.pipeline).
-    unit_tokens: int = Field(1 << 26, ge=1024)
+    unit_tokens: int = Field(1 << 22, ge=1024)
     # Where the corpus's dedup drop list and trained tokenizer are kept and found again (data/artifacts.py):
     # a local directory or a pyarrow filesystem URL (s3://...); "" = ~/.cache/cglab/corpus. Multi-node: shared.
     cache_path: str = ""

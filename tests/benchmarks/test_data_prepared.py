@@ -32,7 +32,7 @@ def test_the_committed_result_names_its_run_and_holds_every_part():
 
 
 def test_the_committed_balance_table_is_what_the_code_computes_now():
-    args = argparse.Namespace(dp=[8, 64, 512], chunk_tokens=1 << 20, unit_tokens=1 << 26, seed=0)
+    args = argparse.Namespace(dp=[8, 64, 512], chunk_tokens=1 << 20, unit_tokens=1 << 22, seed=0)
     lines = data_prepared.balance_table(args)
     text = RESULT.read_text()
     for line in lines:
@@ -40,11 +40,20 @@ def test_the_committed_balance_table_is_what_the_code_computes_now():
 
 
 @pytest.mark.parametrize("dp", [1, 3, 8])
-def test_the_all_ranks_partition_is_balances(dp):
+def test_the_heap_partition_is_the_plain_longest_first_rule(dp):
+    """pipeline.owners (one heap pass for every rank) against the rule written out: each unit, longest first,
+    onto the least-loaded rank, ties to the lowest rank."""
+    from cglab.data.pipeline import owners
+
     sizes = np.random.default_rng(dp).integers(1, 50, 40).astype(float).tolist()
     sizes[3] = sizes[7]  # a tie: the lower unit id goes first
-    owner = data_prepared.owners(sizes, dp)
-    assert [np.flatnonzero(owner == r).tolist() for r in range(dp)] == [balance(sizes, r, dp) for r in range(dp)]
+    load, want = [0.0] * dp, [0] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
+        r = min(range(dp), key=lambda r: (load[r], r))
+        want[u], load[r] = r, load[r] + sizes[u]
+    assert owners(sizes, dp).tolist() == want and balance(sizes, dp - 1, dp) == [
+        u for u in range(40) if want[u] == dp - 1
+    ]
 
 
 def test_pieces_cut_each_file_at_chunk_tokens():

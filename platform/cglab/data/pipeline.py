@@ -93,7 +93,7 @@ class DataPlan:
     prepared: str = ""  # the prepared corpus's directory (cglab.data.prepared), what the stream reads
     seed: int = 0  # data.seed: the pieces' shuffle, the in-unit shuffle and the mixture
     shuffle_docs: int = 1024  # data.shuffle_docs: the in-unit shuffle buffer, per source
-    unit_tokens: int = 1 << 26  # data.unit_tokens: the size a unit of work aims at (compose_units)
+    unit_tokens: int = 1 << 22  # data.unit_tokens: the size a unit of work aims at (compose_units)
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -307,23 +307,29 @@ def _epoch_units(path: str, weights: tuple, seed: int, epoch: int, unit_tokens: 
     return compose_units(idx.source, idx.tokens, weights, seed, epoch, unit_tokens)
 
 
-def balance(sizes, dp_rank: int, dp_size: int) -> list[int]:
-    """The units (ids) DP rank `dp_rank` reads, in stream order: longest first onto the least-loaded rank (ties:
-    lowest rank). Pure, so every process computes the same partition without talking; ranks end within one unit's
-    size of each other."""
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+def owners(sizes, dp_size: int) -> np.ndarray:
+    """The DP rank that reads each unit: longest first onto the least-loaded rank (ties: the lower unit id first,
+    then the lowest rank), with a heap of ranks, so every rank's share comes out of one O(units log dp) pass.
+    Pure: every process computes the same partition without talking; ranks end within one unit's size."""
     if len(sizes) < dp_size:
         raise ConfigError(
             f"parallel.data_parallel_size={dp_size}: the data has only {len(sizes)} units of work "
             f"(data.unit_tokens, at most one per piece of the active source with the fewest pieces), each rank "
             f"needs one; lower data.unit_tokens, or data.chunk_tokens for more pieces"
         )
-    load, owner = [0.0] * dp_size, [0] * len(sizes)
+    heap, owner = [(0.0, r) for r in range(dp_size)], np.zeros(len(sizes), np.int64)
     for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
-        r = min(range(dp_size), key=lambda r: (load[r], r))
-        owner[u], load[r] = r, load[r] + sizes[u]
-    return [u for u in range(len(sizes)) if owner[u] == dp_rank]
+        load, r = heapq.heappop(heap)
+        owner[u] = r
+        heapq.heappush(heap, (load + float(sizes[u]), r))
+    return owner
+
+
+def balance(sizes, dp_rank: int, dp_size: int) -> list[int]:
+    """The units (ids) DP rank `dp_rank` reads, in stream order (`owners`)."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    return np.flatnonzero(owners(sizes, dp_size) == dp_rank).tolist()
 
 
 def assign_units(plan: DataPlan, epoch: int, dp_rank: int, dp_size: int) -> list[int]:

@@ -314,7 +314,7 @@ def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray,
     with the least data. Both are computed with the stream's own functions (`compose_units`, `balance`) on the
     pieces the prepared corpus will have (each file's tokens, from its size and the source's tokens per byte, cut
     into pieces of data.chunk_tokens), so a run that would run dry is refused before any worker starts."""
-    from cglab.data.pipeline import balance, compose_units
+    from cglab.data.pipeline import compose_units, owners
 
     dp, chunk = cfg.parallel.data_parallel_size, cfg.data.chunk_tokens
     active = [i for i in range(len(scan.entries)) if share[i] > 0]
@@ -337,8 +337,8 @@ def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray,
             f"data.unit_tokens, or data.chunk_tokens for more pieces"
         )
         return {"units": n_units, "dp_size": dp, "share_read": {}}
-    per_rank = [sum(yields[u] for u in balance(yields.tolist(), r, dp)) for r in range(dp)]
-    lockstep = float(dp * min(per_rank) / sum(per_rank)) if sum(per_rank) else 0.0
+    per_rank = np.bincount(owners(yields.tolist(), dp), weights=yields, minlength=dp)
+    lockstep = float(dp * per_rank.min() / per_rank.sum()) if per_rank.sum() else 0.0
     total = {i: scan.entries[i]["tokens"] for i in active}
     return {
         "units": n_units,
