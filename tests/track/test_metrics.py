@@ -181,7 +181,8 @@ def test_every_dashboard_metric_is_scraped_from_a_live_training_run():
         assert 0 <= value("ray_cglab_data_wait_seconds", **tags) <= step_time
         assert value("ray_cglab_tokens_per_second", **tags) == pytest.approx(GLOBAL_BATCH * SEQ / step_time)
 
-        # Data side: counted by the stream's read tasks, per source (the config's source names). Each task's process
+        # Data side, per source (the config's source names): skips counted once, as the run's start prepares the
+        # corpus (cglab.data.prepared); kept documents as the stream's read tasks read them. Each task's process
         # exports its own series (Ray adds a WorkerId label); the dashboard sums them, and so do we.
         assert (
             sum(

@@ -229,11 +229,15 @@ def contaminated(sources, fcfg, index: NgramIndex) -> tuple[np.ndarray, np.ndarr
             reasons += r
         return pa.table({"key": pa.array(keys, pa.int64()), "reason": pa.array(reasons, pa.string())})
 
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(check, batch_size=1)
+    if ray.is_initialized():  # one Ray task per file
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(check, batch_size=1)
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    else:  # no Ray in this process: here, file by file (never start a Ray that outlives the command)
+        batches = (check({k: np.array([v]) for k, v in item.items()}).to_pydict() for item in items)
     keys, reasons = [], []
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        keys.append(b["key"].astype(np.int64))
-        reasons.append(b["reason"].astype(object))
+    for b in batches:
+        keys.append(np.asarray(b["key"], np.int64))
+        reasons.append(np.asarray(b["reason"], object))
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, object)
     keys, reasons = np.concatenate(keys), np.concatenate(reasons)

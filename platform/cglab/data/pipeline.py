@@ -544,7 +544,9 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         built["dedup"] = artifacts.dedup_drops(active, fcfg, root)
         plan.dedup_path = built["dedup"]["path"]
     # the stream reads the prepared corpus: filtered, deduplicated and tokenized once (cglab.data.prepared)
-    built["tokens"] = prepared.prepared_tokens(active, fcfg, tokenizer, plan.dedup_path, root, d.chunk_tokens)
+    built["tokens"] = prepared.prepared_tokens(
+        active, fcfg, tokenizer, plan.dedup_path, root, d.chunk_tokens, count_as=cfg.track.experiment
+    )
     plan.prepared = built["tokens"]["path"]
     have = set(prepared.load_index(plan.prepared).source.tolist())
     empty = [s for s in active if s.index not in have]

@@ -70,9 +70,13 @@ def piece_file(root: str, source: int, file: int) -> str:
     return artifacts._join(root, f"s{source}-f{file:06d}.parquet")
 
 
-def _write_file(src, f: int, fcfg, tok_args: tuple, dedup_path: str, root: str, chunk_tokens: int) -> dict:
+def _write_file(
+    src, f: int, fcfg, tok_args: tuple, dedup_path: str, root: str, chunk_tokens: int, count_as: str | None = None
+) -> dict:
     """Read, filter, drop duplicates, tokenize and write one source file; its pieces' counts and its skips.
-    `tok_args`: (tokenizer json, sentinels, whitespace run), rebuilt once per worker process."""
+    `tok_args`: (tokenizer json, sentinels, whitespace run), rebuilt once per worker process. `count_as` (an
+    experiment name): export the skips per reason to Prometheus (DataMetrics; only inside Ray), once, as the corpus
+    is prepared: the stream reads what survived."""
     # pyarrow: kept off `cglab --help`'s path; the pipeline imports this module
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -115,23 +119,35 @@ def _write_file(src, f: int, fcfg, tok_args: tuple, dedup_path: str, root: str, 
         ids.append(doc)
         n += len(doc)
     flush()
+    if count_as is not None:
+        import ray
+
+        if ray.is_initialized():
+            from cglab.track.metrics import DataMetrics
+
+            DataMetrics(experiment=count_as, source=src.name).skipped_counts(
+                {k: v for k, v in tally.counts.items() if k != "kept"}
+            )
     if writer is not None:
         writer.close()
         artifacts._write(piece_file(root, src.index, f), sink.getvalue())
     return {"source": src.index, "file": f, "pieces": pieces, "skipped": dict(tally.counts)}
 
 
-def build(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int) -> dict:
-    """Write every file's pieces (one Ray task per file), then the index and meta; returns meta."""
+def build(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int, count_as: str | None = None) -> dict:
+    """Write every file's pieces, then the index and meta; returns meta. One Ray task per file on the Ray this
+    process is connected to; with none, the files one after another here (a command that plans or prepares
+    without a cluster must not start a Ray of its own that outlives it)."""
     import ray
 
+    args = (tok.to_str(), tok.num_sentinels, tok.max_whitespace_run)
+    files = [(src, f) for src in sources for f in range(len(src.files))]
+    if not ray.is_initialized():
+        rows = [_write_file(src, f, fcfg, args, dedup_path, root, chunk_tokens, count_as) for src, f in files]
+        return write_index(sources, rows, root, chunk_tokens)
     write = ray.remote(num_cpus=1)(_write_file)
-    tok_args = ray.put((tok.to_str(), tok.num_sentinels, tok.max_whitespace_run))
-    refs = [
-        write.remote(src, f, fcfg, tok_args, dedup_path, root, chunk_tokens)
-        for src in sources
-        for f in range(len(src.files))
-    ]
+    tok_args = ray.put(args)
+    refs = [write.remote(src, f, fcfg, tok_args, dedup_path, root, chunk_tokens, count_as) for src, f in files]
     return write_index(sources, ray.get(refs), root, chunk_tokens)
 
 
@@ -167,7 +183,9 @@ def write_index(sources, rows: list[dict], root: str, chunk_tokens: int) -> dict
     return meta
 
 
-def prepared_tokens(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int) -> dict:
+def prepared_tokens(
+    sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int, count_as: str | None = None
+) -> dict:
     """The prepared corpus of these sources, filters, tokenizer, drop list and chunk size: reused when built before,
     else built (under a lock for a local cache) and stored. Returns {"path", "built", "seconds", "pieces",
     "tokens"}."""
@@ -192,7 +210,7 @@ def prepared_tokens(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens
         if artifacts._complete(d):  # another process built it while this one waited
             return done(False, 0.0)
         t0 = time.perf_counter()
-        build(sources, fcfg, tok, dedup_path, d, chunk_tokens)
+        build(sources, fcfg, tok, dedup_path, d, chunk_tokens, count_as)
         artifacts._write(artifacts._join(d, artifacts.MARKER), b"")
         return done(True, time.perf_counter() - t0)
 
