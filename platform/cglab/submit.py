@@ -54,6 +54,7 @@ EXCLUDES: list[str] = [
     "*.sqlite",  # MLflow stores
     "ray_results",
     "*.log",
+    "/benchmarks/results",  # committed result files and plots: read here, never by a job
 ]
 
 DRIVER_RESOURCE = "cglab_driver"
