@@ -12,3 +12,16 @@ def ray_local(tmp_path_factory):
 
     with local_ray(2, tmp_path_factory.mktemp("ray")):
         yield ray
+
+
+def cached_corpus_config(corpus, cache, train_docs: int, **data) -> dict:
+    """A raw config over `corpus` (SourceConfigs) with its artifacts under `cache` and a 400-token BPE trained on
+    `train_docs` documents, plus any other data.* fields."""
+    return {
+        "data": {
+            "sources": [c.model_dump() for c in corpus],
+            "cache_path": str(cache),
+            "tokenizer": {"vocab_size": 400, "train_docs": train_docs},
+            **data,
+        }
+    }

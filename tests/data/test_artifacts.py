@@ -13,6 +13,7 @@ import yaml
 from cglab.config import FilterConfig, SourceConfig, from_dict
 from cglab.data import artifacts, pipeline, readers
 from cglab.data.readers import make_key
+from tests.data.conftest import cached_corpus_config
 
 pytestmark = pytest.mark.slow
 DUP = "def shared():\n    return 'the same file everywhere'\n"
@@ -76,14 +77,7 @@ def test_prepare_reuses_tokenizer_and_dedup_and_the_stream_drops_later_copies(
     from cglab.cli import main
 
     cache = tmp_path / "cache"
-    raw = {
-        "data": {
-            "sources": [c.model_dump() for c in corpus],
-            "cache_path": str(cache),
-            "seq_length": 32,
-            "tokenizer": {"vocab_size": 400, "train_docs": 20},
-        }
-    }
+    raw = cached_corpus_config(corpus, cache, train_docs=20, seq_length=32)
     cfg = from_dict(raw)
     plan = pipeline.prepare_data(cfg)
     assert plan.artifacts["tokenizer"]["built"] and plan.artifacts["dedup"]["built"]

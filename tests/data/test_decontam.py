@@ -19,6 +19,7 @@ import yaml
 from cglab.config import ConfigError, DecontamConfig, FilterConfig, SourceConfig, from_dict
 from cglab.data import artifacts, decontam, readers
 from cglab.data.readers import make_key
+from tests.data.conftest import cached_corpus_config
 from tests.data.test_package_corpus import _install, _module
 
 EVAL_DATA = Path(__file__).parents[1] / "eval" / "data"  # small mbpp.jsonl / mtpb.jsonl in the published formats
@@ -156,13 +157,7 @@ def test_prepare_drops_and_counts_a_planted_solution_and_inspect_lists_it(
     from cglab.cli import main
 
     cache = tmp_path / "cache"
-    raw = {
-        "data": {
-            "sources": [c.model_dump() for c in corpus],
-            "cache_path": str(cache),
-            "tokenizer": {"vocab_size": 400, "train_docs": 10},
-        }
-    }
+    raw = cached_corpus_config(corpus, cache, train_docs=10)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     assert main(["corpus", "prepare", str(tmp_path / "run.yaml")]) == 0
     drops = json.loads(capsys.readouterr().out)["dedup"]
