@@ -22,6 +22,7 @@ paths): another evaluation set, n-gram length or list of extra files rebuilds it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -74,14 +75,27 @@ def _complete(d: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.File
 
 
-def _write(path: str, data: bytes) -> None:
-    """Write then move into place, so a reader never sees half a file."""
+@contextlib.contextmanager
+def _writing(path: str):
+    """An output stream to a temporary name beside `path`, moved into place when the block ends without an error
+    (removed when it raises), so a reader never sees half a file and a writer never holds a whole one."""
     fs, p = readers._filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
     fs.move(tmp, p)
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write then move into place, so a reader never sees half a file."""
+    with _writing(path) as f:
+        f.write(data)
 
 
 def _read(path: str) -> bytes:

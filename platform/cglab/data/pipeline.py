@@ -414,21 +414,24 @@ def mix_dataset(
             )
             for s in srcs
         ]
-        w = np.array([plan.weights[s] for s in srcs])
-        rng = np.random.default_rng([plan.seed, epoch, task, _MIX_TAG])  # the unit's identity: same on any rank
-        size = (lambda doc: doc[1].size) if by_tokens else None
-        sent: Counter = Counter()
-        rows, tokens, done = [], 0, 0
-        for i, doc in interleave(streams, w, rng, size=size):
-            rows.append((srcs[i], doc))
-            tokens += doc[1].size
-            if len(rows) >= _BLOCK_DOCS or tokens >= _BLOCK_TOKENS:
+        try:
+            w = np.array([plan.weights[s] for s in srcs])
+            rng = np.random.default_rng([plan.seed, epoch, task, _MIX_TAG])  # the unit's identity: same on any rank
+            size = (lambda doc: doc[1].size) if by_tokens else None
+            sent: Counter = Counter()
+            rows, tokens, done = [], 0, 0
+            for i, doc in interleave(streams, w, rng, size=size):
+                rows.append((srcs[i], doc))
+                tokens += doc[1].size
+                if len(rows) >= _BLOCK_DOCS or tokens >= _BLOCK_TOKENS:
+                    sent.update(r[0] for r in rows)
+                    yield table(rows, task, done)
+                    rows, tokens, done = [], 0, done + len(rows)
+            if rows:
                 sent.update(r[0] for r in rows)
                 yield table(rows, task, done)
-                rows, tokens, done = [], 0, done + len(rows)
-        if rows:
-            sent.update(r[0] for r in rows)
-            yield table(rows, task, done)
+        finally:
+            prepared.close(opened)
         if count_as is not None:
             for s, n in sent.items():
                 DataMetrics(experiment=count_as, source=plan.sources[s].name).kept(n)

@@ -23,9 +23,11 @@ yield, not by compressed bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -87,38 +89,44 @@ def _write_file(
     tally = _Tally()
     docs = _kept_documents(src, [f], fcfg, dedup_path, readers.max_record_bytes(fcfg.max_chars), tally)
     schema = pa.schema([("key", pa.int64()), ("ids", pa.large_list(pa.int32()))])
-    sink, writer = io.BytesIO(), None
+    writer = None
     pieces: list[tuple[int, int]] = []
     keys: list[int] = []
     ids: list[np.ndarray] = []
     n = 0
+    with contextlib.ExitStack() as files:  # the output streams to storage piece by piece: memory is one piece
 
-    def flush():
-        nonlocal writer, keys, ids, n
-        if not keys:
-            return
-        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.int64()),
-                "ids": pa.LargeListArray.from_arrays(
-                    pa.array(offsets, pa.int64()), pa.array(np.concatenate(ids), pa.int32())
-                ),
-            },
-            schema=schema,
-        )
-        writer = writer or pq.ParquetWriter(sink, schema)
-        writer.write_table(table, row_group_size=len(keys))  # one row group: one piece
-        pieces.append((len(keys), int(offsets[-1])))
-        keys, ids, n = [], [], 0
+        def flush():
+            nonlocal writer, keys, ids, n
+            if not keys:
+                return
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
+            table = pa.table(
+                {
+                    "key": pa.array(keys, pa.int64()),
+                    "ids": pa.LargeListArray.from_arrays(
+                        pa.array(offsets, pa.int64()), pa.array(np.concatenate(ids), pa.int32())
+                    ),
+                },
+                schema=schema,
+            )
+            if writer is None:  # a file none of whose documents survive writes nothing
+                writer = pq.ParquetWriter(
+                    files.enter_context(artifacts._writing(piece_file(root, src.index, f))), schema
+                )
+            writer.write_table(table, row_group_size=len(keys))  # one row group: one piece
+            pieces.append((len(keys), int(offsets[-1])))
+            keys, ids, n = [], [], 0
 
-    for key, doc in tokenized(docs, tok):
-        if n and n + len(doc) > chunk_tokens:
-            flush()
-        keys.append(key)
-        ids.append(doc)
-        n += len(doc)
-    flush()
+        for key, doc in tokenized(docs, tok):
+            if n and n + len(doc) > chunk_tokens:
+                flush()
+            keys.append(key)
+            ids.append(doc)
+            n += len(doc)
+        flush()
+        if writer is not None:
+            writer.close()
     if count_as is not None:
         import ray
 
@@ -128,9 +136,6 @@ def _write_file(
             DataMetrics(experiment=count_as, source=src.name).skipped_counts(
                 {k: v for k, v in tally.counts.items() if k != "kept"}
             )
-    if writer is not None:
-        writer.close()
-        artifacts._write(piece_file(root, src.index, f), sink.getvalue())
     return {"source": src.index, "file": f, "pieces": pieces, "skipped": dict(tally.counts)}
 
 
@@ -217,9 +222,6 @@ def prepared_tokens(
 
 def _lock(d: str):
     """An exclusive file lock beside a local artifact directory; none for an object store (see the module doc)."""
-    import contextlib
-    import os
-
     if readers._is_url(d):
         return contextlib.nullcontext()
     from filelock import FileLock
@@ -241,15 +243,23 @@ def load_index(path: str) -> Index:
 
 
 def read_piece(opened: dict, root: str, source: int, file: int, row_group: int) -> tuple[np.ndarray, list]:
-    """(keys, token-id arrays) of one piece; `opened` keeps each file's ParquetFile open for the caller."""
+    """(keys, token-id arrays) of one piece; `opened` keeps each file open for the caller (`close`)."""
     # pyarrow: kept off `cglab --help`'s path
     import pyarrow.parquet as pq
 
     path = piece_file(root, source, file)
     if path not in opened:
         fs, p = readers._filesystem(path)
-        opened[path] = pq.ParquetFile(fs.open_input_file(p))
-    t = opened[path].read_row_group(row_group)
+        handle = fs.open_input_file(p)
+        opened[path] = (pq.ParquetFile(handle), handle)
+    t = opened[path][0].read_row_group(row_group)
     ids = t.column("ids").combine_chunks()
     offsets, flat = ids.offsets.to_numpy(), ids.values.to_numpy()
     return t.column("key").to_numpy(), [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def close(opened: dict) -> None:
+    """Close the files `read_piece` opened."""
+    for _, handle in opened.values():
+        handle.close()
+    opened.clear()
