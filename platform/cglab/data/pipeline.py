@@ -1,45 +1,44 @@
-"""The training data stream: read → filter → dedup → mix → tokenize → pack → corrupt, as one Ray Data pipeline.
+"""The training data stream over the prepared corpus: shuffle → mix → pack → corrupt, as one Ray Data pipeline.
 
-    plan = prepare_data(cfg, run_dir)            # driver, once: paths checked, tokenizer trained/saved, dedup table
+    plan = prepare_data(cfg, run_dir)            # driver, once: paths checked, tokenizer, drop list, prepared corpus
     ds = build_dataset(cfg, epoch, plan)         # ray.data.Dataset of contract samples, in a fixed order
     for batch in iter_train_batches(cfg, epoch, dp_rank, dp_size, (k, offset), batch_size, plan): ...
 
-How the stages map onto Ray Data:
-- read+filter+dedup+tokenize+mix is one custom `Datasource` (`_read_specs("Mix", …)`). Each read task owns a
-  contiguous slice of every source's files, applies the filters and the dedup table, tokenizes the surviving
-  documents and interleaves them by the mixture weights (cglab.data.mixture: shares of tokens by default, of
-  documents with data.mix_by=documents). Doing the mixing inside the read keeps it exact (ratios count tokens that
-  are actually trained on) and streaming (no barrier).
-- pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window
-  boundaries depend only on the block, which the read task cuts deterministically. Ray fuses them with the read.
+Stage one (cglab.data.prepared, once per corpus) read, filtered, deduplicated, decontaminated and tokenized every
+file into pieces of at most data.chunk_tokens tokens. This module is stage two, every run:
+- units of work (`compose_units`, per epoch): each active source's pieces shuffled with (seed, epoch) and dealt into
+  token-balanced units, each holding pieces of every source; a unit's size is its yield (the tokens its mix emits
+  before its first source runs dry).
+- read+shuffle+mix is one custom `Datasource` (`_read_specs("Mix", …)`), one read task per unit: its pieces of each
+  source through a seeded shuffle buffer (`_piece_documents`), interleaved by the mixture weights
+  (cglab.data.mixture: shares of tokens by default, of documents with data.mix_by=documents). Mixing inside the
+  read keeps the ratio exact per unit (so per rank) and streaming (no barrier).
+- pack, corrupt are `map_batches` stages with `batch_size=None` (one call per block) so that window boundaries
+  depend only on the block, which the read task cuts deterministically. Ray fuses them with the read.
 - `DataContext.execution_options.preserve_order = True`: the stream order is the order of the read tasks and of the
   blocks inside them, whatever finishes first. So (seed, epoch) fixes the whole sequence of samples.
 
 Randomness: a window's corruption draws from `default_rng([seed, epoch, first_key, w])`, where `first_key` is the
 record key of the first document of its block and `w` its window number in the block: a stable identity of the
-sample, so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5).
-The mixture order uses the seed only, so every epoch covers the same documents.
+sample, so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5) as
+well as the order (the pieces and the buffers are shuffled with the epoch).
 
-Sharding (issue 14): the units of work are the mix read tasks of `mix_specs` (unit u = the u-th contiguous slice
-of every active source's files; its identity is u, its size the bytes of its files). `assign_units` gives each DP
-rank a set of units as a pure function of (plan, epoch, dp_rank, dp_size): longest-first onto the least-loaded
-rank, by bytes. A rank's Ray Data dataset holds only its own units' read tasks, so it reads, tokenizes, packs and
+Sharding: `owners` gives each DP rank whole units, longest first onto the least-loaded rank, as a pure function of
+(plan, epoch, dp_size). A rank's Ray Data dataset holds only its own units' read tasks, so it reads, packs and
 corrupts only its share (no 1/dp filter on the whole stream). Every sample depends on its unit alone (blocks are
-cut per read task, seeds use the block's first record key), so the ranks' samples are a partition of the dp=1
-stream whatever dp_size is. Not `streaming_split`: it hands blocks to whichever worker asks first, so the split
-would change run to run and tensor-parallel peers (same DP rank, must see identical batches) would get different
-data; here one rank per model-parallel group reads and broadcasts (train/feed.py DataFeed).
+cut per read task, seeds use the unit and the block's first record key), so the ranks' samples are a partition of
+the dp=1 stream whatever dp_size is. Not `streaming_split`: it hands blocks to whichever worker asks first, so the
+split would change run to run and tensor-parallel peers (same DP rank, must see identical batches) would get
+different data; here one rank per model-parallel group reads and broadcasts (train/feed.py DataFeed).
 
 Sample identity and position: a sample is (unit, unit_index), its index inside its unit's output; the dp=1
 stream is units 0, 1, ... in order. A rank's position is (k, offset): the next sample is number `offset` of its
 k-th unit. Resuming builds the dataset from unit k on (earlier units are not read at all) and drops the first
 `offset` samples of unit k: only the partial unit is re-read, whatever the position.
 
-Why units are whole read tasks: each one interleaves its files of every source by the mixture weights, which
-keeps the mixture exact per unit (so per rank). The count of units is the fewest files of any active source, so
-a corpus needs at least dp_size files per source (a clear error otherwise); more, smaller files balance better.
-Ranks hold different numbers of samples: the training feed steps in lockstep, so an epoch is what every rank can
-fill and the longer ranks' tails are dropped (train/feed.py).
+Ranks hold different yields (whole units each): the training feed steps in lockstep, so an epoch is what every rank
+can fill and the longer ranks' tails are dropped (train/feed.py); `cglab plan` computes that share
+(train/plan.py `_epoch_reads`) and refuses a run that needs more, or more ranks than units.
 """
 
 from __future__ import annotations
