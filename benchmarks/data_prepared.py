@@ -295,7 +295,6 @@ def prepare_lines(args, prep: dict) -> list[str]:
     out = sum(o for o, _ in prep["per_file"])
     growth = max(g for _, g in prep["per_file"])
     big = prep["big"]
-    per_out = big["peak"] / big["out"] if big else float("nan")  # RSS growth per byte written, the big file
     total_docs, total_tokens = PILE["docs"] + STACK["docs"], PILE["tokens"] + STACK["tokens"]
     pile_file_out = PILE["tokens"] / PILE["files"] * out / prep["tokens"]
     return [
@@ -305,15 +304,14 @@ def prepare_lines(args, prep: dict) -> list[str]:
         f"RSS: the largest peak of a corpus file {growth / 2**20:.0f} MiB over the RSS before it (the first file of "
         f"a source pays the imports and the tokenizer); the process's ru_maxrss {prep['maxrss'] / 2**20:.0f} MiB",
         f"one big file (the Stack rows x {args.big}): {big['tokens'] / 1e6:.0f} M tokens, writes "
-        f"{big['out'] / 1e6:.0f} MB, peak {big['peak'] / 2**20:.0f} MiB over the RSS before it: "
-        f"{per_out:.2f} bytes of RSS per byte written"
+        f"{big['out'] / 1e6:.0f} MB, peak {big['peak'] / 2**20:.0f} MiB over the RSS before it (pieces stream to "
+        f"storage: the peak does not follow the file's size; compare --big 12)"
         if big
         else "no big file (--big 0)",
         f"Pile + Stack-Python ({total_docs / 1e6:.0f} M documents, {total_tokens / 1e9:.0f} B tokens): "
         f"{cpu_m * total_docs / 1e6 / 3600:,.0f} CPU hours by documents, "
         f"{cpu_bt * total_tokens / 1e9 / 3600:,.0f} by tokens; one Pile shard "
-        f"({PILE['tokens'] / PILE['files'] / 1e9:.0f} B tokens) writes ~{pile_file_out / 1e9:.0f} GB, "
-        f"~{per_out * pile_file_out / 2**30:.0f} GiB of RSS at that ratio",
+        f"({PILE['tokens'] / PILE['files'] / 1e9:.0f} B tokens) writes ~{pile_file_out / 1e9:.0f} GB",
     ]
 
 
