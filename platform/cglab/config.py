@@ -433,6 +433,16 @@ class EvalConfig(_Section):
     # back to cglab.eval.nl.builtin_texts (stdlib docstrings, HumanEval solutions), which can be in the training
     # data and then rank variants on memorised text. Only with this set; the runs are tagged eval.texts.
     allow_builtin_texts: bool = False
+    # The held-out split (cglab.data.heldout): with `holdout`, documents sampled across the prepared corpus's files
+    # with `heldout_seed`, per kind (NL, code) up to `heldout_tokens` tokens or `max_docs` documents, each counted up
+    # to data.seq_length tokens, are kept out of the training stream and scored by the evaluation. A lesson sweep
+    # and a run with eval.every set it. Its own seed, not data.seed: every seed of a sweep trains without, and is
+    # scored on, the same split. `score_docs`: score only the first N held-out documents per kind (None: all).
+    holdout: bool = False
+    heldout_seed: int = 0
+    heldout_tokens: int = Field(32_768, ge=1)
+    max_docs: int = Field(512, ge=1)
+    score_docs: int | None = Field(None, ge=1)
     # While training (cglab.eval.periodic): a model-only snapshot is evaluated in a Ray task of its own, so
     # training does not wait for it. `every`: held-out text metrics (eval/nl_ppl ... eval/infill_ppl) every N
     # steps, the curve whose last point the final evaluation is; `code_every`: pass@1 in the sandbox on a fixed

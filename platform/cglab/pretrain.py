@@ -2,10 +2,9 @@
 
 A top-level command (above eval and tune) because it wires the evaluation while training into the run:
 with eval.code_every set, pass@1 on a fixed HumanEval / HumanEval-Infill subset; with eval.every set, the
-held-out text metrics, for which the last file of each multi-file source is held out of training exactly as a
-lesson sweep does (`cglab.tune.heldout`, written under the run's directory, <storage>/<name>/heldout, or its local
-stand-in when the storage is a URI (`cglab.storage.local_dir`); the run is tagged eval.texts / eval.heldout). See
-`cglab.eval.periodic`.
+held-out text metrics on the held-out split a lesson sweep uses (`cglab.data.heldout`: sampled from the prepared
+corpus with data.seed, kept under data.cache_path beside it and skipped by the training stream; the run is tagged
+eval.texts / eval.heldout). See `cglab.eval.periodic`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict, load_config
+from cglab.config import CGLabConfig, dump_config, flatten, from_dict, load_config
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 
 
@@ -43,25 +42,20 @@ def mlflow_run(cfg: CGLabConfig, name: str) -> MlflowContext | None:
 
 
 def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, dict[str, str]]:
-    """(config to train, fit's callbacks, eval tags) for eval.every / eval.code_every: with eval.every the
-    held-out split (deterministic, so the same command resumes on the same sources) and its texts."""
+    """(config to train, fit's callbacks, eval tags) for eval.every / eval.code_every: with eval.every,
+    eval.holdout set and the held-out split's texts (cglab.data.heldout: sampled with data.seed from the prepared
+    corpus, so the same command resumes on the same split; `fit` reuses the corpus prepared here)."""
+    from cglab.data.pipeline import prepare_data
     from cglab.eval.periodic import PeriodicEval
     from cglab.tune.evaluate import text_sources, text_tags
-    from cglab.tune.heldout import split_sources
 
     if not cfg.eval.periodic:
         return cfg, (), {}
-    nl = code = None
-    why = ""
     if cfg.eval.every:
-        try:
-            train, held = split_sources(cfg.data.sources, run_dir / "heldout", filters=cfg.data.filters)
-        except ConfigError as err:
-            why = str(err)
-        else:
-            cfg = from_dict(cfg.model_dump(mode="json"), [f"data.sources={json.dumps(train)}"])
-            nl, code = held.nl_path, held.code_path
-            why = f"documents held out per kind: {held.counts}"
+        cfg = from_dict(cfg.model_dump(mode="json"), ["eval.holdout=true"])
+        held = prepare_data(cfg).artifacts["heldout"]
+        nl, code = held["texts"]["nl"], held["texts"]["code"]
+        why = f"documents held out per kind: nl {held['nl']['documents']}, code {held['code']['documents']}"
         used = text_sources(nl, code, cfg.eval.allow_builtin_texts, why)  # ConfigError naming the field
         return cfg, (PeriodicEval(nl, code),), text_tags(used)
     return cfg, (PeriodicEval(),), {}

@@ -41,3 +41,16 @@ def local_dir(path: str | os.PathLike) -> Path:
         return Path(location(path))
     scheme, rest = str(path).split("://", 1)
     return Path(URI_MIRROR).resolve() / scheme / rest.strip("/")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes from a local path or a URI (pyarrow's file systems)."""
+    # pyarrow: kept off `cglab --help`'s path
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(str(path))
+    else:
+        fs, p = pafs.LocalFileSystem(), location(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()

@@ -1,47 +1,16 @@
+"""The sweep's held-out inputs (cglab.tune.sweep.prepare_base): the split itself is cglab.data.heldout's
+(tests/data/test_heldout.py); here, what a sweep refuses and what it falls back to, and that every variant of a
+lesson shares one split."""
+
 import json
 
 import pytest
 
 from cglab.config import ConfigError
-from cglab.data.dedup import content_hashes
-from cglab.data.pipeline import sample_texts
-from cglab.tune.heldout import split_sources
 
 
-def test_last_file_of_each_source_is_held_out_and_never_trained_on(micro_sources, tmp_path):
-    from cglab.config import DataConfig, SourceConfig
-
-    train, held = split_sources(micro_sources, tmp_path)
-    for src, orig in zip(train, micro_sources):
-        assert (
-            src["name"] == orig["name"]
-            and len(src["paths"]) == 1
-            and src["paths"][0].endswith("00" + (".jsonl.zst" if src["kind"] == "pile" else ".parquet"))
-        )
-    nl = [json.loads(line)["text"] for line in open(held.nl_path)]
-    code = [json.loads(line)["text"] for line in open(held.code_path)]
-    assert len(nl) == held.counts["nl"] > 0 and len(code) == held.counts["code"] > 0
-    # Nothing held out is byte-identical to a document the training stream can read.
-    trained = set(content_hashes(sample_texts(DataConfig(sources=[SourceConfig(**s) for s in train]), 10**6)))
-    assert not trained & set(content_hashes(nl + code))
-    # Deterministic: a restored sweep gets the same split.
-    again, held2 = split_sources(micro_sources, tmp_path / "again")
-    assert again == train and open(held2.code_path).read() == open(held.code_path).read()
-
-
-def test_single_file_sources_cannot_be_split(micro_sources, tmp_path):
-    one = [
-        dict(s, paths=[s["paths"][0] + ("/00.jsonl.zst" if s["kind"] == "pile" else "/00.parquet")])
-        for s in micro_sources
-    ]
-    with pytest.raises(ConfigError, match="no source has two or more files"):
-        split_sources(one, tmp_path)
-
-
-def _one_file(sources, kinds=("pile", "stack")):
-    """The sources with only their first shard for the given kinds: nothing of those kinds can be held out."""
-    first = {"pile": "/00.jsonl.zst", "stack": "/00.parquet"}
-    return [dict(s, paths=[s["paths"][0] + first[s["kind"]]]) if s["kind"] in kinds else s for s in sources]
+def _only(sources, kinds):
+    return [s for s in sources if s["kind"] in kinds]
 
 
 def _base(sources, *overrides):
@@ -50,15 +19,11 @@ def _base(sources, *overrides):
     return base_config("laptop", overrides=[f"data.sources={json.dumps(sources)}", *overrides])
 
 
-def test_sweep_without_heldout_split_refuses_before_any_work(micro_sources, tmp_path):
+def test_sweep_without_heldout_texts_refuses_before_any_work(micro_sources, tmp_path):
     from cglab.tune.sweep import prepare_base
 
-    with pytest.raises(
-        ConfigError,
-        match=r"eval\.allow_builtin_texts: no held-out nl or code documents.*"
-        r"no source has two or more files",
-    ):
-        prepare_base(_base(_one_file(micro_sources)), tmp_path)
+    with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out nl documents.*no pile source"):
+        prepare_base(_base(_only(micro_sources, ("stack",))), tmp_path)
     assert not (tmp_path / "tokenizer").exists()  # refused before the tokenizer was trained
     with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out nl or code .*holdout=False"):
         prepare_base(_base(micro_sources), tmp_path, holdout=False)
@@ -68,13 +33,12 @@ def test_builtin_texts_only_when_allowed_and_named(micro_sources, micro_tokenize
     from cglab.tune.evaluate import text_sources, text_tags
     from cglab.tune.sweep import prepare_base
 
-    # held-out code but no held-out NL: the NL part needs the flag, and the warning and tags say what fell back
-    partial = _one_file(micro_sources, kinds=("pile",))
-    with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out nl documents"):
-        prepare_base(_base(partial), tmp_path / "refused")
     tok = f"data.tokenizer.path={json.dumps(str(micro_tokenizer.path))}"
+    cache = f"data.cache_path={json.dumps(str(tmp_path / 'cache'))}"
+    # code but no NL source: the NL part needs the flag, and the warning and tags say what fell back
+    code_only = _base(_only(micro_sources, ("stack",)), "eval.allow_builtin_texts=true", tok, cache)
     with caplog.at_level("WARNING", logger="cglab.tune.sweep"):
-        _, nl, code = prepare_base(_base(partial, "eval.allow_builtin_texts=true", tok), tmp_path / "allowed")
+        _, nl, code = prepare_base(code_only, tmp_path / "allowed")
     assert nl is None and code is not None
     assert "scoring nl on cglab.eval.nl.builtin_texts" in caplog.text
     assert text_tags(text_sources(nl, code, True)) == {
@@ -91,9 +55,17 @@ def test_builtin_texts_only_when_allowed_and_named(micro_sources, micro_tokenize
     }
 
 
-def test_evaluate_checkpoint_refuses_builtin_texts_unless_allowed(micro_sources):
-    from cglab.tune.evaluate import evaluate_checkpoint
+def test_every_variant_of_a_lesson_shares_the_sweeps_split(micro_sources, micro_tokenizer, tmp_path):
+    """Lesson 4's variants weigh the sources differently (pl_only, nl_only, mix); the prepared corpus holds every
+    source, so each variant's trial finds the split the sweep scored on and skips exactly it."""
+    from cglab.data.pipeline import prepare_data
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.sweep import prepare_base
 
-    # refused before the checkpoint is even opened: a missing one would be a different error
-    with pytest.raises(ConfigError, match=r"eval\.allow_builtin_texts: no held-out code documents"):
-        evaluate_checkpoint("/nonexistent/checkpoint", _base(micro_sources), "nl.jsonl", None)
+    tok = f"data.tokenizer.path={json.dumps(str(micro_tokenizer.path))}"
+    cache = f"data.cache_path={json.dumps(str(tmp_path / 'cache'))}"
+    base, nl, code = prepare_base(_base(micro_sources, tok, cache), tmp_path / "inputs")
+    assert nl and code and base.eval.holdout
+    lesson = get_lesson(4)
+    splits = {prepare_data(lesson.config_for(v.name, base, 0)).heldout for v in lesson.variants}
+    assert len(splits) == 1 and nl.startswith(splits.pop())

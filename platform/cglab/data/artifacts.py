@@ -133,6 +133,17 @@ def build_drops(sources, fcfg) -> np.ndarray:
     return np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
 
+def drops_dir(sources, fcfg, root: str):
+    """(where the drop list of these sources under these filters lives, built or not; the decontamination index)."""
+    index = decontam.load_index(fcfg.decontaminate)  # ConfigError naming the field when an eval file is missing
+    settings = {
+        "kind": "drops",
+        "filters": fcfg.model_dump(mode="json", exclude={"decontaminate"}),
+        "decontaminate": index.fingerprint if index else None,
+    }
+    return _join(root, f"drops-{fingerprint(sources, settings)}"), index
+
+
 def dedup_drops(sources, fcfg, root: str) -> dict:
     """The drop list of these sources under these filters (`fcfg.dedup`: later copies; `fcfg.decontaminate`:
     documents sharing an n-gram with an evaluation set): reused when built before, else built and stored.
@@ -144,13 +155,7 @@ def dedup_drops(sources, fcfg, root: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    index = decontam.load_index(fcfg.decontaminate)  # ConfigError naming the field when an eval file is missing
-    settings = {
-        "kind": "drops",
-        "filters": fcfg.model_dump(mode="json", exclude={"decontaminate"}),
-        "decontaminate": index.fingerprint if index else None,
-    }
-    d = _join(root, f"drops-{fingerprint(sources, settings)}")
+    d, index = drops_dir(sources, fcfg, root)
     if _complete(d):
         meta = json.loads(_read(_join(d, META)))
         return {"path": _join(d, DROPS), "built": False, "seconds": 0.0, **_counts(meta["dropped"])}

@@ -59,7 +59,7 @@ import numpy as np
 import pyarrow as pa
 
 from cglab.config import ConfigError
-from cglab.data import artifacts, objectives, prepared, readers
+from cglab.data import artifacts, heldout, objectives, prepared, readers
 from cglab.data.contract import SAMPLE_KEYS
 from cglab.data.dedup import content_hashes
 from cglab.data.filters import filter_reasons
@@ -93,6 +93,8 @@ class DataPlan:
     seed: int = 0  # data.seed: the pieces' shuffle, the in-unit shuffle and the mixture
     shuffle_docs: int = 1024  # data.shuffle_docs: the in-unit shuffle buffer, per source
     unit_tokens: int = 1 << 22  # data.unit_tokens: the size a unit of work aims at (compose_units)
+    # the held-out split's directory (cglab.data.heldout, eval.holdout): its documents are skipped; "" = none
+    heldout: str = ""
 
     def tokenizer(self):
         return _tokenizer(self.tokenizer_json, self.num_sentinels, self.max_whitespace_run)
@@ -340,12 +342,16 @@ def _piece_documents(plan: DataPlan, pieces: np.ndarray, rng: np.random.Generato
     """(key, ids) of the documents of `pieces` (one source's, in the unit's shuffled order) through a shuffle
     buffer of plan.shuffle_docs documents: a bounded, seeded in-unit shuffle."""
     idx = prepared.load_index(plan.prepared)
+    skip = heldout.excluded(plan.heldout) if plan.heldout else np.zeros(0, np.int64)
     buf: list[tuple[int, np.ndarray]] = []
     for r in pieces.tolist():
         keys, ids = prepared.read_piece(
             opened, plan.prepared, int(idx.source[r]), int(idx.file[r]), int(idx.row_group[r])
         )
-        for doc in zip(keys.tolist(), ids):
+        held = np.isin(keys, skip)  # held out for evaluation, or a copy of a held-out document
+        for doc, out in zip(zip(keys.tolist(), ids), held.tolist()):
+            if out:
+                continue
             buf.append(doc)
             if len(buf) >= plan.shuffle_docs:
                 j = int(rng.integers(len(buf)))
@@ -540,16 +546,22 @@ def prepare_data(cfg, run_dir: str | Path | None = None, tokenizer=None, dedup: 
         shuffle_docs=d.shuffle_docs,
         unit_tokens=d.unit_tokens,
     )
+    # The drop list and the prepared corpus hold every source, weighted or not: one corpus, one key, so the
+    # variants of a lesson that weigh its sources differently (lesson 4) share them and their held-out split.
     active = [s for s in sources if weights[s.index] > 0]
     fcfg = d.filters if dedup is None else d.filters.model_copy(update={"dedup": dedup})
     if fcfg.dedup or fcfg.decontaminate.enabled:  # one drop list: later copies, evaluation problems
-        built["dedup"] = artifacts.dedup_drops(active, fcfg, root)
+        built["dedup"] = artifacts.dedup_drops(sources, fcfg, root)
         plan.dedup_path = built["dedup"]["path"]
     # the stream reads the prepared corpus: filtered, deduplicated and tokenized once (cglab.data.prepared)
     built["tokens"] = prepared.prepared_tokens(
-        active, fcfg, tokenizer, plan.dedup_path, root, d.chunk_tokens, count_as=cfg.track.experiment
+        sources, fcfg, tokenizer, plan.dedup_path, root, d.chunk_tokens, count_as=cfg.track.experiment
     )
     plan.prepared = built["tokens"]["path"]
+    if cfg.eval.holdout:  # sampled from the prepared corpus and skipped by the stream: the corpus's key stays
+        held = heldout.settle(plan, cfg.eval, d.seq_length, dedup=fcfg.dedup)
+        plan.heldout = held.path
+        built["heldout"] = {"path": held.path, "built": held.built, "texts": held.texts, **held.counts}
     have = set(prepared.load_index(plan.prepared).source.tolist())
     empty = [s for s in active if s.index not in have]
     if empty:

@@ -188,12 +188,8 @@ def write_index(sources, rows: list[dict], root: str, chunk_tokens: int) -> dict
     return meta
 
 
-def prepared_tokens(
-    sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int, count_as: str | None = None
-) -> dict:
-    """The prepared corpus of these sources, filters, tokenizer, drop list and chunk size: reused when built before,
-    else built (under a lock for a local cache) and stored. Returns {"path", "built", "seconds", "pieces",
-    "tokens"}."""
+def tokens_dir(sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int) -> str:
+    """Where the prepared corpus of these sources and settings lives, built or not."""
     settings = {
         "kind": "tokens",
         "version": VERSION,
@@ -202,10 +198,36 @@ def prepared_tokens(
         "dedup": dedup_path.rsplit("/", 2)[-2] if dedup_path else "",  # the drop list's own fingerprinted dir
         "chunk_tokens": chunk_tokens,
     }
-    d = artifacts._join(root, f"tokens-{artifacts.fingerprint(sources, settings)}")
+    return artifacts._join(root, f"tokens-{artifacts.fingerprint(sources, settings)}")
+
+
+def find(sources, fcfg, tok, root: str, chunk_tokens: int) -> str | None:
+    """The prepared corpus of these sources and settings when it was built before (`cglab corpus prepare`, or any
+    run over them), else None; builds nothing (`cglab plan` reads its exact counts when it is there)."""
+    dedup_path = ""
+    if fcfg.dedup or fcfg.decontaminate.enabled:
+        drops, _ = artifacts.drops_dir(sources, fcfg, root)
+        if not artifacts._complete(drops):
+            return None
+        dedup_path = artifacts._join(drops, artifacts.DROPS)
+    d = tokens_dir(sources, fcfg, tok, dedup_path, root, chunk_tokens)
+    return d if artifacts._complete(d) else None
+
+
+def read_meta(path: str) -> dict:
+    return json.loads(artifacts._read(artifacts._join(path, META)))
+
+
+def prepared_tokens(
+    sources, fcfg, tok, dedup_path: str, root: str, chunk_tokens: int, count_as: str | None = None
+) -> dict:
+    """The prepared corpus of these sources, filters, tokenizer, drop list and chunk size: reused when built before,
+    else built (under a lock for a local cache) and stored. Returns {"path", "built", "seconds", "pieces",
+    "tokens"}."""
+    d = tokens_dir(sources, fcfg, tok, dedup_path, root, chunk_tokens)
 
     def done(built: bool, seconds: float) -> dict:
-        meta = json.loads(artifacts._read(artifacts._join(d, META)))
+        meta = read_meta(d)
         tokens = sum(s["tokens"] for s in meta["sources"].values())
         return {"path": d, "built": built, "seconds": seconds, "pieces": meta["pieces"], "tokens": tokens}
 

@@ -42,8 +42,6 @@ from cglab.eval.infill import infill_examples, infill_perplexity
 from cglab.eval.sandbox import Limits
 from cglab.train.checkpoint import checkpoint_to_hf
 
-MAX_DOCS, MAX_DOC_CHARS = 32, 3000  # per kind: enough to rank laptop variants, seconds to score on a CPU
-
 
 @dataclass
 class CheckpointEval:
@@ -102,12 +100,13 @@ def hf_generator(checkpoint: str | Path, hf_dir: str | Path, seq_length: int):
 
 def text_metrics(gen, cfg: CGLabConfig, nl_path: str | None, code_path: str | None, used: Mapping[str, str]):
     """eval/{nl,code}_{ppl,bpb} and eval/infill_ppl on the held-out documents (or, per `used`, the built-in
-    texts): the first MAX_DOCS documents of each kind, each cut to MAX_DOC_CHARS."""
+    texts): every held-out document of each kind (each at most data.seq_length tokens, cglab.data.heldout), or
+    the first eval.score_docs of them."""
     out: dict[str, float] = {}
     fallback = nl.builtin_texts(cfg.eval.limit or 64) if "builtin" in used.values() else {}
-    nl_texts = nl.read_texts(nl_path) if nl_path else fallback["nl"]
-    code_texts = nl.read_texts(code_path) if code_path else fallback["code"]
-    nl_texts, code_texts = ([t[:MAX_DOC_CHARS] for t in ts[:MAX_DOCS]] for ts in (nl_texts, code_texts))
+    n = cfg.eval.score_docs
+    nl_texts = nl.read_texts(nl_path, n) if nl_path else fallback["nl"][:n]
+    code_texts = nl.read_texts(code_path, n) if code_path else fallback["code"][:n]
     for name, texts in (("nl", nl_texts), ("code", code_texts)):
         m = nl.lm_metrics(gen.score, texts)
         out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]

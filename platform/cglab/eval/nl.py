@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from cglab import storage
 from cglab.eval.humaneval import load_problems
 
 ScoreFn = Callable[[Sequence[str]], Sequence[np.ndarray]]
@@ -92,21 +93,21 @@ def lambada_accuracy(generator, examples: Sequence[tuple[str, str]], *, max_new_
 
 def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Documents from .txt (one file = one doc), or .jsonl with a "text" or "content" field per line."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [path.read_text()]
+    path = str(path)
+    data = storage.read_bytes(path).decode()  # a local path or a URI (a held-out split in an object-store cache)
+    if not path.endswith(".jsonl"):
+        return [data]
     texts = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(row["text"] if "text" in row else row["content"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'text' or 'content'") from err
-            if limit and len(texts) >= limit:
-                break
+    for lineno, line in enumerate(data.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(row["text"] if "text" in row else row["content"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'text' or 'content'") from err
+        if limit and len(texts) >= limit:
+            break
     return texts
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cglab.config import CGLabConfig, ConfigError, cross_field_errors
-from cglab.data import artifacts, objectives, readers
+from cglab.data import artifacts, heldout, objectives, prepared, readers
 from cglab.data.dedup import content_hashes
 from cglab.data.mixture import interleave, source_weights
 from cglab.data.objectives import packing_reserve
@@ -112,6 +112,9 @@ class Scan:
     docs: list[list[np.ndarray]]  # per source: the kept documents' token ids (each ends with <|endoftext|>)
     tokenizer: Any
     file_bytes: list[list[int]] = dataclasses.field(default_factory=list)  # per source: each file's size
+    # the prepared corpus's pieces (source, tokens) when it was built before: the epoch's units are then exact
+    pieces: tuple[np.ndarray, np.ndarray] | None = None
+    heldout: dict | None = None  # the held-out split's counts (eval.holdout), when it was drawn before
 
 
 def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, max_bytes: int = SCAN_BYTES) -> Scan:
@@ -171,7 +174,32 @@ def scan_sources(cfg: CGLabConfig, tokenizer=None, max_docs: int = SCAN_DOCS, ma
             }
         )
         docs.append(ids)
-    return Scan(entries, docs, tok, file_bytes)
+    scan = Scan(entries, docs, tok, file_bytes)
+    _exact_counts(cfg, scan)
+    return scan
+
+
+def _exact_counts(cfg: CGLabConfig, scan: Scan) -> None:
+    """Where the prepared corpus of this config exists (`cglab corpus prepare`, or an earlier run over it), its
+    index replaces the scan's extrapolation: documents and tokens per source after filters, dedup and
+    decontamination, what each skipped by reason (`duplicate`, `contaminated:<suite>`, ...), the real pieces the
+    epoch's units are composed of, and the held-out split when it was drawn. Builds nothing."""
+    d = cfg.data
+    sources = readers.resolve_files(d.sources)
+    path = prepared.find(sources, d.filters, scan.tokenizer, artifacts.cache_root(d), d.chunk_tokens)
+    if path is None:
+        return
+    meta, idx = prepared.read_meta(path), prepared.load_index(path)
+    for e in scan.entries:
+        m = meta["sources"].get(e["name"], {"documents": 0, "tokens": 0, "skipped": {}})
+        e["documents"], e["tokens"] = m["documents"], m["tokens"]
+        e["tokens_per_document"] = round(m["tokens"] / m["documents"], 1) if m["documents"] else 0.0
+        e["skipped"] = m["skipped"]
+        e["method"] = f"exact: the prepared corpus's index ({path})"
+    scan.pieces = (idx.source.astype(np.int64), idx.tokens.astype(np.float64))
+    if cfg.eval.holdout:
+        held = heldout.find(path, cfg.eval, d.seq_length, d.filters.dedup)
+        scan.heldout = {"path": held.path, **held.counts} if held else {"note": "drawn when the run starts"}
 
 
 def _file_size(path: str) -> int:
@@ -303,7 +331,10 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
             )
     if t.epochs == 1 and any(v > 0.999 for v in passes.values()) and not errors:
         warnings.append("data: the run reads nearly all of a source once; dedup or filters may leave too little")
-    return {"sources": scan.entries}, needed, passes
+    data = {"sources": scan.entries}
+    if cfg.eval.holdout:
+        data["heldout"] = scan.heldout or {"note": "drawn when the run starts (cglab.data.heldout)"}
+    return data, needed, passes
 
 
 def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray, errors: list[str]) -> dict:
@@ -318,17 +349,19 @@ def _epoch_reads(cfg: CGLabConfig, scan: Scan, w: np.ndarray, share: np.ndarray,
 
     dp, chunk = cfg.parallel.data_parallel_size, cfg.data.chunk_tokens
     active = [i for i in range(len(scan.entries)) if share[i] > 0]
-    source, tokens = [], []
-    for i in active:
-        sizes = np.asarray(scan.file_bytes[i], float)
-        per_byte = scan.entries[i]["tokens"] / sizes.sum() if sizes.sum() else 0.0
-        for t in sizes * per_byte:
-            n = max(1, math.ceil(t / chunk))
-            source += [i] * n
-            tokens += [t / n] * n
-    members, yields = compose_units(
-        np.asarray(source, np.int64), np.asarray(tokens), share, cfg.data.seed, 0, cfg.data.unit_tokens
-    )
+    if scan.pieces is not None:  # the prepared corpus's own pieces
+        source, tokens = scan.pieces
+    else:  # the pieces it will have: each file's tokens (from its size) cut into data.chunk_tokens
+        src_l, tok_l = [], []
+        for i in active:
+            sizes = np.asarray(scan.file_bytes[i], float)
+            per_byte = scan.entries[i]["tokens"] / sizes.sum() if sizes.sum() else 0.0
+            for t in sizes * per_byte:
+                n = max(1, math.ceil(t / chunk))
+                src_l += [i] * n
+                tok_l += [t / n] * n
+        source, tokens = np.asarray(src_l, np.int64), np.asarray(tok_l)
+    members, yields = compose_units(source, tokens, share, cfg.data.seed, 0, cfg.data.unit_tokens)
     n_units = len(members)
     if dp > n_units:
         errors.append(

@@ -57,6 +57,22 @@ def run_config(cfg: CGLabConfig, storage_path: str, name: str):
     )
 
 
+def _exact(run_plan: dict) -> bool:
+    """Whether the plan's data counts came from the prepared corpus's index (not a bounded scan's estimate)."""
+    sources = (run_plan.get("data") or {}).get("sources") or []
+    return all(e["method"].startswith("exact: the prepared corpus") for e in sources)
+
+
+def _refuse_recorded(run_plan: dict, run_dir: Path, mlflow) -> None:
+    """Write the plan beside the run (and to its MLflow run), then refuse it when it has errors."""
+    from cglab.train.plan import refuse, write_json
+
+    write_json(run_plan, run_dir / "plan.json")
+    if mlflow is not None:
+        _log_plan(mlflow, run_plan)
+    refuse(run_plan)
+
+
 def fit(
     cfg: CGLabConfig,
     *,
@@ -94,18 +110,24 @@ def fit(
     from cglab.train import preemption
     from cglab.train.callbacks import Fault
     from cglab.train.loop import WorkerInputs, worker_loop
-    from cglab.train.plan import plan_run, refuse, write_json
+    from cglab.train.plan import plan_run
 
     storage_path, run_dir = run_paths(storage_path, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
-    plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
-    run_plan = run_plan or plan_run(cfg, tokenizer=plan.tokenizer())
-    write_json(run_plan, run_dir / "plan.json")
-    if mlflow is not None:
-        _log_plan(mlflow, run_plan)
-    refuse(run_plan)
+    if run_plan is None:
+        # refused before the corpus is prepared (hours on a real corpus) when the estimate already says no;
+        # planned again on the prepared corpus's exact counts when the first plan could only estimate them
+        run_plan = plan_run(cfg)
+        if run_plan["errors"]:
+            _refuse_recorded(run_plan, run_dir, mlflow)
+        plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
+        if not _exact(run_plan):
+            run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
+    else:
+        plan = prepare_data(cfg, run_dir)
+    _refuse_recorded(run_plan, run_dir, mlflow)
     if run_plan.get("data"):  # passes per source: tokens read over what each source holds
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
     p, t = cfg.parallel, cfg.train

@@ -8,8 +8,6 @@ sweep's name for it.
 from __future__ import annotations
 
 from cglab.eval.checkpoint_eval import (  # noqa: F401  (the sweep's and its tests' names)
-    MAX_DOC_CHARS,
-    MAX_DOCS,
     CheckpointEval,
     evaluate_checkpoint,
     sandbox_conditions,

@@ -12,7 +12,7 @@ With eval.every / eval.code_every set, the trial also evaluates while it trains 
 task of its own whose eval.task_cpus `trial_resources` counts) and the train function gets `callbacks=`.
 
 The last step of every trial evaluates the checkpoint that training returned (`cglab.tune.evaluate`) on
-documents held out from the training sources (`cglab.tune.heldout`: the last file of each source), logs the
+documents held out from the training stream (`cglab.data.heldout`: sampled across the prepared corpus), logs the
 metrics to the trial's child run and reports them to Tune. The tokenizer is trained once per sweep, on the
 driver, so every variant is scored with the same tokens. A kind (NL, code) with no held-out documents is a
 ConfigError before any trial starts, unless `eval.allow_builtin_texts` lets it fall back to the built-in texts;
@@ -40,7 +40,6 @@ from cglab.data import artifacts, readers
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 from cglab.train.plan import plan_run, scan_sources
 from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
-from cglab.tune.heldout import split_sources
 from cglab.tune.lessons import Lesson, get_lesson
 from cglab.tune.presets import Preset, base_config, get_preset, max_concurrent, trial_resources
 from cglab.tune.results import collect, record_stability, record_verdict
@@ -190,31 +189,40 @@ class SweepResult:
 def prepare_base(
     base: CGLabConfig, workdir: str | Path, holdout: bool = True
 ) -> tuple[CGLabConfig, str | None, str | None]:
-    """The sweep's shared inputs, settled once on the driver: held-out files split off the training sources
-    (when `holdout`) and the tokenizer trained and saved (unless data.tokenizer.path or model.init_from brings one).
-    Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
-    restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path)
-    is a ConfigError naming eval.allow_builtin_texts unless that is set; raised before the tokenizer is trained,
-    so a sweep that would score on built-in texts stops before spending anything."""
+    """The sweep's shared inputs, settled once on the driver: the tokenizer trained and saved (unless
+    data.tokenizer.path or model.init_from brings one) and, when `holdout`, the prepared corpus and its held-out
+    split (cglab.data.heldout: sampled with data.seed, skipped by every trial's stream; eval.holdout is set for the
+    trials). Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
+    restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path) is a
+    ConfigError naming eval.allow_builtin_texts unless that is set."""
     if not base.data.sources:
         raise ConfigError(
             "data.sources: no sources configured (pass --config, or use the laptop preset's micro corpus)"
         )
     work = Path(workdir)
+    kinds = {s.kind for s in base.data.sources}
+    why = "holdout=False" if not holdout else f"no {' or '.join(sorted({'pile', 'stack'} - kinds))} source"
+    # what each kind can hold out is known from the sources' kinds: a refusal comes before anything is built
+    can = {name: name if holdout and kind in kinds else None for kind, name in (("pile", "nl"), ("stack", "code"))}
+    text_sources(can["nl"], can["code"], base.eval.allow_builtin_texts, why)
     overrides: list[str] = []
+    if not base.data.tokenizer.path and not base.model.init_from:  # init_from's weights bring their tokenizer
+        # the corpus's tokenizer: trained once per (files, settings), reused by every sweep over them
+        tok, _ = artifacts.trained_tokenizer(
+            base.data, readers.resolve_files(base.data.sources), artifacts.cache_root(base.data)
+        )
+        tok.save(work / "tokenizer")
+        overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
     nl = code = None
-    why = "holdout=False" if not holdout else ""
     if holdout:
-        try:
-            train, held = split_sources(base.data.sources, work / "heldout", filters=base.data.filters)
-        except ConfigError as err:
-            why = str(err)
-        else:
-            overrides.append(f"data.sources={json.dumps(train)}")
-            nl, code = held.nl_path, held.code_path
-            log.info("held out for evaluation: %s", held.counts)
-            if not (nl and code):
-                why = f"documents held out per kind: {held.counts}"
+        from cglab.data.pipeline import prepare_data  # pyarrow and Ray Data: kept off the config-only paths
+
+        overrides.append("eval.holdout=true")
+        cfg = from_dict(base.model_dump(mode="json"), overrides)
+        held = prepare_data(cfg).artifacts["heldout"]  # the trials reuse the prepared corpus and the split
+        nl, code = held["texts"]["nl"], held["texts"]["code"]
+        why = f"documents held out per kind: nl {held['nl']['documents']}, code {held['code']['documents']}"
+        log.info("held out for evaluation: %s", {k: held[k] for k in ("nl", "code", "duplicates")})
     used = text_sources(nl, code, base.eval.allow_builtin_texts, why)
     fell_back = [k for k, v in used.items() if v == "builtin"]
     if fell_back:
@@ -225,14 +233,6 @@ def prepare_base(
             why,
             text_tags(used),
         )
-    if not base.data.tokenizer.path and not base.model.init_from:  # init_from's weights bring their tokenizer
-        cfg = from_dict(base.model_dump(mode="json"), overrides)
-        # the corpus's tokenizer: trained once per (training files, settings), reused by every sweep over them
-        tok, _ = artifacts.trained_tokenizer(
-            cfg.data, readers.resolve_files(cfg.data.sources), artifacts.cache_root(cfg.data)
-        )
-        tok.save(work / "tokenizer")
-        overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
     return from_dict(base.model_dump(mode="json"), overrides), nl, code
 
 
