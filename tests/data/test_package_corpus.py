@@ -17,7 +17,7 @@ import zstandard
 
 from cglab.cli import main
 from cglab.config import FilterConfig
-from cglab.data.corpus import build_package_corpus, corpus_sources
+from cglab.data.corpus import build_package_corpus
 from cglab.data.filters import filter_reasons
 
 TRAIN = ["alpha", "bravo", "charlie"]
