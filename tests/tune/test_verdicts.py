@@ -44,6 +44,8 @@ def test_tost_is_equivalent_when_the_interval_lies_within_the_margin_and_inconcl
     narrow = iv.hi - 0.001
     o = _one(_lesson(Contrast("a", "b", "m", EQUIVALENCE, narrow)), _samples(diffs))
     assert o.interval.hi > narrow > o.interval.mean and (o.verdict, o.agrees) == (INCONCLUSIVE, None)
+    o = _one(_lesson(Contrast("a", "b", "m", EQUIVALENCE, narrow)), _samples([-d for d in diffs]))  # the other end
+    assert o.interval.lo < -narrow < o.interval.mean and o.verdict == INCONCLUSIVE
     # noisy seeds, mean inside the margin: a wide interval is inconclusive, never `disagrees`
     o = _one(_lesson(Contrast("a", "b", "m", EQUIVALENCE, 0.02)), _samples([0.05, -0.05, 0.01]))
     assert abs(o.interval.mean) < 0.02 < o.interval.hi and o.verdict == INCONCLUSIVE
