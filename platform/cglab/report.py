@@ -99,7 +99,9 @@ def text_table(runs: LessonRuns) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("(mean ± half-width of the 95% t-interval over seeds; a bare mean: one seed)")
+    lines.append(
+        "(mean ± half-width of the 95% t-interval over seeds; a bare mean: one seed; *_ppl: exp of the mean log)"
+    )
     return "\n".join(lines)
 
 
@@ -347,7 +349,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 (<a href="{e(compare)}">compare its runs</a>).{mlink}
 {"Equal compute across variants." if les.equal_compute else "Compute grows with the variant (the lesson is about it)."}
 Held fixed: {e(fixed)}.</p>
-<h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds)</h2>
+<h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds; perplexities: exp of the mean
+log perplexity, a mean NLL)</h2>
 <table><tr>{head}</tr>{body}</table>
 {bars}
 <h2>Training loss vs tokens</h2>
