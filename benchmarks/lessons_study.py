@@ -91,7 +91,8 @@ def lesson_section(n: int, report_md: dict, reading: str) -> list[str]:
         r["table"],
         "```",
         "",
-        "Verdicts (95% interval of the difference between the two leading variants, paired by seed):",
+        "Verdicts on the contrasts the lesson declared (a - b with its 90% interval, paired by seed; margin; "
+        "p raw and Holm-adjusted over the lesson's contrasts):",
         "",
         *[f"- {line}" for line in r["verdicts"]],
         "",
@@ -182,7 +183,7 @@ def main() -> int:
                 verdicts=verdict_lines(runs),
                 stability=stability_lines(runs.stability()),
                 plots=plots,
-                outcomes=[(o.metric, o.verdict) for o in runs.outcomes()],
+                outcomes=[(o.contrast.name, o.verdict) for o in runs.outcomes()],
             )
             print(f"lesson {n}: {walls[name]['wall_s'] / 60:.1f} min", flush=True)
     finally:
@@ -205,15 +206,15 @@ def main() -> int:
         "",
         *corpus_lines(summary),
         "",
-        "| lesson | metric | verdict | wall time |",
+        "| lesson | contrast | verdict | wall time |",
         "|---|---|---|---:|",
     ]
     for n, s in sections.items():
-        for i, (metric, verdict) in enumerate(s["outcomes"]):
+        for i, (contrast, verdict) in enumerate(s["outcomes"]):
             lines.append(
-                f"| {n} | {metric} | {verdict} | {s['wall_s'] / 60:.1f} min |"
+                f"| {n} | {contrast} | {verdict} | {s['wall_s'] / 60:.1f} min |"
                 if i == 0
-                else f"| | {metric} | {verdict} | |"
+                else f"| | {contrast} | {verdict} | |"
             )
     lines += ["", "### How to read it", "", *reading_block(0, readings.get(0, "")), ""]
     for n, s in sections.items():

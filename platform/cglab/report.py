@@ -1,9 +1,10 @@
 """`cglab report --lesson N`: read a lesson's sweep back from MLflow and write one HTML page: the
 variants x metrics table (mean and 95% interval over seeds), the deciding metrics with error bars, loss-vs-tokens
 curves, the held-out metrics' curves over tokens (mean and band over seeds) with the decision stability per
-metric (from which point on the ranking and verdict held; whether a run 4x shorter agreed), the verdict per
-metric against the paper's finding, and links into the MLflow UI. The stability and the curve plots are also
-recorded on the sweep's parent run (tags `stability/<metric>/...`, artifacts under `report/`).
+metric (from which point on the ranking and verdicts held; whether a run 4x shorter agreed), the verdict of
+each contrast the lesson declared (effect with its interval, margin, test, raw and Holm-adjusted p), and links
+into the MLflow UI. The stability and the curve plots are also recorded on the sweep's parent run (tags
+`stability/<metric>/...`, artifacts under `report/`).
 
 Where the runs are: `--tracking-uri`, else $MLFLOW_TRACKING_URI, else the local store `cglab ablate` writes when
 it is given no URI (`.cglab/mlflow/mlflow.db`, read directly: no server needs to run). A server that does not
@@ -24,8 +25,10 @@ import numpy as np
 
 from cglab.track.server import TrackingUnavailable, check_server, sqlite_uri
 from cglab.tune.curves import QUARTER, Stability, align
-from cglab.tune.lessons import NOT_MEASURED, Interval, Lesson, Outcome
+from cglab.tune.lessons import Lesson
 from cglab.tune.results import LessonRuns, collect, record_stability
+from cglab.tune.stats import Interval
+from cglab.tune.verdicts import ALPHA, LEVEL, NOT_MEASURED, ContrastOutcome
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `cglab mlflow up` serves a local store's UI
 
@@ -96,7 +99,9 @@ def text_table(runs: LessonRuns) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("(mean ± half-width of the 95% t-interval over seeds; a bare mean: one seed)")
+    lines.append(
+        "(mean ± half-width of the 95% t-interval over seeds; a bare mean: one seed; *_ppl: exp of the mean log)"
+    )
     return "\n".join(lines)
 
 
@@ -104,21 +109,40 @@ def verdict_lines(runs: LessonRuns) -> list[str]:
     return [_verdict_line(o) for o in runs.outcomes()]
 
 
-def _verdict_line(o: Outcome) -> str:
-    if o.winner is None:
-        return f"{o.metric}: not measured"
-    head = f"{o.metric}: {o.verdict}" + (f" ({o.note})" if o.note else "")
-    best = f"{o.winner} {_fmt_iv(o.intervals[o.winner])}"
-    if o.runner_up is None:
-        return f"{head}: best {best}"
-    d = o.diff
-    diff = (
-        f"difference {d.mean:+.4g}"
-        + (f" [{d.lo:+.4g}, {d.hi:+.4g}]" if d.lo is not None else "")
-        + (f", paired over {d.n} seeds" if o.paired else "")
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _verdict_line(o: ContrastOutcome) -> str:
+    """'<test> <a> vs <b> on <metric>: <verdict> (<note>): a <mean ± h> vs b <mean ± h>, a - b <d> [lo, hi]
+    (90%, paired over n seeds), margin m, p raw (Holm adjusted)'."""
+    c = o.contrast
+    head = f"{c.test} {c.a} vs {c.b} on {c.metric}: {o.verdict}" + (f" ({o.note})" if o.note else "")
+    if o.diff is None:
+        return f"{head}; margin {c.margin:g}"
+    sides = f"{c.a} {_fmt_iv(o.intervals[c.a])} vs {c.b} {_fmt_iv(o.intervals[c.b])}"
+    iv = o.interval
+    diff = f"a - b {iv.mean:+.4g}" + (
+        f" [{iv.lo:+.4g}, {iv.hi:+.4g}] ({LEVEL:.0%}" + (f", paired over {iv.n} seeds)" if o.paired else ")")
+        if iv.lo is not None
+        else ""
     )
-    expects = f"; paper expects {' or '.join(o.paper_best)}" if o.paper_best else ""
-    return f"{head}: {best} vs {o.runner_up} {_fmt_iv(o.intervals[o.runner_up])}, {diff}{expects}"
+    return f"{head}: {sides}, {diff}, margin {c.margin:g}, p {_p(o.p)} (Holm {_p(o.p_holm)})"
+
+
+def verdict_rows(runs: LessonRuns) -> list[list[str]]:
+    """Per declared contrast: the pair, metric, test, margin, a - b with its 90% interval, raw and Holm p, verdict."""
+    rows = []
+    for o in runs.outcomes():
+        c, iv = o.contrast, o.interval
+        effect = "-" if iv is None else f"{iv.mean:+.4g}" + ("" if iv.lo is None else f" [{iv.lo:+.4g}, {iv.hi:+.4g}]")
+        rows.append(
+            [f"{c.a} vs {c.b}", c.metric, c.test, f"{c.margin:g}", effect, _p(o.p), _p(o.p_holm), o.verdict, o.note]
+        )
+    return rows
+
+
+VERDICT_HEAD = ["contrast (a vs b)", "metric", "test", "margin", "a - b [90%]", "p", "p (Holm)", "verdict", "note"]
 
 
 def _tokens(x: float) -> str:
@@ -126,20 +150,26 @@ def _tokens(x: float) -> str:
     return f"{x:,.0f}" if x < 1e6 else f"{x:.3g}"
 
 
+def _decided(outcomes, ranking) -> str:
+    verdicts = "; ".join(f"{o.contrast.a} vs {o.contrast.b}: {o.verdict}" for o in outcomes)
+    best = f"best {ranking[0]}" if ranking else ""
+    return ", ".join(x for x in (verdicts, best) if x) or NOT_MEASURED
+
+
 def stability_rows(stab: list[Stability]) -> list[list[str]]:
-    """One row per lesson metric: final verdict, stable from (tokens, fraction of the run), 4x-shorter answer."""
+    """One row per lesson metric: final verdicts, stable from (tokens, fraction of the run), 4x-shorter answer."""
     rows = []
     for s in stab:
         if s.curves is None:
             measured = s.note != NOT_MEASURED
             rows.append([s.metric, "-" if measured else NOT_MEASURED, "-", "-", s.quarter, s.note if measured else ""])
             continue
-        f, q = s.final, s.outcomes[s.quarter_point] if s.quarter_point is not None else None
-        at_q = f" ({q.verdict}, best {q.winner} at {s.curves.fraction[s.quarter_point]:.0%})" if q else ""
+        q = s.quarter_point
+        at_q = f" ({_decided(s.outcomes[q], s.rankings[q])} at {s.curves.fraction[q]:.0%})" if q is not None else ""
         rows.append(
             [
                 s.metric,
-                f"{f.verdict}, best {f.winner}" if f.winner else f.verdict,
+                _decided(s.final, s.rankings[-1]),
                 _tokens(s.stable_from_tokens),
                 f"{s.stable_from_fraction:.0%}",
                 s.quarter + at_q,
@@ -149,7 +179,7 @@ def stability_rows(stab: list[Stability]) -> list[list[str]]:
     return rows
 
 
-STABILITY_HEAD = ["metric", "final verdict", "stable from (tokens)", "of the run", "4x shorter run", "note"]
+STABILITY_HEAD = ["metric", "final verdicts", "stable from (tokens)", "of the run", "4x shorter run", "note"]
 
 
 def stability_lines(stab: list[Stability]) -> list[str]:
@@ -159,7 +189,7 @@ def stability_lines(stab: list[Stability]) -> list[str]:
             out.append(f"{r[0]}: {r[5] or r[4]}")
         else:
             tail = f" ({r[5]})" if r[5] else ""
-            out.append(f"{r[0]}: ranking and verdict stable from {r[2]} tokens ({r[3]} of the run); "
+            out.append(f"{r[0]}: ranking and verdicts stable from {r[2]} tokens ({r[3]} of the run); "
                        f"a run 4x shorter: {r[4]}{tail}")  # fmt: skip
     return out
 
@@ -288,7 +318,9 @@ def render_html(
         + "</tr>"
         for v in runs.metrics
     )
-    verdicts = "".join(f"<li>{e(line)}</li>" for line in verdict_lines(runs))
+    vhead = "".join(f"<th>{e(k)}</th>" for k in VERDICT_HEAD)
+    vbody = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in verdict_rows(runs))
+    claims = "".join(f"<li>{e(o.contrast.name)}: {e(o.contrast.claim)}</li>" for o in runs.outcomes())
     img = f'<img src="{e(png_name)}" alt="loss vs tokens">' if png_name else "<p>No loss curves logged.</p>"
     bars = (
         f'<img src="{e(metrics_png)}" alt="metrics with 95% intervals">'
@@ -317,7 +349,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 (<a href="{e(compare)}">compare its runs</a>).{mlink}
 {"Equal compute across variants." if les.equal_compute else "Compute grows with the variant (the lesson is about it)."}
 Held fixed: {e(fixed)}.</p>
-<h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds)</h2>
+<h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds; perplexities: exp of the mean
+log perplexity, a mean NLL)</h2>
 <table><tr>{head}</tr>{body}</table>
 {bars}
 <h2>Training loss vs tokens</h2>
@@ -331,11 +364,17 @@ variant it favours, at the last evaluation at or before a quarter of the run, ag
 measured</i> when there is no evaluation there). An early evaluation is not a shorter run (its learning rate has
 not decayed): a lower bound on what a shorter run would say, not a substitute for it.</p>
 <table><tr>{shead}</tr>{sbody}</table>
-<h2>Verdict</h2>
-<p>Per metric, the best variant is compared with the best one on the other side of the paper's claim; the
-verdict is <i>agrees</i> or <i>disagrees</i> only when the 95% interval of that difference (paired by seed where
-the variants share seeds) excludes zero, <i>inconclusive</i> when it covers zero or there is one seed.</p>
-<ul>{verdicts}</ul>
+<h2>Verdicts on the declared contrasts</h2>
+<p>The lesson declared these contrasts in code before any run (<code>cglab.tune.lessons</code>); nothing else is
+decided. Per contrast, a - b is the mean over seeds of the paired difference (Welch where the variants share fewer
+than two seeds), in the metric's units (bits per byte: lower is better), with its {LEVEL:.0%} interval, the one a
+one-sided test at {ALPHA:g} reads. <i>superiority</i>: a better than b; <i>non_inferiority</i>: a worse by less
+than the margin; <i>equivalence</i> (TOST): a and b within the margin either way. The p-values are Holm-adjusted
+over the lesson's contrasts: <i>agrees</i> (<i>equivalent</i> for an equivalence) when the claim's adjusted p is
+below {ALPHA:g}, <i>disagrees</i> when the contrary's is, <i>inconclusive</i> otherwise (a failed equivalence is
+not a difference) or with one seed. Held equal across variants: {e(les.held_equal.replace("_", " "))}.</p>
+<table><tr>{vhead}</tr>{vbody}</table>
+<ul>{claims}</ul>
 <p><b>Paper:</b> {e(les.finding)}</p>
 </body></html>
 """

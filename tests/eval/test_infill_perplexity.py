@@ -91,6 +91,10 @@ def test_infill_perplexity_matches_one_example_at_a_time(generator):
         n += len(t)
     assert got["tokens"] == n and got["examples"] == len(exs)
     assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # bits per byte: over the middles' own bytes (these are short enough to be scored whole), <eom> has none
+    nbytes = sum(len(ex.middle.encode("utf-8")) for ex in exs)
+    assert got["bytes"] == nbytes
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4)
     with pytest.raises(ValueError, match="no examples"):
         infill_perplexity(generator, [], max_len=64)
 

@@ -25,7 +25,7 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
     from cglab.track.mlflow_logger import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
     from cglab.track.server import sqlite_uri
 
-    # Smallest real sweep: two variants on either side of the paper's claim, one seed, a few steps.
+    # Smallest real sweep: the two variants of lesson 3's declared contrast, one seed, a few steps.
     # (overrides before --variants: its nargs="+" would take them as variant names)
     ablate = _cglab(
         [
@@ -41,7 +41,7 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
             "laptop",
             "--variants",
             "clm",
-            "span_corruption-file_level",
+            "codegen2-file_level",
         ],
         tmp_path,
         540,
@@ -52,9 +52,9 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
     report = _cglab(["report", "--lesson", "3"], tmp_path, 120)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     out = report.stdout
-    assert out.splitlines()[0].split()[:3] == ["variant", "seeds", "eval/code_ppl"]
+    assert out.splitlines()[0].split()[:4] == ["variant", "seeds", "eval/code_bpb", "eval/infill_bpb"]
     assert any(line.startswith("clm ") for line in out.splitlines())
-    assert "eval/code_ppl: inconclusive (one seed, no verdict): " in out
+    assert "non_inferiority codegen2-file_level vs clm on eval/code_bpb: inconclusive (one seed, no verdict): " in out
     assert "#/compare-runs?runs=" in out and "cglab mlflow up --root .cglab/mlflow" in out
     assert (tmp_path / "dashboards/lesson-3.html").is_file()
     assert (tmp_path / "dashboards/lesson-3-metrics.png").is_file()
@@ -64,5 +64,5 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
     exp = client.get_experiment_by_name("codegen2/lesson-3-objective")
     assert exp.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
     parent = client.search_runs([exp.experiment_id], "tags.`cglab.role` = 'sweep'")[0]
-    assert parent.data.tags["verdict/eval/code_ppl"] == "inconclusive"
-    assert parent.data.tags["verdict/eval/code_ppl/note"] == "one seed, no verdict"
+    key = "verdict/eval/code_bpb/codegen2-file_level_vs_clm"
+    assert parent.data.tags[key] == "inconclusive" and parent.data.tags[f"{key}/note"] == "one seed, no verdict"

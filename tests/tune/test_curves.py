@@ -8,10 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cglab.tune.curves import DIFFERENT, SAME, align, rankings, stability, stable_from
-from cglab.tune.lessons import INCONCLUSIVE, NOT_MEASURED, ONE_SEED, get_lesson, mean_ci, verdict
+from cglab.tune.lessons import get_lesson
+from cglab.tune.stats import mean_ci
+from cglab.tune.verdicts import DISAGREES, EQUIVALENT, INCONCLUSIVE, NOT_MEASURED, ONE_SEED, verdict
 
-LES = get_lesson(4)  # pl_only / nl_only / mix; code ppl: the paper expects pl_only lowest
+LES = get_lesson(4)  # pl_only / nl_only / mix; code bpb: mix equivalent to pl_only (margin 0.02), NL: to nl_only
 CODE = LES.metrics[0]
+NL = LES.metrics[1]
 VARIANTS = ("pl_only", "nl_only", "mix")
 
 
@@ -39,12 +42,12 @@ def test_band_and_mean_match_the_final_reports_interval_at_every_point():
 
 
 def test_final_point_gives_the_final_reports_verdict():
-    h = _hist({"pl_only": [9, 5, 3], "nl_only": [8, 9, 9], "mix": [7, 6, 4]}, [100, 200, 400])
+    h = _hist({"pl_only": [9, 5, 3], "nl_only": [8, 9, 9], "mix": [7, 5.01, 3.01]}, [100, 200, 400])
     s = stability(LES, CODE, h)
     final = {v: {CODE.key: {seed: pts[-1][1] for seed, pts in runs.items()}} for v, runs in h.items()}
-    assert s.final == verdict(LES, final)[0]
+    assert s.final == (verdict(LES, final)[0],) and s.final[0].contrast == LES.contrasts[0]
     assert s.rankings[0] == ("mix", "nl_only", "pl_only") and s.rankings[-1] == ("pl_only", "mix", "nl_only")
-    assert [o.verdict for o in s.outcomes] == ["disagrees", "agrees", "agrees"]
+    assert [[o.verdict for o in os] for os in s.outcomes] == [[DISAGREES], [EQUIVALENT], [EQUIVALENT]]
     assert s.stable_from == 1 and s.stable_from_fraction == 0.5 and s.stable_from_tokens == 200
     assert s.quarter == DIFFERENT and s.quarter_point == 0 and s.final_tokens == 400
 
@@ -70,12 +73,13 @@ def test_a_variant_missing_at_a_point_is_not_ranked_there():
     h = _hist({"pl_only": [9, 5, 3], "mix": [7, 6, 4]}, [100, 200, 400])
     h["mix"] = {s: pts[1:] for s, pts in h["mix"].items()}  # mix skipped its first evaluation
     s = stability(LES, CODE, h)
-    assert s.rankings[0] == ("pl_only",) and s.outcomes[0].verdict == INCONCLUSIVE
+    assert s.rankings[0] == ("pl_only",) and s.outcomes[0][0].verdict == NOT_MEASURED
     assert s.stable_from == 1
 
 
 # ------------------------------------------------------------------------------------------- properties
-means = st.lists(st.floats(1.0, 100.0, allow_nan=False), min_size=3, max_size=3, unique=True)
+# whole numbers: variants at least 1 bpb apart, far outside every margin, so the verdicts follow the ranking
+means = st.lists(st.integers(1, 100).map(float), min_size=3, max_size=3, unique=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,7 +117,7 @@ def test_one_seed_gives_no_verdict_at_any_point(points, vals):
     if points == 1:
         assert s.curves is None
         return
-    assert all(o.verdict == INCONCLUSIVE and o.note == ONE_SEED for o in s.outcomes)
+    assert all(len(os) == 1 and os[0].verdict == INCONCLUSIVE and os[0].note == ONE_SEED for os in s.outcomes)
     assert np.isnan(s.curves.lo).all() and s.stable_from is not None
 
 
@@ -134,8 +138,31 @@ def test_rankings_follow_the_metrics_goal():
 
 
 def test_a_late_swap_behind_the_winner_still_moves_stable_from():
-    # pl_only wins and the verdict agrees everywhere; mix and nl_only trade places at the last point
+    # pl_only leads and the verdict holds everywhere; mix and nl_only trade places at the last point
     h = _hist({"pl_only": [3, 3, 3], "nl_only": [5, 5, 7], "mix": [6, 6, 4]}, [100, 200, 400])
     s = stability(LES, CODE, h)
-    assert {(o.verdict, o.winner) for o in s.outcomes} == {("agrees", "pl_only")}
+    assert {(tuple(o.verdict for o in os), r[0]) for os, r in zip(s.outcomes, s.rankings)} == {
+        ((DISAGREES,), "pl_only")
+    }
     assert s.rankings[1] != s.rankings[2] and s.stable_from == 2 and s.quarter == SAME
+
+
+def test_each_points_verdict_is_corrected_over_the_whole_lessons_family():
+    """A borderline code contrast (TOST p about 0.03 alone) is equivalent when the NL histories are not given,
+    and inconclusive once the lesson's NL contrast joins the Holm family at every point, as in the final report."""
+
+    def pair(a, b, base, diffs):  # b at base + a seed offset, a = b + that seed's diff, at two points
+        runs = {a: {}, b: {}}
+        for j, d in enumerate(diffs):
+            x = base + 0.1 * j
+            runs[b][str(j)] = [(100, x), (400, x)]
+            runs[a][str(j)] = [(100, x + d), (400, x + d)]
+        return runs
+
+    code = pair("mix", "pl_only", 3.0, [0.003, 0.008, 0.013])  # 0.008 +- 0.005: near the 0.02 margin's edge
+    nl = pair("mix", "nl_only", 3.5, [0.1, -0.1, 0.05])  # noisy: NL's contrast is the larger p
+    family = stability(LES, CODE, code, {NL.key: nl})
+    (lone,), (joint,) = stability(LES, CODE, code).final, family.final
+    assert 0.025 < lone.p < 0.05 and lone.verdict == EQUIVALENT
+    assert joint.p == pytest.approx(lone.p) and joint.p_holm == pytest.approx(2 * lone.p)
+    assert [os[0].verdict for os in family.outcomes] == [INCONCLUSIVE, INCONCLUSIVE]

@@ -2,21 +2,22 @@ import pytest
 
 from cglab.config import ConfigError
 from cglab.tune.lessons import (
-    AGREES,
-    DESCRIPTIVE,
-    DISAGREES,
-    INCONCLUSIVE,
+    CODE_BPB,
+    EQUIVALENCE,
+    FLOPS,
+    INFILL_BPB,
     LESSONS,
-    NOT_MEASURED,
-    ONE_SEED,
+    LOSS_TOKENS,
+    NL_BPB,
+    NON_INFERIORITY,
+    RAW_TOKENS,
+    SUPERIORITY,
+    UNIQUE_TOKENS,
+    Contrast,
     Lesson,
     Metric,
     Variant,
-    diff_ci,
     get_lesson,
-    mean_ci,
-    t975,
-    verdict,
 )
 from cglab.tune.presets import PRESETS, base_config, max_concurrent, trial_resources
 
@@ -82,90 +83,41 @@ def test_bad_inputs_name_the_problem():
         broken.config_for("bad", base_config("laptop"))
 
 
-def _two_variant(goal="min", paper_best=("a",)):
-    return Lesson(
-        7,
-        "t",
-        "?",
-        (Variant("a", ()), Variant("b", ()), Variant("c", ())),
-        (),
-        (Metric("m", goal, paper_best), Metric("missing", "min", ("a",))),
-        "a wins",
-    )
-
-
-def _one(lesson, samples, key="m"):
-    return {o.metric: o for o in verdict(lesson, samples)}[key]
-
-
-def test_identical_values_are_inconclusive():
-    o = _one(_two_variant(), {"a": {"m": {1: 5.0, 2: 5.0, 3: 5.0}}, "b": {"m": {1: 5.0, 2: 5.0, 3: 5.0}}})
-    assert o.verdict == INCONCLUSIVE and o.agrees is None and o.diff.mean == 0 and o.diff.covers_zero()
-
-
-def test_one_seed_gives_no_verdict_however_large_the_gap():
-    o = _one(_two_variant(), {"a": {"m": {1: 1.0}}, "b": {"m": {1: 100.0}}})
-    assert (o.verdict, o.note) == (INCONCLUSIVE, ONE_SEED) and o.winner == "a" and o.diff.lo is None
-    assert _one(_two_variant(), {"a": {"m": 1.0}, "b": {"m": 100.0}}).note == ONE_SEED  # bare numbers: one seed
-
-
-@pytest.mark.parametrize("goal", ["min", "max"])
-def test_clear_separation_over_three_seeds_agrees_or_disagrees_as_the_paper_says(goal):
-    low = {1: 10.0, 2: 10.3, 3: 9.8}
-    high = {1: 12.0, 2: 12.4, 3: 11.9}
-    best, worst = (low, high) if goal == "min" else (high, low)
-    o = _one(_two_variant(goal), {"a": {"m": best}, "b": {"m": worst}})
-    assert (o.verdict, o.winner, o.runner_up, o.paired) == (AGREES, "a", "b", True) and o.agrees
-    assert not o.diff.covers_zero() and o.intervals["a"].n == 3
-    o = _one(_two_variant(goal), {"a": {"m": worst}, "b": {"m": best}})
-    assert (o.verdict, o.winner) == (DISAGREES, "b") and o.agrees is False
-
-
-def test_overlapping_seeds_are_inconclusive_and_pairing_by_seed_settles_shared_noise():
-    # Seed-to-seed noise (+-1) swamps the 0.1 gap unpaired; paired by seed the gap is constant, hence real.
-    a = {1: 10.0, 2: 11.0, 3: 9.0}
-    b = {s: x + 0.1 for s, x in a.items()}
-    assert _one(_two_variant(), {"a": {"m": a}, "b": {"m": b}}).verdict == AGREES
-    shifted = {s + 10: x for s, x in b.items()}  # no shared seed: Welch, unpaired
-    o = _one(_two_variant(), {"a": {"m": a}, "b": {"m": shifted}})
-    assert (o.verdict, o.paired) == (INCONCLUSIVE, False) and o.diff.covers_zero()
-
-
-def test_all_zero_pass_at_1_never_agrees():
-    zeros = {1: 0.0, 2: 0.0, 3: 0.0}
-    o = _one(_two_variant("max"), {"a": {"m": zeros}, "b": {"m": dict(zeros)}, "c": {"m": dict(zeros)}})
-    assert o.verdict == INCONCLUSIVE and o.agrees is None
-
-
-def test_the_comparison_crosses_the_papers_claim_and_missing_metrics_say_so():
-    # a and b both on the paper's side: their gap decides nothing; a against c (the best other) does.
-    lesson = _two_variant(paper_best=("a", "b"))
-    o = _one(lesson, {"a": {"m": {1: 1.0, 2: 1.1}}, "b": {"m": {1: 2.0, 2: 2.1}}, "c": {"m": {1: 3.0, 2: 3.2}}})
-    assert (o.winner, o.runner_up, o.verdict) == ("a", "c", AGREES)
-    assert _one(lesson, {"a": {"m": {1: 1.0}}}, "missing").verdict == NOT_MEASURED
-    only_paper_side = _one(lesson, {"a": {"m": {1: 1.0, 2: 1.1}}, "b": {"m": {1: 2.0, 2: 2.1}}})
-    assert only_paper_side.verdict == INCONCLUSIVE and "other side" in only_paper_side.note
-
-
-def test_no_decision_metric_names_every_variant_as_the_papers_best():
-    """A claim every variant satisfies cannot disagree: such a metric must be descriptive (lesson 1's infill)."""
+def test_each_lesson_declares_the_papers_claims_as_fixed_contrasts():
+    """The contrasts are declared in code (before any run), name variants of their lesson and decide on bits
+    per byte with a positive margin; each paper claim has its test."""
     for lesson in LESSONS.values():
         names = {v.name for v in lesson.variants}
-        for m in lesson.metrics:
-            assert set(m.paper_best) <= names, (lesson.number, m.key)
-            assert not m.decides or set(m.paper_best) != names, (lesson.number, m.key)
-    infill = {m.key: m for m in LESSONS[1].metrics}["eval/infill_ppl"]
-    ivs = {v.name: {"eval/infill_ppl": {1: 3.0 + i, 2: 3.1 + i}} for i, v in enumerate(LESSONS[1].variants)}
-    o = {o.metric: o for o in verdict(LESSONS[1], ivs)}[infill.key]
-    assert o.verdict == DESCRIPTIVE and o.agrees is None and o.winner == "causal-codegen2"
+        assert lesson.contrasts, lesson.number
+        for c in lesson.contrasts:
+            assert {c.a, c.b} <= names and c.metric.endswith("_bpb") and c.margin > 0 and c.claim, c
+            assert lesson.metric(c.metric).goal == "min"
+        assert lesson.held_equal in (RAW_TOKENS, LOSS_TOKENS, FLOPS, UNIQUE_TOKENS)
+    tests = {n: {(c.a, c.b, c.metric, c.test) for c in les.contrasts} for n, les in LESSONS.items()}
+    for obj in ("codegen2", "ul2"):  # "no consistent gain": equivalence, per objective, code and infill
+        assert (f"prefix_lm-{obj}", f"causal-{obj}", CODE_BPB, EQUIVALENCE) in tests[1]
+        assert (f"prefix_lm-{obj}", f"causal-{obj}", INFILL_BPB, EQUIVALENCE) in tests[1]
+    assert ("clm", "infill-r0.5", CODE_BPB, SUPERIORITY) in tests[2]  # not a free lunch
+    assert ("codegen2-file_level", "clm", CODE_BPB, NON_INFERIORITY) in tests[3]
+    assert tests[4] == {("mix", "pl_only", CODE_BPB, EQUIVALENCE), ("mix", "nl_only", NL_BPB, EQUIVALENCE)}
+    assert tests[5] == {("epochs-5", "epochs-1", CODE_BPB, SUPERIORITY)}
+    assert not LESSONS[5].equal_compute and LESSONS[5].held_equal == UNIQUE_TOKENS
+    assert get_lesson(2, infill_rate=0.25).contrasts[0].b == "infill-r0.25"
 
 
-def test_t_interval_matches_the_textbook():
-    assert t975(2) == pytest.approx(4.3027) and t975(60) == pytest.approx(2.0003, abs=2e-4)
-    iv = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: half width t(0.975, 2) / sqrt(3)
-    assert (iv.mean, iv.half) == (2.0, pytest.approx(4.3027 / 3**0.5, rel=1e-4))
-    d, paired = diff_ci({1: 1.0, 2: 2.0}, {3: 1.0, 4: 2.0})
-    assert not paired and d.mean == 0 and d.covers_zero()
+@pytest.mark.parametrize(
+    "contrast, match",
+    [
+        (Contrast("a", "z", "m", SUPERIORITY, 0.1), "no variant 'z'"),
+        (Contrast("a", "a", "m", SUPERIORITY, 0.1), "itself"),
+        (Contrast("a", "b", "other", SUPERIORITY, 0.1), "metric 'other'"),
+        (Contrast("a", "b", "m", "better", 0.1), "test 'better'"),
+        (Contrast("a", "b", "m", EQUIVALENCE, 0.0), "margin 0.0"),
+    ],
+)
+def test_a_bad_declaration_is_refused_naming_the_contrast(contrast, match):
+    with pytest.raises(ConfigError, match=f"lesson 7 contrast '{contrast.name}'.*{match}"):
+        Lesson(7, "t", "?", (Variant("a", ()), Variant("b", ())), (), (Metric("m", "min"),), "", contrasts=(contrast,))
 
 
 def test_concurrency_follows_the_scarcest_resource():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from cglab.eval.sandbox import isolation_mode
-from cglab.tune.lessons import ONE_SEED, get_lesson
+from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
+from cglab.tune.verdicts import ONE_SEED
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -113,7 +114,7 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
         # trained on all but the held-out last shard of each source, with the sweep's one tokenizer
         assert "01." not in params["data.sources.0.paths"] and "00." in params["data.sources.0.paths"]
         assert params["data.tokenizer.path"].endswith("resume-me-inputs/tokenizer")
-        for key in ("eval/code_ppl", "eval/nl_ppl", "eval/infill_ppl", "eval/code_bpb", "loss"):
+        for key in ("eval/code_ppl", "eval/nl_ppl", "eval/infill_ppl", "eval/code_bpb", "eval/infill_bpb", "loss"):
             assert 1.0 < metrics[key] < 1e6, (key, metrics[key])
         # scored on the held-out split, and pass@1 logged with its conditions: the sandbox's isolation and
         # every program's status (a jail failure would show as sandbox_error, never hide among the fails)
@@ -186,7 +187,14 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
             assert hist("code_eval/seconds")[step] > 0 and hist("eval_task/cpu_s")[step] > 0
         # the curves: the periodic point at EVERY, then the final evaluation's at the last step (tokens_seen with
         # each); the fixed-subset pass@1 never lands on the final evaluation's keys
-        for key in ("eval/nl_ppl", "eval/nl_bpb", "eval/code_ppl", "eval/code_bpb", "eval/infill_ppl"):
+        for key in (
+            "eval/nl_ppl",
+            "eval/nl_bpb",
+            "eval/code_ppl",
+            "eval/code_bpb",
+            "eval/infill_ppl",
+            "eval/infill_bpb",
+        ):
             assert sorted(hist(key)) == [EVERY, STEPS], key
         tokens = hist("eval/tokens_seen")
         assert {EVERY, STEPS} <= set(tokens) and all(tokens[s] == s * tokens_per_step for s in tokens)
@@ -201,7 +209,7 @@ def test_evaluation_while_training_logs_curves_and_pass_at_1_at_their_steps(swee
 
 def test_report_of_the_two_seed_sweep_shows_intervals_verdicts_and_curves(sweep, tmp_path):
     """`cglab report --lesson 2` (the real command, in a subprocess) on the sweep: every value a mean over the two
-    seeds with its interval, a verdict per deciding metric (not "one seed"), the held-out curves with their
+    seeds with its interval, a verdict per declared contrast (not "one seed"), the held-out curves with their
     seed bands drawn, and the decision stability, also recorded on the sweep's parent run."""
     import subprocess
     import sys
@@ -216,13 +224,14 @@ def test_report_of_the_two_seed_sweep_shows_intervals_verdicts_and_curves(sweep,
     r = subprocess.run([*cmd, "--sweep", res.name, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:3] == ["variant", "seeds", "eval/code_ppl"]
+    assert lines[0].split()[:4] == ["variant", "seeds", "eval/code_bpb", "eval/infill_bpb"]
     for v in ("clm", "infill-r0.5"):
         row = next(line for line in lines if line.startswith(v + " "))
         assert row.split()[1] == str(len(SEEDS)) and row.count("±") >= 3, row  # code, NL and infill ppl at least
-    for m in lesson.metrics:
-        line = next(line for line in lines if line.startswith(m.key + ": "))
-        assert line.split()[1].rstrip(":") in ("agrees", "disagrees", "inconclusive") and "one seed" not in line, line
+    for c in lesson.contrasts:
+        line = next(line for line in lines if line.startswith(f"{c.test} {c.name}: "))
+        word = line.split(": ")[1].split()[0]
+        assert word in ("agrees", "disagrees", "inconclusive") and "one seed" not in line, line
         assert f"paired over {len(SEEDS)} seeds" in line, line  # variants of a lesson share each seed's data order
     assert "decision stability:" in lines
 
@@ -240,5 +249,5 @@ def test_report_of_the_two_seed_sweep_shows_intervals_verdicts_and_curves(sweep,
         assert not np.isnan(s.curves.lo).any() and (s.curves.lo <= s.curves.mean).all()
         assert s.stable_from is not None and float(parent[f"stability/{s.metric}/stable_from_tokens"]) > 0
         assert (tmp_path / f"lesson-2-curve-{s.metric.replace('/', '_')}.png").stat().st_size > 0
-        assert all(o.note != ONE_SEED for o in s.outcomes)  # a verdict at every point, not only at the end
-    assert curved >= 2  # code and infill perplexity (pass@1 is only evaluated at the end)
+        assert all(o.note != ONE_SEED for os in s.outcomes for o in os)  # a verdict at every point, not only at the end
+    assert curved >= 2  # code and infill bits per byte (pass@1 is only evaluated at the end)

@@ -4,10 +4,12 @@ pieces here (`text_metrics`, `pass_at_1`), so a curve's points and its final val
 
     eval/nl_ppl, eval/nl_bpb       held-out natural language (perplexity per token, bits per UTF-8 byte)
     eval/code_ppl, eval/code_bpb   held-out code
-    eval/infill_ppl                perplexity of `middle <eom>` given the CodeGen2 infill prompt on held-out
-                                   code (`cglab.eval.infill.infill_perplexity`); a prefix-LM (lesson 1) reads
-                                   the prompt through `<sep>` bidirectionally, as its span-corruption samples
-                                   were read in training
+    eval/infill_ppl, eval/infill_bpb
+                                   perplexity (and bits per UTF-8 byte of the middle) of `middle <eom>` given
+                                   the CodeGen2 infill prompt on held-out code
+                                   (`cglab.eval.infill.infill_perplexity`); a prefix-LM (lesson 1) reads the
+                                   prompt through `<sep>` bidirectionally, as its span-corruption samples were
+                                   read in training
     eval/humaneval_pass_at_1       pass@1, when "humaneval" is in eval.suites (first eval.limit problems)
     eval/humaneval_infill_pass_at_1
                                    pass@1, when "infill" is in eval.suites (single-line HumanEval-Infill)
@@ -99,9 +101,9 @@ def hf_generator(checkpoint: str | Path, hf_dir: str | Path, seq_length: int):
 
 
 def text_metrics(gen, cfg: CGLabConfig, nl_path: str | None, code_path: str | None, used: Mapping[str, str]):
-    """eval/{nl,code}_{ppl,bpb} and eval/infill_ppl on the held-out documents (or, per `used`, the built-in
-    texts): every held-out document of each kind (each at most data.seq_length tokens, cglab.data.heldout), or
-    the first eval.score_docs of them."""
+    """eval/{nl,code,infill}_{ppl,bpb} on the held-out documents (or, per `used`, the built-in texts): every
+    held-out document of each kind (each at most data.seq_length tokens, cglab.data.heldout), or the first
+    eval.score_docs of them."""
     out: dict[str, float] = {}
     fallback = nl.builtin_texts(cfg.eval.limit or 64) if "builtin" in used.values() else {}
     n = cfg.eval.score_docs
@@ -110,12 +112,13 @@ def text_metrics(gen, cfg: CGLabConfig, nl_path: str | None, code_path: str | No
     for name, texts in (("nl", nl_texts), ("code", code_texts)):
         m = nl.lm_metrics(gen.score, texts)
         out[f"eval/{name}_ppl"], out[f"eval/{name}_bpb"] = m["perplexity"], m["bits_per_byte"]
-    out["eval/infill_ppl"] = infill_perplexity(
+    fill = infill_perplexity(
         gen,
         infill_examples(code_texts, seed=cfg.data.seed),
         cfg.data.seq_length,
         prefix_lm=cfg.model.architecture == "prefix_lm",
-    )["perplexity"]
+    )
+    out["eval/infill_ppl"], out["eval/infill_bpb"] = fill["perplexity"], fill["bits_per_byte"]
     return out
 
 

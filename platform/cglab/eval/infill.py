@@ -243,4 +243,13 @@ def infill_perplexity(
                 pos = torch.arange(len(p) - 1, len(p) + len(t) - 1)
                 nll -= float(logp[r, pos, torch.tensor(t)].sum())
                 n += len(t)
-    return {"perplexity": math.exp(nll / n), "tokens": n, "examples": len(examples)}
+    # Bits per byte: the NLL (the middles and their <eom>) over the UTF-8 bytes of the middles as scored (cut to
+    # infill_ids' max_middle tokens), the lessons' unit; <eom> has no bytes of its own.
+    nbytes = sum(len(generator.tok.decode(t[:-1]).encode("utf-8")) for _, t in pairs)
+    return {
+        "perplexity": math.exp(nll / n),
+        "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+        "tokens": n,
+        "bytes": nbytes,
+        "examples": len(examples),
+    }

@@ -10,7 +10,7 @@ snapshot.
 Metrics (MLflow keys, at the snapshot's step):
 
     eval/nl_ppl, eval/nl_bpb, eval/code_ppl,   every eval.every steps: the held-out text metrics, under the SAME
-    eval/code_bpb, eval/infill_ppl             keys and from the same held-out documents and code
+    eval/code_bpb, eval/infill_{ppl,bpb}       keys and from the same held-out documents and code
                                                (`cglab.eval.checkpoint_eval.text_metrics`) as a trial's final
                                                evaluation, so a metric's MLflow history is its curve; in a Tune
                                                trial the final evaluation is the point at train.train_steps

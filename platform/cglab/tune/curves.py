@@ -6,19 +6,21 @@ Pure: histories in, numbers out (the report reads the histories from MLflow and 
 lesson share the evaluation schedule (every `eval.every` steps, then the final evaluation), so the points are
 aligned on the fraction of the run they stand at, tokens seen / the run's final tokens: for the equal-compute
 lessons that is tokens seen itself, and for lesson 5 (its variants train different budgets) it compares each
-variant at the same share of its own budget, which is what "a run 4x shorter" means there. The verdict at each
-point is the final report's (`lessons.verdict`) on the values at that point."""
+variant at the same share of its own budget, which is what "a run 4x shorter" means there. The verdicts at each
+point are the final report's (`verdicts.verdict`: every declared contrast, Holm over all of them) on the values
+of every metric at that point; a metric's stability follows its own contrasts' verdicts and its ranking."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from cglab.tune.lessons import INCONCLUSIVE, NOT_MEASURED, Lesson, Metric, Outcome, t975, verdict
+from cglab.tune.lessons import Lesson, Metric
+from cglab.tune.stats import t975
+from cglab.tune.verdicts import INCONCLUSIVE, NOT_MEASURED, ContrastOutcome, verdict
 
 SAME, DIFFERENT = "same", "different"  # the 4x-shorter answers, besides NOT_MEASURED
 QUARTER = 0.25
@@ -47,7 +49,7 @@ class Curves:
     hi: np.ndarray
 
     def samples(self, p: int) -> dict[str, dict[str, dict[str, float]]]:
-        """The values at point p the way `lessons.verdict` takes them: variant -> {metric: {seed: value}}."""
+        """The values at point p the way `verdicts.verdict` takes them: variant -> {metric: {seed: value}}."""
         out = {}
         for i, v in enumerate(self.variants):
             col = self.values[i, :, p]
@@ -62,14 +64,14 @@ class Stability:
     metric: str
     curves: Curves | None  # None: no variant has more than one point (only the final evaluation was logged)
     rankings: tuple[tuple[str, ...], ...] = ()  # per point: measured variants, best first
-    outcomes: tuple[Outcome, ...] = ()  # per point: the verdict on the values there
-    stable_from: int | None = None  # index of the first point from which ranking and verdict stay the final ones
+    outcomes: tuple[tuple[ContrastOutcome, ...], ...] = ()  # per point: this metric's contrasts decided there
+    stable_from: int | None = None  # index of the first point from which ranking and verdicts stay the final ones
     quarter: str = NOT_MEASURED  # SAME | DIFFERENT | NOT_MEASURED
     quarter_point: int | None = None  # the point the 4x-shorter answer read
     note: str = ""
 
     @property
-    def final(self) -> Outcome | None:
+    def final(self) -> tuple[ContrastOutcome, ...] | None:
         return self.outcomes[-1] if self.outcomes else None
 
     @property
@@ -136,33 +138,61 @@ def stable_from(decisions: Sequence) -> int | None:
     return int(changed[-1] + 1) if changed.size else 0
 
 
-def _decision(o: Outcome) -> tuple[str, str | None]:
-    # What a reader acts on: the verdict and the variant it crowns (two paper_best variants can both "agree").
-    return o.verdict, o.winner
+def _decision(ranking: tuple[str, ...], outcomes: tuple[ContrastOutcome, ...]) -> tuple:
+    # What a reader acts on: each contrast's verdict and the variant leading the metric.
+    return tuple((o.contrast.name, o.verdict) for o in outcomes), ranking[0] if ranking else None
 
 
-def stability(lesson: Lesson, metric: Metric, histories: Histories) -> Stability:
-    """metric's curves over the lesson's runs, the ranking and verdict at each point, the point from which both
-    stay the final ones, and the verdict a run 4x shorter would have given (the last point at or below a
-    quarter of the run) compared with the final one."""
+def _grid(c: Curves) -> np.ndarray:
+    return np.round(c.fraction * _SCALE).astype(np.int64)
+
+
+def _samples_at(lesson: Lesson, curves: Curves, others: Mapping[str, Histories]) -> list[dict]:
+    """Per point of `curves`, the values of every metric of the lesson's contrasts at the same fraction of the run
+    (the evaluations log all metrics at once), so each point's verdict is the lesson's whole family's."""
+    keys = {c.metric for c in lesson.contrasts} - {curves.metric}
+    names = [v.name for v in lesson.variants]
+    extra = [c for c in (align(k, others.get(k, {}), [v for v in names if v in others.get(k, {})]) for k in keys) if c]
+    out = []
+    for p, f in enumerate(_grid(curves)):
+        samples = curves.samples(p)
+        for c in extra:
+            hit = np.flatnonzero(_grid(c) == f)
+            for v, ms in (c.samples(int(hit[0])) if hit.size else {}).items():
+                samples.setdefault(v, {}).update(ms)
+        out.append(samples)
+    return out
+
+
+def stability(
+    lesson: Lesson, metric: Metric, histories: Histories, others: Mapping[str, Histories] | None = None
+) -> Stability:
+    """metric's curves over the lesson's runs, the ranking and the verdicts of its contrasts at each point, the
+    point from which both stay the final ones, and what a run 4x shorter would have said (the last point at or
+    below a quarter of the run) compared with the final one. others: metric -> histories of the lesson's other
+    metrics, for the Holm family at each point (without them, only this metric's contrasts are measured)."""
     curves = align(metric.key, histories, [v.name for v in lesson.variants if v.name in histories])
     if curves is None:
         return Stability(metric.key, None, note="not measured")
     if len(curves.fraction) < 2:
         return Stability(metric.key, None, note="one evaluation per run (the final one): no curve")
-    one = dataclasses.replace(lesson, metrics=(metric,))
-    outcomes = tuple(verdict(one, curves.samples(p))[0] for p in range(len(curves.fraction)))
+    outcomes = tuple(
+        tuple(o for o in verdict(lesson, samples) if o.metric == metric.key)
+        for samples in _samples_at(lesson, curves, others or {})
+    )
     ranks = tuple(rankings(curves, metric.goal))
-    start = stable_from([(r, _decision(o)) for r, o in zip(ranks, outcomes)])
+    decisions = [_decision(r, o) for r, o in zip(ranks, outcomes)]
+    start = stable_from([(r, d) for r, d in zip(ranks, decisions)])
     early = np.flatnonzero(curves.fraction <= QUARTER)
     q = int(early[-1]) if early.size else None
-    if q is None or outcomes[q].verdict == NOT_MEASURED:
+    if q is None or not ranks[q]:
         quarter, note = NOT_MEASURED, "no evaluation at or before a quarter of the run"
     else:
-        quarter = SAME if _decision(outcomes[q]) == _decision(outcomes[-1]) else DIFFERENT
+        quarter = SAME if decisions[q] == decisions[-1] else DIFFERENT
+        undecided = all(o.verdict in (INCONCLUSIVE, NOT_MEASURED) for o in outcomes[-1])
         note = (
             "no verdict at the end: 'same' says the shorter run had none either"
-            if quarter == SAME and outcomes[-1].verdict == INCONCLUSIVE
+            if quarter == SAME and outcomes[-1] and undecided
             else ""
         )
     return Stability(metric.key, curves, ranks, outcomes, start, quarter, q, note)

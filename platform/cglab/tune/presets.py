@@ -40,7 +40,7 @@ class Preset:
     # Logical CPUs left free per trial for the Ray Data tasks its workers start (read/tokenize/pack/corrupt);
     # without them a trial whose workers hold the last CPUs waits forever for its own data.
     data_cpus: float = 1.0
-    # Default seeds (`cglab ablate --seeds` overrides). A verdict needs at least two (see lessons.verdict): with
+    # Default seeds (`cglab ablate --seeds` overrides). A verdict needs at least two (see verdicts.verdict): with
     # one, every metric reads "inconclusive (one seed, no verdict)".
     seeds: tuple[int, ...] = (1234,)
     trial_max_failures: int = 0  # Tune-level retries of a whole trial (Train resumes from its checkpoint)

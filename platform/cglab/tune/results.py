@@ -1,5 +1,5 @@
 """A lesson's sweep read back from MLflow: its finished trials grouped by variant (metrics per seed, the loss
-curve), and the verdict per metric recorded on the sweep's parent run. The sweep records the verdict when it
+curve), and the verdict per declared contrast recorded on the sweep's parent run. The sweep records the verdict when it
 ends; `cglab report` renders the same numbers."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from cglab.track.server import check_server
 from cglab.tune.curves import Stability, stability
-from cglab.tune.lessons import LOSS, Interval, Lesson, Outcome, get_lesson, mean_ci, verdict
+from cglab.tune.lessons import LOSS, Lesson, get_lesson
+from cglab.tune.stats import Interval, mean_ci
+from cglab.tune.verdicts import ContrastOutcome, verdict
 
 TOKENS_SEEN = "eval/tokens_seen"  # logged with every held-out evaluation: global tokens trained at that step
 # eval/ keys that are bookkeeping of the evaluation while training (cglab.eval.periodic), not results
@@ -23,7 +25,7 @@ class LessonRuns:
     sweep: str
     experiment_id: str
     parent_run_id: str
-    metrics: dict[str, dict[str, float]]  # variant -> metric -> mean over seeds (finished runs)
+    metrics: dict[str, dict[str, float]]  # variant -> metric -> mean over seeds (finished runs; ppl: exp mean log)
     seeds: dict[str, list[str]]
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # variant -> (tokens, loss)
     status: dict[str, list[str]] = field(default_factory=dict)
@@ -42,15 +44,24 @@ class LessonRuns:
         return decide + rest
 
     def interval(self, variant: str, key: str) -> Interval | None:
+        """Mean and 95% interval over seeds; a perplexity's over its log (mean NLL per token), shown back as a
+        perplexity: a mean of perplexities would be dominated by the worst seed."""
         xs = list(self.samples.get(variant, {}).get(key, {}).values())
-        return mean_ci(xs) if xs else None
+        if not xs:
+            return None
+        if not is_perplexity(key):
+            return mean_ci(xs)
+        iv = mean_ci([math.log(x) for x in xs])
+        back = lambda x: None if x is None else math.exp(x)  # noqa: E731
+        return Interval(math.exp(iv.mean), back(iv.lo), back(iv.hi), iv.n)
 
-    def outcomes(self) -> list[Outcome]:
+    def outcomes(self) -> list[ContrastOutcome]:
         return verdict(self.lesson, self.samples)
 
     def stability(self) -> list[Stability]:
-        """Per lesson metric: from which evaluation on the ranking and verdict held (cglab.tune.curves)."""
-        return [stability(self.lesson, m, self.histories.get(m.key, {})) for m in self.lesson.metrics]
+        """Per lesson metric: from which evaluation on the ranking and verdicts held (cglab.tune.curves)."""
+        les, h = self.lesson, self.histories
+        return [stability(les, m, h.get(m.key, {}), h) for m in les.metrics]
 
 
 def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -> LessonRuns:
@@ -95,7 +106,7 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
             curves[v] = _curve(client, run)
         for k, pts in _histories(client, run, les).items():
             histories.setdefault(k, {}).setdefault(v, {})[seed] = pts
-    means = {v: {k: sum(xs.values()) / len(xs) for k, xs in ms.items()} for v, ms in samples.items()}
+    means = {v: {k: _mean(k, xs.values()) for k, xs in ms.items()} for v, ms in samples.items()}
     order = [x.name for x in les.variants if x.name in means or x.name in status]
     return LessonRuns(
         les,
@@ -112,11 +123,16 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
     )
 
 
+def verdict_key(o: ContrastOutcome) -> str:
+    """`verdict/<metric>/<a>_vs_<b>`: where a contrast's verdict lives on the parent run."""
+    return f"verdict/{o.metric}/{o.contrast.a}_vs_{o.contrast.b}"
+
+
 def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
-    """Put each metric's verdict on the sweep's parent run: tag `verdict/<metric>` (agrees, disagrees,
-    inconclusive, not measured, descriptive) with `verdict/<metric>/note`, and metrics
-    `verdict/<metric>/diff`, `.../diff_lo`, `.../diff_hi` (winner - compared variant, 95% interval).
-    Returns the tags."""
+    """Put each declared contrast's verdict on the sweep's parent run: tag `verdict/<metric>/<a>_vs_<b>` (agrees,
+    disagrees, equivalent, inconclusive, not measured) with `.../test` (test and margin) and `.../note`, and
+    metrics `.../diff`, `.../diff_lo`, `.../diff_hi` (a - b, its 90% interval), `.../margin`, `.../p`,
+    `.../p_holm`. Returns the tags."""
     from mlflow import MlflowClient  # seconds to import: kept off `cglab --help`, which imports cglab.report
     from mlflow.entities import Metric, RunTag
 
@@ -124,15 +140,18 @@ def record_verdict(runs: LessonRuns, tracking_uri: str) -> dict[str, str]:
     points = []
     ts = int(time.time() * 1000)
     for o in runs.outcomes():
-        tags[f"verdict/{o.metric}"] = o.verdict
+        key, c = verdict_key(o), o.contrast
+        tags[key] = o.verdict
+        tags[f"{key}/test"] = f"{c.test}, margin {c.margin:g}"
         if o.note:
-            tags[f"verdict/{o.metric}/note"] = o.note
-        if o.winner and o.runner_up:
-            tags[f"verdict/{o.metric}/compared"] = f"{o.winner} vs {o.runner_up}"
-        if o.diff is not None:
-            for name, x in (("diff", o.diff.mean), ("diff_lo", o.diff.lo), ("diff_hi", o.diff.hi)):
-                if x is not None and math.isfinite(x):
-                    points.append(Metric(f"verdict/{o.metric}/{name}", x, ts, 0))
+            tags[f"{key}/note"] = o.note
+        iv = o.interval
+        values = {"margin": c.margin, "p": o.p, "p_holm": o.p_holm}
+        if iv is not None:
+            values.update(diff=iv.mean, diff_lo=iv.lo, diff_hi=iv.hi)
+        for name, x in values.items():
+            if x is not None and math.isfinite(x):
+                points.append(Metric(f"{key}/{name}", x, ts, 0))
     MlflowClient(tracking_uri).log_batch(
         runs.parent_run_id, metrics=points, tags=[RunTag(k, v) for k, v in tags.items()]
     )
@@ -158,6 +177,17 @@ def record_stability(runs: LessonRuns, tracking_uri: str, stab: list[Stability] 
             tags[f"{pre}/note"] = s.note
     MlflowClient(tracking_uri).log_batch(runs.parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return tags
+
+
+def is_perplexity(key: str) -> bool:
+    return key.endswith("_ppl")
+
+
+def _mean(key: str, xs) -> float:
+    xs = list(xs)
+    if is_perplexity(key):  # exp of the mean NLL (see LessonRuns.interval)
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
+    return sum(xs) / len(xs)
 
 
 def _histories(client, run, les: Lesson) -> dict[str, list[tuple[float, float]]]:
