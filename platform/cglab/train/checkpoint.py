@@ -120,16 +120,15 @@ def save(
 def save_model(directory: str | Path, state, step: int, extra: dict | None = None, files: dict | None = None) -> Path:
     """Collective: the model's weights only (no optimizer, scheduler or RNG: a 1B model's Adam state is 16 GB),
     in the checkpoint's TP x PP sharded format with its manifest and COMPLETE marker, so `checkpoint_to_hf`
-    converts it; it cannot be resumed from (`load` needs the optimizer). Unlike `save`, every rank writes into
-    the same `directory`, which every rank and the reader must see (a snapshot for cglab.eval.periodic)."""
+    converts it; it cannot be resumed from (`load` needs the optimizer). As `save`, every rank writes its own
+    files into its own local `directory` (nodes share no file system); the union of the ranks' directories is the
+    snapshot, and rank 0's holds the manifest of all of them (cglab.eval.periodic uploads them to storage)."""
     # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
-    if rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-    dist.barrier()  # the directory exists for every rank
     dist_checkpointing.save(_sharded(state, is_loading=False, model_only=True), str(d))
     if rank == 0:
         doc = {"step": step, "model_only": True, **(extra or {})}
@@ -137,10 +136,12 @@ def save_model(directory: str | Path, state, step: int, extra: dict | None = Non
         for rel, text in (files or {}).items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_text(text)
-    dist.barrier()  # every rank has finished writing: rank 0 lists the shared directory once
+    listed = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, listed)  # also the barrier: every rank has finished writing
     if rank == 0:
-        listed = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
-        (d / MANIFEST).write_text(json.dumps({"world_size": dist.get_world_size(), "files": listed}, indent=1))
+        manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (d / MARKER).write_text(str(step))
     return d
 

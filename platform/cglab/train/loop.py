@@ -41,6 +41,8 @@ class WorkerInputs:
     cfg: CGLabConfig
     plan: DataPlan  # the data stream and the tokenizer (data/pipeline.py)
     run_dir: str | None = None  # checkpoints to resume from and metrics.jsonl, when the worker can see it
+    # the run's storage location (<storage_path>/<name>: a URI or a local path), which every node reaches
+    storage: str = ""
     mlflow: MlflowContext | None = None  # the MLflow run to log into
     name: str = ""  # the run's (trial's) name, a Prometheus tag
     fault: cb.Fault | None = None  # test hook: fail once at a step
