@@ -210,9 +210,9 @@ class PeriodicEvalCallback(Callback):
             s.metrics["eval/skipped"] = float(self.skipped)
             log.info("evaluation of step %d skipped: the previous one is still running", s.step)
             return
-        from cglab.train import checkpoint
-
         import torch.distributed as dist
+
+        from cglab.train import checkpoint
 
         t0 = time.perf_counter()
         name = f"step_{s.step:06d}"
