@@ -7,7 +7,9 @@ window and its seed, never on batch composition; a new epoch re-draws the corrup
 
 Layouts (one *unit* = one document piece in file-level mode, the whole window in sequence-level mode):
 
-- clm:      `doc` unchanged; loss on every next-token target inside the same segment.
+- clm:      `doc` unchanged; loss on every next-token target inside the same segment. Under
+            model.architecture=prefix_lm (the paper's Prefix-LM), every document piece draws its own split: its
+            prefix is bidirectional and carries no loss, the rest is causal with loss (`causal_lm`).
 - span corruption (CodeGen2, objective 1):
             `x_0 <mask_1> x_1 <mask_2> … x_k <sep> <mask_1> s_1 <eom> … <mask_k> s_k <eom>`
             where the unit is x_0 s_1 x_1 … s_k x_k. The unit's final eot is never masked and stays in x_k, so
@@ -28,7 +30,8 @@ Layouts (one *unit* = one document piece in file-level mode, the whole window in
 prefix_end (int32 per token, what a prefix-LM model attends with): query q may also see keys k < prefix_end[q]
 besides the causal k <= q. A token of a unit with a prefix gets (its unit's start in the sample) + (that unit's
 prefix length), so every document of a packed window has its own bidirectional prefix and never sees into a later
-document; tokens without a prefix (clm, infill, padding) get 0. The S denoiser gives every valid token `split`.
+document; tokens without a prefix (clm under a causal
+architecture, infill, padding) get 0. The S denoiser gives every valid token `split`.
 
 Span placement, per unit of n maskable tokens (T5's random_spans_noise_mask rule, so every unit is masked at its
 drawn ratio whatever its length):
@@ -101,19 +104,32 @@ def apply_objective(
     specials: Specials,
     rng: np.random.Generator,
     seq_len: int,
+    architecture: str = "causal",
 ) -> dict:
     """One window -> one sample dict (arrays of length seq_len, scalar objective)."""
     out = apply_objective_batch(
-        np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg, specials, [rng], seq_len
+        np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg, specials, [rng], seq_len, architecture
     )
     return {k: v[0] for k, v in out.items()}
 
 
 def apply_objective_batch(
-    tokens: np.ndarray, segments: np.ndarray, cfg, specials: Specials, rngs: Sequence[np.random.Generator], seq_len: int
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    cfg,
+    specials: Specials,
+    rngs: Sequence[np.random.Generator],
+    seq_len: int,
+    architecture: str = "causal",
 ) -> dict[str, np.ndarray]:
-    """Windows int32[W, S_in] -> batch dict; window w uses only rngs[w] (one draw picks the objective first)."""
+    """Windows int32[W, S_in] -> batch dict; window w uses only rngs[w] (one draw picks the objective first).
+
+    architecture: model.architecture. The objective config alone does not say what a causal-LM sample is: under
+    prefix_lm it is the paper's Prefix-LM (`causal_lm(prefix=True)`), so the caller passes the model's choice."""
+    if architecture not in ("causal", "prefix_lm"):
+        raise ValueError(f"model.architecture: unknown {architecture!r}; choose causal or prefix_lm")
     tokens, segments = _check(tokens, segments, cfg, specials, rngs, seq_len)
+    clm = lambda t, s, r: causal_lm(t, s, specials, seq_len, r, prefix=architecture == "prefix_lm")  # noqa: E731
     W = tokens.shape[0]
     u = np.array([rng.random() for rng in rngs]) if W else np.zeros(0)
     kind, file_level = cfg.kind, cfg.corruption == "file_level"
@@ -123,18 +139,18 @@ def apply_objective_batch(
         file_level=file_level,
     )
     if kind == "clm":
-        groups = [(np.ones(W, bool), lambda t, s, r: causal_lm(t, s, specials, seq_len))]
+        groups = [(np.ones(W, bool), clm)]
     elif kind == "span_corruption":
         groups = [(np.ones(W, bool), lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span))]
     elif kind == "codegen2":
         groups = [
-            (u < cfg.causal_prob, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
+            (u < cfg.causal_prob, clm),
             (u >= cfg.causal_prob, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
         ]
     elif kind == "infill":
         groups = [
             (u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
-            (u >= cfg.infill_rate, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
+            (u >= cfg.infill_rate, clm),
         ]
     elif kind == "ul2":
         dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
@@ -176,10 +192,35 @@ def apply_objective_batch(
 
 
 # ---------------------------------------------------------------------------------------------- objectives
-def causal_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int) -> dict:
-    """Plain next-token prediction over the packed documents (objective 0)."""
+def causal_lm(
+    tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int, rngs=None, prefix: bool = False
+) -> dict:
+    """Next-token prediction over the packed documents (objective 0).
+
+    prefix=False (model.architecture=causal): plain causal LM, no draws. prefix=True (model.architecture=prefix_lm,
+    the CodeGen2 paper's Prefix-LM: "trained with next token prediction, where the loss for the non-causal part is
+    masked"): every document piece of n tokens gets its own split p = 1 + floor(u (n - 1)), u ~ U[0, 1) from the
+    window's generator (one draw per piece, in order), so p is uniform on [1, n - 1] as UL2's S-denoiser draws its
+    split: every prefix length equally likely, and at least one target left with loss. The piece's first p tokens
+    are its prefix: bidirectional among themselves (prefix_end = piece start + p) and never a target with loss,
+    because a position that sees a later token would be trained on what it can read; the positions from the
+    prefix's last token on see no future and carry the loss. A one-token piece gets p = 0 (nothing to split).
+    """
     tok, seg = _fit(tokens, segments, specials, seq_len)
-    return _finish(tok, seg, seg >= 0, np.zeros(tok.shape, np.int32), CLM, specials)
+    if not prefix:
+        return _finish(tok, seg, seg >= 0, np.zeros(tok.shape, np.int32), CLM, specials)
+    base, n, win, _ = _units(tok, seg, file_level=True)
+    u = _draws(rngs, np.bincount(win, minlength=len(rngs)), 1)[:, 0]
+    p = np.where(n >= 2, 1 + (u * np.maximum(n - 1, 1)).astype(np.int64), 0)
+    start = base - win * seq_len  # the piece's first position in its sample (clm inserts nothing)
+    pos_in_piece = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    flat_p = np.repeat(p, n)
+    at = np.repeat(base, n) + pos_in_piece  # every valid token's flat position
+    flag = seg >= 0
+    prefix_end = np.zeros(tok.shape, np.int64)
+    flag.ravel()[at] = pos_in_piece >= flat_p
+    prefix_end.ravel()[at] = np.where(flat_p > 0, np.repeat(start, n) + flat_p, 0)
+    return _finish(tok, seg, flag, prefix_end, CLM, specials)
 
 
 def prefix_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int) -> dict:

@@ -488,12 +488,18 @@ def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.n
 
 
 def corrupt_block(
-    batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int, seq_len: int
+    batch: dict[str, np.ndarray],
+    plan: DataPlan,
+    ocfg,
+    seed: int,
+    epoch: int,
+    seq_len: int,
+    architecture: str = "causal",
 ) -> dict[str, np.ndarray]:
     """Apply the objective to each window with its own (seed, epoch, identity) generator."""
     sp = plan.tokenizer().specials
     rngs = [np.random.default_rng([seed, epoch, int(k), int(w)]) for k, w in zip(batch["block_key"], batch["window"])]
-    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
+    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len, architecture)
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
     out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
@@ -601,7 +607,9 @@ def build_dataset(
         corrupt_block,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs=dict(plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S),
+        fn_kwargs=dict(
+            plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S, architecture=cfg.model.architecture
+        ),
     )
     return ds
 
