@@ -62,7 +62,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cglab.config import span_count, spans_needed
+from cglab.config import Corruption, span_count, spans_needed
 from cglab.data.contract import CLM, INFILL, SAMPLE_KEYS, SPAN, UL2, UL2_S
 from cglab.data.packing import Reserve
 from cglab.data.specials import EOM, MASK0, SEP, Specials
@@ -76,24 +76,71 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def packing_reserve(cfg) -> Reserve:
-    """Room the packer must leave so every sample of this objective fits in seq_len without truncation.
+    """Room the packer must leave so every sample of this objective fits in seq_len without truncation, whichever
+    part of its mix a window becomes: the bound `cglab plan` measures with and that sizes the sentinels.
 
     Span corruption adds 1 + 3k tokens to a unit of n raw tokens (`<sep>`, then `<mask_j>` in the input and
     `<mask_j>`, `<eom>` in the targets per span). With k = span_count(m, mean) <= m / mean + 1 and
     m = round(r n) <= rmax n + 1/2 that is at most c + f n with c = 4 + 1.5 / mean, f = 3 rmax / mean: a constant
     per unit (per document piece in file-level mode, per window in sequence-level mode) and a per-token fraction,
-    the largest over the settings the objective runs.
+    the largest over the settings the objective runs. The stream packs each window with `window_reserve` instead.
     """
     if cfg.kind == "infill":
         return Reserve(per_doc=4)
-    settings = cfg.corrupting()
+    return _span_reserve(cfg.corrupting(), cfg.corruption == "file_level")
+
+
+def _span_reserve(settings, file_level: bool) -> Reserve:
     if not settings:
         return Reserve()
     c = max(int(np.ceil(4 + 1.5 / s.mean_len)) for s in settings)
     f = max(3 * s.ratio[1] / s.mean_len for s in settings)
-    if cfg.corruption == "file_level":
-        return Reserve(per_doc=c, per_token=f)
-    return Reserve(per_window=c, per_token=f)
+    return Reserve(per_doc=c, per_token=f) if file_level else Reserve(per_window=c, per_token=f)
+
+
+def pick(cfg, u: np.ndarray) -> np.ndarray:
+    """Which part of the objective's mix each window is, from its generator's first draw u: an index into
+    `part_reserves(cfg)` (codegen2: 0 causal LM, 1 span corruption; infill: 0 infill, 1 causal LM; ul2: the
+    denoiser's place in objective.ul2_denoisers; clm, span_corruption: 0)."""
+    u = np.asarray(u, np.float64)
+    if cfg.kind == "codegen2":
+        return (u >= cfg.causal_prob).astype(np.int64)
+    if cfg.kind == "infill":
+        return (u >= cfg.infill_rate).astype(np.int64)
+    if cfg.kind == "ul2":
+        dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
+        edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
+        return np.minimum(np.searchsorted(edges, u, side="right"), len(dens) - 1)
+    if cfg.kind in ("clm", "span_corruption"):
+        return np.zeros(u.shape, np.int64)
+    raise ValueError(f"objective.kind: unknown {cfg.kind!r}; choose one of {KINDS}")
+
+
+def part_reserves(cfg) -> list[Reserve]:
+    """The reserve of each part of the mix (`pick`'s index): what that part adds and nothing more.
+
+    The first draw of a window's generator decides its part before packing (data/pipeline.py `pack_block`), so a
+    window packs only the room its own part needs: UL2's R, X_long and S windows no longer carry X_dense's
+    reserve, nor codegen2's causal half the span reserve.
+    """
+    file_level = cfg.corruption == "file_level"
+    span = _span_reserve(cfg.corrupting(), file_level) if cfg.kind in ("codegen2", "span_corruption") else None
+    if cfg.kind == "clm":
+        return [Reserve()]
+    if cfg.kind == "span_corruption":
+        return [span]
+    if cfg.kind == "codegen2":
+        return [Reserve(), span]
+    if cfg.kind == "infill":
+        return [Reserve(per_doc=4), Reserve()]
+    if cfg.kind == "ul2":
+        return [
+            Reserve()
+            if d.kind == "prefix"
+            else _span_reserve([Corruption(d.name, d.name, tuple(d.ratio), tuple(d.span_len))], file_level)
+            for d in cfg.ul2_denoisers
+        ]
+    raise ValueError(f"objective.kind: unknown {cfg.kind!r}; choose one of {KINDS}")
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -132,6 +179,7 @@ def apply_objective_batch(
     clm = lambda t, s, r: causal_lm(t, s, specials, seq_len, r, prefix=architecture == "prefix_lm")  # noqa: E731
     W = tokens.shape[0]
     u = np.array([rng.random() for rng in rngs]) if W else np.zeros(0)
+    part = pick(cfg, u)
     kind, file_level = cfg.kind, cfg.corruption == "file_level"
     span = dict(
         ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max),
@@ -144,20 +192,17 @@ def apply_objective_batch(
         groups = [(np.ones(W, bool), lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span))]
     elif kind == "codegen2":
         groups = [
-            (u < cfg.causal_prob, clm),
-            (u >= cfg.causal_prob, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
+            (part == 0, clm),
+            (part == 1, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
         ]
     elif kind == "infill":
         groups = [
-            (u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
-            (u >= cfg.infill_rate, clm),
+            (part == 0, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
+            (part == 1, clm),
         ]
     elif kind == "ul2":
-        dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
-        edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
-        pick = np.minimum(np.searchsorted(edges, u, side="right"), len(dens) - 1)
         groups = []
-        for i, d in enumerate(dens):
+        for i, d in enumerate(cfg.ul2_denoisers):
             if d.kind == "prefix":
                 fn = lambda t, s, r: prefix_lm(t, s, specials, r, seq_len)  # noqa: E731
             else:
@@ -176,7 +221,7 @@ def apply_objective_batch(
                         )
                     )
                 )(d)
-            groups.append((pick == i, fn))
+            groups.append((part == i, fn))
     else:
         raise ValueError(f"objective.kind: unknown {kind!r}; choose one of {KINDS}")
 
