@@ -179,7 +179,6 @@ def test_variants_read_equal_tokens_of_the_declared_kind(
         if kind == "clm":
             assert feed.step_stats["data/raw_tokens"] == raw  # a clm sample holds its raw tokens unchanged
         counts[kind], steps[kind] = feed.step_stats[f"data/{stop_at}"], step
-        print(f"{stop_at} {kind}: {counts[kind]:.0f} in {step} steps (raw {raw}, loss {loss:.0f})")
         assert feed.step_stats["data/budget_used"] == counts[kind] / budget
         assert progress == pytest.approx(100 * counts[kind] / budget)
     a, b = (counts[k] for k in kinds)
