@@ -60,7 +60,7 @@ def _check_documents(out, document_masking):
                 assert not seen[:, idx[outside] >= e].any(), f"window {w} doc {s}: sees a later document"
             # loss: 0 exactly where the position sees a later token (the prefix), 1 on the rest but the last token
             # (no next token in the document)
-            sees_future = ok[w, a:e, a:e][:, :].astype(bool) & (k > q)
+            sees_future = ok[w, a:e, a:e] & (k > q)
             loss = out["loss_mask"][w][a:e]
             assert np.array_equal(loss[:-1] == 0, sees_future.any(1)[:-1]), f"window {w} doc {s}: prefix loss"
             assert loss[-1] == 0 and (loss[max(p - 1, 0) : -1] == 1).all()
