@@ -63,6 +63,10 @@ _pp4 = ["parallel.pipeline_model_parallel_size=4"]
             ["model.recompute=full", "model.attention_backend=flex", "parallel.use_gpu=true"],
             "model.attention_backend",
         ),
+        (["train.stop_at=raw_tokens"], "train.token_budget"),  # a token stop needs its budget
+        (["train.token_budget=1000000"], "train.token_budget"),  # a budget the step count would ignore
+        (["train.stop_at=loss_tokens", "train.token_budget=102399"], "train.token_budget"),  # < 100 steps of 4 x 256
+        (["train.stop_at=tokens", "train.token_budget=102400"], "train.stop_at"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
@@ -192,3 +196,8 @@ def test_every_lesson_variant_validates_at_every_preset(preset):
         for cfg in configs.values():
             for cor in cfg.objective.corrupting():
                 assert cfg.data.num_sentinels >= cor.spans_needed(cfg.data.seq_length)
+
+
+def test_a_token_budget_of_100_full_steps_is_accepted():
+    t = from_dict({}, ["model.preset=tiny", "train.stop_at=raw_tokens", "train.token_budget=102400"]).train
+    assert (t.stop_at, t.token_budget, t.global_batch_size) == ("raw_tokens", 102400, 4)

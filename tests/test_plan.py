@@ -274,3 +274,17 @@ def test_the_plan_refuses_dp_beyond_the_units_and_an_epoch_the_slowest_rank_cann
     assert any("would run dry" in e and "parallel.data_parallel_size=2" in e for e in two["errors"]), two["errors"]
     three = _plan(capsys, str(base), *common, "train.train_steps=2", "parallel.data_parallel_size=3")
     assert any(e.startswith("parallel.data_parallel_size=3: the data has only 2 units") for e in three["errors"])
+
+
+def test_the_plan_prints_the_token_budget_a_run_stops_at(micro_sources, tmp_path, capsys):
+    """train.stop_at=raw_tokens: the plan shows the kind and the budget, and bounds the steps it takes from the
+    raw tokens its packed windows hold."""
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"data": {"sources": micro_sources}}))
+    budget = 100 * 4 * 256
+    plan = _plan(capsys, str(base), "train.stop_at=raw_tokens", f"train.token_budget={budget}")
+    need = plan["tokens_needed"]
+    assert (need["stop_at"], need["token_budget"]) == ("raw_tokens", budget)
+    assert need["steps_at_most"] >= 100  # a window holds at most 256 raw tokens
+    assert need["steps_at_most"] == pytest.approx(budget / (need["raw_tokens_per_window"] * 4), abs=1.01)  # ceil
+    assert need["unique_tokens_per_epoch"] == budget

@@ -386,6 +386,18 @@ class TrainConfig(_Section):
     global_batch_size: int = Field(4, ge=1)
     train_steps: int = Field(10, ge=1)
     epochs: int = Field(1, ge=1)  # lesson 5: passes over the same unique tokens
+    # What a run's length is counted in, so a lesson's variants can be held equal in it (issue 26). steps: the run
+    # is train.train_steps optimizer steps. raw_tokens / loss_tokens: it ends after the first step whose count,
+    # summed over every DP shard, reaches train.token_budget: document tokens that entered samples
+    # (data/raw_tokens) or tokens trained on (the loss mask's sum, data/loss_tokens). The LR schedule advances by
+    # that count (train.train_steps * tokens / budget nominal steps each step, so warmup and decay end at the same
+    # share of the budget whatever the tokens per step), train.epochs split the budget, and the run takes as many
+    # steps as the budget needs (data/budget_used logs the share used). A stopping rule and not packing to equal raw
+    # tokens per window: the latter would cut every variant's windows to the fewest raw tokens any objective
+    # leaves (UL2's X_dense) and cannot equalise loss tokens at all, which span corruption draws; a step adds at
+    # most global_batch_size x seq_length of either kind, so a budget of >= 100 such steps ends within 1% of it.
+    stop_at: Literal["steps", "raw_tokens", "loss_tokens"] = "steps"
+    token_budget: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     min_lr: float = Field(3e-5, ge=0.0)
     warmup_steps: int = Field(2, ge=0)
@@ -649,6 +661,17 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         )
     if t.fold_grad_scale and not t.fused_adam:
         e.append("train.fold_grad_scale: needs torch's fused AdamW, but train.fused_adam is false")
+    if t.stop_at != "steps" and t.token_budget is None:
+        e.append(f"train.token_budget: train.stop_at={t.stop_at} needs a budget of {t.stop_at.replace('_', ' ')}")
+    if t.stop_at == "steps" and t.token_budget is not None:
+        e.append("train.token_budget: set, but train.stop_at=steps ignores it (raw_tokens or loss_tokens use it)")
+    step_tokens = t.global_batch_size * d.seq_length
+    if t.stop_at != "steps" and t.token_budget is not None and t.token_budget < 100 * step_tokens:
+        e.append(
+            f"train.token_budget: {t.token_budget} is under 100 steps of train.global_batch_size x data.seq_length "
+            f"= {step_tokens} tokens, so the step that crosses it could overshoot by more than 1%; use at least "
+            f"{100 * step_tokens}"
+        )
     if t.warmup_steps >= t.train_steps and t.train_steps > 1:
         e.append(f"train.warmup_steps: {t.warmup_steps} must be below train.train_steps={t.train_steps}")
     return e

@@ -189,15 +189,17 @@ class PeriodicEvalCallback(Callback):
         self.inflight = None  # (ObjectRef, EvalJob)
         self.skipped = 0
         self.step, self.stopped = 0, False  # how far this attempt got; stopped early (preemption)
+        self.complete = False  # the run's last step was reached (train.train_steps or train.token_budget)
 
     def _due(self, step: int) -> tuple[bool, bool]:
-        ev, last = self.cfg.eval, self.cfg.train.train_steps
-        text = bool(ev.every) and step % ev.every == 0 and not (self.spec.final_text_eval and step == last)
+        ev = self.cfg.eval
+        text = bool(ev.every) and step % ev.every == 0 and not (self.spec.final_text_eval and self.complete)
         code = bool(ev.code_every) and step % ev.code_every == 0
         return text, code
 
     def on_step_end(self, s: StepEnd) -> None:
         self.step, self.stopped = s.step, self.stopped or s.stop
+        self.complete = s.last or s.step >= self.cfg.train.train_steps
         if not self.enabled:
             return
         if self.rank == 0:
@@ -294,7 +296,7 @@ class PeriodicEvalCallback(Callback):
         ends. Stopped early (a preemption, or a step that raised and Ray Train restarts the workers): cancel it
         at once, a restart or an exit within the grace period must not wait for an evaluation."""
         if self.rank == 0 and self.enabled:
-            complete = self.step >= self.cfg.train.train_steps and not self.stopped
+            complete = self.complete and not self.stopped
             self._reap(wait_s=self.spec.end_wait_s if complete else 0, cancel=True)
 
 

@@ -49,6 +49,7 @@ class StepEnd:
     step_time_s: float  # feed + forward/backward + optimizer step
     checkpoint: Path | None = None  # this rank's staged checkpoint, when the step saved one
     stop: bool = False  # the loop ends after this step (set on every rank alike: the Preemption callback)
+    last: bool = False  # the run is complete with this step (train.train_steps or train.token_budget reached)
 
 
 class Callback:
@@ -134,7 +135,7 @@ class Preemption(Callback):
     it and the metric `preempted` tells the driver (train/preemption.py)."""
 
     def __init__(self, cfg: CGLabConfig, stop_flag, rank: int):
-        self.train_steps, self.stop_flag, self.rank = cfg.train.train_steps, stop_flag, rank
+        self.stop_flag, self.rank = stop_flag, rank
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
     def on_step_end(self, s: StepEnd) -> None:
@@ -143,7 +144,7 @@ class Preemption(Callback):
             asked = ray.get(self.stop_flag.is_set.remote())
         flag = torch.tensor([float(asked)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and s.step < self.train_steps:  # at the last step the run is complete anyway
+        if flag.item() > 0 and not s.last:  # at the last step the run is complete anyway
             s.stop = True
             s.metrics["preempted"] = 1.0
 
@@ -187,7 +188,7 @@ class Checkpointer(Callback):
 
     def on_step_end(self, s: StepEnd) -> None:
         t = self.cfg.train
-        if not (s.step == t.train_steps or s.stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
+        if not (s.last or s.stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
             return
         c0 = time.perf_counter()
         s.checkpoint = checkpoint.save(

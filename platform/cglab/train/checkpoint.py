@@ -44,6 +44,12 @@ class DataPosition:
     source_tokens: tuple[int, ...] = ()
     dp_size: int = 0  # 0: no per-rank positions (start of an epoch, or a checkpoint older than issue 14)
     shards: tuple[tuple[int, int], ...] = ()
+    loss_tokens: int = 0  # tokens trained on so far (loss-mask sum over every DP shard); 0 in older checkpoints
+
+    @property
+    def raw_tokens(self) -> int:
+        """Document tokens that entered samples so far, over every DP shard (each source's count summed)."""
+        return sum(self.source_tokens)
 
 
 def _unwrap(model):
@@ -185,6 +191,7 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
         tuple(int(n) for n in data.get("source_tokens", ())),
         int(data.get("dp_size", 0)),
         tuple((int(k), int(o)) for k, o in data.get("shards", ())),
+        int(data.get("loss_tokens", 0)),
     )
 
 

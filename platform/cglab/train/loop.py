@@ -55,7 +55,8 @@ class WorkerInputs:
 
 
 def worker_loop(inp: WorkerInputs) -> None:
-    """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps."""
+    """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps or, with
+    train.stop_at=raw_tokens / loss_tokens, until train.token_budget of them (DataFeed.done)."""
     cfg, t, p = inp.cfg, inp.cfg.train, inp.cfg.parallel
     init_parallel(
         p.tensor_model_parallel_size,
@@ -70,17 +71,17 @@ def worker_loop(inp: WorkerInputs) -> None:
     start = step
     try:
         callbacks.start(step, resumed_from)
-        while step < t.train_steps:
+        while not feed.done(step):
             t0 = time.perf_counter()
             micro = feed.next_step()
             t1 = time.perf_counter()
-            out = train_step(state, cfg, micro)
+            out = train_step(state, cfg, micro, lr_progress=feed.progress)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the step's time is the device's, not the launch's
             t2 = time.perf_counter()
             step += 1
             metrics = {**out, "step": step, "epoch": feed.pos.epoch, "started_at_step": start, **feed.step_stats}
-            s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0)
+            s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0, last=feed.done(step))
             callbacks.step_end(s)
             if s.stop:
                 log.warning("preempted: stopped at step %d with a checkpoint; the same command resumes", step)

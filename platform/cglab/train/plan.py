@@ -293,7 +293,18 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
         share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
     else:
         share = w
+    stop = {}
+    if t.stop_at != "steps":  # the run's length is a token budget: what it holds equal, and the steps it may take
+        stop = {"stop_at": t.stop_at, "token_budget": t.token_budget}
+        if t.stop_at == "raw_tokens":
+            raw_per_epoch = t.token_budget / t.epochs
+            # the plan's windows carry the objective's largest reserve, the stream's only their own part's (a mixed
+            # objective's windows hold more): an upper bound
+            stop["steps_at_most"] = math.ceil(t.token_budget / (fill * t.global_batch_size))
+        else:
+            stop["steps"] = "as many as the loss tokens need (data/loss_tokens, data/budget_used per step)"
     needed = {
+        **stop,
         "sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
         "samples_per_epoch": per_epoch,
         "epochs": t.epochs,
