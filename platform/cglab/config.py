@@ -403,6 +403,14 @@ class TrainConfig(_Section):
     fold_grad_scale: bool | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    # Checkpoints written in the background (Megatron-Core's dist_checkpointing async save, Megatron-LM's
+    # --async-save): the step only waits for the tensors to reach host memory, a forked process writes them while
+    # training goes on, and the checkpoint becomes COMPLETE, and is handed to Ray Train, at the first step boundary
+    # after every rank's write ended (cglab.train.checkpoint_writes). The stop checkpoint of a preemption and the
+    # last one wait for their writes. None: on for GPU runs, whose step time is the device's, so the host's write
+    # overlaps it; off on CPU, where the writer competes with training for the same cores and the checkpoint would
+    # reach Ray Train a step later for nothing. true works on CPU too (the tests use it).
+    async_save: bool | None = None
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)  # Ray Train reports (a sync point, ~seconds each); MLflow gets every step
     max_failures: int = Field(0, ge=0)
