@@ -172,6 +172,11 @@ class ParallelConfig(_Section):
     # Megatron's distributed optimizer (ZeRO-1): Adam's state and the fp32 main params split over the DP ranks, the
     # same update. None: on where DP > 1 on GPU, off elsewhere (`use_distributed_optimizer`); true/false: as set.
     distributed_optimizer: bool | None = None
+    # Megatron's sequence parallelism (Korthikanti et al. 2022): with TP > 1, the layer norms, dropout and residual
+    # adds work on 1/TP of the sequence each, so their activations are split over TP too, and the all-reduces after
+    # attention and the MLP become reduce-scatters (and the gathers before them all-gathers) of the same volume.
+    # Needs TP > 1 and data.seq_length divisible by TP.
+    sequence_parallel: bool = False
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -570,6 +575,10 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         pipeline_stages(m.num_layers, p)
     except ValueError as err:
         e.append(str(err))
+    if p.sequence_parallel and tp == 1:
+        e.append("parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1 (it splits over TP)")
+    elif p.sequence_parallel and d.seq_length % tp:
+        e.append(f"parallel.sequence_parallel: data.seq_length={d.seq_length} is not divisible by TP={tp}")
     if p.world_size is not None and p.world_size != tp * pp * dp:
         e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
     if d.seq_length > m.max_position_embeddings:
