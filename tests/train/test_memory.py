@@ -1,9 +1,9 @@
 """The memory plan (cglab.train.memory) against the published formulas, stage by stage: model states of 2 (bf16
 weights) + 4 (fp32 main grads) + 12/DP (fp32 Adam moments and main params, sharded by the distributed optimizer)
 bytes per parameter, and per layer and micro-batch s*b*h*(10 + 24/t) bytes of activations at 16 bits (34/t with
-sequence parallelism), plus
-5*a*s^2*b/t for materialised attention scores (Korthikanti et al. 2022, Table 2), 2*s*b*h under full
-recomputation; stage i of PP holds min(PP - i, micro-batches) micro-batches in flight (1F1B)."""
+sequence parallelism), plus 5*a*s^2*b/t for materialised attention scores (Korthikanti et al. 2022, Table 2),
+2*s*b*h (/t with sequence parallelism) under full recomputation; stage i of PP holds min(PP - i, micro-batches)
+micro-batches in flight (1F1B)."""
 
 import pytest
 

@@ -121,7 +121,7 @@ def memory_gib(cfg: CGLabConfig, attention_backend: str, recompute: Recompute | 
         sequence_parallel=p.sequence_parallel,
         per_stage_total=[round(sum(x.values()), 3) for x in per_stage],
         method="Megatron-Core states (bf16 weights, fp32 main grads, fp32 Adam + main params, ZeRO-1 with "
-        "the distributed optimizer) + activations by Korthikanti et al. 2022 for the recomputation chosen; "
-        "excludes the CUDA context and allocator slack",
+        "the distributed optimizer) + activations by Korthikanti et al. 2022 for the recomputation and sequence "
+        "parallelism chosen; excludes the CUDA context and allocator slack",
     )
     return out
