@@ -29,6 +29,11 @@ _pp4 = ["parallel.pipeline_model_parallel_size=4"]
         (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),
         (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
         (["parallel.tensor_model_parallel_size=2", "parallel.world_size=3"], "parallel.world_size"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # TP=1
+        (
+            ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2", "data.seq_length=63"],
+            "parallel.sequence_parallel",
+        ),
         (["data.seq_length=4096"], "data.seq_length"),
         (["model.rotary_dim=32"], "model.rotary_dim"),
         (["model.rotary_dim=7"], "model.rotary_dim"),

@@ -19,6 +19,7 @@ KEYS = {
     "fusions",
     "recompute",
     "adam",
+    "checkpoint",
     "precision",
     "parallel",
     "resources",
@@ -116,6 +117,7 @@ def test_the_released_sizes_plan_on_h100_nodes(config):
     assert par["world_size"] % 8 == 0 or par["world_size"] == 1  # whole 8-GPU nodes, or one GPU
     assert plan["recompute"]["granularity"] == recompute
     assert plan["adam"]["distributed_optimizer"] == (dp > 1)
+    assert plan["checkpoint"]["async_save"] is True  # GPU runs write checkpoints in the background
     assert plan["errors"] == [] and not any(w.startswith("memory_gb") for w in plan["warnings"])
     mem = plan["memory_gb"]
     assert mem["total"] == max(mem["per_stage_total"]) and mem["recompute"] == recompute

@@ -172,6 +172,11 @@ class ParallelConfig(_Section):
     # Megatron's distributed optimizer (ZeRO-1): Adam's state and the fp32 main params split over the DP ranks, the
     # same update. None: on where DP > 1 on GPU, off elsewhere (`use_distributed_optimizer`); true/false: as set.
     distributed_optimizer: bool | None = None
+    # Megatron's sequence parallelism (Korthikanti et al. 2022): with TP > 1, the layer norms, dropout and residual
+    # adds work on 1/TP of the sequence each, so their activations are split over TP too, and the all-reduces after
+    # attention and the MLP become reduce-scatters (and the gathers before them all-gathers) of the same volume.
+    # Needs TP > 1 and data.seq_length divisible by TP.
+    sequence_parallel: bool = False
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -415,6 +420,14 @@ class TrainConfig(_Section):
     fold_grad_scale: bool | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    # Checkpoints written in the background (Megatron-Core's dist_checkpointing async save, Megatron-LM's
+    # --async-save): the step only waits for the tensors to reach host memory, a forked process writes them while
+    # training goes on, and the checkpoint becomes COMPLETE, and is handed to Ray Train, at the first step boundary
+    # after every rank's write ended (cglab.train.checkpoint_writes). The stop checkpoint of a preemption and the
+    # last one wait for their writes. None: on for GPU runs, whose step time is the device's, so the host's write
+    # overlaps it; off on CPU, where the writer competes with training for the same cores and the checkpoint would
+    # reach Ray Train a step later for nothing. true works on CPU too (the tests use it).
+    async_save: bool | None = None
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)  # Ray Train reports (a sync point, ~seconds each); MLflow gets every step
     max_failures: int = Field(0, ge=0)
@@ -584,6 +597,10 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         pipeline_stages(m.num_layers, p)
     except ValueError as err:
         e.append(str(err))
+    if p.sequence_parallel and tp == 1:
+        e.append("parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1 (it splits over TP)")
+    elif p.sequence_parallel and d.seq_length % tp:
+        e.append(f"parallel.sequence_parallel: data.seq_length={d.seq_length} is not divisible by TP={tp}")
     if p.world_size is not None and p.world_size != tp * pp * dp:
         e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
     if d.seq_length > m.max_position_embeddings:

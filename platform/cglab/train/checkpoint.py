@@ -3,8 +3,10 @@ RNG state and the data position, as one directory that Ray Train persists.
 
 Each rank writes into its own local directory; Ray Train merges the ranks' directories into one checkpoint in
 persistent storage. Rank 0 writes `manifest.json` (every file of every rank, with its size) and then `COMPLETE`,
-after a barrier that every rank reaches only once its files are written. `verify` refuses a directory whose
-manifest or files don't add up, so a checkpoint cut off mid-write is never taken for a good one.
+after a barrier that every rank reaches only once its files are written: in the last finalize function of
+Megatron's AsyncRequest, whether the write ran within the step (`save`) or in the background (`request`,
+train/checkpoint_writes.py). `verify` refuses a directory whose manifest or files don't add up, so a checkpoint cut
+off mid-write is never taken for a good one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,14 +101,34 @@ def save(
     files: dict[str, str] | None = None,
 ) -> Path:
     """Collective: every rank calls it with its own (empty or new) local directory. `files` (relative path ->
-    text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained."""
+    text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained. Returns once the checkpoint
+    is complete; `request` is the same checkpoint written in the background (cglab.train.checkpoint_writes)."""
+    req = request(directory, state, step, data, extra, files)
+    req.execute_sync()  # write, barrier, then the finalize functions: Megatron's metadata, then `_seal`
+    return Path(directory)
+
+
+def request(
+    directory: str | Path,
+    state,
+    step: int,
+    data: DataPosition,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
+):
+    """Collective: one checkpoint as Megatron-Core's AsyncRequest. Its write (the model's and optimizer's shards,
+    from tensors already staged in host memory) is left to the caller, synchronous (`save`) or in a background
+    process (cglab.train.checkpoint_writes); what is small is written now, as of this step: this rank's RNG and, by
+    rank 0, the trainer state (step, data position, scheduler) and `files`. Its finalize functions run on every
+    rank once every rank's write ended: Megatron's (the shards' index, metadata.json), then `_seal` (manifest,
+    COMPLETE), so no checkpoint is complete before its write is."""
     # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
-    dist_checkpointing.save(_sharded(state, is_loading=False), str(d))
+    req = dist_checkpointing.save(_sharded(state, is_loading=False), str(d), async_sharded_save=True)
     torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
     if rank == 0:
         doc = {"step": step, "data": asdict(data), "scheduler": state.scheduler.state_dict(), **(extra or {})}
@@ -113,14 +136,19 @@ def save(
         for rel, text in (files or {}).items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_text(text)
+    req.add_finalize_fn(partial(_seal, d, step))
+    return req
+
+
+def _seal(d: Path, step: int) -> None:
+    """Collective, last: rank 0 writes the manifest (every rank's files, with their sizes) and then COMPLETE."""
     files = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, files)  # also the barrier: every rank has finished writing
-    if rank == 0:
+    dist.all_gather_object(everyone, files)  # also the barrier: every rank's files are final
+    if dist.get_rank() == 0:
         manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
         (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (d / MARKER).write_text(str(step))
-    return d
 
 
 def save_model(directory: str | Path, state, step: int, extra: dict | None = None, files: dict | None = None) -> Path:

@@ -445,6 +445,7 @@ def plan_run(
             "tp": cfg.parallel.tensor_model_parallel_size,
             "pp": cfg.parallel.pipeline_model_parallel_size,
             "dp": cfg.parallel.data_parallel_size,
+            "sequence_parallel": cfg.parallel.sequence_parallel,
             "world_size": cfg.world_size,
             "pipeline_stages": list(planned_stages(cfg)),  # layers on each stage
             "micro_batches_per_step": cfg.train.global_batch_size
