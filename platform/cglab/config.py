@@ -467,6 +467,9 @@ class EvalConfig(_Section):
     heldout_seed: int = 0
     heldout_tokens: int = Field(32_768, ge=1)
     max_docs: int = Field(512, ge=1)
+    # never more than this share of a kind's documents, whatever the budget: on a small corpus (or a short
+    # data.seq_length, which counts each document short) the budget would otherwise take the whole kind
+    heldout_max_fraction: float = Field(0.1, gt=0.0, le=0.5)
     score_docs: int | None = Field(None, ge=1)
     # While training (cglab.eval.periodic): a model-only snapshot is evaluated in a Ray task of its own, so
     # training does not wait for it. `every`: held-out text metrics (eval/nl_ppl ... eval/infill_ppl) every N
