@@ -5,9 +5,10 @@ A researcher's held-out split is a random sample of the corpus, not its last fil
 kind (NL from pile sources, code from stack sources) holds out documents until `eval.heldout_tokens` tokens or
 `eval.max_docs` documents, each counted up to `data.seq_length` tokens (one scoring context: what is scored is what
 is counted), and never more than `eval.heldout_max_fraction` (default 10%) of the kind's documents: on a small corpus
-the budget would take it all. `meta.json` says which bound ended each kind's draw. The sample is drawn with `eval.heldout_seed` (not data.seed: every seed of a sweep is scored on, and
-trains without, the same split): the kind's pieces in a seeded order, a few random documents from each, so it
-spreads over every file as far as the budget allows.
+the budget would take it all. `meta.json` says which bound ended each kind's draw. The sample is drawn with
+`eval.heldout_seed` (not data.seed: every seed of a sweep is scored on, and trains without, the same split): the
+kind's pieces in a seeded order, a few random documents from each, so it spreads over every file as far as the
+budget allows.
 
 Nothing about the prepared corpus changes. The split lives beside it, under `<prepared>/heldout-<fingerprint>/`
 (prepared corpus, seed, sizes, sequence length):
