@@ -124,6 +124,21 @@ def test_the_released_sizes_plan_on_h100_nodes(config):
     assert mem["total"] + MARGIN_GIB <= GPU_MEMORY_GIB, mem
 
 
+def test_the_plan_warns_when_the_preemption_grace_cannot_cover_a_checkpoint():
+    """7B on two nodes: ~96 GB of checkpoint (14 bytes a parameter), ~96 GB on each 8-GPU node to stage and
+    upload; the default 25 s grace cannot cover a stop, a grace of 600 s can."""
+    from cglab.config import load_config
+    from cglab.plan import plan_run
+
+    cfg = REPO / "jobs" / "configs" / "codegen2_7b_16gpu.yaml"
+    plan = plan_run(load_config(cfg))
+    ck = plan["checkpoint"]
+    assert 90 < ck["gb_total"] < 110 and ck["fits_grace"] is False
+    assert any(w.startswith("train.preempt_grace_s=25") for w in plan["warnings"])
+    roomy = plan_run(load_config(cfg, ["train.preempt_grace_s=600"]))
+    assert roomy["checkpoint"]["fits_grace"] and not any("preempt_grace_s" in w for w in roomy["warnings"])
+
+
 # config -> (layers, hidden, steps, global batch, micro-batches per step, PP, GPUs, full recompute), read off the
 # config and its preset by hand
 BY_HAND = {

@@ -34,6 +34,7 @@ from cglab.data.mixture import interleave, source_weights
 from cglab.data.objectives import packing_reserve
 from cglab.data.packing import pack_documents
 from cglab.data.tokenizer import load_tokenizer
+from cglab.train.checkpoint_size import checkpoint_plan, grace_warning
 from cglab.train.memory import memory_gib, planned_stages
 
 # The bounded data scan: per source, files are read in order until either budget is spent.
@@ -487,6 +488,14 @@ def plan_run(
     from cglab.train.budget import budget
 
     out["budget"] = budget(cfg, decisions.model.recompute.granularity or "none")
+    tps = out["budget"].get("tokens_per_s")
+    step_s = cfg.train.global_batch_size * cfg.data.seq_length / tps if tps else None  # the budget's estimate
+    size = checkpoint_plan(
+        cfg, out["memory_gb"]["params_per_gpu"], out["budget"]["parameters"]["total"], decisions.async_save, step_s
+    )
+    out["checkpoint"] = {**out.get("checkpoint", {}), **size}
+    if (w := grace_warning(size)) is not None:
+        warnings.append(w)
     out["warnings"], out["errors"] = warnings, errors
     return out
 
