@@ -132,11 +132,11 @@ def test_the_plan_warns_when_the_preemption_grace_cannot_cover_a_checkpoint():
 
     cfg = REPO / "jobs" / "configs" / "codegen2_7b_16gpu.yaml"
     plan = plan_run(load_config(cfg))
-    ck = plan["checkpoint"]
+    ck = plan["checkpoint_size"]
     assert 90 < ck["gb_total"] < 110 and ck["fits_grace"] is False
     assert any(w.startswith("train.preempt_grace_s=25") for w in plan["warnings"])
     roomy = plan_run(load_config(cfg, ["train.preempt_grace_s=600"]))
-    assert roomy["checkpoint"]["fits_grace"] and not any("preempt_grace_s" in w for w in roomy["warnings"])
+    assert roomy["checkpoint_size"]["fits_grace"] and not any("preempt_grace_s" in w for w in roomy["warnings"])
 
 
 # config -> (layers, hidden, steps, global batch, micro-batches per step, PP, GPUs, full recompute), read off the

@@ -493,7 +493,7 @@ def plan_run(
     size = checkpoint_plan(
         cfg, out["memory_gb"]["params_per_gpu"], out["budget"]["parameters"]["total"], decisions.async_save, step_s
     )
-    out["checkpoint"] = {**out.get("checkpoint", {}), **size}
+    out["checkpoint_size"] = size
     if (w := grace_warning(size)) is not None:
         warnings.append(w)
     out["warnings"], out["errors"] = warnings, errors
