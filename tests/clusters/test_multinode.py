@@ -1,0 +1,111 @@
+"""On the multi-node test bed (tests/clusters/multinode.py: a head with 0 CPUs, two worker nodes that cannot see
+the driver's files, S3 storage): `cglab train` with its run in the bucket, then resumed from the bucket.
+Everything a worker reads must come through the storage URI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cglab.config import dump_config, from_dict
+
+pytestmark = pytest.mark.slow
+
+
+def _on(node: str):
+    """Ray options that pin a task to a worker node (its custom resource)."""
+    return {"resources": {node: 0.01}, "num_cpus": 0}
+
+
+def test_worker_nodes_see_the_bucket_and_not_the_driver(on_cluster, tmp_path):
+    """The bed itself: a file the driver writes locally does not exist on a worker node; an object in the bucket
+    does, through the nodes' own AWS_* env."""
+    import pyarrow.fs as pafs
+    import ray
+
+    local = tmp_path / "driver-only.txt"
+    local.write_text("x")
+    with on_cluster.s3().open_output_stream(f"{on_cluster.bucket}/probe/x.txt") as f:
+        f.write(b"from the driver")
+
+    @ray.remote
+    def look(path: str, uri: str):
+        import os
+
+        fs, p = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(p) as f:
+            return os.path.exists(path), f.read(), os.environ["HOME"]
+
+    for node in ("node_a", "node_b"):
+        seen, data, home = ray.get(
+            look.options(**_on(node)).remote(str(local), f"s3://{on_cluster.bucket}/probe/x.txt")
+        )
+        assert (seen, data) == (False, b"from the driver")
+        assert home == str(on_cluster.nodes[node].scratch / "home")
+
+
+def _train(cfg_path, storage: str, name: str, capsys, *overrides: str) -> dict:
+    """`cglab train` in this process (the function the console script calls); its printed result."""
+    from cglab.cli import main
+
+    rc = main(["train", str(cfg_path), "--storage", storage, "--name", name, *overrides])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    return json.loads(out[out.index("{") : out.rindex("}") + 1])
+
+
+def test_train_writes_checkpoints_to_the_bucket_and_resumes_from_them(on_cluster, micro_corpus, capsys):
+    """Two data-parallel workers on nodes without the driver's files: the sources, the prepared corpus (no
+    data.cache_path: it goes with the run's storage) and the checkpoints are in the bucket; the same command with
+    more steps resumes from the last checkpoint there."""
+    from cglab.train import checkpoint
+
+    data = on_cluster.upload(micro_corpus["out"], "data")
+    cfg = from_dict(
+        {
+            "data": {
+                "sources": [
+                    {"name": "pile", "kind": "pile", "paths": [f"{data}/pile"]},
+                    {"name": "stack", "kind": "stack", "paths": [f"{data}/stack"]},
+                ],
+                "seq_length": 64,
+                "tokenizer": {"vocab_size": 1024, "train_docs": 300},
+            }
+        },
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+            "train.warmup_steps=1",
+            "train.train_steps=4",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "parallel.data_parallel_size=2",
+            "data.filters.dedup=false",
+            "track.system_metrics=false",
+        ],
+    )
+    cfg_path = Path.cwd() / "train.yaml"  # the driver's working directory: hidden from the worker nodes
+    cfg_path.write_text(dump_config(cfg))
+    storage = f"s3://{on_cluster.bucket}/runs"
+
+    first = _train(cfg_path, storage, "mn", capsys)
+    assert (first["step"], first["started_at_step"]) == (4, 0)
+    keys = on_cluster.keys("runs/mn")
+    ckpts = sorted({k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_")})
+    assert len(ckpts) == 2  # train.keep_last
+    for c in ckpts:
+        assert f"runs/mn/{c}/{checkpoint.MARKER}" in keys and f"runs/mn/{c}/{checkpoint.MANIFEST}" in keys
+    manifest = json.loads(
+        on_cluster.s3().open_input_stream(f"{on_cluster.bucket}/runs/mn/{ckpts[-1]}/manifest.json").read()
+    )
+    assert manifest
+    # the prepared corpus went with the run's storage, where every node reads it
+    assert any(k.startswith("runs/corpus/tokens-") and k.endswith("/COMPLETE") for k in on_cluster.keys("runs/corpus"))
+
+    second = _train(cfg_path, storage, "mn", capsys, "train.train_steps=6")
+    assert (second["step"], second["started_at_step"]) == (6, 4)
+    assert second["checkpoint"].startswith(f"{on_cluster.bucket}/runs/mn/") or second["checkpoint"].startswith(storage)
