@@ -43,10 +43,10 @@ def test_a_sweep_keeps_a_uri_for_its_experiment_and_its_trials(tmp_path, monkeyp
         "s3://bucket/tune/lesson-2",
         "s3://bucket/tune/lesson-2-train",
     )
-    assert p.inputs == tmp_path / ".cglab/uri/s3/bucket/tune/lesson-2-inputs"
+    assert p.inputs == "s3://bucket/tune/lesson-2-inputs"  # in the storage, where trials on any node read them
     local = SweepPlaces.of(".cglab/tune", "lesson-2")
     assert local.trials == str(tmp_path / ".cglab/tune/lesson-2-train")
-    assert local.inputs == tmp_path / ".cglab/tune/lesson-2-inputs"
+    assert local.inputs == str(tmp_path / ".cglab/tune/lesson-2-inputs")
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@
 A top-level command (above eval and tune) because it wires the evaluation while training into the run:
 with eval.code_every set, pass@1 on a fixed HumanEval / HumanEval-Infill subset; with eval.every set, the
 held-out text metrics, for which the last file of each multi-file source is held out of training exactly as a
-lesson sweep does (`cglab.tune.heldout`, written under the run's directory, <storage>/<name>/heldout, or its local
-stand-in when the storage is a URI (`cglab.storage.local_dir`); the run is tagged eval.texts / eval.heldout). See
+lesson sweep does (`cglab.tune.heldout`, written under the run's directory in its storage, <storage>/<name>/heldout,
+a URI included, where the evaluation reads it on any node; the run is tagged eval.texts / eval.heldout). See
 `cglab.eval.periodic`.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
+from cglab import storage
 from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict, load_config
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 
@@ -42,7 +42,7 @@ def mlflow_run(cfg: CGLabConfig, name: str) -> MlflowContext | None:
     return tracker.context(rid)
 
 
-def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, dict[str, str]]:
+def periodic_eval(cfg: CGLabConfig, run_dir: str) -> tuple[CGLabConfig, tuple, dict[str, str]]:
     """(config to train, fit's callbacks, eval tags) for eval.every / eval.code_every: with eval.every the
     held-out split (deterministic, so the same command resumes on the same sources) and its texts."""
     from cglab.eval.periodic import PeriodicEval
@@ -55,7 +55,7 @@ def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, 
     why = ""
     if cfg.eval.every:
         try:
-            train, held = split_sources(cfg.data.sources, run_dir / "heldout", filters=cfg.data.filters)
+            train, held = split_sources(cfg.data.sources, storage.join(run_dir, "heldout"), filters=cfg.data.filters)
         except ConfigError as err:
             why = str(err)
         else:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.track.run_name or os.path.splitext(os.path.basename(args.config))[0]
-    cfg, callbacks, tags = periodic_eval(cfg, run_paths(args.storage, name)[1])
+    cfg, callbacks, tags = periodic_eval(cfg, storage.join(run_paths(args.storage, name)[0], name))
     ctx = mlflow_run(cfg, name)
     if ctx is not None and tags:  # which texts the eval.every curves are scored on
         client = SweepTracker(ctx.tracking_uri, cfg.track.experiment, sweep=name).client

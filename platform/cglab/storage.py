@@ -7,12 +7,19 @@ directory) and leaves a URI as it is; `join` appends names to either. `local_dir
 for files cglab still writes with the local file system (the driver's config.yaml, plan.json, tokenizer, held-out
 split): the path itself, or, for a URI, a directory named after it under `.cglab/uri`, so two storages never share
 one.
+
+`read_bytes` / `write_bytes` / `writing` / `exists` read and write a file at either kind of location through pyarrow's
+file systems, so what a worker on another node reads (a sweep's tokenizer and held-out split, the prepared corpus)
+can live in the run's storage rather than on the driver's disk. A write goes to a temporary name and is moved into
+place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import uuid
 from pathlib import Path
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -41,3 +48,49 @@ def local_dir(path: str | os.PathLike) -> Path:
         return Path(location(path))
     scheme, rest = str(path).split("://", 1)
     return Path(URI_MIRROR).resolve() / scheme / rest.strip("/")
+
+
+def filesystem(path: str | os.PathLike):
+    """(pyarrow file system, path inside it) for a URI or a local path (`file://` allowed)."""
+    # pyarrow: kept off `cglab --help`'s path
+    import pyarrow.fs as pafs
+
+    if is_uri(path) and not str(path).startswith("file://"):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(str(path).removeprefix("file://"))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """A file (not a directory) is at `path`."""
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p, compression=None) as f:  # the bytes as stored, whatever the name's extension
+        return f.read()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """An output stream to a temporary name beside `path`, moved into place when the block ends without an error
+    (removed when it raises), so a reader never sees half a file and a writer never holds a whole one."""
+    fs, p = filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+    fs.move(tmp, p)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with writing(path) as f:
+        f.write(data)

@@ -3,8 +3,6 @@ first test that asks for it and stopped at the end of the run."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.clusters.multinode import multinode, s3_server

@@ -130,7 +130,8 @@ class MultiNode:
         """Copy a local directory's files to `s3://bucket/prefix/`; returns that URI."""
         fs = self.s3()
         for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
-            with fs.open_output_stream(f"{self.bucket}/{prefix}/{f.relative_to(local)}") as out:
+            key = f"{self.bucket}/{prefix}/{f.relative_to(local)}"
+            with fs.open_output_stream(key, compression=None) as out:  # as is: *.zst stays one zstd stream
                 out.write(f.read_bytes())
         return f"s3://{self.bucket}/{prefix}"
 

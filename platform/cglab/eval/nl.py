@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from cglab import storage
 from cglab.eval.humaneval import load_problems
 
 ScoreFn = Callable[[Sequence[str]], Sequence[np.ndarray]]
@@ -91,22 +92,22 @@ def lambada_accuracy(generator, examples: Sequence[tuple[str, str]], *, max_new_
 
 
 def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Documents from .txt (one file = one doc), or .jsonl with a "text" or "content" field per line."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [path.read_text()]
+    """Documents from .txt (one file = one doc), or .jsonl with a "text" or "content" field per line; a local path or
+    a storage URI (a sweep's held-out split lives in its storage, where every node reads it)."""
+    content = storage.read_bytes(path).decode()
+    if not str(path).endswith(".jsonl"):
+        return [content]
     texts = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(row["text"] if "text" in row else row["content"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'text' or 'content'") from err
-            if limit and len(texts) >= limit:
-                break
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts.append(row["text"] if "text" in row else row["content"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'text' or 'content'") from err
+        if limit and len(texts) >= limit:
+            break
     return texts
 
 

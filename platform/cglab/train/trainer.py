@@ -90,6 +90,7 @@ def fit(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cglab.data import artifacts
     from cglab.data.pipeline import prepare_data
     from cglab.train import preemption
     from cglab.train.callbacks import Fault
@@ -97,6 +98,7 @@ def fit(
     from cglab.train.plan import plan_run, refuse, write_json
 
     storage_path, run_dir = run_paths(storage_path, name)
+    cfg = artifacts.shared_cache(cfg, storage_path)  # the corpus where the nodes that prepare and read it reach it
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)

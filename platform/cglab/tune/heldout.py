@@ -1,7 +1,8 @@
 """Held-out documents for a sweep's evaluation: the last file of every multi-file source is set aside.
 
 `split_sources(sources, out_dir)` returns the training sources (every file but the held-out ones, as explicit
-paths, so the training stream never reads them) and writes `out_dir/nl.jsonl` (from pile sources) and
+paths, so the training stream never reads them) and writes (`out_dir` a local directory or a storage URI)
+`out_dir/nl.jsonl` (from pile sources) and
 `out_dir/code.jsonl` (from stack sources), `{"text": ...}` per line, readable by `cglab.eval.nl.read_texts` and
 `cglab eval run --nl-file/--code-file`. Held-out documents go through the training readers and filters, and any
 whose content is byte-identical to a training document is dropped (the stdlib has many identical files), so
@@ -52,8 +53,6 @@ def split_sources(
     cfgs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
     fcfg = filters or FilterConfig()
     resolved = readers.resolve_files(cfgs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train: list[dict] = []
     held: dict[str, list[tuple[readers.SourceFiles, int]]] = {"pile": [], "stack": []}
     for cfg, src in zip(cfgs, resolved):
@@ -90,9 +89,9 @@ def split_sources(
         if not texts:
             paths[name] = None
             continue
-        p = out / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        paths[name] = str(p)
+        p = storage.join(storage.location(out_dir), f"{name}.jsonl")  # a URI: every node's evaluation reads it
+        storage.write_bytes(p, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+        paths[name] = p
     return train, HeldOut(paths["nl"], paths["code"], counts)
 
 
