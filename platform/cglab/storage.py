@@ -11,7 +11,8 @@ one.
 `read_bytes` / `write_bytes` / `writing` / `exists` read and write a file at either kind of location through pyarrow's
 file systems, so what a worker on another node reads (a sweep's tokenizer and held-out split, the prepared corpus)
 can live in the run's storage rather than on the driver's disk. A write goes to a temporary name and is moved into
-place, so a reader never sees half a file.
+place, so a reader never sees half a file. `local_copy` fetches a directory (a checkpoint) to node-local scratch
+for code that reads local files only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -94,3 +97,29 @@ def writing(path: str | os.PathLike):
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with writing(path) as f:
         f.write(data)
+
+
+def uri_of(path_in_fs: str, storage_path: str | os.PathLike) -> str:
+    """A path that pyarrow's file system of `storage_path` gave (Ray Train's `Checkpoint.path`: `bucket/key`, no
+    scheme) as a location every node can open: `scheme://bucket/key` for a URI storage, the path itself otherwise."""
+    if not is_uri(storage_path):
+        return path_in_fs
+    return f"{str(storage_path).split('://', 1)[0]}://{path_in_fs.lstrip('/')}"
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike):
+    """A local directory holding what is at `path`: the path itself when local; for a URI, a copy in this node's
+    temp dir, removed when the block ends."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    d = Path(tempfile.mkdtemp(prefix="cglab-fetch-"))
+    try:
+        pafs.copy_files(p, str(d), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

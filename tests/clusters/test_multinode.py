@@ -46,6 +46,16 @@ def test_worker_nodes_see_the_bucket_and_not_the_driver(on_cluster, tmp_path):
         assert home == str(on_cluster.nodes[node].scratch / "home")
 
 
+@pytest.fixture(scope="module")
+def s3_sources(cluster, micro_corpus):
+    """data.sources of the micro corpus copied to the bucket (uploaded once per module)."""
+    data = cluster.upload(micro_corpus["out"], "data")
+    return [
+        {"name": "pile", "kind": "pile", "paths": [f"{data}/pile"]},
+        {"name": "stack", "kind": "stack", "paths": [f"{data}/stack"]},
+    ]
+
+
 def _train(cfg_path, storage: str, name: str, capsys, *overrides: str) -> dict:
     """`cglab train` in this process (the function the console script calls); its printed result."""
     from cglab.cli import main
@@ -56,7 +66,7 @@ def _train(cfg_path, storage: str, name: str, capsys, *overrides: str) -> dict:
     return json.loads(out[out.index("{") : out.rindex("}") + 1])
 
 
-def test_train_writes_checkpoints_to_the_bucket_and_resumes_from_them(on_cluster, micro_corpus, capsys, tmp_path):
+def test_train_writes_checkpoints_to_the_bucket_and_resumes_from_them(on_cluster, s3_sources, capsys, tmp_path):
     """Two data-parallel workers on nodes without the driver's files: the sources, the prepared corpus (no
     data.cache_path: it goes with the run's storage) and the checkpoints are in the bucket; the same command with
     more steps resumes from the last checkpoint there."""
@@ -64,14 +74,10 @@ def test_train_writes_checkpoints_to_the_bucket_and_resumes_from_them(on_cluster
 
     from cglab.train import checkpoint
 
-    data = on_cluster.upload(micro_corpus["out"], "data")
     cfg = from_dict(
         {
             "data": {
-                "sources": [
-                    {"name": "pile", "kind": "pile", "paths": [f"{data}/pile"]},
-                    {"name": "stack", "kind": "stack", "paths": [f"{data}/stack"]},
-                ],
+                "sources": s3_sources,
                 "seq_length": 64,
                 "tokenizer": {"vocab_size": 1024, "train_docs": 300},
             }
@@ -112,3 +118,25 @@ def test_train_writes_checkpoints_to_the_bucket_and_resumes_from_them(on_cluster
     second = _train(cfg_path, storage, "mn", capsys, "train.train_steps=6")
     assert (second["step"], second["started_at_step"]) == (6, 4)
     assert second["checkpoint"].startswith(f"{on_cluster.bucket}/runs/mn/checkpoint_")
+
+
+def test_ablate_reads_its_inputs_from_the_bucket(on_cluster, s3_sources, capsys):
+    """`cglab ablate 2 --preset laptop --storage-path s3://...` (one trial, a few steps): the held-out split and the
+    tokenizer the driver settles are in the bucket, beside the experiment, and the trial, on a worker node, trains
+    and evaluates with them."""
+    from cglab.cli import main
+
+    (Path.cwd() / "data.yaml").write_text(
+        dump_config(from_dict({"data": {"sources": s3_sources, "tokenizer": {"vocab_size": 1024, "train_docs": 300}}}))
+    )
+    steps = ["train.train_steps=4", "train.warmup_steps=1", "eval.every=0"]  # a short trial; the final evaluation only
+    where = ["--config", "data.yaml", "--storage-path", f"s3://{on_cluster.bucket}/tune", "--name", "l2"]
+    rc = main(["ablate", "2", *steps, "--preset", "laptop", *where, "--variants", "clm", "--seeds", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, (out + err)[-4000:]
+    keys = on_cluster.keys("tune")
+    for k in ("l2-inputs/tokenizer/tokenizer.json", "l2-inputs/heldout/nl.jsonl", "l2-inputs/heldout/code.jsonl"):
+        assert f"tune/{k}" in keys
+    assert any(k.startswith("tune/l2-train/") and k.endswith("/COMPLETE") for k in keys)
+    assert any(k.startswith("tune/corpus/tokens-") for k in keys)
+    print(out[-3000:])

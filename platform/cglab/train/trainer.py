@@ -141,7 +141,8 @@ def fit(
     out["preempted"] = bool(out.get("preempted"))
     if mlflow is not None:
         _tag_passes(mlflow, out)
-    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    # a URI for a URI storage: Ray's path has no scheme, and a bare `bucket/key` reads as a local path elsewhere
+    out["checkpoint"] = storage.uri_of(result.checkpoint.path, storage_path) if result.checkpoint else None
     out["run_dir"] = str(run_dir)
     out["tokenizer"] = str(run_dir / "tokenizer")
     return out
