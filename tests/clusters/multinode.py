@@ -47,9 +47,23 @@ class MultiNode:
     env: dict[str, str]  # the environment the nodes were started with (less what each node sets)
     nodes: dict[str, Node] = field(default_factory=dict)
 
-    def add_worker(self, name: str, num_cpus: int, timeout_s: float = 300.0) -> Node:
+    def add_worker(self, name: str, num_cpus: int, attempts: int = 3) -> Node:
         """Start a worker node `name` (a custom resource of the same name pins work to it) and wait until it has
-        joined the head."""
+        joined the head. `ray start` gives the raylet a fixed 30 s to register and exits when a loaded machine
+        misses that, so a node that exited is started again, `attempts` times in all."""
+        for _ in range(attempts):
+            node = self._start_worker(name, num_cpus)
+            while "Ray runtime started" not in node.log.read_text(errors="replace"):  # joined the head
+                if node.proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+            else:
+                self.nodes[name] = node
+                return node
+            _stop_group(node.proc, timeout_s=0)
+        raise RuntimeError(f"worker node {name} did not join:\n" + node.log.read_text()[-3000:])
+
+    def _start_worker(self, name: str, num_cpus: int) -> Node:
         scratch = self.root / name
         for d in ("home", "tmp", "ray"):
             (scratch / d).mkdir(parents=True, exist_ok=True)
@@ -86,14 +100,7 @@ class MultiNode:
             proc = subprocess.Popen(
                 cmd, env=env, cwd=scratch, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        node = Node(name, scratch, proc, log_path)
-        self.nodes[name] = node
-        deadline = time.monotonic() + timeout_s
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):  # `ray start`: joined the head
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker node {name} did not join:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.5)
-        return node
+        return Node(name, scratch, proc, log_path)
 
     def kill_worker(self, name: str) -> None:
         """Stop a worker node at once (its raylet and every process on it, SIGKILL) and lose its scratch."""

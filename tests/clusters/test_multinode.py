@@ -140,3 +140,66 @@ def test_ablate_reads_its_inputs_from_the_bucket(on_cluster, s3_sources, capsys)
     assert any(k.startswith("tune/l2-train/") and k.endswith("/COMPLETE") for k in keys)
     assert any(k.startswith("tune/corpus/tokens-") for k in keys)
     print(out[-3000:])
+
+
+def _node_of_train_worker(cluster) -> str:
+    """The name of the worker node that runs the (one) Ray Train worker."""
+    import ray
+    from ray.util.state import list_actors
+
+    names = {n["NodeID"]: k for n in ray.nodes() if n["Alive"] for k in n["Resources"] if k in cluster.nodes}
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 1, workers
+    return names[workers[0].node_id]
+
+
+def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_on_the_node_left(on_cluster, s3_sources, tmp_path):
+    """The node running the training worker is killed (its raylet and processes, SIGKILL; its scratch deleted)
+    once a checkpoint is in the bucket: Ray Train restarts the worker on the other node, which resumes from the
+    bucket's last checkpoint and finishes the run. The node is started again afterwards for later tests."""
+    import threading
+    import time
+
+    from cglab.train.trainer import fit
+
+    cfg = from_dict(
+        {"data": {"sources": s3_sources, "seq_length": 64, "tokenizer": {"vocab_size": 1024, "train_docs": 300}}},
+        [
+            "model.preset=tiny",
+            "model.max_position_embeddings=64",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            "train.warmup_steps=1",
+            "train.train_steps=30",
+            "train.checkpoint_every=3",
+            "train.log_every=1",  # a report (~1-2 s on CPU) every step: the run outlasts the kill
+            "train.max_failures=1",
+            "data.filters.dedup=false",
+            "track.system_metrics=false",
+        ],
+    )
+    storage = f"s3://{on_cluster.bucket}/runs"
+    result: dict = {}
+    run = threading.Thread(target=lambda: result.update(fit(cfg, storage_path=storage, name="lost")), daemon=True)
+    run.start()
+    deadline = time.monotonic() + 600
+    while not any(k.endswith(f"/{'COMPLETE'}") for k in on_cluster.keys("runs/lost")):
+        assert run.is_alive() and time.monotonic() < deadline, "no checkpoint in the bucket before the run ended"
+        time.sleep(0.5)
+    lost = _node_of_train_worker(on_cluster)
+    cpus = 3
+    on_cluster.kill_worker(lost)
+    try:
+        run.join(timeout=900)
+        assert not run.is_alive()
+        assert result["step"] == 30
+        assert 0 < result["started_at_step"] < 30 and result["started_at_step"] % 3 == 0
+        assert lost not in _alive_nodes()
+    finally:
+        on_cluster.add_worker(lost, cpus)
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {k for n in ray.nodes() if n["Alive"] for k in n["Resources"] if k.startswith("node_")}
