@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.clusters.multinode import multinode, s3_server
+from tests.clusters.multinode import multinode
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_store):
     """The head (0 CPUs) and two worker nodes `node_a`, `node_b` (3 CPUs each) that cannot see pytest's temp root,
-    the S3 store with its bucket; this process is an S3 client of it for the whole run (AWS_* in os.environ)."""
-    with s3_server() as s3_env, pytest.MonkeyPatch.context() as mp:
-        for k, v in s3_env.items():
-            mp.setenv(k, v)
-        with multinode(tmp_path_factory.getbasetemp(), {"node_a": 3, "node_b": 3}, s3_env) as c:
-            yield c
+    and the S3 store (tests/conftest.py) with its bucket, which the nodes reach through their AWS_* env."""
+    with multinode(tmp_path_factory.getbasetemp(), {"node_a": 3, "node_b": 3}, s3_store) as c:
+        yield c
 
 
 @pytest.fixture

@@ -156,10 +156,8 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def multinode(hidden: Path, workers: dict[str, int], s3_env: dict[str, str]) -> Iterator[MultiNode]:
-    """The head (0 CPUs) and `workers` ({name: CPUs}), each worker in its own mount namespace without `hidden`;
-    torn down, and its files removed, on exit. The bucket BUCKET is created in the store `s3_env` points at."""
-    import pyarrow.fs as pafs
-
+    """The head (0 CPUs) and `workers` ({name: CPUs}), each worker in its own mount namespace without `hidden`, with
+    `s3_env` (AWS_*) in its environment; torn down, and its files removed, on exit."""
     root = Path(tempfile.mkdtemp(prefix="cgmn-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {
         **os.environ,
@@ -170,14 +168,6 @@ def multinode(hidden: Path, workers: dict[str, int], s3_env: dict[str, str]) -> 
     }
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "XDG_CACHE_HOME"):
         env.pop(k, None)
-    s3 = pafs.S3FileSystem(
-        endpoint_override=s3_env["AWS_ENDPOINT_URL"],
-        access_key=s3_env["AWS_ACCESS_KEY_ID"],
-        secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
-        region=s3_env["AWS_REGION"],
-        allow_bucket_creation=True,
-    )
-    s3.create_dir(BUCKET)
     (root / "head").mkdir()
     try:
         with ray_head(root / "head", {**env, "HOME": str(root / "head")}, num_cpus=0) as head:

@@ -153,12 +153,11 @@ def _node_of_train_worker(cluster) -> str:
     return names[workers[0].node_id]
 
 
-def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_on_the_node_left(on_cluster, s3_sources, tmp_path):
+def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_on_the_node_left(on_cluster, s3_sources):
     """The node running the training worker is killed (its raylet and processes, SIGKILL; its scratch deleted)
     once a checkpoint is in the bucket: Ray Train restarts the worker on the other node, which resumes from the
     bucket's last checkpoint and finishes the run. The node is started again afterwards for later tests."""
     import threading
-    import time
 
     from cglab.train.trainer import fit
 
@@ -178,25 +177,31 @@ def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_on_the_node_left(on_
             "track.system_metrics=false",
         ],
     )
-    storage = f"s3://{on_cluster.bucket}/runs"
-    result: dict = {}
-    run = threading.Thread(target=lambda: result.update(fit(cfg, storage_path=storage, name="lost")), daemon=True)
-    run.start()
-    deadline = time.monotonic() + 600
-    while not any(k.endswith(f"/{'COMPLETE'}") for k in on_cluster.keys("runs/lost")):
-        assert run.is_alive() and time.monotonic() < deadline, "no checkpoint in the bucket before the run ended"
-        time.sleep(0.5)
-    lost = _node_of_train_worker(on_cluster)
-    cpus = 3
-    on_cluster.kill_worker(lost)
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_once_a_checkpoint_is_in_the_bucket():
+        # fit runs in the main thread (it installs signal handlers); this one waits, then kills
+        while not any(k.endswith("/COMPLETE") for k in on_cluster.keys("runs/lost")):
+            if done.wait(0.5):
+                return
+        killed.append(_node_of_train_worker(on_cluster))
+        on_cluster.kill_worker(killed[0])
+
+    killer = threading.Thread(target=kill_once_a_checkpoint_is_in_the_bucket, daemon=True)
+    killer.start()
     try:
-        run.join(timeout=900)
-        assert not run.is_alive()
+        result = fit(cfg, storage_path=f"s3://{on_cluster.bucket}/runs", name="lost")
+        assert killed, "the run ended before a node was killed"
         assert result["step"] == 30
+        # the restarted worker, on the node left, resumed from a checkpoint in the bucket
         assert 0 < result["started_at_step"] < 30 and result["started_at_step"] % 3 == 0
-        assert lost not in _alive_nodes()
+        assert killed[0] not in _alive_nodes()
     finally:
-        on_cluster.add_worker(lost, cpus)
+        done.set()
+        killer.join(timeout=60)
+        for name in killed:
+            on_cluster.add_worker(name, 3)
 
 
 def _alive_nodes() -> set[str]:
