@@ -4,9 +4,8 @@ with a scheme that pyarrow's file systems and Ray Train take).
 A URI must reach Ray untouched: `Path("s3://b/x").resolve()` is `<cwd>/s3:/b/x`, a local directory. `location`
 makes a local path absolute (Ray Train and Tune want one, and workers must not depend on the driver's working
 directory) and leaves a URI as it is; `join` appends names to either. `local_dir` is the directory on this machine
-for files cglab still writes with the local file system (the driver's config.yaml, plan.json, tokenizer, held-out
-split): the path itself, or, for a URI, a directory named after it under `.cglab/uri`, so two storages never share
-one.
+for files only the driver reads back (its config.yaml, plan.json, a copy of the tokenizer): the path itself, or,
+for a URI, a directory named after it under `.cglab/uri`, so two storages never share one.
 
 `read_bytes` / `write_bytes` / `writing` / `exists` read and write a file at either kind of location through pyarrow's
 file systems, so what a worker on another node reads (a sweep's tokenizer and held-out split, the prepared corpus)
