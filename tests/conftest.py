@@ -46,3 +46,19 @@ def single_rank():
     init_parallel(1, 1)
     yield
     destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def s3_store():
+    """A real S3 API on 127.0.0.1 (moto's server, in this process's threads) with the bucket `cglab`; this process
+    is its client for the rest of the run (AWS_* in os.environ, which pyarrow's S3 file system reads). Yields the
+    AWS_* env, for processes that must reach it too."""
+    from tests.clusters.multinode import BUCKET, s3_server
+
+    with s3_server() as env, pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
+        yield env

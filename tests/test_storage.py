@@ -43,10 +43,10 @@ def test_a_sweep_keeps_a_uri_for_its_experiment_and_its_trials(tmp_path, monkeyp
         "s3://bucket/tune/lesson-2",
         "s3://bucket/tune/lesson-2-train",
     )
-    assert p.inputs == tmp_path / ".cglab/uri/s3/bucket/tune/lesson-2-inputs"
+    assert p.inputs == "s3://bucket/tune/lesson-2-inputs"  # in the storage, where trials on any node read them
     local = SweepPlaces.of(".cglab/tune", "lesson-2")
     assert local.trials == str(tmp_path / ".cglab/tune/lesson-2-train")
-    assert local.inputs == tmp_path / ".cglab/tune/lesson-2-inputs"
+    assert local.inputs == str(tmp_path / ".cglab/tune/lesson-2-inputs")
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,46 @@ def test_join_and_local_dir():
     assert storage.join("s3://b/x/", "n", "m") == "s3://b/x/n/m"
     assert storage.join("/a/b", "n") == "/a/b/n"
     assert storage.local_dir("s3://b/x") != storage.local_dir("gs://b/x")  # two storages never share a directory
+
+
+def test_files_at_a_uri_round_trip_through_an_s3_store(s3_store, tmp_path):
+    """What the driver settles for workers on other nodes, written to and read back from a real S3 API: bytes (kept
+    as stored: a `.zst` name is not recompressed), a tokenizer, held-out texts; a checkpoint-like directory fetched
+    to local scratch; Ray's scheme-less checkpoint path made a URI again."""
+    from cglab.data.tokenizer import CGTokenizer, train_tokenizer
+    from cglab.eval.nl import read_texts
+
+    uri = "s3://cglab/unit/x.zst"
+    storage.write_bytes(uri, b"not zstd")
+    assert storage.exists(uri) and not storage.exists("s3://cglab/unit/nothing")
+    assert storage.read_bytes(uri) == b"not zstd"
+
+    tok = train_tokenizer(["def f(x):\n    return x\n"] * 20, 300, 4, 8)
+    assert tok.save("s3://cglab/unit/tok") == "s3://cglab/unit/tok"
+    back = CGTokenizer.load("s3://cglab/unit/tok")
+    assert (back.to_str(), back.num_sentinels, back.max_whitespace_run) == (tok.to_str(), 4, 8)
+
+    storage.write_bytes("s3://cglab/unit/held/nl.jsonl", b'{"text": "a"}\n{"text": "b"}\n')
+    assert read_texts("s3://cglab/unit/held/nl.jsonl") == ["a", "b"]
+
+    storage.write_bytes("s3://cglab/unit/ckpt/sub/f.bin", b"123")
+    with storage.local_copy("s3://cglab/unit/ckpt") as d:
+        assert (d / "sub/f.bin").read_bytes() == b"123"
+    assert not d.exists()  # node-local scratch, removed after use
+    with storage.local_copy(tmp_path) as d:
+        assert d == tmp_path  # a local directory is used where it is
+
+    assert storage.uri_of("cglab/runs/x/checkpoint_1", "s3://cglab/runs") == "s3://cglab/runs/x/checkpoint_1"
+    assert storage.uri_of("/abs/runs/x/checkpoint_1", "/abs/runs") == "/abs/runs/x/checkpoint_1"
+
+
+def test_a_uri_storage_keeps_the_corpus_beside_its_runs():
+    """data.cache_path unset: <storage>/corpus for a URI storage (every node reads it), the default for a local one;
+    a cache_path given is kept."""
+    from cglab.data.artifacts import shared_cache
+
+    cfg = from_dict({}, [])
+    assert shared_cache(cfg, "s3://b/runs").data.cache_path == "s3://b/runs/corpus"
+    assert shared_cache(cfg, "/abs/runs").data.cache_path == ""
+    given = from_dict({}, ["data.cache_path=/shared/cache"])
+    assert shared_cache(given, "s3://b/runs").data.cache_path == "/shared/cache"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from cglab.config import CGLabConfig, dump_config, flatten, from_dict, load_config
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
@@ -41,10 +40,12 @@ def mlflow_run(cfg: CGLabConfig, name: str) -> MlflowContext | None:
     return tracker.context(rid)
 
 
-def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, dict[str, str]]:
+def periodic_eval(cfg: CGLabConfig, storage_path: str) -> tuple[CGLabConfig, tuple, dict[str, str]]:
     """(config to train, fit's callbacks, eval tags) for eval.every / eval.code_every: with eval.every,
-    eval.holdout set and the held-out split's texts (cglab.data.heldout: sampled with data.seed from the prepared
-    corpus, so the same command resumes on the same split; `fit` reuses the corpus prepared here)."""
+    eval.holdout set and the held-out split's texts (cglab.data.heldout: sampled with eval.heldout_seed from the
+    prepared corpus, so the same command resumes on the same split; `fit` reuses the corpus prepared here, in the
+    run's storage when that is a URI: `artifacts.shared_cache`, so the evaluation reads the texts on any node)."""
+    from cglab.data import artifacts
     from cglab.data.pipeline import prepare_data
     from cglab.eval.periodic import PeriodicEval
     from cglab.tune.evaluate import text_sources, text_tags
@@ -52,7 +53,7 @@ def periodic_eval(cfg: CGLabConfig, run_dir: Path) -> tuple[CGLabConfig, tuple, 
     if not cfg.eval.periodic:
         return cfg, (), {}
     if cfg.eval.every:
-        cfg = from_dict(cfg.model_dump(mode="json"), ["eval.holdout=true"])
+        cfg = artifacts.shared_cache(from_dict(cfg.model_dump(mode="json"), ["eval.holdout=true"]), storage_path)
         held = prepare_data(cfg).artifacts["heldout"]
         nl, code = held["texts"]["nl"], held["texts"]["code"]
         why = f"documents held out per kind: nl {held['nl']['documents']}, code {held['code']['documents']}"
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.track.run_name or os.path.splitext(os.path.basename(args.config))[0]
-    cfg, callbacks, tags = periodic_eval(cfg, run_paths(args.storage, name)[1])
+    cfg, callbacks, tags = periodic_eval(cfg, run_paths(args.storage, name)[0])
     ctx = mlflow_run(cfg, name)
     if ctx is not None and tags:  # which texts the eval.every curves are scored on
         client = SweepTracker(ctx.tracking_uri, cfg.track.experiment, sweep=name).client

@@ -12,7 +12,8 @@ Dedup is stored as a drop list, not a survivor table: the int64 record keys (rea
 document that is a later copy of another, sorted, in one parquet file. A key holds (source, file, record), so a
 read task fetches its own files' part with a key-range filter (parquet row-group statistics skip the rest) and
 drops by key, without hashing at training time and without a Python dict shipped to every worker. On a
-multi-node cluster data.cache_path must be storage every node reads (shared filesystem or object store).
+multi-node cluster data.cache_path must be storage every node reads (shared filesystem or object store): with
+none set, a run or sweep whose storage is a URI keeps them in `<storage>/corpus` (`shared_cache`).
 
 Decontamination (data/decontam.py) adds the keys of every document that shares an n-gram with an evaluation set
 to the same list, so the stream drops them with the duplicates; its `reason` column says why each key is there
@@ -22,17 +23,16 @@ paths): another evaluation set, n-gram length or list of extra files rebuilds it
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import time
-import uuid
 from collections import Counter
 
 import numpy as np
 
+from cglab import storage
 from cglab.data import decontam, readers
 from cglab.data.dedup import DUPLICATE, duplicate_mask, find_survivors
 from cglab.data.tokenizer import CGTokenizer, train_tokenizer
@@ -48,6 +48,17 @@ def cache_root(dcfg) -> str:
         return dcfg.cache_path.rstrip("/")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "cglab", "corpus")
+
+
+def shared_cache(cfg, storage_path: str):
+    """`cfg` with data.cache_path set to `<storage_path>/corpus` when the run's storage is a URI and no cache_path is
+    given: the default cache (the user's cache directory) exists only on the driver's machine, while the prepare
+    tasks that write the corpus and the workers that read it run on any node of the cluster. Unchanged otherwise (a
+    local storage means one machine or a shared file system)."""
+    if cfg.data.cache_path or not storage.is_uri(storage_path):
+        return cfg
+    data = cfg.data.model_copy(update={"cache_path": storage.join(storage_path, "corpus")})
+    return cfg.model_copy(update={"data": data})
 
 
 def fingerprint(sources, settings: dict) -> str:
@@ -75,33 +86,8 @@ def _complete(d: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.File
 
 
-@contextlib.contextmanager
-def _writing(path: str):
-    """An output stream to a temporary name beside `path`, moved into place when the block ends without an error
-    (removed when it raises), so a reader never sees half a file and a writer never holds a whole one."""
-    fs, p = readers._filesystem(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            yield f
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
-    fs.move(tmp, p)
-
-
-def _write(path: str, data: bytes) -> None:
-    """Write then move into place, so a reader never sees half a file."""
-    with _writing(path) as f:
-        f.write(data)
-
-
-def _read(path: str) -> bytes:
-    fs, p = readers._filesystem(path)
-    with fs.open_input_stream(p) as f:
-        return f.read()
+# one implementation of storage I/O for every artifact (cglab.storage): local paths and URIs alike
+_writing, _write, _read = storage.writing, storage.write_bytes, storage.read_bytes
 
 
 # ---------------------------------------------------------------------------------------------- dedup

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+from cglab import storage
 from cglab.config import ConfigError
 
 # Skip reasons. One vocabulary for readers, filters and dedup so `cglab data inspect` prints one table.
@@ -70,17 +71,11 @@ class SourceFiles:
 
 
 # ---------------------------------------------------------------------------------------------- paths
+_filesystem = storage.filesystem  # the paths every reader takes: cglab.storage's
+
+
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
-
-
-def _filesystem(path: str):
-    # pyarrow: kept off `cglab --help`'s path
-    import pyarrow.fs as pafs
-
-    if _is_url(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://"))
 
 
 def _expand_one(pattern: str, exts: tuple[str, ...]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
+from cglab import storage
 from cglab.config import CGLabConfig, ConfigError
 from cglab.data.contract import EOT, PAD, SEP, special_tokens
 from cglab.data.specials import Specials
@@ -92,10 +93,9 @@ class CGTokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
 
-    def save(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(d / FILE_NAME))
+    def save(self, directory: str | Path) -> str | Path:
+        """Write tokenizer.json, its meta and a HF tokenizer_config.json to `directory`: a local path (returned as a
+        Path) or a storage URI (returned as given), which workers on any node can load."""
         meta = dict(
             num_sentinels=self.num_sentinels,
             max_whitespace_run=self.max_whitespace_run,
@@ -107,21 +107,23 @@ class CGTokenizer:
                 masks=list(self.specials.masks),
             ),
         )
-        (d / META_NAME).write_text(json.dumps(meta, indent=1))
         # So `transformers.AutoTokenizer.from_pretrained(d)` finds the roles too.
-        (d / "tokenizer_config.json").write_text(
-            json.dumps(
-                dict(
-                    tokenizer_class="PreTrainedTokenizerFast",
-                    eos_token=EOT,
-                    bos_token=EOT,
-                    unk_token=EOT,
-                    pad_token=PAD,
-                    sep_token=SEP,
-                )
-            )
+        hf = dict(
+            tokenizer_class="PreTrainedTokenizerFast",
+            eos_token=EOT,
+            bos_token=EOT,
+            unk_token=EOT,
+            pad_token=PAD,
+            sep_token=SEP,
         )
-        return d
+        files = {
+            FILE_NAME: self.tok.to_str(pretty=True),
+            META_NAME: json.dumps(meta, indent=1),
+            "tokenizer_config.json": json.dumps(hf),
+        }
+        for name, text in files.items():
+            storage.write_bytes(storage.join(directory, name), text.encode())
+        return directory if storage.is_uri(directory) else Path(directory)
 
     @classmethod
     def load(
@@ -130,14 +132,15 @@ class CGTokenizer:
         # tokenizers: kept off `cglab --help`'s path
         from tokenizers import Tokenizer
 
-        d = Path(directory)
-        f = d / FILE_NAME if d.is_dir() else d
-        if not f.is_file():
-            raise FileNotFoundError(f"data.tokenizer.path: no {FILE_NAME} at {d}")
-        meta_f = f.parent / META_NAME
-        meta = json.loads(meta_f.read_text()) if meta_f.is_file() else {}
+        f = storage.join(directory, FILE_NAME)
+        if not storage.exists(f):  # the directory, or the file itself
+            f = str(directory)
+        if not storage.exists(f):
+            raise FileNotFoundError(f"data.tokenizer.path: no {FILE_NAME} at {directory}")
+        meta_f = storage.join(f.rsplit("/", 1)[0] if "/" in f else ".", META_NAME)
+        meta = json.loads(storage.read_bytes(meta_f)) if storage.exists(meta_f) else {}
         return cls(
-            Tokenizer.from_file(str(f)),
+            Tokenizer.from_str(storage.read_bytes(f).decode()),
             num_sentinels or meta.get("num_sentinels", 16),
             max_whitespace_run or meta.get("max_whitespace_run", 32),
         )
@@ -189,11 +192,13 @@ def weights_tokenizer(d: Path) -> Path:
     return d / "tokenizer" / FILE_NAME if (d / CKPT_STATE).is_file() else d / FILE_NAME
 
 
-def tokenizer_file(cfg: CGLabConfig) -> tuple[str, Path] | None:
-    """(the config field it comes from, its tokenizer.json or directory): data.tokenizer.path when set, else the
-    tokenizer that came with model.init_from's weights; None when neither (the corpus's is trained)."""
+def tokenizer_file(cfg: CGLabConfig) -> tuple[str, str | Path] | None:
+    """(the config field it comes from, its tokenizer.json or directory): data.tokenizer.path when set (a storage
+    URI kept as given), else the tokenizer that came with model.init_from's weights; None when neither (the
+    corpus's is trained)."""
     if cfg.data.tokenizer.path:
-        return "data.tokenizer.path", Path(cfg.data.tokenizer.path)
+        path = cfg.data.tokenizer.path
+        return "data.tokenizer.path", path if storage.is_uri(path) else Path(path)
     if not cfg.model.init_from:
         return None
     d = Path(cfg.model.init_from).expanduser().resolve()

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from cglab import storage
 from cglab.config import CGLabConfig, ConfigError
 from cglab.eval import humaneval, infill, nl
 from cglab.eval.generate import load_generator
@@ -168,7 +169,8 @@ def pass_at_1(
 def evaluate_checkpoint(
     checkpoint: str | Path, cfg: CGLabConfig, nl_path: str | None, code_path: str | None
 ) -> CheckpointEval:
-    """Metrics of one trained checkpoint (a cglab checkpoint dir), keyed as the lessons expect, and the tags of
+    """Metrics of one trained checkpoint (a cglab checkpoint dir: local, or a storage URI fetched to this node), keyed
+    as the lessons expect, and the tags of
     their conditions (texts used per kind, sandbox isolation). A kind whose held-out path is None is scored on
     the built-in texts only if cfg.eval.allow_builtin_texts (else ConfigError, before any work)."""
     if checkpoint is None:
@@ -177,7 +179,8 @@ def evaluate_checkpoint(
     used = text_sources(nl_path, code_path, ev.allow_builtin_texts)
     hf_dir = Path(tempfile.mkdtemp(prefix="cglab-eval-hf-"))
     try:
-        gen = hf_generator(checkpoint, hf_dir, cfg.data.seq_length)  # score in windows the model was trained on
+        with storage.local_copy(checkpoint) as local:
+            gen = hf_generator(local, hf_dir, cfg.data.seq_length)  # score in windows the model was trained on
         res = CheckpointEval(metrics=text_metrics(gen, cfg, nl_path, code_path, used), tags=text_tags(used))
         codes = pass_at_1(gen, cfg, ev.suites, limit=ev.limit, n=ev.n_samples, temperature=ev.temperature)
         res.metrics.update(codes.metrics)

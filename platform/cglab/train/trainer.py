@@ -106,6 +106,7 @@ def fit(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cglab.data import artifacts
     from cglab.data.pipeline import prepare_data
     from cglab.train import preemption
     from cglab.train.callbacks import Fault
@@ -113,6 +114,7 @@ def fit(
     from cglab.train.plan import plan_run
 
     storage_path, run_dir = run_paths(storage_path, name)
+    cfg = artifacts.shared_cache(cfg, storage_path)  # the corpus where the nodes that prepare and read it reach it
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
@@ -162,7 +164,8 @@ def fit(
     out["preempted"] = bool(out.get("preempted"))
     if mlflow is not None:
         _tag_passes(mlflow, out)
-    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    # a URI for a URI storage: Ray's path has no scheme, and a bare `bucket/key` reads as a local path elsewhere
+    out["checkpoint"] = storage.uri_of(result.checkpoint.path, storage_path) if result.checkpoint else None
     out["run_dir"] = str(run_dir)
     out["tokenizer"] = str(run_dir / "tokenizer")
     return out

@@ -64,7 +64,7 @@ PRESETS: dict[str, Preset] = {
             "train.lr=2e-3",
             "train.min_lr=2e-4",
             # The dedup table is a Ray Data shuffle per trial, longer than the training itself at this scale;
-            # the held-out split is still deduplicated against the training files (cglab.tune.heldout).
+            # the held-out split still excludes its copies from training (cglab.data.heldout).
             "data.filters.dedup=false",
             # ray.train.report costs ~2 s a call on CPU here; MLflow still gets every step from rank 0.
             "train.log_every=50",

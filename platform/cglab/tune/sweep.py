@@ -69,7 +69,7 @@ class TrialSpec:
     train_fn: TrainFn
     preset: str
     system_metrics_interval_s: float = 10.0
-    # jsonl of held-out documents (cglab.tune.heldout); None: built-in texts (only with eval.allow_builtin_texts)
+    # jsonl of held-out documents (cglab.data.heldout); None: built-in texts (only with eval.allow_builtin_texts)
     heldout_nl: str | None = None
     heldout_code: str | None = None
 
@@ -189,17 +189,18 @@ class SweepResult:
 def prepare_base(
     base: CGLabConfig, workdir: str | Path, holdout: bool = True
 ) -> tuple[CGLabConfig, str | None, str | None]:
-    """The sweep's shared inputs, settled once on the driver: the tokenizer trained and saved (unless
-    data.tokenizer.path or model.init_from brings one) and, when `holdout`, the prepared corpus and its held-out
-    split (cglab.data.heldout: sampled with data.seed, skipped by every trial's stream; eval.holdout is set for the
-    trials). Returns (base config pointing at them, held-out NL jsonl, held-out code jsonl). Deterministic, so a
-    restored sweep gets the same split and the same tokenizer. A kind without held-out documents (a None path) is a
-    ConfigError naming eval.allow_builtin_texts unless that is set."""
+    """The sweep's shared inputs, settled once on the driver: the tokenizer trained and saved under `workdir` (a
+    local directory or a storage URI, which the trials read on whatever node they run; unless data.tokenizer.path or
+    model.init_from brings one) and, when `holdout`, the prepared corpus and its held-out split (cglab.data.heldout:
+    sampled with eval.heldout_seed, kept beside the corpus in data.cache_path, skipped by every trial's stream;
+    eval.holdout is set for the trials). Returns (base config pointing at them, held-out NL jsonl, held-out code
+    jsonl). Deterministic, so a restored sweep gets the same split and the same tokenizer. A kind without held-out
+    documents (a None path) is a ConfigError naming eval.allow_builtin_texts unless that is set."""
     if not base.data.sources:
         raise ConfigError(
             "data.sources: no sources configured (pass --config, or use the laptop preset's micro corpus)"
         )
-    work = Path(workdir)
+    work = storage.location(workdir)
     kinds = {s.kind for s in base.data.sources}
     why = "holdout=False" if not holdout else f"no {' or '.join(sorted({'pile', 'stack'} - kinds))} source"
     # what each kind can hold out is known from the sources' kinds: a refusal comes before anything is built
@@ -211,8 +212,8 @@ def prepare_base(
         tok, _ = artifacts.trained_tokenizer(
             base.data, readers.resolve_files(base.data.sources), artifacts.cache_root(base.data)
         )
-        tok.save(work / "tokenizer")
-        overrides.append(f"data.tokenizer.path={json.dumps(str(work / 'tokenizer'))}")
+        saved = str(tok.save(storage.join(work, "tokenizer")))
+        overrides.append(f"data.tokenizer.path={json.dumps(saved)}")
     nl = code = None
     if holdout:
         from cglab.data.pipeline import prepare_data  # pyarrow and Ray Data: kept off the config-only paths
@@ -272,19 +273,19 @@ def ensure_local_ray(per_trial: dict[str, float]) -> None:
 @dataclass(frozen=True)
 class SweepPlaces:
     """Where a sweep keeps things, for a local or URI storage (`cglab.storage`): the Tune experiment, the trials'
-    training runs (Ray Train storage, passed to `fit`), and the driver's shared inputs (held-out split, tokenizer),
-    local: for a URI storage they stay on the driver's machine, which trials on other nodes cannot read."""
+    training runs (Ray Train storage, passed to `fit`), and the shared inputs the driver settles (held-out split,
+    tokenizer) beside them, in the same storage: trials on other nodes read them there."""
 
     storage: str  # a URI unchanged, a local path absolute
     experiment: str
     trials: str
-    inputs: Path
+    inputs: str
 
     @classmethod
     def of(cls, storage_path: str, name: str) -> SweepPlaces:
         where = storage.location(storage_path)
         exp = storage.join(where, name)
-        return cls(where, exp, storage.join(where, f"{name}-train"), storage.local_dir(exp + "-inputs"))
+        return cls(where, exp, storage.join(where, f"{name}-train"), exp + "-inputs")
 
 
 def run_lesson(
@@ -322,6 +323,7 @@ def run_lesson(
     name = name or f"lesson-{les.number}-{les.slug}-{pre.name}"
     places = SweepPlaces.of(storage_path, name)
     storage_path, exp_path = places.storage, places.experiment
+    base = artifacts.shared_cache(base, storage_path)  # the corpus's artifacts where every trial's node reads them
     # The biggest variant sets the pace (variants of a lesson normally share their parallel layout).
     needs = [trial_resources(c, pre.driver_cpus, pre.data_cpus) for c in configs.values()]
     per_trial = {k: max(n.get(k, 0.0) for n in needs) for k in set().union(*needs)}
