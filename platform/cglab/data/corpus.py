@@ -301,10 +301,10 @@ def build_package_corpus(
     `license`) and `out_dir/pile/NN.jsonl.zst` (meta: pile_set_name and package) from installed distributions.
 
     Held out by package: the last shard of each side holds only the held-out packages (`heldout`, else those
-    `is_heldout_package` picks), the other shards only the rest: no package on both
-    sides of that split (which a run selects by its paths; a sweep samples its own, cglab.data.heldout). The CodeGen filters apply to
-    every document (`filters`: a FilterConfig, default CodeGen's), then decontamination (`filters.decontaminate`: a document
-    sharing an n-gram with an evaluation set is dropped, `<kind>:contaminated:<suite>`), then exact dedup by
+    `is_heldout_package` picks), the other shards only the rest: no package on both sides of that split (which a
+    run selects by its paths; a sweep samples its own, cglab.data.heldout). The CodeGen filters apply to every
+    document (`filters`: a FilterConfig, default CodeGen's), then decontamination (`filters.decontaminate`: a
+    document sharing an n-gram with an evaluation set is dropped, `<kind>:contaminated:<suite>`), then exact dedup by
     SHA-256: a training copy survives once; a held-out document whose content also occurs in training is
     dropped. Budgets fill package by package in name order (held-out packages take at most a tenth of each).
     Returns a summary with documents, bytes and pre-tokens (TOKEN_RE pieces) per source and split, and documents
