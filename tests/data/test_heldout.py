@@ -140,15 +140,7 @@ def test_max_docs_bounds_the_split(corpus, micro_tokenizer, cache):
 
 def test_sample_takes_every_document_when_the_budget_exceeds_the_kind():
     """A budget larger than the kind: every document is held out, each once, and the draw stops."""
-    idx = prepared.Index(
-        "mem",
-        source=np.array([0, 0, 1], np.int32),
-        file=np.array([0, 1, 0], np.int32),
-        row_group=np.zeros(3, np.int32),
-        documents=np.array([3, 2, 4], np.int64),
-        tokens=np.array([30, 20, 40], np.int64),
-    )
-    pieces = {r: (np.arange(n) + 100 * r, [np.arange(10)] * n) for r, n in enumerate(idx.documents.tolist())}
+    idx, pieces = _in_memory([3, 2, 4])
     got = heldout.sample(idx, ["stack", "pile"], "stack", 0, 10**6, 10**6, 64, lambda r: pieces[r])
     assert sorted(k for k, *_ in got) == [0, 1, 2, 100, 101]
     assert {(s, f) for _, s, f, _ in got} == {(0, 0), (0, 1)}
@@ -171,16 +163,23 @@ def test_the_plan_lists_the_split_and_the_prepared_corpus_exact_counts(plan, cor
 def test_a_small_kind_holds_out_at_most_its_share():
     """A budget the kind cannot spare: eval.heldout_max_fraction of its documents, rounded down (none from a kind
     of 9 at 10%), so a small corpus keeps most of itself for training."""
+    idx, pieces = _in_memory([30, 20, 9])
+    kinds = ["stack", "pile"]
+    got = heldout.sample(idx, kinds, "stack", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1)
+    assert len(got) == 5 and {(s, f) for _, s, f, _ in got} == {(0, 0), (0, 1)}
+    assert heldout.sample(idx, kinds, "pile", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1) == []
+
+
+def _in_memory(documents):
+    """Three pieces (stack file 0, stack file 1, pile file 0) of `documents` documents of 10 tokens each, keyed
+    100 x piece + row: an index and its reader, without a prepared corpus."""
+    n = np.array(documents, np.int64)
     idx = prepared.Index(
         "mem",
         source=np.array([0, 0, 1], np.int32),
         file=np.array([0, 1, 0], np.int32),
         row_group=np.zeros(3, np.int32),
-        documents=np.array([30, 20, 9], np.int64),
-        tokens=np.array([300, 200, 90], np.int64),
+        documents=n,
+        tokens=10 * n,
     )
-    pieces = {r: (np.arange(n) + 100 * r, [np.arange(10)] * n) for r, n in enumerate(idx.documents.tolist())}
-    kinds = ["stack", "pile"]
-    got = heldout.sample(idx, kinds, "stack", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1)
-    assert len(got) == 5 and {(s, f) for _, s, f, _ in got} == {(0, 0), (0, 1)}
-    assert heldout.sample(idx, kinds, "pile", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1) == []
+    return idx, {r: (np.arange(k) + 100 * r, [np.arange(10)] * k) for r, k in enumerate(n.tolist())}
