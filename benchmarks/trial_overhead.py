@@ -2,6 +2,7 @@
 
     PYTHONPATH=platform python benchmarks/trial_overhead.py [--lesson 2] [--seeds 1 2] [--steps 20]
         [--preset laptop] [--workdir DIR] [--out FILE] [--note TEXT] [override ...]
+    PYTHONPATH=platform python benchmarks/trial_overhead.py --from-events WORKDIR/events.json [--out FILE]
 
 Runs `cglab ablate LESSON --preset PRESET` at a tiny shape (train.train_steps=STEPS; overrides as key=value) on a
 private local Ray and an MLflow server (cglab.track.server) under a fresh WORKDIR (a temporary one by default),
@@ -11,11 +12,14 @@ MLflow writes). A `process start` earlier than the phase before it is a process 
 worker pool): not this trial's cost, shown as `-`. Below them: per step = (last step done - first step done) /
 (STEPS - 1); steps = STEPS x per step; trial wall = trial end - trial start; overhead = trial wall - steps; and
 before the trial: the time from `tuner.fit` (or the end of the trial before it) to the trial function's start.
+The run's events and conditions are kept in WORKDIR/events.json; `--from-events` prints its table again (e.g.
+after a change to this script) without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -25,7 +29,8 @@ from pathlib import Path
 
 # The phases in the order a trial passes them; (who, phase) as recorded by cglab.track.timeline's callers.
 ORDER = (
-    "trial start",  # tune/sweep.py: the trial function, in Tune's trial actor
+    "trial process start",  # tune/sweep.py: Tune's trial actor
+    "trial start",  # the trial function
     "trial imports done",
     "config built",
     "mlflow run created",
@@ -116,12 +121,15 @@ def breakdown(name: str, events: list[dict], steps: int) -> Trial:
 
 
 def place_in_sweep(trials: list[Trial], driver: list[dict]) -> None:
-    """Each trial's `before`: from tuner.fit (driver) or the latest end of a trial that ended before it started."""
+    """Each trial's `before`: from tuner.fit (driver) or the latest end of a trial that ended before it started.
+    A trial actor whose process started before that was pre-started: its `trial start` row is left out."""
     called = last_times(driver).get("tuner.fit called")
     for t in trials:
         ends = [o.end for o in trials if o is not t and o.end <= t.start]
         since = max(ends + ([called["t"]] if called else []), default=None)
         t.before = None if since is None else t.start - since
+        if since is not None and t.rows.get("trial start") is not None and t.start - t.rows["trial start"] < since:
+            t.rows["trial start"] = None
 
 
 def _cell(v: float | None, fmt: str = "{:.2f}") -> str:
@@ -170,9 +178,18 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--out", default=None, help="also write the output here")
     ap.add_argument("--note", default="", help="a line about the conditions (e.g. what else loads the machine)")
+    ap.add_argument("--from-events", default=None, help="print the table of a run's events.json; run nothing")
     ap.add_argument("overrides", nargs="*", default=["eval.every=10"], help="key=value config overrides")
     args = ap.parse_args()
+    run = json.loads(Path(args.from_events).read_text()) if args.from_events else measure(args)
+    text = "\n".join(report(run)) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the sweep: its events (the driver's and each trial's) and its conditions, kept in WORKDIR/events.json."""
     from cglab.raylocal import shutdown
     from cglab.track import timeline
     from cglab.track.server import make_server
@@ -184,8 +201,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cglab-trial-overhead-"))
     pre = get_preset(args.preset)
     base = base_config(pre, None, [f"train.train_steps={args.steps}", *args.overrides])
-    server = make_server(work / "mlflow").start()
+    server = make_server(work / "mlflow")
     try:
+        server.start()
         t0 = time.time()
         res = run_lesson(
             args.lesson,
@@ -202,39 +220,54 @@ def main() -> None:
         shutdown()
     if res.errors:
         raise RuntimeError(f"{len(res.errors)} trials failed: {res.errors}")
-    driver = timeline.events(timeline.hand_back())
-    trials = sorted(
-        (breakdown(f"{r['variant']}-{r['seed']}", timeline.events(r.get("timeline")), args.steps) for r in res.results),
-        key=lambda t: t.start,
+    run = dict(
+        lesson=args.lesson,
+        preset=args.preset,
+        seeds=args.seeds,
+        steps=args.steps,
+        overrides=args.overrides,
+        commit=commit(),
+        started=started,
+        machine=f"{machine()}, {os.cpu_count()} cores",
+        load_start=load0,
+        load_end=os.getloadavg(),
+        note=args.note,
+        sweep_start=t0,
+        sweep_wall=sweep_wall,
+        driver=timeline.events(timeline.hand_back()),
+        trials={f"{r['variant']}-{r['seed']}": timeline.events(r.get("timeline")) for r in res.results},
     )
-    place_in_sweep(trials, driver)
-    at = last_times(driver)
-    load1 = os.getloadavg()
-    lines = [
-        f"benchmarks/trial_overhead.py: lesson {args.lesson} at the {args.preset} preset, seeds {args.seeds}, "
-        f"{len(trials)} trials x {args.steps} steps, overrides {args.overrides}",
-        f"at commit {commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
-        f"machine: {machine()}, {os.cpu_count()} cores",
-        f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "
-        f"at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}",
-        *([f"note: {args.note}"] if args.note else []),
+    (work / "events.json").write_text(json.dumps(run, indent=1))
+    return run
+
+
+def report(run: dict) -> list[str]:
+    """The output lines of a measured run (`measure`'s dict)."""
+    steps, t0, wall = run["steps"], run["sweep_start"], run["sweep_wall"]
+    trials = sorted((breakdown(n, ev, steps) for n, ev in run["trials"].items()), key=lambda t: t.start)
+    place_in_sweep(trials, run["driver"])
+    at = {p: e["t"] for p, e in last_times(run["driver"]).items()}
+    load0, load1 = run["load_start"], run["load_end"]
+    before = at["tuner.fit called"] - t0 if "tuner.fit called" in at else None
+    after = t0 + wall - at["tuner.fit returned"] if "tuner.fit returned" in at else None
+    return [
+        f"benchmarks/trial_overhead.py: lesson {run['lesson']} at the {run['preset']} preset, seeds {run['seeds']}, "
+        f"{len(trials)} trials x {steps} steps, overrides {run['overrides']}",
+        f"at commit {run['commit']}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(run['started']))}",
+        f"machine: {run['machine']}",
+        f"load average at start: {' '.join(f'{x:.2f}' for x in load0)}; at end: {' '.join(f'{x:.2f}' for x in load1)}",
+        *([f"note: {run['note']}"] if run["note"] else []),
         "",
         "Each row: seconds from the previous recorded phase to this one ('-': not recorded, or a process Ray had",
         "started beforehand). 'last step done' holds steps 2..N; 'first step done' the first step and its warm-up.",
         "",
         *table(trials),
         "",
-        f"sweep: run_lesson {sweep_wall:.1f} s; before tuner.fit (Ray, tokenizer, held-out split, preflight, parent "
-        f"run) {_cell(at['tuner.fit called']['t'] - t0 if 'tuner.fit called' in at else None, '{:.1f}')} s; "
-        f"after tuner.fit (verdicts, stability) "
-        f"{_cell(t0 + sweep_wall - at['tuner.fit returned']['t'] if 'tuner.fit returned' in at else None, '{:.1f}')} s",
-        "processes: " + "; ".join(f"{t.name} {t.pids}" for t in trials),
+        f"sweep: run_lesson {wall:.1f} s; before tuner.fit (Ray, tokenizer, held-out split, preflight, parent run) "
+        f"{_cell(before, '{:.1f}')} s; after tuner.fit (verdicts, stability) {_cell(after, '{:.1f}')} s",
+        "processes (pid): " + "; ".join(f"{t.name} {t.pids}" for t in trials),
         "biggest median phases outside the steps: " + ", ".join(f"{p} {v:.1f} s" for p, v in biggest(trials)),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":
