@@ -193,14 +193,17 @@ def measure(args: argparse.Namespace) -> dict:
     from cglab.raylocal import shutdown
     from cglab.track import timeline
     from cglab.track.server import make_server
-    from cglab.tune.presets import base_config, get_preset
+    from cglab.tune.presets import base_config, get_preset, preset_corpus_sources
     from cglab.tune.sweep import run_lesson
     from lessons_study import commit, machine  # benchmarks/ is the script's directory
 
     load0, started = os.getloadavg(), time.time()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cglab-trial-overhead-"))
     pre = get_preset(args.preset)
-    base = base_config(pre, None, [f"train.train_steps={args.steps}", *args.overrides])
+    sources = preset_corpus_sources(pre)  # as `cglab ablate` with no data.sources: the preset's own corpus
+    base = base_config(
+        pre, None, [f"data.sources={json.dumps(sources)}", f"train.train_steps={args.steps}", *args.overrides]
+    )
     server = make_server(work / "mlflow")
     try:
         server.start()
