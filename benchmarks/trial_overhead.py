@@ -9,7 +9,8 @@ private local Ray and an MLflow server (cglab.track.server) under a fresh WORKDI
 then prints one column per trial and the median: each row is the seconds from the previous recorded phase to this
 one, in the order a trial runs (trial function, `fit` in its task, the Ray Train worker, the final evaluation, the
 MLflow writes). A `process start` earlier than the phase before it is a process Ray had started beforehand (its
-worker pool): not this trial's cost, shown as `-`. Below them: per step = (last step done - first step done) /
+worker pool, or an earlier trial's task process reused): not this trial's cost, shown as `-`; the trial actor's
+start is the first event, so `trial start` counts from it. Below them: per step = (last step done - first step done) /
 (STEPS - 1); steps = STEPS x per step; trial wall = trial end - trial start; overhead = trial wall - steps; and
 before the trial: the time from `tuner.fit` (or the end of the trial before it) to the trial function's start.
 The run's events and conditions are kept in WORKDIR/events.json; `--from-events` prints its table again (e.g.
@@ -121,15 +122,12 @@ def breakdown(name: str, events: list[dict], steps: int) -> Trial:
 
 
 def place_in_sweep(trials: list[Trial], driver: list[dict]) -> None:
-    """Each trial's `before`: from tuner.fit (driver) or the latest end of a trial that ended before it started.
-    A trial actor whose process started before that was pre-started: its `trial start` row is left out."""
+    """Each trial's `before`: from tuner.fit (driver) or the latest end of a trial that ended before it started."""
     called = last_times(driver).get("tuner.fit called")
     for t in trials:
         ends = [o.end for o in trials if o is not t and o.end <= t.start]
         since = max(ends + ([called["t"]] if called else []), default=None)
         t.before = None if since is None else t.start - since
-        if since is not None and t.rows.get("trial start") is not None and t.start - t.rows["trial start"] < since:
-            t.rows["trial start"] = None
 
 
 def _cell(v: float | None, fmt: str = "{:.2f}") -> str:
@@ -163,9 +161,9 @@ def table(trials: list[Trial]) -> list[str]:
 
 
 def biggest(trials: list[Trial], n: int = 3) -> list[tuple[str, float]]:
-    """The n phases with the largest median seconds, the steps excluded ("last step done" is STEPS-1 of them)."""
+    """The n phases with the largest median seconds, the steps excluded ("last step done" is STEPS-1 of them); the
+    Tune gap is not one of them ("trial start" holds most of it)."""
     med = {p: _median([t.rows.get(p) for t in trials]) for p in ORDER if p != "last step done"}
-    med["before the trial (Tune)"] = _median([t.before for t in trials])
     return sorted(((p, v) for p, v in med.items() if v is not None), key=lambda pv: -pv[1])[:n]
 
 
@@ -262,7 +260,9 @@ def report(run: dict) -> list[str]:
         *([f"note: {run['note']}"] if run["note"] else []),
         "",
         "Each row: seconds from the previous recorded phase to this one ('-': not recorded, or a process Ray had",
-        "started beforehand). 'last step done' holds steps 2..N; 'first step done' the first step and its warm-up.",
+        "started beforehand). 'trial start' counts from the trial actor's process start, 'before the trial (Tune)'",
+        "from tuner.fit or the previous trial's end (the two overlap). 'last step done' holds steps 2..N; 'first",
+        "step done' the first step and its warm-up.",
         "",
         *table(trials),
         "",

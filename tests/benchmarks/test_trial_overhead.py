@@ -5,6 +5,7 @@ phase the platform records has its row, and every row is recorded somewhere."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
@@ -90,15 +91,6 @@ def test_the_tune_gap_is_from_tuner_fit_or_the_trial_that_ended_before():
     assert trials[1].before == pytest.approx(b["trial start"] - a["trial end"])
 
 
-def test_a_trial_actor_started_before_the_tune_gap_leaves_its_start_row_out():
-    fresh, reused = _times(1000.0), _times(5000.0)
-    reused["trial process start"] = fresh["trial end"] - 1  # the actor process was up before the trial's slot freed
-    trials = [to.breakdown("fresh", _recorded(fresh), STEPS), to.breakdown("reused", _recorded(reused), STEPS)]
-    to.place_in_sweep(trials, [{"phase": "tuner.fit called", "t": 990.0, "pid": 1, "host": "h"}])
-    assert trials[0].rows["trial start"] == pytest.approx(fresh["trial start"] - fresh["trial process start"])
-    assert trials[1].rows["trial start"] is None
-
-
 def test_the_table_has_a_row_per_phase_and_the_median_column():
     trials = [to.breakdown(n, _recorded(_times(s)), STEPS) for n, s in (("a", 0.0), ("b", 1e4), ("c", 2e4))]
     lines = to.table(trials)
@@ -126,3 +118,12 @@ def test_every_recorded_phase_has_its_row_and_every_row_is_recorded():
     code = _recorded_in_code()
     assert code - set(to.ORDER) - set(to.SWEEP) == set()
     assert set(to.ORDER) | set(to.SWEEP) <= code
+
+
+def test_the_committed_table_is_what_the_script_prints_from_the_committed_events():
+    results = REPO / "benchmarks" / "results"
+    run = json.loads((results / "trial_overhead_before.events.json").read_text())
+    text = (results / "trial_overhead_before.txt").read_text()
+    assert to.report(run) == text.splitlines()
+    assert re.search(r"load average at start: [\d.]+ [\d.]+ [\d.]+; at end: [\d.]+", text) and "note: " in text
+    assert len(run["trials"]) == 4 and run["steps"] == 20
