@@ -29,6 +29,11 @@ _pp4 = ["parallel.pipeline_model_parallel_size=4"]
         (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),
         (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
         (["parallel.tensor_model_parallel_size=2", "parallel.world_size=3"], "parallel.world_size"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # TP=1
+        (
+            ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2", "data.seq_length=63"],
+            "parallel.sequence_parallel",
+        ),
         (["data.seq_length=4096"], "data.seq_length"),
         (["model.rotary_dim=32"], "model.rotary_dim"),
         (["model.rotary_dim=7"], "model.rotary_dim"),
@@ -63,6 +68,10 @@ _pp4 = ["parallel.pipeline_model_parallel_size=4"]
             ["model.recompute=full", "model.attention_backend=flex", "parallel.use_gpu=true"],
             "model.attention_backend",
         ),
+        (["train.stop_at=raw_tokens"], "train.token_budget"),  # a token stop needs its budget
+        (["train.token_budget=1000000"], "train.token_budget"),  # a budget the step count would ignore
+        (["train.stop_at=loss_tokens", "train.token_budget=102399"], "train.token_budget"),  # < 100 steps of 4 x 256
+        (["train.stop_at=tokens", "train.token_budget=102400"], "train.stop_at"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
@@ -192,3 +201,8 @@ def test_every_lesson_variant_validates_at_every_preset(preset):
         for cfg in configs.values():
             for cor in cfg.objective.corrupting():
                 assert cfg.data.num_sentinels >= cor.spans_needed(cfg.data.seq_length)
+
+
+def test_a_token_budget_of_100_full_steps_is_accepted():
+    t = from_dict({}, ["model.preset=tiny", "train.stop_at=raw_tokens", "train.token_budget=102400"]).train
+    assert (t.stop_at, t.token_budget, t.global_batch_size) == ("raw_tokens", 102400, 4)

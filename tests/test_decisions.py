@@ -127,3 +127,22 @@ def test_fold_grad_scale_names_the_default_distributed_optimizer():
     with pytest.raises(ConfigError, match="train.fold_grad_scale: not available with the distributed optimizer"):
         from_dict({}, gpu_dp)
     assert not from_dict({}, [*gpu_dp, "parallel.distributed_optimizer=false"]).parallel.use_distributed_optimizer
+
+
+@pytest.mark.parametrize(
+    "overrides, on",
+    [
+        ([], False),
+        (["parallel.use_gpu=true"], True),
+        (["parallel.use_gpu=true", "train.async_save=false"], False),
+        (["train.async_save=true"], True),
+    ],
+)
+def test_checkpoints_are_written_in_the_background_by_default_on_gpu(overrides, on):
+    """train.async_save: None is on for a GPU run, off on the CPU; the plan shows the choice and why."""
+    cfg = from_dict({}, ["model.preset=tiny", *overrides])
+    d = decisions.RunDecisions.resolve(cfg, decisions.Machine.target(cfg))
+    assert d.async_save is on
+    shown = d.plan_sections(cfg)["checkpoint"]
+    assert shown["async_save"] is on
+    assert shown["why"].startswith("set by train.async_save" if cfg.train.async_save is not None else "auto on")

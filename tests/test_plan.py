@@ -19,6 +19,7 @@ KEYS = {
     "fusions",
     "recompute",
     "adam",
+    "checkpoint",
     "precision",
     "parallel",
     "resources",
@@ -116,10 +117,26 @@ def test_the_released_sizes_plan_on_h100_nodes(config):
     assert par["world_size"] % 8 == 0 or par["world_size"] == 1  # whole 8-GPU nodes, or one GPU
     assert plan["recompute"]["granularity"] == recompute
     assert plan["adam"]["distributed_optimizer"] == (dp > 1)
+    assert plan["checkpoint"]["async_save"] is True  # GPU runs write checkpoints in the background
     assert plan["errors"] == [] and not any(w.startswith("memory_gb") for w in plan["warnings"])
     mem = plan["memory_gb"]
     assert mem["total"] == max(mem["per_stage_total"]) and mem["recompute"] == recompute
     assert mem["total"] + MARGIN_GIB <= GPU_MEMORY_GIB, mem
+
+
+def test_the_plan_warns_when_the_preemption_grace_cannot_cover_a_checkpoint():
+    """7B on two nodes: ~96 GB of checkpoint (14 bytes a parameter), ~96 GB on each 8-GPU node to stage and
+    upload; the default 25 s grace cannot cover a stop, a grace of 600 s can."""
+    from cglab.config import load_config
+    from cglab.plan import plan_run
+
+    cfg = REPO / "jobs" / "configs" / "codegen2_7b_16gpu.yaml"
+    plan = plan_run(load_config(cfg))
+    ck = plan["checkpoint"]
+    assert 90 < ck["gb_total"] < 110 and ck["fits_grace"] is False
+    assert any(w.startswith("train.preempt_grace_s=25") for w in plan["warnings"])
+    roomy = plan_run(load_config(cfg, ["train.preempt_grace_s=600"]))
+    assert roomy["checkpoint"]["fits_grace"] and not any("preempt_grace_s" in w for w in roomy["warnings"])
 
 
 # config -> (layers, hidden, steps, global batch, micro-batches per step, PP, GPUs, full recompute), read off the
@@ -274,3 +291,17 @@ def test_the_plan_refuses_dp_beyond_the_units_and_an_epoch_the_slowest_rank_cann
     assert any("would run dry" in e and "parallel.data_parallel_size=2" in e for e in two["errors"]), two["errors"]
     three = _plan(capsys, str(base), *common, "train.train_steps=2", "parallel.data_parallel_size=3")
     assert any(e.startswith("parallel.data_parallel_size=3: the data has only 2 units") for e in three["errors"])
+
+
+def test_the_plan_prints_the_token_budget_a_run_stops_at(micro_sources, tmp_path, capsys):
+    """train.stop_at=raw_tokens: the plan shows the kind and the budget, and bounds the steps it takes from the
+    raw tokens its packed windows hold."""
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"data": {"sources": micro_sources}}))
+    budget = 100 * 4 * 256
+    plan = _plan(capsys, str(base), "train.stop_at=raw_tokens", f"train.token_budget={budget}")
+    need = plan["tokens_needed"]
+    assert (need["stop_at"], need["token_budget"]) == ("raw_tokens", budget)
+    assert need["steps_at_most"] >= 100  # a window holds at most 256 raw tokens
+    assert need["steps_at_most"] == pytest.approx(budget / (need["raw_tokens_per_window"] * 4), abs=1.01)  # ceil
+    assert need["unique_tokens_per_epoch"] == budget

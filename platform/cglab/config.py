@@ -172,6 +172,11 @@ class ParallelConfig(_Section):
     # Megatron's distributed optimizer (ZeRO-1): Adam's state and the fp32 main params split over the DP ranks, the
     # same update. None: on where DP > 1 on GPU, off elsewhere (`use_distributed_optimizer`); true/false: as set.
     distributed_optimizer: bool | None = None
+    # Megatron's sequence parallelism (Korthikanti et al. 2022): with TP > 1, the layer norms, dropout and residual
+    # adds work on 1/TP of the sequence each, so their activations are split over TP too, and the all-reduces after
+    # attention and the MLP become reduce-scatters (and the gathers before them all-gathers) of the same volume.
+    # Needs TP > 1 and data.seq_length divisible by TP.
+    sequence_parallel: bool = False
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -386,6 +391,18 @@ class TrainConfig(_Section):
     global_batch_size: int = Field(4, ge=1)
     train_steps: int = Field(10, ge=1)
     epochs: int = Field(1, ge=1)  # lesson 5: passes over the same unique tokens
+    # What a run's length is counted in, so a lesson's variants can be held equal in it (issue 26). steps: the run
+    # is train.train_steps optimizer steps. raw_tokens / loss_tokens: it ends after the first step whose count,
+    # summed over every DP shard, reaches train.token_budget: document tokens that entered samples
+    # (data/raw_tokens) or tokens trained on (the loss mask's sum, data/loss_tokens). The LR schedule advances by
+    # that count (train.train_steps * tokens / budget nominal steps each step, so warmup and decay end at the same
+    # share of the budget whatever the tokens per step), train.epochs split the budget, and the run takes as many
+    # steps as the budget needs (data/budget_used logs the share used). A stopping rule and not packing to equal raw
+    # tokens per window: the latter would cut every variant's windows to the fewest raw tokens any objective
+    # leaves (UL2's X_dense) and cannot equalise loss tokens at all, which span corruption draws; a step adds at
+    # most global_batch_size x seq_length of either kind, so a budget of >= 100 such steps ends within 1% of it.
+    stop_at: Literal["steps", "raw_tokens", "loss_tokens"] = "steps"
+    token_budget: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     min_lr: float = Field(3e-5, ge=0.0)
     warmup_steps: int = Field(2, ge=0)
@@ -403,6 +420,14 @@ class TrainConfig(_Section):
     fold_grad_scale: bool | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    # Checkpoints written in the background (Megatron-Core's dist_checkpointing async save, Megatron-LM's
+    # --async-save): the step only waits for the tensors to reach host memory, a forked process writes them while
+    # training goes on, and the checkpoint becomes COMPLETE, and is handed to Ray Train, at the first step boundary
+    # after every rank's write ended (cglab.train.checkpoint_writes). The stop checkpoint of a preemption and the
+    # last one wait for their writes. None: on for GPU runs, whose step time is the device's, so the host's write
+    # overlaps it; off on CPU, where the writer competes with training for the same cores and the checkpoint would
+    # reach Ray Train a step later for nothing. true works on CPU too (the tests use it).
+    async_save: bool | None = None
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)  # Ray Train reports (a sync point, ~seconds each); MLflow gets every step
     max_failures: int = Field(0, ge=0)
@@ -442,6 +467,9 @@ class EvalConfig(_Section):
     heldout_seed: int = 0
     heldout_tokens: int = Field(32_768, ge=1)
     max_docs: int = Field(512, ge=1)
+    # never more than this share of a kind's documents, whatever the budget: on a small corpus (or a short
+    # data.seq_length, which counts each document short) the budget would otherwise take the whole kind
+    heldout_max_fraction: float = Field(0.1, gt=0.0, le=0.5)
     score_docs: int | None = Field(None, ge=1)
     # While training (cglab.eval.periodic): a model-only snapshot is evaluated in a Ray task of its own, so
     # training does not wait for it. `every`: held-out text metrics (eval/nl_ppl ... eval/infill_ppl) every N
@@ -572,6 +600,10 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         pipeline_stages(m.num_layers, p)
     except ValueError as err:
         e.append(str(err))
+    if p.sequence_parallel and tp == 1:
+        e.append("parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1 (it splits over TP)")
+    elif p.sequence_parallel and d.seq_length % tp:
+        e.append(f"parallel.sequence_parallel: data.seq_length={d.seq_length} is not divisible by TP={tp}")
     if p.world_size is not None and p.world_size != tp * pp * dp:
         e.append(f"parallel.world_size: {p.world_size} != TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp}")
     if d.seq_length > m.max_position_embeddings:
@@ -649,6 +681,17 @@ def cross_field_errors(c: CGLabConfig) -> list[str]:
         )
     if t.fold_grad_scale and not t.fused_adam:
         e.append("train.fold_grad_scale: needs torch's fused AdamW, but train.fused_adam is false")
+    if t.stop_at != "steps" and t.token_budget is None:
+        e.append(f"train.token_budget: train.stop_at={t.stop_at} needs a budget of {t.stop_at.replace('_', ' ')}")
+    if t.stop_at == "steps" and t.token_budget is not None:
+        e.append("train.token_budget: set, but train.stop_at=steps ignores it (raw_tokens or loss_tokens use it)")
+    step_tokens = t.global_batch_size * d.seq_length
+    if t.stop_at != "steps" and t.token_budget is not None and t.token_budget < 100 * step_tokens:
+        e.append(
+            f"train.token_budget: {t.token_budget} is under 100 steps of train.global_batch_size x data.seq_length "
+            f"= {step_tokens} tokens, so the step that crosses it could overshoot by more than 1%; use at least "
+            f"{100 * step_tokens}"
+        )
     if t.warmup_steps >= t.train_steps and t.train_steps > 1:
         e.append(f"train.warmup_steps: {t.warmup_steps} must be below train.train_steps={t.train_steps}")
     return e

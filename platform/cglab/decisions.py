@@ -3,11 +3,12 @@
     d = RunDecisions.resolve(cfg)                    # this machine
     d = RunDecisions.resolve(cfg, Machine.target(cfg))   # the machine the run targets (cglab plan)
 
-The attention backend, the compiled fusions, Megatron's fused kernels and wgrad fusion, the Adam kernel and the
-grad-scale fold are decided here and nowhere else: `cglab.model.codegen.build_model` builds what
-`ModelDecisions` says (and keeps it on the model, so its masks match its backend), `cglab.train.step` keeps the
-`RunDecisions` in its TrainState for every micro-batch and optimizer step, and `cglab plan` prints the same object
-(`RunDecisions.plan_sections`), which the run logs as plan.json.
+The attention backend, the compiled fusions, Megatron's fused kernels and wgrad fusion, the Adam kernel, the
+grad-scale fold and whether checkpoints are written in the background are decided here and nowhere else:
+`cglab.model.codegen.build_model` builds what `ModelDecisions` says (and keeps it on the model, so its masks match
+its backend), `cglab.train.step` keeps the `RunDecisions` in its TrainState for every micro-batch and optimizer step
+(and the Checkpointer for its writes), and `cglab plan` prints the same object (`RunDecisions.plan_sections`), which
+the run logs as plan.json.
 """
 
 from __future__ import annotations
@@ -190,12 +191,26 @@ def _optimizer_state(p: ParallelConfig) -> str:
     return "whole on every rank (parallel.distributed_optimizer=false)"
 
 
+def async_save(setting: bool | None, cuda: bool) -> tuple[bool, str]:
+    """(on, why) for train.async_save on a machine with or without CUDA."""
+    if setting is not None:
+        return setting, "set by train.async_save"
+    if cuda:
+        return True, (
+            "auto on GPU: the step waits only for the copy to host memory; a forked process writes while the "
+            "GPU trains (Megatron-Core's async dist_checkpointing save)"
+        )
+    return False, "auto on CPU: a background writer would compete with training for the same cores"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDecisions:
     machine: Machine
     model: ModelDecisions
     adam: AdamPlan | None  # None when refused (adam_error)
     adam_error: str | None = None
+    async_save: bool = False  # train.async_save in effect (cglab.train.checkpoint_writes)
+    async_save_why: str = ""
 
     @classmethod
     def resolve(cls, cfg: CGLabConfig, machine: Machine | None = None) -> RunDecisions:
@@ -204,7 +219,8 @@ class RunDecisions:
             plan, error = adam_plan(cfg, machine.cuda, machine.adam_impl), None
         except ConfigError as err:
             plan, error = None, str(err)
-        return cls(machine, ModelDecisions.resolve(cfg.model, cfg.parallel, machine.cuda), plan, error)
+        model = ModelDecisions.resolve(cfg.model, cfg.parallel, machine.cuda)
+        return cls(machine, model, plan, error, *async_save(cfg.train.async_save, machine.cuda))
 
     def require(self) -> RunDecisions:
         """self, or the ConfigError a run refuses to start with."""
@@ -264,4 +280,14 @@ class RunDecisions:
                 "what": rc.describe(),
             },
             "adam": adam_out,
+            "checkpoint": {
+                "async_save": self.async_save,
+                "why": self.async_save_why,
+                "complete": (
+                    "at the first step boundary after every rank's background write ended; preemption and the "
+                    "last step wait for it"
+                    if self.async_save
+                    else "when the step's write ends"
+                ),
+            },
         }

@@ -166,3 +166,21 @@ def test_the_plan_lists_the_split_and_the_prepared_corpus_exact_counts(plan, cor
         assert e["method"].startswith("exact") and e["documents"] == int(idx.documents[idx.source == s].sum())
     # the epoch's units are composed of the real pieces
     assert out["tokens_needed"]["epoch_reads"]["units"] == len(pipeline.epoch_units(plan, 0)[0])
+
+
+def test_a_small_kind_holds_out_at_most_its_share():
+    """A budget the kind cannot spare: eval.heldout_max_fraction of its documents, rounded down (none from a kind
+    of 9 at 10%), so a small corpus keeps most of itself for training."""
+    idx = prepared.Index(
+        "mem",
+        source=np.array([0, 0, 1], np.int32),
+        file=np.array([0, 1, 0], np.int32),
+        row_group=np.zeros(3, np.int32),
+        documents=np.array([30, 20, 9], np.int64),
+        tokens=np.array([300, 200, 90], np.int64),
+    )
+    pieces = {r: (np.arange(n) + 100 * r, [np.arange(10)] * n) for r, n in enumerate(idx.documents.tolist())}
+    kinds = ["stack", "pile"]
+    got = heldout.sample(idx, kinds, "stack", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1)
+    assert len(got) == 5 and {(s, f) for _, s, f, _ in got} == {(0, 0), (0, 1)}
+    assert heldout.sample(idx, kinds, "pile", 0, 10**6, 10**6, 64, lambda r: pieces[r], max_fraction=0.1) == []

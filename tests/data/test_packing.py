@@ -171,3 +171,36 @@ def test_reserve_bounds_what_any_unit_adds(rmin, width, lo, swidth, corruption):
     k = span_count(np.rint(cfg.mask_ratio_max * n).astype(np.int64), (lo + lo + swidth) / 2)
     assert (1 + 3 * k <= c + res.per_token * n).all()
     assert res.per_doc * res.per_window == 0  # the unit is a document piece or the window, never both
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    doc_lengths,
+    st.integers(24, 96),
+    st.lists(reserves, min_size=1, max_size=4),
+    st.integers(0, 2**31),
+    st.lists(st.integers(0, 25), max_size=5),
+)
+def test_each_window_packs_with_its_own_reserve(lengths, seq_len, options, seed, cuts):
+    """reserve_for(w): window w holds what fits under its own reserve (within budget and greedy: not one more
+    token fits), the stream comes back exactly, and the windows do not depend on how the documents are batched."""
+    choice = np.random.default_rng(seed).integers(0, len(options), 1000)
+    reserve_for = lambda w: options[choice[w]]  # noqa: E731
+    docs = make_docs(lengths)
+    tokens, segs = pack_documents(docs, seq_len, SP, options[0], reserve_for=reserve_for)
+    flat = np.concatenate(pieces(tokens, segs)) if len(tokens) else np.zeros(0, np.int32)
+    assert np.array_equal(flat, np.concatenate(docs) if docs else flat)
+    for w, s in enumerate(segs):
+        r = options[choice[w]]
+        g = 1 + r.per_token
+        cost = (s >= 0).sum() * g + r.per_doc * (s.max() + 1) + r.per_window
+        assert cost <= seq_len + 1e-9
+        if w < len(segs) - 1:
+            assert cost + r.per_doc + g > seq_len - 1e-9
+    packer = Packer(seq_len, SP, options[0], reserve_for=reserve_for)
+    got = []
+    bounds = [0, *sorted(c for c in cuts if c <= len(docs)), len(docs)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        got.append(packer.add(docs[a:b])[1])
+    got.append(packer.flush()[1])
+    assert np.array_equal(np.concatenate(got), segs)

@@ -47,11 +47,13 @@ def _cfg(*overrides):
     )
 
 
-def _callback(rig, run_dir, cfg, **spec):
+def _callback(rig, run_dir, cfg, storage="", **spec):
     from cglab.eval.periodic import PeriodicEval
 
     state, tok_json = rig
-    inp = SimpleNamespace(cfg=cfg, plan=SimpleNamespace(tokenizer_json=tok_json), run_dir=str(run_dir), mlflow=None)
+    inp = SimpleNamespace(
+        cfg=cfg, plan=SimpleNamespace(tokenizer_json=tok_json), run_dir=str(run_dir), mlflow=None, storage=storage
+    )
     return PeriodicEval(**spec)(inp, state, None)
 
 
@@ -102,6 +104,29 @@ def test_a_failing_evaluation_is_recorded_and_never_fails_training(rig, tmp_path
     rec = read_evals(tmp_path)[3]
     assert "FileNotFoundError" in rec["error"] and "metrics" not in rec
     assert not (tmp_path / "evals" / "step_000003").exists()  # a failed evaluation deletes its snapshot too
+
+
+def test_a_worker_that_cannot_see_the_drivers_run_directory_still_evaluates_through_storage(rig, tmp_path):
+    """On a cluster no worker sees the driver's run directory: the snapshot and the record go through the run's
+    storage, and whether a step is evaluated is the config's decision, the same on every rank (a rank deciding by
+    its own disk skipped the collectives the others entered: a hang, or evaluation silently off)."""
+    from cglab.eval.periodic import read_evals
+
+    store = tmp_path / "storage" / "run"
+    texts = tmp_path / "texts.jsonl"
+    body = "".join(f"    y = y * {k} + x  # step {k}\n" for k in range(8))
+    docs = [f"def f{i}(x):\n    y = {i}\n{body}    return y\n" for i in range(4)]
+    texts.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = _cfg("eval.every=2", "train.train_steps=2", "train.warmup_steps=1")
+    cb = _callback(
+        rig, tmp_path / "driver-only" / "run", cfg, storage=str(store), nl_path=str(texts), code_path=str(texts)
+    )
+    assert "eval_task/snapshot_s" in _step(cb, 2)
+    cb.on_end()
+    rec = read_evals(store)[2]
+    assert "error" not in rec and rec["metrics"]["eval/code_bpb"] > 0
+    assert not (tmp_path / "driver-only").exists()  # nothing was written where only the driver looks
+    assert not (store / "evals" / "step_000002").exists()  # the snapshot was deleted after its evaluation
 
 
 @pytest.mark.parametrize(

@@ -53,4 +53,8 @@ def fwd_bwd(rank, tp, pp, full_path, batches_path, out_path, overrides, save_to=
             "compile_loss": inner.compile_loss,
         }
         stages = [n for _, n in sorted(dict(everything_layers).items())]  # the layers Megatron built per stage
-        torch.save({"loss": loss, "grads": g, "weights": w, "built": built, "stages": stages}, out_path)
+        # sequence parallelism as built: Megatron's flag, and every layer norm marked for its TP grad all-reduce
+        norms = [p for n, p in inner.named_parameters() if "layernorm" in n]
+        sp = inner.config.sequence_parallel and all(getattr(p, "sequence_parallel", False) for p in norms)
+        out = {"loss": loss, "grads": g, "weights": w, "built": built, "stages": stages, "sequence_parallel": sp}
+        torch.save(out, out_path)

@@ -88,6 +88,19 @@ def test_tp2_and_pp2_match_single_rank(inputs, arch):
             torch.testing.assert_close(got["grads"][k], g, atol=1e-5, rtol=1e-4, msg=f"{k} at TP{tp} PP{pp}")
 
 
+@pytest.mark.parametrize("fusions", ["true", "false"])
+def test_sequence_parallel_tp2_matches_single_rank(inputs, fusions):
+    """parallel.sequence_parallel at TP=2 (gloo's reduce_scatter_tensor / all_gather_into_tensor on CPU): the
+    embedding output, layer norms and residual adds on half the sequence each; the loss and every gradient (the
+    layer norms' summed over the two sequence halves) of the single-rank model, fused block or not."""
+    ov = [f"model.compile_fusions={fusions}", "model.attention_backend=sdpa"]
+    ref = _run(inputs, 1, 1, 1, f"ref-sp-{fusions}", ov)
+    assert not ref["sequence_parallel"]
+    got = _run(inputs, 2, 2, 1, f"tp2-sp-{fusions}", [*ov, "parallel.sequence_parallel=true"])
+    assert got["sequence_parallel"]
+    _same(got, ref, f"TP2 with sequence parallelism, compile_fusions={fusions}")
+
+
 def test_uneven_pp4_matches_single_rank_and_its_checkpoint_loads_at_tp2(inputs, tmp_path):
     """10 layers over PP=4 as 2/3/3/2 (Megatron's first/last-stage counts), started from a HF directory: the loss
     and every gradient of the single-rank model; the weights it saves as a checkpoint (dist_checkpointing, uneven

@@ -33,7 +33,7 @@ def test_hand_back_merges_what_it_received_and_empties_the_process_record():
 def test_steps_marks_the_first_and_the_last():
     timeline.hand_back()
     for step in range(3, 7):
-        timeline.steps(step, first=3, last=6)
+        timeline.steps(step, first=3, last=step == 6)
     assert [e["phase"] for e in timeline.events(timeline.hand_back())] == ["first step done", "last step done"]
 
 

@@ -69,6 +69,10 @@ def test_every_on_end_runs_even_when_one_fails():
 class _Feed:
     def __init__(self, cfg, plan, pos):
         self.pos, self.step_stats = pos, {"mask_fraction/span": 0.15}
+        self.steps, self.progress = cfg.train.train_steps, 1.0
+
+    def done(self, step):
+        return step >= self.steps
 
     def next_step(self):
         return []
@@ -80,7 +84,7 @@ def fake_worker(monkeypatch):
     events: list = []
     losses = iter([3.0, 2.0, RuntimeError("step 3 failed"), 1.0])
 
-    def step(state, cfg, micro):
+    def step(state, cfg, micro, lr_progress):
         out = next(losses)
         if isinstance(out, Exception):
             raise out

@@ -127,3 +127,19 @@ def test_generator_loads_a_training_checkpoint(trained):
     gen = load_generator(d)
     out = gen.generate(["def add(a, b):"], max_new_tokens=5)
     assert len(out) == 1 and len(out[0]) == 1 and isinstance(out[0][0], str)
+
+
+def test_the_planned_checkpoint_size_is_what_a_save_writes(trained):
+    """`cglab plan`'s checkpoint size (cglab.train.checkpoint_size, what the preemption grace is checked against)
+    against the bytes a real save of this model wrote: the weights and the optimizer state dominate, within 10%
+    (the rest is metadata, the RNG states and the tokenizer)."""
+    from cglab.train.budget import budget
+    from cglab.train.checkpoint_size import checkpoint_plan
+    from cglab.train.memory import memory_gib
+
+    cfg, d, _, _ = trained
+    written = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    mem = memory_gib(cfg, "sdpa")
+    planned = checkpoint_plan(cfg, mem["params_per_gpu"], budget(cfg, "none")["parameters"]["total"], False, None)
+    assert planned["gb_total"] == planned["gb_per_gpu"]  # one GPU
+    assert abs(planned["gb_total"] * 1e9 - written) <= 0.1 * written, (planned, written)

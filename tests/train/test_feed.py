@@ -79,7 +79,9 @@ def test_a_stream_that_runs_dry_stops_the_run_instead_of_starting_a_second_pass(
 def test_epochs_split_the_budget_and_every_epoch_rereads_the_same_data(
     ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path
 ):
-    cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6", "train.epochs=3")
+    # clm: every window holds what fits, so an epoch's windows hold the same tokens however they are drawn (a
+    # mixed objective packs each window for its own drawn part, which a new epoch re-draws)
+    cfg = _cfg(micro_sources, micro_tokenizer.path, "train.train_steps=6", "train.epochs=3", "objective.kind=clm")
     feed, _ = _feed(cfg, tmp_path)
     epochs, passes = [], []
     for _ in range(6):
@@ -136,3 +138,52 @@ def test_each_step_logs_the_token_share_of_each_source_as_planned(
     # exact to within one document per unit of work: a micro corpus unit holds 70-140k tokens and ends when its
     # Pile runs dry, up to one code file (~8k tokens) behind; by documents the Pile would be ~20% of the tokens
     assert share["pile"] == pytest.approx(0.5, abs=0.05), share
+
+
+@pytest.mark.parametrize(
+    "stop_at, kinds",
+    [("raw_tokens", ("clm", "ul2")), ("loss_tokens", ("clm", "codegen2")), ("raw_tokens", ("clm", "codegen2"))],
+)
+def test_variants_read_equal_tokens_of_the_declared_kind(
+    ray_local, single_rank, micro_sources, micro_tokenizer, tmp_path, stop_at, kinds
+):
+    """train.stop_at with one train.token_budget: objectives that leave very different raw and loss tokens per
+    window end within 1% of each other in the declared count, which each step logs (data/raw_tokens,
+    data/loss_tokens: the loss mask's sum, over every DP shard), and the LR schedule has advanced by
+    train.train_steps nominal steps when the budget is reached, whatever the step count."""
+    budget = 100 * GLOBAL * SEQ  # the least the config accepts: one step is at most 1% of it
+    counts, steps = {}, {}
+    for kind in kinds:
+        cfg = from_dict(
+            {"data": {"sources": micro_sources, "seq_length": SEQ, "tokenizer": {"path": str(micro_tokenizer.path)}}},
+            [
+                "model.preset=tiny",
+                "model.max_position_embeddings=64",
+                "train.micro_batch_size=2",
+                f"train.global_batch_size={GLOBAL}",
+                "train.train_steps=100",  # the nominal steps the LR schedule is laid over, not the run's
+                "train.warmup_steps=1",
+                "data.filters.dedup=false",
+                f"objective.kind={kind}",
+                f"train.stop_at={stop_at}",
+                f"train.token_budget={budget}",
+            ],
+        )
+        feed, _ = _feed(cfg, tmp_path / kind)
+        step, loss, raw, progress = 0, 0.0, 0, 0.0
+        while not feed.done(step):
+            micro = feed.next_step()
+            step += 1
+            progress += feed.progress
+            loss += sum(float(m["loss_mask"].sum()) for m in micro)
+            raw += sum(int((m["segment_ids"] >= 0).sum()) for m in micro)
+        assert feed.step_stats["data/loss_tokens"] == loss  # the logged count is the samples' own
+        if kind == "clm":
+            assert feed.step_stats["data/raw_tokens"] == raw  # a clm sample holds its raw tokens unchanged
+        counts[kind], steps[kind] = feed.step_stats[f"data/{stop_at}"], step
+        assert feed.step_stats["data/budget_used"] == counts[kind] / budget
+        assert progress == pytest.approx(100 * counts[kind] / budget)
+    a, b = (counts[k] for k in kinds)
+    assert abs(a - b) < 0.01 * budget, counts
+    assert all(budget <= c < budget * 1.01 for c in counts.values()), counts
+    assert steps[kinds[1]] > 1.05 * steps[kinds[0]], steps  # the other objective needed more steps for it

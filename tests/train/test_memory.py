@@ -1,8 +1,9 @@
 """The memory plan (cglab.train.memory) against the published formulas, stage by stage: model states of 2 (bf16
 weights) + 4 (fp32 main grads) + 12/DP (fp32 Adam moments and main params, sharded by the distributed optimizer)
-bytes per parameter, and per layer and micro-batch s*b*h*(10 + 24/t) bytes of activations at 16 bits, plus
-5*a*s^2*b/t for materialised attention scores (Korthikanti et al. 2022, Table 2), 2*s*b*h under full
-recomputation; stage i of PP holds min(PP - i, micro-batches) micro-batches in flight (1F1B)."""
+bytes per parameter, and per layer and micro-batch s*b*h*(10 + 24/t) bytes of activations at 16 bits (34/t with
+sequence parallelism), plus 5*a*s^2*b/t for materialised attention scores (Korthikanti et al. 2022, Table 2),
+2*s*b*h (/t with sequence parallelism) under full recomputation; stage i of PP holds min(PP - i, micro-batches)
+micro-batches in flight (1F1B)."""
 
 import pytest
 
@@ -97,6 +98,15 @@ def test_recomputation_activations(backend):
     block = acts("model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=10")
     assert block == pytest.approx((10 * inp + 6 * full) * flight + full, rel=1e-4)
     assert acts("model.recompute=full") < block < acts()
+    # sequence parallelism splits the per-token part (10) over TP too: 34/t per layer (Korthikanti Table 2), and a
+    # full-recompute layer's kept input is a sequence shard
+    sp = "parallel.sequence_parallel=true"
+    assert acts(sp) == pytest.approx(layers * (s * b * h * 34 / t + scores) * flight, rel=1e-4)
+    assert acts(sp, "model.recompute=selective") == pytest.approx(layers * s * b * h * 34 / t * flight, rel=1e-4)
+    sp_full = s * b * h * 34 / t + scores
+    assert acts(sp, "model.recompute=full") == pytest.approx(layers * inp / t * flight + sp_full, rel=1e-4)
+    with_sp, without = (memory_gib(from_dict({}, o), backend) for o in ([*base, sp], base))
+    assert with_sp["activations"] < without["activations"] and with_sp["sequence_parallel"]
     # the plan's estimate follows the setting on every stage
     none, full_rc = (memory_gib(from_dict({}, base + rc), backend) for rc in ([], ["model.recompute=full"]))
     assert (none["recompute"], full_rc["recompute"]) == ("none", "full")

@@ -34,16 +34,23 @@ def test_tp2_pp2_reaches_the_losses_of_tp1(ray_local, run_cfg, tmp_path):
 def test_killed_worker_resumes_from_checkpoint_with_identical_losses(
     ray_local, reference_cfg, reference_losses, tmp_path
 ):
-    """The reference run (tests/train/conftest.py, also test_preemption's) with one worker killed one step after a
-    checkpoint: Ray Train restarts the group, which resumes there and ends with the reference's losses."""
-    every = reference_cfg.train.train_steps // 2
-    cfg = from_dict(reference_cfg.model_dump(mode="json"), [f"train.checkpoint_every={every}", "train.max_failures=1"])
-    fault = {"step": every + 1, "rank": 1, "marker": str(tmp_path / "kill-marker")}
+    """The reference run (tests/train/conftest.py, also test_preemption's) with checkpoints written in the background
+    (train.async_save) every 20 steps and one worker killed at step 41, while the checkpoint of step 40 is being
+    written: its write is finalized no earlier than step 41's Checkpointer, which the kill precedes (FaultInjection
+    is first), so it never became COMPLETE nor reached Ray Train. Ray Train restarts the group, which resumes from
+    step 20's checkpoint (handed on once its write ended) and ends with the reference's losses."""
+    every = reference_cfg.train.train_steps // 3
+    cfg = from_dict(
+        reference_cfg.model_dump(mode="json"),
+        [f"train.checkpoint_every={every}", "train.max_failures=1", "train.async_save=true"],
+    )
+    killed_at = 2 * every + 1
+    fault = {"step": killed_at, "rank": 1, "marker": str(tmp_path / "kill-marker")}
     out = fit(cfg, storage_path=str(tmp_path), name="killed", fault=fault)
-    assert (tmp_path / "kill-marker").read_text() == str(every + 1)  # the worker really was killed, once, there
+    assert (tmp_path / "kill-marker").read_text() == str(killed_at)  # the worker really was killed, once, there
     resumed = history(out["run_dir"])
     assert resumed[every]["started_at_step"] == 0
-    # the second attempt began at the checkpoint before the kill, not from scratch
+    # the second attempt began at the last checkpoint whose write had ended, not at the one in flight nor from scratch
     assert resumed[every + 1]["started_at_step"] == every
     assert sorted(resumed) == sorted(reference_losses)
     for step, loss in reference_losses.items():

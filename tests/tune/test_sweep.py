@@ -111,8 +111,10 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
         assert params["train.seed"] == params["data.seed"] == tags["seed"]
         assert params["objective.kind"] == expected.objective.kind
         assert params["train.train_steps"] == str(STEPS) and params["model.hidden_size"] == "64"
-        # trained on all but the held-out last shard of each source, with the sweep's one tokenizer
-        assert "01." not in params["data.sources.0.paths"] and "00." in params["data.sources.0.paths"]
+        # trained on the sources as configured minus the sweep's held-out split (skipped at read time, one split
+        # for every trial: eval.holdout and its own seed), with the sweep's one tokenizer
+        assert params["data.sources.0.paths"] == json.dumps(sweep["sources"][0]["paths"])
+        assert params["eval.holdout"] == "True" and params["eval.heldout_seed"] == "0"
         assert params["data.tokenizer.path"].endswith("resume-me-inputs/tokenizer")
         for key in ("eval/code_ppl", "eval/nl_ppl", "eval/infill_ppl", "eval/code_bpb", "eval/infill_bpb", "loss"):
             assert 1.0 < metrics[key] < 1e6, (key, metrics[key])

@@ -163,6 +163,20 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "",
+        "cglab.train.checkpoint_writes",
+        (
+            "megatron.core.dist_checkpointing.strategies.async_utils:AsyncCallsQueue",
+            "megatron.core.dist_checkpointing.strategies.async_utils:#self.async_calls: deque",
+            "megatron.core.dist_checkpointing.strategies.async_utils:TemporalAsyncCaller.close",
+            "megatron.core.dist_checkpointing.strategies.async_utils:#self.process: Optional[mp.Process]",
+        ),
+        "train.async_save, when a step raised with a checkpoint write in flight (Checkpointer.on_end)",
+        "AsyncCallsQueue.close(abort=True) kills only the persistent worker; each forked writer of the queue's "
+        "pending calls is killed and reaped here, so an aborted write never reaches its finalize (COMPLETE)",
+        "call queue.close() (it waits for the write and finalizes it, collectively)",
+    ),
+    Patch(
+        "",
         "cglab.track.mlflow_logger",
         (
             "mlflow.system_metrics.system_metrics_monitor:SystemMetricsMonitor",

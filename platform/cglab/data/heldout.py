@@ -4,9 +4,11 @@ stream then skips at read time (issue 24).
 A researcher's held-out split is a random sample of the corpus, not its last file: with `eval.holdout` set, each
 kind (NL from pile sources, code from stack sources) holds out documents until `eval.heldout_tokens` tokens or
 `eval.max_docs` documents, each counted up to `data.seq_length` tokens (one scoring context: what is scored is what
-is counted). The sample is drawn with `eval.heldout_seed` (not data.seed: every seed of a sweep is scored on, and
-trains without, the same split): the kind's pieces in a seeded order, a few random documents from each, so it
-spreads over every file as far as the budget allows.
+is counted), and never more than `eval.heldout_max_fraction` (default 10%) of the kind's documents: on a small corpus
+the budget would take it all. `meta.json` says which bound ended each kind's draw. The sample is drawn with
+`eval.heldout_seed` (not data.seed: every seed of a sweep is scored on, and trains without, the same split): the
+kind's pieces in a seeded order, a few random documents from each, so it spreads over every file as far as the
+budget allows.
 
 Nothing about the prepared corpus changes. The split lives beside it, under `<prepared>/heldout-<fingerprint>/`
 (prepared corpus, seed, sizes, sequence length):
@@ -65,16 +67,30 @@ class HeldOut:
         return self.texts["code"]
 
 
-def sample(idx: prepared.Index, kinds, kind: str, seed: int, tokens: int, max_docs: int, seq_len: int, read):
+def sample(
+    idx: prepared.Index,
+    kinds,
+    kind: str,
+    seed: int,
+    tokens: int,
+    max_docs: int,
+    seq_len: int,
+    read,
+    max_fraction: float = 1.0,
+):
     """The held-out documents of one kind: [(key, source, file, ids)], ids the whole document.
 
     `kinds[s]`: source s's kind; `read(piece)`: (keys, ids) of one piece. The kind's pieces are visited in a
     seeded order, taking `per_piece` random documents from each (enough to meet the budget in one pass over them,
     from the index's mean document length, so the sample spreads across files), until `tokens` tokens (each
-    document counted up to `seq_len`) or `max_docs` documents; more per piece only when one pass falls short.
+    document counted up to `seq_len`), `max_docs` documents or `max_fraction` of the kind's documents (rounded
+    down: a kind too small to spare one holds nothing out); more per piece only when one pass falls short.
     """
     rows = np.flatnonzero(np.isin(idx.source, [s for s, k in enumerate(kinds) if k == kind]))
     if not len(rows):
+        return []
+    max_docs = min(max_docs, math.floor(max_fraction * int(idx.documents[rows].sum())))
+    if max_docs < 1:  # a kind too small to spare a document: nothing held out (the evaluation says so)
         return []
     rng = np.random.default_rng([seed, _HELD_TAG, [k for k, _ in KINDS].index(kind)])
     rows = rows[rng.permutation(len(rows))]
@@ -143,6 +159,7 @@ def split_dir(prepared_path: str, ecfg, seq_len: int, dedup: bool) -> str:
         "seed": ecfg.heldout_seed,
         "tokens": ecfg.heldout_tokens,
         "max_docs": ecfg.max_docs,
+        "max_fraction": ecfg.heldout_max_fraction,
         "seq_len": seq_len,
         "dedup": dedup,
     }
@@ -185,7 +202,17 @@ def _build(plan, ecfg, seq_len: int, dedup: bool, d: str) -> None:
 
     try:
         drawn = {
-            name: sample(idx, kinds, kind, ecfg.heldout_seed, ecfg.heldout_tokens, ecfg.max_docs, seq_len, read)
+            name: sample(
+                idx,
+                kinds,
+                kind,
+                ecfg.heldout_seed,
+                ecfg.heldout_tokens,
+                ecfg.max_docs,
+                seq_len,
+                read,
+                ecfg.heldout_max_fraction,
+            )
             for kind, name in KINDS
         }
     finally:
@@ -196,12 +223,32 @@ def _build(plan, ecfg, seq_len: int, dedup: bool, d: str) -> None:
         if dedup
         else copies(idx, frozenset(id_hash(x) for docs in drawn.values() for *_, x in docs), held)
     )
-    meta: dict = {"settings": {"tokens": ecfg.heldout_tokens, "max_docs": ecfg.max_docs, "seq_len": seq_len}}
-    for name, docs in drawn.items():
+    meta: dict = {
+        "settings": {
+            "tokens": ecfg.heldout_tokens,
+            "max_docs": ecfg.max_docs,
+            "max_fraction": ecfg.heldout_max_fraction,
+            "seq_len": seq_len,
+        }
+    }
+    for (kind, name), docs in zip(KINDS, drawn.values()):
         scored = [x[:seq_len] for *_, x in docs]
+        n_tok = int(sum(len(x) for x in scored))
+        of_kind = int(idx.documents[np.isin(idx.source, [s for s, k in enumerate(kinds) if k == kind])].sum())
         meta[name] = {
             "documents": len(docs),
-            "tokens": int(sum(len(x) for x in scored)),
+            "tokens": n_tok,
+            # what ended the draw: the token budget, max_docs, the share of the kind, or the kind ran out
+            "bound": (
+                "tokens"
+                if n_tok >= ecfg.heldout_tokens
+                else "max_docs"
+                if len(docs) >= ecfg.max_docs
+                else "max_fraction"
+                if docs and len(docs) < of_kind
+                else "kind"
+            ),
+            "of_documents": of_kind,
             "files": len({(s, f) for _, s, f, _ in docs}),
             "sources": sorted({plan.sources[s].name for _, s, _, _ in docs}),
         }

@@ -7,7 +7,9 @@ window and its seed, never on batch composition; a new epoch re-draws the corrup
 
 Layouts (one *unit* = one document piece in file-level mode, the whole window in sequence-level mode):
 
-- clm:      `doc` unchanged; loss on every next-token target inside the same segment.
+- clm:      `doc` unchanged; loss on every next-token target inside the same segment. Under
+            model.architecture=prefix_lm (the paper's Prefix-LM), every document piece draws its own split: its
+            prefix is bidirectional and carries no loss, the rest is causal with loss (`causal_lm`).
 - span corruption (CodeGen2, objective 1):
             `x_0 <mask_1> x_1 <mask_2> … x_k <sep> <mask_1> s_1 <eom> … <mask_k> s_k <eom>`
             where the unit is x_0 s_1 x_1 … s_k x_k. The unit's final eot is never masked and stays in x_k, so
@@ -28,7 +30,8 @@ Layouts (one *unit* = one document piece in file-level mode, the whole window in
 prefix_end (int32 per token, what a prefix-LM model attends with): query q may also see keys k < prefix_end[q]
 besides the causal k <= q. A token of a unit with a prefix gets (its unit's start in the sample) + (that unit's
 prefix length), so every document of a packed window has its own bidirectional prefix and never sees into a later
-document; tokens without a prefix (clm, infill, padding) get 0. The S denoiser gives every valid token `split`.
+document; tokens without a prefix (clm under a causal
+architecture, infill, padding) get 0. The S denoiser gives every valid token `split`.
 
 Span placement, per unit of n maskable tokens (T5's random_spans_noise_mask rule, so every unit is masked at its
 drawn ratio whatever its length):
@@ -59,7 +62,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cglab.config import span_count, spans_needed
+from cglab.config import Corruption, span_count, spans_needed
 from cglab.data.contract import CLM, INFILL, SAMPLE_KEYS, SPAN, UL2, UL2_S
 from cglab.data.packing import Reserve
 from cglab.data.specials import EOM, MASK0, SEP, Specials
@@ -73,24 +76,71 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def packing_reserve(cfg) -> Reserve:
-    """Room the packer must leave so every sample of this objective fits in seq_len without truncation.
+    """Room the packer must leave so every sample of this objective fits in seq_len without truncation, whichever
+    part of its mix a window becomes: the bound `cglab plan` measures with and that sizes the sentinels.
 
     Span corruption adds 1 + 3k tokens to a unit of n raw tokens (`<sep>`, then `<mask_j>` in the input and
     `<mask_j>`, `<eom>` in the targets per span). With k = span_count(m, mean) <= m / mean + 1 and
     m = round(r n) <= rmax n + 1/2 that is at most c + f n with c = 4 + 1.5 / mean, f = 3 rmax / mean: a constant
     per unit (per document piece in file-level mode, per window in sequence-level mode) and a per-token fraction,
-    the largest over the settings the objective runs.
+    the largest over the settings the objective runs. The stream packs each window with `window_reserve` instead.
     """
     if cfg.kind == "infill":
         return Reserve(per_doc=4)
-    settings = cfg.corrupting()
+    return _span_reserve(cfg.corrupting(), cfg.corruption == "file_level")
+
+
+def _span_reserve(settings, file_level: bool) -> Reserve:
     if not settings:
         return Reserve()
     c = max(int(np.ceil(4 + 1.5 / s.mean_len)) for s in settings)
     f = max(3 * s.ratio[1] / s.mean_len for s in settings)
-    if cfg.corruption == "file_level":
-        return Reserve(per_doc=c, per_token=f)
-    return Reserve(per_window=c, per_token=f)
+    return Reserve(per_doc=c, per_token=f) if file_level else Reserve(per_window=c, per_token=f)
+
+
+def pick(cfg, u: np.ndarray) -> np.ndarray:
+    """Which part of the objective's mix each window is, from its generator's first draw u: an index into
+    `part_reserves(cfg)` (codegen2: 0 causal LM, 1 span corruption; infill: 0 infill, 1 causal LM; ul2: the
+    denoiser's place in objective.ul2_denoisers; clm, span_corruption: 0)."""
+    u = np.asarray(u, np.float64)
+    if cfg.kind == "codegen2":
+        return (u >= cfg.causal_prob).astype(np.int64)
+    if cfg.kind == "infill":
+        return (u >= cfg.infill_rate).astype(np.int64)
+    if cfg.kind == "ul2":
+        dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
+        edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
+        return np.minimum(np.searchsorted(edges, u, side="right"), len(dens) - 1)
+    if cfg.kind in ("clm", "span_corruption"):
+        return np.zeros(u.shape, np.int64)
+    raise ValueError(f"objective.kind: unknown {cfg.kind!r}; choose one of {KINDS}")
+
+
+def part_reserves(cfg) -> list[Reserve]:
+    """The reserve of each part of the mix (`pick`'s index): what that part adds and nothing more.
+
+    The first draw of a window's generator decides its part before packing (data/pipeline.py `pack_block`), so a
+    window packs only the room its own part needs: UL2's R, X_long and S windows no longer carry X_dense's
+    reserve, nor codegen2's causal half the span reserve.
+    """
+    file_level = cfg.corruption == "file_level"
+    span = _span_reserve(cfg.corrupting(), file_level) if cfg.kind in ("codegen2", "span_corruption") else None
+    if cfg.kind == "clm":
+        return [Reserve()]
+    if cfg.kind == "span_corruption":
+        return [span]
+    if cfg.kind == "codegen2":
+        return [Reserve(), span]
+    if cfg.kind == "infill":
+        return [Reserve(per_doc=4), Reserve()]
+    if cfg.kind == "ul2":
+        return [
+            Reserve()
+            if d.kind == "prefix"
+            else _span_reserve([Corruption(d.name, d.name, tuple(d.ratio), tuple(d.span_len))], file_level)
+            for d in cfg.ul2_denoisers
+        ]
+    raise ValueError(f"objective.kind: unknown {cfg.kind!r}; choose one of {KINDS}")
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -101,21 +151,35 @@ def apply_objective(
     specials: Specials,
     rng: np.random.Generator,
     seq_len: int,
+    architecture: str = "causal",
 ) -> dict:
     """One window -> one sample dict (arrays of length seq_len, scalar objective)."""
     out = apply_objective_batch(
-        np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg, specials, [rng], seq_len
+        np.asarray(window_tokens)[None], np.asarray(window_segments)[None], cfg, specials, [rng], seq_len, architecture
     )
     return {k: v[0] for k, v in out.items()}
 
 
 def apply_objective_batch(
-    tokens: np.ndarray, segments: np.ndarray, cfg, specials: Specials, rngs: Sequence[np.random.Generator], seq_len: int
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    cfg,
+    specials: Specials,
+    rngs: Sequence[np.random.Generator],
+    seq_len: int,
+    architecture: str = "causal",
 ) -> dict[str, np.ndarray]:
-    """Windows int32[W, S_in] -> batch dict; window w uses only rngs[w] (one draw picks the objective first)."""
+    """Windows int32[W, S_in] -> batch dict; window w uses only rngs[w] (one draw picks the objective first).
+
+    architecture: model.architecture. The objective config alone does not say what a causal-LM sample is: under
+    prefix_lm it is the paper's Prefix-LM (`causal_lm(prefix=True)`), so the caller passes the model's choice."""
+    if architecture not in ("causal", "prefix_lm"):
+        raise ValueError(f"model.architecture: unknown {architecture!r}; choose causal or prefix_lm")
     tokens, segments = _check(tokens, segments, cfg, specials, rngs, seq_len)
+    clm = lambda t, s, r: causal_lm(t, s, specials, seq_len, r, prefix=architecture == "prefix_lm")  # noqa: E731
     W = tokens.shape[0]
     u = np.array([rng.random() for rng in rngs]) if W else np.zeros(0)
+    part = pick(cfg, u)
     kind, file_level = cfg.kind, cfg.corruption == "file_level"
     span = dict(
         ratio=(cfg.mask_ratio_min, cfg.mask_ratio_max),
@@ -123,25 +187,22 @@ def apply_objective_batch(
         file_level=file_level,
     )
     if kind == "clm":
-        groups = [(np.ones(W, bool), lambda t, s, r: causal_lm(t, s, specials, seq_len))]
+        groups = [(np.ones(W, bool), clm)]
     elif kind == "span_corruption":
         groups = [(np.ones(W, bool), lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span))]
     elif kind == "codegen2":
         groups = [
-            (u < cfg.causal_prob, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
-            (u >= cfg.causal_prob, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
+            (part == 0, clm),
+            (part == 1, lambda t, s, r: span_corruption(t, s, specials, r, seq_len, **span)),
         ]
     elif kind == "infill":
         groups = [
-            (u < cfg.infill_rate, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
-            (u >= cfg.infill_rate, lambda t, s, r: causal_lm(t, s, specials, seq_len)),
+            (part == 0, lambda t, s, r: infill(t, s, specials, r, seq_len, cfg.spm_prob)),
+            (part == 1, clm),
         ]
     elif kind == "ul2":
-        dens = tuple(cfg.ul2_denoisers)  # the config holds at least one with a positive prob
-        edges = np.cumsum([d.prob for d in dens]) / sum(d.prob for d in dens)
-        pick = np.minimum(np.searchsorted(edges, u, side="right"), len(dens) - 1)
         groups = []
-        for i, d in enumerate(dens):
+        for i, d in enumerate(cfg.ul2_denoisers):
             if d.kind == "prefix":
                 fn = lambda t, s, r: prefix_lm(t, s, specials, r, seq_len)  # noqa: E731
             else:
@@ -160,7 +221,7 @@ def apply_objective_batch(
                         )
                     )
                 )(d)
-            groups.append((pick == i, fn))
+            groups.append((part == i, fn))
     else:
         raise ValueError(f"objective.kind: unknown {kind!r}; choose one of {KINDS}")
 
@@ -176,10 +237,35 @@ def apply_objective_batch(
 
 
 # ---------------------------------------------------------------------------------------------- objectives
-def causal_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int) -> dict:
-    """Plain next-token prediction over the packed documents (objective 0)."""
+def causal_lm(
+    tokens: np.ndarray, segments: np.ndarray, specials: Specials, seq_len: int, rngs=None, prefix: bool = False
+) -> dict:
+    """Next-token prediction over the packed documents (objective 0).
+
+    prefix=False (model.architecture=causal): plain causal LM, no draws. prefix=True (model.architecture=prefix_lm,
+    the CodeGen2 paper's Prefix-LM: "trained with next token prediction, where the loss for the non-causal part is
+    masked"): every document piece of n tokens gets its own split p = 1 + floor(u (n - 1)), u ~ U[0, 1) from the
+    window's generator (one draw per piece, in order), so p is uniform on [1, n - 1] as UL2's S-denoiser draws its
+    split: every prefix length equally likely, and at least one target left with loss. The piece's first p tokens
+    are its prefix: bidirectional among themselves (prefix_end = piece start + p) and never a target with loss,
+    because a position that sees a later token would be trained on what it can read; the positions from the
+    prefix's last token on see no future and carry the loss. A one-token piece gets p = 0 (nothing to split).
+    """
     tok, seg = _fit(tokens, segments, specials, seq_len)
-    return _finish(tok, seg, seg >= 0, np.zeros(tok.shape, np.int32), CLM, specials)
+    if not prefix:
+        return _finish(tok, seg, seg >= 0, np.zeros(tok.shape, np.int32), CLM, specials)
+    base, n, win, _ = _units(tok, seg, file_level=True)
+    u = _draws(rngs, np.bincount(win, minlength=len(rngs)), 1)[:, 0]
+    p = np.where(n >= 2, 1 + (u * np.maximum(n - 1, 1)).astype(np.int64), 0)
+    start = base - win * seq_len  # the piece's first position in its sample (clm inserts nothing)
+    pos_in_piece = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    flat_p = np.repeat(p, n)
+    at = np.repeat(base, n) + pos_in_piece  # every valid token's flat position
+    flag = seg >= 0
+    prefix_end = np.zeros(tok.shape, np.int64)
+    flag.ravel()[at] = pos_in_piece >= flat_p
+    prefix_end.ravel()[at] = np.where(flat_p > 0, np.repeat(start, n) + flat_p, 0)
+    return _finish(tok, seg, flag, prefix_end, CLM, specials)
 
 
 def prefix_lm(tokens: np.ndarray, segments: np.ndarray, specials: Specials, rngs, seq_len: int) -> dict:

@@ -10,8 +10,10 @@ for them: a `Reserve(per_window, per_doc, per_token)` makes every window satisfy
     raw_tokens * (1 + per_token) + per_doc * pieces + per_window <= S
 
 and `cglab.data.objectives.packing_reserve(cfg)` gives the reserve under which every objective fits (it pads the
-rest). Span corruption's span count grows with the unit's length, so its reserve is linear in the tokens (a
-per-token fraction plus a constant per unit). CLM packs with no reserve and wastes nothing.
+rest). A mixed objective (codegen2, infill, UL2) picks each window's part before packing, so the stream passes
+`reserve_for(w)`: window w's own part's reserve (each is checked as `reserve` is). Span corruption's span count
+grows with the unit's length, so its reserve is linear in the tokens (a per-token fraction plus a constant per
+unit). CLM packs with no reserve and wastes nothing.
 
 Long documents are split: what fits goes into this window (as long as at least `min_piece` tokens fit after the
 reserve), the rest starts the next window; every piece is its own segment. Only the last piece of a document ends
@@ -22,7 +24,7 @@ into `add` batches (the unfinished last window is carried to the next call).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -61,18 +63,32 @@ class Packer:
     reserve: Reserve = Reserve()
     min_piece: int = 1
     stats: PackStats = field(default_factory=PackStats)
+    # window number (counted from 0 over this packer's windows) -> that window's reserve; None: `reserve` for all
+    reserve_for: Callable[[int], Reserve] | None = None
 
     def __post_init__(self) -> None:
-        room = self.seq_len - self.reserve.per_window - self.reserve.per_doc
-        # the same float expression as _cut's cost of a one-piece window, so an accepted reserve always packs
-        first = (1 + self.reserve.per_token) * self.min_piece + self.reserve.per_doc
-        if first > self.seq_len - self.reserve.per_window or self.min_piece < 1:
-            raise ValueError(
-                f"data.seq_length: {self.seq_len} leaves {room} tokens per window after the "
-                f"objective's reserve {self.reserve}; need at least min_piece={self.min_piece}"
-            )
+        self._checked: set[Reserve] = set()
+        self._check(self.reserve)
         self._carry = np.zeros(0, np.int32)
         self._carry_ends = np.zeros(0, np.int64)  # piece ends (exclusive) inside the carry
+
+    def _check(self, reserve: Reserve) -> None:
+        if reserve in self._checked:
+            return
+        room = self.seq_len - reserve.per_window - reserve.per_doc
+        # the same float expression as _cut's cost of a one-piece window, so an accepted reserve always packs
+        first = (1 + reserve.per_token) * self.min_piece + reserve.per_doc
+        if first > self.seq_len - reserve.per_window or self.min_piece < 1:
+            raise ValueError(
+                f"data.seq_length: {self.seq_len} leaves {room} tokens per window after the "
+                f"objective's reserve {reserve}; need at least min_piece={self.min_piece}"
+            )
+        self._checked.add(reserve)
+
+    def _window_reserve(self, w: int) -> Reserve:
+        reserve = self.reserve if self.reserve_for is None else self.reserve_for(w)
+        self._check(reserve)
+        return reserve
 
     # ------------------------------------------------------------------------------------------ public
     def add(self, docs: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,9 +130,7 @@ class Packer:
         With key[j] = g * ends[j] + r * j this is key[j] - g * p - r * (i - 1), so the last whole piece is one
         searchsorted.
         """
-        r, cap = self.reserve.per_doc, self.seq_len - self.reserve.per_window
-        g = 1 + self.reserve.per_token if self.reserve.per_token else 1  # int arithmetic (exact) without it
-        key = g * ends + r * np.arange(ends.size)
+        keys: dict[Reserve, np.ndarray] = {}  # one key array per reserve in use (a mix has a few)
         cuts: list[tuple[int, int]] = []
         p, n = 0, ends.size
         total = int(ends[-1]) if n else 0
@@ -126,6 +140,12 @@ class Packer:
             return g * (end - p) + r * pieces
 
         while p < total:
+            res = self._window_reserve(self.stats.windows + len(cuts))
+            r, cap = res.per_doc, self.seq_len - res.per_window
+            g = 1 + res.per_token if res.per_token else 1  # int arithmetic (exact) without it
+            if res not in keys:
+                keys[res] = g * ends + r * np.arange(ends.size)
+            key = keys[res]
             while ends[i] <= p:  # piece holding position p (it may have been cut at p)
                 i += 1
             j = int(np.searchsorted(key, cap + g * p + r * (i - 1), side="right")) - 1
@@ -177,10 +197,15 @@ class Packer:
 
 
 def pack_documents(
-    docs: Iterable[np.ndarray], seq_len: int, specials: Specials, reserve: Reserve = Reserve(), min_piece: int = 1
+    docs: Iterable[np.ndarray],
+    seq_len: int,
+    specials: Specials,
+    reserve: Reserve = Reserve(),
+    min_piece: int = 1,
+    reserve_for: Callable[[int], Reserve] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All windows (the last one partial) of a finite document list: (tokens, segment_ids), int32[W, S]."""
-    packer = Packer(seq_len, specials, reserve, min_piece)
+    packer = Packer(seq_len, specials, reserve, min_piece, reserve_for=reserve_for)
     a_tok, a_seg = packer.add(docs)
     b_tok, b_seg = packer.flush()
     return np.concatenate([a_tok, b_tok]), np.concatenate([a_seg, b_seg])

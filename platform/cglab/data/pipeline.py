@@ -19,8 +19,9 @@ file into pieces of at most data.chunk_tokens tokens. This module is stage two, 
   blocks inside them, whatever finishes first. So (seed, epoch) fixes the whole sequence of samples.
 
 Randomness: a window's corruption draws from `default_rng([seed, epoch, first_key, w])`, where `first_key` is the
-record key of the first document of its block and `w` its window number in the block: a stable identity of the
-sample, so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5) as
+record key of the first document of its block and `w` its window number in the block (`window_rng`): a stable
+identity of the sample; its first draw picks the window's part of a mixed objective before packing (`pack_block`),
+so the same (seed, epoch) gives the same samples and a new epoch re-samples the corruption (lesson 5) as
 well as the order (the pieces and the buffers are shuffled with the epoch).
 
 Sharding: `owners` gives each DP rank whole units, longest first onto the least-loaded rank, as a pure function of
@@ -448,15 +449,30 @@ def mix_dataset(
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def pack_block(block, plan: DataPlan, seq_len: int, reserve) -> dict[str, np.ndarray]:
-    """All documents of the block into windows (the last one padded); window identity for the seeds."""
+def window_rng(seed: int, epoch: int, block_key: int, window: int) -> np.random.Generator:
+    """The generator of window `window` of the block whose first document has record key `block_key`."""
+    return np.random.default_rng([seed, epoch, int(block_key), int(window)])
+
+
+def pack_block(block, plan: DataPlan, seq_len: int, ocfg, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """All documents of the block into windows (the last one padded); window identity for the seeds.
+
+    Each window's part of the objective's mix (a UL2 denoiser, codegen2's causal or span half) is drawn before it
+    is packed, with the first draw of the generator `corrupt_block` gives it, so it is packed with that part's
+    reserve only (objectives.part_reserves) and corrupt_block picks the same part from the same draw."""
     sp = plan.tokenizer().specials
     ids = block.column("ids").combine_chunks()
     offsets = ids.offsets.to_numpy()
     flat = ids.values.to_numpy()
     docs = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    tokens, segs = pack_documents(docs, seq_len, sp, reserve)
     first = block.column("key")[0].as_py() if block.num_rows else 0
+    parts = objectives.part_reserves(ocfg)
+    reserve_for = (
+        (lambda w: parts[int(objectives.pick(ocfg, window_rng(seed, epoch, first, w).random()))])
+        if len(set(parts)) > 1
+        else None
+    )
+    tokens, segs = pack_documents(docs, seq_len, sp, parts[0], reserve_for=reserve_for)
     unit = block.column("unit")[0].as_py() if block.num_rows else -1
     window_len = (segs >= 0).sum(1)
     # the documents each window holds: the windows are consecutive slices of the block's token stream
@@ -494,12 +510,18 @@ def _source_tokens(doc_source: np.ndarray, doc_len: np.ndarray, window_len: np.n
 
 
 def corrupt_block(
-    batch: dict[str, np.ndarray], plan: DataPlan, ocfg, seed: int, epoch: int, seq_len: int
+    batch: dict[str, np.ndarray],
+    plan: DataPlan,
+    ocfg,
+    seed: int,
+    epoch: int,
+    seq_len: int,
+    architecture: str = "causal",
 ) -> dict[str, np.ndarray]:
     """Apply the objective to each window with its own (seed, epoch, identity) generator."""
     sp = plan.tokenizer().specials
-    rngs = [np.random.default_rng([seed, epoch, int(k), int(w)]) for k, w in zip(batch["block_key"], batch["window"])]
-    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len)
+    rngs = [window_rng(seed, epoch, k, w) for k, w in zip(batch["block_key"], batch["window"])]
+    out = objectives.apply_objective_batch(batch["tokens"], batch["segment_ids"], ocfg, sp, rngs, seq_len, architecture)
     out = {k: np.asarray(out[k]) for k in SAMPLE_KEYS}
     out["block_key"], out["window"] = batch["block_key"], batch["window"]
     out["source_tokens"], out["unit"] = batch["source_tokens"], batch["unit"]
@@ -598,7 +620,6 @@ def build_dataset(
     plan = plan or prepare_data(cfg)
     _ordered()
     d, S = cfg.data, cfg.data.seq_length
-    reserve = objectives.packing_reserve(cfg.objective)
     ds = mix_dataset(
         plan,
         epoch,
@@ -607,13 +628,18 @@ def build_dataset(
         trace_dir=trace_dir,
     )
     ds = ds.map_batches(
-        pack_block, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(plan=plan, seq_len=S, reserve=reserve)
+        pack_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs=dict(plan=plan, seq_len=S, ocfg=cfg.objective, seed=d.seed, epoch=epoch),
     )
     ds = ds.map_batches(
         corrupt_block,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs=dict(plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S),
+        fn_kwargs=dict(
+            plan=plan, ocfg=cfg.objective, seed=d.seed, epoch=epoch, seq_len=S, architecture=cfg.model.architecture
+        ),
     )
     return ds
 

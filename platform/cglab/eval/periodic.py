@@ -1,11 +1,15 @@
 """Evaluation while training: every `eval.every` / `eval.code_every` steps, a snapshot of the model is evaluated
 in a Ray task of its own, so training does not wait for it.
 
-On a due step every rank writes a MODEL-ONLY snapshot (`cglab.train.checkpoint.save_model`: no optimizer state,
-the checkpoint's TP x PP sharded format) to run_dir/evals/step_XXXXXX, then a barrier, then rank 0 submits the
-task and goes back to training. The task converts the snapshot to HF, evaluates what is due, logs it into the
-run's MLflow run at `step=` the step it belongs to, appends a record to run_dir/evals.jsonl and deletes the
-snapshot.
+On a due step every rank writes its part of a MODEL-ONLY snapshot (`cglab.train.checkpoint.save_model`: no
+optimizer state, the checkpoint's TP x PP sharded format) to a local scratch directory and uploads it to the run's
+storage, `<storage>/<run>/evals/step_XXXXXX` (a local path or an object-store URI: the nodes of a cluster share no
+file system); after a barrier rank 0 writes the manifest and COMPLETE there, submits the task and goes back to
+training. The task, wherever Ray places it, downloads the snapshot, converts it to HF, evaluates what is due, logs
+it into the run's MLflow run at `step=` the step it belongs to, writes its record to
+`<storage>/<run>/eval_records/step_XXXXXX.json` and deletes the snapshot. Whether a run evaluates is decided by its
+config alone, so every rank takes the same branch at every step (a rank that decided by what its own disk can see
+would skip the collectives the others enter, and hang them).
 
 Metrics (MLflow keys, at the snapshot's step):
 
@@ -38,7 +42,7 @@ resources (`cglab.train.plan.trial_resources`), so the trials `max_concurrent` r
 each one's task; and nothing waits on the task without a bound anyway: while it is pending or running, due steps
 are skipped, and `on_end` waits at most END_WAIT_S for it (so the last point is logged before the run finishes)
 and then cancels it; a run that stopped early (preempted, or a failed step Ray Train restarts from a checkpoint)
-cancels it without waiting. A failing task is logged (a warning, and its error in evals.jsonl) and never fails
+cancels it without waiting. A failing task is logged (a warning, and its error in its record) and never fails
 the training run.
 """
 
@@ -54,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cglab import storage
 from cglab.config import CGLabConfig
 from cglab.train.callbacks import Callback, StepEnd
 
@@ -61,13 +66,14 @@ log = logging.getLogger(__name__)
 
 END_WAIT_S = 1800.0  # at the end of training, wait this long for the task in flight, then cancel it
 CODE_SUITES = ("humaneval", "infill")
+RECORDS = "eval_records"  # <storage>/<run>/eval_records/step_XXXXXX.json: one record per evaluation
 
 
 @dataclass(frozen=True)
 class EvalJob:
     """What one evaluation task gets (pickled into it)."""
 
-    snapshot: str  # model-only snapshot, deleted by the task
+    snapshot: str  # model-only snapshot in the run's storage (a local path or a URI), deleted by the task
     step: int
     text: bool  # held-out text metrics due
     code: bool  # pass@1 on the fixed subset due
@@ -75,7 +81,7 @@ class EvalJob:
     nl_path: str | None
     code_path: str | None
     mlflow: Any = None  # cglab.track.mlflow_logger.MlflowContext
-    record: str | None = None  # run_dir/evals.jsonl
+    record: str | None = None  # where the task writes its record (<storage>/<run>/eval_records/step_XXXXXX.json)
 
 
 def _cpu_s() -> float:
@@ -84,7 +90,7 @@ def _cpu_s() -> float:
 
 
 def evaluate_snapshot(job: EvalJob) -> dict:
-    """The task's body: evaluate, log to MLflow at job.step, append to evals.jsonl, delete the snapshot. Returns
+    """The task's body: evaluate, log to MLflow at job.step, write its record, delete the snapshot. Returns
     the record ({"step", "metrics", "tags"} or {"step", "error"}); never raises for an evaluation error."""
     import torch  # heavy: in the task only
 
@@ -95,8 +101,10 @@ def evaluate_snapshot(job: EvalJob) -> dict:
     torch.set_num_threads(max(1, int(cfg.eval.task_cpus)))  # the CPUs it asked Ray for, not the machine's
     rec: dict[str, Any] = {"step": job.step, "snapshot": job.snapshot}
     hf_dir = Path(tempfile.mkdtemp(prefix="cglab-periodic-hf-"))
+    snap = Path(tempfile.mkdtemp(prefix="cglab-periodic-snap-"))
     try:
-        gen = hf_generator(job.snapshot, hf_dir, cfg.data.seq_length)
+        storage.download_dir(job.snapshot, snap)  # from the run's storage to this node's disk
+        gen = hf_generator(snap, hf_dir, cfg.data.seq_length)
         metrics: dict[str, float] = {}
         tags: dict[str, str] = {}
         if job.text:
@@ -125,10 +133,10 @@ def evaluate_snapshot(job: EvalJob) -> dict:
         rec["error"] = repr(err)
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
-        shutil.rmtree(job.snapshot, ignore_errors=True)
+        shutil.rmtree(snap, ignore_errors=True)
+        storage.delete_dir(job.snapshot)
     if job.record:
-        with open(job.record, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        storage.write_bytes(job.record, json.dumps(rec).encode())
     return rec
 
 
@@ -144,11 +152,10 @@ def _log_mlflow(ctx, step: int, metrics: dict[str, float], tags: dict[str, str])
     )
 
 
-def read_evals(run_dir: str | Path) -> dict[int, dict]:
-    """The records of a run's evaluations (run_dir/evals.jsonl) by step; a step evaluated twice keeps its last."""
-    from cglab.train.trainer import records_by_step
-
-    return records_by_step(Path(run_dir) / "evals.jsonl")
+def read_evals(run: str | Path) -> dict[int, dict]:
+    """The records of a run's evaluations (<run>/eval_records/step_XXXXXX.json, a local path or a URI) by step."""
+    records = (json.loads(storage.read_bytes(f)) for f in storage.list_files(storage.join(run, RECORDS)))
+    return {int(r["step"]): r for r in records}
 
 
 @dataclass(frozen=True)
@@ -175,24 +182,25 @@ class PeriodicEvalCallback(Callback):
         self.spec, self.cfg, self.state, self.mlflow = spec, inp.cfg, state, inp.mlflow
         self.tokenizer_json = inp.plan.tokenizer_json
         self.rank = dist.get_rank()
-        run_dir = Path(inp.run_dir) if inp.run_dir else None
-        # the task must see the snapshot: off when this worker cannot see the run directory (remote storage)
-        self.run_dir = run_dir if run_dir is not None and run_dir.is_dir() else None
-        if self.cfg.eval.periodic and self.run_dir is None and self.rank == 0:
-            log.warning("eval.every / eval.code_every: run directory %s not visible here: no evaluation", run_dir)
+        # the run's storage (fit's WorkerInputs.storage; a URI or a local path): what every rank writes to and the
+        # task reads from. Decided by the inputs alone, never by what this node's disk shows: the same on every rank.
+        self.where = getattr(inp, "storage", "") or inp.run_dir or ""
+        self.enabled = bool(self.cfg.eval.periodic and self.where)
         self.inflight = None  # (ObjectRef, EvalJob)
         self.skipped = 0
         self.step, self.stopped = 0, False  # how far this attempt got; stopped early (preemption)
+        self.complete = False  # the run's last step was reached (train.train_steps or train.token_budget)
 
     def _due(self, step: int) -> tuple[bool, bool]:
-        ev, last = self.cfg.eval, self.cfg.train.train_steps
-        text = bool(ev.every) and step % ev.every == 0 and not (self.spec.final_text_eval and step == last)
+        ev = self.cfg.eval
+        text = bool(ev.every) and step % ev.every == 0 and not (self.spec.final_text_eval and self.complete)
         code = bool(ev.code_every) and step % ev.code_every == 0
         return text, code
 
     def on_step_end(self, s: StepEnd) -> None:
         self.step, self.stopped = s.step, self.stopped or s.stop
-        if self.run_dir is None:
+        self.complete = s.last or s.step >= self.cfg.train.train_steps
+        if not self.enabled:
             return
         if self.rank == 0:
             self._reap(wait_s=0, cancel=False)
@@ -204,22 +212,36 @@ class PeriodicEvalCallback(Callback):
             s.metrics["eval/skipped"] = float(self.skipped)
             log.info("evaluation of step %d skipped: the previous one is still running", s.step)
             return
+        import torch.distributed as dist
+
         from cglab.train import checkpoint
 
         t0 = time.perf_counter()
-        snap = self.run_dir / "evals" / f"step_{s.step:06d}"
-        if self.rank == 0 and snap.exists():  # left by an attempt that died mid-write
-            shutil.rmtree(snap, ignore_errors=True)
-        checkpoint.save_model(
-            snap,
-            self.state,
-            s.step,
-            extra={"config": self.cfg.model_dump(mode="json")},
-            files={"tokenizer/tokenizer.json": self.tokenizer_json},
-        )  # ends with a barrier: rank 0 has the complete snapshot
+        name = f"step_{s.step:06d}"
+        snap = storage.join(self.where, "evals", name)
+        if self.rank == 0:  # left by an attempt that died mid-write
+            storage.delete_dir(snap)
+        dist.barrier()
+        local = Path(tempfile.mkdtemp(prefix=f"cglab-snapshot-{name}-"))
+        try:
+            checkpoint.save_model(
+                local,
+                self.state,
+                s.step,
+                extra={"config": self.cfg.model_dump(mode="json")},
+                files={"tokenizer/tokenizer.json": self.tokenizer_json},
+            )  # each rank's files in its own scratch; rank 0 also holds the manifest of all of them
+            seal = (checkpoint.MANIFEST, checkpoint.MARKER)  # rank 0 writes them once every rank's files are there
+            storage.upload_dir(local, snap, skip=frozenset(seal))
+            dist.barrier()  # every rank's files are in storage: the snapshot can be sealed
+            if self.rank == 0:
+                for f in seal:  # COMPLETE last
+                    storage.write_bytes(storage.join(snap, f), (local / f).read_bytes())
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
         if self.rank == 0:
             job = EvalJob(
-                str(snap),
+                snap,
                 s.step,
                 text,
                 code,
@@ -227,7 +249,7 @@ class PeriodicEvalCallback(Callback):
                 self.spec.nl_path,
                 self.spec.code_path,
                 self.mlflow,
-                str(self.run_dir / "evals.jsonl"),
+                storage.join(self.where, RECORDS, f"{name}.json"),
             )
             self.inflight = (_submit(job), job)
         s.metrics["eval_task/snapshot_s"] = time.perf_counter() - t0
@@ -256,7 +278,7 @@ class PeriodicEvalCallback(Callback):
                 return
             log.warning("evaluation of step %d still running after %.0f s: cancelled", job.step, wait_s)
             ray.cancel(ref, force=True)
-            shutil.rmtree(job.snapshot, ignore_errors=True)
+            storage.delete_dir(job.snapshot)
             self.inflight = None
             return
         self.inflight = None
@@ -264,7 +286,7 @@ class PeriodicEvalCallback(Callback):
             rec = ray.get(ref)
         except Exception as err:  # the task's process died: the training run goes on
             log.warning("evaluation task of step %d failed: %r", job.step, err)
-            shutil.rmtree(job.snapshot, ignore_errors=True)
+            storage.delete_dir(job.snapshot)
             return
         if rec.get("error"):
             log.warning("evaluation of step %d failed: %s", job.step, rec["error"])
@@ -273,8 +295,8 @@ class PeriodicEvalCallback(Callback):
         """Training completed: wait up to end_wait_s for the last task, so its point is logged before the run
         ends. Stopped early (a preemption, or a step that raised and Ray Train restarts the workers): cancel it
         at once, a restart or an exit within the grace period must not wait for an evaluation."""
-        if self.rank == 0 and self.run_dir is not None:
-            complete = self.step >= self.cfg.train.train_steps and not self.stopped
+        if self.rank == 0 and self.enabled:
+            complete = self.complete and not self.stopped
             self._reap(wait_s=self.spec.end_wait_s if complete else 0, cancel=True)
 
 

@@ -15,7 +15,7 @@ from cglab.model import fused
 from cglab.model.hf_convert import stage_offsets
 from cglab.model.init import init_weights
 from cglab.model.masks import attention_mask, block_mask
-from cglab.model.spec import codegen_layer_spec
+from cglab.model.spec import codegen_block_spec, codegen_layer_spec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,7 @@ def transformer_config(
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         bf16=bf16,
         params_dtype=dtype,
@@ -121,13 +122,16 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     cfg = transformer_config(m, p, bf16=bf16, decisions=d)
+    stages, pp_rank = pipeline_stages(m.num_layers, p), parallel_state.get_pipeline_model_parallel_rank()
     if cfg.gradient_accumulation_fusion:
         compat.apply("wgrad")  # before the linear layers check for Apex's extension
     model = CodeGenModel(
         cfg,
         compile_loss=d.compile_loss,
         decisions=d,
-        transformer_layer_spec=codegen_layer_spec(d.attention_backend, d.fuse_attention, m.sdpa_kernel),
+        transformer_layer_spec=codegen_block_spec(
+            codegen_layer_spec(d.attention_backend, d.fuse_attention, m.sdpa_kernel), stages[pp_rank]
+        ),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
@@ -140,7 +144,6 @@ def build_model(
     )
     if torch.cuda.is_available():
         model = model.cuda()
-    stages, pp_rank = pipeline_stages(m.num_layers, p), parallel_state.get_pipeline_model_parallel_rank()
     offset = stage_offsets(stages)[pp_rank]
     layers = model.decoder.layers
     # init, sharding and checkpoints number layers by cglab's split; Megatron must have built the same stage

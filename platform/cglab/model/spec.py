@@ -3,6 +3,7 @@ Megatron."""
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -10,11 +11,32 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from cglab.model.attention import SDPAttention
 from cglab.model.layer import FusedSelfAttention, NoBiasSelfAttention, ParallelResidualLayer
+
+
+class TorchLayerNorm:
+    """torch's LayerNorm as Megatron's WrappedTorchNorm builds it, also under sequence parallelism, which
+    WrappedTorchNorm refuses: a layer norm is per token, so on a sequence shard it is the same maths; only its
+    weight and bias gradients are partial sums over the TP ranks' shards, which `finalize_model_grads` all-reduces
+    over TP for parameters marked `sequence_parallel` (as Megatron's Apex and TE norms mark theirs)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm = torch.nn.LayerNorm(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def codegen_block_spec(layer: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
+    """A pipeline stage of `num_layers` layers and, after them, the final layer norm of the layers' own kind
+    (Megatron's default for a layer spec is WrappedTorchNorm without Apex or TE, which refuses sequence
+    parallelism)."""
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=layer.submodules.input_layernorm)
 
 
 def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel: str = "auto") -> ModuleSpec:
@@ -38,7 +60,7 @@ def codegen_layer_spec(backend: str, compile_fusions: bool = False, sdpa_kernel:
 
         norm, col, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        norm, col, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
+        norm, col, row = TorchLayerNorm, ColumnParallelLinear, RowParallelLinear
         if backend in ("sdpa", "flex"):  # flex: the same module, handed FlexAttention block masks
             core = ModuleSpec(module=SDPAttention, params={"kernel": sdpa_kernel})
         else:

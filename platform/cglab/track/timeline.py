@@ -53,11 +53,11 @@ def begin(who: str, phase: str, imported_at: float | None = None) -> None:
     mark(phase)
 
 
-def steps(step: int, first: int, last: int) -> None:
-    """`first step done` / `last step done` when `step` (just trained) is the run's first or last."""
+def steps(step: int, first: int, last: bool) -> None:
+    """`first step done` when `step` (just trained) is `first`; `last step done` when it is the run's `last`."""
     if step == first:
         mark("first step done")
-    if step == last:
+    if last:
         mark("last step done")
 
 

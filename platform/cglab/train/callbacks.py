@@ -35,7 +35,7 @@ from cglab.config import CGLabConfig
 from cglab.track import timeline
 from cglab.track.metrics import TrainMetrics
 from cglab.track.mlflow_logger import MlflowContext, RankZeroLogger
-from cglab.train import checkpoint, preemption
+from cglab.train import checkpoint, checkpoint_writes, preemption
 from cglab.train.feed import DataFeed
 from cglab.train.flops import device_peak_tflops, flops_per_token, mfu
 
@@ -50,6 +50,7 @@ class StepEnd:
     step_time_s: float  # feed + forward/backward + optimizer step
     checkpoint: Path | None = None  # this rank's staged checkpoint, when the step saved one
     stop: bool = False  # the loop ends after this step (set on every rank alike: the Preemption callback)
+    last: bool = False  # the run is complete with this step (train.train_steps or train.token_budget reached)
 
 
 class Callback:
@@ -135,7 +136,7 @@ class Preemption(Callback):
     it and the metric `preempted` tells the driver (train/preemption.py)."""
 
     def __init__(self, cfg: CGLabConfig, stop_flag, rank: int):
-        self.train_steps, self.stop_flag, self.rank = cfg.train.train_steps, stop_flag, rank
+        self.stop_flag, self.rank = stop_flag, rank
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
     def on_step_end(self, s: StepEnd) -> None:
@@ -144,7 +145,7 @@ class Preemption(Callback):
             asked = ray.get(self.stop_flag.is_set.remote())
         flag = torch.tensor([float(asked)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and s.step < self.train_steps:  # at the last step the run is complete anyway
+        if flag.item() > 0 and not s.last:  # at the last step the run is complete anyway
             s.stop = True
             s.metrics["preempted"] = 1.0
 
@@ -179,29 +180,53 @@ class Throughput(Callback):
 class Checkpointer(Callback):
     """Every train.checkpoint_every steps, at the last one and where the loop stops early (s.stop), saves model,
     optimizer, scheduler, RNG and the feed's data position (train/checkpoint.py) into a staging directory, with
-    the config and the tokenizer, and times it (`checkpoint_s`). RayReport hands each checkpoint to Ray Train;
-    on_end removes the staging directory."""
+    the config and the tokenizer, and times what the step waited for it (`checkpoint_s`). A checkpoint is handed
+    on (`s.checkpoint`, which RayReport gives Ray Train) only once it is COMPLETE.
+
+    With train.async_save (train/checkpoint_writes.py) a checkpoint is written while training goes on, so it is
+    reported at a later step: the first step boundary where every rank's write has ended, with that step's metrics
+    and `checkpoint_step`, the step it holds. Reporting at the step it was started would hand Ray Train a directory
+    still being written, which Ray copies to storage at once; waiting for the write at that step would make it
+    synchronous. The last step and a preemption's stop (s.stop) wait for their own write before the loop ends, so
+    a stopped run resumes from the step it stopped at. on_end (also when a step raised) kills a write still in
+    flight, which never becomes COMPLETE, and removes the staging directory."""
 
     def __init__(self, cfg: CGLabConfig, state, feed: DataFeed, tokenizer_json: str):
         self.cfg, self.state, self.feed, self.tokenizer_json = cfg, state, feed, tokenizer_json
         self.staging = Path(tempfile.mkdtemp(prefix="cglab-ckpt-"))
+        self._writes: checkpoint_writes.Writes | None = None
+
+    @property
+    def writes(self) -> checkpoint_writes.Writes:
+        if self._writes is None:  # at the first checkpoint: the run's decisions live on its TrainState
+            self._writes = checkpoint_writes.Writes(background=self.state.decisions.async_save)
+        return self._writes
 
     def on_step_end(self, s: StepEnd) -> None:
         t = self.cfg.train
-        if not (s.step == t.train_steps or s.stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0)):
+        last = s.last or s.stop  # the run's last step (train.train_steps, or a token budget's) or a stop
+        due = last or (t.checkpoint_every and s.step % t.checkpoint_every == 0)
+        if not due and not (self._writes and self._writes.in_flight):
             return
         c0 = time.perf_counter()
-        s.checkpoint = checkpoint.save(
-            checkpoint.local_dir(self.staging, s.step),
-            self.state,
-            s.step,
-            self.feed.pos,
-            extra={"config": self.cfg.model_dump(mode="json")},
-            files={"tokenizer/tokenizer.json": self.tokenizer_json},
-        )
+        if due:
+            d = checkpoint.local_dir(self.staging, s.step)
+            extra = {"config": self.cfg.model_dump(mode="json")}
+            files = {"tokenizer/tokenizer.json": self.tokenizer_json}
+            request = checkpoint.request(d, self.state, s.step, self.feed.pos, extra, files)
+            self.writes.start(request, checkpoint_writes.Write(d, s.step))
+        self.writes.finalize(blocking=last)  # last: the run ends (or stops) with its checkpoint COMPLETE
+        *superseded, newest = self.writes.take() or [None]
+        for old in superseded:  # sealed at the same boundary as a newer one: the newer is reported
+            shutil.rmtree(old.directory, ignore_errors=True)
         s.metrics["checkpoint_s"] = time.perf_counter() - c0
+        if newest is not None:
+            s.checkpoint = newest.directory
+            s.metrics["checkpoint_step"] = newest.step
 
     def on_end(self) -> None:
+        if self._writes is not None:
+            self._writes.abort()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

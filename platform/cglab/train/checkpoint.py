@@ -3,8 +3,10 @@ RNG state and the data position, as one directory that Ray Train persists.
 
 Each rank writes into its own local directory; Ray Train merges the ranks' directories into one checkpoint in
 persistent storage. Rank 0 writes `manifest.json` (every file of every rank, with its size) and then `COMPLETE`,
-after a barrier that every rank reaches only once its files are written. `verify` refuses a directory whose
-manifest or files don't add up, so a checkpoint cut off mid-write is never taken for a good one.
+after a barrier that every rank reaches only once its files are written: in the last finalize function of
+Megatron's AsyncRequest, whether the write ran within the step (`save`) or in the background (`request`,
+train/checkpoint_writes.py). `verify` refuses a directory whose manifest or files don't add up, so a checkpoint cut
+off mid-write is never taken for a good one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,12 @@ class DataPosition:
     source_tokens: tuple[int, ...] = ()
     dp_size: int = 0  # 0: no per-rank positions (start of an epoch, or a checkpoint older than issue 14)
     shards: tuple[tuple[int, int], ...] = ()
+    loss_tokens: int = 0  # tokens trained on so far (loss-mask sum over every DP shard); 0 in older checkpoints
+
+    @property
+    def raw_tokens(self) -> int:
+        """Document tokens that entered samples so far, over every DP shard (each source's count summed)."""
+        return sum(self.source_tokens)
 
 
 def _unwrap(model):
@@ -92,14 +101,34 @@ def save(
     files: dict[str, str] | None = None,
 ) -> Path:
     """Collective: every rank calls it with its own (empty or new) local directory. `files` (relative path ->
-    text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained."""
+    text) are written by rank 0, e.g. the tokenizer, so a checkpoint is self-contained. Returns once the checkpoint
+    is complete; `request` is the same checkpoint written in the background (cglab.train.checkpoint_writes)."""
+    req = request(directory, state, step, data, extra, files)
+    req.execute_sync()  # write, barrier, then the finalize functions: Megatron's metadata, then `_seal`
+    return Path(directory)
+
+
+def request(
+    directory: str | Path,
+    state,
+    step: int,
+    data: DataPosition,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
+):
+    """Collective: one checkpoint as Megatron-Core's AsyncRequest. Its write (the model's and optimizer's shards,
+    from tensors already staged in host memory) is left to the caller, synchronous (`save`) or in a background
+    process (cglab.train.checkpoint_writes); what is small is written now, as of this step: this rank's RNG and, by
+    rank 0, the trainer state (step, data position, scheduler) and `files`. Its finalize functions run on every
+    rank once every rank's write ended: Megatron's (the shards' index, metadata.json), then `_seal` (manifest,
+    COMPLETE), so no checkpoint is complete before its write is."""
     # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
-    dist_checkpointing.save(_sharded(state, is_loading=False), str(d))
+    req = dist_checkpointing.save(_sharded(state, is_loading=False), str(d), async_sharded_save=True)
     torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
     if rank == 0:
         doc = {"step": step, "data": asdict(data), "scheduler": state.scheduler.state_dict(), **(extra or {})}
@@ -107,29 +136,33 @@ def save(
         for rel, text in (files or {}).items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_text(text)
+    req.add_finalize_fn(partial(_seal, d, step))
+    return req
+
+
+def _seal(d: Path, step: int) -> None:
+    """Collective, last: rank 0 writes the manifest (every rank's files, with their sizes) and then COMPLETE."""
     files = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, files)  # also the barrier: every rank has finished writing
-    if rank == 0:
+    dist.all_gather_object(everyone, files)  # also the barrier: every rank's files are final
+    if dist.get_rank() == 0:
         manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
         (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (d / MARKER).write_text(str(step))
-    return d
 
 
 def save_model(directory: str | Path, state, step: int, extra: dict | None = None, files: dict | None = None) -> Path:
     """Collective: the model's weights only (no optimizer, scheduler or RNG: a 1B model's Adam state is 16 GB),
     in the checkpoint's TP x PP sharded format with its manifest and COMPLETE marker, so `checkpoint_to_hf`
-    converts it; it cannot be resumed from (`load` needs the optimizer). Unlike `save`, every rank writes into
-    the same `directory`, which every rank and the reader must see (a snapshot for cglab.eval.periodic)."""
+    converts it; it cannot be resumed from (`load` needs the optimizer). As `save`, every rank writes its own
+    files into its own local `directory` (nodes share no file system); the union of the ranks' directories is the
+    snapshot, and rank 0's holds the manifest of all of them (cglab.eval.periodic uploads them to storage)."""
     # Megatron: kept off the readers of checkpoint metadata (the sweep's preflight, `cglab eval`)
     from megatron.core import dist_checkpointing
 
     d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank()
-    if rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-    dist.barrier()  # the directory exists for every rank
     dist_checkpointing.save(_sharded(state, is_loading=False, model_only=True), str(d))
     if rank == 0:
         doc = {"step": step, "model_only": True, **(extra or {})}
@@ -137,10 +170,12 @@ def save_model(directory: str | Path, state, step: int, extra: dict | None = Non
         for rel, text in (files or {}).items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_text(text)
-    dist.barrier()  # every rank has finished writing: rank 0 lists the shared directory once
+    listed = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, listed)  # also the barrier: every rank has finished writing
     if rank == 0:
-        listed = {str(p.relative_to(d)): p.stat().st_size for p in d.rglob("*") if p.is_file()}
-        (d / MANIFEST).write_text(json.dumps({"world_size": dist.get_world_size(), "files": listed}, indent=1))
+        manifest = {"world_size": dist.get_world_size(), "files": {k: v for f in everyone for k, v in f.items()}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (d / MARKER).write_text(str(step))
     return d
 
@@ -184,6 +219,7 @@ def load(directory: str | Path, state) -> tuple[int, DataPosition]:
         tuple(int(n) for n in data.get("source_tokens", ())),
         int(data.get("dp_size", 0)),
         tuple((int(k), int(o)) for k, o in data.get("shards", ())),
+        int(data.get("loss_tokens", 0)),
     )
 
 

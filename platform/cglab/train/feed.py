@@ -31,8 +31,12 @@ class DataFeed:
     takes the same number from every rank, so an epoch can last only as long as the shortest shard, and what the
     longer shards hold beyond it is not trained on in that epoch (the budget error names the numbers). Each step
     also records every rank's (unit, offset) in the position, and adds up, over every data-parallel shard, the
-    masked fraction per objective and the tokens read from each source (DataPosition.source_tokens: passes per
-    source).
+    masked fraction per objective, the tokens read from each source (DataPosition.source_tokens: passes per
+    source; their sum is data/raw_tokens) and the tokens trained on (DataPosition.loss_tokens, data/loss_tokens).
+
+    With train.stop_at=raw_tokens or loss_tokens the run's length is train.token_budget of that count: an epoch
+    ends once its share (budget / train.epochs) is used, `done` says when the budget is, and `progress` is the
+    LR schedule's advance for the step.
     """
 
     def __init__(self, cfg: CGLabConfig, plan, pos: DataPosition):
@@ -60,7 +64,8 @@ class DataFeed:
                 f"position is a place in its own units of work, which are assigned per DP size, so "
                 f"it cannot be remapped: resume with data_parallel_size={pos.dp_size}"
             )
-        self.pos = DataPosition(pos.epoch, pos.index, tokens, pos.dp_size, tuple(pos.shards))
+        self.pos = DataPosition(pos.epoch, pos.index, tokens, pos.dp_size, tuple(pos.shards), pos.loss_tokens)
+        self.progress = 0.0  # the LR schedule's nominal steps for the last step (1 when counting steps)
         self.step_stats: dict[str, float] = {}
         self._it = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -79,14 +84,32 @@ class DataFeed:
             micro.append(b)
         return micro
 
+    def count(self) -> int:
+        """The run's length so far in train.stop_at's unit: raw or loss tokens (steps: this epoch's samples)."""
+        p = self.pos
+        return {"raw_tokens": p.raw_tokens, "loss_tokens": p.loss_tokens}.get(self.cfg.train.stop_at, p.index)
+
+    def done(self, step: int) -> bool:
+        """Whether the run is complete after `step` steps: train.train_steps of them, or with a token budget that
+        budget reached (train.train_steps then only lays out the LR schedule)."""
+        t = self.cfg.train
+        return step >= t.train_steps if t.stop_at == "steps" else self.count() >= t.token_budget
+
+    def _epoch_used(self) -> bool:
+        t = self.cfg.train
+        if t.stop_at == "steps":
+            return self.pos.index + self.global_batch > self.per_epoch
+        return self.count() >= t.token_budget * (self.pos.epoch + 1) / t.epochs
+
     def next_step(self) -> list[dict]:
-        if self.pos.index + self.global_batch > self.per_epoch:  # this epoch's share of the budget is used
+        if self._epoch_used():  # this epoch's share of the budget is used
             if self.pos.epoch + 1 >= self.cfg.train.epochs:
                 raise RuntimeError(
                     f"data: all train.epochs={self.cfg.train.epochs} epochs of "
                     f"{self.per_epoch} samples are used; train.train_steps asks for more"
                 )
-            self.pos, self._it = DataPosition(self.pos.epoch + 1, 0, self.pos.source_tokens), None
+            p = self.pos
+            self.pos, self._it = DataPosition(p.epoch + 1, 0, p.source_tokens, loss_tokens=p.loss_tokens), None
         micro = self._fetch() if self.reader else []
         stats = self._stats(micro)
         dist.all_reduce(stats)  # sums: every shard's counts, and whether any shard ran dry
@@ -96,22 +119,23 @@ class DataFeed:
         return self._broadcast(micro)
 
     def _stats(self, micro: list[dict] | None) -> torch.Tensor:
-        """[ran dry, masked tokens per objective code, maskable tokens per objective code, tokens per source,
-        (unit ordinal, next offset) per DP rank]. Only the reader of each model-parallel group fills its slots, so
-        the all-reduce sum is every DP shard's counts once, and each rank's position in its own slot."""
+        """[ran dry, masked tokens per objective code, maskable tokens per objective code, tokens per source, loss
+        tokens, (unit ordinal, next offset) per DP rank]. Only the reader of each model-parallel group fills its
+        slots, so the all-reduce sum is every DP shard's counts once, and each rank's position in its own slot."""
         n_obj = len(OBJECTIVES)
-        out = np.zeros(1 + 2 * n_obj + self.n_sources + 2 * self.dp_size, np.float64)
+        out = np.zeros(2 + 2 * n_obj + self.n_sources + 2 * self.dp_size, np.float64)
         if micro is None:
             out[0] = 1
         elif micro:
             last = micro[-1]
-            at = 1 + 2 * n_obj + self.n_sources + 2 * self.dp_rank
+            at = 2 + 2 * n_obj + self.n_sources + 2 * self.dp_rank
             out[at : at + 2] = int(last["unit_ordinal"][-1]), int(last["unit_index"][-1]) + 1
         for b in micro or ():
             code = np.asarray(b["objective"], np.int64)
             out[1 : 1 + n_obj] += np.bincount(code, np.asarray(b["n_masked"], np.float64), n_obj)
             out[1 + n_obj : 1 + 2 * n_obj] += np.bincount(code, np.asarray(b["n_maskable"], np.float64), n_obj)
             out[1 + 2 * n_obj : 1 + 2 * n_obj + self.n_sources] += np.asarray(b["source_tokens"], np.float64).sum(0)
+            out[1 + 2 * n_obj + self.n_sources] += float(np.asarray(b["loss_mask"], np.float64).sum())
         return torch.from_numpy(out).to(self.device)
 
     def _record(self, stats: torch.Tensor) -> None:
@@ -120,11 +144,21 @@ class DataFeed:
         end = 1 + 2 * n_obj + self.n_sources
         masked, maskable, src = v[1 : 1 + n_obj], v[1 + n_obj : 1 + 2 * n_obj], v[1 + 2 * n_obj : end]
         tokens = tuple(int(a + b) for a, b in zip(self.pos.source_tokens, src))
-        shards = tuple((int(v[end + 2 * r]), int(v[end + 2 * r + 1])) for r in range(self.dp_size))
-        self.pos = DataPosition(self.pos.epoch, self.pos.index + self.global_batch, tokens, self.dp_size, shards)
+        loss_tokens = self.pos.loss_tokens + int(v[end])
+        shards = tuple((int(v[end + 1 + 2 * r]), int(v[end + 2 + 2 * r])) for r in range(self.dp_size))
+        before = self.count()
+        self.pos = DataPosition(
+            self.pos.epoch, self.pos.index + self.global_batch, tokens, self.dp_size, shards, loss_tokens
+        )
+        t = self.cfg.train
+        self.progress = 1.0 if t.stop_at == "steps" else t.train_steps * (self.count() - before) / t.token_budget
         self.step_stats = {
             f"mask_fraction/{name}": masked[i] / maskable[i] for i, name in enumerate(OBJECTIVES) if maskable[i] > 0
         }
+        self.step_stats["data/raw_tokens"] = float(self.pos.raw_tokens)
+        self.step_stats["data/loss_tokens"] = float(loss_tokens)
+        if t.stop_at != "steps":
+            self.step_stats["data/budget_used"] = self.count() / t.token_budget
         self.step_stats.update(passes(self.plan, tokens))
         self.step_stats.update(token_shares(self.plan, tokens))
 

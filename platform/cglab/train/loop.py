@@ -43,6 +43,8 @@ class WorkerInputs:
     cfg: CGLabConfig
     plan: DataPlan  # the data stream and the tokenizer (data/pipeline.py)
     run_dir: str | None = None  # checkpoints to resume from and metrics.jsonl, when the worker can see it
+    # the run's storage location (<storage_path>/<name>: a URI or a local path), which every node reaches
+    storage: str = ""
     mlflow: MlflowContext | None = None  # the MLflow run to log into
     name: str = ""  # the run's (trial's) name, a Prometheus tag
     fault: cb.Fault | None = None  # test hook: fail once at a step
@@ -55,7 +57,8 @@ class WorkerInputs:
 
 
 def worker_loop(inp: WorkerInputs) -> None:
-    """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps."""
+    """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps or, with
+    train.stop_at=raw_tokens / loss_tokens, until train.token_budget of them (DataFeed.done)."""
     timeline.begin("worker", "worker_loop entry", imported_at=IMPORTED_AT)
     cfg, t, p = inp.cfg, inp.cfg.train, inp.cfg.parallel
     init_parallel(
@@ -74,18 +77,18 @@ def worker_loop(inp: WorkerInputs) -> None:
     start = step
     try:
         callbacks.start(step, resumed_from)
-        while step < t.train_steps:
+        while not feed.done(step):
             t0 = time.perf_counter()
             micro = feed.next_step()
             t1 = time.perf_counter()
-            out = train_step(state, cfg, micro)
+            out = train_step(state, cfg, micro, lr_progress=feed.progress)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the step's time is the device's, not the launch's
             t2 = time.perf_counter()
             step += 1
-            timeline.steps(step, start + 1, t.train_steps)
+            timeline.steps(step, start + 1, last=feed.done(step))
             metrics = {**out, "step": step, "epoch": feed.pos.epoch, "started_at_step": start, **feed.step_stats}
-            s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0)
+            s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0, last=feed.done(step))
             callbacks.step_end(s)
             if s.stop:
                 log.warning("preempted: stopped at step %d with a checkpoint; the same command resumes", step)

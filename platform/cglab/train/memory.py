@@ -8,9 +8,10 @@ What Megatron-Core holds on the busiest rank of a TP x PP x DP run as cglab buil
 - optimizer: Adam's fp32 exp_avg and exp_avg_sq, plus fp32 main params under bf16 (12 or 8 bytes per parameter),
   divided by DP with the distributed optimizer (ZeRO-1);
 - activations: per layer and micro-batch s*b*h*(10 + 24/t) bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation in Large Transformer Models", Table 2, no sequence parallelism), plus 5*a*s^2*b/t where
-  attention scores are materialised (Megatron's unfused `local` attention) unless selective recompute drops them;
-  with full recompute a layer keeps only its input, 2*s*b*h bytes (uniform: one per unit of recompute_num_layers
+  Activation Recomputation in Large Transformer Models", Table 2), s*b*h*34/t with sequence parallelism (the layer
+  norms', dropouts' and residuals' 10 split over TP too), plus 5*a*s^2*b/t where attention scores are materialised
+  (Megatron's unfused `local` attention) unless selective recompute drops them; with full recompute a layer keeps
+  only its input, 2*s*b*h bytes (/t with sequence parallelism) (uniform: one per unit of recompute_num_layers
   layers; block: on the first recompute_num_layers layers of the stage), plus the working set of the one unit being
   recomputed in backward. Pipeline stage i (of PP) holds min(PP - i, micro-batches per step) micro-batches in flight
   under 1F1B; every stage is counted with its own layers (uneven stages included) and the busiest is reported;
@@ -63,12 +64,13 @@ def activation_bytes(cfg: CGLabConfig, rc: Recompute, layers: int, in_flight: in
     tp = cfg.parallel.tensor_model_parallel_size
     s, b, h, a = cfg.data.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
     unit = 2 if t.precision == "bf16" else 4  # bytes per element; Korthikanti's counts are at 2
-    full = s * b * h * (10 + 24 / tp) * unit / 2
+    sp = tp if cfg.parallel.sequence_parallel else 1  # what the per-token parts are split over
+    full = s * b * h * (10 / sp + 24 / tp) * unit / 2
     if attention_backend == "local" and rc.granularity != "selective":
         full += 5 * a * s * s * b / tp * unit / 2
     if rc.granularity != "full":
         return layers * full * in_flight
-    kept_input = s * b * h * unit
+    kept_input = s * b * h * unit / sp
     if rc.method == "uniform":
         k = min(rc.num_layers, layers)
         return -(-layers // k) * kept_input * in_flight + k * full
@@ -116,9 +118,10 @@ def memory_gib(cfg: CGLabConfig, attention_backend: str, recompute: Recompute | 
         params_per_gpu=params[busiest],
         micro_batches_in_flight=min(pp - busiest, n_micro),
         recompute=rc.granularity or "none",
+        sequence_parallel=p.sequence_parallel,
         per_stage_total=[round(sum(x.values()), 3) for x in per_stage],
         method="Megatron-Core states (bf16 weights, fp32 main grads, fp32 Adam + main params, ZeRO-1 with "
-        "the distributed optimizer) + activations by Korthikanti et al. 2022 for the recomputation chosen; "
-        "excludes the CUDA context and allocator slack",
+        "the distributed optimizer) + activations by Korthikanti et al. 2022 for the recomputation and sequence "
+        "parallelism chosen; excludes the CUDA context and allocator slack",
     )
     return out

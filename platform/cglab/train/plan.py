@@ -34,6 +34,7 @@ from cglab.data.mixture import interleave, source_weights
 from cglab.data.objectives import packing_reserve
 from cglab.data.packing import pack_documents
 from cglab.data.tokenizer import load_tokenizer
+from cglab.train.checkpoint_size import checkpoint_plan, grace_warning
 from cglab.train.memory import memory_gib, planned_stages
 
 # The bounded data scan: per source, files are read in order until either budget is spent.
@@ -293,7 +294,18 @@ def _data(cfg: CGLabConfig, scan: Scan, windows, errors: list[str], warnings: li
         share = w * tpd / (w * tpd).sum() if (w * tpd).sum() > 0 else w
     else:
         share = w
+    stop = {}
+    if t.stop_at != "steps":  # the run's length is a token budget: what it holds equal, and the steps it may take
+        stop = {"stop_at": t.stop_at, "token_budget": t.token_budget}
+        if t.stop_at == "raw_tokens":
+            raw_per_epoch = t.token_budget / t.epochs
+            # the plan's windows carry the objective's largest reserve, the stream's only their own part's (a mixed
+            # objective's windows hold more): an upper bound
+            stop["steps_at_most"] = math.ceil(t.token_budget / (fill * t.global_batch_size))
+        else:
+            stop["steps"] = "as many as the loss tokens need (data/loss_tokens, data/budget_used per step)"
     needed = {
+        **stop,
         "sequence_tokens": t.train_steps * t.global_batch_size * d.seq_length,
         "samples_per_epoch": per_epoch,
         "epochs": t.epochs,
@@ -434,6 +446,7 @@ def plan_run(
             "tp": cfg.parallel.tensor_model_parallel_size,
             "pp": cfg.parallel.pipeline_model_parallel_size,
             "dp": cfg.parallel.data_parallel_size,
+            "sequence_parallel": cfg.parallel.sequence_parallel,
             "world_size": cfg.world_size,
             "pipeline_stages": list(planned_stages(cfg)),  # layers on each stage
             "micro_batches_per_step": cfg.train.global_batch_size
@@ -475,6 +488,14 @@ def plan_run(
     from cglab.train.budget import budget
 
     out["budget"] = budget(cfg, decisions.model.recompute.granularity or "none")
+    tps = out["budget"].get("tokens_per_s")
+    step_s = cfg.train.global_batch_size * cfg.data.seq_length / tps if tps else None  # the budget's estimate
+    size = checkpoint_plan(
+        cfg, out["memory_gb"]["params_per_gpu"], out["budget"]["parameters"]["total"], decisions.async_save, step_s
+    )
+    out["checkpoint"] = {**out.get("checkpoint", {}), **size}
+    if (w := grace_warning(size)) is not None:
+        warnings.append(w)
     out["warnings"], out["errors"] = warnings, errors
     return out
 

@@ -9,8 +9,14 @@ resumes from it (train/loop.py `_resume`).
 - Driver: `on_sigterm` sets a `StopFlag` actor that rank 0 reads at every step boundary. An actor rather than a
   file: the run directory is not shared between nodes on every cluster; Ray is.
 
-Both arm a hard exit after `train.preempt_grace_s`: a step longer than the grace must not outlive the scheduler's
-SIGKILL by pretending to stop cleanly (the run then resumes from the previous complete checkpoint).
+- The stop checkpoint: with train.async_save a checkpoint may still be written in the background when the flag is
+  seen; the Checkpointer waits for that write and then for the stop checkpoint's own before the loop ends
+  (train/callbacks.py, train/checkpoint_writes.py), so the run resumes from the step it stopped at, never from a
+  checkpoint whose write the exit cut off.
+
+Both arm a hard exit after `train.preempt_grace_s`: a step (and the writes it waits for) longer than the grace must
+not outlive the scheduler's SIGKILL by pretending to stop cleanly (the run then resumes from the previous complete
+checkpoint).
 """
 
 from __future__ import annotations

@@ -220,10 +220,14 @@ def optimizer_step(state: TrainState):
     return ok, grad_norm
 
 
-def train_step(state: TrainState, cfg: CGLabConfig, micro_batches: list[dict]) -> dict[str, float]:
+def train_step(
+    state: TrainState, cfg: CGLabConfig, micro_batches: list[dict], lr_progress: float = 1.0
+) -> dict[str, float]:
+    """One optimizer step. lr_progress: how far the LR schedule advances, in nominal steps (1; with a token budget
+    train.train_steps x this step's tokens / budget, so the schedule ends at the budget: DataFeed.progress)."""
     stats = forward_backward(state, cfg, micro_batches)
     ok, grad_norm = optimizer_step(state)
-    state.scheduler.step(increment=1)
+    state.scheduler.step(increment=lr_progress)
     out = reduce_stats(stats)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
     out["lr"] = state.optimizer.param_groups[0]["lr"]

@@ -147,6 +147,7 @@ def fit(
             cfg=cfg,
             plan=plan,
             run_dir=str(run_dir),
+            storage=storage.join(storage_path, name),
             mlflow=mlflow,
             name=name,
             fault=Fault(**fault) if fault else None,

@@ -35,9 +35,12 @@ CODE_MARGIN = 0.02
 NL_MARGIN = 0.05
 INFILL_MARGIN = 0.05
 
-# What a lesson holds equal across its variants (`Lesson.held_equal`; the data layer's token accounting logs it
-# per trial): raw tokens trained on (all positions of every window, the same as FLOPs for one model and
-# sequence length), tokens that carry a loss, FLOPs, or (lesson 5, whose question is compute) the unique tokens.
+# What a lesson holds equal across its variants (`Lesson.held_equal`; the feed logs data/raw_tokens and
+# data/loss_tokens per step of every trial): raw tokens (document tokens that entered the windows, which the
+# packer's reserve and padding make differ between objectives at equal steps), tokens that carry a loss, FLOPs
+# (equal steps of one model and sequence length), or (lesson 5, whose question is compute) the unique tokens.
+# A run holds raw or loss tokens to a budget with train.stop_at / train.token_budget; the lessons' presets do not
+# set it yet (their trials still run equal steps, i.e. equal FLOPs), so a report reads the logged counts.
 RAW_TOKENS, LOSS_TOKENS, FLOPS, UNIQUE_TOKENS = "raw_tokens", "loss_tokens", "flops", "unique_tokens"
 HeldEqual = Literal["raw_tokens", "loss_tokens", "flops", "unique_tokens"]
 
