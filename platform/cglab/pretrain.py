@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             tracker.finish_run(ctx.run_id, status="KILLED", tags={"preempted": "true", "preempted_at_step": step})
         else:
             tracker.finish_run(ctx.run_id, status="FINISHED", tags={"preempted": "false"})
+    out.pop("timeline", None)  # where the run's time went: for benchmarks/trial_overhead.py, not this summary
     print(json.dumps(out, indent=1, default=str))
     if out["preempted"]:
         print(f"cglab train: preempted at step {step}, checkpoint saved; run the same command to resume", flush=True)

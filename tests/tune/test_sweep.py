@@ -138,6 +138,21 @@ def test_two_variant_grid_logs_parent_children_params_tags_and_metrics(sweep):
     assert all(r["eval.texts"] == "heldout" and r["eval/humaneval_isolation"] == isolation_mode() for r in res.results)
 
 
+def test_every_trial_hands_back_where_its_time_went(sweep):
+    """cglab.track.timeline's events reach the driver in each trial's result, from all four processes of a trial
+    (trial function, `fit`'s task, the Train worker, the final evaluation's task), in the order they ran."""
+    from cglab.track import timeline
+
+    run_order = "trial start|fit entry|trainer.fit called|worker_loop entry|first step done|last step done|"
+    run_order += "trainer.fit returned|eval entry|eval end|mlflow final writes done|trial end"
+    for r in sweep["second"].results:
+        at = {e["phase"]: e for e in timeline.events(r["timeline"])}
+        times = [at[p]["t"] for p in run_order.split("|")]
+        assert times == sorted(times), sorted(at, key=lambda p: at[p]["t"])
+        pids = {at[p]["pid"] for p in ("trial start", "fit entry", "worker_loop entry")}
+        assert len(pids) == 3 and at["worker imports done"]["t"] <= at["worker_loop entry"]["t"]
+
+
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):
     from mlflow import MlflowClient
 

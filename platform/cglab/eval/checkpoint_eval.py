@@ -43,6 +43,7 @@ from cglab.eval import humaneval, infill, nl
 from cglab.eval.generate import load_generator
 from cglab.eval.infill import infill_examples, infill_perplexity
 from cglab.eval.sandbox import Limits
+from cglab.track import timeline
 from cglab.train.checkpoint import checkpoint_to_hf
 
 
@@ -53,6 +54,7 @@ class CheckpointEval:
 
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    timeline: str = "[]"  # where the evaluation's time went (cglab.track.timeline), handed back with the result
 
 
 def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool, why: str = "") -> dict[str, str]:
@@ -175,16 +177,20 @@ def evaluate_checkpoint(
     the built-in texts only if cfg.eval.allow_builtin_texts (else ConfigError, before any work)."""
     if checkpoint is None:
         raise ValueError("evaluate_checkpoint: the training run returned no checkpoint")
+    timeline.begin("eval", "eval entry")
     ev = cfg.eval
     used = text_sources(nl_path, code_path, ev.allow_builtin_texts)
     hf_dir = Path(tempfile.mkdtemp(prefix="cglab-eval-hf-"))
     try:
         with storage.local_copy(checkpoint) as local:
             gen = hf_generator(local, hf_dir, cfg.data.seq_length)  # score in windows the model was trained on
+        timeline.mark("eval model ready")
         res = CheckpointEval(metrics=text_metrics(gen, cfg, nl_path, code_path, used), tags=text_tags(used))
         codes = pass_at_1(gen, cfg, ev.suites, limit=ev.limit, n=ev.n_samples, temperature=ev.temperature)
         res.metrics.update(codes.metrics)
         res.tags.update(codes.tags)
+        timeline.mark("eval end")
+        res.timeline = timeline.hand_back()
         return res
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)

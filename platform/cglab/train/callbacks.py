@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from cglab.config import CGLabConfig
+from cglab.track import timeline
 from cglab.track.metrics import TrainMetrics
 from cglab.track.mlflow_logger import MlflowContext, RankZeroLogger
 from cglab.train import checkpoint, checkpoint_writes, preemption
@@ -286,7 +287,13 @@ class RayReport(Callback):
 
     def on_log(self, s: StepEnd) -> None:
         if s.checkpoint is not None:
-            ray.train.report(s.metrics, checkpoint=ray.train.Checkpoint.from_directory(str(s.checkpoint)))
+            timeline.mark("checkpoint report called")
+            ray.train.report(self._with_timeline(s), checkpoint=ray.train.Checkpoint.from_directory(str(s.checkpoint)))
             shutil.rmtree(s.checkpoint, ignore_errors=True)
         elif s.step % self.log_every == 0:
-            ray.train.report(s.metrics)
+            ray.train.report(self._with_timeline(s))
+
+    @staticmethod
+    def _with_timeline(s: StepEnd) -> dict:
+        # this worker's events so far ride in every report: the last one is what `fit` returns (cglab.track.timeline)
+        return {**s.metrics, "timeline": timeline.snapshot()}

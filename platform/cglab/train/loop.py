@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cglab.config import CGLabConfig
 from cglab.data.pipeline import DataPlan
 from cglab.distributed import init_parallel
+from cglab.track import timeline
 from cglab.track.mlflow_logger import MlflowContext
 from cglab.train import callbacks as cb
 from cglab.train import checkpoint
@@ -32,6 +33,7 @@ from cglab.train.feed import DataFeed
 from cglab.train.step import TrainState, build_train_state, train_step
 
 log = logging.getLogger(__name__)
+IMPORTED_AT = time.time()  # this worker's imports (torch, Megatron, Ray Train) finished: cglab.track.timeline
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class WorkerInputs:
 def worker_loop(inp: WorkerInputs) -> None:
     """One Ray Train worker of the run: resume, then feed, step and callbacks until train.train_steps or, with
     train.stop_at=raw_tokens / loss_tokens, until train.token_budget of them (DataFeed.done)."""
+    timeline.begin("worker", "worker_loop entry", imported_at=IMPORTED_AT)
     cfg, t, p = inp.cfg, inp.cfg.train, inp.cfg.parallel
     init_parallel(
         p.tensor_model_parallel_size,
@@ -64,10 +67,13 @@ def worker_loop(inp: WorkerInputs) -> None:
         seed=t.seed,
         device=ray.train.torch.get_device().index if p.use_gpu else None,
     )
+    timeline.mark("parallel state ready")
     state = build_train_state(cfg, lr_decay_steps=t.train_steps)  # decay over the whole budget (lesson 5)
+    timeline.mark("model built")
     step, pos, resumed_from = _resume(state, inp.run_dir)
     feed = DataFeed(cfg, inp.plan, pos)
     callbacks = _callbacks(inp, state, feed)
+    timeline.mark("resumed, feed and callbacks ready")
     start = step
     try:
         callbacks.start(step, resumed_from)
@@ -80,6 +86,7 @@ def worker_loop(inp: WorkerInputs) -> None:
                 torch.cuda.synchronize()  # the step's time is the device's, not the launch's
             t2 = time.perf_counter()
             step += 1
+            timeline.steps(step, start + 1, last=feed.done(step))
             metrics = {**out, "step": step, "epoch": feed.pos.epoch, "started_at_step": start, **feed.step_stats}
             s = cb.StepEnd(step, metrics, data_wait_s=t1 - t0, step_time_s=t2 - t0, last=feed.done(step))
             callbacks.step_end(s)

@@ -14,6 +14,7 @@ from pathlib import Path
 from cglab import storage
 from cglab.config import CGLabConfig, dump_config
 from cglab.raylocal import quiesce_at_exit, start_local
+from cglab.track import timeline
 
 RUNS = ".cglab/runs"  # the default storage of `cglab train` and jobs/pretrain.py
 
@@ -102,6 +103,7 @@ def fit(
     cglab.eval.periodic), called on every worker as factory(inputs, state, feed); train.loop._callbacks says
     where in the order they run.
     """
+    timeline.begin("fit", "fit entry")
     # Ray Train, torch and Megatron (seconds to import): only when a run starts
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -113,23 +115,28 @@ def fit(
     from cglab.train.loop import WorkerInputs, worker_loop
     from cglab.train.plan import plan_run
 
+    timeline.mark("fit imports done")
     storage_path, run_dir = run_paths(storage_path, name)
     cfg = artifacts.shared_cache(cfg, storage_path)  # the corpus where the nodes that prepare and read it reach it
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
+    timeline.mark("ray ensured")
     if run_plan is None:
         # refused before the corpus is prepared (hours on a real corpus) when the estimate already says no;
         # planned again on the prepared corpus's exact counts when the first plan could only estimate them
         run_plan = plan_run(cfg)
+        timeline.mark("plan done")
         if run_plan["errors"]:
             _refuse_recorded(run_plan, run_dir, mlflow)
         plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
+        timeline.mark("data prepared")
         if not _exact(run_plan):
             run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
     else:
         plan = prepare_data(cfg, run_dir)
     _refuse_recorded(run_plan, run_dir, mlflow)
+    timeline.mark("plan logged")
     if run_plan.get("data"):  # passes per source: tokens read over what each source holds
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
     p, t = cfg.parallel, cfg.train
@@ -159,7 +166,9 @@ def fit(
         run_config=run_config(cfg, storage_path, name),
     )
     with preemption.on_sigterm(stop_flag, t.preempt_grace_s) if preemptible else contextlib.nullcontext():
+        timeline.mark("trainer.fit called")
         result = trainer.fit()
+        timeline.mark("trainer.fit returned")
     out = dict(result.metrics or {})
     out["preempted"] = bool(out.get("preempted"))
     if mlflow is not None:
@@ -168,6 +177,7 @@ def fit(
     out["checkpoint"] = storage.uri_of(result.checkpoint.path, storage_path) if result.checkpoint else None
     out["run_dir"] = str(run_dir)
     out["tokenizer"] = str(run_dir / "tokenizer")
+    out["timeline"] = timeline.hand_back(out.get("timeline"))  # the workers' events (last report) and this one's
     return out
 
 

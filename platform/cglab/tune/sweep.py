@@ -37,6 +37,7 @@ from typing import Any, Callable
 from cglab import raylocal, storage
 from cglab.config import CGLabConfig, ConfigError, dump_config, flatten, from_dict
 from cglab.data import artifacts, readers
+from cglab.track import timeline
 from cglab.track.mlflow_logger import MlflowContext, SweepTracker
 from cglab.train.plan import plan_run, scan_sources
 from cglab.tune.evaluate import evaluate_checkpoint, text_sources, text_tags
@@ -93,12 +94,15 @@ def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
 
 
 def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
+    timeline.begin("trial", "trial start")
     from ray import tune  # Ray: kept off the sweep's config-only paths (validation, preflight, tests of them)
 
     from cglab.eval.periodic import PeriodicEval  # imports the training callbacks (torch, Ray): same reason
 
+    timeline.mark("trial imports done")
     variant, seed = config["variant"], config["seed"]
     cfg = spec.lesson.config_for(variant, spec.base, seed)
+    timeline.mark("config built")
     trial_id = tune.get_context().get_trial_id()
     ctx: MlflowContext | None = None
     tracker = None
@@ -122,6 +126,7 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             config_yaml=dump_config(cfg),
         )
         ctx = tracker.context(run_id, system_metrics_interval_s=spec.system_metrics_interval_s)
+        timeline.mark("mlflow run created")
     try:
         # evaluation while training (eval.every, eval.code_every): on the same held-out documents; the final
         # evaluation below is the text curves' point at train.train_steps
@@ -133,6 +138,7 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
         metrics = _outside_trial(
             spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}", mlflow=ctx, **extra
         )
+        timeline.mark("fit task returned")
         ev = _outside_trial(
             evaluate_checkpoint,
             metrics.get("checkpoint"),
@@ -141,6 +147,7 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
             spec.heldout_code,
             num_gpus=1 if cfg.parallel.use_gpu else 0,
         )
+        timeline.mark("eval task returned")
         metrics.update(ev.metrics)
         if cfg.eval.every:  # the final evaluation is the last point of the eval.every curves: tokens_seen with it
             metrics["eval/tokens_seen"] = float(
@@ -155,9 +162,12 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
         raise
     if tracker is not None:
         tracker.finish_run(ctx.run_id, metrics, step=cfg.train.train_steps, tags=ev.tags)
+        timeline.mark("mlflow final writes done")
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     out.update(ev.tags)  # the conditions travel with the numbers into the Tune result too
     out.update(variant=variant, seed=seed, mlflow_run_id=ctx.run_id if ctx else "")
+    timeline.mark("trial end")
+    out["timeline"] = timeline.hand_back(metrics.get("timeline"), ev.timeline)  # the events of all its processes
     return out
 
 
@@ -379,7 +389,9 @@ def run_lesson(
                 ),
             ),
         )
+    timeline.mark("tuner.fit called")
     grid = tuner.fit()
+    timeline.mark("tuner.fit returned")
     results = []
     for r in grid:
         row = {
@@ -392,7 +404,7 @@ def run_lesson(
             {
                 k: v
                 for k, v in (r.metrics or {}).items()
-                if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k == "step"
+                if k.startswith(("eval/", "eval.", "loss", "mlflow_run_id")) or k in ("step", "timeline")
             }
         )
         results.append(row)
