@@ -67,8 +67,8 @@ def text_sources(nl_path: str | None, code_path: str | None, allow_builtin: bool
     if missing and not allow_builtin:
         raise ConfigError(
             f"eval.allow_builtin_texts: no held-out {' or '.join(missing)} documents to evaluate on"
-            f"{f' ({why})' if why else ''}. They come from the last file of each data source with two or more "
-            f"files (pile sources give NL, stack sources code); add such sources, or set "
+            f"{f' ({why})' if why else ''}. They are sampled from the prepared corpus with eval.holdout "
+            f"(cglab.data.heldout: pile sources give NL, stack sources code); add such sources, or set "
             f"eval.allow_builtin_texts=true to score {' and '.join(missing)} on cglab.eval.nl.builtin_texts "
             f"(stdlib docstrings, HumanEval solutions: possibly in the training data)"
         )
