@@ -135,15 +135,36 @@ class MultiNode:
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
-    """moto's S3 server on 127.0.0.1 (a free port), in this process's threads; yields the AWS_* client env."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1 (a free port) in a process of its own; yields the AWS_* client env.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_ports(1)[0], verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    Not moto's ThreadedMotoServer: a server thread inside the pytest process compiles code while the tests do, and
+    CPython 3.11's AST validation keeps its recursion depth in state the threads share ("AST constructor recursion
+    depth mismatch" in an unrelated test's ast.parse)."""
+    import urllib.error
+    import urllib.request
+
+    port = free_ports(1)[0]
+    proc = subprocess.Popen(
+        [str(Path(BIN) / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 120
+        while True:  # up when it answers; a start that fails says so instead of hanging the run
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except urllib.error.HTTPError:  # an answer, whatever its status: the server is up
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server on port {port} did not start (exit {proc.poll()})") from None
+                time.sleep(0.2)
         yield {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ENDPOINT_URL": url,
             "AWS_ACCESS_KEY_ID": "cglab-test",
             "AWS_SECRET_ACCESS_KEY": "cglab-test",
             "AWS_REGION": "us-east-1",
@@ -151,7 +172,7 @@ def s3_server() -> Iterator[dict[str, str]]:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
     finally:
-        server.stop()
+        _stop_group(proc, timeout_s=10)
 
 
 @contextlib.contextmanager
