@@ -126,25 +126,18 @@ def local_copy(path: str | os.PathLike):
 
 def upload_dir(local: str | os.PathLike, dest: str | os.PathLike, skip: frozenset[str] = frozenset()) -> None:
     """Copy the files under the local directory `local` to `dest` (a local path or a URI), keeping their relative
-    paths; names in `skip` (top-level files) are left for the caller to write last."""
+    paths, streamed (a snapshot shard is gigabytes); names in `skip` (top-level files) are left for the caller to
+    write last."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(dest)
     base = Path(local)
     for f in sorted(base.rglob("*")):
         rel = f.relative_to(base).as_posix()
         if f.is_file() and rel not in skip:
-            write_bytes(join(dest, rel), f.read_bytes())
-
-
-def download_dir(src: str | os.PathLike, local: str | os.PathLike) -> None:
-    """Copy every file under `src` (a local path or a URI) into the local directory `local`."""
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(src)
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if info.type == pafs.FileType.File:
-            out = Path(local, info.path[len(root.rstrip("/")) + 1 :])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(info.path, compression=None) as f:
-                out.write_bytes(f.read())
+            out = f"{root.rstrip('/')}/{rel}"
+            fs.create_dir(out.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(f), out, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def delete_dir(path: str | os.PathLike) -> None:

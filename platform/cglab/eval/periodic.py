@@ -101,10 +101,9 @@ def evaluate_snapshot(job: EvalJob) -> dict:
     torch.set_num_threads(max(1, int(cfg.eval.task_cpus)))  # the CPUs it asked Ray for, not the machine's
     rec: dict[str, Any] = {"step": job.step, "snapshot": job.snapshot}
     hf_dir = Path(tempfile.mkdtemp(prefix="cglab-periodic-hf-"))
-    snap = Path(tempfile.mkdtemp(prefix="cglab-periodic-snap-"))
     try:
-        storage.download_dir(job.snapshot, snap)  # from the run's storage to this node's disk
-        gen = hf_generator(snap, hf_dir, cfg.data.seq_length)
+        with storage.local_copy(job.snapshot) as snap:  # a URI's snapshot fetched to this node's disk
+            gen = hf_generator(snap, hf_dir, cfg.data.seq_length)
         metrics: dict[str, float] = {}
         tags: dict[str, str] = {}
         if job.text:
@@ -133,7 +132,6 @@ def evaluate_snapshot(job: EvalJob) -> dict:
         rec["error"] = repr(err)
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
-        shutil.rmtree(snap, ignore_errors=True)
         storage.delete_dir(job.snapshot)
     if job.record:
         storage.write_bytes(job.record, json.dumps(rec).encode())
