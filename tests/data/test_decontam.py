@@ -167,7 +167,7 @@ def test_prepare_drops_and_counts_a_planted_solution_and_inspect_lists_it(
     assert pq.read_table(drops["path"]).column("reason").to_pylist() == ["contaminated:humaneval", "duplicate"]
 
     # `cglab plan` reads the prepared corpus's exact counts, the planted solution among them
-    assert main(["plan", str(tmp_path / "run.yaml"), "--json"]) in (0, 1)
+    assert main(["plan", str(tmp_path / "run.yaml"), "--json"]) == 0  # 0 whenever it could plan
     planned = {e["name"]: e for e in json.loads(capsys.readouterr().out)["data"]["sources"]}
     assert planned["code"]["method"].startswith("exact: the prepared corpus's index")
     assert planned["code"]["skipped"] == {"contaminated:humaneval": 1, "duplicate": 1, "max_line_length": 1}
