@@ -93,9 +93,12 @@ def last_times(events: list[dict]) -> dict[str, dict]:
     return {e["phase"]: e for e in sorted(events, key=lambda e: e["t"])}
 
 
-def breakdown(name: str, events: list[dict], steps: int) -> Trial:
-    """A trial's rows from its recorded events (all its processes'), in ORDER."""
+def breakdown(name: str, events: list[dict], steps: int, reused: bool = False) -> Trial:
+    """A trial's rows from its recorded events (all its processes'), in ORDER. `reused`: its trial actor ran an
+    earlier trial (Tune's reuse_actors), so that actor's process start is not this trial's cost."""
     at = last_times(events)
+    if reused:
+        at.pop("trial process start", None)
     rows: dict[str, float | None] = {}
     prev: float | None = None
     for phase in ORDER:
@@ -246,6 +249,11 @@ def report(run: dict) -> list[str]:
     """The output lines of a measured run (`measure`'s dict)."""
     steps, t0, wall = run["steps"], run["sweep_start"], run["sweep_wall"]
     trials = sorted((breakdown(n, ev, steps) for n, ev in run["trials"].items()), key=lambda t: t.start)
+    seen: set[int] = set()
+    for i, t in enumerate(trials):  # a trial actor that ran an earlier trial: reused, not started for this one
+        if t.pids.get("trial") in seen:
+            trials[i] = breakdown(t.name, run["trials"][t.name], steps, reused=True)
+        seen.add(t.pids.get("trial"))
     place_in_sweep(trials, run["driver"])
     at = {p: e["t"] for p, e in last_times(run["driver"]).items()}
     load0, load1 = run["load_start"], run["load_end"]
@@ -260,7 +268,8 @@ def report(run: dict) -> list[str]:
         *([f"note: {run['note']}"] if run["note"] else []),
         "",
         "Each row: seconds from the previous recorded phase to this one ('-': not recorded, or a process Ray had",
-        "started beforehand). 'trial start' counts from the trial actor's process start, 'before the trial (Tune)'",
+        "started beforehand). 'trial start' counts from the trial actor's process start ('-': an actor reused from an",
+        "earlier trial), 'before the trial (Tune)'",
         "from tuner.fit or the previous trial's end (the two overlap). 'last step done' holds steps 2..N; 'first",
         "step done' the first step and its warm-up.",
         "",

@@ -153,6 +153,25 @@ def test_every_trial_hands_back_where_its_time_went(sweep):
         assert len(pids) == 3 and at["worker imports done"]["t"] <= at["worker_loop entry"]["t"]
 
 
+def test_trials_run_in_a_reused_trial_actor_on_the_plan_the_preflight_made(sweep):
+    """Tune's reuse_actors: back-to-back trials of one `run_lesson` share their trial actor (its process and imports
+    are warm); each trial's `fit` checks and records the sweep preflight's plan of it (made for the trial's place in
+    the sweep: the trial function's and its data tasks' CPUs counted) instead of planning again."""
+    from cglab.track import timeline
+    from cglab.tune.presets import get_preset
+
+    first = [r for r in sweep["second"].results if r["variant"] == "clm"]  # both trained in the first run_lesson
+    pids = {next(e["pid"] for e in timeline.events(r["timeline"]) if e["phase"] == "trial start") for r in first}
+    assert len(first) == len(SEEDS) and len(pids) == 1, pids
+    pre = get_preset("laptop")
+    plan_files = sorted((sweep["tmp"] / "tune" / "resume-me-train").glob("*/plan.json"))
+    assert len(plan_files) == 2 * len(SEEDS)
+    for plan_file in plan_files:
+        per_run = json.loads(plan_file.read_text())["resources"]["per_run"]
+        # the trial's CPUs as the sweep counts them (cglab.tune.presets.trial_resources), not a lone run's
+        assert per_run["CPU"] == pytest.approx(1 + pre.driver_cpus + pre.data_cpus + 0.5), (plan_file, per_run)
+
+
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep):
     from mlflow import MlflowClient
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -17,6 +18,10 @@ from cglab.raylocal import quiesce_at_exit, start_local
 from cglab.track import timeline
 
 RUNS = ".cglab/runs"  # the default storage of `cglab train` and jobs/pretrain.py
+# Ray Train's controller sees a worker group finish (or fail) at its next poll of the workers: Ray's default of every
+# 2 s leaves each run's start and end up to 2 s idle, seconds of every short trial of a sweep. A poll is one small
+# call per worker; RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set by the user wins.
+HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
 def ensure_ray(cfg: CGLabConfig | None = None) -> None:
@@ -105,14 +110,11 @@ def fit(
     """
     timeline.begin("fit", "fit entry")
     # Ray Train, torch and Megatron (seconds to import): only when a run starts
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from cglab.data import artifacts
     from cglab.data.pipeline import prepare_data
     from cglab.train import preemption
     from cglab.train.callbacks import Fault
-    from cglab.train.loop import WorkerInputs, worker_loop
+    from cglab.train.loop import WorkerInputs
     from cglab.train.plan import plan_run
 
     timeline.mark("fit imports done")
@@ -122,50 +124,36 @@ def fit(
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ensure_ray(cfg)
     timeline.mark("ray ensured")
+    # refused before the corpus is prepared (hours on a real corpus) when the plan already says no; planned again
+    # on the prepared corpus's exact counts when the first plan could only estimate them
     if run_plan is None:
-        # refused before the corpus is prepared (hours on a real corpus) when the estimate already says no;
-        # planned again on the prepared corpus's exact counts when the first plan could only estimate them
         run_plan = plan_run(cfg)
-        timeline.mark("plan done")
-        if run_plan["errors"]:
-            _refuse_recorded(run_plan, run_dir, mlflow)
-        plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
-        timeline.mark("data prepared")
-        if not _exact(run_plan):
-            run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
-    else:
-        plan = prepare_data(cfg, run_dir)
+    timeline.mark("plan done")
+    if run_plan["errors"]:
+        _refuse_recorded(run_plan, run_dir, mlflow)
+    plan = prepare_data(cfg, run_dir)  # checks every source path and settles the tokenizer
+    timeline.mark("data prepared")
+    if not _exact(run_plan):
+        run_plan = plan_run(cfg, tokenizer=plan.tokenizer())
     _refuse_recorded(run_plan, run_dir, mlflow)
     timeline.mark("plan logged")
     if run_plan.get("data"):  # passes per source: tokens read over what each source holds
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
-    p, t = cfg.parallel, cfg.train
-    per_worker = {"CPU": p.cpus_per_worker}
-    backend = "nccl" if p.use_gpu else "gloo"
     stop_flag = preemption.StopFlag.remote() if preemptible else None
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=WorkerInputs(
-            cfg=cfg,
-            plan=plan,
-            run_dir=str(run_dir),
-            storage=storage.join(storage_path, name),
-            mlflow=mlflow,
-            name=name,
-            fault=Fault(**fault) if fault else None,
-            preemptible=preemptible,
-            stop_flag=stop_flag,
-            extra_callbacks=tuple(callbacks),
-        ),
-        scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
-        torch_config=(
-            preemption.PreemptibleTorchConfig(backend=backend, timeout_s=600, grace_s=t.preempt_grace_s)
-            if preemptible
-            else TorchConfig(backend=backend, timeout_s=600)
-        ),
-        run_config=run_config(cfg, storage_path, name),
+    inputs = WorkerInputs(
+        cfg=cfg,
+        plan=plan,
+        run_dir=str(run_dir),
+        storage=storage.join(storage_path, name),
+        mlflow=mlflow,
+        name=name,
+        fault=Fault(**fault) if fault else None,
+        preemptible=preemptible,
+        stop_flag=stop_flag,
+        extra_callbacks=tuple(callbacks),
     )
-    with preemption.on_sigterm(stop_flag, t.preempt_grace_s) if preemptible else contextlib.nullcontext():
+    trainer = torch_trainer(inputs, storage_path)
+    with preemption.on_sigterm(stop_flag, cfg.train.preempt_grace_s) if preemptible else contextlib.nullcontext():
         timeline.mark("trainer.fit called")
         result = trainer.fit()
         timeline.mark("trainer.fit returned")
@@ -179,6 +167,36 @@ def fit(
     out["tokenizer"] = str(run_dir / "tokenizer")
     out["timeline"] = timeline.hand_back(out.get("timeline"))  # the workers' events (last report) and this one's
     return out
+
+
+def torch_trainer(inputs, storage_path: str):
+    """The run's TorchTrainer: `inputs` (train.loop.WorkerInputs) on cfg.world_size workers, stored at
+    storage_path/inputs.name (see `run_paths`)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cglab.train import preemption
+    from cglab.train.loop import worker_loop
+
+    cfg = inputs.cfg
+    p, t = cfg.parallel, cfg.train
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)  # read by TorchTrainer.fit
+    backend = "nccl" if p.use_gpu else "gloo"
+    return TorchTrainer(
+        # bound to the train function, not passed as train_loop_config: Ray Train's controller unpickles that (and
+        # would import torch, Megatron and cglab's training modules, seconds per run, in a process that never
+        # trains), while the train function is unpickled only where it runs, on the workers
+        functools.partial(worker_loop, inputs),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker={"CPU": p.cpus_per_worker}
+        ),
+        torch_config=(
+            preemption.PreemptibleTorchConfig(backend=backend, timeout_s=600, grace_s=t.preempt_grace_s)
+            if inputs.preemptible
+            else TorchConfig(backend=backend, timeout_s=600)
+        ),
+        run_config=run_config(cfg, storage_path, inputs.name),
+    )
 
 
 def _log_plan(ctx, run_plan: dict) -> None:

@@ -47,7 +47,7 @@ from cglab.tune.results import collect, record_stability, record_verdict
 
 log = logging.getLogger(__name__)
 
-TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow[, callbacks]) -> final metrics
+TrainFn = Callable[..., dict]  # (cfg, *, storage_path, name, mlflow[, callbacks][, run_plan]) -> final metrics
 
 
 def default_train_fn() -> TrainFn:
@@ -73,6 +73,8 @@ class TrialSpec:
     # jsonl of held-out documents (cglab.data.heldout); None: built-in texts (only with eval.allow_builtin_texts)
     heldout_nl: str | None = None
     heldout_code: str | None = None
+    # the preflight's plan of each trial ("variant/seed" -> `cglab plan`): `fit` checks it instead of planning again
+    plans: dict[str, dict] | None = None
 
 
 def _outside_trial(fn: Callable, *args, num_gpus: float = 0, **kwargs):
@@ -130,11 +132,13 @@ def _run_trial(config: dict[str, Any], spec: TrialSpec) -> dict:
     try:
         # evaluation while training (eval.every, eval.code_every): on the same held-out documents; the final
         # evaluation below is the text curves' point at train.train_steps
-        extra = (
+        extra: dict[str, Any] = (
             {"callbacks": (PeriodicEval(spec.heldout_nl, spec.heldout_code, final_text_eval=True),)}
             if cfg.eval.periodic
             else {}
         )
+        if spec.plans:  # planned by the sweep's preflight on the same inputs: not scanned again per trial
+            extra["run_plan"] = spec.plans[f"{variant}/{seed}"]
         metrics = _outside_trial(
             spec.train_fn, cfg, storage_path=spec.train_storage, name=f"{spec.sweep}-{trial_id}", mlflow=ctx, **extra
         )
@@ -249,7 +253,8 @@ def prepare_base(
 
 def preflight(lesson: Lesson, base: CGLabConfig, trials: list[tuple[str, int]], preset: Preset) -> list[dict]:
     """`cglab plan` for every (variant, seed) on the sweep's settled inputs (one data scan for all of them);
-    ConfigError listing what any trial would refuse. Each trial's `fit` checks its own plan again."""
+    ConfigError listing what any trial would refuse. Each trial's `fit` gets its plan (refused there too if it has
+    errors) instead of scanning the sources again."""
     cfgs = {k: lesson.config_for(k[0], base, k[1]) for k in trials}
     scan = scan_sources(next(iter(cfgs.values())))  # variants differ in weights, never in which files exist
     plans = [
@@ -340,7 +345,7 @@ def run_lesson(
     ensure_local_ray(per_trial)
     concurrency = max_concurrent_trials or max_concurrent(per_trial, ray.cluster_resources(), len(configs))
     base, heldout_nl, heldout_code = prepare_base(base, places.inputs, holdout)
-    preflight(les, base, list(configs), pre)  # every trial's plan, before any trial starts
+    plans = preflight(les, base, list(configs), pre)  # every trial's plan, before any trial starts
 
     experiment_id = parent = None
     if tracking_uri:
@@ -369,6 +374,7 @@ def run_lesson(
         system_metrics_interval_s,
         heldout_nl,
         heldout_code,
+        {f"{v}/{s}": p for (v, s), p in zip(configs, plans)},
     )
     trainable = make_trainable(spec, pre.driver_cpus)
 
@@ -379,7 +385,8 @@ def run_lesson(
         tuner = tune.Tuner(
             trainable,
             param_space={"variant": tune.grid_search(list(names)), "seed": tune.grid_search(list(seeds))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            # a finished trial's actor runs the next trial: its process, imports and MLflow client are warm
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_path,
