@@ -1,6 +1,7 @@
 """The five CodeGen2 lessons at the `study` preset (cglab.tune.presets) on this machine, written up as
 benchmarks/results/lessons_study.md: per lesson the variants x metrics table with 95% intervals over seeds, the
-verdict per metric, the decision stability, the curves and the wall time.
+verdict per metric, the decision stability, the curves and the wall time; beside it lessons_study.json, every
+trial's final metrics per lesson, variant and seed: the pilot `cglab plan --lesson N --pilot` sizes seeds from.
 
     PYTHONPATH=platform python benchmarks/lessons_study.py [--lessons 1 2 3 4 5] [--seeds 1 2 3]
         [--workdir .cglab/study] [--out benchmarks/results/lessons_study.md]
@@ -116,6 +117,12 @@ def reading_block(n: int, reading: str) -> list[str]:
     return [f"<!-- reading {n} -->", reading.strip() or "_Reading: not written yet._", f"<!-- /reading {n} -->"]
 
 
+def pilot_data(samples: dict[int, dict], **meta) -> dict:
+    """What OUT's .json holds: meta, then per lesson variant -> metric -> seed -> value (LessonRuns.samples), the
+    shape cglab.tune.power.pilot_samples reads."""
+    return {**meta, "lessons": {str(n): s for n, s in samples.items()}}
+
+
 def run(n: int, name: str, pre, base, seeds, work: Path, uri: str, sha: str, walls: dict) -> None:
     """Lesson n's sweep (resumed if it exists); its wall time and commit into walls unless it only resumed."""
     t0 = time.monotonic()
@@ -184,6 +191,7 @@ def main() -> int:
                 stability=stability_lines(runs.stability()),
                 plots=plots,
                 outcomes=[(o.contrast.name, o.verdict) for o in runs.outcomes()],
+                samples=runs.samples,
             )
             print(f"lesson {n}: {walls[name]['wall_s'] / 60:.1f} min", flush=True)
     finally:
@@ -220,7 +228,9 @@ def main() -> int:
     for n, s in sections.items():
         lines += lesson_section(n, s, readings.get(n, ""))
     out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+    data = pilot_data({n: s["samples"] for n, s in sections.items()}, generated_by=cmd, at=at, preset=pre.name)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 

@@ -4,6 +4,7 @@ released sizes' configs at their cluster layouts, within an H100's memory; codeg
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,42 @@ def test_the_plan_prints_the_token_budget_a_run_stops_at(micro_sources, tmp_path
     assert need["steps_at_most"] >= 100  # a window holds at most 256 raw tokens
     assert need["steps_at_most"] == pytest.approx(budget / (need["raw_tokens_per_window"] * 4), abs=1.01)  # ceil
     assert need["unique_tokens_per_epoch"] == budget
+
+
+def test_a_lesson_plan_sizes_its_seeds_from_a_pilot_or_says_it_cannot(micro_sources, tmp_path, capsys):
+    """`cglab plan --lesson 2 --pilot results.json`: per declared contrast the pilot's paired seeds, the SD of
+    a - b, the margin and the seeds needed (as cglab.tune.power computes them), with a warning when the plan
+    runs fewer; without --pilot, unknown and the flag named."""
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.power import family_level, seeds_for_sd
+
+    base = tmp_path / "base.yaml"
+    base.write_text(json.dumps({"data": {"sources": micro_sources}}))
+    code = "eval/code_bpb"
+    clm = {"1": 2.91, "2": 2.95, "3": 2.92}
+    infill = {"1": 2.90, "2": 2.92, "3": 2.90}  # a - b: 0.01, 0.03, 0.02 (SD 0.01)
+    pilot = tmp_path / "study.json"
+    pilot.write_text(json.dumps({"lessons": {"2": {"clm": {code: clm}, "infill-r0.5": {code: infill}}}}))
+    argv = ["--lesson", "2", "--preset", "laptop", "--config", str(base)]
+    plan = _plan(capsys, *argv, "--pilot", str(pilot))
+    power = plan["seeds_needed"]
+    want = seeds_for_sd(0.01, 0.02, family_level(get_lesson(2)))
+    code_row, fill_row = power["contrasts"]
+    assert (code_row["contrast"], code_row["pilot_seeds"], code_row["margin"]) == (
+        "clm vs infill-r0.5 on " + code,
+        3,
+        0.02,
+    )
+    assert (code_row["sd"], code_row["seeds_needed"]) == (pytest.approx(0.01), want) and want > 1
+    assert fill_row["seeds_needed"] == "unknown" and power["most"] == want and power["planned"] == 1
+    assert any(w.startswith(f"seeds: 1 planned, the pilot's variance asks for {want}") for w in plan["warnings"])
+
+    assert main(["plan", *argv, "--pilot", str(pilot)]) == 0
+    table = capsys.readouterr().out.split("seeds needed (", 1)[1]
+    assert f"pilot {pilot}" in table and f"  most: {want}, planned: 1" in table
+    assert re.search(rf"clm vs infill-r0\.5 on eval/code_bpb +superiority +3 +0\.01 +0\.02 +{want}\n", table)
+
+    assert main(["plan", *argv]) == 0
+    table = capsys.readouterr().out.split("seeds needed (", 1)[1]
+    assert table.startswith("no pilot (--pilot SOURCE names one)") and "most: unknown" in table
+    assert table.count("unknown (until a pilot exists: --pilot SOURCE)") == 2

@@ -3,18 +3,21 @@ is spent.
 
     plan = plan_config("run.yaml", [])         # one run, from a YAML file and dotted overrides
     plan = plan_lesson(3, "1gpu")              # a lesson: the same for every trial, under "trials"
+    plan = plan_lesson(3, "study", pilot="benchmarks/results/lessons_study.json")  # + the seeds each contrast needs
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 from cglab.config import CGLabConfig, ConfigError, from_dict, load_config
 
 # The run plan itself is train's (fit and every sweep's preflight run it); re-exported for `cglab.plan` users.
 from cglab.train.plan import plan_run, refuse, scan_sources, text, write_json  # noqa: F401
-from cglab.tune.lessons import get_lesson
+from cglab.tune.lessons import Lesson, get_lesson
+from cglab.tune.power import PILOT_FLAG, pilot_samples, plan_seeds
 from cglab.tune.presets import Preset, base_config, get_preset, micro_corpus_sources, preset_corpus_sources
 
 
@@ -48,8 +51,12 @@ def plan_lesson(
     overrides: list[str] | None = None,
     te: str = "auto",
     seeds: tuple[int, ...] | None = None,
+    pilot: str | None = None,
+    sweep: str | None = None,
 ) -> dict:
-    """One plan per trial (variant x seed) of a lesson at a preset; the data is scanned once for all of them."""
+    """One plan per trial (variant x seed) of a lesson at a preset; the data is scanned once for all of them.
+    `seeds_needed`: per declared contrast, the seeds its verdict needs by the pilot's variance (`load_pilot`:
+    a results JSON, or a tracking URI and the sweep to read); unknown without a pilot."""
     les, pre = get_lesson(lesson), get_preset(preset)
     warnings: list[str] = []
     base = with_default_corpus(base_config(pre, config_path, overrides or [], cross_field=False), warnings, pre)
@@ -71,14 +78,64 @@ def plan_lesson(
             )
             trials.append({"variant": v.name, "seed": seed, **p})
     errors = sorted({f"{t['variant']}: {e}" for t in trials for e in t["errors"]})
+    power = plan_seeds(les, None if pilot is None else load_pilot(pilot, les, sweep), planned=len(seeds))
+    if pilot is not None:
+        power = {"pilot": pilot + (f" (sweep {sweep})" if sweep else ""), **power}
+    if isinstance(power["most"], int) and power["most"] > len(seeds):
+        warnings.append(
+            f"seeds: {len(seeds)} planned, the pilot's variance asks for {power['most']} (seeds_needed); "
+            f"pass --seeds or set the preset's"
+        )
     return {
         "lesson": les.number,
         "experiment": les.experiment,
         "preset": pre.name,
         "trials": trials,
+        "seeds_needed": power,
         "warnings": warnings + sorted({w for t in trials for w in t["warnings"]}),
         "errors": errors,
     }
+
+
+def load_pilot(source: str, lesson: Lesson, sweep: str | None = None) -> dict:
+    """A finished sweep's per-seed samples of the lesson (variant -> metric -> seed -> value): from a results
+    JSON file (`cglab.tune.power.pilot_samples`), or from MLflow, a tracking URI with the sweep's name (default:
+    the lesson's latest sweep), read as `cglab report` reads it."""
+    if Path(source).is_file():
+        try:
+            data = json.loads(Path(source).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{PILOT_FLAG} {source}: not JSON ({err})") from None
+        return pilot_samples(data, lesson.number, f"{PILOT_FLAG} {source}")
+    if "://" not in source and not source.startswith("sqlite:"):
+        raise ConfigError(f"{PILOT_FLAG} {source!r}: neither a results JSON file nor an MLflow tracking URI")
+    from cglab.tune.results import collect  # MLflow's import costs seconds: only for a tracked pilot
+
+    return collect(lesson, source, sweep).samples
+
+
+def seeds_text(power: dict) -> str:
+    """The seeds section as a table."""
+    head = ["contrast", "test", "pilot seeds", "SD of a-b", "margin", "seeds needed"]
+    rows = [
+        [
+            r["contrast"],
+            r["test"],
+            str(r["pilot_seeds"]),
+            "-" if r["sd"] is None else f"{r['sd']:.4g}",
+            f"{r['margin']:g}",
+        ]
+        + [str(r["seeds_needed"]) + (f" ({r['note']})" if r.get("note") else "")]
+        for r in power["contrasts"]
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+    src = f"pilot {power['pilot']}" if "pilot" in power else f"no pilot ({PILOT_FLAG} SOURCE names one)"
+    level = f"{power['level']:.4g} two-sided: Holm's first step over the lesson's {power['family']} contrasts"
+    lines = [f"seeds needed ({src}; {power['target']}, at {level}):"]
+    lines += [fmt(head)] + [fmt(r) for r in rows]
+    lines.append(f"  most: {power['most']}, planned: {power.get('planned', '?')}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -90,6 +147,14 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="laptop", help="with --lesson: laptop | 1gpu | cluster")
     p.add_argument("--config", dest="config_file", default=None, help="with --lesson: base YAML (data sources...)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="with --lesson: the seeds to plan")
+    p.add_argument(
+        PILOT_FLAG,
+        default=None,
+        metavar="SOURCE",
+        help="with --lesson: a finished sweep's results (a results JSON such as benchmarks/results/"
+        "lessons_study.json, or an MLflow tracking URI) whose paired differences size the seeds",
+    )
+    p.add_argument("--sweep", default=None, help="with --pilot URI: the sweep to read (default: the latest)")
     p.add_argument(
         "--te",
         choices=("auto", "yes", "no"),
@@ -108,12 +173,20 @@ def run(args) -> int:
         overrides = ([args.config] if args.config else []) + list(args.overrides)
         if any("=" not in o for o in overrides):
             raise ConfigError("cglab plan --lesson: give the base YAML with --config, overrides as key=value")
+        seeds = tuple(args.seeds) if args.seeds else None
         plan = plan_lesson(
-            args.lesson, args.preset, args.config_file, overrides, args.te, tuple(args.seeds) if args.seeds else None
+            args.lesson, args.preset, args.config_file, overrides, args.te, seeds, args.pilot, args.sweep
         )
     else:
         if args.config is None:
             raise ConfigError("cglab plan: give a CONFIG, or --lesson N --preset P")
+        if args.pilot is not None:
+            raise ConfigError(f"cglab plan {PILOT_FLAG}: sizes a lesson's seeds; give --lesson N")
         plan = plan_config(args.config, list(args.overrides), args.te)
-    print(json.dumps(plan, indent=1, default=str) if args.json else text(plan))
+    if args.json:
+        print(json.dumps(plan, indent=1, default=str))
+    else:
+        print(text(plan))
+        if "seeds_needed" in plan:  # last: the trials' plans above are long, this is what sizes the sweep
+            print("\n" + seeds_text(plan["seeds_needed"]))
     return 0

@@ -55,3 +55,18 @@ def test_the_committed_study_covers_all_five_lessons():
         assert reading and int(reading.group(1)) == n and "not written yet" not in reading.group(2), n
         for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body):
             assert (RESULT.parent / png).stat().st_size > 0, png
+
+
+def test_the_studys_json_is_a_pilot_cglab_plan_reads():
+    """lessons_study.json (written beside the Markdown) round-trips through JSON into the per-seed samples
+    `cglab plan --lesson N --pilot` sizes the seeds from."""
+    import json
+
+    from cglab.tune.lessons import get_lesson
+    from cglab.tune.power import pilot_samples, plan_seeds
+
+    code = "eval/code_bpb"
+    samples = {"clm": {code: {"1": 2.91, "2": 2.95}}, "infill-r0.5": {code: {"1": 2.90, "2": 2.92}}}
+    data = json.loads(json.dumps(lessons_study.pilot_data({2: samples}, preset="study")))
+    assert data["preset"] == "study" and pilot_samples(data, 2) == samples
+    assert isinstance(plan_seeds(get_lesson(2), pilot_samples(data, 2))["contrasts"][0]["seeds_needed"], int)
