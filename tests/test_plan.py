@@ -59,7 +59,8 @@ def _within(m: dict) -> bool:
 # checked by tests/clusters/test_configs.py
 CONFIGS = sorted(p.name for p in (REPO / "jobs" / "configs").glob("*.yaml") if p.name != "cluster_data.yaml")
 # The released sizes on the recipes' clusters (clusters/aws-p5.yaml: 8xH100 nodes): config -> (TP, PP, DP, layers
-# per pipeline stage, recomputation)
+# per pipeline stage, recomputation); sequence parallelism wherever TP > 1 (the activations outside attention and
+# the MLP split over the TP ranks)
 RELEASED = {
     "codegen2_1b_cluster.yaml": (2, 1, 4, [16], "none"),
     "codegen2_3.7b_1gpu.yaml": (1, 1, 1, [16], "full"),
@@ -115,6 +116,7 @@ def test_the_released_sizes_plan_on_h100_nodes(config):
     tp, pp, dp, stages, recompute = RELEASED[config]
     par = plan["parallel"]
     assert (par["tp"], par["pp"], par["dp"], par["pipeline_stages"]) == (tp, pp, dp, stages)
+    assert par["sequence_parallel"] == (tp > 1)
     assert par["world_size"] % 8 == 0 or par["world_size"] == 1  # whole 8-GPU nodes, or one GPU
     assert plan["recompute"]["granularity"] == recompute
     assert plan["adam"]["distributed_optimizer"] == (dp > 1)
