@@ -156,6 +156,7 @@ def fit(
             preemptible=preemptible,
             stop_flag=stop_flag,
             extra_callbacks=tuple(callbacks),
+            eval_end_wait_s=worker_end_wait(run_plan),
         ),
         scaling_config=ScalingConfig(num_workers=cfg.world_size, use_gpu=p.use_gpu, resources_per_worker=per_worker),
         torch_config=(
@@ -179,6 +180,11 @@ def fit(
     out["tokenizer"] = str(run_dir / "tokenizer")
     out["timeline"] = timeline.hand_back(out.get("timeline"))  # the workers' events (last report) and this one's
     return out
+
+
+def worker_end_wait(run_plan: dict) -> float | None:
+    """The end wait every worker's periodic evaluation gets: the plan's bound (None: no evaluation while training)."""
+    return run_plan["periodic_eval"].get("end_wait_s")
 
 
 def _log_plan(ctx, run_plan: dict) -> None:
