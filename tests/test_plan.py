@@ -30,6 +30,7 @@ KEYS = {
     "sentinels",
     "memory_gb",
     "budget",
+    "periodic_eval",
     "warnings",
     "errors",
 }

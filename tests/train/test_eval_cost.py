@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from cglab.config import ConfigError, load_config
+from cglab.train.plan import text
 
 REPO = Path(__file__).resolve().parents[2]
 ONE_GPU_1B = REPO / "jobs" / "configs" / "codegen2_1b_1gpu.yaml"
@@ -43,6 +44,22 @@ def test_the_plan_places_and_costs_a_1b_evaluation_and_bounds_the_end_wait_by_it
     assert any(w.startswith("eval.every=100") and "skipped" in w for w in plan["warnings"])
     assert pe["end_wait_s"] == round(ec.END_WAIT_FACTOR * est + ec.END_WAIT_FLOOR_S, 1)
     assert pe["end_wait_gpu_hours"] == round(pe["end_wait_s"] / 3600, 2)
+    printed = text(plan)  # `cglab plan`'s table
+    assert "\nperiodic_eval:\n" in printed and f"  end_wait_s: {pe['end_wait_s']}" in printed
+    assert f"  estimate_s: {pe['estimate_s']}" in printed and "  placement: CPU" in printed
+
+
+def test_the_scanned_document_lengths_and_a_drawn_split_set_the_tokens_scored():
+    """Not drawn yet: the budget in documents of the kind's mean length (at most data.seq_length) up to
+    eval.max_docs; drawn: the split's own counts."""
+    from cglab.train.eval_cost import text_tokens
+
+    cfg = load_config(ONE_GPU_1B, ["eval.every=100", "eval.max_docs=300"])
+    sources = [{"kind": "pile", "tokens_per_document": 100.0}, {"kind": "stack", "tokens_per_document": 5000.0}]
+    # NL: 32,768 / 100 -> 328 documents, capped at 300; code: documents cut at 2048 -> 16
+    assert text_tokens(cfg, sources) == {"nl": 300 * 100, "code": 16 * 2048, "infill": 16 * 2048}
+    drawn = {"nl": {"documents": 10, "tokens": 5000}, "code": {"documents": 4, "tokens": 6000}, "duplicates": 0}
+    assert text_tokens(cfg, sources, drawn) == {"nl": 5000, "code": 6000, "infill": 4 * 2048}
 
 
 def test_the_code_part_and_fewer_scored_documents_change_the_estimate():
