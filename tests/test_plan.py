@@ -31,6 +31,7 @@ KEYS = {
     "sentinels",
     "memory_gb",
     "budget",
+    "periodic_eval",
     "warnings",
     "errors",
 }

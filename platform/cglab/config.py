@@ -476,10 +476,13 @@ class EvalConfig(_Section):
     # steps, the curve whose last point the final evaluation is; `code_every`: pass@1 in the sandbox on a fixed
     # subset (the first `code_limit` HumanEval problems and single-line HumanEval-Infill tasks) every N steps,
     # as code_eval/*. 0: off. `task_cpus`: the logical CPUs the evaluation task requests (and its torch threads).
+    # `end_wait_s`: how long a completed run waits for the evaluation in flight before cancelling it; None: bounded
+    # by the plan's estimate of one evaluation (cglab.train.eval_cost.end_wait_s, `cglab plan` prints it).
     every: int = Field(0, ge=0)
     code_every: int = Field(0, ge=0)
     code_limit: int = Field(8, ge=1)
     task_cpus: float = Field(1.0, gt=0.0)
+    end_wait_s: float | None = Field(None, gt=0.0)
 
     @property
     def periodic(self) -> bool:

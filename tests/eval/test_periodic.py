@@ -47,12 +47,18 @@ def _cfg(*overrides):
     )
 
 
-def _callback(rig, run_dir, cfg, storage="", **spec):
+def _callback(rig, run_dir, cfg, storage="", end_wait_s=600.0, **spec):
+    """The callback as a worker gets it; `end_wait_s`: the plan's bound, which fit hands over in the inputs."""
     from cglab.eval.periodic import PeriodicEval
 
     state, tok_json = rig
     inp = SimpleNamespace(
-        cfg=cfg, plan=SimpleNamespace(tokenizer_json=tok_json), run_dir=str(run_dir), mlflow=None, storage=storage
+        cfg=cfg,
+        plan=SimpleNamespace(tokenizer_json=tok_json),
+        run_dir=str(run_dir),
+        mlflow=None,
+        storage=storage,
+        eval_end_wait_s=end_wait_s,
     )
     return PeriodicEval(**spec)(inp, state, None)
 
@@ -136,6 +142,7 @@ def test_a_worker_that_cannot_see_the_drivers_run_directory_still_evaluates_thro
         ("eval.code_every=-5", "eval.code_every"),
         ("eval.code_limit=0", "eval.code_limit"),
         ("eval.task_cpus=0", "eval.task_cpus"),
+        ("eval.end_wait_s=0", "eval.end_wait_s"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

@@ -40,10 +40,12 @@ Never blocking training: the task requests eval.task_cpus CPUs (and uses as many
 GPUs are the Train workers'), outside any placement group. In a Tune trial those CPUs are part of the trial's
 resources (`cglab.train.plan.trial_resources`), so the trials `max_concurrent` runs side by side leave room for
 each one's task; and nothing waits on the task without a bound anyway: while it is pending or running, due steps
-are skipped, and `on_end` waits at most END_WAIT_S for it (so the last point is logged before the run finishes)
-and then cancels it; a run that stopped early (preempted, or a failed step Ray Train restarts from a checkpoint)
-cancels it without waiting. A failing task is logged (a warning, and its error in its record) and never fails
-the training run.
+are skipped, and `on_end` waits for it (so the last point is logged before the run finishes) at most the plan's
+bound, `periodic_eval.end_wait_s` in `cglab plan` (cglab.train.eval_cost: a few estimated evaluations, or
+eval.end_wait_s), which `fit` hands every worker as WorkerInputs.eval_end_wait_s, and then cancels it; a run
+that stopped early (preempted, or a failed step Ray Train restarts from a checkpoint) cancels it without waiting.
+A failing task is logged (a warning, and its error in its record) and never fails the training run. The plan
+(`periodic_eval`) also says what one evaluation is estimated to cost and whether due evaluations will be skipped.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ from typing import Any
 from cglab import storage
 from cglab.config import CGLabConfig
 from cglab.train.callbacks import Callback, StepEnd
+from cglab.train.eval_cost import task_resources
 
 log = logging.getLogger(__name__)
 
-END_WAIT_S = 1800.0  # at the end of training, wait this long for the task in flight, then cancel it
 CODE_SUITES = ("humaneval", "infill")
 RECORDS = "eval_records"  # <storage>/<run>/eval_records/step_XXXXXX.json: one record per evaluation
 
@@ -160,15 +162,24 @@ def read_evals(run: str | Path) -> dict[int, dict]:
 class PeriodicEval:
     """The callback factory `cglab.train.trainer.fit(callbacks=...)` takes (picklable; called on every worker).
     `final_text_eval`: a final evaluation follows training (a Tune trial), so the held-out texts are not scored
-    again at train.train_steps. `end_wait_s`: how long `on_end` waits for the task in flight."""
+    again at train.train_steps."""
 
     nl_path: str | None = None
     code_path: str | None = None
     final_text_eval: bool = False
-    end_wait_s: float = END_WAIT_S
 
     def __call__(self, inp, state, feed) -> Callback:
         return PeriodicEvalCallback(self, inp, state)
+
+
+def end_wait(inp) -> float:
+    """How long `on_end` waits for the task in flight: the plan's bound, which `fit` put in the worker's inputs."""
+    wait = getattr(inp, "eval_end_wait_s", None)
+    if wait is None:
+        raise ValueError(
+            "WorkerInputs.eval_end_wait_s: not set; cglab.train.trainer.fit sets it from the plan's periodic_eval"
+        )
+    return float(wait)
 
 
 class PeriodicEvalCallback(Callback):
@@ -184,6 +195,7 @@ class PeriodicEvalCallback(Callback):
         # task reads from. Decided by the inputs alone, never by what this node's disk shows: the same on every rank.
         self.where = getattr(inp, "storage", "") or inp.run_dir or ""
         self.enabled = bool(self.cfg.eval.periodic and self.where)
+        self.end_wait_s = end_wait(inp) if self.enabled else 0.0
         self.inflight = None  # (ObjectRef, EvalJob)
         self.skipped = 0
         self.step, self.stopped = 0, False  # how far this attempt got; stopped early (preemption)
@@ -290,12 +302,12 @@ class PeriodicEvalCallback(Callback):
             log.warning("evaluation of step %d failed: %s", job.step, rec["error"])
 
     def on_end(self) -> None:
-        """Training completed: wait up to end_wait_s for the last task, so its point is logged before the run
+        """Training completed: wait up to the plan's end_wait_s for the last task, so its point is logged before the run
         ends. Stopped early (a preemption, or a step that raised and Ray Train restarts the workers): cancel it
         at once, a restart or an exit within the grace period must not wait for an evaluation."""
         if self.rank == 0 and self.enabled:
             complete = self.complete and not self.stopped
-            self._reap(wait_s=self.spec.end_wait_s if complete else 0, cancel=True)
+            self._reap(wait_s=self.end_wait_s if complete else 0, cancel=True)
 
 
 def _submit(job: EvalJob):
@@ -304,8 +316,7 @@ def _submit(job: EvalJob):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     task = ray.remote(
-        num_cpus=job.cfg.eval.task_cpus,
-        num_gpus=0,
+        **task_resources(job.cfg),  # what the plan's periodic_eval.placement says
         max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )(evaluate_snapshot)

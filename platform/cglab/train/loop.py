@@ -54,6 +54,8 @@ class WorkerInputs:
     # Callbacks from the layers above train (e.g. cglab.eval.periodic): picklable factories, each called on every
     # worker as factory(inp, state, feed) -> Callback; `_callbacks` says where they run
     extra_callbacks: tuple[Callable[..., cb.Callback], ...] = ()
+    # how long the end of a completed run waits for the evaluation in flight: the plan's bound (periodic_eval)
+    eval_end_wait_s: float | None = None
 
 
 def worker_loop(inp: WorkerInputs) -> None:

@@ -7,8 +7,10 @@ machine without one): the attention backend and why, the fusions, the Adam Megat
 grad-scale fold applies, precision, the parallel layout, resources, the data available (a bounded scan through
 the training readers and filters, its method stated) against the data needed, the mask fraction each corrupting
 objective realises on that data at the configured sequence length (the real objective code, run on a sample), the
-sentinels needed and available, memory per GPU (cglab.train.memory), and the run's parameters, tokens per parameter
-and expected GPU-hours (cglab.train.budget, an estimate from the measured 1B anchor). `warnings` are decisions a
+sentinels needed and available, memory per GPU (cglab.train.memory), the run's parameters, tokens per parameter
+and expected GPU-hours (cglab.train.budget, an estimate from the measured 1B anchor), and the evaluation while
+training: where its task runs, its cost against the interval between due evaluations, and the end wait's bound
+(cglab.train.eval_cost). `warnings` are decisions a
 researcher should know about; `errors` are what a run refuses. The attention, fusion and Adam entries are the run's own
 `cglab.decisions.RunDecisions`, resolved for the target machine. `cglab train`, `jobs/pretrain.py` and every Tune
 trial run `plan_run` before any worker starts (cglab.train.trainer.fit), refuse on errors and log the plan as
@@ -35,6 +37,7 @@ from cglab.data.objectives import packing_reserve
 from cglab.data.packing import pack_documents
 from cglab.data.tokenizer import load_tokenizer
 from cglab.train.checkpoint_size import checkpoint_plan, grace_warning
+from cglab.train.eval_cost import periodic_eval_plan
 from cglab.train.memory import memory_gib, planned_stages
 
 # The bounded data scan: per source, files are read in order until either budget is spent.
@@ -496,6 +499,14 @@ def plan_run(
     out["checkpoint_size"] = size
     if (w := grace_warning(size)) is not None:
         warnings.append(w)
+    out["periodic_eval"] = periodic_eval_plan(
+        cfg,
+        out["budget"]["parameters"]["total"],
+        step_s,
+        warnings,
+        sources=(out["data"] or {}).get("sources"),
+        heldout=(out["data"] or {}).get("heldout"),
+    )
     out["warnings"], out["errors"] = warnings, errors
     return out
 

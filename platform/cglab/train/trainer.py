@@ -151,6 +151,7 @@ def fit(
         preemptible=preemptible,
         stop_flag=stop_flag,
         extra_callbacks=tuple(callbacks),
+        eval_end_wait_s=worker_end_wait(run_plan),
     )
     trainer = torch_trainer(inputs, storage_path)
     with preemption.on_sigterm(stop_flag, cfg.train.preempt_grace_s) if preemptible else contextlib.nullcontext():
@@ -197,6 +198,11 @@ def torch_trainer(inputs, storage_path: str):
         ),
         run_config=run_config(cfg, storage_path, inputs.name),
     )
+
+
+def worker_end_wait(run_plan: dict) -> float | None:
+    """The end wait every worker's periodic evaluation gets: the plan's bound (None: no evaluation while training)."""
+    return run_plan["periodic_eval"].get("end_wait_s")
 
 
 def _log_plan(ctx, run_plan: dict) -> None:
