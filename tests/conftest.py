@@ -62,3 +62,13 @@ def s3_store():
 
         pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
         yield env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow server (SQL store) for every test that logs to one: tests keep to experiments of their own.
+    A test may stop and start it (the outage test): it comes back on the same port and store."""
+    from cglab.track.server import local_server
+
+    with local_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

@@ -424,22 +424,25 @@ def mix_dataset(
             w = np.array([plan.weights[s] for s in srcs])
             rng = np.random.default_rng([plan.seed, epoch, task, _MIX_TAG])  # the unit's identity: same on any rank
             size = (lambda doc: doc[1].size) if by_tokens else None
-            sent: Counter = Counter()
             rows, tokens, done = [], 0, 0
             for i, doc in interleave(streams, w, rng, size=size):
                 rows.append((srcs[i], doc))
                 tokens += doc[1].size
                 if len(rows) >= _BLOCK_DOCS or tokens >= _BLOCK_TOKENS:
-                    sent.update(r[0] for r in rows)
+                    count(rows)
                     yield table(rows, task, done)
                     rows, tokens, done = [], 0, done + len(rows)
             if rows:
-                sent.update(r[0] for r in rows)
+                count(rows)
                 yield table(rows, task, done)
         finally:
             prepared.close(opened)
+
+    def count(rows):
+        """Export the documents of a block as it is handed on (not when the task ends: a run that has its steps
+        stops reading mid-task, and what it read must still count)."""
         if count_as is not None:
-            for s, n in sent.items():
+            for s, n in Counter(r[0] for r in rows).items():
                 DataMetrics(experiment=count_as, source=plan.sources[s].name).kept(n)
 
     def paths(pieces):
