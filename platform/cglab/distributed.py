@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -59,7 +60,20 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
 
 def spawn(fn, world_size: int, *args) -> None:
     """Run fn(rank, *args) in world_size fresh processes wired as one gloo/NCCL group on 127.0.0.1.
-    fn must be importable (module-level). Raises if any process fails."""
+    fn must be importable (module-level). Raises if any process fails.
+
+    The processes fork from Python's forkserver, which imported torch, Megatron and fn's module once for this
+    process (importing them takes seconds of CPU a process, every call, under the `spawn` start method). The server
+    never initialises CUDA or a process group, so each child starts as clean as a spawned one; it inherits the
+    environment the server started with, and gets RANK, WORLD_SIZE and MASTER_* here."""
+    _preload_forkserver(fn.__module__)
     mp.start_processes(
-        _spawn_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="spawn", join=True
+        _spawn_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, start_method="forkserver", join=True
     )
+
+
+@functools.cache
+def _preload_forkserver(module: str) -> None:
+    """What the forkserver imports before its first fork (set before it starts; later calls cannot add to it, and a
+    child imports its fn's module itself, on torch and Megatron already loaded)."""
+    mp.set_forkserver_preload([__name__, module])
