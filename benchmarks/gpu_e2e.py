@@ -3,7 +3,7 @@ one table it prints. Every phase writes its row, also when it fails (status + re
 phase of this invocation failed. Rows of earlier invocations (a warm device keeps .cglab/e2e between calls) are
 kept in .cglab/e2e/rows.json, so the last call prints the whole table.
 
-    python benchmarks/gpu_e2e.py [--phases env,data,train,throughput,distopt,eval,ablate] [--out DIR] [--dry-run]
+    python benchmarks/gpu_e2e.py [--phases env,data,train,throughput,distopt,eval,ablate,big] [--out DIR] [--dry-run]
 
 Phases (the issue's items):
   env         GPU, versions of the bundle (benchmarks/gpu_env.sh check), sandbox isolation
@@ -21,6 +21,10 @@ Phases (the issue's items):
               checkpoint; `cglab eval run --suite humaneval` on a subset, programs run in the sandbox
   ablate      (5) `cglab ablate 2 --preset 1gpu` cut short, a local MLflow server (SQLite store); both trials
               FINISHED with eval/* metrics in MLflow
+  big         (issue 28) jobs/configs/codegen2_3.7b_1gpu.yaml (codegen2-3.7B, full recomputation) on the data
+              phase's corpus: `cglab plan`'s memory per GPU and tokens/s estimate, then BIG_STEPS steps through
+              fit() as `cglab train` calls it (Ray Train, MLflow), with the CUDA allocator's peak in every step's
+              metrics: plan vs measured. An out-of-memory is the row's result (status OOM), not a failure
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -40,7 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("CGLAB_E2E_WORK", REPO / ".cglab" / "e2e"))  # kept between calls on a warm device
-PHASES = ("env", "data", "train", "throughput", "distopt", "eval", "ablate")
+PHASES = ("env", "data", "train", "throughput", "distopt", "eval", "ablate", "big")
+SERVER_PHASES = ("train", "ablate", "big")  # their runs go to a local MLflow server (started for the first)
 PY = sys.executable
 
 # Sizes: the 1gpu preset's shape (CodeGen 350M: d1024 L20, seq 2048, micro-batch 4, 8 micro-batches per step).
@@ -68,12 +74,31 @@ STRICT_REL, CLEAN_REL = 1e-5, 1e-2
 UPDATE_REL = 1e-2  # distopt: the step after a load, main-param difference over the update's size
 BENCH_PRESET = "codegen2-1B"  # train_throughput's cases start from a preset; the run's shape overrides it
 THROUGHPUT_GOAL, DATA_WAIT_GOAL = 0.95, 0.02  # the issue's: within 5% of the step benchmark, data wait < 2%
+# big (issue 28): the 3.7B layout on one GPU. BIG_STEPS steps are recorded, the first BIG_WARM (torch.compile, the
+# allocator growing) left out of the step time. The run stops by the fault hook (mode "raise", the test hook
+# train.callbacks.Fault) in step BIG_STEPS + 1, the config's last, before that step's checkpoint: the last step
+# always saves one, and a 3.7B checkpoint with its optimizer is ~51 GB (the plan's checkpoint_size), staged and then
+# copied to storage by Ray Train: twice that on the device's 64 GiB disk, and ~80 s of writing.
+BIG_CONFIG = REPO / "jobs" / "configs" / "codegen2_3.7b_1gpu.yaml"
+BIG_STEPS, BIG_WARM = 6, 2
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
 # Seconds each phase is expected to take on one H100/H200 (first run); a phase that would not finish inside the
 # call's budget (--budget-s) is skipped with a row saying so, so the table still prints before the call's limit.
-ESTIMATE_S = {"env": 15, "data": 90, "train": 170, "throughput": 40, "distopt": 60, "eval": 60, "ablate": 210}
+# big: `cglab plan` 20, the driver (Ray, the plan again, the data prepared) 40, the Ray Train worker's start 15, the
+# 3.64B weights drawn on the CPU (cglab.model.init: ~0.6 s per 50M on one core) 40, step 1 with a cold compile for
+# this shape 50, six more steps at the plan's 18,002 tokens/s (7.3 s each) 50, the failure's teardown 15.
+ESTIMATE_S = {
+    "env": 15,
+    "data": 90,
+    "train": 170,
+    "throughput": 40,
+    "distopt": 60,
+    "eval": 60,
+    "ablate": 210,
+    "big": 240,
+}
 DEADLINE = [math.inf]  # time.monotonic() by which every command must have ended (main sets it from --budget-s)
 
 
@@ -227,6 +252,14 @@ def plan_json(ph: Phase, args: list[str]) -> dict:
     return {} if ph.dry else json.loads(out[out.index("{") :])
 
 
+def cut_to_data(plan: dict, steps: int, least: int) -> int:
+    """Fewer steps, same batch, where the plan reads more than MAX_PASS of a source in the run: the data must not
+    run dry (nor be read almost whole: dedup, not in the plan's scan, still has to leave enough); never below
+    `least`."""
+    worst = max(plan["passes"].values())
+    return steps if worst <= MAX_PASS else max(least, math.floor(steps * MAX_PASS / worst))
+
+
 def phase_data(ph: Phase) -> tuple[str, str]:
     corpus, tok = WORK / "corpus", WORK / "tokenizer"
     ph.sh(
@@ -255,12 +288,10 @@ def phase_data(ph: Phase) -> tuple[str, str]:
         )
     steps, every = STEPS, EVERY
     plan = plan_json(ph, [str(train_config(steps, every))])
-    if not ph.dry:
-        worst = max(plan["passes"].values())
-        if worst > MAX_PASS:  # fewer steps, same batch: the data must not run dry (nor be read almost whole)
-            steps = max(2 * KILL_AFTER + 2, math.floor(steps * MAX_PASS / worst))
-            every = max(2, steps // 4)
-            plan = plan_json(ph, [str(train_config(steps, every))])
+    cut = steps if ph.dry else cut_to_data(plan, steps, 2 * KILL_AFTER + 2)
+    if cut < steps:
+        steps, every = cut, max(2, cut // 4)
+        plan = plan_json(ph, [str(train_config(steps, every))])
     (WORK / "logs" / "plan_train.json").write_text(json.dumps(plan, indent=1))
     base = WORK / "ablate_base.yaml"
     import yaml
@@ -488,6 +519,92 @@ def phase_ablate(ph: Phase, uri: str | None) -> tuple[str, str]:
     )
 
 
+def big_config(steps: int) -> Path:
+    """BIG_CONFIG on the data phase's corpus and tokenizer for `steps` steps (the last one stopped by the fault
+    hook), no retry: an out-of-memory would only repeat."""
+    from cglab.config import dump_config, load_config
+
+    s = state()
+    cfg = load_config(
+        BIG_CONFIG,
+        [
+            f"data.sources={json.dumps(s['sources'])}",
+            f"data.tokenizer.path={s['tokenizer']}",
+            f"train.train_steps={steps}",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=0",
+            "train.max_failures=0",
+            "track.experiment=codegen2/e2e",
+        ],
+    )
+    path = WORK / "big.yaml"
+    path.write_text(f"# {BIG_CONFIG.relative_to(REPO)} on the e2e corpus, {steps} steps\n{dump_config(cfg)}")
+    return path
+
+
+def phase_big(ph: Phase, uri: str | None) -> tuple[str, str]:
+    if "sources" not in state():
+        return "FAIL", "no corpus: the data phase runs first (PHASES=env,data,big)"
+    steps = BIG_STEPS + 1
+    plan = plan_json(ph, [str(big_config(steps))])
+    cut = steps if ph.dry else cut_to_data(plan, steps, BIG_WARM + 3)
+    if cut < steps:
+        steps = cut
+        plan = plan_json(ph, [str(big_config(steps))])
+    (WORK / "logs" / "plan_big.json").write_text(json.dumps(plan, indent=1))
+    if plan.get("errors"):
+        return "FAIL", f"cglab plan {BIG_CONFIG.name}: {'; '.join(plan['errors'])}"
+    runs = WORK / "big-runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    name = f"big-{int(time.time())}"
+    marker = WORK / "big-stop-marker"
+    marker.unlink(missing_ok=True)
+    env = {"MLFLOW_TRACKING_URI": uri} if uri else {}
+    # not ph.worker: the Ray Train worker's own output (an out-of-memory's message) is read too
+    out = ph.sh([PY, __file__, "--worker", "fit_big", str(WORK / "big.yaml"), str(runs), name, str(marker)], env=env)
+    if ph.dry:
+        return "dry-run", ""
+    records = _losses(runs / name) if (runs / name / "metrics.jsonl").is_file() else {}
+    return big_row(plan, records, last_json(out).get("error"), out, marker.exists(), steps - 1)
+
+
+def big_row(plan: dict, records: dict[int, dict], error: str | None, output: str, stopped: bool, want: int):
+    """The big phase's (status, detail) from its plan, the run's per-step records, the error fit raised, the
+    worker's output and whether the stop hook fired: ok when `want` steps were recorded and the run stopped at the
+    hook; OOM (a result: the layout does not fit this GPU) when CUDA ran out of memory; FAIL otherwise."""
+    mem, tps_plan = plan["memory_gb"], plan["budget"]["tokens_per_s"]
+    peaks = [r["gpu_peak_allocated_gib"] for r in records.values() if "gpu_peak_allocated_gib" in r]
+    planned = (
+        f"plan {mem['total']:.1f} GiB/GPU (weights {mem['weights']:.1f}, grads {mem['grads']:.1f}, optimizer "
+        f"{mem['optimizer']:.1f}, activations {mem['activations']:.1f}, logits {mem['logits']:.1f}; recompute "
+        f"{mem['recompute']})"
+    )
+    oom = re.search(r"CUDA out of memory[^\n]*", output)
+    if oom or re.search(r"OutOfMemoryError", output):
+        seen = f"peak allocated before it {max(peaks):.1f} GiB" if peaks else "no step finished"
+        return "OOM", (
+            f"{BIG_CONFIG.name} does not fit: out of memory after {len(records)} of {want} steps ({seen}); "
+            f"{planned}; {oom.group(0)[:240] if oom else 'OutOfMemoryError'}"
+        )
+    if not (stopped and sorted(records) == list(range(1, want + 1)) and len(peaks) == want):
+        return "FAIL", (
+            f"{len(records)} of {want} steps recorded, stop hook {'fired' if stopped else 'not reached'}"
+            f"{', no peak memory metric' if records and not peaks else ''}: {error or 'no error returned'}"
+        )[:400]
+    steady = [r for i, r in sorted(records.items()) if i > BIG_WARM]
+    last = records[want]
+    step_s = statistics.median(r["step_time_s"] for r in steady)
+    tps = statistics.median(r["tokens_per_s"] for r in steady)
+    mfu = f" (MFU {statistics.median(r['mfu'] for r in steady):.1%})" if all("mfu" in r for r in steady) else ""
+    return "ok", (
+        f"{BIG_CONFIG.name}: {planned}; measured peak {max(peaks):.1f} GiB allocated ({max(peaks) / mem['total']:.0%}"
+        f" of the plan), {last['gpu_peak_reserved_gib']:.1f} GiB reserved, of the GPU's {last['gpu_total_gib']:.1f}"
+        f"; {want} steps, steps {BIG_WARM + 1}-{want} median {step_s:.2f} s/step, {tps:,.0f} tokens/s{mfu} vs the "
+        f"plan's estimate {tps_plan:,} ({tps / tps_plan:.2f}x); data wait "
+        f"{sum(r['data_wait_s'] for r in steady) / sum(r['step_time_s'] for r in steady):.1%} of step time"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ workers
 def worker_fit_fault(cfg_path: str, storage: str, name: str, kill: str, marker: str) -> dict:
     """fit() as `cglab train` calls it (its MLflow run too), with the worker SIGKILLed once after step `kill`."""
@@ -504,6 +621,51 @@ def worker_fit_fault(cfg_path: str, storage: str, name: str, kill: str, marker: 
         fault={"step": int(kill), "rank": 0, "marker": marker},
     )
     return {"checkpoint": out.get("checkpoint"), "loss": out.get("loss")}
+
+
+def peak_memory(inp, state, feed):
+    """A training callback's factory for fit(callbacks=) (picklable: Ray sends it to the worker): the CUDA caching
+    allocator's peak since the worker started, allocated (the tensors: what `cglab plan`'s memory counts) and
+    reserved (with the allocator's slack), and the device's capacity, in GiB, into every step's metrics."""
+    import torch
+
+    from cglab.train.callbacks import Callback
+
+    class PeakMemory(Callback):
+        def on_step_end(self, s) -> None:
+            if torch.cuda.is_available():
+                s.metrics.update(
+                    gpu_peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                    gpu_peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                    gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                )
+
+    return PeakMemory()
+
+
+def worker_fit_big(cfg_path: str, storage: str, name: str, marker: str) -> dict:
+    """fit() as `cglab train` calls it (preemptible, its MLflow run) with the peak-memory callback, stopped in the
+    config's last step by the fault hook (see BIG_STEPS); the error fit raises is returned, not raised: the phase
+    tells the planned stop from an out-of-memory or another failure."""
+    from cglab.config import load_config
+    from cglab.pretrain import mlflow_run
+    from cglab.train.trainer import fit
+
+    cfg = load_config(cfg_path)
+    stop = {"step": cfg.train.train_steps, "rank": 0, "marker": marker, "mode": "raise"}
+    try:
+        fit(
+            cfg,
+            storage_path=storage,
+            name=name,
+            mlflow=mlflow_run(cfg, name),
+            preemptible=True,
+            fault=stop,
+            callbacks=(peak_memory,),
+        )
+    except Exception as err:  # noqa: BLE001 - the planned stop ends here too
+        return {"error": f"{type(err).__name__}: {err}"[-2000:]}
+    return {"error": None}
 
 
 def _bench_overrides(cfg) -> list[str]:
@@ -702,7 +864,13 @@ def worker_greedy(ckpt: str) -> dict:
     return {"prompts": len(prompts), "equal": equal, "margin": margin}
 
 
-WORKERS = {"fit_fault": worker_fit_fault, "throughput": worker_throughput, "ckpt": worker_ckpt, "greedy": worker_greedy}
+WORKERS = {
+    "fit_fault": worker_fit_fault,
+    "throughput": worker_throughput,
+    "ckpt": worker_ckpt,
+    "greedy": worker_greedy,
+    "fit_big": worker_fit_big,
+}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -750,13 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s > 0:
         DEADLINE[0] = start + args.budget_s - 10  # the table, the logs' tarball and the server's stop
     try:
-        if {"train", "ablate"} & set(phases) and not args.dry_run:
-            try:
-                server = mlflow_server()
-                print(f"MLflow server {server.uri}", flush=True)
-            except Exception as err:  # the phases that need it say so in their rows
-                print(f"MLflow server did not start: {err}", flush=True)
-        uri = server.uri if server else ("http://127.0.0.1:PORT" if args.dry_run else None)
+        uri, tried = ("http://127.0.0.1:PORT" if args.dry_run else None), args.dry_run
         for name in phases:
             ph = Phase(name, out, args.dry_run)
             t0 = time.perf_counter()
@@ -767,8 +929,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"skipped: {left:.0f} s left of the call's budget, the phase takes "
                         f"~{ESTIMATE_S[name]} s; rerun it in the next call (PHASES={name})"
                     )
+                if name in SERVER_PHASES and not tried:  # once, and not for a skipped phase
+                    tried = True
+                    try:
+                        server = mlflow_server()
+                        uri = server.uri
+                        print(f"MLflow server {uri}", flush=True)
+                    except Exception as err:  # the phases that need it say so in their rows
+                        print(f"MLflow server did not start: {err}", flush=True)
                 fn = globals()[f"phase_{name}"]
-                status, detail = fn(ph, uri) if name in ("train", "ablate") else fn(ph)
+                status, detail = fn(ph, uri) if name in SERVER_PHASES else fn(ph)
             except Exception as err:  # noqa: BLE001 - the row records it and the next phase still runs
                 traceback.print_exc()
                 status, detail = "FAIL", f"{type(err).__name__}: {err}"[:400]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The product path on one lent GPU, end to end (issue 18): `cglab train` under Ray Train with Ray Data, a killed
 # worker resumed from its checkpoint, tokens/s beside the step benchmark, the distributed optimizer's checkpoint
-# on CUDA, `cglab eval run` on the GPU-trained checkpoint, `cglab ablate 2 --preset 1gpu` with MLflow. One table.
+# on CUDA, `cglab eval run` on the GPU-trained checkpoint, `cglab ablate 2 --preset 1gpu` with MLflow; and (issue 28)
+# the codegen2-3.7B layout on one GPU with full recomputation, its measured peak memory beside `cglab plan`'s. One table.
 # What each phase does and checks: benchmarks/gpu_e2e.py's docstring. Not yet run on a device (written 2026-12-01).
 #
-#   [PHASES=env,data,train,throughput,distopt,eval,ablate] [DRY_RUN=1] bash benchmarks/gpu_e2e.sh
+#   [PHASES=env,data,train,throughput,distopt,eval,ablate,big] [DRY_RUN=1] bash benchmarks/gpu_e2e.sh
 #
 # RUNBOOK (device tool `run`, from the repo root). The machine goes back after ~30 s idle and then forgets the
 # environment and .cglab/e2e, so issue the calls back to back, each as soon as the previous one returns.
@@ -27,12 +28,26 @@
 # _h100) with the commit it ran at; $OUT/gpu_e2e_logs.tar.gz has every command's output. With ~150 s left, a failed
 # short phase reruns alone at once (PHASES=throughput, distopt or eval, BUDGET_S=120, timeout_s 140); train and
 # ablate do not fit twice. If the machine was given back in between, start over at call 1.
+#
+# The big phase (jobs/configs/codegen2_3.7b_1gpu.yaml, ~240 s) does not fit in that session's 900 s: it takes a
+# session of its own (another task that draws a device), on a fresh machine, so env and data run again first.
+# Name kind nvidia-h100-x1 in its call: the question is whether the plan's ~64 GiB fits an H100's 80 GB (on an
+# H200 the row still gives the measured peak and the GPU's size beside it).
+#   b1    BUDGET_S=400 PHASES=env,data,big bash benchmarks/gpu_e2e.sh
+#                                                                     [".gpuenv/chunk-0"]   420   90 start + 345
+#         give_back                                                        total ~510 s of the 900 s budget
+# Its table is one row per phase; commit it as benchmarks/results/gpu_e2e_big_h100.txt, and the big row's
+# measured memory and tokens/s replace the estimate of the codegen2_3.7b_1gpu.yaml row of
+# benchmarks/results/scaling_estimate.md. An out-of-memory is the row's result (status OOM, exit 0), not a failure.
+# If the big phase fails otherwise, it reruns alone at once (PHASES=big, BUDGET_S=260, timeout_s 280): env and
+# data's files are still on the warm machine.
 # Estimated seconds per phase (ESTIMATE_S in gpu_e2e.py; torch.compile's cache is cold in train, warm after): env
 # 15, data 90 (corpus + 51200-token BPE + two `cglab plan`), train 170 (two Ray Train runs of 20 steps, one killed
-# and restarted), throughput 40, distopt 60 (two optimizers), eval 60, ablate 210 (two Tune trials: 6 steps + nl/humaneval/infill).
+# and restarted), throughput 40, distopt 60 (two optimizers), eval 60, ablate 210 (two Tune trials: 6 steps + nl/humaneval/infill),
+# big 240 (`cglab plan`, a 3.64B model drawn on the CPU, a cold compile, 7 steps of ~7 s at the plan's estimate).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PHASES=${PHASES:-env,data,train,throughput,distopt,eval,ablate}
+PHASES=${PHASES:-env,data,train,throughput,distopt,eval,ablate,big}
 DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/gpu_e2e}
 mkdir -p "$OUT"
