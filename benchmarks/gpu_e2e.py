@@ -161,11 +161,15 @@ class Phase:
 
 
 def last_json(text: str) -> dict:
-    """The last line of `text` that is a JSON object, or the last pretty-printed object ending the text."""
+    """The last line of `text` that ends in a JSON object, or the last pretty-printed object ending the text. A
+    line may begin with something else: Ray Data's progress bars, forwarded from the workers, end without a newline,
+    so the worker's own JSON can follow one on its line."""
     for line in reversed(text.strip().splitlines()):
-        if line.startswith("{") and line.endswith("}"):
+        if not line.endswith("}"):
+            continue
+        for start in (i for i, c in enumerate(line) if c == "{"):  # the leftmost that parses: the whole object
             try:
-                return json.loads(line)
+                return json.loads(line[start:])
             except json.JSONDecodeError:
                 pass
     start = text.rfind("\n{")

@@ -357,6 +357,8 @@ def test_step_benchmark_measures_the_run_configs_shape(work):
     [
         ('noise\n{"a": 1}\nmore noise\n', {"a": 1}),
         ('log line\n{\n "checkpoint": "/x",\n "loss": 2.5\n}\n', {"checkpoint": "/x", "loss": 2.5}),
+        # a worker's JSON after a forwarded progress bar that ended without a newline (seen on CPU, big's worker)
+        ('(pid=1) - MapBatches: Tasks: 1 {x} [00:16<?, ? row/s]\x1b[A{"error": "a {b}"}\n', {"error": "a {b}"}),
     ],
 )
 def test_last_json(text, want):
