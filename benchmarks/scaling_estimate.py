@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "`jobs/configs/codegen2_*.yaml` planned from the config alone (`cglab.plan.plan_run`, no data scanned). "
         "No row has been measured on a device; replace a row by a measurement of its layout when a GPU is lent.",
         "",
+        "The codegen2_3.7b_1gpu.yaml row is what `benchmarks/gpu_e2e.sh`'s `big` phase measures (a device session "
+        "of its own: the runbook at the top of gpu_e2e.sh): that config trained on one GPU, the CUDA allocator's "
+        "peak beside this memory and the steps' tokens/s beside this estimate. When it has run, its row (or its OOM) "
+        "replaces this row's estimate.",
+        "",
         "- memory: `cglab plan`'s estimate for the busiest pipeline stage (cglab.train.memory: model states + "
         "activations by Korthikanti et al. 2022; the CUDA context and allocator slack, ~1-3 GB, not counted).",
         "- parameters: every weight incl. the embedding and the untied LM head (with its bias); in brackets "
