@@ -88,7 +88,7 @@ BIG_STEPS, BIG_WARM = 6, 2
 # call's budget (--budget-s) is skipped with a row saying so, so the table still prints before the call's limit.
 # big: `cglab plan` 20, the driver (Ray, the plan again, the data prepared) 40, the Ray Train worker's start 15, the
 # 3.64B weights drawn on the CPU (cglab.model.init: ~0.6 s per 50M on one core) 40, step 1 with a cold compile for
-# this shape 50, six more steps at the plan's 18,002 tokens/s (7.3 s each) 50, the failure's teardown 15.
+# this shape 50, six more steps at the plan's 18,002 tokens/s (7.3 s each) 50, the failure's teardown 15: 230.
 ESTIMATE_S = {
     "env": 15,
     "data": 90,
