@@ -11,7 +11,7 @@ import time
 
 from cglab.config import CGLabConfig, ConfigError
 from cglab.report import DEFAULT_UI, collect, link_lines, text_table, verdict_lines, write_report
-from cglab.track.server import make_server
+from cglab.track.server import DEFAULT_ROOT, make_server
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config, get_preset, preset_corpus_sources
 
@@ -98,8 +98,10 @@ def ablate(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
         print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
         own = not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))  # its server stops with it
-        if uri.startswith(("http://", "https://")):
-            print("\n".join(link_lines(runs, DEFAULT_UI if own else uri, server.root if own else None)))
+        if own:
+            print("\n".join(link_lines(runs, DEFAULT_UI, DEFAULT_ROOT)))
+        elif uri.startswith(("http://", "https://")):
+            print("\n".join(link_lines(runs, uri)))
         if own:
             print(
                 f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
