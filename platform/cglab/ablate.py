@@ -97,16 +97,14 @@ def ablate(args: argparse.Namespace) -> int:
             out, _ = write_report(res.lesson, uri, args.report, res.name)
             print(f"wrote {out}")
         print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
-        own = not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))  # its server stops with it
-        if own:
+        if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):  # its own server stops with it
             print("\n".join(link_lines(runs, DEFAULT_UI, DEFAULT_ROOT)))
-        elif uri.startswith(("http://", "https://")):
-            print("\n".join(link_lines(runs, uri)))
-        if own:
             print(
                 f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
                 f"the same store)"
             )
+        elif uri.startswith(("http://", "https://")):
+            print("\n".join(link_lines(runs, uri)))
     return 1 if res.errors else 0
 
 

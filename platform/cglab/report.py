@@ -87,9 +87,9 @@ def mlflow_links(runs: LessonRuns, ui: str) -> list[tuple[str, str]]:
     """(what, URL) of the MLflow pages a reader of the sweep opens, first to last: its trial runs in the runs
     table (best first on the first deciding metric), the sweep's run (verdicts as tags, trials listed), the
     compare view and the metric view."""
-    first = next(iter(_deciding(runs)), None)
+    order = next(((m.key, m.goal == "min") for m in _deciding(runs)), None)
     links = [
-        ("the sweep's runs", runs_url(ui, runs.experiment_id, runs.sweep, first and (first.key, first.goal == "min"))),
+        ("the sweep's runs", runs_url(ui, runs.experiment_id, runs.sweep, order)),
         ("the sweep's run (verdicts as tags)", run_url(ui, runs.experiment_id, runs.parent_run_id)),
         ("compare view", compare_url(runs, ui)),
     ]

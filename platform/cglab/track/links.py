@@ -22,12 +22,10 @@ def ui_url(ui: str, route: str, query: Sequence[tuple[str, str]] = ()) -> str:
     return f"{ui.rstrip('/')}/#/{route.strip('/')}?{q}"
 
 
-def runs_url(ui: str, experiment_id: str, sweep: str | None = None, order: tuple[str, bool] | None = None) -> str:
-    """The experiment's runs table. With `sweep`: that sweep's trial runs only, one row each, sorted by the metric
+def runs_url(ui: str, experiment_id: str, sweep: str, order: tuple[str, bool] | None = None) -> str:
+    """The experiment's runs table, showing the sweep's trial runs only, one row each, sorted by the metric
     `order` = (key, ascending), else by name. The table nests child runs under their parent's row, collapsed,
     whenever it is sorted by time (its default), so a sweep's trials would hide behind one row."""
-    if sweep is None:
-        return ui_url(ui, f"experiments/{experiment_id}/runs")
     key, asc = (f"metrics.`{order[0]}`", order[1]) if order else ("attributes.run_name", True)
     return ui_url(
         ui,
