@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo install lint bench clean
+.PHONY: test test-fast demo install lint browser bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,7 +24,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint
+# Debian's headless Chromium, for the test that opens the report and its MLflow links as a person would.
+browser:
+	@.ci/chromium
+
+test: lint browser
 	$(BIN)/python -m pytest -q --durations=20 tests
 
 # The unit tier for the inner loop, no lint: what starts Ray, MLflow or worker processes is marked `slow`

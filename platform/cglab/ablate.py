@@ -10,8 +10,8 @@ import sys
 import time
 
 from cglab.config import CGLabConfig, ConfigError
-from cglab.report import collect, text_table, verdict_lines, write_report
-from cglab.track.server import make_server
+from cglab.report import DEFAULT_UI, collect, link_lines, text_table, verdict_lines, write_report
+from cglab.track.server import DEFAULT_ROOT, make_server
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config, get_preset, preset_corpus_sources
 
@@ -97,11 +97,14 @@ def ablate(args: argparse.Namespace) -> int:
             out, _ = write_report(res.lesson, uri, args.report, res.name)
             print(f"wrote {out}")
         print(f"sweep {res.name}: {res.path}; resume with the same --name ({time.monotonic() - t0:.0f} s)")
-        if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):  # its own server stops with it
+            print("\n".join(link_lines(runs, DEFAULT_UI, DEFAULT_ROOT)))
             print(
                 f"report later: `cglab report --lesson {res.lesson.number}` (from this directory, it reads "
                 f"the same store)"
             )
+        elif uri.startswith(("http://", "https://")):
+            print("\n".join(link_lines(runs, uri)))
     return 1 if res.errors else 0
 
 

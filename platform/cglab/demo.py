@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cglab import raylocal
 from cglab.data.corpus import build_corpus, corpus_sources
-from cglab.report import collect, text_table, verdict_lines, write_report
+from cglab.report import DEFAULT_UI, collect, link_lines, text_table, verdict_lines, write_report
 from cglab.track.server import make_server
 from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
@@ -90,9 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\n".join(verdict_lines(runs)))
         print(f"\nPaper: {lesson.finding}")
         print(f"\nReport: {out}")
-        print("MLflow UI on these runs:")
-        print(f"  cglab mlflow up --root {work / 'mlflow'} --port 5000")
-        print(f"  then open http://127.0.0.1:5000/#/experiments/{res.experiment_id}")
+        print("\n".join(link_lines(runs, DEFAULT_UI, work / "mlflow")))
     finally:
         server.stop()
     return 1 if res.errors else 0

@@ -18,11 +18,11 @@ import json
 import math
 import os
 import sys
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 
+from cglab.track.links import run_url, runs_url, ui_url
 from cglab.track.server import TrackingUnavailable, check_server, sqlite_uri
 from cglab.tune.curves import QUARTER, Stability, align
 from cglab.tune.lessons import Lesson
@@ -49,33 +49,54 @@ def resolve_tracking(uri: str | None, root: str | Path = ".cglab/mlflow") -> tup
     return sqlite_uri(db), DEFAULT_UI
 
 
+def _json(x) -> str:
+    return json.dumps(x, separators=(",", ":"))
+
+
 def compare_url(runs: LessonRuns, ui: str) -> str:
     """MLflow's compare view of the sweep's finished child runs. Its route (`#/compare-runs?runs=[..]&
     experiments=[..]`, MLflow 3.17's getCompareRunPageRoute) takes no metric selection: pick the deciding
     metrics there by hand, or use `metric_url`."""
-    q = (
-        f"runs={urllib.parse.quote(json.dumps(runs.run_ids))}"
-        f"&experiments={urllib.parse.quote(json.dumps([runs.experiment_id]))}"
-    )
-    return f"{ui.rstrip('/')}/#/compare-runs?{q}"
+    return ui_url(ui, "compare-runs", [("runs", _json(runs.run_ids)), ("experiments", _json([runs.experiment_id]))])
+
+
+def _deciding(runs: LessonRuns) -> list:
+    """The lesson's metrics that its runs logged, in the lesson's order (the deciding ones)."""
+    return [m for m in runs.lesson.metrics if any(m.key in x for x in runs.metrics.values())]
 
 
 def metric_url(runs: LessonRuns, ui: str) -> str | None:
     """MLflow's metric view of the child runs with the lesson's deciding metrics selected (MLflow 3.17's
     getMetricPageRoute: `plot_metric_keys` is the one URL parameter that selects metrics)."""
-    keys = [m.key for m in runs.lesson.metrics if any(m.key in x for x in runs.metrics.values())]
+    keys = [m.key for m in _deciding(runs)]
     if not keys or not runs.run_ids:
         return None
-    q = "&".join(
-        f"{k}={urllib.parse.quote(json.dumps(v))}"
-        for k, v in (
-            ("runs", runs.run_ids),
-            ("metric", keys[0]),
-            ("experiments", [runs.experiment_id]),
-            ("plot_metric_keys", keys),
-        )
+    return ui_url(
+        ui,
+        "metric/",
+        [
+            ("runs", _json(runs.run_ids)),
+            ("metric", _json(keys[0])),
+            ("experiments", _json([runs.experiment_id])),
+            ("plot_metric_keys", _json(keys)),
+        ],
     )
-    return f"{ui.rstrip('/')}/#/metric/?{q}"
+
+
+def mlflow_links(runs: LessonRuns, ui: str) -> list[tuple[str, str]]:
+    """(what, URL) of the MLflow pages a reader of the sweep opens, first to last: its trial runs in the runs
+    table (best first on the first deciding metric), the sweep's run (verdicts as tags, trials listed), the
+    compare view and the metric view."""
+    order = next(((m.key, m.goal == "min") for m in _deciding(runs)), None)
+    links = [
+        ("the sweep's runs", runs_url(ui, runs.experiment_id, runs.sweep, order)),
+        ("the sweep's run (verdicts as tags)", run_url(ui, runs.experiment_id, runs.parent_run_id)),
+        ("compare view", compare_url(runs, ui)),
+    ]
+    mview = metric_url(runs, ui)
+    if mview:
+        links.append(("deciding metrics (the compare view cannot preselect metrics by URL)", mview))
+    return links
 
 
 def _fmt(x: float | None) -> str:
@@ -327,17 +348,7 @@ def render_html(
         if metrics_png
         else "<p>No lesson metric measured.</p>"
     )
-    link = f"{ui}/#/experiments/{runs.experiment_id}/runs/{runs.parent_run_id}"
-    compare = compare_url(runs, ui)
-    mview = metric_url(runs, ui)
-    mlink = (
-        (
-            f' <a href="{e(mview)}">The deciding metrics</a> (metric view, selected by URL; the compare view '
-            f"cannot preselect metrics by URL)."
-        )
-        if mview
-        else ""
-    )
+    links = "; ".join(f'<a href="{e(url)}">{e(what)}</a>' for what, url in mlflow_links(runs, ui))
     fixed = ", ".join(les.fixed)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>CodeGen2 lesson {les.number}: {e(les.question)}</title>
@@ -345,8 +356,7 @@ def render_html(
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
 <body>
 <h1>Lesson {les.number}: {e(les.question)}</h1>
-<p>Sweep <code>{e(runs.sweep)}</code> in MLflow experiment <a href="{e(link)}">{e(les.experiment)}</a>
-(<a href="{e(compare)}">compare its runs</a>).{mlink}
+<p>Sweep <code>{e(runs.sweep)}</code> in MLflow experiment <code>{e(les.experiment)}</code>: {links}.
 {"Equal compute across variants." if les.equal_compute else "Compute grows with the variant (the lesson is about it)."}
 Held fixed: {e(fixed)}.</p>
 <h2>Variants x metrics (mean ± half-width of the 95% t-interval over seeds; perplexities: exp of the mean
@@ -457,10 +467,12 @@ def _main(args) -> int:
     print("decision stability:")
     print("\n".join("  " + line for line in stability_lines(runs.stability())))
     print(f"wrote {out}")
-    if uri.startswith("sqlite:"):
-        print(f"MLflow UI on these runs: `cglab mlflow up --root {args.mlflow_root} --port 5000`, then")
-    print(f"  compare view: {compare_url(runs, ui)}")
-    mview = metric_url(runs, ui)
-    if mview:
-        print(f"  deciding metrics (the compare view cannot preselect metrics by URL): {mview}")
+    print("\n".join(link_lines(runs, ui, args.mlflow_root if uri.startswith("sqlite:") else None)))
     return 0
+
+
+def link_lines(runs: LessonRuns, ui: str, root: str | Path | None = None) -> list[str]:
+    """What `cglab report`, `cglab ablate` and `make demo` print after a sweep: the MLflow pages to open, after the
+    command that serves a local store's UI (root: the store's directory; None: the server at `ui` is up)."""
+    head = f"MLflow UI on these runs: `cglab mlflow up --root {root} --port 5000`, then" if root else "MLflow UI:"
+    return [head, *(f"  {what}: {url}" for what, url in mlflow_links(runs, ui))]

@@ -8,7 +8,7 @@ from cglab.track.mlflow_logger import TAG_RUN, TAG_SWEEP, SweepTracker
 pytestmark = pytest.mark.slow
 
 
-def test_runs_are_created_once_with_params_and_config(mlflow_server, tmp_path):
+def test_runs_are_created_once_with_params_and_config(mlflow_server, tmp_path, capsys):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server.uri)
@@ -34,3 +34,8 @@ def test_runs_are_created_once_with_params_and_config(mlflow_server, tmp_path):
     child, resumed = sweep.trial_run(parent, "t1", "v-seed1", {"seed": 1}, {"model.hidden_size": 64}, "x: 1\n")
     assert not resumed and client.get_run(child).data.params == {"model.hidden_size": "64"}
     assert sweep.trial_run(parent, "t1", "v-seed1", {}, {}, "") == (child, True)
+    sweep.finish_run(child, {"eval/code_bpb": 3.0})
+    sweep.finish_run(parent)
+    assert client.get_run(child).info.status == "FINISHED"
+    # MLflow's own "View experiment at <ui>/#/experiments/N" per ended run opens the GenAI traces overview: off
+    assert "#/experiments/" not in capsys.readouterr().out

@@ -48,6 +48,9 @@ def test_ablate_then_report_with_no_tracking_uri(tmp_path, micro_sources):
     )
     assert ablate.returncode == 0, ablate.stdout[-3000:] + ablate.stderr[-3000:]
     assert (tmp_path / ".cglab/mlflow/mlflow.db").is_file()
+    # its server stopped with it: the links are to the UI `cglab mlflow up` serves on that store, the runs first
+    assert "MLflow UI on these runs: `cglab mlflow up --root .cglab/mlflow --port 5000`, then\n" in ablate.stdout
+    assert "\n  the sweep's runs: http://127.0.0.1:5000/#/experiments/1/runs?searchFilter=" in ablate.stdout
 
     report = _cglab(["report", "--lesson", "3"], tmp_path, 120)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]

@@ -56,15 +56,22 @@ def _log_sweep(uri, name, code, nl, ppl=None):
     return tracker, parent
 
 
-def test_report_table_intervals_curves_and_verdict(tmp_path, mlflow_server):
-    from mlflow import MlflowClient
-
-    # code: mix within 0.01 bpb of pl_only in every seed (equivalent within the 0.02 margin); nl: mix and nl_only
-    # differ by -0.1 to +0.2 between seeds (inconclusive)
+@pytest.fixture(scope="module")
+def report_sweep(mlflow_server):
+    """The sweep "report-sweep" (tracker, parent run). code: mix within 0.01 bpb of pl_only in every seed
+    (equivalent within the 0.02 margin); nl: mix and nl_only differ by -0.1 to +0.2 between seeds (inconclusive)."""
     code = {"pl_only": [3.0, 3.1, 2.9], "nl_only": [3.3, 3.4, 3.2], "mix": [3.005, 3.11, 2.91]}
     nl = {"pl_only": [3.9, 4.0, 3.8], "nl_only": [3.5, 3.6, 3.4], "mix": [3.55, 3.5, 3.6]}
     ppl = {"pl_only": [3.0, 3.1, 2.9], "nl_only": [9.0, 9.3, 8.8], "mix": [4.0, 4.3, 4.0]}
     tracker, parent = _log_sweep(mlflow_server.uri, "report-sweep", code, nl, ppl)
+    record_verdict(collect(4, mlflow_server.uri, "report-sweep"), mlflow_server.uri)  # as the sweep does at its end
+    return tracker, parent
+
+
+def test_report_table_intervals_curves_and_verdict(tmp_path, mlflow_server, report_sweep):
+    from mlflow import MlflowClient
+
+    tracker, parent = report_sweep
     client = MlflowClient(mlflow_server.uri)
     # opens as a model-training experiment in the MLflow UI, not the GenAI traces overview
     assert client.get_experiment(tracker.experiment_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
@@ -119,6 +126,45 @@ def test_report_table_intervals_curves_and_verdict(tmp_path, mlflow_server):
     )
     with pytest.raises(LookupError, match="lesson-1-prefix-lm"):
         collect(1, mlflow_server.uri)
+
+
+def test_what_a_person_opens_after_cglab_report_in_a_browser(tmp_path, mlflow_server, report_sweep, capsys):
+    """`cglab report` as a user runs it, then its page and every MLflow link it prints, rendered by Chromium on a
+    first visit: the page shows the variants and the verdicts, and each link lands on its page of the sweep's
+    trial runs (the runs table, the sweep's run, the compare and metric views), never the GenAI traces overview."""
+    from tests.browser import chromium, links, render, text, title
+
+    browser = chromium()
+    tracker, parent = report_sweep
+    out = tmp_path / "lesson-4.html"
+    argv = ["report", "--lesson", "4", "--sweep", "report-sweep", "--tracking-uri", mlflow_server.uri]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    printed = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if ": http" in line]
+    report, *pages = render(browser, [out.as_uri(), *printed], tmp_path)
+
+    seen = text(report)
+    for v in ("pl_only", "nl_only", "mix"):
+        assert f"|{v}|3|FINISHED|" in seen  # the variants x metrics table: each variant, its seeds, their status
+    assert (
+        "|mix vs pl_only|eval/code_bpb|equivalence|0.02|+0.008333 [+0.003467, +0.0132]|0.0099|0.0198|equivalent|"
+        in seen
+    )
+    assert "|mix vs nl_only|eval/nl_bpb|equivalence|0.05|+0.05 [-0.2029, +0.3029]|0.5|0.5|inconclusive|" in seen
+    assert links(report) == printed  # the page links to the pages the command printed, in its order
+
+    eid = tracker.experiment_id
+    assert [title(p) for p in pages] == [
+        f"Runs - Experiment {eid} - MLflow",
+        f"Run {parent} - MLflow",
+        "Compare Runs - MLflow",
+        "Metric Details - MLflow",
+    ]
+    trials = [f"{v}-seed{s}" for v in ("pl_only", "nl_only", "mix") for s in SEEDS]
+    for url, page in zip(printed, pages):
+        shown = text(page)
+        assert [t for t in trials if f"|{t}|" not in shown] == [], f"{url} does not show every trial run"
+        assert "|Model registry|" in shown, f"{url} opens MLflow's GenAI side, not its model training side"
+    assert "|verdict/eval/code_bpb/mix_vs_pl_only|: equivalent|" in text(pages[1])  # the sweep's run: its verdicts
 
 
 def test_one_seed_report_says_no_verdict(mlflow_server):

@@ -29,9 +29,10 @@ TAG_SWEEP = "cglab.sweep"
 TAG_TRIAL = "cglab.trial_id"
 TAG_RUN = "cglab.run"  # a single run's name (`cglab train`), to find it again
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key: the UI nests children under it
+TAG_ROLE = "cglab.role"  # `sweep` (a sweep's parent run) or `trial`
 TAG_UNLOGGED = "cglab.unlogged"
-# MLflow 3.17's UI opens an experiment by this tag (its JS reads `mlflow.experimentKind`); untagged, it infers
-# the kind and a lesson experiment opened on the GenAI "traces" overview. Lessons train models.
+# What an experiment is for, in MLflow 3.x's own tag: lessons train models. MLflow 3.17.2's UI does not open an
+# experiment by it (its workflow type decides: cglab.track.links), its kind selector shows it.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAM_LEN = 6000
@@ -56,6 +57,9 @@ def _client(uri: str):
     # mlflow: kept off `cglab --help`'s path
     from mlflow import MlflowClient
 
+    # MLflow prints "View experiment at: <ui>/#/experiments/N" for every run it ends, a link that opens the GenAI
+    # traces overview in MLflow 3.17's UI; cglab prints links that land on the runs (cglab.track.links).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -387,11 +391,11 @@ class SweepTracker:
         """The sweep's run: created once, found again by its `cglab.sweep` tag on restore."""
         if not self.experiment_id:
             self.ensure_experiment()
-        rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`cglab.role` = 'sweep'")
+        rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'sweep'")
         if rid:
             self.client.update_run(rid, status="RUNNING")
             return rid
-        return self._create_run(self.sweep, {TAG_SWEEP: self.sweep, "cglab.role": "sweep", **(tags or {})})
+        return self._create_run(self.sweep, {TAG_SWEEP: self.sweep, TAG_ROLE: "sweep", **(tags or {})})
 
     def trial_run(
         self,
@@ -411,7 +415,7 @@ class SweepTracker:
             TAG_PARENT: parent_run_id,
             TAG_SWEEP: self.sweep,
             TAG_TRIAL: trial_id,
-            "cglab.role": "trial",
+            TAG_ROLE: "trial",
             **{k: str(v) for k, v in tags.items()},
         }
         return self._create_run(run_name, all_tags, params, config_yaml), False

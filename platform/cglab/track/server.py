@@ -182,11 +182,6 @@ def local_server(root: str | Path | None = None, **kwargs) -> Iterator[MlflowSer
             tmp.cleanup()
 
 
-def ui_command(uri: str, experiment_id: str | None = None) -> str:
-    """What to paste to look at the runs: the server already serves the UI."""
-    return f"open {uri}/#/experiments/{experiment_id}" if experiment_id else f"open {uri}"
-
-
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingUnavailable unless an http(s) tracking server answers within timeout_s. Any HTTP answer
     counts (an auth-protected server says 401): only a refused, unreachable or silent server fails."""
