@@ -2,14 +2,6 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    from cglab.track.server import local_server
-
-    with local_server(tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     """A private local Ray. 3 logical CPUs on any machine: one laptop trial holds 0.5 (Tune driver function)
     + 1 (Train worker) and leaves 1 for the Ray Data tasks of its input pipeline."""
