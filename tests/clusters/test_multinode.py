@@ -287,6 +287,15 @@ def test_ablate_reads_its_inputs_from_the_bucket_and_report_reads_it_back(
     assert len(points) == 2 and points[0][1] == pytest.approx(rec["metrics"]["eval/code_bpb"], rel=1e-6)
 
 
+def _registered_step(cluster, prefix: str) -> int:
+    """The step of the newest checkpoint Ray Train has registered (what a restarted worker gets back), from the
+    snapshot its controller writes to the run's storage; 0 before any. A checkpoint complete in the bucket but not yet
+    registered is not handed back to a restarted worker (and the workers cannot see the driver's run directory)."""
+    uri = f"s3://{cluster.bucket}/{prefix}/checkpoint_manager_snapshot.json"
+    latest = json.loads(storage.read_bytes(uri)).get("latest_checkpoint_result") if storage.exists(uri) else None
+    return int(latest["metrics"]["step"]) if latest else 0
+
+
 def _node_of_train_worker(cluster) -> str:
     """The name of the worker node that runs the (one) Ray Train worker."""
     import ray
@@ -302,9 +311,9 @@ def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_with_the_losses_of_a
     on_cluster, preempted, mlflow_server, monkeypatch
 ):
     """The preempted run's config again (`cglab train --name lost`); the node running the training worker is
-    killed (its raylet and processes, SIGKILL; its scratch deleted) once a checkpoint of a step later than the
-    preempted run's stop is in the bucket: Ray Train restarts the worker on the other node, which resumes from the
-    bucket's last checkpoint and finishes the run. Per step, every loss logged equals the preempted run's: up to
+    killed (its raylet and processes, SIGKILL; its scratch deleted) once Ray Train holds a checkpoint of a step
+    later than the preempted run's stop: it restarts the worker on the other node, which resumes from that
+    checkpoint in the bucket and finishes the run. Per step, every loss logged equals the preempted run's: up to
     this run's resume point that run had resumed and this one had not, after it the reverse, so each resume is
     checked against a run that went through that step uninterrupted. The node is started again afterwards."""
     from mlflow import MlflowClient
@@ -316,15 +325,15 @@ def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_with_the_losses_of_a
     killed: list[str] = []
     done = threading.Event()
 
-    def kill_once_a_later_checkpoint_is_in_the_bucket():
+    def kill_once_ray_train_holds_a_later_checkpoint():
         # `cglab train` runs in the main thread (it installs signal handlers); this one waits, then kills
-        while not any(s > stopped_at for s in _checkpoint_steps(on_cluster, "runs/lost")):
+        while _registered_step(on_cluster, "runs/lost") <= stopped_at:
             if done.wait(0.5):
                 return
         killed.append(_node_of_train_worker(on_cluster))
         on_cluster.kill_worker(killed[0])
 
-    killer = threading.Thread(target=kill_once_a_later_checkpoint_is_in_the_bucket, daemon=True)
+    killer = threading.Thread(target=kill_once_ray_train_holds_a_later_checkpoint, daemon=True)
     killer.start()
     try:
         result = _train(cfg_path, f"s3://{on_cluster.bucket}/runs", "lost")
