@@ -48,6 +48,15 @@ def single_rank():
     destroy_parallel()
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """An MLflow server on a SQLite store, on 127.0.0.1 (every node of a test cluster reaches it), per module."""
+    from cglab.track.server import local_server
+
+    with local_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def s3_store():
     """A real S3 API on 127.0.0.1 (moto's server, in this process's threads) with the bucket `cglab`; this process

@@ -3,9 +3,13 @@ first test that asks for it and stopped at the end of the run."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
 import pytest
 
-from tests.clusters.multinode import multinode
+from tests.clusters.multinode import MultiNode, multinode
 
 
 @pytest.fixture(scope="session")
@@ -16,21 +20,29 @@ def cluster(tmp_path_factory, s3_store):
         yield c
 
 
-@pytest.fixture
-def on_cluster(cluster, tmp_path, monkeypatch):
-    """This test's driver: working directory and HOME in its tmp_path (hidden from the worker nodes), connected to
-    the cluster; disconnected after (the cluster stays up for the next test)."""
+@contextlib.contextmanager
+def driver_on(cluster: MultiNode, where: Path) -> Iterator[MultiNode]:
+    """A driver of the cluster in this process: working directory and HOME under `where` (inside pytest's temp
+    root, so hidden from the worker nodes), connected to the cluster; disconnected after (the cluster stays up)."""
     import ray
 
-    driver = tmp_path / "driver"
+    driver = where / "driver"
     (driver / "home").mkdir(parents=True)
-    monkeypatch.chdir(driver)
-    monkeypatch.setenv("HOME", str(driver / "home"))
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", cluster.gcs)
-    ray.init(address=cluster.gcs, log_to_driver=True)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(driver)
+        mp.setenv("HOME", str(driver / "home"))
+        mp.delenv("XDG_CACHE_HOME", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("RAY_ADDRESS", cluster.gcs)
+        ray.init(address=cluster.gcs, log_to_driver=True)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def on_cluster(cluster, tmp_path):
+    """This test's driver (`driver_on` its tmp_path)."""
+    with driver_on(cluster, tmp_path) as c:
+        yield c

@@ -40,6 +40,7 @@ class Node:
 @dataclass
 class MultiNode:
     gcs: str  # RAY_ADDRESS for drivers
+    address: str  # the head's job API (http://127.0.0.1:port, no token: the bed runs without auth)
     s3_env: dict[str, str]  # AWS_* for a client of the object store
     bucket: str
     hidden: Path  # what no worker node can see
@@ -192,7 +193,7 @@ def multinode(hidden: Path, workers: dict[str, int], s3_env: dict[str, str]) -> 
     (root / "head").mkdir()
     try:
         with ray_head(root / "head", {**env, "HOME": str(root / "head")}, num_cpus=0) as head:
-            cluster = MultiNode(head.gcs, s3_env, BUCKET, hidden, root, env)
+            cluster = MultiNode(head.gcs, head.address, s3_env, BUCKET, hidden, root, env)
             try:
                 for name, cpus in workers.items():
                     cluster.add_worker(name, cpus)

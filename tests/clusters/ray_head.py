@@ -1,12 +1,14 @@
 """A private Ray head for tests: `ray start --head --block` on 127.0.0.1, free ports, its own temp dir and session.
 
-Not a test module: tests/train and tests/track import it to run real jobs against a real head.
+Not a test module: tests/train, tests/track and tests/clusters import it to run real jobs against a real head.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_ports(n: int) -> list[int]:
@@ -132,3 +135,37 @@ def ray_head(tmp: Path, env: dict[str, str], num_cpus: int | None = None, timeou
     finally:
         _stop_group(proc)
         log.close()
+
+
+def job_checkout(dst: Path) -> Path:
+    """What a checkout uploads with `ray job submit --working-dir`: code, configs and the ignore file (which leaves
+    `.cglab` behind)."""
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for d in ("jobs", "platform"):
+        shutil.copytree(REPO / d, dst / d, ignore=skip)
+    shutil.copy2(REPO / ".rayignore", dst / ".rayignore")
+    return dst
+
+
+def submit_job(address: str, sid: str, wd: Path, env_vars: dict[str, str], entry: list[str], env: dict[str, str]):
+    """`ray job submit --no-wait` of `entry` with `wd` as the uploaded working dir, Ray's own CLI as a user runs it."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--submission-id", sid]
+    cmd += ["--working-dir", str(wd), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entry]
+    r = subprocess.run(cmd, env=env, cwd=wd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def wait_for_job(address: str, headers: dict[str, str], sid: str, timeout_s: float = 540.0):
+    """(final status, job log); a job still running at the deadline is stopped."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers=headers)
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(sid)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(sid)
+    logs = client.get_job_logs(sid)
+    if not status.is_terminal():
+        client.stop_job(sid)
+    return status, logs

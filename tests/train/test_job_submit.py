@@ -8,44 +8,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.clusters.ray_head import BIN, auth_headers, head_env, ray_head
+from tests.clusters.ray_head import auth_headers, head_env, job_checkout, ray_head, submit_job, wait_for_job
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 EXPERIMENT = "test/job-submit"
 RUN_NAME = "job-submit-tiny"
-
-
-def _working_dir(dst: Path) -> Path:
-    """What a checkout uploads: code, configs and the ignore file (which leaves `.cglab` behind)."""
-    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for d in ("jobs", "platform"):
-        shutil.copytree(REPO / d, dst / d, ignore=skip)
-    shutil.copy2(REPO / ".rayignore", dst / ".rayignore")
-    return dst
-
-
-def _wait_for_job(address: str, headers: dict[str, str], sid: str, timeout_s: float = 540.0):
-    """(final status, job log); a job still running at the deadline is stopped."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address, headers=headers)
-    deadline = time.monotonic() + timeout_s
-    status = client.get_job_status(sid)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(sid)
-    logs = client.get_job_logs(sid)
-    if not status.is_terminal():
-        client.stop_job(sid)
-    return status, logs
 
 
 @pytest.mark.slow
@@ -58,7 +30,7 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
 
     tmp = Path(tempfile.mkdtemp(prefix="cgj", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
     try:
-        wd = _working_dir(tmp / "checkout")
+        wd = job_checkout(tmp / "checkout")
         corpus = wd / ".cglab" / "corpus"
         build_corpus(corpus, nl_chars=250_000, code_bytes=400_000, shards=2)
         env = head_env(tmp)
@@ -77,32 +49,8 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
                 f"data.sources.1.paths=[{corpus / 'pile'}]",
             ]
             sid = "cglab-pretrain-test"
-            renv = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow.uri}}
-            r = subprocess.run(
-                [
-                    str(BIN / "ray"),
-                    "job",
-                    "submit",
-                    "--address",
-                    head.address,
-                    "--no-wait",
-                    "--submission-id",
-                    sid,
-                    "--working-dir",
-                    str(wd),
-                    "--runtime-env-json",
-                    json.dumps(renv),
-                    "--",
-                    *entry,
-                ],
-                env=env,
-                cwd=wd,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert r.returncode == 0, r.stdout + r.stderr
-            status, logs = _wait_for_job(head.address, auth_headers(env), sid)
+            submit_job(head.address, sid, wd, {"MLFLOW_TRACKING_URI": mlflow.uri}, entry, env)
+            status, logs = wait_for_job(head.address, auth_headers(env), sid)
             assert status == JobStatus.SUCCEEDED, f"job {sid} ended {status}; log tail:\n{logs[-5000:]}"
             # It ran in the uploaded copy (Ray's working_dir), where jobs/pretrain.py imports cglab from.
             run_dir = re.search(r'"run_dir": "([^"]+)"', logs)
