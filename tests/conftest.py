@@ -48,15 +48,6 @@ def single_rank():
     destroy_parallel()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """An MLflow server on a SQLite store, on 127.0.0.1 (every node of a test cluster reaches it), per module."""
-    from cglab.track.server import local_server
-
-    with local_server(tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
-
-
 @pytest.fixture(scope="session")
 def s3_store():
     """A real S3 API on 127.0.0.1 (moto's server, in this process's threads) with the bucket `cglab`; this process
@@ -75,8 +66,9 @@ def s3_store():
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """One real MLflow server (SQL store) for every test that logs to one: tests keep to experiments of their own.
-    A test may stop and start it (the outage test): it comes back on the same port and store."""
+    """One real MLflow server (SQL store) on 127.0.0.1 for every test that logs to one (every node of a test cluster
+    reaches it): tests keep to experiments or sweeps of their own. A test may stop and start it (the outage test):
+    it comes back on the same port and store."""
     from cglab.track.server import local_server
 
     with local_server(tmp_path_factory.mktemp("mlflow")) as server:
