@@ -50,7 +50,7 @@ def single_rank():
 
 @pytest.fixture(scope="session")
 def s3_store():
-    """A real S3 API on 127.0.0.1 (moto's server, in this process's threads) with the bucket `cglab`; this process
+    """A real S3 API on 127.0.0.1 (moto's server, a process of its own) with the bucket `cglab`; this process
     is its client for the rest of the run (AWS_* in os.environ, which pyarrow's S3 file system reads). Yields the
     AWS_* env, for processes that must reach it too."""
     from tests.clusters.multinode import BUCKET, s3_server
