@@ -71,5 +71,5 @@ def mlflow_server(tmp_path_factory):
     it comes back on the same port and store."""
     from cglab.track.server import local_server
 
-    with local_server(tmp_path_factory.mktemp("mlflow")) as server:
+    with local_server(tmp_path_factory.mktemp("mlflow"), start_timeout_s=None) as server:  # up when it answers
         yield server

@@ -287,7 +287,6 @@ def test_mlflow_basic_auth_server_with_our_config_refuses_anonymous_clients(tmp_
     )
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        deadline = time.monotonic() + 120
         while True:
             try:
                 urllib.request.urlopen(url, timeout=5)
@@ -296,7 +295,9 @@ def test_mlflow_basic_auth_server_with_our_config_refuses_anonymous_clients(tmp_
                 assert err.code == 401, err
                 break
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                # the event, not a window: it answers or exits (under load it took over 2 minutes to start;
+                # pytest's timeout bounds a hang)
+                if proc.poll() is not None:
                     pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow.log").read_text()[-3000:])
                 time.sleep(1)
         auth = base64.b64encode(f"admin:{password}".encode()).decode()

@@ -69,7 +69,7 @@ def test_training_continues_through_a_server_outage(mlflow_server):
     assert not logger.flush(timeout_s=300)  # at least this attempt failed: nothing can reach a stopped server
     during = logged[before_outage:]
     kept, dropped = during[-ctx.max_backlog :], during[: -ctx.max_backlog]
-    mlflow_server.start()
+    mlflow_server.start(timeout_s=None)  # back when it answers (a loaded machine may take minutes)
     # Sync point: this forced send begins after any attempt that started while the server was down has ended,
     # so the outage's record is complete here.
     assert logger.flush(timeout_s=300)

@@ -18,7 +18,7 @@ def test_wal_mode_is_set_on_a_fresh_sqlite_store(tmp_path):
 def test_local_server_serves_a_sql_store_and_stops(tmp_path):
     from mlflow import MlflowClient
 
-    with local_server(tmp_path) as server:
+    with local_server(tmp_path, start_timeout_s=None) as server:
         assert server.host == "127.0.0.1"
         client = MlflowClient(server.uri)
         run = client.create_run(client.create_experiment("e"))

@@ -34,7 +34,7 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow():
         corpus = wd / ".cglab" / "corpus"
         build_corpus(corpus, nl_chars=250_000, code_bytes=400_000, shards=2)
         env = head_env(tmp)
-        with local_server(tmp / "mlflow") as mlflow, ray_head(tmp, env) as head:
+        with local_server(tmp / "mlflow", start_timeout_s=None) as mlflow, ray_head(tmp, env) as head:
             # .rayignore keeps `.cglab` out of the upload, so on one machine the job reads the corpus by absolute
             # path (on a cluster: s3:// or a shared filesystem).
             entry = [

@@ -96,7 +96,7 @@ def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resum
         assert len(runs) <= 1  # resumed attempts log into the same run
         return runs[0].info.run_id if runs else None
 
-    with local_server(tmp_path / "mlflow") as mlflow:
+    with local_server(tmp_path / "mlflow", start_timeout_s=None) as mlflow:
         client = MlflowClient(mlflow.uri)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow.uri}
         # 1. the driver (the process a scheduler or Kubernetes signals)

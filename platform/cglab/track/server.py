@@ -74,9 +74,10 @@ def server_command(
     ]
 
 
-def wait_healthy(uri: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    """Return once GET /health answers OK; raise if the process exits or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
+def wait_healthy(uri: str, timeout_s: float | None = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Return once GET /health answers OK; raise if the process exits or the deadline passes (None: no deadline,
+    wait as long as `proc` runs; tests, where a loaded machine may take minutes and pytest's timeout bounds it)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited with code {proc.returncode} before it became healthy")
@@ -86,7 +87,7 @@ def wait_healthy(uri: str, timeout_s: float = 120.0, proc: subprocess.Popen | No
                     return
         except OSError:
             pass
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout_s:.0f}s")
         time.sleep(0.3)
 
@@ -109,7 +110,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+    def start(self, timeout_s: float | None = 120.0) -> MlflowServer:
         enable_wal(self.backend_store_uri)
         Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         self.log_path = self.root / f"server-{self.port}.log"
@@ -139,7 +140,7 @@ class MlflowServer:
             self._log.close()
             self._log = None
 
-    def restart(self, timeout_s: float = 120.0) -> MlflowServer:
+    def restart(self, timeout_s: float | None = 120.0) -> MlflowServer:
         """Same store, same port: what a client sees after a server outage."""
         self.stop()
         return self.start(timeout_s)
@@ -167,13 +168,16 @@ def make_server(
 
 
 @contextlib.contextmanager
-def local_server(root: str | Path | None = None, **kwargs) -> Iterator[MlflowServer]:
-    """A server on a free 127.0.0.1 port for the duration of the block (temp dir when root is None)."""
+def local_server(
+    root: str | Path | None = None, start_timeout_s: float | None = 120.0, **kwargs
+) -> Iterator[MlflowServer]:
+    """A server on a free 127.0.0.1 port for the duration of the block (temp dir when root is None); see
+    `wait_healthy` for `start_timeout_s`."""
     tmp = None
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix="cglab-mlflow-")
         root = tmp.name
-    server = make_server(root, **kwargs).start()
+    server = make_server(root, **kwargs).start(start_timeout_s)
     try:
         yield server
     finally:
