@@ -1,7 +1,7 @@
 """Where a lesson trial's wall time goes, from the timestamps the code records itself (cglab.track.timeline).
 
     PYTHONPATH=platform python benchmarks/trial_overhead.py [--lesson 2] [--seeds 1 2] [--steps 20]
-        [--preset laptop] [--workdir DIR] [--out FILE] [--note TEXT] [override ...]
+        [--preset laptop] [--concurrent N] [--workdir DIR] [--out FILE] [--note TEXT] [override ...]
     PYTHONPATH=platform python benchmarks/trial_overhead.py --from-events WORKDIR/events.json [--out FILE]
 
 Runs `cglab ablate LESSON --preset PRESET` at a tiny shape (train.train_steps=STEPS; overrides as key=value) on a
@@ -133,6 +133,16 @@ def place_in_sweep(trials: list[Trial], driver: list[dict]) -> None:
         t.before = None if since is None else t.start - since
 
 
+def most_at_once(trials: list[Trial]) -> int:
+    """The most trials that ran at the same time (from their start and end)."""
+    edges = sorted([(t.start, 1) for t in trials] + [(t.end, -1) for t in trials])
+    now = most = 0
+    for _, step in edges:  # an end sorts before a start at the same instant
+        now += step
+        most = max(most, now)
+    return most
+
+
 def _cell(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -178,6 +188,7 @@ def main() -> None:
     ap.add_argument("--preset", default="laptop")
     ap.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--out", default=None, help="also write the output here")
+    ap.add_argument("--concurrent", type=int, default=None, help="trials side by side (default: as the sweep decides)")
     ap.add_argument("--note", default="", help="a line about the conditions (e.g. what else loads the machine)")
     ap.add_argument("--from-events", default=None, help="print the table of a run's events.json; run nothing")
     ap.add_argument("overrides", nargs="*", default=["eval.every=10"], help="key=value config overrides")
@@ -216,6 +227,7 @@ def measure(args: argparse.Namespace) -> dict:
             seeds=tuple(args.seeds),
             storage_path=str(work / "tune"),
             tracking_uri=server.uri,
+            max_concurrent_trials=args.concurrent,
             verbose=0,
         )
         sweep_wall = time.time() - t0
@@ -276,7 +288,8 @@ def report(run: dict) -> list[str]:
         *table(trials),
         "",
         f"sweep: run_lesson {wall:.1f} s; before tuner.fit (Ray, tokenizer, held-out split, preflight, parent run) "
-        f"{_cell(before, '{:.1f}')} s; after tuner.fit (verdicts, stability) {_cell(after, '{:.1f}')} s",
+        f"{_cell(before, '{:.1f}')} s; after tuner.fit (verdicts, stability) {_cell(after, '{:.1f}')} s; "
+        f"trials side by side (most at once): {most_at_once(trials)}",
         "processes (pid): " + "; ".join(f"{t.name} {t.pids}" for t in trials),
         "biggest median phases outside the steps: " + ", ".join(f"{p} {v:.1f} s" for p, v in biggest(trials)),
     ]

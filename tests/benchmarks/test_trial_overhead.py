@@ -109,6 +109,12 @@ def test_the_tune_gap_is_from_tuner_fit_or_the_trial_that_ended_before():
     assert trials[1].before == pytest.approx(b["trial start"] - a["trial end"])
 
 
+def test_trials_side_by_side_counts_the_most_that_overlapped():
+    a, b, c = _times(0.0), _times(100.0), _times(1e5)  # a and b overlap (a trial spans ~500 s), c runs alone
+    trials = [to.breakdown(n, _recorded(t), STEPS) for n, t in (("a", a), ("b", b), ("c", c))]
+    assert to.most_at_once(trials) == 2 and to.most_at_once([trials[0], trials[2]]) == 1
+
+
 def test_the_table_has_a_row_per_phase_and_the_median_column():
     trials = [to.breakdown(n, _recorded(_times(s)), STEPS) for n, s in (("a", 0.0), ("b", 1e4), ("c", 2e4))]
     lines = to.table(trials)
