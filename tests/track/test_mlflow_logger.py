@@ -96,3 +96,29 @@ def test_training_continues_through_a_server_outage(mlflow_server):
     for key in ("train/loss", "train/lr"):
         history = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert history == [s for s, k in logged if k == key and (s, k) not in dropped], key
+
+
+def test_a_checkpoint_step_is_in_mlflow_before_the_checkpoint_is_handed_on(mlflow_server, tmp_path):
+    """MlflowMetrics flushes at a step with a checkpoint (RayReport, after it, registers the checkpoint): a worker
+    lost right after resumes past that step, so its metrics must already be on the server. A step without a
+    checkpoint stays queued for the sender (here: an hour away)."""
+    from mlflow import MlflowClient
+
+    from cglab.train.callbacks import MlflowMetrics, StepEnd
+
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment("test/checkpoint-flush")).info.run_id
+    sink = MlflowMetrics(MlflowContext(mlflow_server.uri, run_id, system_metrics=False), rank=0)
+    sink.logger.close()
+    sink.logger = RankZeroLogger(
+        MlflowContext(mlflow_server.uri, run_id, system_metrics=False), rank=0, flush_every_s=3600
+    )
+    try:
+        sink.on_log(StepEnd(7, {"loss": 3.5}, 0.0, 0.1))
+        sink.on_log(StepEnd(8, {"loss": 3.25}, 0.0, 0.1, checkpoint=tmp_path / "step_8"))
+        got = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        assert got == {7: 3.5, 8: 3.25}  # everything up to the checkpoint's step, before it is registered
+        sink.on_log(StepEnd(9, {"loss": 3.0}, 0.0, 0.1))
+        assert 9 not in {m.step for m in client.get_metric_history(run_id, "loss")}
+    finally:
+        sink.on_end()

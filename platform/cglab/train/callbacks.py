@@ -53,6 +53,9 @@ class StepEnd:
     last: bool = False  # the run is complete with this step (train.train_steps or train.token_budget reached)
 
 
+CHECKPOINT_FLUSH_S = 30.0  # MlflowMetrics: the most a checkpoint step waits for its metrics to reach MLflow
+
+
 class Callback:
     """A no-op for every hook; a callback overrides the ones it needs."""
 
@@ -233,7 +236,12 @@ class Checkpointer(Callback):
 # ---------------------------------------------------------------------------------------------- metric sinks
 class MlflowMetrics(Callback):
     """Every step's metrics into the run's MLflow run (rank 0; RankZeroLogger never blocks training), plus
-    `resumed_at_step` when this attempt resumed; the logger is flushed and closed at the end."""
+    `resumed_at_step` when this attempt resumed; the logger is flushed and closed at the end.
+
+    At a step that hands on a checkpoint the logger is flushed before RayReport (last) registers it: a worker lost
+    after that resumes past those steps and never logs them again, so they must be in MLflow by then (one send
+    attempt, at most CHECKPOINT_FLUSH_S; a server that is down fails it at once and its backlog is kept). Found on
+    the multi-node bed: a node killed after a checkpoint at step 8 took step 8's loss, still queued, with it."""
 
     def __init__(self, ctx: MlflowContext | None, rank: int):
         self.rank = rank
@@ -245,6 +253,8 @@ class MlflowMetrics(Callback):
 
     def on_log(self, s: StepEnd) -> None:
         self.logger.log_metrics(s.step, s.metrics)
+        if s.checkpoint is not None:
+            self.logger.flush(CHECKPOINT_FLUSH_S)
 
     def on_end(self) -> None:
         self.logger.close()
