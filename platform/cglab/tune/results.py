@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from cglab.track.mlflow_logger import TAG_ROLE, TAG_SWEEP
 from cglab.track.server import check_server
 from cglab.tune.curves import Stability, stability
 from cglab.tune.lessons import LOSS, Lesson, get_lesson
@@ -76,7 +77,7 @@ def collect(lesson: Lesson | int, tracking_uri: str, sweep: str | None = None) -
         raise LookupError(
             f"no MLflow experiment {les.experiment!r} at {tracking_uri}; run `cglab ablate {les.number}` first"
         )
-    flt = "tags.`cglab.role` = 'sweep'" + (f" and tags.`cglab.sweep` = '{sweep}'" if sweep else "")
+    flt = f"tags.`{TAG_ROLE}` = 'sweep'" + (f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep else "")
     parents = client.search_runs(
         [exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
     )
