@@ -63,6 +63,26 @@ def test_worker_nodes_see_the_bucket_and_not_the_driver(on_cluster, tmp_path):
         assert home == str(on_cluster.nodes[node].scratch / "home")
 
 
+def test_the_stop_flag_lives_on_the_drivers_node(on_cluster):
+    """Rank 0 reads the driver's StopFlag at every step, so a worker node lost mid-run must not take the flag with
+    it: every flag goes to the driver's node (the head, 0 CPUs), none to the worker nodes Ray would also pick."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cglab.train import preemption
+
+    flags = [preemption.stop_flag() for _ in range(8)]
+    assert ray.get([f.is_set.remote() for f in flags]) == [False] * 8
+    ids = {f._actor_id.hex() for f in flags}
+    placed = {
+        a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "StopFlag")]) if a.actor_id in ids
+    }
+    assert set(placed.values()) == {ray.get_runtime_context().get_node_id()}, placed
+    assert len(placed) == 8
+    for f in flags:
+        ray.kill(f)
+
+
 @pytest.fixture(scope="module")
 def s3_sources(cluster, micro_corpus):
     """data.sources of the micro corpus copied to the bucket (uploaded once per module)."""

@@ -120,6 +120,16 @@ class StopFlag:
         return self.stop
 
 
+def stop_flag():
+    """A StopFlag pinned to the driver's own node. Unpinned, Ray may place it on any node, a worker node included;
+    losing that node then kills the flag with it, and rank 0's read at the next step fails the run that Ray Train
+    was about to restart on the node left. Pinned, it goes only with the driver that sets it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return StopFlag.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+
+
 @contextlib.contextmanager
 def on_sigterm(flag, grace_s: float) -> Iterator[None]:
     """While training runs on the driver's main thread: SIGTERM sets `flag` and arms the hard exit. Elsewhere (a

@@ -139,7 +139,7 @@ def fit(
     timeline.mark("plan logged")
     if run_plan.get("data"):  # passes per source: tokens read over what each source holds
         plan.tokens_available = tuple(float(e["tokens"]) for e in run_plan["data"]["sources"])
-    stop_flag = preemption.StopFlag.remote() if preemptible else None
+    stop_flag = preemption.stop_flag() if preemptible else None
     inputs = WorkerInputs(
         cfg=cfg,
         plan=plan,
