@@ -1,7 +1,8 @@
-"""Preemption with real signals: a SIGTERM to the driver of a real `cglab train` (jobs/pretrain.py in a subprocess),
-and then to one of its Ray Train worker processes, stops the run at a step boundary with a checkpoint and exit code
-75; the MLflow run is KILLED and tagged `preempted`; the same command resumes it, with the losses of a run that was
-never interrupted. One run preempted twice: each attempt is a whole Ray Train job, the cost of this test."""
+"""Preemption with real signals: a SIGTERM to one Ray Train worker process of a real `cglab train` (jobs/pretrain.py
+in a subprocess, two data-parallel workers) stops the run at a step boundary, the other worker at the same step, with
+a checkpoint and exit code 75; the MLflow run is KILLED and tagged `preempted`; the same command resumes it, with the
+losses of a run that was never interrupted. A SIGTERM to the driver (what a scheduler or Kubernetes signals) is
+tests/clusters/test_multinode.py's: the driver of a `ray job submit`, whose worker has none of its files."""
 
 from __future__ import annotations
 
@@ -47,17 +48,16 @@ def _train_worker(driver: subprocess.Popen) -> psutil.Process:
     return workers[0]
 
 
-def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resumes(
-    ray_local, reference_cfg, reference_losses, tmp_path
+def test_sigterm_to_a_worker_checkpoints_exits_preempted_and_resumes(
+    ray_local, reference_cfg, reference_losses, mlflow_server, tmp_path
 ):
-    """The reference run (tests/train/conftest.py) preempted twice: it ends with the reference's losses."""
+    """The reference run (tests/train/conftest.py) preempted through one worker: it ends with the reference's losses."""
     import ray
     from mlflow import MlflowClient
 
-    from cglab.track.server import local_server
-
     cfg, steps = reference_cfg, reference_cfg.train.train_steps
     (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
+    experiment = f"test/preempt-{tmp_path.name}"  # the session's MLflow server: an experiment of this test's own
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "pretrain.py"),
@@ -66,53 +66,44 @@ def test_sigterm_to_the_driver_or_a_worker_checkpoints_exits_preempted_and_resum
         str(tmp_path / "runs"),
         "--name",
         "preempt",
-        "track.experiment=test/preempt",
+        f"track.experiment={experiment}",
     ]
     run_dir = tmp_path / "runs" / "preempt"
-
-    def preempted_attempt(kill, log: Path) -> int:
-        """Run the command, SIGTERM what `kill` returns once it trains; the step it stopped at."""
-        done = len((run_dir / "metrics.jsonl").read_text().splitlines()) if run_dir.exists() else 0
-        with log.open("w") as f:
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
-            try:
-                _wait_for_steps(run_dir, done, proc)
-                kill(proc).send_signal(signal.SIGTERM)
-                rc = proc.wait(timeout=120)
-            finally:
-                proc.kill()
-        assert rc == EXIT_PREEMPTED, log.read_text()[-5000:]
-        assert "preempted at step" in log.read_text()
-        stopped = max(history(run_dir))
-        assert stopped < steps
-        run = client.get_run(run_id()) if run_id() else None
-        assert run is not None and run.info.status == "KILLED"
-        assert run.data.tags["preempted"] == "true" and run.data.tags["preempted_at_step"] == str(stopped)
-        return stopped
+    client = MlflowClient(mlflow_server.uri)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow_server.uri}
 
     def run_id() -> str | None:
-        exp = client.get_experiment_by_name("test/preempt")
+        exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], filter_string="tags.`cglab.run` = 'preempt'") if exp else []
-        assert len(runs) <= 1  # resumed attempts log into the same run
+        assert len(runs) <= 1  # the resumed attempt logs into the same run
         return runs[0].info.run_id if runs else None
 
-    with local_server(tmp_path / "mlflow", start_timeout_s=None) as mlflow:
-        client = MlflowClient(mlflow.uri)
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow.uri}
-        # 1. the driver (the process a scheduler or Kubernetes signals)
-        first = preempted_attempt(lambda proc: proc, tmp_path / "driver.log")
-        # 2. one of the two training workers (the other must stop at the same step: the flag is all-reduced)
-        second = preempted_attempt(_train_worker, tmp_path / "worker.log")
-        assert first < second
-        h = history(run_dir)
-        assert h[first + 1]["started_at_step"] == first  # resumed from the first preemption's checkpoint
-        # 3. the same command once more finishes the run, in the same MLflow run
-        last = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
-        run = client.get_run(run_id())
-        assert run.info.status == "FINISHED" and run.data.tags["preempted"] == "false"
+    # 1. one of the two training workers, once it trains (the other must stop at the same step: the flag is
+    # all-reduced)
+    log = tmp_path / "worker.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_for_steps(run_dir, 0, proc)
+            _train_worker(proc).send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    assert rc == EXIT_PREEMPTED, log.read_text()[-5000:]
+    assert "preempted at step" in log.read_text()
+    stopped = max(history(run_dir))
+    assert stopped < steps
+    run = client.get_run(run_id()) if run_id() else None
+    assert run is not None and run.info.status == "KILLED"
+    assert run.data.tags["preempted"] == "true" and run.data.tags["preempted_at_step"] == str(stopped)
+
+    # 2. the same command once more finishes the run, in the same MLflow run
+    last = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
+    run = client.get_run(run_id())
+    assert run.info.status == "FINISHED" and run.data.tags["preempted"] == "false"
     h = history(run_dir)
     assert sorted(h) == list(range(1, steps + 1))
-    assert h[second + 1]["started_at_step"] == second
+    assert h[stopped + 1]["started_at_step"] == stopped  # resumed from the preemption's checkpoint
     for step in range(1, steps + 1):
         assert h[step]["loss"] == pytest.approx(reference_losses[step], abs=1e-5), step
