@@ -201,10 +201,11 @@ def preempted(cluster, s3_sources, mlflow_server, tmp_path_factory) -> Preempted
     entry = ["python", "jobs/pretrain.py", "--storage", run_storage, "--name", "mn", "mn.yaml"]
     submit_job(cluster.address, sid, wd, {"MLFLOW_TRACKING_URI": mlflow_server.uri}, entry, cluster.env)
     jobs = JobSubmissionClient(cluster.address)
-    deadline = time.monotonic() + 540
-    while not _checkpoint_steps(cluster, "runs/mn"):  # training, and a checkpoint to stop after is in the bucket
+    # training, and a checkpoint to stop after is in the bucket (no window: a job that never gets there ends, and its
+    # status fails this; one that hangs meets pytest's timeout)
+    while not _checkpoint_steps(cluster, "runs/mn"):
         status = jobs.get_job_status(sid)
-        assert not status.is_terminal() and time.monotonic() < deadline, (status, jobs.get_job_logs(sid)[-5000:])
+        assert not status.is_terminal(), (status, jobs.get_job_logs(sid)[-5000:])
         time.sleep(0.5)
     _job_driver("jobs/pretrain.py").send_signal(signal.SIGTERM)
     status, log = wait_for_job(cluster.address, {}, sid, timeout_s=300)

@@ -25,14 +25,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _wait_for_steps(run_dir: Path, more_than: int, proc: subprocess.Popen, timeout_s: float = 240) -> None:
-    """Until run_dir/metrics.jsonl holds more than `more_than` records: the workers are training."""
-    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout_s
-    while proc.poll() is None and time.monotonic() < deadline:
+def _wait_for_steps(run_dir: Path, more_than: int, proc: subprocess.Popen) -> None:
+    """Until run_dir/metrics.jsonl holds more than `more_than` records: the workers are training. No window of its
+    own: a run that never trains ends (its exit fails this) or meets pytest's timeout, however loaded the machine."""
+    path = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
         if path.is_file() and len(path.read_text().splitlines()) > more_than:
             return
         time.sleep(0.05)
-    raise AssertionError(f"no training step within {timeout_s}s (exit code {proc.poll()})")
+    raise AssertionError(f"the run ended (exit code {proc.poll()}) before its first recorded step")
 
 
 def _train_worker(driver: subprocess.Popen) -> psutil.Process:
