@@ -1,5 +1,7 @@
-"""`ray job submit --working-dir .` from a checkout that holds a corpus, a venv, checkpoints and MLflow stores
-uploads only the code — against a real local Ray head (token auth on, everything on 127.0.0.1)."""
+"""README's "On one machine" against the real recipe: `clusters/local.sh start` (a Ray head with token auth and
+everything on 127.0.0.1, plus MLflow on a SQL store), then `ray job submit --working-dir .` from a checkout that holds
+a corpus, a venv, checkpoints and MLflow stores uploads only the code, and `ray job submit -- python jobs/pretrain.py
+jobs/configs/tiny_cpu.yaml` trains and logs every step to the recipe's MLflow. One head for the whole module."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cglab import submit as S
-from tests.clusters.ray_head import free_ports
+from tests.clusters.ray_head import auth_headers, free_ports, head_env, job_checkout, submit_job, wait_for_job
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -70,28 +72,30 @@ def _listening(port: int) -> set[str]:
 @pytest.fixture(scope="module")
 def ray_head():
     """The local recipe (clusters/local.sh) on free ports with a private HOME and temp dir: a Ray head with token
-    auth and the driver slots, plus MLflow. Stopped with the recipe's own `stop`."""
+    auth and the driver slots, plus MLflow (the pretrain job logs there). Stopped with the recipe's own `stop`."""
     tmp = Path(tempfile.mkdtemp(prefix="cgs", dir="/tmp"))  # short: Ray's unix socket paths must fit in 107 bytes
     gcs, dash, metrics, client, mlflow, agent_http, agent_grpc, rt_agent, om, nm = free_ports(10)
-    env = {
-        **os.environ,
-        "HOME": str(tmp),
-        "RAY_AUTH_MODE": "token",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_PACKAGE_SIZE_WARNING_MIB": "0",
-        "BIN": str(Path(sys.executable).parent),
-        "CGLAB_STATE": str(tmp / "state"),
-        "RAY_PORT": str(gcs),
-        "DASHBOARD_PORT": str(dash),
-        "METRICS_PORT": str(metrics),
-        "CLIENT_PORT": str(client),
-        "MLFLOW_PORT": str(mlflow),
+    # head_env: the token in this private HOME, the venv's `python` on PATH, and no outside RAY_ADDRESS or
+    # MLFLOW_TRACKING_URI inherited by the head, hence by the jobs it runs.
+    env = head_env(
+        tmp,
+        HOME=str(tmp),
+        RAY_PACKAGE_SIZE_WARNING_MIB="0",
+        BIN=str(Path(sys.executable).parent),
+        CGLAB_STATE=str(tmp / "state"),
+        RAY_PORT=str(gcs),
+        DASHBOARD_PORT=str(dash),
+        METRICS_PORT=str(metrics),
+        CLIENT_PORT=str(client),
+        MLFLOW_PORT=str(mlflow),
         # the teardown kills this private head after 3 s instead of waiting out Ray's ~30 s graceful stop (CI time)
-        "STOP_WAIT_S": "3",
-        "RAY_START_ARGS": f"--num-cpus=1 --num-gpus=0 --temp-dir={tmp}/ray --dashboard-agent-listen-port="
+        STOP_WAIT_S="3",
+        # 2 CPUs: the pretrain job's Train worker holds one while its Ray Data read tasks (1 CPU each) need another;
+        # the other jobs here ask for none (a driver slot only).
+        RAY_START_ARGS=f"--num-cpus=2 --num-gpus=0 --temp-dir={tmp}/ray --dashboard-agent-listen-port="
         f"{agent_http} --dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port="
         f"{rt_agent} --object-manager-port={om} --node-manager-port={nm}",
-    }
+    )
     recipe = [str(REPO / "clusters" / "local.sh")]
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -100,7 +104,14 @@ def ray_head():
         deadline = time.monotonic() + 60
         while not (_listening(dash) and _listening(mlflow)) and time.monotonic() < deadline:
             time.sleep(1)
-        yield {"address": address, "env": env, "tmp": tmp, "ports": {"dashboard": dash, "mlflow": mlflow}}
+        yield {
+            "address": address,
+            "gcs_port": gcs,
+            "mlflow_uri": f"http://127.0.0.1:{mlflow}",
+            "env": env,
+            "tmp": tmp,
+            "ports": {"dashboard": dash, "mlflow": mlflow},
+        }
     finally:
         subprocess.run(recipe + ["stop"], env=env, cwd=REPO, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,6 +221,71 @@ def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_pa
     listing = re.search(r"LISTING (\[.*\])", out).group(1)
     for name in (".cglab", "checkpoints", "mlruns", "mlflow.db", ".venv", ".git"):
         assert f"'{name}'" not in listing, f"{name} uploaded: {listing}"
+
+
+JOB_STEPS = 3
+JOB_EXPERIMENT = "test/job-submit"  # this test's own experiment
+JOB_RUN_NAME = "job-submit-tiny"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, micro_corpus, tmp_path):
+    """`ray job submit -- python jobs/pretrain.py jobs/configs/tiny_cpu.yaml` with Ray's own CLI on the recipe's head,
+    the micro corpus: the job must succeed and its per-step metrics must be in the recipe's MLflow."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus
+
+    wd = job_checkout(tmp_path / "checkout")
+    corpus = Path(micro_corpus["out"])
+    env = ray_head["env"]
+    # .rayignore keeps `.cglab` out of the upload, so on one machine the job reads the corpus by absolute path (on a
+    # cluster: s3:// or a shared filesystem).
+    entry = [
+        "python",
+        "jobs/pretrain.py",
+        "--name",
+        JOB_RUN_NAME,
+        "jobs/configs/tiny_cpu.yaml",
+        f"train.train_steps={JOB_STEPS}",
+        f"track.experiment={JOB_EXPERIMENT}",
+        f"data.sources.0.paths=[{corpus / 'stack'}]",
+        f"data.sources.1.paths=[{corpus / 'pile'}]",
+    ]
+    sid = "cglab-pretrain-test"
+    uri = ray_head["mlflow_uri"]
+    submit_job(ray_head["address"], sid, wd, {"MLFLOW_TRACKING_URI": uri}, entry, env)
+    status, logs = wait_for_job(ray_head["address"], auth_headers(env), sid)
+    assert status == JobStatus.SUCCEEDED, f"job {sid} ended {status}; log tail:\n{logs[-5000:]}"
+    # Its driver joined this head (the job supervisor points RAY_ADDRESS at it), not another Ray nor one of its own.
+    joined = re.search(r"Connecting to existing Ray cluster at address: [\w.-]+:(\d+)", logs)
+    assert joined and int(joined.group(1)) == ray_head["gcs_port"], logs[:3000]
+    # It ran in the uploaded copy (Ray's working_dir), where jobs/pretrain.py imports cglab from.
+    run_dir = re.search(r'"run_dir": "([^"]+)"', logs)
+    assert run_dir and "/working_dir_files/" in run_dir.group(1), logs[-3000:]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(JOB_EXPERIMENT)
+    assert exp is not None, f"no MLflow experiment {JOB_EXPERIMENT!r}; job log tail:\n{logs[-3000:]}"
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`cglab.run` = '{JOB_RUN_NAME}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.train_steps"] == str(JOB_STEPS)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, JOB_STEPS + 1))
+    assert all(0 < m.value < 20 for m in losses), [m.value for m in losses]
+    steps = client.get_metric_history(run.info.run_id, "step")
+    assert sorted(m.value for m in steps) == list(range(1, JOB_STEPS + 1))
+    # the preflight it passed, what the stream really masked, and how much of each source it read
+    plan = json.loads(Path(client.download_artifacts(run.info.run_id, "plan.json", str(tmp_path))).read_text())
+    assert plan["errors"] == [] and plan["attention_backend"]["backend"] == "sdpa"
+    assert [m["objective"] for m in plan["mask_fraction"]] == ["span"]
+    assert 0 < run.data.metrics["mask_fraction/span"] < 1
+    passes = dict(p.split("=") for p in run.data.tags["data.passes"].split(","))
+    # 3 steps of 8 windows: a few long Stack files can fill them all, so a source may not be reached yet
+    assert set(passes) == {"stack", "pile"} and all(0 <= float(v) < 1 for v in passes.values()), passes
+    assert float(passes["stack"]) > 0, passes
+    assert run.data.tags["data.epochs"] == "1"
 
 
 def test_runtime_env_rejects_a_directory_that_is_not_a_checkout(tmp_path):
