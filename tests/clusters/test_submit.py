@@ -21,6 +21,7 @@ import pytest
 
 from cglab import submit as S
 from tests.clusters.ray_head import auth_headers, free_ports, head_env, job_checkout, submit_job, wait_for_job
+from tests.track.dashboard import corpus_with_a_bad_record, expected_series, scrape, series
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -107,6 +108,7 @@ def ray_head():
         yield {
             "address": address,
             "gcs_port": gcs,
+            "metrics_port": metrics,
             "mlflow_uri": f"http://127.0.0.1:{mlflow}",
             "env": env,
             "tmp": tmp,
@@ -223,20 +225,20 @@ def test_submit_helper_places_driver_and_ships_checkout_package(ray_head, tmp_pa
         assert f"'{name}'" not in listing, f"{name} uploaded: {listing}"
 
 
-JOB_STEPS = 3
-JOB_EXPERIMENT = "test/job-submit"  # this test's own experiment
+JOB_STEPS, JOB_SEQ, JOB_GLOBAL_BATCH = 3, 128, 8  # tiny_cpu.yaml's sequence length and global batch
+JOB_EXPERIMENT = "test/job-submit"  # this module's own experiment
 JOB_RUN_NAME = "job-submit-tiny"
 
 
-@pytest.mark.slow
-def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, micro_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def pretrain_job(ray_head, tmp_path_factory):
     """`ray job submit -- python jobs/pretrain.py jobs/configs/tiny_cpu.yaml` with Ray's own CLI on the recipe's head,
-    the micro corpus: the job must succeed and its per-step metrics must be in the recipe's MLflow."""
-    from mlflow import MlflowClient
-    from ray.job_submission import JobStatus
-
-    wd = job_checkout(tmp_path / "checkout")
-    corpus = Path(micro_corpus["out"])
+    on the micro corpus with one malformed Pile record; the head's Prometheus endpoint (what the Grafana dashboard
+    reads) scraped while the job runs, and after it until the last step's values are in. Two tests read it: the run
+    in the recipe's MLflow, and the dashboard's series."""
+    tmp = tmp_path_factory.mktemp("pretrain-job")
+    wd = job_checkout(tmp / "checkout")
+    corpus = corpus_with_a_bad_record(tmp / "corpus")
     env = ray_head["env"]
     # .rayignore keeps `.cglab` out of the upload, so on one machine the job reads the corpus by absolute path (on a
     # cluster: s3:// or a shared filesystem).
@@ -247,15 +249,40 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, micro_corpu
         JOB_RUN_NAME,
         "jobs/configs/tiny_cpu.yaml",
         f"train.train_steps={JOB_STEPS}",
+        f"data.seq_length={JOB_SEQ}",
+        f"train.global_batch_size={JOB_GLOBAL_BATCH}",
         f"track.experiment={JOB_EXPERIMENT}",
         f"data.sources.0.paths=[{corpus / 'stack'}]",
         f"data.sources.1.paths=[{corpus / 'pile'}]",
     ]
     sid = "cglab-pretrain-test"
-    uri = ray_head["mlflow_uri"]
-    submit_job(ray_head["address"], sid, wd, {"MLFLOW_TRACKING_URI": uri}, entry, env)
-    status, logs = wait_for_job(ray_head["address"], auth_headers(env), sid)
-    assert status == JobStatus.SUCCEEDED, f"job {sid} ended {status}; log tail:\n{logs[-5000:]}"
+    seen: dict[tuple, float] = {}  # the latest value of every cglab series, by (name, labels)
+    port = ray_head["metrics_port"]
+    submit_job(ray_head["address"], sid, wd, {"MLFLOW_TRACKING_URI": ray_head["mlflow_uri"]}, entry, env)
+    status, logs = wait_for_job(
+        ray_head["address"], auth_headers(env), sid, while_running=lambda: seen.update(scrape(port))
+    )
+    # Workers push metrics to the node's agent every few seconds and the run is short: after its end, until the
+    # counter that moves last in TrainMetrics.report has its final value (so the last step's gauges are in too).
+    tags = dict(experiment=JOB_EXPERIMENT, trial=JOB_RUN_NAME, rank="0")
+    final_tokens = [JOB_STEPS * JOB_GLOBAL_BATCH * JOB_SEQ]
+    deadline = time.monotonic() + 60  # Ray's export interval is ~10 s
+    while status.value == "SUCCEEDED" and time.monotonic() < deadline:
+        seen.update(scrape(port))
+        if expected_series() <= {n for n, _ in seen} and series(seen, "ray_cglab_tokens_total", **tags) == final_tokens:
+            break
+        time.sleep(2)
+    return {"status": status, "logs": logs, "seen": seen, "tags": tags}
+
+
+@pytest.mark.slow
+def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, pretrain_job, tmp_path):
+    """The job must succeed and its per-step metrics must be in the recipe's MLflow."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus
+
+    status, logs = pretrain_job["status"], pretrain_job["logs"]
+    assert status == JobStatus.SUCCEEDED, f"job ended {status}; log tail:\n{logs[-5000:]}"
     # Its driver joined this head (the job supervisor points RAY_ADDRESS at it), not another Ray nor one of its own.
     joined = re.search(r"Connecting to existing Ray cluster at address: [\w.-]+:(\d+)", logs)
     assert joined and int(joined.group(1)) == ray_head["gcs_port"], logs[:3000]
@@ -263,7 +290,7 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, micro_corpu
     run_dir = re.search(r'"run_dir": "([^"]+)"', logs)
     assert run_dir and "/working_dir_files/" in run_dir.group(1), logs[-3000:]
 
-    client = MlflowClient(uri)
+    client = MlflowClient(ray_head["mlflow_uri"])
     exp = client.get_experiment_by_name(JOB_EXPERIMENT)
     assert exp is not None, f"no MLflow experiment {JOB_EXPERIMENT!r}; job log tail:\n{logs[-3000:]}"
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`cglab.run` = '{JOB_RUN_NAME}'")
@@ -286,6 +313,41 @@ def test_ray_job_submit_pretrain_logs_every_step_to_mlflow(ray_head, micro_corpu
     assert set(passes) == {"stack", "pile"} and all(0 <= float(v) < 1 for v in passes.values()), passes
     assert float(passes["stack"]) > 0, passes
     assert run.data.tags["data.epochs"] == "1"
+
+
+@pytest.mark.slow
+def test_every_dashboard_metric_is_scraped_from_a_live_training_run(pretrain_job):
+    """Every series the Grafana dashboard queries is on the recipe head's Prometheus endpoint, with the values the
+    job must have produced (tests/track/test_metrics.py checks the names and the dashboard without Ray)."""
+    assert pretrain_job["status"].value == "SUCCEEDED", pretrain_job["logs"][-5000:]
+    seen, tags = pretrain_job["seen"], pretrain_job["tags"]
+    missing = expected_series() - {n for n, _ in seen}
+    assert not missing, f"series the dashboard queries but the run did not export: {sorted(missing)}"
+
+    def value(name, **labels):
+        vals = series(seen, name, **labels)
+        assert len(vals) == 1, (name, labels, vals)
+        return vals[0]
+
+    assert value("ray_cglab_step", **tags) == JOB_STEPS
+    assert value("ray_cglab_tokens_total", **tags) == JOB_STEPS * JOB_GLOBAL_BATCH * JOB_SEQ
+    assert value("ray_cglab_step_duration_seconds_count", **tags) == JOB_STEPS
+    assert 0 < value("ray_cglab_loss", **tags) < 20
+    assert value("ray_cglab_learning_rate", **tags) > 0
+    assert value("ray_cglab_grad_norm", **tags) > 0
+    assert value("ray_cglab_checkpoint_seconds", **tags) > 0  # saved at the last step
+    step_time = value("ray_cglab_step_time_seconds", **tags)
+    assert 0 <= value("ray_cglab_data_wait_seconds", **tags) <= step_time
+    assert value("ray_cglab_tokens_per_second", **tags) == pytest.approx(JOB_GLOBAL_BATCH * JOB_SEQ / step_time)
+
+    # Data side, per source (the config's source names): skips counted once, as the run's start prepares the
+    # corpus (cglab.data.prepared); kept documents as the stream's read tasks read them. Each task's process
+    # exports its own series (Ray adds a WorkerId label); the dashboard sums them, and so do we.
+    exp = tags["experiment"]
+    skipped = series(seen, "ray_cglab_samples_skipped_total", experiment=exp, source="pile", reason="malformed_json")
+    assert sum(skipped) == 1
+    for source in ("stack", "pile"):
+        assert sum(series(seen, "ray_cglab_samples_kept_total", experiment=exp, source=source)) > 0
 
 
 def test_runtime_env_rejects_a_directory_that_is_not_a_checkout(tmp_path):
