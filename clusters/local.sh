@@ -23,6 +23,9 @@ CLIENT_PORT=${CLIENT_PORT:-10001}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 BIN=${BIN:-.venv/bin}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# `ray job stop` is a preemption (SIGTERM, a checkpoint at the next step) only if the job supervisor waits longer than
+# train.preempt_grace_s before its SIGKILL (Ray's default: 3 s). cglab.config.JOB_STOP_WAIT_S.
+export RAY_JOB_STOP_WAIT_TIME_S=${RAY_JOB_STOP_WAIT_TIME_S:-600}
 
 start() {
   mkdir -p "$STATE/mlflow"

@@ -26,6 +26,12 @@ class _Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- model
 # Released CodeGen2 shapes, read off the HF configs (n_embd, n_layer, n_head, rotary_dim, vocab, n_ctx).
+# What the recipes (clusters/local.sh, aws-p5.yaml, kuberay/) set as RAY_JOB_STOP_WAIT_TIME_S on the head: `ray job
+# stop` sends the driver SIGTERM, then SIGKILL after that many seconds (3 by default, Ray 2.60's job_supervisor.py),
+# too soon for the workers to checkpoint. Longer than any train.preempt_grace_s: the driver's own hard exit comes
+# first, so this is only the bound on a driver that hangs.
+JOB_STOP_WAIT_S = 600
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         num_layers=2, hidden_size=64, num_attention_heads=4, rotary_dim=8, vocab_size=1024, max_position_embeddings=256
@@ -434,7 +440,8 @@ class TrainConfig(_Section):
     # Seconds from a SIGTERM (to the driver or any worker of `cglab train`) to a checkpoint at the next step
     # boundary (train/preemption.py); past it the process exits hard and the run resumes from the previous complete
     # checkpoint. Set it below the scheduler's own grace (Kubernetes terminationGracePeriodSeconds, 30 s by default;
-    # 120 s on a GCP spot VM, the 2-minute AWS spot notice) minus a checkpoint's time.
+    # 120 s on a GCP spot VM, the 2-minute AWS spot notice) minus a checkpoint's time. `ray job stop` is such a
+    # SIGTERM when the head gives the driver longer than this (JOB_STOP_WAIT_S).
     preempt_grace_s: float = Field(25.0, gt=0.0)
 
 

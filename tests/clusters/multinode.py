@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from cglab.config import JOB_STOP_WAIT_S
 from tests.clusters.ray_head import BIN, _stop_group, free_ports, ray_head
 
 BUCKET = "cglab"
@@ -185,6 +186,8 @@ def multinode(hidden: Path, workers: dict[str, int], s3_env: dict[str, str]) -> 
         **os.environ,
         **s3_env,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # as the recipes' heads (clusters/local.sh, ...): `ray job stop` waits for the driver's checkpoint
+        "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p),
     }

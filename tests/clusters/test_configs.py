@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cglab import submit as S
-from cglab.config import ConfigError
+from cglab.config import JOB_STOP_WAIT_S, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
@@ -86,6 +86,8 @@ def test_launcher_head_is_a_driver_node_with_local_only_job_api(launcher):
     start = " ".join(launcher["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start
     assert "RAY_AUTH_MODE=token" in start
+    # `ray job stop` leaves the driver time to have the workers checkpoint (Ray's default SIGKILLs it after 3 s)
+    assert f"export RAY_JOB_STOP_WAIT_TIME_S={JOB_STOP_WAIT_S};" in start
     assert "--app-name basic-auth" in start, "MLflow on a shared head must run its basic-auth app"
     assert "~/.ray/auth_token" in launcher["file_mounts"], "every node needs the cluster's Ray token"
 
@@ -136,6 +138,7 @@ def test_raycluster_pods_have_what_the_platform_needs():
     head = cr["spec"]["headGroupSpec"]
     hc = head["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in hc["ports"]} >= {6379, 8265, 10001}
+    assert env_of(hc)["RAY_JOB_STOP_WAIT_TIME_S"] == str(JOB_STOP_WAIT_S)  # the job supervisor runs on the head
     assert head.get("serviceType", "ClusterIP") == "ClusterIP"
     groups = cr["spec"]["workerGroupSpecs"]
     for c in [hc] + [g["template"]["spec"]["containers"][0] for g in groups]:
@@ -235,6 +238,7 @@ def test_local_recipe_is_valid_bash_and_binds_loopback():
     text = script.read_text()
     assert "--dashboard-host=127.0.0.1" in text and "--host 127.0.0.1" in text
     assert f'"{S.DRIVER_RESOURCE}": 4' in text
+    assert f"export RAY_JOB_STOP_WAIT_TIME_S=${{RAY_JOB_STOP_WAIT_TIME_S:-{JOB_STOP_WAIT_S}}}" in text
 
 
 @pytest.mark.slow
