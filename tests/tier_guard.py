@@ -70,7 +70,8 @@ def _watched(item: pytest.Item) -> bool:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
     _seen.clear()
-    # Ray already up (an earlier slow test's module fixture, in a full run) cannot be pinned on this test.
+    # Ray already up (an earlier slow test's module or package fixture, e.g. tests/data's ray_local, in a full run)
+    # cannot be pinned on this test.
     item.stash[_RAY_BEFORE] = _ray_initialized()
     return (yield)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,13 +33,17 @@ def test_inspect_missing_path_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_inspect_counts_by_reason(tmp_path, capsys):
+def test_inspect_counts_by_reason(tmp_path):
+    """In a process of its own: the command starts a private Ray (none is running there), and the process exits 0
+    after its shutdown (tests/data's shared Ray may be up in this one, and the command would borrow it)."""
     (tmp_path / "p.jsonl").write_bytes(
         b'{"text": "ok doc\\n"}\n{"text": broken\n{"text": ""}\n{"text": "ok doc\\n"}\n{"text": "\xff"}\n'
     )
     pq.write_table(pa.table({"content": ["x = 1\n", "y" * 2000], "lang": ["Python", "Python"]}), tmp_path / "s.parquet")
-    assert main(["data", "inspect", str(tmp_path / "p.jsonl"), str(tmp_path / "s.parquet")]) == 0
-    report = json.loads(capsys.readouterr().out)
+    cmd = [sys.executable, "-m", "cglab.cli", "data", "inspect", str(tmp_path / "p.jsonl"), str(tmp_path / "s.parquet")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout)
     pile, stack = report["sources"].values()
     assert pile["read"] == 5 and pile["kept"] == 1
     assert pile["skipped"] == {"duplicate": 1, "empty": 1, "invalid_utf8": 1, "malformed_json": 1}

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 S = 128
 
 
-def make_cfg(micro_sources, micro_tokenizer, **objective):
+def make_cfg(micro_sources, micro_tokenizer, cache, **objective):
     return from_dict(
         {
             "data": {
@@ -20,6 +20,7 @@ def make_cfg(micro_sources, micro_tokenizer, **objective):
                 "seq_length": S,
                 "mixture": "mix",
                 "tokenizer": {"path": str(micro_tokenizer.path)},
+                "cache_path": cache,
             },
             "objective": objective or {"kind": "codegen2"},
         }
@@ -27,8 +28,8 @@ def make_cfg(micro_sources, micro_tokenizer, **objective):
 
 
 @pytest.fixture(scope="module")
-def cfg(micro_sources, micro_tokenizer):
-    return make_cfg(micro_sources, micro_tokenizer)
+def cfg(micro_sources, micro_tokenizer, micro_cache):
+    return make_cfg(micro_sources, micro_tokenizer, micro_cache)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,9 @@ def test_mixture_changes_the_stream_and_mix_is_half_the_tokens(cfg, plan, micro_
 
 def test_bad_paths_fail_before_ray_work(micro_sources, micro_tokenizer, tmp_path):
     bad = make_cfg(
-        micro_sources + [{"name": "gone", "kind": "stack", "paths": [str(tmp_path / "nope")]}], micro_tokenizer
+        micro_sources + [{"name": "gone", "kind": "stack", "paths": [str(tmp_path / "nope")]}],
+        micro_tokenizer,
+        str(tmp_path / "cache"),
     )
     with pytest.raises(ConfigError, match=r"data\.sources\[2\]\.paths\[0\]"):
         pipeline.prepare_data(bad)

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def config(micro_sources, micro_tokenizer, tmp_path):
+def config(micro_sources, micro_tokenizer, micro_cache, tmp_path):
     path = tmp_path / "run.yaml"
     data = {
         "sources": micro_sources,
         "seq_length": 128,
         "mixture": "mix",
         "tokenizer": {"path": str(micro_tokenizer.path)},
-        "cache_path": str(tmp_path / "cache"),
+        "cache_path": micro_cache,
     }
     path.write_text(json.dumps({"data": data, "objective": {"kind": "clm"}}))
     return path

@@ -9,7 +9,6 @@ import pytest
 
 from cglab.config import from_dict
 from cglab.data import pipeline
-from cglab.raylocal import local_ray
 
 pytestmark = pytest.mark.slow
 STEPS, MB = 3, 4
@@ -41,19 +40,14 @@ def _loop(config):
     np.savez(f"{config['out']}/rank{rank}.npz", **out)
 
 
-@pytest.fixture(scope="module")
-def ray_4cpu(tmp_path_factory):
-    import ray
-
-    # 4 logical CPUs on the 2 cores: one per Train worker, two left for the Ray Data tasks the workers start.
-    with local_ray(4, tmp_path_factory.mktemp("ray")):
-        yield ray
-
-
-def test_two_train_workers_get_disjoint_seed_stable_shards(ray_4cpu, micro_sources, micro_tokenizer, tmp_path):
+def test_two_train_workers_get_disjoint_seed_stable_shards(
+    ray_local, micro_sources, micro_tokenizer, micro_cache, tmp_path
+):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # one CPU per Train worker and some left for their Ray Data tasks, or the read tasks wait for ever
+    assert ray_local.cluster_resources()["CPU"] >= 4, "tests/data's ray_local: test_train_workers needs 4 CPUs"
     cfg = from_dict(
         {
             "data": {
@@ -61,6 +55,7 @@ def test_two_train_workers_get_disjoint_seed_stable_shards(ray_4cpu, micro_sourc
                 "seq_length": 64,
                 "mixture": "mix",
                 "tokenizer": {"path": str(micro_tokenizer.path)},
+                "cache_path": micro_cache,
             }
         }
     )
