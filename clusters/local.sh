@@ -41,8 +41,9 @@ start() {
     ${RAY_START_ARGS:-} \
     >"$STATE/ray.log" 2>&1 &
   echo $! >"$STATE/ray.pid"
-  # MLflow on a SQL store, local artifacts. 127.0.0.1: nobody else on the network can read or write runs.
-  setsid nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+  # MLflow on a SQL store, local artifacts. 127.0.0.1: nobody else on the network can read or write runs. Without
+  # MLflow's job execution (eight huey processes, ~2 GB, that cglab never uses: cglab.track.server.SERVER_ENV).
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} setsid nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
     --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
     --artifacts-destination "$STATE/mlflow/artifacts" >"$STATE/mlflow.log" 2>&1 &
   echo $! >"$STATE/mlflow.pid"

@@ -15,6 +15,7 @@ import yaml
 
 from cglab import submit as S
 from cglab.config import JOB_STOP_WAIT_S, ConfigError
+from cglab.track.server import SERVER_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
@@ -89,6 +90,7 @@ def test_launcher_head_is_a_driver_node_with_local_only_job_api(launcher):
     # `ray job stop` leaves the driver time to have the workers checkpoint (Ray's default SIGKILLs it after 3 s)
     assert f"export RAY_JOB_STOP_WAIT_TIME_S={JOB_STOP_WAIT_S};" in start
     assert "--app-name basic-auth" in start, "MLflow on a shared head must run its basic-auth app"
+    assert all(f"export {k}={v};" in start for k, v in SERVER_ENV.items())  # no huey processes on the head
     assert "~/.ray/auth_token" in launcher["file_mounts"], "every node needs the cluster's Ray token"
 
 
@@ -201,6 +203,7 @@ def test_mlflow_manifest_is_authenticated_and_internal():
     assert cmd[cmd.index("--backend-store-uri") + 1].startswith(("sqlite:", "postgresql"))
     env = env_of(c)
     assert "secretKeyRef" in env["MLFLOW_AUTH_ADMIN_PASSWORD"] and "MLFLOW_AUTH_CONFIG_PATH" in env
+    assert all(env[k] == v for k, v in SERVER_ENV.items())
     assert one(MLFLOW, "Service")["spec"]["type"] == "ClusterIP"
 
 
@@ -239,6 +242,7 @@ def test_local_recipe_is_valid_bash_and_binds_loopback():
     assert "--dashboard-host=127.0.0.1" in text and "--host 127.0.0.1" in text
     assert f'"{S.DRIVER_RESOURCE}": 4' in text
     assert f"export RAY_JOB_STOP_WAIT_TIME_S=${{RAY_JOB_STOP_WAIT_TIME_S:-{JOB_STOP_WAIT_S}}}" in text
+    assert all(f'{k}=${{{k}:-{v}}} setsid nohup "$BIN/mlflow" server' in text for k, v in SERVER_ENV.items())
 
 
 @pytest.mark.slow
@@ -263,6 +267,7 @@ def test_mlflow_basic_auth_server_with_our_config_refuses_anonymous_clients(tmp_
         "MLFLOW_AUTH_CONFIG_PATH": str(CLUSTERS / "mlflow" / "basic_auth.ini"),
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        **SERVER_ENV,  # as every recipe runs it
     }
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     log = open(tmp_path / "mlflow.log", "wb")

@@ -1,6 +1,7 @@
 import sqlite3
 import urllib.request
 
+import psutil
 import pytest
 
 from cglab.track.server import enable_wal, local_server, sqlite_uri
@@ -26,6 +27,9 @@ def test_local_server_serves_a_sql_store_and_stops(tmp_path):
         assert (tmp_path / "mlflow.db").exists()
         assert list((tmp_path / "artifacts").rglob("config.yaml"))
         proc = server.proc
+        # the server and its uvicorn worker only: none of MLflow's job runners (SERVER_ENV; 8 more processes)
+        family = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(family) == 1 and not any("huey" in c or "_job_runner" in c for c in family), family
     assert proc.poll() is not None
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.uri}/health", timeout=2)

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from cglab.config import dump_config
+from cglab.train import preemption
 from cglab.train.preemption import EXIT_PREEMPTED
 from cglab.train.trainer import history
 
@@ -56,7 +57,10 @@ def test_sigterm_to_a_worker_checkpoints_exits_preempted_and_resumes(
     import ray
     from mlflow import MlflowClient
 
-    cfg, steps = reference_cfg, reference_cfg.train.train_steps
+    # The grace is the scheduler's window, not this test's subject (the next test's): on a loaded machine, where Ray's
+    # workers run at nice 15, one step and its checkpoint took longer than 25 s.
+    cfg, steps = reference_cfg.model_copy(deep=True), reference_cfg.train.train_steps
+    cfg.train.preempt_grace_s = 3600.0
     (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
     experiment = f"test/preempt-{tmp_path.name}"  # the session's MLflow server: an experiment of this test's own
     cmd = [
@@ -87,7 +91,7 @@ def test_sigterm_to_a_worker_checkpoints_exits_preempted_and_resumes(
         try:
             _wait_for_steps(run_dir, 0, proc)
             _train_worker(proc).send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=120)
+            rc = proc.wait()  # no window of its own: pytest's timeout bounds a run that never stops
         finally:
             proc.kill()
     assert rc == EXIT_PREEMPTED, log.read_text()[-5000:]
@@ -99,7 +103,7 @@ def test_sigterm_to_a_worker_checkpoints_exits_preempted_and_resumes(
     assert run.data.tags["preempted"] == "true" and run.data.tags["preempted_at_step"] == str(stopped)
 
     # 2. the same command once more finishes the run, in the same MLflow run
-    last = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
     run = client.get_run(run_id())
     assert run.info.status == "FINISHED" and run.data.tags["preempted"] == "false"
@@ -108,3 +112,21 @@ def test_sigterm_to_a_worker_checkpoints_exits_preempted_and_resumes(
     assert h[stopped + 1]["started_at_step"] == stopped  # resumed from the preemption's checkpoint
     for step in range(1, steps + 1):
         assert h[step]["loss"] == pytest.approx(reference_losses[step], abs=1e-5), step
+
+
+def test_a_worker_past_its_grace_exits_with_sigterms_code(tmp_path):
+    """The other side of the grace: a worker whose step and checkpoint outlast train.preempt_grace_s after SIGTERM
+    exits on its own, as a plain SIGTERM death would, before the scheduler's SIGKILL (the run then resumes from its
+    last complete checkpoint). A process of its own: the exit ends it."""
+    code = (
+        "import os, signal, time\n"
+        "from cglab.train import preemption\n"
+        "preemption._install_worker_handler(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert preemption.worker_signalled()\n"
+        "print('flagged', flush=True)\n"
+        "time.sleep(3600)  # a step that never reaches its checkpoint\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == preemption.EXIT_GRACE_EXPIRED, p.stderr[-3000:]
+    assert p.stdout == "flagged\n" and "no checkpoint within train.preempt_grace_s=0.5s" in p.stderr
