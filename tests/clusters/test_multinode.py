@@ -200,7 +200,7 @@ def preempted(cluster, s3_sources, mlflow_server, tmp_path_factory) -> Preempted
     stop = [str(BIN / "ray"), "job", "stop", "--address", cluster.address, "--no-wait", sid]
     r = subprocess.run(stop, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    status, log = wait_for_job(cluster.address, {}, sid, timeout_s=300)
+    status, log = wait_for_job(cluster.address, {}, sid)
     steps_in_bucket = _checkpoint_steps(cluster, "runs/mn")
     client = MlflowClient(mlflow_server.uri)
     stopped = _mlflow_run(client, "mn")
@@ -335,21 +335,26 @@ def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_with_the_losses_of_a
     cfg_path = Path.cwd() / "mn.yaml"  # this test's driver directory
     cfg_path.write_text(preempted.cfg_yaml)
     killed: list[str] = []
+    failed: list[BaseException] = []  # the killer's own error, for the assertion below (a thread's is otherwise lost)
     done = threading.Event()
 
     def kill_once_ray_train_holds_a_later_checkpoint():
         # `cglab train` runs in the main thread (it installs signal handlers); this one waits, then kills
-        while _registered_step(on_cluster, "runs/lost") <= stopped_at:
-            if done.wait(0.5):
-                return
-        killed.append(_node_of_train_worker(on_cluster))
-        on_cluster.kill_worker(killed[0])
+        try:
+            while _registered_step(on_cluster, "runs/lost") <= stopped_at:
+                if done.wait(0.5):
+                    return
+            killed.append(_node_of_train_worker(on_cluster))
+            on_cluster.kill_worker(killed[0])
+        except BaseException as err:
+            failed.append(err)
+            raise
 
     killer = threading.Thread(target=kill_once_ray_train_holds_a_later_checkpoint, daemon=True)
     killer.start()
     try:
         result = _train(cfg_path, f"s3://{on_cluster.bucket}/runs", "lost")
-        assert killed, "the run ended before a node was killed"
+        assert killed, f"the run ended before a node was killed; the killer raised {failed!r}"
         assert result["step"] == STEPS
         # the restarted worker, on the node left, resumed from a checkpoint in the bucket, later than the other's stop
         resumed_at = result["started_at_step"]
