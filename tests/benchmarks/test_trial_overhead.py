@@ -144,7 +144,9 @@ def test_every_recorded_phase_has_its_row_and_every_row_is_recorded():
     assert set(to.ORDER) | set(to.SWEEP) <= code
 
 
-@pytest.mark.parametrize("name", ["trial_overhead_before", "trial_overhead_before_loaded", "trial_overhead_after"])
+@pytest.mark.parametrize(
+    "name", ["trial_overhead_before", "trial_overhead_before_loaded", "trial_overhead_after", "trial_overhead_deferred"]
+)
 def test_the_committed_table_is_what_the_script_prints_from_the_committed_events(name):
     results = REPO / "benchmarks" / "results"
     run = json.loads((results / f"{name}.events.json").read_text())
