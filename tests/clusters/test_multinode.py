@@ -309,14 +309,19 @@ def _registered_step(cluster, prefix: str) -> int:
 
 
 def _node_of_train_worker(cluster) -> str:
-    """The name of the worker node that runs the (one) Ray Train worker."""
-    import ray
-    from ray.util.state import list_actors
+    """The name of the worker node that runs the (one) live Ray Train worker process: the node whose `ray start`
+    process it descends from (through that node's raylet). Read from the processes, not Ray's State API, which a
+    loaded machine leaves unanswered ("State API may be temporarily unavailable")."""
+    import psutil
 
-    names = {n["NodeID"]: k for n in ray.nodes() if n["Alive"] for k in n["Resources"] if k in cluster.nodes}
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 1, workers
-    return names[workers[0].node_id]
+    node_of = {node.proc.pid: name for name, node in cluster.nodes.items()}
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or ()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(next((node_of[a.pid] for a in p.parents() if a.pid in node_of), None))
+    assert len(found) == 1 and found[0] is not None, found
+    return found[0]
 
 
 def test_a_worker_node_lost_mid_run_resumes_from_the_bucket_with_the_losses_of_a_run_not_interrupted_there(
