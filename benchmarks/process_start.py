@@ -109,23 +109,35 @@ def main() -> None:
         f"load average at start: {' '.join(f'{x:.2f}' for x in load0)}; at end: {' '.join(f'{x:.2f}' for x in load1)}",
         *([f"note: {a.note}"] if a.note else []),
         "",
-        f"{'mlflow server (SQLite store)':44}{'MLflow default':>16}{'cglab':>16}",
     ]
-    s0, s1 = res["server", True], res["server", False]
-    lines += [
-        f"{'seconds until /health answers':44}{s0['healthy_s']:16.1f}{s1['healthy_s']:16.1f}",
-        f"{'processes':44}{s0['processes']:16.0f}{s1['processes']:16.0f}",
-        f"{'resident memory, MiB':44}{s0['rss_mib']:16.0f}{s1['rss_mib']:16.0f}",
-        f"{'CPU seconds, up to 5 s after healthy':44}{s0['cpu_s']:16.1f}{s1['cpu_s']:16.1f}",
-        "",
-        f"{'a Train worker imports cglab + Megatron':44}{'compile at import':>16}{'deferred':>16}",
-    ]
-    i0, i1 = res["imports", True], res["imports", False]
-    lines += [
-        f"{'wall seconds (imports)':44}{i0['wall_s']:16.2f}{i1['wall_s']:16.2f}",
-        f"{'CPU seconds (the whole process)':44}{i0['cpu_s']:16.2f}{i1['cpu_s']:16.2f}",
-        f"{'Inductor loaded':44}{str(i0['inductor']):>16}{str(i1['inductor']):>16}",
-    ]
+
+    def table(title: str, heads: tuple[str, str], key: str, rows: tuple[tuple[str, str, str], ...]) -> list[str]:
+        """A header and one line per (label, field, format) of the stock run beside cglab's."""
+        stock, ours = res[key, True], res[key, False]
+        out = [f"{title:44}{heads[0]:>16}{heads[1]:>16}"]
+        return out + [f"{label:44}{format(stock[f], fmt):>16}{format(ours[f], fmt):>16}" for label, f, fmt in rows]
+
+    lines += table(
+        "mlflow server (SQLite store)",
+        ("MLflow default", "cglab"),
+        "server",
+        (
+            ("seconds until /health answers", "healthy_s", ".1f"),
+            ("processes", "processes", ".0f"),
+            ("resident memory, MiB", "rss_mib", ".0f"),
+            ("CPU seconds, up to 5 s after healthy", "cpu_s", ".1f"),
+        ),
+    )
+    lines += [""] + table(
+        "a Train worker imports cglab + Megatron",
+        ("compile at import", "deferred"),
+        "imports",
+        (
+            ("wall seconds (imports)", "wall_s", ".2f"),
+            ("CPU seconds (the whole process)", "cpu_s", ".2f"),
+            ("Inductor loaded", "inductor", ""),
+        ),
+    )
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.out:

@@ -10,12 +10,12 @@ __version__ = "0.1.0"
 
 # ------------------------------------------------------------------ Megatron-Core's import-time torch.compile, deferred
 # Megatron-Core decorates its fused elementwise functions with `jit_fuser` (torch.compile) when its package is
-# imported, and torch.compile imports TorchDynamo and Inductor on the spot: 1.2-1.6 s of CPU in every process that
-# imports Megatron-Core (each Ray Train worker, Tune trial, evaluation and driver) for functions a CPU run never
-# calls. On a host without CUDA, `jit_fuser` becomes torch.compile deferred to a function's first call (compilation
-# itself is lazy in torch.compile anyway). With CUDA nothing changes. This lives here, not in cglab.compat, because it
-# must be in place before the first `import megatron`, and every process imports `cglab` before any of its modules
-# import Megatron-Core; cglab.compat.registry lists it with the other patches.
+# imported, and torch.compile imports TorchDynamo and Inductor on the spot: ~1.7 CPU-s in every process that
+# imports Megatron-Core (each Ray Train worker, Tune trial, evaluation and driver; benchmarks/process_start.py) for
+# functions a CPU run never calls. On a host without CUDA, `jit_fuser` becomes torch.compile deferred to a function's
+# first call (compilation itself is lazy in torch.compile anyway). With CUDA nothing changes. This lives here, not in
+# cglab.compat, because it must be in place before the first `import megatron`, and every process imports `cglab`
+# before any of its modules import Megatron-Core; cglab.compat.registry lists it with the other patches.
 def _deferred(compile_):
     """`compile_` (torch.compile) applied at a function's first call instead of when it is decorated."""
 

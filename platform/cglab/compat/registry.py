@@ -196,7 +196,7 @@ PATCHES: tuple[Patch, ...] = (
         "cglab",
         ("megatron.core.jit:jit_fuser", "megatron.core.jit:#jit_fuser = torch.compile"),
         "a process without CUDA, from its first `import cglab` (before Megatron-Core's import)",
-        "jit_fuser is torch.compile, which imports TorchDynamo and Inductor (1.2-1.6 s of CPU) in every process the "
+        "jit_fuser is torch.compile, which imports TorchDynamo and Inductor (~1.7 CPU-s) in every process the "
         "moment Megatron-Core's fused functions are decorated; deferred to a function's first call, which no CPU run "
         "makes",
         "remove _DeferMegatronCompile from cglab/__init__.py",

@@ -27,9 +27,9 @@ from typing import Iterator
 DEFAULT_ROOT = ".cglab/mlflow"
 
 # MLflow's job execution (its GenAI jobs: judges, prompt optimisation, trace roll-ups; on by default since 3.x) starts
-# eight huey consumer processes beside every server, each importing MLflow: measured here, 2.3 GB resident and 26 s
-# of CPU per start instead of 0.5 GB and 6 s, and under load 92 s to healthy instead of 7. cglab submits no MLflow
-# jobs, so every server it starts, and every recipe's (clusters/), runs without it; a user's own setting wins.
+# a job runner and eight huey consumer processes beside every server, each importing MLflow: 10 processes, 2264 MiB
+# and 21 CPU-s per start instead of 2, 497 MiB and 5.2 (benchmarks/results/process_start.txt, quiet). cglab submits
+# no MLflow jobs, so every server it starts, and every recipe's (clusters/), runs without it; a user's setting wins.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
