@@ -28,8 +28,20 @@ lint: $(STAMP)
 browser:
 	@.ci/chromium
 
+# Two pytest runs side by side: the tests that start a local Ray, one at a time as ever (two local Rays at once would
+# share /tmp/ray, where address="auto" looks, and two cores), and every other test beside them: unit tests, `no_ray`
+# ones (slow, but no Ray; tests/tier_guard.py fails one that starts Ray) and `own_cluster` ones (a multi-node test bed
+# of `ray start` nodes with ports and temp dirs of their own). Together they are the whole suite
+# (tests/test_tier_guard.py checks the split); the second run's report is printed after the first's.
+RAY_TESTS := (slow or gpu) and not no_ray and not own_cluster
+
 test: lint browser
-	$(BIN)/python -m pytest -q --durations=20 tests
+	@beside=$$(mktemp); \
+	$(BIN)/python -m pytest -q -m "not ($(RAY_TESTS))" --durations=10 tests > $$beside 2>&1 & pid=$$!; \
+	echo "== the tests that start Ray (beside them, the rest: reported below)"; \
+	$(BIN)/python -m pytest -q -m "$(RAY_TESTS)" --durations=20 tests; ray=$$?; \
+	wait $$pid; rest=$$?; echo "== the tests beside them"; cat $$beside; rm -f $$beside; \
+	[ $$ray -eq 0 ] && [ $$rest -eq 0 ]
 
 # The unit tier for the inner loop, no lint: what starts Ray, MLflow or worker processes is marked `slow`
 # (tests/tier_guard.py fails an unmarked test that does) and `gpu` needs a CUDA device. `make test` runs all.

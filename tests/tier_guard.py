@@ -1,5 +1,7 @@
 """Keeps the fast tier honest: a test not marked `slow` (or `gpu`) fails if it starts Ray, an MLflow server or
-worker processes, so `make test-fast` (-m "not slow and not gpu") cannot silently grow them.
+worker processes, so `make test-fast` (-m "not slow and not gpu") cannot silently grow them. And keeps `make test`'s
+two pytest runs apart: a `no_ray` test (run beside the Ray tests: the Makefile's RAY_TESTS) fails if it starts Ray,
+here or in any process it starts (its descendants are watched for Ray's GCS and raylet while it runs).
 
 What it sees, from this pytest process: Ray initialised in-process (`ray.init`, `local_ray`), any process started
 through subprocess whose command is Ray's (`ray start`, its GCS or raylet) or `mlflow server`, and processes
@@ -13,6 +15,7 @@ from __future__ import annotations
 import multiprocessing.process
 import os
 import sys
+import threading
 
 import pytest
 
@@ -67,12 +70,47 @@ def _watched(item: pytest.Item) -> bool:
     return item.get_closest_marker("slow") is None and item.get_closest_marker("gpu") is None
 
 
+class _DescendantRay(threading.Thread):
+    """Polls this process's descendants for Ray's GCS or raylet: what a child (e.g. `python -m cglab.cli ...`)
+    starts is not seen by the audit hook above."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.found = threading.Event(), []
+        self.before = self._ray()  # a Ray an earlier module's fixture left up (a serial run) is not this test's
+
+    @staticmethod
+    def _ray() -> dict[int, str]:
+        import psutil
+
+        out = {}
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.name() in ("gcs_server", "raylet"):
+                    out[p.pid] = p.name()
+            except psutil.Error:
+                continue
+        return out
+
+    def run(self):
+        while not self.stop.wait(0.2):
+            for pid, name in self._ray().items():
+                if pid not in self.before and name not in self.found:
+                    self.found.append(name)
+
+
+_RAY_WATCH = pytest.StashKey[_DescendantRay]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
     _seen.clear()
     # Ray already up (an earlier slow test's module or package fixture, e.g. tests/data's ray_local, in a full run)
     # cannot be pinned on this test.
     item.stash[_RAY_BEFORE] = _ray_initialized()
+    if item.get_closest_marker("no_ray"):
+        item.stash[_RAY_WATCH] = watch = _DescendantRay()
+        watch.start()
     return (yield)
 
 
@@ -88,4 +126,22 @@ def pytest_runtest_call(item: pytest.Item):
             "@pytest.mark.slow (or the module: pytestmark = pytest.mark.slow) so `make test-fast` stays fast",
             pytrace=False,
         )
+    watch = item.stash.get(_RAY_WATCH, None)
+    if watch is not None:
+        watch.stop.set()
+        watch.join()
+        watch.found += [n for pid, n in watch._ray().items() if pid not in watch.before and n not in watch.found]
+        ray = [w for w in started if "Ray" in w] + [f"Ray's {n} (in a child process)" for n in watch.found]
+        if ray:
+            pytest.fail(
+                f"{item.nodeid} is marked no_ray but started {', '.join(ray)}: remove no_ray, so that `make test` "
+                "runs it with the other Ray tests, one at a time",
+                pytrace=False,
+            )
     return result
+
+
+def pytest_runtest_teardown(item: pytest.Item):
+    watch = item.stash.get(_RAY_WATCH, None)
+    if watch is not None:
+        watch.stop.set()  # a setup that failed never reached the call's check

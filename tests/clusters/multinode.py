@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -28,6 +29,24 @@ from tests.clusters.ray_head import BIN, _stop_group, free_ports, ray_head
 
 BUCKET = "cglab"
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _mount_namespace(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    return None
+
+
+def _kill_namespace(ns: str) -> None:
+    """SIGKILL every process in mount namespace `ns` until none is left (a zombie has no namespace to read)."""
+    while True:
+        left = [int(p) for p in os.listdir("/proc") if p.isdigit() and _mount_namespace(int(p)) == ns]
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 @dataclass
@@ -105,9 +124,15 @@ class MultiNode:
         return Node(name, scratch, proc, log_path)
 
     def kill_worker(self, name: str) -> None:
-        """Stop a worker node at once (its raylet and every process on it, SIGKILL) and lose its scratch."""
+        """Stop a worker node at once (its raylet and every process on it, SIGKILL) and lose its scratch. Every
+        process on it: the `ray start` process group, and whatever left that group inside the node's mount namespace
+        (a Ray worker runs in a process group of its own; the processes it spawns, e.g. multiprocessing's, would
+        otherwise outlive the node)."""
         node = self.nodes.pop(name)
+        ns = _mount_namespace(node.proc.pid)
         _stop_group(node.proc, timeout_s=0)
+        if ns is not None and ns != _mount_namespace(os.getpid()):  # never this process's own namespace
+            _kill_namespace(ns)
         shutil.rmtree(node.scratch, ignore_errors=True)
 
     def s3(self):

@@ -17,6 +17,8 @@ from cglab import submit as S
 from cglab.config import JOB_STOP_WAIT_S, ConfigError
 from cglab.track.server import SERVER_ENV
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
 LAUNCHER_CONFIGS = sorted(CLUSTERS.glob("*.yaml"))  # Ray cluster-launcher configs live at the top level

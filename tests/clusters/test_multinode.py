@@ -26,7 +26,9 @@ from cglab.config import dump_config, from_dict
 from tests.clusters.conftest import driver_on
 from tests.clusters.ray_head import BIN, job_checkout, submit_job, wait_for_job
 
-pytestmark = pytest.mark.slow
+# own_cluster: its Ray is only the test bed's own `ray start` nodes (ports and --temp-dir of their own, drivers given
+# its address), so `make test` runs it beside the tests that start a local Ray (Makefile: RAY_TESTS)
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
 STEPS, EVERY = 16, 2  # the shared run's train.train_steps and train.checkpoint_every
 EXPERIMENT = "test/multinode"
@@ -302,9 +304,14 @@ def test_ablate_reads_its_inputs_from_the_bucket_and_report_reads_it_back(
 def _registered_step(cluster, prefix: str) -> int:
     """The step of the newest checkpoint Ray Train has registered (what a restarted worker gets back), from the
     snapshot its controller writes to the run's storage; 0 before any. A checkpoint complete in the bucket but not yet
-    registered is not handed back to a restarted worker (and the workers cannot see the driver's run directory)."""
+    registered is not handed back to a restarted worker (and the workers cannot see the driver's run directory).
+    A snapshot read while the controller rewrites it can come back cut short: that read counts as none (0), and the
+    caller, which polls, reads it again."""
     uri = f"s3://{cluster.bucket}/{prefix}/checkpoint_manager_snapshot.json"
-    latest = json.loads(storage.read_bytes(uri)).get("latest_checkpoint_result") if storage.exists(uri) else None
+    try:
+        latest = json.loads(storage.read_bytes(uri)).get("latest_checkpoint_result") if storage.exists(uri) else None
+    except json.JSONDecodeError:
+        return 0
     return int(latest["metrics"]["step"]) if latest else 0
 
 
@@ -319,8 +326,10 @@ def _node_of_train_worker(cluster) -> str:
     for p in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or ()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(next((node_of[a.pid] for a in p.parents() if a.pid in node_of), None))
-    assert len(found) == 1 and found[0] is not None, found
+                node = next((node_of[a.pid] for a in p.parents() if a.pid in node_of), None)
+                if node is not None:  # not another test session's Train worker (pytest -n runs two side by side)
+                    found.append(node)
+    assert len(found) == 1, found
     return found[0]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from cglab.config import from_dict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def _batches(n, mb=2, s=32, seed=0):

@@ -6,7 +6,7 @@ import pytest
 
 from cglab.eval.generate import cut_at_stop, load_generator
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 PROMPTS = ["def add(a, b):\n", "import os\n", "x"]
 
 

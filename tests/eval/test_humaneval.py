@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from cglab.eval import humaneval as he
 from cglab.eval.sandbox import Limits, isolation_mode
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 
 def reference_pass_at_k(n: int, c: int, k: int) -> Fraction:
     """Exact: 1 - P(all k drawn without replacement from n fail) = 1 - C(n-c, k) / C(n, k)."""

@@ -7,6 +7,8 @@ import pytest
 from cglab.eval import infill
 from cglab.eval.humaneval import load_problems
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 
 @pytest.fixture(scope="module")
 def problems():

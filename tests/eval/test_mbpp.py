@@ -14,6 +14,8 @@ import pytest
 from cglab.eval import mbpp
 from cglab.eval.sandbox import Limits, isolation_mode
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 DATA = Path(__file__).with_name("data") / "mbpp.jsonl"
 
 

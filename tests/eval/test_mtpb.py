@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from cglab.eval import mtpb
 from cglab.eval.sandbox import Limits, isolation_mode
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 DATA = Path(__file__).with_name("data") / "mtpb.jsonl"
 
 # Known-correct code per turn text (the filled-in turn, as the model sees it after "# ").

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from cglab.eval import nl
 
+pytestmark = pytest.mark.no_ray  # its slow tests start no Ray: they run beside the Ray tests (Makefile: RAY_TESTS)
+
 
 def uniform_scorer(vocab: int):
     """Every byte is a token with probability 1/vocab."""

@@ -11,7 +11,7 @@ from cglab.model.hf_export import full_state_dict
 from tests.model._parallel_worker import fwd_bwd  # noqa: E402
 from tests.model.conftest import tiny_hf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def _batches(vocab, n_micro=2, b=2, s=32, seed=0):

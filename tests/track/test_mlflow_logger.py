@@ -6,7 +6,7 @@ import pytest
 
 from cglab.track.mlflow_logger import MlflowContext, RankZeroLogger, _step_ranges
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def test_step_ranges():

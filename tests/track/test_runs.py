@@ -5,7 +5,7 @@ import pytest
 
 from cglab.track.mlflow_logger import TAG_RUN, TAG_SWEEP, SweepTracker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def test_runs_are_created_once_with_params_and_config(mlflow_server, tmp_path, capsys):

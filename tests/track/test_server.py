@@ -6,7 +6,7 @@ import pytest
 
 from cglab.track.server import enable_wal, local_server, sqlite_uri
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def test_wal_mode_is_set_on_a_fresh_sqlite_store(tmp_path):

@@ -17,7 +17,7 @@ from cglab.train import pretrained
 from tests.model.conftest import tiny_hf
 from tests.train._init_from_worker import first_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 TOL = 1e-4  # fp32
 
 

@@ -6,7 +6,7 @@ import torch
 
 from cglab.config import from_dict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 
 
 def _micro(g, mb=2, s=32, vocab=1024):

@@ -9,7 +9,7 @@ from cglab.tune.lessons import get_lesson
 from cglab.tune.presets import base_config
 from cglab.tune.results import record_verdict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.no_ray]  # no_ray: runs beside the Ray tests (Makefile: RAY_TESTS)
 SEEDS = (1, 2, 3)
 
 
