@@ -92,11 +92,21 @@ class _DescendantRay(threading.Thread):
                 continue
         return out
 
+    def _note(self):
+        for pid, name in self._ray().items():
+            if pid not in self.before and name not in self.found:
+                self.found.append(name)
+
     def run(self):
         while not self.stop.wait(0.2):
-            for pid, name in self._ray().items():
-                if pid not in self.before and name not in self.found:
-                    self.found.append(name)
+            self._note()
+
+    def finish(self) -> list[str]:
+        """Stop polling; what this test's descendants started, counting those still running now."""
+        self.stop.set()
+        self.join()
+        self._note()
+        return self.found
 
 
 _RAY_WATCH = pytest.StashKey[_DescendantRay]()
@@ -128,10 +138,7 @@ def pytest_runtest_call(item: pytest.Item):
         )
     watch = item.stash.get(_RAY_WATCH, None)
     if watch is not None:
-        watch.stop.set()
-        watch.join()
-        watch.found += [n for pid, n in watch._ray().items() if pid not in watch.before and n not in watch.found]
-        ray = [w for w in started if "Ray" in w] + [f"Ray's {n} (in a child process)" for n in watch.found]
+        ray = [w for w in started if "Ray" in w] + [f"Ray's {n} (in a child process)" for n in watch.finish()]
         if ray:
             pytest.fail(
                 f"{item.nodeid} is marked no_ray but started {', '.join(ray)}: remove no_ray, so that `make test` "
